@@ -1,0 +1,61 @@
+"""Names and ids shared by every stage: data preparation, training, export,
+serving, clients and tests. Define a name here once; import it elsewhere.
+
+Kept free of heavy imports (no torch, no nvtabular) so clients can use it.
+"""
+
+# --- Special ids, as NVTabular's Categorify assigns them -------------------
+PAD_ID = 0  # padding inside list features
+NULL_ID = 1  # the raw value was null
+OOV_ID = 2  # the raw value was not in the fitted vocabulary (or under the frequency threshold)
+FIRST_REAL_ID = 3  # encoded ids of real items start here
+SPECIAL_IDS = (PAD_ID, NULL_ID, OOV_ID)
+
+# --- Raw interaction columns (DATA/interactions.parquet, ensemble inputs) ---
+SESSION_COL = "session_id"
+ITEM_COL = "item_id"
+CATEGORY_COL = "category"
+TIME_COL = "timestamp"  # epoch seconds (real logs only)
+WINDOW_COL = "day"  # time-window index, 1 = first window (day or hour)
+
+# Continuous features of the reference example (given by the synthetic
+# generator; derived from the timestamp by workflow ops for real logs).
+AGE_COL = "age_days"
+WEEKDAY_COL = "weekday_sin"
+DEFAULT_CONTINUOUS = (AGE_COL, WEEKDAY_COL)
+
+# --- Session-level columns written by the workflow --------------------------
+LIST_SUFFIX = "-list"
+
+
+def list_col(name: str) -> str:
+    """`item_id` -> `item_id-list` (NVTabular Groupby's name_sep='-')."""
+    return f"{name}{LIST_SUFFIX}"
+
+
+ITEM_LIST = list_col(ITEM_COL)  # "item_id-list"
+CATEGORY_LIST = list_col(CATEGORY_COL)  # "category-list"
+ITEM_COUNT = f"{ITEM_COL}-count"  # number of interactions before truncation
+WINDOW_FIRST = f"{WINDOW_COL}-first"  # window index of the session
+
+DEFAULT_MAX_LEN = 20  # keep the LAST N items of a session
+DEFAULT_MIN_LEN = 2  # drop sessions shorter than this
+
+SPLITS = ("train", "valid", "test")
+SESSIONS_DIR = "sessions_by_day"
+WORKFLOW_DIR = "workflow"
+SCHEMA_FILE = "schema.json"
+SUMMARY_FILE = "summary.json"
+INTERACTIONS_FILE = "interactions.parquet"
+
+# --- Triton model repository ------------------------------------------------
+ENSEMBLE_NAME = "session_ranker"
+PREPROCESS_MODEL = "preprocess"
+TORCH_MODEL = "model"
+POSTPROCESS_MODEL = "postprocess"
+
+LENGTHS_TENSOR = "lengths"  # [S] number of real items per padded session
+OUT_SESSION_ID = "session_id"  # [S]
+OUT_ITEM_IDS = "item_ids"  # [S, k] raw item ids
+OUT_SCORES = "scores"  # [S, k]
+OUT_ENCODED_IDS = "encoded_item_ids"  # [S, k] intermediate: encoded ids from the model step
