@@ -1,0 +1,180 @@
+"""The inference module that is traced and served: session features in, top-k out.
+
+    ranker = TopKRanker(model, feature_names=["item_id-list", ...], k=20)
+    scores, ids = ranker(item_id_list, ..., lengths)   # [S, k] float32, [S, k] int64
+    traced = trace_ranker(ranker, max_len=20)          # torch.jit.trace, saved as model.pt
+
+Inputs are positional, in a fixed order: the feature tensors in the order of
+`feature_names` (schema.json's categorical features, then its continuous
+features), each [S, L] right-padded with 0, then `lengths` [S] (>= 1). The
+same order names the libtorch inputs (`<feature>__<i>`) in the model repository.
+
+Imports only torch/numpy (and the SessionModel it wraps), so the module runs in
+any PyTorch environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zipfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from training.names import FIRST_REAL_ID, SPECIAL_IDS
+
+
+def load_run(run_dir):
+    """(SessionModel in eval mode, meta) of a training run.
+
+    docs/contracts.md puts `load_run` in training/model.py; training/train.py
+    had it while the model stage was being written. Import it from wherever it is."""
+    try:
+        from training.model import load_run as _load
+    except ImportError:
+        from training.train import load_run as _load
+    model, meta = _load(run_dir)
+    return model.eval(), meta
+
+
+def feature_order(schema: dict) -> list[str]:
+    """The model's positional feature order: categorical features, then continuous (schema.json order)."""
+    return [*schema["categorical"], *schema["continuous"]]
+
+
+def feature_dtypes(schema: dict) -> dict[str, torch.dtype]:
+    """int64 for categorical list features, float32 for continuous ones."""
+    out = {name: torch.int64 for name in schema["categorical"]}
+    out.update({name: torch.float32 for name in schema["continuous"]})
+    return out
+
+
+class TopKRanker(nn.Module):
+    """Wraps a SessionModel: (features..., lengths) -> (scores [S, k] float32, encoded ids [S, k] int64).
+
+    `k` is fixed at construction and must leave room for the special ids: the
+    model gives them -inf, and `k <= vocab - len(SPECIAL_IDS)` guarantees that
+    top-k never reaches them (the ids returned are always >= FIRST_REAL_ID).
+    """
+
+    def __init__(self, model: nn.Module, feature_names: Sequence[str], k: int, n_items: int):
+        super().__init__()
+        n_real = n_items - len(SPECIAL_IDS)
+        if not 1 <= k <= n_real:
+            raise ValueError(
+                f"top-k must be in [1, {n_real}] (the item vocabulary has {n_real} real items "
+                f"out of {n_items} encoded ids), got k={k}"
+            )
+        if not feature_names:
+            raise ValueError("feature_names is empty: the model needs at least the item list feature")
+        self.model = model.eval()
+        self.feature_names = tuple(feature_names)
+        self.k = int(k)
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
+        # inputs: one [S, L] tensor per feature (in feature_names order), then lengths [S]
+        feats = dict(zip(self.feature_names, inputs[:-1]))
+        lengths = inputs[-1]
+        logits = self.model.next_item_scores(feats, lengths)  # [S, V], special ids at -inf
+        scores, ids = torch.topk(logits, self.k, dim=1)  # [S, k] each, best first
+        return scores.float(), ids.long()
+
+
+def example_inputs(schema: dict, batch: int = 4) -> tuple[Tensor, ...]:
+    """Deterministic, valid inputs in the ranker's order for tracing and warm-up.
+
+    Session i has length 1 + (i * 7) % L; categorical ids are real ids
+    (FIRST_REAL_ID <= id < the feature's cardinality); padding after `lengths` is 0."""
+    max_len = int(schema["max_sequence_length"])
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([1 + (i * 7) % max_len for i in range(batch)], dtype=torch.int64)  # [S]
+    pos = torch.arange(max_len).unsqueeze(0)  # [1, L]
+    real = pos < lengths.unsqueeze(1)  # [S, L]
+    out = []
+    for name in feature_order(schema):
+        if name in schema["categorical"]:
+            hi = max(int(schema["categorical"][name]), FIRST_REAL_ID + 1)
+            x = torch.randint(FIRST_REAL_ID, hi, (batch, max_len), generator=g)
+        else:
+            x = torch.rand((batch, max_len), generator=g, dtype=torch.float32)
+        out.append(torch.where(real, x, torch.zeros((), dtype=x.dtype)))
+    return (*out, lengths)
+
+
+def trace_ranker(ranker: TopKRanker, inputs: tuple[Tensor, ...]) -> torch.jit.ScriptModule:
+    """torch.jit.trace the ranker on `inputs` and check it on them; returns the traced module."""
+    ranker.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(ranker, inputs, check_trace=False)
+        # a second batch size than the one traced with: a trace that baked in the
+        # batch dimension fails here rather than on the server
+        half = tuple(t[: max(1, len(t) // 2)] for t in inputs)
+        for args in (inputs, half):
+            want_s, want_i = ranker(*args)
+            got_s, got_i = traced(*args)
+            if not torch.equal(want_i, got_i) or not torch.allclose(want_s, got_s, atol=1e-5, rtol=0):
+                raise RuntimeError(
+                    "the traced ranker disagrees with the eager one (data-dependent Python control flow "
+                    "or a shape baked into the trace?)"
+                )
+    return traced
+
+
+def save_traced(traced: torch.jit.ScriptModule, path: Path) -> Path:
+    """torch.jit.save, then make the archive a function of the model only.
+
+    TorchScript archives carry `<name>/.data/serialization_id`, 40 random
+    digits per save. It is replaced in place (same length, stored uncompressed)
+    by digits derived from the other records' CRCs, and its CRC-32 is fixed in
+    the local header, data descriptor and central directory. The archive's top
+    folder is the file's stem, so save under the same file name (model.pt)."""
+    path = Path(path)
+    torch.jit.save(traced, str(path))
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+    sid = [i for i in infos if i.filename.endswith("/.data/serialization_id")]
+    if not sid:
+        return path  # an older torch without the record: nothing to pin
+    info = sid[0]
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise RuntimeError(f"{path}: serialization_id is compressed; cannot pin it in place")
+    digest = hashlib.sha256("".join(f"{i.filename}:{i.CRC};" for i in infos if i is not info).encode())
+    new = str(int(digest.hexdigest(), 16)).rjust(info.file_size, "0")[: info.file_size].encode()
+    old_crc, new_crc = info.CRC, zlib.crc32(new)
+
+    def patch_crc(at: int) -> bool:
+        if struct.unpack_from("<I", data, at)[0] == old_crc:
+            struct.pack_into("<I", data, at, new_crc)
+            return True
+        return False
+
+    off = info.header_offset
+    if data[off : off + 4] != b"PK\x03\x04":
+        raise RuntimeError(f"{path}: no local file header at {off}")
+    name_len, extra_len = struct.unpack_from("<HH", data, off + 26)
+    start = off + 30 + name_len + extra_len
+    data[start : start + info.file_size] = new
+    patch_crc(off + 14)  # local header (0 when a data descriptor follows)
+    if info.flag_bits & 0x08:  # data descriptor after the data, optional signature
+        dd = start + info.file_size
+        patch_crc(dd + 4 if data[dd : dd + 4] == b"PK\x07\x08" else dd)
+    name = info.filename.encode()
+    pos = 0
+    while (pos := data.find(b"PK\x01\x02", pos)) >= 0:  # central directory entries
+        n = struct.unpack_from("<H", data, pos + 28)[0]
+        if data[pos + 46 : pos + 46 + n] == name:
+            if not patch_crc(pos + 16):
+                raise RuntimeError(f"{path}: central directory CRC of {info.filename} not found")
+            break
+        pos += 4
+    path.write_bytes(bytes(data))
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise RuntimeError(f"{path}: CRC check failed for {bad} after pinning serialization_id")
+    return path

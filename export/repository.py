@@ -1,0 +1,432 @@
+"""Write the native Triton ensemble `session_ranker` for a training run.
+
+    model_repository/
+      session_ranker/config.pbtxt     platform "ensemble": preprocess -> model -> postprocess
+      session_ranker/1/               (empty, as Triton wants)
+      preprocess/config.pbtxt         Python backend, max_batch_size 0 (one request = its own sessions)
+      preprocess/1/model.py           export/triton_models/preprocess/model.py
+      preprocess/1/workflow/          copy of DATA/workflow (the fitted NVTabular workflow)
+      preprocess/1/schema.json        copy of DATA/schema.json (with the workflow files' sha256)
+      model/config.pbtxt              Python backend (embedded server) or pytorch_libtorch (NGC container);
+                                      dynamic batching over sessions, warm-up
+      model/1/model.pt                traced TopKRanker (torch.jit.trace)
+      model/1/model.py                (Python backend only) runs model.pt with torch.jit.load
+      model/warmup/*                  warm-up tensors (raw little-endian bytes)
+      postprocess/config.pbtxt        Python backend: encoded ids -> raw item ids
+      postprocess/1/item_vocabulary.npy
+      sessrec_export.json             what was exported from what (sha256 of every file)
+
+The ensemble's inputs are DATA/schema.json's `raw_inputs` (one row per
+interaction, dims [-1]); its outputs are SESSION_OUTPUT [S], item_ids [S, k]
+(raw) and scores [S, k]. Everything written is a function of (RUN, DATA,
+options): the same inputs give a byte-identical repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clients import SESSION_OUTPUT
+from training.names import (
+    ENSEMBLE_NAME,
+    FIRST_REAL_ID,
+    ITEM_COL,
+    ITEM_LIST,
+    LENGTHS_TENSOR,
+    OUT_ENCODED_IDS,
+    OUT_ITEM_IDS,
+    OUT_SCORES,
+    POSTPROCESS_MODEL,
+    PREPROCESS_MODEL,
+    SCHEMA_FILE,
+    SESSION_COL,
+    TORCH_MODEL,
+    WORKFLOW_DIR,
+)
+
+TEMPLATES = Path(__file__).resolve().parent / "triton_models"
+MANIFEST = "sessrec_export.json"
+MODELS = (ENSEMBLE_NAME, PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL)
+TRACED_FILE = "model.pt"
+VOCAB_FILE = "item_vocabulary.npy"
+
+TRITON_DTYPES = {
+    "int64": "TYPE_INT64",
+    "int32": "TYPE_INT32",
+    "int16": "TYPE_INT16",
+    "int8": "TYPE_INT8",
+    "uint8": "TYPE_UINT8",
+    "float32": "TYPE_FP32",
+    "float64": "TYPE_FP64",
+    "bool": "TYPE_BOOL",
+}
+
+
+@dataclass
+class ExportConfig:
+    run: Path  # training run directory (model.pt state_dict + meta.json)
+    data: Path  # prepared data directory (workflow/, schema.json)
+    out: Path  # model repository to write
+    top_k: int = 20  # items per session; fixed in the traced model
+    torch_backend: str = "python"  # "python": embedded server; "libtorch": NGC tritonserver container
+    instance_kind: str = "cpu"  # model step instance kind: "cpu" or "gpu"
+    max_batch_sessions: int = 64  # model step max_batch_size; also the most sessions one request may hold
+    max_request_rows: int = 65536  # the most interaction rows one request may hold
+    max_queue_delay_us: int = 0  # dynamic batching delay on the model step (0: batch what is queued)
+    torch_threads: int = 0  # intra-op threads of the Python-backend model step (0: all cores)
+    model_instances: int = 1  # instances of the model step
+    preprocess_instances: int = 1  # instances of the preprocess step
+
+    def check(self) -> None:
+        if self.torch_backend not in ("python", "libtorch"):
+            raise ValueError(f"torch_backend must be 'python' or 'libtorch', got {self.torch_backend!r}")
+        if self.instance_kind not in ("cpu", "gpu"):
+            raise ValueError(f"instance_kind must be 'cpu' or 'gpu', got {self.instance_kind!r}")
+        for name in ("top_k", "max_batch_sessions", "max_request_rows", "model_instances", "preprocess_instances"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue_delay_us < 0 or self.torch_threads < 0:
+            raise ValueError("max_queue_delay_us and torch_threads must be >= 0")
+
+
+# --- config.pbtxt text --------------------------------------------------------
+def _q(s: str) -> str:
+    return json.dumps(s)  # a protobuf text-format string literal for the names used here
+
+
+def _dims(dims) -> str:
+    return "[ " + ", ".join(str(int(d)) for d in dims) + " ]"
+
+
+def _tensor(name: str, dtype: str, dims, reshape=None) -> str:
+    extra = f" reshape: {{ shape: {_dims(reshape)} }}" if reshape is not None else ""
+    return f"  {{ name: {_q(name)} data_type: {dtype} dims: {_dims(dims)}{extra} }}"
+
+
+def _io(kind: str, tensors: list[str]) -> str:
+    return f"{kind} [\n" + ",\n".join(tensors) + "\n]\n"
+
+
+def _params(params: dict[str, str]) -> str:
+    return "".join(
+        f"parameters {{ key: {_q(k)} value {{ string_value: {_q(v)} }} }}\n" for k, v in params.items()
+    )
+
+
+def _header(what: str) -> str:
+    return f"# Generated by `python -m export` ({what}). Do not edit: re-export instead.\n"
+
+
+def triton_dtype(numpy_dtype: str) -> str:
+    try:
+        return TRITON_DTYPES[str(np.dtype(numpy_dtype))]
+    except KeyError as e:
+        raise ValueError(
+            f"raw input dtype {numpy_dtype!r} has no Triton tensor type here (supported: {sorted(TRITON_DTYPES)})"
+        ) from e
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names, dtypes and shapes shared by the four configs."""
+
+    raw_inputs: dict[str, str]  # raw column -> numpy dtype (schema.json order)
+    features: list[str]  # model inputs, positional order
+    feature_dtypes: dict[str, str]  # feature -> TYPE_*
+    max_len: int
+    k: int
+    item_dtype: str  # TYPE_* of raw item ids
+
+    @classmethod
+    def from_schema(cls, schema: dict, k: int) -> Layout:
+        from export.inference import feature_order
+
+        raw = dict(schema["raw_inputs"])
+        for col in (SESSION_COL, ITEM_COL):
+            if col not in raw:
+                raise ValueError(f"schema.json raw_inputs has no '{col}' column: {sorted(raw)}")
+        if SESSION_OUTPUT in raw:
+            raise ValueError(f"raw input '{SESSION_OUTPUT}' collides with the ensemble output of that name")
+        features = feature_order(schema)
+        dtypes = {f: "TYPE_INT64" for f in schema["categorical"]}
+        dtypes.update({f: "TYPE_FP32" for f in schema["continuous"]})
+        return cls(raw, features, dtypes, int(schema["max_sequence_length"]), k, triton_dtype(raw[ITEM_COL]))
+
+
+def preprocess_config(layout: Layout, cfg: ExportConfig) -> str:
+    L = layout.max_len
+    inputs = [_tensor(n, triton_dtype(dt), [-1]) for n, dt in layout.raw_inputs.items()]
+    outputs = [_tensor(SESSION_OUTPUT, "TYPE_INT64", [-1])]
+    outputs += [_tensor(f, layout.feature_dtypes[f], [-1, L]) for f in layout.features]
+    outputs += [_tensor(LENGTHS_TENSOR, "TYPE_INT64", [-1, 1])]
+    return (
+        _header("preprocess step")
+        + f'name: {_q(PREPROCESS_MODEL)}\nbackend: "python"\nmax_batch_size: 0\n'
+        + _io("input", inputs)
+        + _io("output", outputs)
+        + f"instance_group [ {{ count: {cfg.preprocess_instances} kind: KIND_CPU }} ]\n"
+        + _params(
+            {
+                "feature_names": json.dumps(layout.features),
+                "max_request_rows": str(cfg.max_request_rows),
+                "max_request_sessions": str(cfg.max_batch_sessions),
+            }
+        )
+    )
+
+
+def libtorch_names(layout: Layout) -> tuple[list[str], list[str]]:
+    """pytorch_libtorch binds tensors by position with the `<name>__<index>` convention."""
+    ins = [f"{n}__{i}" for i, n in enumerate([*layout.features, LENGTHS_TENSOR])]
+    outs = [f"{OUT_SCORES}__0", f"{OUT_ENCODED_IDS}__1"]
+    return ins, outs
+
+
+def model_io_names(layout: Layout, backend: str) -> tuple[list[str], list[str]]:
+    """(input names in forward order, output names [scores, encoded ids]) of the model step."""
+    if backend == "libtorch":
+        return libtorch_names(layout)
+    return [*layout.features, LENGTHS_TENSOR], [OUT_SCORES, OUT_ENCODED_IDS]
+
+
+def model_config(layout: Layout, cfg: ExportConfig) -> str:
+    ins, outs = model_io_names(layout, cfg.torch_backend)
+    dtypes = [layout.feature_dtypes[f] for f in layout.features]
+    inputs = [_tensor(n, dt, [layout.max_len]) for n, dt in zip(ins[:-1], dtypes)]
+    inputs += [_tensor(ins[-1], "TYPE_INT64", [1], reshape=[])]  # [S, 1] in the ensemble, [S] in forward
+    outputs = [_tensor(outs[0], "TYPE_FP32", [layout.k]), _tensor(outs[1], "TYPE_INT64", [layout.k])]
+    kind = "KIND_GPU" if cfg.instance_kind == "gpu" else "KIND_CPU"
+    if cfg.torch_backend == "libtorch":
+        head = f'name: {_q(TORCH_MODEL)}\nplatform: "pytorch_libtorch"\ndefault_model_filename: {_q(TRACED_FILE)}\n'
+        params = {"INFERENCE_MODE": "true"}
+    else:
+        head = f'name: {_q(TORCH_MODEL)}\nbackend: "python"\n'
+        params = {"input_order": json.dumps(ins), "torch_threads": str(cfg.torch_threads)}
+    warmup = []
+    for batch in sorted({1, cfg.max_batch_sessions}):
+        entries = []
+        for name, dt in zip(ins, [*dtypes, "TYPE_INT64"]):
+            dims = [1] if name == ins[-1] else [layout.max_len]
+            entries.append(
+                f"    inputs {{ key: {_q(name)} value {{ data_type: {dt} dims: {_dims(dims)} "
+                f"input_data_file: {_q(_warmup_file(name))} }} }}"
+            )
+        warmup.append(f'  {{ name: "batch {batch}" batch_size: {batch} count: 3\n' + "\n".join(entries) + "\n  }")
+    return (
+        _header(f"model step, {cfg.torch_backend} backend")
+        + head
+        + f"max_batch_size: {cfg.max_batch_sessions}\n"
+        + _io("input", inputs)
+        + _io("output", outputs)
+        + f"dynamic_batching {{ max_queue_delay_microseconds: {cfg.max_queue_delay_us} }}\n"
+        + f"instance_group [ {{ count: {cfg.model_instances} kind: {kind} }} ]\n"
+        + _params(params)
+        + "model_warmup [\n"
+        + ",\n".join(warmup)
+        + "\n]\n"
+    )
+
+
+def _warmup_file(name: str) -> str:
+    return name.replace("-", "_") + ".bin"
+
+
+def warmup_data(layout: Layout, cfg: ExportConfig) -> dict[str, bytes]:
+    """One warm-up sample per model input: a full-length session of the first real item."""
+    ins, _ = model_io_names(layout, cfg.torch_backend)
+    out = {}
+    for name, feat in zip(ins[:-1], layout.features):
+        if layout.feature_dtypes[feat] == "TYPE_INT64":
+            arr = np.full(layout.max_len, FIRST_REAL_ID, dtype="<i8")
+        else:
+            arr = np.zeros(layout.max_len, dtype="<f4")
+        out[_warmup_file(name)] = arr.tobytes()
+    out[_warmup_file(ins[-1])] = np.array([layout.max_len], dtype="<i8").tobytes()
+    return out
+
+
+def postprocess_config(layout: Layout) -> str:
+    return (
+        _header("postprocess step")
+        + f'name: {_q(POSTPROCESS_MODEL)}\nbackend: "python"\nmax_batch_size: 0\n'
+        + _io("input", [_tensor(OUT_ENCODED_IDS, "TYPE_INT64", [-1, layout.k])])
+        + _io("output", [_tensor(OUT_ITEM_IDS, layout.item_dtype, [-1, layout.k])])
+        + "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+    )
+
+
+def _step(model: str, input_map: dict[str, str], output_map: dict[str, str]) -> str:
+    """input_map/output_map: composing model's tensor name -> ensemble tensor name."""
+    lines = [f"    {{ model_name: {_q(model)} model_version: -1"]
+    lines += [f"      input_map {{ key: {_q(k)} value: {_q(v)} }}" for k, v in input_map.items()]
+    lines += [f"      output_map {{ key: {_q(k)} value: {_q(v)} }}" for k, v in output_map.items()]
+    return "\n".join(lines) + " }"
+
+
+def ensemble_config(layout: Layout, cfg: ExportConfig) -> str:
+    k = layout.k
+    inputs = [_tensor(n, triton_dtype(dt), [-1]) for n, dt in layout.raw_inputs.items()]
+    outputs = [
+        _tensor(SESSION_OUTPUT, "TYPE_INT64", [-1]),
+        _tensor(OUT_ITEM_IDS, layout.item_dtype, [-1, k]),
+        _tensor(OUT_SCORES, "TYPE_FP32", [-1, k]),
+    ]
+    model_ins, model_outs = model_io_names(layout, cfg.torch_backend)
+    tensors = [*layout.features, LENGTHS_TENSOR]
+    steps = [
+        _step(
+            PREPROCESS_MODEL,
+            {n: n for n in layout.raw_inputs},
+            {n: n for n in [SESSION_OUTPUT, *tensors]},
+        ),
+        _step(
+            TORCH_MODEL,
+            dict(zip(model_ins, tensors)),
+            {model_outs[0]: OUT_SCORES, model_outs[1]: OUT_ENCODED_IDS},
+        ),
+        _step(POSTPROCESS_MODEL, {OUT_ENCODED_IDS: OUT_ENCODED_IDS}, {OUT_ITEM_IDS: OUT_ITEM_IDS}),
+    ]
+    return (
+        _header("ensemble")
+        + f'name: {_q(ENSEMBLE_NAME)}\nplatform: "ensemble"\n'
+        + "# 0: requests carry any number of interaction rows; the model step batches over sessions\n"
+        + "max_batch_size: 0\n"
+        + _io("input", inputs)
+        + _io("output", outputs)
+        + "ensemble_scheduling {\n  step [\n"
+        + ",\n".join(steps)
+        + "\n  ]\n}\n"
+    )
+
+
+# --- writing ------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        path.write_text(data)
+    else:
+        path.write_bytes(data)
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy files (content only, sorted) so the copy does not depend on the source's metadata."""
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        if "__pycache__" in f.parts:
+            continue
+        _write(dst / f.relative_to(src), f.read_bytes())
+
+
+def _clear_out(out: Path) -> None:
+    """Remove a previous export from `out`; refuse to touch model directories it did not write."""
+    if not out.exists():
+        return
+    previous = []
+    if (out / MANIFEST).is_file():
+        previous = json.loads((out / MANIFEST).read_text()).get("models", [])
+    foreign = sorted(
+        p.name for p in out.iterdir() if p.is_dir() and p.name not in previous and p.name not in MODELS
+    )
+    if foreign:
+        raise FileExistsError(
+            f"{out} holds model directories this export did not write: {foreign}; "
+            "choose an empty --out or remove them (Triton would serve them alongside the ensemble)"
+        )
+    for name in sorted({*previous, *MODELS}):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+    (out / MANIFEST).unlink(missing_ok=True)
+
+
+def _trace(run: Path, data: Path, schema: dict, cfg: ExportConfig):
+    """Load the run, wrap it in TopKRanker (k fixed), trace it; returns the traced module."""
+    import torch
+
+    from export.inference import TopKRanker, example_inputs, feature_order, load_run, trace_ranker
+
+    model, meta = load_run(run)
+    want = schema.get("workflow_sha256")
+    got = meta.get("workflow_sha256")
+    if want and got and want != got:
+        raise ValueError(
+            f"{run} was trained on another workflow than {data}/{WORKFLOW_DIR} (workflow_sha256 differs): "
+            "export with the DATA the run was trained on"
+        )
+    n_items = int(schema["categorical"][ITEM_LIST])
+    ranker = TopKRanker(model, feature_order(schema), cfg.top_k, n_items)
+    torch.manual_seed(0)
+    return trace_ranker(ranker, example_inputs(schema, batch=8))
+
+
+def export_repository(cfg: ExportConfig) -> Path:
+    """Write the repository (see the module docstring); returns cfg.out."""
+    from export.inference import save_traced
+    from training.workflow import ServingTransform
+
+    cfg.check()
+    run, data, out = Path(cfg.run), Path(cfg.data), Path(cfg.out)
+    schema = json.loads((data / SCHEMA_FILE).read_text())
+    layout = Layout.from_schema(schema, cfg.top_k)
+    transform = ServingTransform.load(data)  # also checks the workflow files' sha256
+    vocab = np.asarray(transform.item_vocabulary(), dtype=np.int64)
+    traced = _trace(run, data, schema, cfg)
+
+    _clear_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # preprocess
+    pre = out / PREPROCESS_MODEL
+    _write(pre / "config.pbtxt", preprocess_config(layout, cfg))
+    _write(pre / "1" / "model.py", (TEMPLATES / "preprocess" / "model.py").read_text())
+    _copy_tree(data / WORKFLOW_DIR, pre / "1" / WORKFLOW_DIR)
+    _write(pre / "1" / SCHEMA_FILE, (data / SCHEMA_FILE).read_bytes())
+    # model
+    mdl = out / TORCH_MODEL
+    _write(mdl / "config.pbtxt", model_config(layout, cfg))
+    (mdl / "1").mkdir(parents=True, exist_ok=True)
+    save_traced(traced, mdl / "1" / TRACED_FILE)
+    if cfg.torch_backend == "python":
+        _write(mdl / "1" / "model.py", (TEMPLATES / "model" / "model.py").read_text())
+    for name, blob in warmup_data(layout, cfg).items():
+        _write(mdl / "warmup" / name, blob)
+    # postprocess
+    post = out / POSTPROCESS_MODEL
+    _write(post / "config.pbtxt", postprocess_config(layout))
+    _write(post / "1" / "model.py", (TEMPLATES / "postprocess" / "model.py").read_text())
+    (post / "1").mkdir(parents=True, exist_ok=True)
+    np.save(post / "1" / VOCAB_FILE, vocab)
+    # ensemble
+    ens = out / ENSEMBLE_NAME
+    _write(ens / "config.pbtxt", ensemble_config(layout, cfg))
+    (ens / "1").mkdir(parents=True, exist_ok=True)
+
+    files = {
+        str(p.relative_to(out)): _sha256(p)
+        for name in MODELS
+        for p in sorted((out / name).rglob("*"))
+        if p.is_file()
+    }
+    options = {k: v for k, v in asdict(cfg).items() if k not in ("run", "data", "out")}
+    manifest = {
+        "models": list(MODELS),
+        "ensemble": ENSEMBLE_NAME,
+        "inputs": layout.raw_inputs,
+        "outputs": {SESSION_OUTPUT: "[S]", OUT_ITEM_IDS: f"[S, {cfg.top_k}]", OUT_SCORES: f"[S, {cfg.top_k}]"},
+        "options": options,
+        "workflow_sha256": schema.get("workflow_sha256", {}),
+        "files_sha256": files,
+    }
+    _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return out
