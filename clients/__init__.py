@@ -138,13 +138,23 @@ class _Sender:
         self.inputs = inputs  # (name, triton datatype) in the server's order
         self.timeout_s = timeout_s
         self._local = threading.local()
+        self._clients = []
+        self._lock = threading.Lock()
 
     def client(self):
         import tritonclient.grpc as grpcclient
 
         if not hasattr(self._local, "client"):
             self._local.client = grpcclient.InferenceServerClient(self.url)
+            with self._lock:
+                self._clients.append(self._local.client)
         return self._local.client
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._clients:
+                c.close()
+            self._clients.clear()
 
     def __call__(self, columns: dict[str, np.ndarray], expected_sessions: np.ndarray):
         import tritonclient.grpc as grpcclient
@@ -233,11 +243,14 @@ def rank_sessions(
         request = {name: np.ascontiguousarray(values[rows]) for name, values in columns.items()}
         return send(request, sessions[starts[i] : starts[i] + batch_sessions])
 
-    if concurrency == 1 or len(plan) == 1:
-        answers = [one(i) for i in range(len(plan))]
-    else:
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            answers = list(pool.map(one, range(len(plan))))
+    try:
+        if concurrency == 1 or len(plan) == 1:
+            answers = [one(i) for i in range(len(plan))]
+        else:
+            with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                answers = list(pool.map(one, range(len(plan))))
+    finally:
+        send.close()
     item_ids = np.concatenate([a[0] for a in answers])[:, :top_k]
     scores = np.concatenate([a[1] for a in answers])[:, :top_k]
     return Rankings(session_id=sessions, item_ids=item_ids, scores=scores)

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
         "--max-queue-delay-us", type=int, default=d.max_queue_delay_us, help="model step dynamic batching delay"
     )
     p.add_argument(
-        "--torch-threads", type=int, default=d.torch_threads, help="model step intra-op threads (0: all cores)"
+        "--torch-threads", type=int, default=d.torch_threads, help="model step intra-op threads (0: half the cores, at most 4)"
     )
     p.add_argument("--model-instances", type=int, default=d.model_instances, help="model step instance count")
     p.add_argument(

@@ -12,10 +12,12 @@ is retried on new ports.
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from export.tritonserver import ServerConfig, ServerError, TritonServer
+from export.tritonserver import PROJECT_ROOT, ServerConfig, ServerError, TritonServer
 
 
 def start_server(repo: Path, attempts: int = 3, ready_timeout_s: float = 300.0) -> TritonServer:
@@ -40,3 +42,31 @@ def running_server(repo: Path) -> Iterator[TritonServer]:
         yield server
     finally:
         server.stop()
+
+
+# --- a trained run to export and serve, made once per pytest process -----------
+SERVING_ROWS = 30_000  # synthetic rows: enough for >= 500 validation sessions over all windows
+_ARTIFACTS: dict[Path, tuple[Path, Path]] = {}
+
+
+def _run(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`python {' '.join(args)}` failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def trained_artifacts(root: Path) -> tuple[Path, Path]:
+    """(DATA, RUN) under `root`: synthetic data (seed 0) and a 1-epoch run on its first window.
+
+    Memoised per root, so test modules sharing pytest's base temp dir train once."""
+    root = Path(root)
+    if root not in _ARTIFACTS:
+        data, run = root / "serving-data", root / "serving-run"
+        if not (data / "schema.json").is_file():
+            _run(["-m", "training.prepare", "--synthetic", "--seed", "0", "--num-rows", str(SERVING_ROWS),
+                  "--out", str(data), "--quiet"])
+        if not (run / "meta.json").is_file():
+            _run(["-m", "training.train", "--data", str(data), "--out", str(run), "--epochs", "1",
+                  "--end-window", "2", "--no-progress"])
+        _ARTIFACTS[root] = (data, run)
+    return _ARTIFACTS[root]

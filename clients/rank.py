@@ -1,0 +1,90 @@
+"""Rank the next item of every session in a file of interactions, over gRPC.
+
+    python -m clients.rank --url 127.0.0.1:8001 --input data/synthetic/interactions.parquet --top-k 5
+    python -m clients.rank --url 127.0.0.1:8001 --input clicks.csv --json --batch-sessions 64 --concurrency 4
+
+FILE is CSV or parquet with the columns of DATA/interactions.parquet (one row
+per interaction; rows of a session in time order; extra columns are ignored).
+Whole sessions are sent together, `--batch-sessions` per request, up to
+`--concurrency` requests in flight. Prints one line per session: a table, or
+with `--json` one JSON object per line:
+    {"session_id": 70000, "item_ids": [220, 269, ...], "scores": [1.22, 0.99, ...]}
+Exit status: 0 when every session was ranked, 1 on any error (message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from clients import RankError, Rankings, rank_sessions
+
+
+def read_interactions(path: Path) -> dict[str, np.ndarray]:
+    """CSV or parquet -> column name -> numpy array (nulls become NaN/None and are rejected later)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--input {path} does not exist")
+    name = path.name.lower()
+    if name.endswith((".parquet", ".pq")):
+        table = pq.read_table(path)
+    elif name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+        delimiter = "\t" if ".tsv" in name else ","
+        table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    else:
+        raise ValueError(f"--input {path}: expected a .csv, .tsv or .parquet file")
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def format_table(ranked: Rankings, digits: int = 3) -> str:
+    k = ranked.item_ids.shape[1] if len(ranked) else 0
+    lines = [f"{'session_id':>12}  top-{k} item_id (score), best first"]
+    for i in range(len(ranked)):
+        pairs = "  ".join(
+            f"{item} ({score:.{digits}f})" for item, score in zip(ranked.item_ids[i], ranked.scores[i])
+        )
+        lines.append(f"{ranked.session_id[i]:>12}  {pairs}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m clients.rank", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="127.0.0.1:8001", help="tritonserver gRPC endpoint host:port")
+    p.add_argument("--input", type=Path, required=True, help="interactions, CSV or parquet")
+    p.add_argument("--top-k", type=int, default=None, help="items per session (default: all the server returns)")
+    p.add_argument("--json", action="store_true", help="one JSON object per session and line")
+    p.add_argument("--batch-sessions", type=int, default=64, help="sessions per request")
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    a = p.parse_args(argv)
+    try:
+        columns = read_interactions(a.input)
+        ranked = rank_sessions(
+            a.url,
+            columns,
+            top_k=a.top_k,
+            batch_sessions=a.batch_sessions,
+            concurrency=a.concurrency,
+            timeout_s=a.timeout,
+        )
+    except (RankError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if a.json:
+        out = sys.stdout
+        for record in ranked.records():
+            out.write(json.dumps(record) + "\n")
+    else:
+        print(format_table(ranked))
+    print(f"ranked {len(ranked)} sessions", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

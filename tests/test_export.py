@@ -1,0 +1,323 @@
+"""export/: the traced inference module, the repository writer and the step functions (no server)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from clients import SESSION_OUTPUT, plan_requests
+from export.inference import TopKRanker, example_inputs, feature_order, load_run, save_traced, trace_ranker
+from export.repository import (
+    FLOOR_ENSEMBLE,
+    MANIFEST,
+    ExportConfig,
+    export_repository,
+    write_floor_repository,
+)
+from export.steps import RequestError, check_raw_columns, concat_requests, preprocess, split_rows, to_raw_item_ids
+from tests.triton_util import PROJECT_ROOT, trained_artifacts
+from training.names import (
+    ENSEMBLE_NAME,
+    FIRST_REAL_ID,
+    ITEM_LIST,
+    LENGTHS_TENSOR,
+    OUT_ITEM_IDS,
+    OUT_SCORES,
+    POSTPROCESS_MODEL,
+    PREPROCESS_MODEL,
+    SESSION_COL,
+    TORCH_MODEL,
+)
+
+K = 10
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    return trained_artifacts(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def schema(artifacts):
+    return json.loads((artifacts[0] / "schema.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ranker(artifacts, schema):
+    model, _ = load_run(artifacts[1])
+    return TopKRanker(model, feature_order(schema), K, schema["categorical"][ITEM_LIST])
+
+
+@pytest.fixture(scope="module")
+def traced_file(ranker, schema, tmp_path_factory):
+    traced = trace_ranker(ranker, example_inputs(schema, batch=8))
+    return save_traced(traced, tmp_path_factory.mktemp("traced") / "model.pt")
+
+
+def parse_config(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def sessions_of_every_length(schema: dict, repeat: int = 1) -> tuple[torch.Tensor, ...]:
+    """One session of each length 1..L (times `repeat`), real ids, zero padding."""
+    L = int(schema["max_sequence_length"])
+    x = example_inputs(schema, batch=L * repeat)
+    lengths = torch.tensor([1 + i % L for i in range(L * repeat)])
+    real = torch.arange(L)[None, :] < lengths[:, None]
+    feats = [torch.where(real, t, torch.zeros((), dtype=t.dtype)) for t in x[:-1]]
+    return (*feats, lengths)
+
+
+# --- inference module ------------------------------------------------------------
+@pytest.mark.parametrize("batch_repeat", [1, 3], ids=["20-sessions", "60-sessions"])
+def test_traced_matches_eager_for_every_length(ranker, traced_file, schema, batch_repeat):
+    traced = torch.jit.load(str(traced_file))
+    inputs = sessions_of_every_length(schema, batch_repeat)  # traced with batch 8: other batch sizes here
+    with torch.inference_mode():
+        want_scores, want_ids = ranker(*inputs)
+        got_scores, got_ids = traced(*inputs)
+    assert got_ids.dtype == torch.int64 and got_scores.dtype == torch.float32
+    assert got_ids.shape == got_scores.shape == (len(inputs[-1]), K)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_scores, want_scores, atol=1e-5, rtol=0)
+    assert (got_ids >= FIRST_REAL_ID).all(), "a special id (pad/null/OOV) was ranked"
+    assert (got_ids < schema["categorical"][ITEM_LIST]).all()
+    assert (got_scores[:, :-1] >= got_scores[:, 1:]).all(), "scores are not sorted best first"
+
+
+def test_traced_single_session_equals_its_row_in_a_batch(traced_file, schema):
+    traced = torch.jit.load(str(traced_file))
+    inputs = sessions_of_every_length(schema)
+    with torch.inference_mode():
+        batch_scores, batch_ids = traced(*inputs)
+        for i in (0, 7, 19):
+            s, ids = traced(*[t[i : i + 1] for t in inputs])
+            assert torch.equal(ids[0], batch_ids[i])
+            torch.testing.assert_close(s[0], batch_scores[i], atol=1e-5, rtol=0)
+
+
+def test_padding_does_not_change_a_ranking(traced_file, schema):
+    traced = torch.jit.load(str(traced_file))
+    inputs = sessions_of_every_length(schema)
+    noisy = [t.clone() for t in inputs]
+    L = int(schema["max_sequence_length"])
+    pad = torch.arange(L)[None, :] >= inputs[-1][:, None]
+    for t in noisy[:-1]:
+        t[pad] = FIRST_REAL_ID if t.dtype == torch.int64 else 0.5
+    with torch.inference_mode():
+        a, b = traced(*inputs), traced(*noisy)
+    assert torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("k", [0, -1, 10_000])
+def test_ranker_rejects_k_outside_the_real_items(artifacts, schema, k):
+    model, _ = load_run(artifacts[1])
+    with pytest.raises(ValueError, match="top-k must be in"):
+        TopKRanker(model, feature_order(schema), k, schema["categorical"][ITEM_LIST])
+
+
+def test_save_traced_is_a_function_of_the_module(traced_file, tmp_path):
+    module = torch.jit.load(str(traced_file))
+    paths = []
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        paths.append(save_traced(module, tmp_path / sub / "model.pt"))
+    a, b = paths
+    assert a.read_bytes() == b.read_bytes()
+    torch.jit.load(str(a))  # still a valid archive after pinning serialization_id
+
+
+# --- repository ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def repo(artifacts, tmp_path_factory):
+    data, run = artifacts
+    out = tmp_path_factory.mktemp("repo") / "model_repository"
+    return export_repository(ExportConfig(run=run, data=data, out=out, top_k=K))
+
+
+def test_repository_layout(repo):
+    for rel in [
+        f"{ENSEMBLE_NAME}/config.pbtxt",
+        f"{PREPROCESS_MODEL}/1/model.py",
+        f"{PREPROCESS_MODEL}/1/schema.json",
+        f"{PREPROCESS_MODEL}/1/workflow/workflow.pkl",
+        f"{TORCH_MODEL}/1/model.pt",
+        f"{TORCH_MODEL}/1/model.py",
+        f"{POSTPROCESS_MODEL}/1/item_vocabulary.npy",
+        MANIFEST,
+    ]:
+        assert (repo / rel).is_file(), rel
+    assert (repo / ENSEMBLE_NAME / "1").is_dir() and not any((repo / ENSEMBLE_NAME / "1").iterdir())
+    manifest = json.loads((repo / MANIFEST).read_text())
+    for rel, sha in manifest["files_sha256"].items():
+        assert hashlib.sha256((repo / rel).read_bytes()).hexdigest() == sha, rel
+
+
+def test_ensemble_config_is_consistent(repo, schema):
+    ens = parse_config(repo / ENSEMBLE_NAME / "config.pbtxt")
+    assert ens.platform == "ensemble" and ens.max_batch_size == 0
+    assert [(i.name, list(i.dims)) for i in ens.input] == [(n, [-1]) for n in schema["raw_inputs"]]
+    assert [o.name for o in ens.output] == [SESSION_OUTPUT, OUT_ITEM_IDS, OUT_SCORES]
+    assert SESSION_OUTPUT not in schema["raw_inputs"], "an ensemble output named like an input never returns"
+    assert [list(o.dims) for o in ens.output] == [[-1], [-1, K], [-1, K]]
+    # every step input is an ensemble input or produced by an earlier step, and maps a real tensor
+    available = {i.name for i in ens.input}
+    for step in ens.ensemble_scheduling.step:
+        cfg = parse_config(repo / step.model_name / "config.pbtxt")
+        assert set(step.input_map) == {i.name for i in cfg.input}, step.model_name
+        assert set(step.output_map) <= {o.name for o in cfg.output}, step.model_name
+        assert set(step.input_map.values()) <= available, step.model_name
+        available |= set(step.output_map.values())
+    assert {o.name for o in ens.output} <= available
+
+
+def test_model_step_config(repo, schema):
+    cfg = parse_config(repo / TORCH_MODEL / "config.pbtxt")
+    assert cfg.backend == "python" and cfg.max_batch_size == 64
+    assert [i.name for i in cfg.input] == [*feature_order(schema), LENGTHS_TENSOR]
+    lengths = cfg.input[-1]
+    assert list(lengths.dims) == [1] and list(lengths.reshape.shape) == []
+    assert cfg.HasField("dynamic_batching")
+    assert [w.batch_size for w in cfg.model_warmup] == [1, 64]
+    for w in cfg.model_warmup:
+        for name, inp in w.inputs.items():
+            assert (repo / TORCH_MODEL / "warmup" / inp.input_data_file).is_file(), name
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert json.loads(params["input_order"]) == [*feature_order(schema), LENGTHS_TENSOR]
+
+
+def test_libtorch_variant(artifacts, schema, tmp_path):
+    data, run = artifacts
+    out = export_repository(
+        ExportConfig(run=run, data=data, out=tmp_path / "repo", top_k=K, torch_backend="libtorch", instance_kind="gpu")
+    )
+    cfg = parse_config(out / TORCH_MODEL / "config.pbtxt")
+    assert cfg.platform == "pytorch_libtorch" and cfg.default_model_filename == "model.pt"
+    assert not (out / TORCH_MODEL / "1" / "model.py").exists()
+    names = [*feature_order(schema), LENGTHS_TENSOR]
+    assert [i.name for i in cfg.input] == [f"{n}__{i}" for i, n in enumerate(names)]
+    assert [o.name for o in cfg.output] == ["scores__0", "encoded_item_ids__1"]
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    ens = parse_config(out / ENSEMBLE_NAME / "config.pbtxt")
+    step = next(s for s in ens.ensemble_scheduling.step if s.model_name == TORCH_MODEL)
+    assert dict(step.input_map) == {f"{n}__{i}": n for i, n in enumerate(names)}
+    # libtorch binds `<name>__<i>` to the i-th positional argument of the traced forward
+    traced = torch.jit.load(str(out / TORCH_MODEL / "1" / "model.pt"))
+    assert len(traced.forward.schema.arguments) == 1 + len(names)  # self + features + lengths
+
+
+def test_export_is_deterministic(artifacts, tmp_path):
+    """Two exports in fresh processes write byte-identical repositories."""
+    data, run = artifacts
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        proc = subprocess.run(
+            [sys.executable, "-m", "export", "--run", str(run), "--data", str(data), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            cwd=PROJECT_ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    a, b = files(outs[0]), files(outs[1])
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_export_replaces_its_own_output_and_keeps_the_readme(artifacts, tmp_path):
+    data, run = artifacts
+    out = tmp_path / "model_repository"
+    out.mkdir()
+    (out / "README.md").write_text("kept\n")
+    cfg = ExportConfig(run=run, data=data, out=out, top_k=K)
+    export_repository(cfg)
+    export_repository(cfg)
+    assert (out / "README.md").read_text() == "kept\n"
+    (out / "someone_elses_model").mkdir()
+    with pytest.raises(FileExistsError, match="someone_elses_model"):
+        export_repository(cfg)
+
+
+def test_floor_repository_configs(tmp_path, schema):
+    out = write_floor_repository(tmp_path / "floor", schema["raw_inputs"])
+    ens = parse_config(out / FLOOR_ENSEMBLE / "config.pbtxt")
+    assert [i.name for i in ens.input] == list(schema["raw_inputs"])
+    assert len(ens.ensemble_scheduling.step) == 2
+
+
+# --- step functions -----------------------------------------------------------------
+def _columns(n_rows: int = 3) -> dict[str, np.ndarray]:
+    return {"session_id": np.array([5, 5, 9][:n_rows], dtype=np.int64), "item_id": np.arange(n_rows, dtype=np.int64)}
+
+
+@pytest.mark.parametrize(
+    "columns, match",
+    [
+        ({"session_id": np.zeros(0, np.int64), "item_id": np.zeros(0, np.int64)}, "'session_id' has 0 rows"),
+        ({"session_id": np.zeros(3, np.int64), "item_id": np.zeros(2, np.int64)}, "'item_id' has 2 rows"),
+        ({"session_id": np.zeros(11, np.int64), "item_id": np.zeros(11, np.int64)}, "maximum of 10"),
+    ],
+    ids=["zero-rows", "length-mismatch", "too-many-rows"],
+)
+def test_check_raw_columns_rejects(columns, match):
+    with pytest.raises(RequestError, match=match):
+        check_raw_columns(columns, list(columns), max_rows=10)
+
+
+def _fake_transform(columns):
+    sessions, first = np.unique(columns["session_id"], return_index=True)
+    sessions = sessions[np.argsort(first)]
+    return {
+        SESSION_COL: sessions,
+        "item_id-list": np.ones((len(sessions), 4), np.int64),
+        LENGTHS_TENSOR: np.ones(len(sessions), np.int64),
+    }
+
+
+def test_preprocess_shapes_and_session_limit():
+    out = preprocess(_columns(), _fake_transform, ["item_id-list"], max_rows=10, max_sessions=2)
+    assert out[SESSION_OUTPUT].tolist() == [5, 9]
+    assert out[LENGTHS_TENSOR].shape == (2, 1)
+    with pytest.raises(RequestError, match="'session_id' holds 2 sessions, more than .* maximum of 1"):
+        preprocess(_columns(), _fake_transform, ["item_id-list"], max_rows=10, max_sessions=1)
+
+
+def test_concat_and_split_round_trip():
+    reqs = [[np.full((n, 3), n), np.arange(n)] for n in (1, 4, 2)]
+    batch, sizes = concat_requests(reqs)
+    assert sizes == [1, 4, 2] and batch[0].shape == (7, 3)
+    parts = split_rows(batch, sizes)
+    for req, part in zip(reqs, parts):
+        for a, b in zip(req, part):
+            np.testing.assert_array_equal(a, b)
+    single, _ = concat_requests(reqs[:1])
+    assert single[0].flags.writeable
+
+
+def test_to_raw_item_ids():
+    vocab = np.array([-1, -1, -1, 100, 200, 300])
+    np.testing.assert_array_equal(to_raw_item_ids(vocab, np.array([[5, 3]])), [[300, 100]])
+    for bad in (2, 6):
+        with pytest.raises(RequestError, match="encoded item ids must be in"):
+            to_raw_item_ids(vocab, np.array([[bad]]))
+
+
+# --- client request planning ---------------------------------------------------------
+def test_plan_requests_keeps_sessions_whole_and_ordered():
+    sid = np.array([7, 7, 3, 9, 3, 7, 1])
+    sessions, plan = plan_requests(sid, batch_sessions=2)
+    assert sessions.tolist() == [7, 3, 9, 1]
+    assert [sid[rows].tolist() for rows in plan] == [[7, 7, 7, 3, 3], [9, 1]]
+    assert plan[0].tolist() == [0, 1, 5, 2, 4]  # input order inside a session
