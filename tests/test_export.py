@@ -23,7 +23,14 @@ from export.repository import (
     export_repository,
     write_floor_repository,
 )
-from export.steps import RequestError, check_raw_columns, concat_requests, preprocess, split_rows, to_raw_item_ids
+from export.steps import (
+    RequestError,
+    check_raw_columns,
+    concat_requests,
+    preprocess,
+    split_rows,
+    to_raw_item_ids,
+)
 from tests.triton_util import PROJECT_ROOT, trained_artifacts
 from training.names import (
     ENSEMBLE_NAME,
