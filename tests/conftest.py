@@ -1,0 +1,61 @@
+"""Shared session-scoped fixtures.
+
+- `repo_root`: the repository root (Path).
+- `diginetica_dir`: `<repo>/../shared/data/diginetica`; the test is skipped (with a
+  reason) when the extracts are absent.
+- `tiny_synthetic_data`: DATA folder prepared from 3,000 synthetic interactions
+  (seed 0, ~580 sessions over days 1..9); about a second to build.
+- `diginetica_data`: DATA folder prepared from diginetica-views-7days.tsv (skipped
+  when absent); a few seconds to build.
+
+Treat the DATA folders as read-only (copy them before modifying anything).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DIGINETICA_DIR = REPO_ROOT.parent / "shared" / "data" / "diginetica"
+DIGINETICA_TSV = "diginetica-views-7days.tsv"
+DIGINETICA_CSV = "diginetica-raw-sample.csv"
+TINY_ROWS = 3_000
+
+# Flags that read each DIGINETICA extract unchanged.
+DIGINETICA_TSV_FLAGS = [
+    "--session-col", "sessionId", "--item-col", "itemId", "--time-col", "Time",
+    "--order-col", "timeframe", "--time-unit", "s",
+]  # fmt: skip
+DIGINETICA_CSV_FLAGS = ["--sep", ";", "--time-col", "eventdate", "--time-unit", "date", "--order-col", "timeframe"]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def diginetica_dir() -> Path:
+    if not (DIGINETICA_DIR / DIGINETICA_TSV).is_file() or not (DIGINETICA_DIR / DIGINETICA_CSV).is_file():
+        pytest.skip(f"DIGINETICA extracts not found in {DIGINETICA_DIR} (../shared/data/diginetica is absent)")
+    return DIGINETICA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_data(tmp_path_factory) -> Path:
+    from training.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("tiny_synthetic") / "data"
+    prepare(PrepareConfig(out=out, synthetic=True, seed=0, num_rows=TINY_ROWS, quiet=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def diginetica_data(tmp_path_factory, diginetica_dir) -> Path:
+    from training.prepare import config_from_args, prepare
+
+    out = tmp_path_factory.mktemp("diginetica") / "data"
+    prepare(config_from_args(["--input", str(diginetica_dir / DIGINETICA_TSV), *DIGINETICA_TSV_FLAGS, "--out", str(out)]))
+    return out
