@@ -16,6 +16,7 @@ any PyTorch environment.
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 import zipfile
 import zlib
@@ -122,6 +123,21 @@ def trace_ranker(ranker: TopKRanker, inputs: tuple[Tensor, ...]) -> torch.jit.Sc
                     "or a shape baked into the trace?)"
                 )
     return traced
+
+
+def baked_devices(traced: torch.jit.ScriptModule) -> set[str]:
+    """Devices written into the traced graph as constants (e.g. `torch.arange(n, device=x.device)`).
+
+    torch.jit.trace records such devices as constants: a model traced on the CPU
+    that creates tensors this way fails on a GPU instance (cpu vs cuda tensors)."""
+    found = set()
+    graph = traced.inlined_graph  # keep a reference: the nodes die with the graph
+    for node in graph.findAllNodes("prim::Constant"):
+        if node.output().type().kind() == "DeviceObjType":
+            match = re.search(r'value="([^"]+)"', str(node))
+            if match:
+                found.add(match.group(1))
+    return found
 
 
 def save_traced(traced: torch.jit.ScriptModule, path: Path) -> Path:

@@ -201,7 +201,8 @@ def model_config(layout: Layout, cfg: ExportConfig) -> str:
     inputs = [_tensor(n, dt, [layout.max_len]) for n, dt in zip(ins[:-1], dtypes)]
     inputs += [_tensor(ins[-1], "TYPE_INT64", [1], reshape=[])]  # [S, 1] in the ensemble, [S] in forward
     outputs = [_tensor(outs[0], "TYPE_FP32", [layout.k]), _tensor(outs[1], "TYPE_INT64", [layout.k])]
-    kind = "KIND_GPU" if cfg.instance_kind == "gpu" else "KIND_CPU"
+    # a GPU trace holds cuda:0 constants (see _trace): pin the instances to GPU 0
+    kind = "KIND_GPU gpus: [ 0 ]" if cfg.instance_kind == "gpu" else "KIND_CPU"
     if cfg.torch_backend == "libtorch":
         head = f'name: {_q(TORCH_MODEL)}\nplatform: "pytorch_libtorch"\ndefault_model_filename: {_q(TRACED_FILE)}\n'
         params = {"INFERENCE_MODE": "true"}
@@ -352,11 +353,31 @@ def _clear_out(out: Path) -> None:
 
 
 def _trace(run: Path, data: Path, schema: dict, cfg: ExportConfig):
-    """Load the run, wrap it in TopKRanker (k fixed), trace it; returns the traced module."""
+    """Load the run, wrap it in TopKRanker (k fixed), trace it on the serving device; returns the traced module.
+
+    A trace records devices of tensors created inside forward as constants
+    (the model's `torch.arange(..., device=x.device)`, XLNet's position
+    encoding), so a GPU repository must be traced on a GPU: `--instance-kind
+    gpu` needs CUDA at export time (run the export inside the NGC PyTorch
+    container or any CUDA build of torch)."""
     import torch
 
-    from export.inference import TopKRanker, example_inputs, feature_order, load_run, trace_ranker
+    from export.inference import (
+        TopKRanker,
+        baked_devices,
+        example_inputs,
+        feature_order,
+        load_run,
+        trace_ranker,
+    )
 
+    device = torch.device("cuda", 0) if cfg.instance_kind == "gpu" else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "--instance-kind gpu: tracing bakes the device into the TorchScript graph, so the model must be "
+            "traced on a GPU, and this torch has no CUDA. Export on a CUDA machine (e.g. inside "
+            "nvcr.io/nvidia/pytorch), or use --instance-kind cpu"
+        )
     model, meta = load_run(run)
     want = schema.get("workflow_sha256")
     got = meta.get("workflow_sha256")
@@ -366,9 +387,13 @@ def _trace(run: Path, data: Path, schema: dict, cfg: ExportConfig):
             "export with the DATA the run was trained on"
         )
     n_items = int(schema["categorical"][ITEM_LIST])
-    ranker = TopKRanker(model, feature_order(schema), cfg.top_k, n_items)
+    ranker = TopKRanker(model.to(device), feature_order(schema), cfg.top_k, n_items)
     torch.manual_seed(0)
-    return trace_ranker(ranker, example_inputs(schema, batch=8))
+    traced = trace_ranker(ranker, tuple(t.to(device) for t in example_inputs(schema, batch=8)))
+    other = {d for d in baked_devices(traced) if torch.device(d).type != device.type}
+    if other:
+        raise RuntimeError(f"the traced model holds device constants {sorted(other)} but serves on {device}")
+    return traced
 
 
 def export_repository(cfg: ExportConfig) -> Path:

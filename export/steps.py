@@ -11,6 +11,7 @@ serving the others.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -80,6 +81,16 @@ def preprocess(
 
 
 # --- model --------------------------------------------------------------------
+def default_torch_threads(cpu_count: int | None = None) -> int:
+    """Intra-op threads of the model step when the config says 0: half the cores, 1..4.
+
+    The preprocess/postprocess stubs, tritonserver and often the client share
+    the machine; an oversubscribed OpenMP pool costs far more than a thread less
+    (measured on 2 busy cores: batch-1 forward 0.9 ms with 1 thread, 57 ms with 2)."""
+    n = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return max(1, min(4, n // 2))
+
+
 def concat_requests(per_request: Sequence[Sequence[np.ndarray]]) -> tuple[list[np.ndarray], list[int]]:
     """Stack the inputs of the requests of one dynamic batch along the session axis.
 

@@ -15,7 +15,15 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from clients import SESSION_OUTPUT, plan_requests
-from export.inference import TopKRanker, example_inputs, feature_order, load_run, save_traced, trace_ranker
+from export.inference import (
+    TopKRanker,
+    baked_devices,
+    example_inputs,
+    feature_order,
+    load_run,
+    save_traced,
+    trace_ranker,
+)
 from export.repository import (
     FLOOR_ENSEMBLE,
     MANIFEST,
@@ -204,22 +212,52 @@ def test_model_step_config(repo, schema):
 
 def test_libtorch_variant(artifacts, schema, tmp_path):
     data, run = artifacts
-    out = export_repository(
-        ExportConfig(run=run, data=data, out=tmp_path / "repo", top_k=K, torch_backend="libtorch", instance_kind="gpu")
-    )
+    out = export_repository(ExportConfig(run=run, data=data, out=tmp_path / "repo", top_k=K, torch_backend="libtorch"))
     cfg = parse_config(out / TORCH_MODEL / "config.pbtxt")
     assert cfg.platform == "pytorch_libtorch" and cfg.default_model_filename == "model.pt"
     assert not (out / TORCH_MODEL / "1" / "model.py").exists()
     names = [*feature_order(schema), LENGTHS_TENSOR]
     assert [i.name for i in cfg.input] == [f"{n}__{i}" for i, n in enumerate(names)]
     assert [o.name for o in cfg.output] == ["scores__0", "encoded_item_ids__1"]
-    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert {p: v.string_value for p, v in cfg.parameters.items()} == {"INFERENCE_MODE": "true"}
     ens = parse_config(out / ENSEMBLE_NAME / "config.pbtxt")
     step = next(s for s in ens.ensemble_scheduling.step if s.model_name == TORCH_MODEL)
     assert dict(step.input_map) == {f"{n}__{i}": n for i, n in enumerate(names)}
     # libtorch binds `<name>__<i>` to the i-th positional argument of the traced forward
     traced = torch.jit.load(str(out / TORCH_MODEL / "1" / "model.pt"))
     assert len(traced.forward.schema.arguments) == 1 + len(names)  # self + features + lengths
+
+
+def test_cpu_trace_holds_only_cpu_device_constants(traced_file):
+    assert baked_devices(torch.jit.load(str(traced_file))) <= {"cpu"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_gpu_export_needs_cuda_to_trace(artifacts, tmp_path):
+    data, run = artifacts
+    cfg = ExportConfig(run=run, data=data, out=tmp_path / "repo", torch_backend="libtorch", instance_kind="gpu")
+    with pytest.raises(RuntimeError, match="traced on a GPU"):
+        export_repository(cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_libtorch_export(artifacts, schema, traced_file, tmp_path):
+    data, run = artifacts
+    out = export_repository(
+        ExportConfig(run=run, data=data, out=tmp_path / "repo", top_k=K, torch_backend="libtorch", instance_kind="gpu")
+    )
+    cfg = parse_config(out / TORCH_MODEL / "config.pbtxt")
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    gpu = torch.jit.load(str(out / TORCH_MODEL / "1" / "model.pt"), map_location="cuda:0")
+    cpu = torch.jit.load(str(traced_file))
+    inputs = sessions_of_every_length(schema)
+    with torch.inference_mode():
+        want_s, want_i = cpu(*inputs)
+        got_s, got_i = gpu(*[t.cuda() for t in inputs])
+    assert torch.equal(got_i.cpu(), want_i)
+    torch.testing.assert_close(got_s.cpu(), want_s, atol=1e-4, rtol=0)
 
 
 def test_export_is_deterministic(artifacts, tmp_path):

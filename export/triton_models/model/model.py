@@ -7,27 +7,25 @@ one forward pass under torch.inference_mode and split again. The same model.pt
 is what `platform: "pytorch_libtorch"` serves in an NGC container.
 
 Parameters (config.pbtxt): `input_order` (JSON list: the traced forward's
-positional inputs), `torch_threads` (intra-op threads; 0 = half the cores, at most 4: the
-other steps, the server and often the client share this machine, and an
-oversubscribed OpenMP pool costs far more than one thread less).
+positional inputs), `torch_threads` (intra-op threads; 0 = export.steps.default_torch_threads():
+half the cores, at most 4).
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from export.steps import concat_requests, split_rows
+from export.steps import concat_requests, default_torch_threads, split_rows
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        threads = int(params.get("torch_threads", "0")) or max(1, min(4, (os.cpu_count() or 1) // 2))
+        threads = int(params.get("torch_threads", "0")) or default_torch_threads()
         torch.set_num_threads(threads)
         torch.set_num_interop_threads(1)  # one forward at a time per instance
         version_dir = Path(args["model_repository"]) / args["model_version"]
