@@ -1,0 +1,211 @@
+"""Load the prepared session splits (DATA/sessions_by_day/<w>/<split>.parquet)
+into padded tensors, with validation that names the file and the column.
+
+    from training.data import load_schema, load_split, split_path
+    schema = load_schema("data/synthetic")
+    st = load_split(split_path("data/synthetic", 3, "train"), schema)
+    st.feats["item_id-list"]  # (N, L) int64, right-padded with 0
+    st.lengths                # (N,) int64
+
+Imports only torch, numpy and pyarrow (see docs/contracts.md for the format).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from training.names import ITEM_LIST, SCHEMA_FILE, SESSION_COL, SESSIONS_DIR
+
+
+class DataError(ValueError):
+    """The prepared data cannot be used; the message names the file, the column and the fix."""
+
+
+def load_schema(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / SCHEMA_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{path} does not exist: is {data_dir} a DATA folder written by `python -m training.prepare`?"
+        )
+    try:
+        schema = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e})") from e
+    for key in ("categorical", "max_sequence_length"):
+        if key not in schema:
+            raise DataError(f"{path} lacks the key {key!r} (see docs/contracts.md)")
+    item = schema.get("item_list", ITEM_LIST)
+    if item not in schema["categorical"]:
+        raise DataError(
+            f"{path}: item feature {item!r} has no cardinality in 'categorical' {schema['categorical']}"
+        )
+    return schema
+
+
+def split_path(data_dir: str | Path, window: int, split: str) -> Path:
+    return Path(data_dir) / SESSIONS_DIR / str(window) / f"{split}.parquet"
+
+
+def available_windows(data_dir: str | Path, schema: dict[str, Any] | None = None) -> list[int]:
+    if schema is not None and "windows" in schema:
+        return [int(w) for w in schema["windows"]]
+    root = Path(data_dir) / SESSIONS_DIR
+    return (
+        sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+        if root.is_dir()
+        else []
+    )
+
+
+@dataclass
+class SessionTensors:
+    """N right-padded sessions: feats[name] is (N, L), lengths is (N,) (1 <= lengths <= L)."""
+
+    feats: dict[str, Tensor]
+    lengths: Tensor
+    session_id: Tensor
+    source: str = ""
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def select(self, idx: Tensor) -> SessionTensors:
+        return SessionTensors(
+            {k: v[idx] for k, v in self.feats.items()}, self.lengths[idx], self.session_id[idx], self.source
+        )
+
+    def to(self, device: torch.device | str) -> SessionTensors:
+        return SessionTensors(
+            {k: v.to(device) for k, v in self.feats.items()},
+            self.lengths.to(device),
+            self.session_id.to(device),
+            self.source,
+        )
+
+
+def _list_column(table: pa.Table, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A list column -> (offsets (N+1,) starting at 0, flat values)."""
+    col = table.column(name)
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        raise DataError(
+            f"{path}: column {name!r} has type {col.type}, expected a list column (one list per session)"
+        )
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if arr.null_count:
+        row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{path}: column {name!r} holds a null list (row {row}); every session needs a list")
+    values = arr.flatten()
+    if values.null_count:
+        raise DataError(f"{path}: column {name!r} holds {values.null_count} null values inside its lists")
+    offsets = np.asarray(arr.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
+    return offsets - offsets[0], values.to_numpy(zero_copy_only=False)
+
+
+def load_split(path: str | Path, schema: dict[str, Any]) -> SessionTensors:
+    """Read one split file into padded tensors, checking it against the schema.
+
+    Raises DataError naming the file and the column for: a missing or corrupt
+    file, a missing feature, lists of different lengths across features, an
+    empty or over-long list, ids outside the feature's vocabulary, non-finite
+    continuous values.
+    """
+    path = Path(path)
+    categorical: dict[str, int] = {k: int(v) for k, v in schema["categorical"].items()}
+    continuous: list[str] = list(schema.get("continuous", []))
+    max_len = int(schema["max_sequence_length"])
+    if not path.is_file():
+        raise DataError(
+            f"{path} does not exist (each window must hold train/valid/test.parquet, see docs/contracts.md)"
+        )
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(
+            f"{path}: cannot read the parquet file ({type(e).__name__}: {e}); re-run training.prepare"
+        ) from e
+    needed = [*categorical, *continuous]
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise DataError(
+            f"{path}: column(s) {missing} missing; the model needs {needed} (from schema.json), "
+            f"the file has {table.column_names}"
+        )
+    n = table.num_rows
+    lengths: np.ndarray | None = None
+    feats: dict[str, Tensor] = {}
+    for name in needed:
+        offsets, values = _list_column(table, name, path)
+        lens = np.diff(offsets)
+        if lengths is None:
+            lengths = lens
+            if n and lens.min() < 1:
+                raise DataError(f"{path}: column {name!r} has an empty list at row {int(np.argmin(lens))}")
+            if n and lens.max() > max_len:
+                raise DataError(
+                    f"{path}: column {name!r} has a list of {int(lens.max())} items at row {int(np.argmax(lens))}, "
+                    f"more than max_sequence_length={max_len} in schema.json"
+                )
+        elif not np.array_equal(lens, lengths):
+            row = int(np.flatnonzero(lens != lengths)[0])
+            raise DataError(
+                f"{path}: column {name!r} has {int(lens[row])} values at row {row} but {needed[0]!r} has "
+                f"{int(lengths[row])}; all list features of a session must have the same length"
+            )
+        if name in categorical:
+            if values.size and not np.issubdtype(values.dtype, np.integer):
+                raise DataError(
+                    f"{path}: column {name!r} holds {values.dtype} values, expected integer encoded ids"
+                )
+            values = values.astype(np.int64, copy=False)
+            card = categorical[name]
+            bad = (values < 0) | (values >= card)
+            if bad.any():
+                raise DataError(
+                    f"{path}: column {name!r} holds id {int(values[bad][0])} outside the vocabulary [0, {card}) "
+                    f"of schema.json ({int(bad.sum())} bad values); was the split written by another workflow?"
+                )
+            dtype = np.int64
+        else:
+            values = values.astype(np.float32, copy=False)
+            if values.size and not np.isfinite(values).all():
+                raise DataError(f"{path}: column {name!r} holds non-finite values (NaN or inf)")
+            dtype = np.float32
+        padded = np.zeros((n, max_len), dtype=dtype)  # (N, L) right-padded with 0
+        rows = np.repeat(np.arange(n), lens)
+        cols = np.arange(values.size) - np.repeat(offsets[:-1], lens)
+        padded[rows, cols] = values
+        feats[name] = torch.from_numpy(padded)
+    assert lengths is not None
+    if SESSION_COL in table.column_names:
+        sid = torch.from_numpy(
+            np.array(table.column(SESSION_COL).to_numpy(zero_copy_only=False), dtype=np.int64)
+        )
+    else:
+        sid = torch.arange(n, dtype=torch.int64)
+    return SessionTensors(feats, torch.from_numpy(lengths.astype(np.int64)), sid, str(path))
+
+
+def eval_inputs_targets(
+    st: SessionTensors, item_feature: str = ITEM_LIST
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Evaluation protocol: the input is every item but the last, the target is the last item.
+
+    Returns (feats with the last position of every session zeroed (pad), input lengths =
+    lengths - 1 (may be 0 for a one-click session), targets (N,)).
+    """
+    n, L = st.feats[item_feature].shape
+    rows = torch.arange(n)
+    last = st.lengths - 1  # (N,)
+    targets = st.feats[item_feature][rows, last]  # (N,)
+    keep = torch.arange(L)[None, :] < last[:, None]  # (N, L)
+    feats = {k: v * keep.to(v.dtype) for k, v in st.feats.items()}
+    return feats, last.clone(), targets

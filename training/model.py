@@ -1,0 +1,613 @@
+"""Session-based next-item model: per-position features -> XLNet -> tied item head.
+
+One file, nanoGPT style. The architecture follows the Transformers4Rec
+getting-started example (notebook 02, see docs/contracts.md and
+/work/shared/notes/transformers4rec-reference.md sections 1.2, 1.5, 2.2):
+
+    item_id-list   [B, L] -> Embedding(V_item, 64)  \
+    category-list  [B, L] -> Embedding(V_cat, 64)    > concat [B, L, 192]
+    continuous     [B, L, C] -> Linear(C, 64)+ReLU  /
+    -> Linear(192, d_output=100)+ReLU                 (masking happens here)
+    -> Linear(100, 64)+ReLU
+    -> XLNetModel(d_model 64, 4 heads, 2 layers, bidirectional, inputs_embeds,
+                  WITH a padding attention mask; the reference passes none)
+    -> logits = h @ E_item^T (weight tying), special ids 0/1/2 -> -inf
+
+Training objective (default "mlm", masked LM as the reference): each real
+position is replaced by a trainable mask vector with probability `mask_prob`,
+at least one per session and never all of them; the loss is the cross-entropy
+on the masked positions only (`mask_positions`, `training_loss`).
+
+Prediction (`next_item_scores`, used by evaluation AND by the exported
+TorchScript model): a mask slot is appended at position `lengths` (right after
+the last real item; the sequence inside the model is L+1 long so that a full
+session still gets one) and the hidden state there scores every item.
+
+The optional "clm" objective trains a causal model (XLNet attn_type "uni"):
+the hidden state at position t predicts the item at t+1; `next_item_scores`
+then reads the hidden state of the last real item.
+
+Imports only torch, transformers and the project's names (no numpy inside
+anything that is traced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import XLNetConfig, XLNetModel
+
+from training.names import FIRST_REAL_ID, ITEM_LIST, PAD_ID
+
+OBJECTIVES = ("mlm", "clm")
+
+
+@dataclass
+class ModelConfig:
+    """Every hyper-parameter of the model, plus what it needs from the data schema.
+
+    Serialised to JSON in the checkpoint (meta.json) so that a model is rebuilt
+    without pickle: `ModelConfig.from_dict(json.load(...))`.
+    """
+
+    # --- from DATA/schema.json ------------------------------------------------
+    categorical: dict[str, int] = field(
+        default_factory=dict
+    )  # list feature -> cardinality (specials included)
+    continuous: list[str] = field(default_factory=list)  # continuous list features
+    item_feature: str = ITEM_LIST  # the categorical feature that is predicted
+    max_len: int = 20  # max_sequence_length of the data (the model accepts any L)
+    # --- input block (T4Rec defaults of the reference example) --------------
+    embedding_dim: int = 64  # every categorical feature (embedding_dim_default=64 in T4Rec)
+    embedding_init_std: float = 0.05  # T4Rec's default embedding initializer N(0, 0.05)
+    continuous_dim: int = 64  # continuous_projection=64
+    d_output: int = 100  # projection of the concatenated features
+    # --- transformer body ---------------------------------------------------
+    d_model: int = 64
+    n_head: int = 4
+    n_layer: int = 2
+    d_inner: int = 256  # 4 * d_model, as T4Rec's XLNetConfig.build
+    dropout: float = 0.3
+    layer_norm_eps: float = 0.03
+    initializer_range: float = 0.01
+    ff_activation: str = "gelu"
+    # --- objective -------------------------------------------------------------
+    objective: str = "mlm"  # "mlm" (masked LM, the reference) or "clm" (causal)
+    mask_prob: float = 0.15  # mlm: probability that a real position is masked
+    mask_init_std: float = 0.001  # trainable mask embedding ~ N(0, 0.001) as T4Rec
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.item_feature not in self.categorical:
+            raise ValueError(
+                f"item_feature {self.item_feature!r} is not among the categorical features "
+                f"{sorted(self.categorical)}; the schema must give its cardinality"
+            )
+        if self.categorical[self.item_feature] <= FIRST_REAL_ID:
+            raise ValueError(
+                f"item cardinality {self.categorical[self.item_feature]} leaves no real item "
+                f"(real ids start at {FIRST_REAL_ID})"
+            )
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
+
+    @property
+    def n_items(self) -> int:
+        """Size of the item vocabulary V (encoded ids 0..V-1, specials included)."""
+        return self.categorical[self.item_feature]
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Input tensors `next_item_scores` expects, in a fixed order."""
+        return list(self.categorical) + list(self.continuous)
+
+    @classmethod
+    def from_schema(cls, schema: dict[str, Any], **overrides: Any) -> ModelConfig:
+        """Build from DATA/schema.json (see docs/contracts.md); overrides win."""
+        kw: dict[str, Any] = dict(
+            categorical={k: int(v) for k, v in schema["categorical"].items()},
+            continuous=list(schema.get("continuous", [])),
+            item_feature=schema.get("item_list", ITEM_LIST),
+            max_len=int(schema.get("max_sequence_length", 20)),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown ModelConfig fields {unknown}; was this checkpoint written by a newer version?"
+            )
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# -----------------------------------------------------------------------------
+# Masking (masked-LM training)
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class MaskedPositions:
+    """Which positions the masked LM hides and predicts.
+
+    masked:  [B, L] bool, True where the input vector is replaced by the mask
+             embedding and a loss term is computed. Invariants (tested):
+             * only real positions (< lengths) holding a real item id (>= 3);
+             * a session with >= 2 such positions has >= 1 masked and >= 1 not masked;
+             * a session with < 2 such positions (e.g. a one-click session) has
+               none: with nothing left to condition on it cannot teach the model
+               anything but popularity. The reference does the same (it forces
+               one mask, then unmasks it because "never all" wins).
+    targets: [M] int64, the item ids at the masked positions (row-major order).
+    """
+
+    masked: Tensor
+    targets: Tensor
+
+
+def mask_positions(
+    items: Tensor, lengths: Tensor, prob: float, generator: torch.Generator | None = None
+) -> MaskedPositions:
+    """Bernoulli(prob) masking with >= 1 masked and never all masked per session.
+
+    Like T4Rec's MaskedLanguageModeling: draw Bernoulli masks, force one
+    uniformly chosen position, then unmask one uniformly chosen position in
+    sessions where everything ended up masked. Pure tensor code, no loops.
+    Random numbers come from `generator` (its device), so a run is reproducible.
+    """
+    B, L = items.shape
+    dev = generator.device if generator is not None else items.device
+    r = torch.rand(3, B, L, generator=generator, device=dev).to(items.device)  # (3, B, L)
+    pos = torch.arange(L, device=items.device)
+    maskable = (pos[None, :] < lengths[:, None]) & (items >= FIRST_REAL_ID)  # (B, L)
+    n_maskable = maskable.sum(1)  # (B,)
+    masked = (r[0] < prob) & maskable
+    # force one uniformly chosen maskable position (argmax of iid uniforms)
+    forced = torch.where(maskable, r[1], -1.0).argmax(1)  # (B,)
+    masked = (masked | F.one_hot(forced, L).bool()) & maskable
+    # never all: unmask one uniformly chosen position where all got masked
+    all_masked = masked.sum(1) == n_maskable  # (B,)
+    unmask = torch.where(maskable, r[2], -1.0).argmax(1)  # (B,)
+    masked = masked & ~(F.one_hot(unmask, L).bool() & all_masked[:, None])
+    return MaskedPositions(masked=masked, targets=items[masked])
+
+
+@dataclass
+class PackedSessions:
+    """Several sessions per row, for training without computing on padding.
+
+    XLNet only uses relative positions, so a session placed at any offset of a
+    row, with attention restricted to its own positions, gives exactly the
+    hidden states it gets alone in a padded row (tested).
+
+    feats:   {name: (R, W)} packed features (0 after the last session of a row);
+    segment: (R, W) int64, 0 = padding, s + 1 = the batch's session s;
+    masked:  (R, W) bool, mlm positions to predict (None for clm).
+    """
+
+    feats: dict[str, Tensor]
+    segment: Tensor
+    masked: Tensor | None
+
+
+def pack_sessions(feats: dict[str, Tensor], lengths: Tensor, masked: Tensor | None = None) -> PackedSessions:
+    """Pack right-padded sessions (B, L) into rows of width max(lengths) (CPU tensors).
+
+    First-fit decreasing: sessions sorted by length go to the first row with
+    room. Typical sessions here hold ~5 items of 20, so this computes on ~2.5x
+    fewer positions than the padded batch. Not traced; runs on the CPU.
+    """
+    lens = lengths.tolist()
+    width = max(lens)
+    free: list[int] = []  # room left in each row
+    row_of = [0] * len(lens)
+    off_of = [0] * len(lens)
+    for s in sorted(range(len(lens)), key=lambda i: -lens[i]):
+        n = lens[s]
+        r = next((r for r, f in enumerate(free) if f >= n), len(free))
+        if r == len(free):
+            free.append(width)
+        row_of[s], off_of[s] = r, width - free[r]
+        free[r] -= n
+    n_rows = len(free)
+    L = next(iter(feats.values())).shape[1]
+    valid = torch.arange(L)[None, :] < lengths[:, None]  # (B, L)
+    s_idx, p_idx = valid.nonzero(as_tuple=True)  # (T,), (T,) every real position
+    dst = torch.tensor(row_of)[s_idx] * width + torch.tensor(off_of)[s_idx] + p_idx  # (T,) flat packed index
+
+    def scatter(v: Tensor) -> Tensor:
+        out = v.new_zeros(n_rows * width)
+        out[dst] = v[s_idx, p_idx]
+        return out.view(n_rows, width)
+
+    return PackedSessions(
+        feats={k: scatter(v) for k, v in feats.items()},
+        segment=scatter((torch.arange(len(lens)) + 1)[:, None].expand(-1, L)),
+        masked=None if masked is None else scatter(masked),
+    )
+
+
+# -----------------------------------------------------------------------------
+# The model
+# -----------------------------------------------------------------------------
+
+
+class FastDropout(nn.Module):
+    """Drop-in for XLNet's nn.Dropout with a cheaper random source on the CPU.
+
+    torch's CPU dropout draws one Bernoulli per element from MT19937 and, for
+    this small model, costs more than all its matmuls together (measured here:
+    ~25 ns per element, a quarter of a training step). Here one 64-bit draw
+    gives three 16-bit uniforms u and an element is kept iff u >= round(p * 2^16),
+    so the drop probability is p to within 1e-5. Same default generator (seeded
+    by torch.manual_seed), same scaling by 1/(1-p). On other devices it is
+    F.dropout; in eval mode the identity (nothing is traced).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n = x.numel()
+        r = torch.empty((n + 2) // 3, 4, dtype=torch.int16)  # (k, 4)
+        r.view(torch.int64).random_()  # 63 random bits per row: int16 columns 0..2 are uniform
+        u = r[:, :3].reshape(-1)[:n].view(x.shape)
+        keep = u >= (round(self.p * 65536) - 32768)
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _XLNet(XLNetModel):
+    """HF XLNetModel, computing the relative position encodings once per batch.
+
+    The stock model expands them to (2L, B, d) before dropout and projects all
+    B copies in every layer; they only differ by their dropout mask. Here they
+    stay (2L, 1, d) and broadcast: in eval mode the result is identical, in
+    training the position-encoding dropout mask is shared by the batch's rows.
+    Saves a (2L*B, d) x (d, d) projection per layer.
+    """
+
+    def relative_positional_encoding(self, qlen, klen, bsz=None, device=None):
+        return super().relative_positional_encoding(qlen, klen, bsz=None, device=device)
+
+
+def _use_fast_dropout(module: nn.Module) -> None:
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                setattr(parent, name, FastDropout(child.p))
+
+
+class SessionModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        # --- input block ------------------------------------------------------
+        self.embeddings = nn.ModuleDict(
+            {
+                name: nn.Embedding(card, cfg.embedding_dim, padding_idx=PAD_ID)
+                for name, card in cfg.categorical.items()
+            }
+        )
+        in_dim = cfg.embedding_dim * len(cfg.categorical)
+        if cfg.continuous:
+            self.continuous_proj = nn.Linear(len(cfg.continuous), cfg.continuous_dim)
+            in_dim += cfg.continuous_dim
+        else:
+            self.continuous_proj = None
+        self.input_proj = nn.Linear(in_dim, cfg.d_output)  # + ReLU
+        self.mask_emb = nn.Parameter(torch.randn(cfg.d_output) * cfg.mask_init_std)  # replaces masked inputs
+        self.mlp = nn.Linear(cfg.d_output, cfg.d_model)  # + ReLU (T4Rec's MLPBlock([64]))
+        # --- body ---------------------------------------------------------------
+        xcfg = XLNetConfig(
+            vocab_size=1,  # items come in through inputs_embeds
+            d_model=cfg.d_model,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            d_inner=cfg.d_inner,
+            ff_activation=cfg.ff_activation,
+            dropout=cfg.dropout,
+            layer_norm_eps=cfg.layer_norm_eps,
+            initializer_range=cfg.initializer_range,
+            attn_type="bi" if cfg.objective == "mlm" else "uni",
+            mem_len=None,
+            use_mems_train=False,
+            use_mems_eval=False,
+            pad_token_id=None,  # token ids are meaningless with inputs_embeds
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        self.transformer = _XLNet(xcfg)
+        _use_fast_dropout(self.transformer)
+        # XLNet's own word embedding (vocab 1) and two-stream mask_emb are never
+        # used with inputs_embeds: freeze them so DDP sees no unused trainable
+        # parameters (they stay in the state_dict, harmless).
+        self.transformer.word_embedding.weight.requires_grad_(False)
+        self.transformer.mask_emb.requires_grad_(False)
+        for layer in self.transformer.layer:  # segment embeddings: no token_type_ids here
+            layer.rel_attn.seg_embed.requires_grad_(False)
+            layer.rel_attn.r_s_bias.requires_grad_(False)
+        if cfg.objective == "clm":
+            self.mask_emb.requires_grad_(False)  # clm never masks inputs
+        # --- head: logits = h @ E_item^T --------------------------------------
+        self.head_proj = (
+            nn.Linear(cfg.d_model, cfg.embedding_dim) if cfg.d_model != cfg.embedding_dim else None
+        )
+        special = torch.zeros(cfg.n_items, dtype=torch.bool)
+        special[:FIRST_REAL_ID] = True  # pad, null, OOV are never ranked
+        self.register_buffer("special_ids", special, persistent=False)
+        for emb in self.embeddings.values():
+            nn.init.normal_(emb.weight, 0.0, cfg.embedding_init_std)
+            with torch.no_grad():
+                emb.weight[PAD_ID].zero_()
+
+    # --- building blocks ---------------------------------------------------------
+
+    def embed(self, feats: dict[str, Tensor]) -> Tensor:
+        """Per-position input vectors before masking: (B, L) tensors -> (B, L, d_output)."""
+        parts = [self.embeddings[name](feats[name]) for name in self.cfg.categorical]  # each (B, L, E)
+        if self.continuous_proj is not None:
+            cont = torch.stack([feats[name].float() for name in self.cfg.continuous], dim=-1)  # (B, L, C)
+            parts.append(F.relu(self.continuous_proj(cont)))  # (B, L, continuous_dim)
+        return F.relu(self.input_proj(torch.cat(parts, dim=-1)))  # (B, L, d_output)
+
+    def encode(self, x: Tensor, attend: Tensor) -> Tensor:
+        """(B, L, d_output) inputs, (B, L) bool keys that may be attended -> (B, L, d_model)."""
+        x = F.relu(self.mlp(x))  # (B, L, d_model)
+        out = self.transformer(inputs_embeds=x, attention_mask=attend.to(x.dtype), return_dict=True)
+        return out.last_hidden_state  # (B, L, d_model)
+
+    def item_logits(self, h: Tensor) -> Tensor:
+        """(..., d_model) hidden states -> (..., V) logits, special ids at -inf."""
+        if self.head_proj is not None:
+            h = self.head_proj(h)
+        logits = h @ self.embeddings[self.cfg.item_feature].weight.t()  # (..., V)
+        return logits.float().masked_fill(self.special_ids, float("-inf"))
+
+    # --- inference ------------------------------------------------------------------
+
+    def next_item_scores(self, feats: dict[str, Tensor], lengths: Tensor) -> Tensor:
+        """Scores of the item that follows each session: (B, L) feats, (B,) lengths -> (B, V).
+
+        feats hold right-padded sessions (pad 0) with `lengths` real items each.
+        A mask slot is appended at position `lengths` (the model sees L+1
+        positions) and the hidden state there ranks the catalogue. Padding
+        never changes a session's scores (the attention mask hides it).
+        Traceable with torch.jit.trace: no data-dependent Python control flow.
+        """
+        x = self.embed(feats)  # (B, L, d_output)
+        x = F.pad(x, (0, 0, 0, 1))  # (B, L+1, d_output): room for the mask slot of a full session
+        pos = torch.arange(x.shape[1], device=x.device)  # (L+1,)
+        slot = pos[None, :] == lengths[:, None]  # (B, L+1) the position right after the last item
+        if self.cfg.objective == "mlm":
+            x = torch.where(slot[:, :, None], self.mask_emb.to(x.dtype), x)
+            read = lengths  # read the mask slot
+        else:
+            read = (lengths - 1).clamp(min=0)  # clm: the last real item predicts the next one
+        attend = pos[None, :] <= lengths[:, None]  # (B, L+1) real items + the slot
+        h = self.encode(x, attend)  # (B, L+1, d_model)
+        idx = read.view(-1, 1, 1).expand(-1, 1, self.cfg.d_model)  # (B, 1, d_model)
+        h_next = h.gather(1, idx).squeeze(1)  # (B, d_model)
+        return self.item_logits(h_next)  # (B, V)
+
+    def forward(self, feats: dict[str, Tensor], lengths: Tensor) -> Tensor:
+        """Same as `next_item_scores` (so that the module itself can be traced)."""
+        return self.next_item_scores(feats, lengths)
+
+    # --- training ---------------------------------------------------------------------
+
+    def training_loss(
+        self,
+        feats: dict[str, Tensor],
+        lengths: Tensor,
+        generator: torch.Generator | None = None,
+        masking: MaskedPositions | None = None,
+    ) -> Tensor:
+        """Mean cross-entropy over the predicted positions of a padded batch (scalar).
+
+        feats (B, L), lengths (B,). mlm: positions chosen by `mask_positions`
+        (or given as `masking`); clm: every position t whose next position t+1
+        holds a real item of the same session. A batch with nothing to predict
+        returns 0 (still connected to the graph). Same value as
+        `packed_loss(pack_sessions(...))`, which the training loop uses.
+        """
+        items = feats[self.cfg.item_feature]  # (B, L)
+        B, L = items.shape
+        rows = torch.arange(1, B + 1, device=items.device)[:, None]  # (B, 1)
+        segment = torch.where(
+            torch.arange(L, device=items.device)[None, :] < lengths[:, None], rows, 0
+        )  # (B, L)
+        masked = None
+        if self.cfg.objective == "mlm":
+            m = (
+                masking
+                if masking is not None
+                else mask_positions(items, lengths, self.cfg.mask_prob, generator)
+            )
+            masked = m.masked
+        return self.packed_loss(PackedSessions(feats, segment, masked))
+
+    def packed_loss(self, p: PackedSessions) -> Tensor:
+        """Mean cross-entropy over the predicted positions of packed rows (see `pack_sessions`)."""
+        items = p.feats[self.cfg.item_feature]  # (R, W)
+        x = self.embed(p.feats)  # (R, W, d_output)
+        if self.cfg.objective == "mlm":
+            assert p.masked is not None, "mlm needs masked positions"
+            x = torch.where(p.masked[:, :, None], self.mask_emb.to(x.dtype), x)
+        x = F.relu(self.mlp(x))  # (R, W, d_model)
+        # query i may attend key j iff both belong to the same session (XLNet's
+        # perm_mask: 1 = may not attend). Relative positions make packing exact.
+        seg = p.segment
+        blocked = (seg[:, :, None] != seg[:, None, :]) | (seg[:, None, :] == 0)  # (R, W, W)
+        h = self.transformer(
+            inputs_embeds=x, perm_mask=blocked.to(x.dtype), return_dict=True
+        ).last_hidden_state
+        if self.cfg.objective == "mlm":
+            h_sel, targets = h[p.masked], items[p.masked]  # (M, d_model), (M,)
+        else:  # causal: position t predicts t+1 of the same session
+            nxt = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & (items[:, 1:] >= FIRST_REAL_ID)  # (R, W-1)
+            h_sel, targets = h[:, :-1][nxt], items[:, 1:][nxt]
+        logits = self.item_logits(h_sel)  # (M, V)
+        return F.cross_entropy(logits, targets, reduction="sum") / max(int(targets.numel()), 1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+MODEL_FILE = "model.pt"
+OPTIM_FILE = "optim.pt"
+META_FILE = "meta.json"
+TMP_SUFFIX = ".tmp"
+
+
+class RunError(RuntimeError):
+    """A run folder cannot be used (unwritable, damaged checkpoint, config mismatch)."""
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: RUN/model.pt + optim.pt + meta.json, atomic, loaded without pickle
+# -----------------------------------------------------------------------------
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    return _sha256(path.read_bytes())
+
+
+def _write_tmp(path: Path, data: bytes) -> Path:
+    """Write `data` to `path`.tmp and fsync it; the caller os.replace()s it into place."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a torn one."""
+    os.replace(_write_tmp(path, data), path)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(run_dir: Path, model_state: dict, optim_state: dict, meta: dict) -> None:
+    """model.pt + optim.pt + meta.json, written so a crash or a full disk never loses the last good one.
+
+    All three new files are first written completely as *.tmp (fsync'ed);
+    meta.json.tmp records the sha256 of the new model.pt and optim.pt. Only
+    then are they renamed into place, meta.json last. A crash during the
+    writes leaves the old checkpoint untouched; a crash between the renames is
+    completed by `recover_checkpoint` (roll forward), which every reader calls.
+    """
+    model_bytes, optim_bytes = _torch_bytes(model_state), _torch_bytes(optim_state)
+    meta = dict(meta, files={MODEL_FILE: _sha256(model_bytes), OPTIM_FILE: _sha256(optim_bytes)})
+    tmps = [
+        (_write_tmp(run_dir / MODEL_FILE, model_bytes), run_dir / MODEL_FILE),
+        (_write_tmp(run_dir / OPTIM_FILE, optim_bytes), run_dir / OPTIM_FILE),
+        (_write_tmp(run_dir / META_FILE, json.dumps(meta, indent=2).encode()), run_dir / META_FILE),
+    ]
+    for tmp, final in tmps:
+        os.replace(tmp, final)
+
+
+def recover_checkpoint(run_dir: Path) -> None:
+    """Finish or discard a checkpoint write that a crash interrupted (see `save_checkpoint`)."""
+    meta_tmp = run_dir / (META_FILE + TMP_SUFFIX)
+    tmps = [run_dir / (n + TMP_SUFFIX) for n in (MODEL_FILE, OPTIM_FILE, META_FILE)]
+    if not meta_tmp.exists():
+        for t in tmps:  # a write that never reached meta.json.tmp: the old checkpoint stands
+            t.unlink(missing_ok=True)
+        return
+    try:
+        files = json.loads(meta_tmp.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        files = None  # torn meta.json.tmp: no rename had started
+    if files is not None:
+        ok = True
+        for name in (MODEL_FILE, OPTIM_FILE):
+            final, tmp = run_dir / name, run_dir / (name + TMP_SUFFIX)
+            if tmp.exists() and _file_sha256(tmp) == files[name]:
+                continue  # not renamed yet, complete
+            if final.exists() and _file_sha256(final) == files[name]:
+                continue  # already renamed
+            ok = False
+        if ok:  # roll forward
+            for name in (MODEL_FILE, OPTIM_FILE, META_FILE):
+                tmp = run_dir / (name + TMP_SUFFIX)
+                if tmp.exists():
+                    os.replace(tmp, run_dir / name)
+            return
+    for t in tmps:
+        t.unlink(missing_ok=True)
+
+
+def read_meta(run_dir: str | Path, recover: bool = True) -> dict:
+    """RUN/meta.json, after completing an interrupted checkpoint write; checks the file hashes."""
+    run_dir = Path(run_dir)
+    if recover:
+        recover_checkpoint(run_dir)
+    path = run_dir / META_FILE
+    if not path.is_file():
+        raise RunError(
+            f"{path} does not exist: {run_dir} holds no finished window of `python -m training.train`"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path} is not valid JSON ({e}): the checkpoint is damaged") from e
+    for name, sha in meta.get("files", {}).items():
+        f = run_dir / name
+        if not f.is_file() or _file_sha256(f) != sha:
+            raise RunError(f"{f} does not match the sha256 recorded in {path}: the checkpoint is damaged")
+    return meta
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[SessionModel, dict]:
+    """Rebuild the trained model of RUN/ (in eval mode) without unpickling code.
+
+    Returns (model, meta); meta holds "model_config", "schema", "window",
+    "workflow_sha256", "metrics", "train_config".
+    """
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    model = SessionModel(ModelConfig.from_dict(meta["model_config"]))
+    state = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta

@@ -1,0 +1,645 @@
+"""Train the next-item model window by window (the Transformers4Rec protocol).
+
+    python -m training.train --data data/synthetic --out runs/synthetic
+    python -m training.train --data data/synthetic --out runs/synthetic --resume
+    torchrun --nproc_per_node 2 -m training.train --data data/synthetic --out runs/ddp
+
+For t = start .. end-1: train on DATA/sessions_by_day/<t>/train.parquet for
+`epochs` epochs (AdamW, cosine schedule with `cycles_per_epoch` cycles per
+epoch, restarted every window, weights and optimizer state carried on), then
+evaluate on <t+1>/valid.parquet: the input is every item but the last and the
+target is the last item, ranked over the full catalogue (training/metrics.py).
+The baselines of training/baselines.py are evaluated on the same sessions.
+
+Writes to RUN/ after every window (each file atomically, see `save_checkpoint`):
+model.pt (state_dict), optim.pt (optimizer/scheduler/RNG state), meta.json
+(model config, schema, workflow sha256, last finished window, metrics),
+metrics.json and metrics.png. `--resume` continues after the last finished
+window and ends with exactly the metrics of an uninterrupted run: every window
+draws its shuffling, masking and dropout randomness from generators seeded by
+(seed, window[, rank]).
+
+Under torchrun the same script runs DistributedDataParallel (gloo on CPU,
+nccl on GPU): every rank takes its share of each global batch; rank 0 alone
+evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from training.baselines import BASELINES, BaselineCounts, evaluate_baselines
+from training.data import (
+    DataError,
+    SessionTensors,
+    available_windows,
+    eval_inputs_targets,
+    load_schema,
+    load_split,
+    split_path,
+)
+from training.metrics import metrics_from_ranks, pessimistic_ranks
+from training.model import (
+    META_FILE,
+    MODEL_FILE,
+    OPTIM_FILE,
+    ModelConfig,
+    PackedSessions,
+    RunError,
+    SessionModel,
+    atomic_write,
+    mask_positions,
+    pack_sessions,
+    read_meta,
+    recover_checkpoint,
+    save_checkpoint,
+)
+from training.model import (
+    load_run as load_run,  # re-exported: training.train.load_run
+)
+
+METRICS_FILE = "metrics.json"
+PLOT_FILE = "metrics.png"
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    start_window: int = 1  # first window trained on
+    end_window: int = 8  # windows start..end-1 are trained on; the last evaluation window is `end`
+    epochs: int = 5
+    batch_size: int = 128  # global batch (split across DDP ranks)
+    eval_batch_size: int = 1024
+    lr: float = 5e-4
+    weight_decay: float = 0.0  # HF Trainer default, as the reference
+    cycles_per_epoch: float = 1.5  # cosine cycles per epoch (num_cycles = this * epochs)
+    max_grad_norm: float = 1.0  # HF Trainer default; 0 disables clipping
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch threads per process; 0 = cores / local processes
+    resume: bool = False
+    baselines: bool = True
+    tensorboard: bool = False
+    progress: bool = True
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (objective, mask_prob, ...)
+
+
+# -----------------------------------------------------------------------------
+# Metrics file and plot
+# -----------------------------------------------------------------------------
+
+
+def summarise(rows: list[dict]) -> dict[str, Any]:
+    """Mean of every metric over the evaluated windows, and training throughput."""
+    done = [r for r in rows if r.get("eval_sessions", 0) > 0]
+    keys = [k for k in (rows[0] if rows else {}) if "@" in k]
+    out: dict[str, Any] = {"windows_evaluated": len(done)}
+    for k in keys:
+        out[k] = float(np.mean([r[k] for r in done])) if done else None
+    for name in BASELINES:
+        with_b = [r["baselines"][name] for r in done if "baselines" in r]
+        if with_b:
+            out.setdefault("baselines", {})[name] = {
+                k: float(np.mean([b[k] for b in with_b])) for k in with_b[0]
+            }
+    seconds = sum(r.get("train_seconds", 0.0) for r in rows)
+    trained = sum(r.get("sessions_trained", 0) for r in rows)
+    out["train_seconds"] = seconds
+    out["sessions_trained"] = trained
+    out["sessions_per_second"] = trained / seconds if seconds > 0 else None
+    return out
+
+
+def plot_metrics(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r.get("eval_sessions", 0) > 0]
+    metrics = ["ndcg@20", "recall@20", "mrr@20"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
+    x = [r["eval_window"] for r in done]
+    for ax, m in zip(axes, metrics):
+        ax.plot(x, [r[m] for r in done], "o-", label="model", linewidth=2)
+        for name in BASELINES:
+            if done and "baselines" in done[0]:
+                ax.plot(x, [r["baselines"][name][m] for r in done], "s--", label=name, alpha=0.8)
+        ax.set_xlabel("evaluation window")
+        ax.set_title(m)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+# -----------------------------------------------------------------------------
+# Training pieces
+# -----------------------------------------------------------------------------
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed mixed from (seed, window, purpose, rank)."""
+    return int(
+        np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1)
+    )
+
+
+def cosine_lambda(total_steps: int, num_cycles: float):
+    """HF get_cosine_schedule_with_warmup without warmup: 0.5 * (1 + cos(2 pi cycles progress))."""
+
+    def f(step: int) -> float:
+        progress = step / max(1, total_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress)))
+
+    return f
+
+
+class _TrainStep(nn.Module):
+    """forward = training loss of packed rows, so that DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: SessionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, packed: PackedSessions) -> Tensor:
+        return self.model.packed_loss(packed)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: SessionModel,
+    st: SessionTensors,
+    device: torch.device,
+    batch_size: int,
+    amp_dtype: torch.dtype | None,
+) -> dict[str, float]:
+    """Metrics of the model on every session of `st` (input: all but the last item)."""
+    feats, lengths, targets = eval_inputs_targets(st, model.cfg.item_feature)
+    was_training = model.training
+    model.eval()
+    ranks = []
+    for i in range(0, len(targets), batch_size):
+        f = {k: v[i : i + batch_size].to(device) for k, v in feats.items()}
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            scores = model.next_item_scores(f, lengths[i : i + batch_size].to(device))
+        ranks.append(pessimistic_ranks(scores.float(), targets[i : i + batch_size].to(device)).cpu())
+    model.train(was_training)
+    return metrics_from_ranks(torch.cat(ranks))
+
+
+def _to_device(p: PackedSessions, device: torch.device) -> PackedSessions:
+    return PackedSessions(
+        {k: v.to(device, non_blocking=True) for k, v in p.feats.items()},
+        p.segment.to(device, non_blocking=True),
+        None if p.masked is None else p.masked.to(device, non_blocking=True),
+    )
+
+
+def _batch(st: SessionTensors, idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Rows `idx`, trimmed to their longest session (padding never changes the result)."""
+    lengths = st.lengths[idx]
+    width = int(lengths.max())
+    return {k: v[idx, :width] for k, v in st.feats.items()}, lengths
+
+
+# -----------------------------------------------------------------------------
+# The run
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_arg: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    d = _Dist(
+        rank=int(os.environ["RANK"]),
+        world=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+    )
+    if not dist.is_initialized():
+        use_cuda = device_arg.startswith("cuda") or (device_arg == "auto" and torch.cuda.is_available())
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return d
+
+
+def _resolve_device(arg: str, d: _Dist) -> torch.device:
+    if arg == "auto":
+        arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if arg.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RunError(f"--device {arg}: torch.cuda is not available here (use --device cpu or auto)")
+        dev = torch.device(f"cuda:{d.local_rank}") if arg == "cuda" and d.world > 1 else torch.device(arg)
+        torch.cuda.set_device(dev)
+        return dev
+    if arg != "cpu":
+        raise RunError(f"--device must be auto, cpu, cuda or cuda:N, got {arg!r}")
+    return torch.device("cpu")
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise RunError(
+            f"cannot write to the output folder {out} ({e.strerror or e}); choose another --out"
+        ) from e
+
+
+def _model_config(cfg: TrainConfig, schema: dict) -> ModelConfig:
+    return ModelConfig.from_schema(schema, **cfg.model)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the protocol of the module docstring; returns the metrics.json content."""
+    d = _init_distributed(cfg.device)
+    try:
+        return _train(cfg, d)
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: _Dist) -> dict[str, Any]:
+    device = _resolve_device(cfg.device, d)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
+    elif cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.end_window <= cfg.start_window:
+        raise ValueError(
+            f"--end-window ({cfg.end_window}) must be greater than --start-window ({cfg.start_window})"
+        )
+    amp_dtype = None
+    if device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    out = Path(cfg.out)
+    data = Path(cfg.data)
+    schema = load_schema(data)
+    mcfg = _model_config(cfg, schema)
+    if d.main:
+        _check_writable(out)
+        recover_checkpoint(out)
+    if d.world > 1:
+        dist.barrier()
+
+    torch.manual_seed(cfg.seed)
+    model = SessionModel(mcfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    rows: list[dict] = []
+    first = cfg.start_window
+    has_ckpt = (out / META_FILE).exists()
+    if has_ckpt and not cfg.resume:
+        raise RunError(
+            f"{out} already holds a checkpoint ({META_FILE}); pass --resume to continue it or choose another --out"
+        )
+    if has_ckpt and cfg.resume:
+        meta = read_meta(out, recover=d.main)
+        if meta["model_config"] != mcfg.to_dict():
+            raise RunError(
+                f"--resume: the model config in {out / META_FILE} differs from this run's "
+                f"({meta['model_config']} vs {mcfg.to_dict()}); use the same --data and model flags"
+            )
+        model.load_state_dict(torch.load(out / MODEL_FILE, map_location=device, weights_only=True))
+        ostate = torch.load(out / OPTIM_FILE, map_location=device, weights_only=True)
+        optimizer.load_state_dict(ostate["optimizer"])
+        if "scaler" in ostate and scaler.is_enabled():
+            scaler.load_state_dict(ostate["scaler"])
+        rows = list(meta["metrics"]["windows"])
+        first = int(meta["window"]) + 1
+        if d.main:
+            print(f"[train] resuming {out} after window {meta['window']}", file=sys.stderr)
+    elif cfg.resume and d.main:
+        print(f"[train] --resume: no checkpoint in {out} yet, starting from window {first}", file=sys.stderr)
+
+    ddp_step: nn.Module = _TrainStep(model)
+    if d.world > 1:
+        ddp_step = nn.parallel.DistributedDataParallel(
+            ddp_step, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    counts: BaselineCounts | None = None
+    if cfg.baselines and d.main:
+        counts = BaselineCounts(mcfg.n_items)
+        windows = [w for w in available_windows(data, schema) if w < first]
+        for w in windows:  # training sessions of every window before the first one trained here
+            st = load_split(split_path(data, w, "train"), schema)
+            if len(st):
+                counts.add_sessions(st.feats[mcfg.item_feature].numpy(), st.lengths.numpy())
+
+    writer = None
+    if cfg.tensorboard and d.main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise RunError("--tensorboard needs the `tensorboard` package (pip install tensorboard)") from e
+        writer = SummaryWriter(str(out / "tensorboard"))
+
+    for t in range(first, cfg.end_window):
+        row = _run_window(
+            cfg, d, t, schema, model, ddp_step, optimizer, scaler, device, amp_dtype, counts, writer
+        )
+        rows.append(row)
+        if d.main:
+            result = {"windows": rows, "summary": summarise(rows), "train_config": asdict(cfg)}
+            meta = {
+                "window": t,
+                "model_config": mcfg.to_dict(),
+                "vocabulary_sizes": dict(mcfg.categorical),
+                "schema": schema,
+                "workflow_sha256": schema.get("workflow_sha256", {}),
+                "train_config": asdict(cfg),
+                "metrics": {"windows": rows},
+            }
+            ostate = {
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "rng": {"torch": torch.get_rng_state()},
+            }
+            save_checkpoint(out, model.state_dict(), ostate, meta)
+            atomic_write(out / METRICS_FILE, json.dumps(result, indent=2).encode())
+            plot_metrics(rows, out / PLOT_FILE)
+            if writer is not None:
+                for k, v in row.items():
+                    if isinstance(v, float):
+                        writer.add_scalar(f"model/{k}", v, t + 1)
+        if d.world > 1:
+            dist.barrier()
+
+    if writer is not None:
+        writer.close()
+    result = {"windows": rows, "summary": summarise(rows), "train_config": asdict(cfg)}
+    if d.main:
+        _print_table(rows)
+    return result
+
+
+def _run_window(
+    cfg: TrainConfig,
+    d: _Dist,
+    t: int,
+    schema: dict,
+    model: SessionModel,
+    step_module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    counts: BaselineCounts | None,
+    writer: Any,
+) -> dict:
+    data = Path(cfg.data)
+    train_path, eval_path = split_path(data, t, "train"), split_path(data, t + 1, "valid")
+    train_st = load_split(train_path, schema)
+    row: dict[str, Any] = {
+        "train_window": t,
+        "eval_window": t + 1,
+        "train_sessions": len(train_st),
+        "epochs": cfg.epochs,
+    }
+    item = model.cfg.item_feature
+
+    if len(train_st) == 0:
+        warnings.warn(
+            f"window {t}: {train_path} has no sessions; skipping training on window {t}", stacklevel=2
+        )
+        row.update(sessions_trained=0, train_seconds=0.0, skipped=f"no sessions in {train_path}")
+    else:
+        row.update(
+            _train_window(cfg, d, t, train_st, model, step_module, optimizer, scaler, device, amp_dtype)
+        )
+    if counts is not None and len(train_st):
+        counts.add_sessions(train_st.feats[item].numpy(), train_st.lengths.numpy())
+
+    if d.main:
+        eval_st = load_split(eval_path, schema)
+        row["eval_sessions"] = len(eval_st)
+        if len(eval_st) == 0:
+            warnings.warn(
+                f"window {t + 1}: {eval_path} has no sessions; window {t} is not evaluated", stacklevel=2
+            )
+        else:
+            t0 = time.perf_counter()
+            row.update(evaluate_model(model, eval_st, device, cfg.eval_batch_size, amp_dtype))
+            row["eval_seconds"] = time.perf_counter() - t0
+            if counts is not None:
+                feats, lengths, targets = eval_inputs_targets(eval_st, item)
+                row["baselines"] = evaluate_baselines(
+                    counts, feats[item].numpy(), lengths.numpy(), targets.numpy()
+                )
+            msg = " ".join(f"{k}={row[k]:.4f}" for k in ("ndcg@20", "recall@20", "mrr@20"))
+            if "baselines" in row:
+                msg += " | " + " ".join(
+                    f"{b}:ndcg@20={row['baselines'][b]['ndcg@20']:.4f}" for b in BASELINES
+                )
+            print(f"[train] window {t}->{t + 1}: {msg}", file=sys.stderr)
+    return row
+
+
+def _train_window(
+    cfg: TrainConfig,
+    d: _Dist,
+    t: int,
+    st: SessionTensors,
+    model: SessionModel,
+    step_module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> dict:
+    from tqdm import tqdm
+
+    n = len(st)
+    # Every rank shuffles identically (same seed) and takes its share of each global batch.
+    shuffle_gen = torch.Generator().manual_seed(_seed(cfg.seed, t, 1))
+    mask_gen = torch.Generator().manual_seed(_seed(cfg.seed, t, 2, d.rank))
+    torch.manual_seed(_seed(cfg.seed, t, 3, d.rank))  # dropout
+    bounds = list(range(0, n, cfg.batch_size))
+    if len(bounds) > 1 and n - bounds[-1] < d.world:  # every rank needs >= 1 session per step
+        bounds.pop()
+    bounds.append(n)
+    steps_per_epoch = len(bounds) - 1
+    total = steps_per_epoch * cfg.epochs
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = cfg.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_lambda(total, cfg.cycles_per_epoch * cfg.epochs)
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    item = model.cfg.item_feature
+    mlm = model.cfg.objective == "mlm"
+    model.train()
+    bar = tqdm(
+        total=total, desc=f"window {t}", disable=not (cfg.progress and d.main), leave=False, file=sys.stderr
+    )
+    loss_sum = torch.zeros((), device=device)
+    t0 = time.perf_counter()
+    for _epoch in range(cfg.epochs):
+        perm = torch.randperm(n, generator=shuffle_gen)
+        loss_sum.zero_()
+        for b in range(steps_per_epoch):
+            idx = perm[bounds[b] : bounds[b + 1]][d.rank :: d.world]
+            feats, lengths = _batch(st, idx)  # CPU, (b, max length in the batch)
+            masked = None
+            if mlm:  # drawn on the CPU generator: the same on any device, exact on resume
+                masked = mask_positions(feats[item], lengths, model.cfg.mask_prob, mask_gen).masked
+            packed = pack_sessions(feats, lengths, masked)  # several sessions per row, no compute on padding
+            if device.type != "cpu":
+                packed = _to_device(packed, device)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = step_module(packed)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.max_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.detach()
+            bar.update(1)
+        bar.set_postfix(loss=f"{float(loss_sum) / steps_per_epoch:.3f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    bar.close()
+    return {
+        "sessions_trained": n * cfg.epochs,
+        "train_seconds": seconds,
+        "train_sessions_per_second": n * cfg.epochs / seconds,
+        "train_loss_last_epoch": float(loss_sum) / steps_per_epoch,
+        "steps": total,
+    }
+
+
+def _print_table(rows: list[dict]) -> None:
+    head = f"{'window':>9} {'ndcg@20':>8} {'recall@20':>9} {'mrr@20':>7} " + " ".join(
+        f"{b + ' ndcg@20':>22}" for b in BASELINES
+    )
+    print(head, file=sys.stderr)
+    for r in rows:
+        if r.get("eval_sessions", 0) == 0:
+            print(f"{r['train_window']:>4}->{r['eval_window']:<4} (skipped)", file=sys.stderr)
+            continue
+        line = f"{r['train_window']:>4}->{r['eval_window']:<4} {r['ndcg@20']:8.4f} {r['recall@20']:9.4f} {r['mrr@20']:7.4f} "
+        if "baselines" in r:
+            line += " ".join(f"{r['baselines'][b]['ndcg@20']:22.4f}" for b in BASELINES)
+        print(line, file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="DATA folder written by `python -m training.prepare`")
+    p.add_argument("--out", required=True, help="RUN folder for checkpoints, metrics.json and metrics.png")
+    p.add_argument("--start-window", type=int, default=1, help="first window to train on")
+    p.add_argument(
+        "--end-window", type=int, default=8, help="train on windows start..END-1, evaluating each t on t+1"
+    )
+    p.add_argument("--epochs", type=int, default=5, help="epochs per window")
+    p.add_argument(
+        "--batch-size", type=int, default=128, help="global training batch size (split across ranks)"
+    )
+    p.add_argument("--eval-batch-size", type=int, default=1024, help="evaluation batch size")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--cycles-per-epoch", type=float, default=1.5, help="cosine LR cycles per epoch")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of initialisation, shuffling, masking and dropout"
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N; cuda uses AMP"
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads per process (0 = cores / local processes)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue after the last finished window in --out")
+    p.add_argument("--no-baselines", action="store_true", help="skip the popular / kNN baselines")
+    p.add_argument(
+        "--tensorboard", action="store_true", help="also write TensorBoard logs to RUN/tensorboard"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument(
+        "--objective", choices=["mlm", "clm"], default="mlm", help="masked LM (reference) or causal LM"
+    )
+    p.add_argument("--mask-prob", type=float, default=0.15, help="mlm: probability that a position is masked")
+    a = p.parse_args(argv)
+    return TrainConfig(
+        data=a.data,
+        out=a.out,
+        start_window=a.start_window,
+        end_window=a.end_window,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        eval_batch_size=a.eval_batch_size,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        cycles_per_epoch=a.cycles_per_epoch,
+        max_grad_norm=a.max_grad_norm,
+        seed=a.seed,
+        device=a.device,
+        threads=a.threads,
+        resume=a.resume,
+        baselines=not a.no_baselines,
+        tensorboard=a.tensorboard,
+        progress=not a.no_progress,
+        model={"objective": a.objective, "mask_prob": a.mask_prob},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except (DataError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
