@@ -307,3 +307,48 @@ def test_cli_prints_the_summary_table(tmp_path, capsys):
     summary = json.loads((tmp_path / "d" / SUMMARY_FILE).read_text())
     first = summary["windows"][0]
     assert f"{first['all']['sessions']:>9}" in printed.splitlines()[2]
+
+
+def test_dask_scheduler_address(tiny_synthetic_data, tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
+                      dashboard_address=None) as cluster:  # fmt: skip
+        out = tmp_path / "sched"
+        prepare(PrepareConfig(out=out, synthetic=True, seed=0, num_rows=TINY_ROWS, dask_scheduler=cluster.scheduler_address,
+                              quiet=True))  # fmt: skip
+    assert split_files(out) == split_files(tiny_synthetic_data)
+
+
+def test_hour_windows_and_given_continuous_columns(tmp_path):
+    t0 = 1_464_134_400
+    rows = ["s,i,t,price"]
+    rs = np.random.RandomState(0)
+    for s in range(60):
+        start = t0 + rs.randint(0, 5 * 3600)
+        for k in range(rs.randint(1, 6)):
+            rows.append(f"{s},{rs.randint(1, 30)},{start + 60 * k},{rs.uniform():.3f}")
+    src = tmp_path / "c.csv"
+    src.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "d"
+    args = ["--input", str(src), "--session-col", "s", "--item-col", "i", "--time-col", "t",
+            "--continuous-cols", "price", "--window", "hour", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    schema = json.loads((out / SCHEMA_FILE).read_text())
+    assert schema["window_unit"] == "hour"
+    assert schema["continuous"] == ["price-list"]  # given: nothing derived from the timestamp
+    assert schema["raw_inputs"] == {"session_id": "int64", "item_id": "int64", "price": "float32"}
+    raw = pd.read_parquet(out / INTERACTIONS_FILE)
+    expected_windows = sorted(set((raw["timestamp"] // 3600 - raw["timestamp"].min() // 3600 + 1).tolist()))
+    assert schema["windows"] == expected_windows and len(expected_windows) >= 5
+    sessions = read_splits(out)
+    first = raw.groupby(SESSION_COL)[WINDOW_COL].first()
+    assert (sessions["window"].to_numpy() == first.loc[sessions[SESSION_COL]].to_numpy()).all()
+    from training.workflow import ServingTransform
+
+    transform = ServingTransform.load(out)
+    got = transform({c: raw[c].to_numpy() for c in transform.raw_inputs})
+    by_id = dict(zip(got[SESSION_COL].tolist(), range(len(got[SESSION_COL]))))
+    for _, row in sessions.iterrows():
+        i = by_id[row[SESSION_COL]]
+        np.testing.assert_allclose(got["price-list"][i, : got["lengths"][i]], row["price-list"])

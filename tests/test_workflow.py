@@ -9,6 +9,8 @@ import numpy as np
 import nvtabular as nvt
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from merlin.io import Dataset
 from merlin.schema import Tags
 from nvtabular import ops
@@ -446,3 +448,27 @@ def test_serving_parity_diginetica(diginetica_data):
     assert assert_parity(transform, sample) > 600
     # sessions longer than max_len exist in this sample and are cut identically
     assert sample.groupby(SESSION_COL).size().max() > 20
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_serving_parity_random_requests(serving, data):
+    """Random requests: interleaved sessions, unseen items, long sessions."""
+    vocab = serving.item_vocabulary()[3:]
+    n = data.draw(st.integers(1, 60), label="rows")
+    sessions = data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n), label="sessions")
+    items = data.draw(
+        st.lists(st.one_of(st.sampled_from(vocab.tolist()), st.integers(100_000, 100_010)), min_size=n, max_size=n),
+        label="items",
+    )
+    rows = pd.DataFrame(
+        {
+            SESSION_COL: np.asarray(sessions, dtype=np.int64) + 70_000,
+            ITEM_COL: np.asarray(items, dtype=np.int64),
+            "category": np.asarray(data.draw(st.lists(st.integers(1, 400), min_size=n, max_size=n)), dtype=np.int64),
+            "age_days": np.linspace(0, 1, n, dtype=np.float32),
+            "weekday_sin": np.linspace(1, 0, n, dtype=np.float32),
+            WINDOW_COL: 1,
+        }
+    )
+    assert_parity(serving, rows)

@@ -361,7 +361,7 @@ def _write_table(frame: pd.DataFrame, path: Path) -> None:
 
 def _list_array(column: pd.Series, dtype) -> pa.Array:
     parts = column.to_numpy()
-    lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
     offsets = np.zeros(len(parts) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     values = np.concatenate([np.asarray(p) for p in parts]).astype(dtype) if len(parts) else np.empty(0, dtype)

@@ -469,13 +469,27 @@ def verify_workflow_files(data_dir: str | os.PathLike, schema: Mapping) -> None:
 # Serving fast path
 # --------------------------------------------------------------------------- #
 class _Ragged:
-    """A session-level list column: left-aligned values [S, W] and lengths [S]."""
+    """A session-level list column: session s holds flat[starts[s] : starts[s] + lengths[s]].
 
-    __slots__ = ("values", "lengths")
+    Slicing only moves `starts`/`lengths`; nothing is padded before the final [S, L]
+    output, so one long session in a request costs O(rows), not O(sessions x rows).
+    """
 
-    def __init__(self, values: np.ndarray, lengths: np.ndarray):
-        self.values = values
+    __slots__ = ("flat", "starts", "lengths")
+
+    def __init__(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+        self.flat = flat
+        self.starts = starts
         self.lengths = lengths
+
+    def padded(self, width: int, dtype) -> np.ndarray:
+        """[S, width], the last <= width values of each list, right-padded with 0."""
+        keep = np.minimum(self.lengths, width)
+        first = self.starts + self.lengths - keep
+        cols = np.arange(width)
+        idx = np.minimum(first[:, None] + cols[None, :], max(len(self.flat) - 1, 0))
+        values = self.flat[idx] if len(self.flat) else np.zeros(idx.shape, dtype=dtype)
+        return np.where(cols[None, :] < keep[:, None], values, 0).astype(dtype, copy=False)
 
 
 Frame = dict  # column name -> np.ndarray [N] (rows) | np.ndarray [S] | _Ragged
@@ -495,9 +509,8 @@ class _Grouping:
     """Rows -> sessions for one request: sessions in order of first appearance."""
 
     session_ids: np.ndarray  # [S]
-    row_order: np.ndarray  # [N] rows sorted by session, stable
-    session_of_sorted: np.ndarray  # [N] session index of row_order[i]
-    pos_of_sorted: np.ndarray  # [N] position inside its session
+    row_order: np.ndarray  # [N] rows sorted by session, stable (row order kept inside a session)
+    starts: np.ndarray  # [S] first position of each session in row_order
     counts: np.ndarray  # [S]
 
     @classmethod
@@ -508,17 +521,11 @@ class _Grouping:
         rank[by_first] = np.arange(len(uniq))
         session = rank[inverse]
         order = np.argsort(session, kind="stable")
-        sess_sorted = session[order]
         counts = np.bincount(session, minlength=len(uniq))
-        starts = np.cumsum(counts) - counts
-        pos = np.arange(len(keys)) - starts[sess_sorted]
-        return cls(uniq[by_first], order, sess_sorted, pos, counts)
+        return cls(uniq[by_first], order, np.cumsum(counts) - counts, counts)
 
     def lists(self, values: np.ndarray) -> _Ragged:
-        width = int(self.counts.max())
-        out = np.zeros((len(self.counts), width), dtype=values.dtype)
-        out[self.session_of_sorted, self.pos_of_sorted] = values[self.row_order]
-        return _Ragged(out, self.counts.copy())
+        return _Ragged(values[self.row_order], self.starts, self.counts)
 
 
 def _vocab_lookup(values: np.ndarray, labels: np.ndarray, default: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -659,10 +666,7 @@ class ServingTransform:
         for name in [*self.categorical, *self.continuous]:
             col = final[name]
             dtype = np.float32 if name in self.continuous else np.int64
-            width = min(col.values.shape[1], self.max_len)
-            padded = np.zeros((len(sessions), self.max_len), dtype=dtype)
-            padded[:, :width] = col.values[:, :width]
-            out[name] = padded
+            out[name] = col.padded(self.max_len, dtype)
             if name == self.item_list:
                 lengths = np.minimum(col.lengths, self.max_len).astype(np.int64)
         out[LENGTHS_TENSOR] = lengths
@@ -853,18 +857,17 @@ def _groupby_kernel(op: ops.Groupby, sel: list[str]) -> Callable[[Frame], Frame]
                 out[f"{col}{sep}count"] = g.counts
             if "first" in wanted or "last" in wanted:
                 srt = values[g.row_order]
-                starts = np.cumsum(g.counts) - g.counts
                 if "first" in wanted:
-                    out[f"{col}{sep}first"] = srt[starts]
+                    out[f"{col}{sep}first"] = srt[g.starts]
                 if "last" in wanted:
-                    out[f"{col}{sep}last"] = srt[starts + g.counts - 1]
+                    out[f"{col}{sep}last"] = srt[g.starts + g.counts - 1]
         return out
 
     return run
 
 
 def _list_slice_kernel(keep: int, sel: list[str]) -> Callable[[Frame], Frame]:
-    arange = np.arange(keep)
+    """ListSlice(-keep): the last `keep` values of every list."""
 
     def run(frame: Frame) -> Frame:
         out = dict(frame)
@@ -873,13 +876,7 @@ def _list_slice_kernel(keep: int, sel: list[str]) -> Callable[[Frame], Frame]:
             if col is None:
                 continue
             new_len = np.minimum(col.lengths, keep)
-            if col.values.shape[1] <= keep and (new_len == col.lengths).all():
-                continue  # nothing to cut
-            idx = (col.lengths - new_len)[:, None] + arange[None, :]
-            idx = np.minimum(idx, col.values.shape[1] - 1)
-            vals = np.take_along_axis(col.values, idx, axis=1)
-            vals[arange[None, :] >= new_len[:, None]] = 0
-            out[c] = _Ragged(vals, new_len)
+            out[c] = _Ragged(col.flat, col.starts + col.lengths - new_len, new_len)
         return out
 
     return run
