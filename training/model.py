@@ -23,7 +23,7 @@ TorchScript model): a mask slot is appended at position `lengths` (right after
 the last real item; the sequence inside the model is L+1 long so that a full
 session still gets one) and the hidden state there scores every item.
 
-The optional "clm" objective trains a causal model (XLNet attn_type "uni"):
+The optional "clm" objective trains a causal model (causal attention mask):
 the hidden state at position t predicts the item at t+1; `next_item_scores`
 then reads the hidden state of the last real item.
 
@@ -139,7 +139,7 @@ class ModelConfig:
         return cls(**d)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2)
 
 
 # -----------------------------------------------------------------------------
@@ -337,7 +337,7 @@ class SessionModel(nn.Module):
             dropout=cfg.dropout,
             layer_norm_eps=cfg.layer_norm_eps,
             initializer_range=cfg.initializer_range,
-            attn_type="bi" if cfg.objective == "mlm" else "uni",
+            attn_type="bi",  # clm: the causal mask is built in `encode`
             mem_len=None,
             use_mems_train=False,
             use_mems_eval=False,
@@ -373,16 +373,29 @@ class SessionModel(nn.Module):
 
     def embed(self, feats: dict[str, Tensor]) -> Tensor:
         """Per-position input vectors before masking: (B, L) tensors -> (B, L, d_output)."""
-        parts = [self.embeddings[name](feats[name]) for name in self.cfg.categorical]  # each (B, L, E)
+        # sorted names: the concatenation order must not depend on dict order (e.g. of a JSON file)
+        parts = [self.embeddings[name](feats[name]) for name in sorted(self.cfg.categorical)]  # each (B, L, E)
         if self.continuous_proj is not None:
-            cont = torch.stack([feats[name].float() for name in self.cfg.continuous], dim=-1)  # (B, L, C)
+            cont = torch.stack([feats[name].float() for name in sorted(self.cfg.continuous)], dim=-1)  # (B, L, C)
             parts.append(F.relu(self.continuous_proj(cont)))  # (B, L, continuous_dim)
         return F.relu(self.input_proj(torch.cat(parts, dim=-1)))  # (B, L, d_output)
 
-    def encode(self, x: Tensor, attend: Tensor) -> Tensor:
-        """(B, L, d_output) inputs, (B, L) bool keys that may be attended -> (B, L, d_model)."""
+    def encode(self, x: Tensor, segment: Tensor) -> Tensor:
+        """(B, L, d_output) inputs, (B, L) segment ids -> (B, L, d_model) hidden states.
+
+        segment: 0 = padding, positions with the same id > 0 belong to the same
+        session (several sessions may share a row, see `pack_sessions`). A query
+        attends only to keys of its own session (and, for clm, not after itself),
+        passed to XLNet as perm_mask (1 = may not attend). XLNet's own causal
+        mode (attn_type "uni") cannot be combined with a per-row mask in HF's
+        implementation, so the causal part is built here.
+        """
         x = F.relu(self.mlp(x))  # (B, L, d_model)
-        out = self.transformer(inputs_embeds=x, attention_mask=attend.to(x.dtype), return_dict=True)
+        pos = torch.arange(x.shape[1], device=x.device)
+        blocked = (segment[:, :, None] != segment[:, None, :]) | (segment[:, None, :] == 0)  # (B, Lq, Lk)
+        if self.cfg.objective == "clm":
+            blocked = blocked | (pos[None, None, :] > pos[None, :, None])  # key after query
+        out = self.transformer(inputs_embeds=x, perm_mask=blocked.to(x.dtype), return_dict=True)
         return out.last_hidden_state  # (B, L, d_model)
 
     def item_logits(self, h: Tensor) -> Tensor:
@@ -412,8 +425,8 @@ class SessionModel(nn.Module):
             read = lengths  # read the mask slot
         else:
             read = (lengths - 1).clamp(min=0)  # clm: the last real item predicts the next one
-        attend = pos[None, :] <= lengths[:, None]  # (B, L+1) real items + the slot
-        h = self.encode(x, attend)  # (B, L+1, d_model)
+        segment = (pos[None, :] <= lengths[:, None]).long()  # (B, L+1) 1 = real items + the slot, 0 = pad
+        h = self.encode(x, segment)  # (B, L+1, d_model)
         idx = read.view(-1, 1, 1).expand(-1, 1, self.cfg.d_model)  # (B, 1, d_model)
         h_next = h.gather(1, idx).squeeze(1)  # (B, d_model)
         return self.item_logits(h_next)  # (B, V)
@@ -462,14 +475,8 @@ class SessionModel(nn.Module):
         if self.cfg.objective == "mlm":
             assert p.masked is not None, "mlm needs masked positions"
             x = torch.where(p.masked[:, :, None], self.mask_emb.to(x.dtype), x)
-        x = F.relu(self.mlp(x))  # (R, W, d_model)
-        # query i may attend key j iff both belong to the same session (XLNet's
-        # perm_mask: 1 = may not attend). Relative positions make packing exact.
         seg = p.segment
-        blocked = (seg[:, :, None] != seg[:, None, :]) | (seg[:, None, :] == 0)  # (R, W, W)
-        h = self.transformer(
-            inputs_embeds=x, perm_mask=blocked.to(x.dtype), return_dict=True
-        ).last_hidden_state
+        h = self.encode(x, seg)  # (R, W, d_model)
         if self.cfg.objective == "mlm":
             h_sel, targets = h[p.masked], items[p.masked]  # (M, d_model), (M,)
         else:  # causal: position t predicts t+1 of the same session

@@ -1,0 +1,357 @@
+"""Window-by-window training on tiny data: outputs, checkpoint round trip, resume
+equivalence, atomic checkpoints, bad input, empty windows, 2-process DDP, GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import training.model as model_mod
+import training.train as train_mod
+from training.data import DataError, eval_inputs_targets, load_schema, load_split, split_path
+from training.metrics import metric_keys
+from training.model import RunError, load_run, read_meta, save_checkpoint
+from training.train import TrainConfig, cosine_lambda, evaluate_model, main, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        data=str(data), out=str(out), end_window=3, epochs=1, batch_size=16, threads=1, progress=False
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def model_metrics(row: dict) -> dict:
+    return {k: row[k] for k in metric_keys()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_synthetic_data, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run") / "run"
+    return out, train(tiny_cfg(tiny_synthetic_data, out))
+
+
+# --- outputs and checkpoint round trip ----------------------------------------------
+
+
+def test_run_outputs(finished_run, tiny_synthetic_data):
+    out, result = finished_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(r["train_window"], r["eval_window"]) for r in metrics["windows"]] == [(1, 2), (2, 3)]
+    for row in metrics["windows"]:
+        assert set(metric_keys()) <= set(row)
+        for key in ("eval_sessions", "train_sessions", "epochs", "train_seconds"):
+            assert key in row
+        assert set(row["baselines"]) == {"popular", "cooc_knn", "successor_knn"}
+        assert set(row["baselines"]["popular"]) == set(metric_keys())
+        # every evaluation session counts (no drop_last)
+        assert row["eval_sessions"] == len(
+            load_split(
+                split_path(tiny_synthetic_data, row["eval_window"], "valid"), load_schema(tiny_synthetic_data)
+            )
+        )
+    assert metrics["summary"]["sessions_per_second"] > 0
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((out / "meta.json").read_text())
+    schema = load_schema(tiny_synthetic_data)
+    assert meta["window"] == 2
+    assert meta["workflow_sha256"] == schema["workflow_sha256"]
+    assert meta["vocabulary_sizes"] == schema["categorical"]
+    assert meta["metrics"]["windows"] == result["windows"]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_checkpoint_round_trip(finished_run, tiny_synthetic_data):
+    """load_run rebuilds the model from state_dict + JSON and it evaluates to the recorded metrics."""
+    out, result = finished_run
+    model, meta = load_run(out)
+    assert not model.training
+    st = load_split(split_path(tiny_synthetic_data, 3, "valid"), load_schema(tiny_synthetic_data))
+    again = evaluate_model(model, st, torch.device("cpu"), 7, None)  # other batch size: same ranks
+    assert again == pytest.approx(model_metrics(result["windows"][-1]), abs=1e-12)
+    state = torch.load(out / "model.pt", weights_only=True)  # plain tensors, no pickled code
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    optim = torch.load(out / "optim.pt", weights_only=True)
+    assert "optimizer" in optim and "rng" in optim
+
+
+def test_training_module_reexports_load_run():
+    assert train_mod.load_run is load_run
+
+
+# --- resume -------------------------------------------------------------------------------
+
+
+def test_resume_after_crash_gives_identical_metrics(tiny_synthetic_data, tmp_path, monkeypatch):
+    full = train(tiny_cfg(tiny_synthetic_data, tmp_path / "full", end_window=4))
+
+    calls = {"n": 0}
+    real_eval = train_mod.evaluate_model
+
+    def crash_in_window_3(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after training window 3, before its checkpoint
+            raise KeyboardInterrupt("simulated kill")
+        return real_eval(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "evaluate_model", crash_in_window_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(tiny_synthetic_data, tmp_path / "crashed", end_window=4))
+    assert read_meta(tmp_path / "crashed")["window"] == 2  # last good checkpoint
+    monkeypatch.setattr(train_mod, "evaluate_model", real_eval)
+
+    resumed = train(tiny_cfg(tiny_synthetic_data, tmp_path / "crashed", end_window=4, resume=True))
+    assert [model_metrics(r) for r in resumed["windows"]] == [model_metrics(r) for r in full["windows"]]
+    assert [r["baselines"] for r in resumed["windows"]] == [r["baselines"] for r in full["windows"]]
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "crashed" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_needs_resume(finished_run, tiny_synthetic_data, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run[0], out)
+    with pytest.raises(RunError, match="--resume"):
+        train(tiny_cfg(tiny_synthetic_data, out))
+    with pytest.raises(RunError, match="model config"):
+        train(tiny_cfg(tiny_synthetic_data, out, resume=True, end_window=4, model={"mask_prob": 0.3}))
+
+
+def test_unwritable_output_folder(tiny_synthetic_data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RunError, match="cannot write to the output folder"):
+        train(tiny_cfg(tiny_synthetic_data, blocker / "run"))
+
+
+# --- atomic checkpoints --------------------------------------------------------------------
+
+
+def _ckpt(tmp_path: Path, window: int) -> None:
+    save_checkpoint(tmp_path, {"w": torch.full((3,), float(window))}, {"step": window}, {"window": window})
+
+
+def test_full_disk_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    _ckpt(tmp_path, 1)
+    real = model_mod._write_tmp
+    calls = {"n": 0}
+
+    def full_disk(path, data):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(model_mod, "_write_tmp", full_disk)
+    with pytest.raises(OSError):
+        _ckpt(tmp_path, 2)
+    assert read_meta(tmp_path)["window"] == 1
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["w"][0] == 1.0
+    assert not list(tmp_path.glob("*.tmp"))  # leftovers removed by the recovery
+
+
+@pytest.mark.parametrize("renames_done", [0, 1, 2])
+def test_crash_between_renames_is_rolled_forward(tmp_path, monkeypatch, renames_done):
+    _ckpt(tmp_path, 1)
+    real = os.replace
+    calls = {"n": 0}
+
+    def crash(src, dst):
+        if calls["n"] == renames_done:
+            raise KeyboardInterrupt("power cut")
+        calls["n"] += 1
+        return real(src, dst)
+
+    monkeypatch.setattr(model_mod.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _ckpt(tmp_path, 2)
+    monkeypatch.setattr(model_mod.os, "replace", real)
+    meta = read_meta(tmp_path)  # completes the interrupted write
+    assert meta["window"] == 2
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["w"][0] == 2.0
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_torn_meta_tmp_is_discarded(tmp_path):
+    _ckpt(tmp_path, 1)
+    (tmp_path / "model.pt.tmp").write_bytes(b"partial")
+    (tmp_path / "meta.json.tmp").write_text('{"window": 2, "fil')
+    assert read_meta(tmp_path)["window"] == 1
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_damaged_model_file_is_detected(finished_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run[0], out)
+    (out / "model.pt").write_bytes((out / "model.pt").read_bytes()[:-10])
+    with pytest.raises(RunError, match="sha256"):
+        load_run(out)
+
+
+# --- bad input and empty windows --------------------------------------------------------
+
+
+def _rewrite(path: Path, fn) -> None:
+    pq.write_table(fn(pq.read_table(path)), path)
+
+
+def _ids_out_of_vocab(t: pa.Table) -> pa.Table:
+    lists = t.column("item_id-list").to_pylist()
+    lists[0] = [10_000] + lists[0][1:]
+    return t.set_column(
+        t.schema.get_field_index("item_id-list"), "item_id-list", pa.array(lists, pa.list_(pa.int64()))
+    )
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda p: _rewrite(p, lambda t: t.drop(["category-list"])), r"'category-list'\] missing"),
+        (lambda p: _rewrite(p, _ids_out_of_vocab), r"'item_id-list' holds id 10000 outside the vocabulary"),
+        (lambda p: p.write_bytes(b"PAR1 this is not parquet"), r"cannot read the parquet file"),
+        (lambda p: p.unlink(), r"does not exist"),
+    ],
+    ids=["missing-column", "id-outside-vocabulary", "corrupt-parquet", "missing-file"],
+)
+def test_bad_input_names_file_and_column(tiny_synthetic_data, tmp_path, damage, match, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synthetic_data, data)
+    bad = split_path(data, 2, "train")
+    damage(bad)
+    with pytest.raises(DataError, match=match) as e:
+        load_split(bad, load_schema(data))
+    assert str(bad) in str(e.value)
+    # the CLI reports it as one line and exits 2
+    rc = main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
+    assert rc == 2 and str(bad) in capsys.readouterr().err
+
+
+def test_empty_window_is_skipped_with_a_warning(tiny_synthetic_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synthetic_data, data)
+    _rewrite(split_path(data, 1, "train"), lambda t: t.slice(0, 0))
+    _rewrite(split_path(data, 3, "valid"), lambda t: t.slice(0, 0))
+    with pytest.warns(UserWarning) as w:
+        result = train(tiny_cfg(data, tmp_path / "run"))
+    messages = [str(x.message) for x in w]
+    assert any("has no sessions; skipping training on window 1" in m for m in messages)
+    assert any("has no sessions; window 2 is not evaluated" in m for m in messages)
+    first, second = result["windows"]
+    assert first["skipped"] and first["sessions_trained"] == 0 and "ndcg@20" in first
+    assert second["eval_sessions"] == 0 and "ndcg@20" not in second
+    assert (tmp_path / "run" / "metrics.png").exists()
+
+
+def test_eval_inputs_targets():
+    from training.data import SessionTensors
+
+    items = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [4, 0, 0, 0]])
+    st = SessionTensors({"item_id-list": items, "x": items.float()}, torch.tensor([3, 2, 1]), torch.arange(3))
+    feats, lengths, targets = eval_inputs_targets(st)
+    assert targets.tolist() == [7, 9, 4]
+    assert lengths.tolist() == [2, 1, 0]
+    assert feats["item_id-list"].tolist() == [[5, 6, 0, 0], [8, 0, 0, 0], [0, 0, 0, 0]]
+    assert feats["x"][0].tolist() == [5.0, 6.0, 0.0, 0.0]
+
+
+def test_cosine_schedule_matches_hf():
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_cosine_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=70, num_cycles=7.5)
+    ours = cosine_lambda(70, 7.5)
+    for step in range(71):
+        assert ours(step) == pytest.approx(hf.lr_lambdas[0](step), abs=1e-12)
+
+
+def test_cli_fills_the_config(capsys):
+    cfg = train_mod.parse_args(
+        ["--data", "D", "--out", "R", "--epochs", "2", "--no-baselines", "--objective", "clm"]
+    )
+    assert (cfg.data, cfg.out, cfg.epochs, cfg.baselines, cfg.model["objective"]) == (
+        "D",
+        "R",
+        2,
+        False,
+        "clm",
+    )
+    assert (cfg.start_window, cfg.end_window, cfg.batch_size, cfg.lr) == (1, 8, 128, 5e-4)
+    with pytest.raises(SystemExit) as e:
+        train_mod.parse_args(["--help"])
+    assert e.value.code == 0 and "--resume" in capsys.readouterr().out
+
+
+# --- scale: 2 processes (gloo) and GPU ---------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_loads_and_evaluates(tiny_synthetic_data, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "-m", "training.train", "--data", str(tiny_synthetic_data), "--out", str(out),
+        "--end-window", "3", "--epochs", "1", "--batch-size", "16", "--no-progress", "--device", "cpu",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_config"]["batch_size"] == 16 and len(metrics["windows"]) == 2
+    model, meta = load_run(out)
+    st = load_split(split_path(tiny_synthetic_data, 3, "valid"), load_schema(tiny_synthetic_data))
+    assert evaluate_model(model, st, torch.device("cpu"), 64, None) == pytest.approx(
+        model_metrics(metrics["windows"][-1]), abs=1e-12
+    )
+    single = model_mod.SessionModel(model_mod.ModelConfig.from_dict(meta["model_config"]))
+    assert {k: v.shape for k, v in single.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
+
+
+@pytest.mark.gpu
+def test_gpu_run(tiny_synthetic_data, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("torch.cuda is not available on this machine")
+    result = train(tiny_cfg(tiny_synthetic_data, tmp_path / "gpu", device="cuda"))
+    model, _ = load_run(tmp_path / "gpu", device="cuda")
+    st = load_split(split_path(tiny_synthetic_data, 3, "valid"), load_schema(tiny_synthetic_data))
+    got = evaluate_model(
+        model,
+        st,
+        torch.device("cuda"),
+        64,
+        torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+    )
+    assert got == pytest.approx(model_metrics(result["windows"][-1]), abs=1e-9)
