@@ -301,8 +301,9 @@ def plot(perf: list[dict], steps: list[dict], out: Path) -> None:
                 ax.annotate(str(r["concurrency"]), (r["sessions_per_s"], r["p50_ms"]), fontsize=7,
                             textcoords="offset points", xytext=(3, 3))
         ax.set_title(f"{size} session(s) per request (labels: concurrency)")
-        ax.set_xlabel("throughput (sessions/s)")
-        ax.set_ylabel("latency (ms)")
+        ax.set_xlabel("throughput (sessions/s, log)")
+        ax.set_ylabel("latency (ms, log)")
+        ax.set_xscale("log")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
