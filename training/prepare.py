@@ -168,13 +168,18 @@ def prepare(cfg: PrepareConfig) -> dict:
             f"--out {out} exists and is not a previous prepare output (no {SCHEMA_FILE}): "
             "expected a new or empty folder, or one written by python -m training.prepare"
         )
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; DATA is read by other stages/users
     try:
         summary = _prepare_into(cfg, tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # parents this call created, innermost first, if still empty
+            if p.exists() and not any(p.iterdir()):
+                p.rmdir()
         raise
     return summary
 

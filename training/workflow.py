@@ -27,9 +27,14 @@ Deviations from the reference ETL, and why:
   in NVTabular 23.8 that fit fails (KeyError) unless "count" is also requested,
   and then transform fails on any item unseen at fit time (NaN count cast to int).
 - Tags are added before the groupby (they propagate to the list columns), so the
-  groupby output is selected twice instead of four times (each selection re-runs
-  the graph above it). `SessionGroupby` drops the categorical tags and properties
-  that stock Groupby copies from `item_id` onto the plain integer `item_id-count`.
+  groupby output is selected twice instead of four times: NVTabular's executor
+  re-runs the whole graph above a node for every child that selects from it.
+  `training.prepare` also transforms with `MemoizingExecutor` (each node once per
+  call); the saved workflow keeps NVTabular's own executor.
+- `SessionGroupby` drops the categorical tags and properties that stock Groupby
+  copies from `item_id` onto the plain integer `item_id-count`.
+Test `test_workflow.py::test_matches_the_reference_etl` checks that the output equals
+the reference notebook's stock-op workflow, column by column.
 
 `ServingTransform` runs the same fitted graph on numpy arrays for one request
 (~10 rows in well under a millisecond, where `Workflow.transform` takes 30-100 ms):
@@ -568,9 +573,12 @@ class ServingTransform:
     `ServingTransform.load(data_dir)` reads `schema.json`, checks the sha256 of the
     workflow files, loads the workflow and compiles its graph into numpy kernels.
     Call it with `{column: 1-D array}` holding `raw_inputs` (extra columns are
-    ignored); it returns `session_id` [S] int64 (order of first appearance), every
-    list feature as [S, max_len] (categorical int64, continuous float32; the last
-    <= max_len interactions in row order, right-padded with 0) and `lengths` [S].
+    ignored; [N, 1] arrays and safely castable dtypes are accepted); it returns
+    `session_id` [S] int64 (order of first appearance), every list feature as
+    [S, max_len] (categorical int64, continuous float32; the last <= max_len
+    interactions in row order, right-padded with 0) and `lengths` [S] int64 (>= 1).
+    Bad input raises `InputError` (a ValueError) naming the column, a sample value
+    and what was expected. Calls share no mutable state (thread-safe).
     """
 
     def __init__(self, workflow: nvt.Workflow, schema: Mapping):
@@ -581,6 +589,12 @@ class ServingTransform:
         self.categorical: dict[str, int] = dict(schema["categorical"])
         self.continuous: list[str] = list(schema["continuous"])
         self.item_list: str = schema.get("item_list", ITEM_LIST)
+        missing = {*self.categorical, *self.continuous} - set(workflow.output_schema.column_names)
+        if missing:
+            raise WorkflowIntegrityError(
+                f"schema.json lists features {sorted(missing)} that the workflow does not produce "
+                f"(it produces {workflow.output_schema.column_names})"
+            )
         self._item_categorify: tuple[np.ndarray, np.ndarray] | None = None
         self._steps = self._compile(workflow.output_node)
         if self._item_categorify is None:
@@ -882,14 +896,10 @@ def _list_slice_kernel(keep: int, sel: list[str]) -> Callable[[Frame], Frame]:
     return run
 
 
-def encoded_item_count(schema: Mapping) -> int:
-    """Cardinality of the item list feature (special ids included)."""
-    return int(schema["categorical"][schema.get("item_list", ITEM_LIST)])
-
-
 __all__ = [
     "InputError",
     "ItemFirstSeen",
+    "MemoizingExecutor",
     "MinLength",
     "ServingTransform",
     "SessionGroupby",
@@ -898,6 +908,7 @@ __all__ = [
     "WorkflowSpec",
     "build_workflow",
     "feature_columns",
+    "transform_frame",
     "item_age_days",
     "verify_workflow_files",
     "weekday_sin",
