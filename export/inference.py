@@ -30,14 +30,9 @@ from training.names import FIRST_REAL_ID, SPECIAL_IDS
 
 
 def load_run(run_dir):
-    """(SessionModel in eval mode, meta) of a training run.
+    """(SessionModel in eval mode, meta) of a training run (training.model.load_run)."""
+    from training.model import load_run as _load
 
-    docs/contracts.md puts `load_run` in training/model.py; training/train.py
-    had it while the model stage was being written. Import it from wherever it is."""
-    try:
-        from training.model import load_run as _load
-    except ImportError:
-        from training.train import load_run as _load
     model, meta = _load(run_dir)
     return model.eval(), meta
 
