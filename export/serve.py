@@ -62,13 +62,15 @@ def serve(cfg: ServerConfig) -> int:
     except ServerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"ready: model '{ENSEMBLE_NAME}'", flush=True)
+    models = server.ready_models()
+    print(f"ready: {', '.join(models)}", flush=True)
     print(f"  grpc     {server.grpc_url}", flush=True)
     print(f"  http     http://{server.http_url}", flush=True)
     print(f"  metrics  {server.metrics_url}", flush=True)
     print(f"  log      {server.log_path}", flush=True)
-    print(f"  try      python -m clients.rank --url {server.grpc_url} --input data/synthetic/interactions.parquet",
-          flush=True)
+    if ENSEMBLE_NAME in models:
+        print(f"  try      python -m clients.rank --url {server.grpc_url} --input data/synthetic/interactions.parquet",
+              flush=True)
     died = False
     while not stop.wait(0.5):
         if server.proc is None or server.proc.poll() is not None:

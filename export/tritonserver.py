@@ -23,6 +23,7 @@ in-flight requests, then exits) and escalates to SIGKILL after a timeout.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -208,6 +209,13 @@ class TritonServer:
                 return r.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
+
+    def ready_models(self) -> list[str]:
+        """Names of the models the server reports READY (POST /v2/repository/index)."""
+        req = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=5.0) as r:
+            index = json.load(r)
+        return sorted(m["name"] for m in index if m.get("state") == "READY")
 
     def wait_ready(self, timeout_s: float) -> None:
         """Wait until /v2/health/ready (strict readiness: every model is ready)."""
