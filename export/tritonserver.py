@@ -193,7 +193,7 @@ class TritonServer:
         try:
             self.wait_ready(self.cfg.ready_timeout_s)
         except BaseException:
-            self.stop()
+            self.stop(keep_log=True)
             raise
         return self
 
@@ -229,8 +229,11 @@ class TritonServer:
             time.sleep(0.2)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGINT, wait, then SIGKILL the process group. Returns the exit code."""
+    def stop(self, timeout_s: float = 30.0, keep_log: bool = False) -> int | None:
+        """SIGINT, wait, then SIGKILL the process group. Returns the exit code.
+
+        A temp log is copied out before its folder goes away when the server
+        failed (exit code not 0) or `keep_log`; `log_path` then points at the copy."""
         code = None
         if self.proc is not None:
             if self.proc.poll() is None:
@@ -246,8 +249,8 @@ class TritonServer:
             self._log.close()
             self._log = None
         if self._tmp is not None:
-            if self.cfg.log_file is None and self.log_path is not None and self.log_path.exists():
-                # keep the log readable after stop(): copy it out of the temp dir
+            failed = keep_log or code not in (0, None)
+            if failed and self.cfg.log_file is None and self.log_path is not None and self.log_path.exists():
                 kept = Path(tempfile.gettempdir()) / f"tritonserver-{os.getpid()}-{self.grpc_port}.log"
                 shutil.copy2(self.log_path, kept)
                 self.log_path = kept
