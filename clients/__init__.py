@@ -27,14 +27,7 @@ import numpy as np
 
 from training.names import ENSEMBLE_NAME, OUT_ITEM_IDS, OUT_SCORES, OUT_SESSION_ID, SESSION_COL
 
-# The ensemble's session-id output. An ensemble output must not share its name
-# with an ensemble input: with input and output both "session_id", tritonserver
-# 2.51 feeds the preprocess step's output back into that step forever (the
-# request never returns; checked). The inputs must be named like the raw
-# columns, so the output gets a distinct name when names.py gives the same one.
-SESSION_OUTPUT = OUT_SESSION_ID if OUT_SESSION_ID != SESSION_COL else f"{OUT_SESSION_ID}s"
-
-__all__ = ["RankError", "Rankings", "SESSION_OUTPUT", "plan_requests", "rank_sessions"]
+__all__ = ["RankError", "Rankings", "plan_requests", "rank_sessions"]
 
 
 class RankError(RuntimeError):
@@ -166,7 +159,7 @@ class _Sender:
             inp = grpcclient.InferInput(name, [len(values)], datatype)
             inp.set_data_from_numpy(values)
             infer_inputs.append(inp)
-        outputs = [grpcclient.InferRequestedOutput(n) for n in (SESSION_OUTPUT, OUT_ITEM_IDS, OUT_SCORES)]
+        outputs = [grpcclient.InferRequestedOutput(n) for n in (OUT_SESSION_ID, OUT_ITEM_IDS, OUT_SCORES)]
         try:
             result = self.client().infer(self.model, infer_inputs, outputs=outputs, client_timeout=self.timeout_s)
         except InferenceServerException as e:
@@ -175,7 +168,7 @@ class _Sender:
                 f"request with sessions {first}..{last} ({len(expected_sessions)} sessions, "
                 f"{len(columns[self.inputs[0][0]])} rows) failed: {e}"
             ) from e
-        sessions = result.as_numpy(SESSION_OUTPUT)
+        sessions = result.as_numpy(OUT_SESSION_ID)
         if not np.array_equal(sessions, expected_sessions):
             raise RankError(
                 f"the server answered sessions {sessions[:5].tolist()}... for a request of sessions "

@@ -17,7 +17,7 @@
       sessrec_export.json             what was exported from what (sha256 of every file)
 
 The ensemble's inputs are DATA/schema.json's `raw_inputs` (one row per
-interaction, dims [-1]); its outputs are SESSION_OUTPUT [S], item_ids [S, k]
+interaction, dims [-1]); its outputs are OUT_SESSION_ID [S], item_ids [S, k]
 (raw) and scores [S, k]. Everything written is a function of (RUN, DATA,
 options): the same inputs give a byte-identical repository.
 """
@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from clients import SESSION_OUTPUT
 from training.names import (
     ENSEMBLE_NAME,
     FIRST_REAL_ID,
@@ -42,6 +41,7 @@ from training.names import (
     OUT_ENCODED_IDS,
     OUT_ITEM_IDS,
     OUT_SCORES,
+    OUT_SESSION_ID,
     POSTPROCESS_MODEL,
     PREPROCESS_MODEL,
     SCHEMA_FILE,
@@ -151,8 +151,8 @@ class Layout:
         for col in (SESSION_COL, ITEM_COL):
             if col not in raw:
                 raise ValueError(f"schema.json raw_inputs has no '{col}' column: {sorted(raw)}")
-        if SESSION_OUTPUT in raw:
-            raise ValueError(f"raw input '{SESSION_OUTPUT}' collides with the ensemble output of that name")
+        if OUT_SESSION_ID in raw:
+            raise ValueError(f"raw input '{OUT_SESSION_ID}' collides with the ensemble output of that name")
         features = feature_order(schema)
         dtypes = {f: "TYPE_INT64" for f in schema["categorical"]}
         dtypes.update({f: "TYPE_FP32" for f in schema["continuous"]})
@@ -162,7 +162,7 @@ class Layout:
 def preprocess_config(layout: Layout, cfg: ExportConfig) -> str:
     L = layout.max_len
     inputs = [_tensor(n, triton_dtype(dt), [-1]) for n, dt in layout.raw_inputs.items()]
-    outputs = [_tensor(SESSION_OUTPUT, "TYPE_INT64", [-1])]
+    outputs = [_tensor(OUT_SESSION_ID, "TYPE_INT64", [-1])]
     outputs += [_tensor(f, layout.feature_dtypes[f], [-1, L]) for f in layout.features]
     outputs += [_tensor(LENGTHS_TENSOR, "TYPE_INT64", [-1, 1])]
     return (
@@ -274,7 +274,7 @@ def ensemble_config(layout: Layout, cfg: ExportConfig) -> str:
     k = layout.k
     inputs = [_tensor(n, triton_dtype(dt), [-1]) for n, dt in layout.raw_inputs.items()]
     outputs = [
-        _tensor(SESSION_OUTPUT, "TYPE_INT64", [-1]),
+        _tensor(OUT_SESSION_ID, "TYPE_INT64", [-1]),
         _tensor(OUT_ITEM_IDS, layout.item_dtype, [-1, k]),
         _tensor(OUT_SCORES, "TYPE_FP32", [-1, k]),
     ]
@@ -284,7 +284,7 @@ def ensemble_config(layout: Layout, cfg: ExportConfig) -> str:
         _step(
             PREPROCESS_MODEL,
             {n: n for n in layout.raw_inputs},
-            {n: n for n in [SESSION_OUTPUT, *tensors]},
+            {n: n for n in [OUT_SESSION_ID, *tensors]},
         ),
         _step(
             TORCH_MODEL,
@@ -448,7 +448,7 @@ def export_repository(cfg: ExportConfig) -> Path:
         "models": list(MODELS),
         "ensemble": ENSEMBLE_NAME,
         "inputs": layout.raw_inputs,
-        "outputs": {SESSION_OUTPUT: "[S]", OUT_ITEM_IDS: f"[S, {cfg.top_k}]", OUT_SCORES: f"[S, {cfg.top_k}]"},
+        "outputs": {OUT_SESSION_ID: "[S]", OUT_ITEM_IDS: f"[S, {cfg.top_k}]", OUT_SCORES: f"[S, {cfg.top_k}]"},
         "options": options,
         "workflow_sha256": schema.get("workflow_sha256", {}),
         "files_sha256": files,

@@ -16,8 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from clients import SESSION_OUTPUT
-from training.names import FIRST_REAL_ID, LENGTHS_TENSOR, SESSION_COL
+from training.names import FIRST_REAL_ID, LENGTHS_TENSOR, OUT_SESSION_ID, SESSION_COL
 
 
 class RequestError(ValueError):
@@ -58,7 +57,7 @@ def preprocess(
 ) -> dict[str, np.ndarray]:
     """Raw interaction rows of one request -> the model step's tensors.
 
-    Returns {SESSION_OUTPUT: [S] int64, <feature>: [S, L], LENGTHS_TENSOR: [S, 1] int64}.
+    Returns {OUT_SESSION_ID: [S] int64, <feature>: [S, L], LENGTHS_TENSOR: [S, 1] int64}.
     `transform` is the fitted workflow's serving transform (training.workflow.ServingTransform);
     it raises training.workflow.InputError (a ValueError) for bad values, naming the column.
     Sessions never mix across requests: each request is transformed on its own."""
@@ -71,7 +70,7 @@ def preprocess(
             f"input '{SESSION_COL}' holds {len(sessions)} sessions, more than this server's maximum of "
             f"{max_sessions} per request (max_batch_sessions): split them over several requests"
         )
-    result = {SESSION_OUTPUT: np.ascontiguousarray(sessions, dtype=np.int64)}
+    result = {OUT_SESSION_ID: np.ascontiguousarray(sessions, dtype=np.int64)}
     for name in feature_names:
         result[name] = np.ascontiguousarray(out[name])
     # [S, 1]: the model step batches over sessions (max_batch_size > 0) and

@@ -14,7 +14,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from clients import SESSION_OUTPUT, plan_requests
+from clients import plan_requests
 from export.inference import (
     TopKRanker,
     baked_devices,
@@ -47,6 +47,7 @@ from training.names import (
     LENGTHS_TENSOR,
     OUT_ITEM_IDS,
     OUT_SCORES,
+    OUT_SESSION_ID,
     POSTPROCESS_MODEL,
     PREPROCESS_MODEL,
     SESSION_COL,
@@ -181,8 +182,8 @@ def test_ensemble_config_is_consistent(repo, schema):
     ens = parse_config(repo / ENSEMBLE_NAME / "config.pbtxt")
     assert ens.platform == "ensemble" and ens.max_batch_size == 0
     assert [(i.name, list(i.dims)) for i in ens.input] == [(n, [-1]) for n in schema["raw_inputs"]]
-    assert [o.name for o in ens.output] == [SESSION_OUTPUT, OUT_ITEM_IDS, OUT_SCORES]
-    assert SESSION_OUTPUT not in schema["raw_inputs"], "an ensemble output named like an input never returns"
+    assert [o.name for o in ens.output] == [OUT_SESSION_ID, OUT_ITEM_IDS, OUT_SCORES]
+    assert OUT_SESSION_ID not in schema["raw_inputs"], "an ensemble output named like an input never returns"
     assert [list(o.dims) for o in ens.output] == [[-1], [-1, K], [-1, K]]
     # every step input is an ensemble input or produced by an earlier step, and maps a real tensor
     available = {i.name for i in ens.input}
@@ -333,7 +334,7 @@ def _fake_transform(columns):
 
 def test_preprocess_shapes_and_session_limit():
     out = preprocess(_columns(), _fake_transform, ["item_id-list"], max_rows=10, max_sessions=2)
-    assert out[SESSION_OUTPUT].tolist() == [5, 9]
+    assert out[OUT_SESSION_ID].tolist() == [5, 9]
     assert out[LENGTHS_TENSOR].shape == (2, 1)
     with pytest.raises(RequestError, match="'session_id' holds 2 sessions, more than .* maximum of 1"):
         preprocess(_columns(), _fake_transform, ["item_id-list"], max_rows=10, max_sessions=1)

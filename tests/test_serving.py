@@ -22,7 +22,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from clients import SESSION_OUTPUT, rank_sessions
+from clients import rank_sessions
 from export.inference import TopKRanker, feature_order, load_run
 from export.repository import FLOOR_ENSEMBLE, ExportConfig, export_repository, write_floor_repository
 from tests.triton_util import PROJECT_ROOT, start_server, trained_artifacts
@@ -33,6 +33,7 @@ from training.names import (
     LENGTHS_TENSOR,
     OUT_ITEM_IDS,
     OUT_SCORES,
+    OUT_SESSION_ID,
     POSTPROCESS_MODEL,
     PREPROCESS_MODEL,
     SESSION_COL,
@@ -135,7 +136,7 @@ def test_models_ready_and_ensemble_metadata(client, schema):
         (n, want[dt]) for n, dt in schema["raw_inputs"].items()
     ]
     assert {o["name"]: o["shape"] for o in meta["outputs"]} == {
-        SESSION_OUTPUT: ["-1"],
+        OUT_SESSION_ID: ["-1"],
         OUT_ITEM_IDS: ["-1", str(K)],
         OUT_SCORES: ["-1", str(K)],
     }
@@ -223,12 +224,12 @@ def test_preprocess_step_matches_workflow_transform(client, artifacts, schema, i
     expected = expected.set_index(SESSION_COL)
     # the workflow drops sessions shorter than min_session_length; serving keeps them
     lengths = served[LENGTHS_TENSOR][:, 0]
-    kept = [i for i, s in enumerate(served[SESSION_OUTPUT]) if s in expected.index]
+    kept = [i for i, s in enumerate(served[OUT_SESSION_ID]) if s in expected.index]
     assert len(kept) == len(expected) and len(kept) >= 10
     assert all(lengths[i] >= 1 for i in range(len(lengths)))
     for name in feature_order(schema):
         for i in kept:
-            sid = served[SESSION_OUTPUT][i]
+            sid = served[OUT_SESSION_ID][i]
             want = np.asarray(expected.loc[sid, name])
             got = served[name][i]
             assert lengths[i] == len(want), (name, sid)

@@ -100,9 +100,9 @@ def test_session_groupby_matches_stock_groupby(seed):
             assert want[col].dtype == got[col].dtype, col
 
 
-def reference_etl_workflow() -> nvt.Workflow:
+def reference_etl_workflow(out_path) -> nvt.Workflow:
     """Transformers4Rec getting-started 01-ETL cell 15, verbatim (stock ops, four branches)."""
-    categ_feats = ["item_id", "category"] >> ops.Categorify()
+    categ_feats = ["item_id", "category"] >> ops.Categorify(out_path=str(out_path))
     groupby_feats = categ_feats + ["session_id", "day", "age_days", "weekday_sin"]
     g = groupby_feats >> ops.Groupby(
         groupby_cols=["session_id"],
@@ -124,7 +124,7 @@ def test_matches_the_reference_etl(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the reference Categorify writes ./categories
     frame = synthetic.generate(6_000, seed=5, num_sessions=600)
     inputs = frame[SYNTH_SPEC.input_columns()]
-    ref = reference_etl_workflow().fit_transform(Dataset(inputs, cpu=True)).to_ddf().compute()
+    ref = reference_etl_workflow(tmp_path).fit_transform(Dataset(inputs, cpu=True)).to_ddf().compute()
     ours_wf = wf.build_workflow(SYNTH_SPEC, tmp_path / "stats")
     wf.use_memoizing_executor(ours_wf)
     ours = _fit_transform_local(ours_wf, inputs)

@@ -91,7 +91,7 @@ def child_reference(rows: int, seed: int, workdir: Path) -> dict:
     map_day = dict(zip(df.session_id.unique(), np.random.randint(1, 10, size=df.session_id.nunique())))
     df["day"] = df.session_id.map(map_day)
 
-    categ = ["item_id", "category"] >> ops.Categorify()
+    categ = ["item_id", "category"] >> ops.Categorify(out_path=str(workdir))
     g = (categ + ["session_id", "day", "age_days", "weekday_sin"]) >> ops.Groupby(
         groupby_cols=["session_id"],
         aggs={"item_id": ["list", "count"], "category": ["list"], "day": ["first"],

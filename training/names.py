@@ -55,7 +55,7 @@ TORCH_MODEL = "model"
 POSTPROCESS_MODEL = "postprocess"
 
 LENGTHS_TENSOR = "lengths"  # [S] number of real items per padded session
-OUT_SESSION_ID = "session_id"  # [S]
+OUT_SESSION_ID = "session_ids"  # [S]; not "session_id": an ensemble output named like an ensemble input makes tritonserver 2.51 loop the step forever
 OUT_ITEM_IDS = "item_ids"  # [S, k] raw item ids
 OUT_SCORES = "scores"  # [S, k]
 OUT_ENCODED_IDS = "encoded_item_ids"  # [S, k] intermediate: encoded ids from the model step
