@@ -13,7 +13,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m training.demo --data $(DATA) --run $(RUN) --repo $(REPO) --seed $(SEED)
+	$(PY) -m clients.demo --data $(DATA) --run $(RUN) --repo $(REPO) --seed $(SEED)
 
 test: setup
 	$(PY) -m pytest -q
