@@ -80,7 +80,7 @@ def test_checkpoint_round_trip(finished_run, tiny_synthetic_data):
     model, meta = load_run(out)
     assert not model.training
     st = load_split(split_path(tiny_synthetic_data, 3, "valid"), load_schema(tiny_synthetic_data))
-    again = evaluate_model(model, st, torch.device("cpu"), 7, None)  # other batch size: same ranks
+    again = evaluate_model(model, st, torch.device("cpu"), 7)  # other batch size: same ranks
     assert again == pytest.approx(model_metrics(result["windows"][-1]), abs=1e-12)
     state = torch.load(out / "model.pt", weights_only=True)  # plain tensors, no pickled code
     assert all(isinstance(v, torch.Tensor) for v in state.values())
@@ -331,7 +331,7 @@ def test_two_process_ddp_run_loads_and_evaluates(tiny_synthetic_data, tmp_path):
     assert metrics["train_config"]["batch_size"] == 16 and len(metrics["windows"]) == 2
     model, meta = load_run(out)
     st = load_split(split_path(tiny_synthetic_data, 3, "valid"), load_schema(tiny_synthetic_data))
-    assert evaluate_model(model, st, torch.device("cpu"), 64, None) == pytest.approx(
+    assert evaluate_model(model, st, torch.device("cpu"), 64) == pytest.approx(
         model_metrics(metrics["windows"][-1]), abs=1e-12
     )
     single = model_mod.SessionModel(model_mod.ModelConfig.from_dict(meta["model_config"]))
@@ -347,11 +347,7 @@ def test_gpu_run(tiny_synthetic_data, tmp_path):
     result = train(tiny_cfg(tiny_synthetic_data, tmp_path / "gpu", device="cuda"))
     model, _ = load_run(tmp_path / "gpu", device="cuda")
     st = load_split(split_path(tiny_synthetic_data, 3, "valid"), load_schema(tiny_synthetic_data))
-    got = evaluate_model(
-        model,
-        st,
-        torch.device("cuda"),
-        64,
-        torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
-    )
+    got = evaluate_model(model, st, torch.device("cuda"), 64)
     assert got == pytest.approx(model_metrics(result["windows"][-1]), abs=1e-9)
+    cpu_model, _ = load_run(tmp_path / "gpu")  # a GPU checkpoint loads on the CPU
+    assert evaluate_model(cpu_model, st, torch.device("cpu"), 64) == pytest.approx(got, abs=0.02)

@@ -86,8 +86,12 @@ class BaselineCounts:
         s[:, :FIRST_REAL_ID] = -np.inf  # special ids are never ranked
         return s
 
-    def ranks(self, name: str, last_items: np.ndarray, targets: np.ndarray, chunk: int = 2048) -> np.ndarray:
-        """Pessimistic rank of each target (+inf when the target was never seen in training)."""
+    def ranks(self, name: str, last_items: np.ndarray, targets: np.ndarray, chunk: int | None = None) -> np.ndarray:
+        """Pessimistic rank of each target (+inf when the target was never seen in training).
+
+        Scores are built `chunk` sessions at a time (default: ~4M scores, 32 MB).
+        """
+        chunk = chunk or max(1, 4_000_000 // self.n_items)
         last_items = np.asarray(last_items, dtype=np.int64)
         targets = np.asarray(targets, dtype=np.int64)
         out = np.empty(len(targets), dtype=np.float64)
