@@ -86,7 +86,9 @@ class BaselineCounts:
         s[:, :FIRST_REAL_ID] = -np.inf  # special ids are never ranked
         return s
 
-    def ranks(self, name: str, last_items: np.ndarray, targets: np.ndarray, chunk: int | None = None) -> np.ndarray:
+    def ranks(
+        self, name: str, last_items: np.ndarray, targets: np.ndarray, chunk: int | None = None
+    ) -> np.ndarray:
         """Pessimistic rank of each target (+inf when the target was never seen in training).
 
         Scores are built `chunk` sessions at a time (default: ~4M scores, 32 MB).

@@ -384,9 +384,10 @@ class SessionModel(nn.Module):
     def embed(self, feats: dict[str, Tensor]) -> Tensor:
         """Per-position input vectors before masking: (B, L) tensors -> (B, L, d_output)."""
         # sorted names: the concatenation order must not depend on dict order (e.g. of a JSON file)
-        parts = [self.embeddings[name](feats[name]) for name in sorted(self.cfg.categorical)]  # each (B, L, E)
+        cats, conts = sorted(self.cfg.categorical), sorted(self.cfg.continuous)
+        parts = [self.embeddings[name](feats[name]) for name in cats]  # each (B, L, E)
         if self.continuous_proj is not None:
-            cont = torch.stack([feats[name].float() for name in sorted(self.cfg.continuous)], dim=-1)  # (B, L, C)
+            cont = torch.stack([feats[name].float() for name in conts], dim=-1)  # (B, L, C)
             parts.append(F.relu(self.continuous_proj(cont)))  # (B, L, continuous_dim)
         return F.relu(self.input_proj(torch.cat(parts, dim=-1)))  # (B, L, d_output)
 
