@@ -85,7 +85,8 @@ def test_checkpoint_round_trip(finished_run, tiny_synthetic_data):
     state = torch.load(out / "model.pt", weights_only=True)  # plain tensors, no pickled code
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     optim = torch.load(out / "optim.pt", weights_only=True)
-    assert "optimizer" in optim and "rng" in optim
+    assert {"optimizer", "scheduler", "rng"} <= set(optim)
+    assert optim["scheduler"]["last_epoch"] == result["windows"][-1]["steps"]
 
 
 def test_training_module_reexports_load_run():

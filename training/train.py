@@ -396,6 +396,7 @@ def _train(cfg: TrainConfig, d: _Dist) -> dict[str, Any]:
         )
         if d.world > 1:
             _check_replicas_in_sync(model, d)
+        scheduler_state = row.pop("_scheduler", {})  # restarted every window; kept for inspection
         rows.append(row)
         if d.main:
             result = {"windows": rows, "summary": summarise(rows), "train_config": asdict(cfg)}
@@ -410,8 +411,12 @@ def _train(cfg: TrainConfig, d: _Dist) -> dict[str, Any]:
             }
             ostate = {
                 "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler_state,
                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "rng": {"torch": torch.get_rng_state()},
+                # shuffling/masking/dropout are reseeded from (seed, window) every window,
+                # which is what makes --resume exact; the global states are kept for the record
+                "rng": {"torch": torch.get_rng_state()}
+                | ({"cuda": torch.cuda.get_rng_state_all()} if device.type == "cuda" else {}),
             }
             save_checkpoint(out, model.state_dict(), ostate, meta)
             atomic_write(out / METRICS_FILE, json.dumps(result, indent=2).encode())
@@ -567,6 +572,7 @@ def _train_window(
         "train_sessions_per_second": n * cfg.epochs / seconds,
         "train_loss_last_epoch": float(loss_sum) / steps_per_epoch,
         "steps": total,
+        "_scheduler": scheduler.state_dict(),  # popped into optim.pt, not a metric
     }
 
 
