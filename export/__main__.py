@@ -2,12 +2,17 @@
 
     python -m export --run runs/synthetic --data data/synthetic --out model_repository
     python -m export --run RUN --data DATA --out REPO --top-k 20 --torch-backend libtorch --instance-kind gpu
+    python -m export --run RUN2 --data DATA --out REPO --new-version    # add RUN2 as model version N+1
 
 Writes `session_ranker` (platform "ensemble") with three steps: preprocess
 (the fitted NVTabular workflow's semantics, numpy), model (the traced
 TopKRanker: Python backend on the embedded server, or pytorch_libtorch for the
 NGC container) and postprocess (encoded -> raw item ids). See
 export/repository.py for the layout; serve it with `python -m export.serve`.
+
+Refuses (exit status 2, message on stderr) a DATA whose workflow files do not
+match the sha256 in its schema.json, a RUN trained on another workflow, and a
+`--new-version` for a repository exported from other DATA or options.
 """
 
 from __future__ import annotations
@@ -17,10 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-from export.repository import ExportConfig, export_repository
+from export.repository import ExportConfig, add_model_version, export_repository
 
 
 def parse_args(argv: list[str] | None = None) -> ExportConfig:
+    return _parse(argv)[1]
+
+
+def _parse(argv: list[str] | None = None) -> tuple[bool, ExportConfig]:
+    """(--new-version given, the config)."""
     d = ExportConfig(run=Path(), data=Path(), out=Path())
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, required=True, help="training run directory (model.pt, meta.json)")
@@ -52,8 +62,26 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
     p.add_argument(
         "--preprocess-instances", type=int, default=d.preprocess_instances, help="preprocess instance count"
     )
+    p.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=d.max_queue_size,
+        help="requests a step may queue before Triton answers UNAVAILABLE (0: unbounded)",
+    )
+    p.add_argument(
+        "--queue-timeout-us",
+        type=int,
+        default=d.queue_timeout_us,
+        help="microseconds a request may wait in a step's queue before it is answered UNAVAILABLE (0: no limit)",
+    )
+    p.add_argument(
+        "--new-version",
+        action="store_true",
+        help="add --run as the next version of the model step of the existing repository --out "
+        "(other options are taken from that repository)",
+    )
     a = p.parse_args(argv)
-    return ExportConfig(
+    return a.new_version, ExportConfig(
         run=a.run,
         data=a.data,
         out=a.out,
@@ -66,13 +94,30 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
         torch_threads=a.torch_threads,
         model_instances=a.model_instances,
         preprocess_instances=a.preprocess_instances,
+        max_queue_size=a.max_queue_size,
+        queue_timeout_us=a.queue_timeout_us,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    from training.workflow import WorkflowIntegrityError
+
+    new_version, cfg = _parse(argv)
     t0 = time.perf_counter()
-    out = export_repository(cfg)
+    try:
+        if new_version:
+            version = add_model_version(cfg)
+        else:
+            out = export_repository(cfg)
+    except (WorkflowIntegrityError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if new_version:
+        print(f"added {cfg.run} as version {version} of {cfg.out}/model in {time.perf_counter() - t0:.1f} s")
+        print("load it without downtime (server in explicit model-control mode, python -m export.serve's default):")
+        print('  curl -fsS -X POST -H "sessrec-admin-key: $SESSREC_ADMIN_KEY" '
+              "http://127.0.0.1:8000/v2/repository/models/model/load")
+        return 0
     print(f"wrote {out} ({cfg.torch_backend} model step, top-{cfg.top_k}) in {time.perf_counter() - t0:.1f} s")
     print(f"serve it: python -m export.serve --repo {out}")
     return 0

@@ -2,27 +2,40 @@
 
     python -m export.serve --repo model_repository
     python -m export.serve --repo model_repository --grpc-port 8001 --http-port 8000 --metrics-port 8002
+    SESSREC_ADMIN_KEY=... python -m export.serve --repo model_repository    # to load new versions yourself
 
 Binds 127.0.0.1 unless `--host` says otherwise, waits until every model (the
 `session_ranker` ensemble and its steps) is ready, prints the endpoints and
-runs until Ctrl-C or SIGTERM, then stops the server (in-flight requests
-finish first). Port 0 picks a free port. For a GPU server with the libtorch
-backend use the NGC container instead (see export/README.md).
+runs until Ctrl-C or SIGTERM, then stops the server: tritonserver answers new
+requests UNAVAILABLE and lets in-flight ones finish for up to `--exit-timeout`
+seconds. Port 0 picks a free port. For a GPU server with the libtorch backend
+use the NGC container instead (see export/README.md).
+
+Model control is explicit by default (all models loaded at start): a new
+version of the model step written by `python -m export ... --new-version` is
+loaded with `POST /v2/repository/models/model/load` without downtime. That API,
+and the shared-memory, logging and trace APIs, answer only requests with the
+header `sessrec-admin-key: $SESSREC_ADMIN_KEY` (a random key when the variable
+is unset). A watchdog restarts a step whose Python-backend stub process died,
+which tritonserver 2.51 does not do by itself (see export/tritonserver.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from export.tritonserver import ServerConfig, ServerError, TritonServer
+from export.tritonserver import ServerConfig, ServerError, StubWatchdog, TritonServer
 from training.names import ENSEMBLE_NAME
 
+ADMIN_KEY_ENV = "SESSREC_ADMIN_KEY"
 
-def parse_args(argv: list[str] | None = None) -> ServerConfig:
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--repo", type=Path, required=True, help="model repository written by `python -m export`")
     p.add_argument("--host", default="127.0.0.1", help="address all endpoints bind (default: loopback only)")
@@ -30,23 +43,55 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (0 = a free port)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (0 = a free port)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every model to load")
+    p.add_argument(
+        "--exit-timeout",
+        type=int,
+        default=30,
+        help="seconds in-flight requests get on shutdown (the drain of the ensembles, then tritonserver's own "
+        "wait, each at most this long)",
+    )
+    p.add_argument(
+        "--model-control",
+        choices=("explicit", "none"),
+        default="explicit",
+        help="explicit (default): every model loaded at start, load/unload API open to the admin key; "
+        "none: models fixed at start (no new versions, no stub restarts)",
+    )
+    p.add_argument(
+        "--watchdog-interval",
+        type=float,
+        default=1.0,
+        help="seconds between checks for dead Python-backend stubs (0: no watchdog; explicit mode only)",
+    )
     p.add_argument("--log-file", type=Path, default=None, help="write the server log here (default: a temp file)")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
-    a = p.parse_args(argv)
-    return ServerConfig(
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    return _parse(argv)[0]
+
+
+def _parse(argv: list[str] | None = None) -> tuple[ServerConfig, float]:
+    a = build_parser().parse_args(argv)
+    cfg = ServerConfig(
         repo=a.repo,
         host=a.host,
         grpc_port=a.grpc_port,
         http_port=a.http_port,
         metrics_port=a.metrics_port,
         ready_timeout_s=a.ready_timeout,
+        exit_timeout_s=a.exit_timeout,
         log_file=a.log_file,
         log_verbose=a.log_verbose,
+        model_control=a.model_control,
+        admin_key=os.environ.get(ADMIN_KEY_ENV) or None,
     )
+    return cfg, (a.watchdog_interval if a.model_control == "explicit" else 0.0)
 
 
-def serve(cfg: ServerConfig) -> int:
-    """Start, print the endpoints, block until SIGINT/SIGTERM or the server dies; return its exit code."""
+def serve(cfg: ServerConfig, watchdog_interval_s: float = 0.0) -> int:
+    """Start, print the endpoints, block until SIGINT/SIGTERM or the server dies; return 0 on a clean stop."""
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -68,22 +113,31 @@ def serve(cfg: ServerConfig) -> int:
     print(f"  http     http://{server.http_url}", flush=True)
     print(f"  metrics  {server.metrics_url}", flush=True)
     print(f"  log      {server.log_path}", flush=True)
+    print(f"  control  {cfg.model_control}" + (f", stub watchdog every {watchdog_interval_s:g} s" if watchdog_interval_s else ""),
+          flush=True)
     if ENSEMBLE_NAME in models:
         print(f"  try      python -m clients.rank --url {server.grpc_url} --input data/synthetic/interactions.parquet",
               flush=True)
+    watchdog = StubWatchdog(server, watchdog_interval_s).start() if watchdog_interval_s > 0 else None
     died = False
     while not stop.wait(0.5):
         if server.proc is None or server.proc.poll() is not None:
             print(f"error: tritonserver exited on its own:\n{server.log_tail()}", file=sys.stderr)
             died = True
             break
+    if watchdog is not None:
+        watchdog.stop()
     code = server.stop()
     print(f"tritonserver stopped (exit code {code})", file=sys.stderr)
-    return 1 if died else 0
+    if code != 0 and watchdog is not None and watchdog.events:
+        print("  (a step whose stub died was restarted: tritonserver 2.51 never finishes unloading the dead "
+              "instance and exits with an error after --exit-timeout)", file=sys.stderr)
+    return 1 if died or code != 0 else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return serve(parse_args(argv))
+    cfg, watchdog_interval_s = _parse(argv)
+    return serve(cfg, watchdog_interval_s)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,93 @@ a response. numpy only at import time; torch is imported by the model step.
 Errors a client can fix raise `RequestError` (a ValueError) whose message names
 the input tensor; the step answers that request with INVALID_ARG and keeps
 serving the others.
+
+Before a step loads anything from its version directory it calls
+`verify_version_files`: every file there must match the sha256 that
+`python -m export` recorded in the repository's `sessrec_export.json`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from training.names import FIRST_REAL_ID, LENGTHS_TENSOR, OUT_SESSION_ID, SESSION_COL
+from training.names import FIRST_REAL_ID, LENGTHS_TENSOR, OUT_ENCODED_IDS, OUT_SESSION_ID, SESSION_COL
+
+MANIFEST = "sessrec_export.json"  # written by `python -m export` at the repository root
 
 
 class RequestError(ValueError):
     """A request the server cannot answer; the message names the input and what was expected."""
+
+
+class IntegrityError(RuntimeError):
+    """A repository file does not match the sha256 recorded at export: the step refuses to load."""
+
+
+# --- integrity ------------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(repo: Path) -> dict:
+    path = Path(repo) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise IntegrityError(
+            f"{path} not found: the repository was not written by `python -m export` (or was copied "
+            "without it); refusing to load files whose sha256 was never recorded"
+        ) from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{path} is not valid JSON ({e}): re-export the repository") from e
+
+
+def verify_version_files(model_dir: str | os.PathLike, version: str | int) -> dict:
+    """Check `<model>/<version>/` against the manifest before anything there is loaded; returns the manifest.
+
+    Every file listed for that directory must exist with its recorded sha256, and
+    no other file may be there (`__pycache__` aside, which Python writes when the
+    stub imports model.py). Raises IntegrityError naming the file otherwise."""
+    model_dir = Path(model_dir)
+    repo = model_dir.parent
+    manifest = read_manifest(repo)
+    prefix = f"{model_dir.name}/{version}/"
+    expected = {rel: sha for rel, sha in manifest.get("files_sha256", {}).items() if rel.startswith(prefix)}
+    if not expected:
+        raise IntegrityError(
+            f"{repo / MANIFEST} records no file of {prefix}: refusing to load an unrecorded model version "
+            "(add versions with `python -m export ... --new-version`)"
+        )
+    for rel, want in sorted(expected.items()):
+        path = repo / rel
+        if not path.is_file():
+            raise IntegrityError(f"{path} is missing (its sha256 is recorded in {MANIFEST}): re-export the repository")
+        got = file_sha256(path)
+        if got != want:
+            raise IntegrityError(
+                f"{path} has sha256 {got}, but {MANIFEST} records {want} (written by `python -m export`): "
+                "the file was modified after export; refusing to load it (re-export the repository)"
+            )
+    version_dir = model_dir / str(version)
+    for path in sorted(version_dir.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            rel = path.relative_to(repo).as_posix()
+            if rel not in expected:
+                raise IntegrityError(
+                    f"{path} is not listed in {MANIFEST}: refusing to load a version directory holding "
+                    "files that `python -m export` did not write"
+                )
+    return manifest
 
 
 # --- preprocess ---------------------------------------------------------------
@@ -80,6 +153,37 @@ def preprocess(
 
 
 # --- model --------------------------------------------------------------------
+def check_model_inputs(
+    arrays: Sequence[np.ndarray],
+    names: Sequence[str],
+    cardinalities: Mapping[str, int],
+    max_len: int,
+) -> None:
+    """The model step's inputs of one request, as the contract wants them; else RequestError naming the input.
+
+    `arrays`/`names`: the forward's positional inputs (features [S, L], then lengths [S]).
+    Categorical features (keys of `cardinalities`) hold ids in [0, cardinality),
+    continuous ones finite numbers, lengths lie in [1, max_len]. From the ensemble
+    this always holds (the preprocess step made them); a client calling the model
+    step directly gets INVALID_ARG here instead of failing the whole dynamic batch
+    its request was merged into."""
+    for name, a in zip(names[:-1], arrays[:-1]):
+        if a.size == 0:
+            continue
+        card = cardinalities.get(name)
+        if card is not None:
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi >= card:
+                bad = lo if lo < 0 else hi
+                raise RequestError(f"input '{name}' holds id {bad}: expected encoded ids in [0, {card})")
+        elif not np.isfinite(a).all():
+            raise RequestError(f"input '{name}' holds {a[~np.isfinite(a)][0]}: expected finite numbers")
+    lengths = arrays[-1]
+    if lengths.size and (int(lengths.min()) < 1 or int(lengths.max()) > max_len):
+        bad = int(lengths.min()) if int(lengths.min()) < 1 else int(lengths.max())
+        raise RequestError(f"input '{names[-1]}' holds {bad}: expected session lengths in [1, {max_len}]")
+
+
 def default_torch_threads(cpu_count: int | None = None) -> int:
     """Intra-op threads of the model step when the config says 0: half the cores, 1..4.
 
@@ -113,7 +217,7 @@ def to_raw_item_ids(vocabulary: np.ndarray, encoded: np.ndarray) -> np.ndarray:
     """Encoded item ids [S, k] -> raw item ids [S, k] (vocabulary[i] = raw id of encoded id i)."""
     if encoded.size and (encoded.min() < FIRST_REAL_ID or encoded.max() >= len(vocabulary)):
         raise RequestError(
-            f"encoded item ids must be in [{FIRST_REAL_ID}, {len(vocabulary)}), got "
+            f"input '{OUT_ENCODED_IDS}': encoded item ids must be in [{FIRST_REAL_ID}, {len(vocabulary)}), got "
             f"[{encoded.min()}, {encoded.max()}]: the model returned a special or unknown id"
         )
     return vocabulary[encoded]

@@ -19,12 +19,26 @@ This module prepares what that binary needs and owns the process:
 
 Port 0 means "pick a free loopback port". `stop()` sends SIGINT (Triton drains
 in-flight requests, then exits) and escalates to SIGKILL after a timeout.
+
+Hardening, always on:
+- every endpoint binds `ServerConfig.host` (127.0.0.1 unless asked otherwise);
+- the model-repository (load/unload: with explicit model control a client could
+  otherwise load a model, i.e. Python code, of its choosing), shared-memory,
+  logging and trace APIs answer only requests that carry the header
+  `sessrec-admin-key: <admin_key>` (`--http-restricted-api`/`--grpc-restricted-protocol`);
+  the key is random per server unless `ServerConfig.admin_key` sets it.
+
+`StubWatchdog` restarts a Python-backend step whose stub process died: Triton
+2.51 does not (checked: after `kill -9` of a stub every request to that step
+fails with INTERNAL "Stub process '<model>_0_0' is not healthy." after a 1 s
+health-check wait, forever, while /v2/health/ready still answers 200).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -32,6 +46,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,6 +58,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 class ServerError(RuntimeError):
     """The server binary is missing, failed to start or never became ready."""
+
+
+ADMIN_HEADER = "sessrec-admin-key"  # header (gRPC metadata key) the restricted APIs require
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
 
 
 def _pytriton_dir() -> Path:
@@ -115,9 +134,11 @@ class ServerConfig:
     http_port: int = 8000  # 0 = a free port
     metrics_port: int = 8002  # 0 = a free port
     ready_timeout_s: float = 300.0  # model loading includes torch imports and warm-up
-    exit_timeout_s: int = 10  # how long Triton waits for in-flight requests on shutdown
+    exit_timeout_s: int = 30  # how long Triton waits for in-flight requests and model unloads on shutdown
     log_verbose: int = 0
     log_file: Path | None = None  # None: server output goes to a temp file (see `log_path`)
+    model_control: str = "none"  # "none": load everything at start; "explicit": load/unload API (admin key)
+    admin_key: str | None = None  # value of the sessrec-admin-key header; None: random per start
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -133,6 +154,14 @@ class TritonServer:
         self.grpc_port = cfg.grpc_port
         self.http_port = cfg.http_port
         self.metrics_port = cfg.metrics_port
+        if cfg.model_control not in ("none", "explicit"):
+            raise ValueError(f"model_control must be 'none' or 'explicit', got {cfg.model_control!r}")
+        self.admin_key = cfg.admin_key or secrets.token_hex(16)
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """Headers for the restricted APIs (load/unload, shared memory, logging, trace)."""
+        return {ADMIN_HEADER: self.admin_key}
 
     # --- endpoints ---------------------------------------------------------
     @property
@@ -166,6 +195,9 @@ class TritonServer:
             "--exit-on-error=true",
             f"--exit-timeout-secs={cfg.exit_timeout_s}",
             f"--log-verbose={cfg.log_verbose}",
+            f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}",
+            *(["--model-control-mode=explicit", "--load-model=*"] if cfg.model_control == "explicit" else []),
             *cfg.extra_args,
         ]
 
@@ -212,10 +244,61 @@ class TritonServer:
 
     def ready_models(self) -> list[str]:
         """Names of the models the server reports READY (POST /v2/repository/index)."""
-        req = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        req = urllib.request.Request(
+            f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST", headers=self.admin_headers
+        )
         with urllib.request.urlopen(req, timeout=5.0) as r:
             index = json.load(r)
         return sorted(m["name"] for m in index if m.get("state") == "READY")
+
+    def _repository_call(self, path: str, timeout_s: float = 600.0) -> None:
+        req = urllib.request.Request(
+            f"http://{self.http_url}/v2/repository/{path}", data=b"{}", method="POST", headers=self.admin_headers
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s):
+                return
+        except urllib.error.HTTPError as e:
+            raise ServerError(f"POST /v2/repository/{path} failed ({e.code}): {e.read().decode(errors='replace')}") from e
+
+    def load_model(self, name: str) -> None:
+        """Load (or reload after a change on disk) a model: explicit model control only. Blocks until done."""
+        self._repository_call(f"models/{name}/load")
+
+    def unload_model(self, name: str) -> None:
+        self._repository_call(f"models/{name}/unload")
+
+    def restart_model(self, name: str) -> None:
+        """Unload and load `name` again: new stub processes for a Python-backend model.
+
+        Triton unloads the ensembles that use `name` with it and loads them again
+        when `name` is back; models that were READY before and are not after the
+        load are loaded explicitly. The model is unavailable meanwhile (NOT_FOUND)."""
+        before = set(self.ready_models())
+        self.unload_model(name)
+        deadline = time.monotonic() + 60
+        while name in self.ready_models() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.load_model(name)
+        for other in sorted(before - set(self.ready_models())):
+            self.load_model(other)
+
+    # --- processes -------------------------------------------------------------
+    def processes(self) -> list[ProcInfo]:
+        """tritonserver and every process below it (the Python-backend stubs)."""
+        if self.proc is None:
+            return []
+        return process_tree(self.proc.pid)
+
+    def stub_processes(self) -> list[ProcInfo]:
+        """The Python-backend stubs (children of tritonserver), live or zombie."""
+        if self.proc is None:
+            return []
+        return [p for p in process_tree(self.proc.pid) if p.ppid == self.proc.pid]
+
+    def rss_bytes(self) -> int:
+        """Resident memory of tritonserver plus its stub processes (each process's VmRSS, summed)."""
+        return sum(p.rss_bytes for p in self.processes())
 
     def wait_ready(self, timeout_s: float) -> None:
         """Wait until /v2/health/ready (strict readiness: every model is ready)."""
@@ -229,13 +312,63 @@ class TritonServer:
             time.sleep(0.2)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def stop(self, timeout_s: float = 30.0, keep_log: bool = False) -> int | None:
-        """SIGINT, wait, then SIGKILL the process group. Returns the exit code.
+    def ensembles(self) -> list[str]:
+        """READY models whose config says platform "ensemble"."""
+        out = []
+        for name in self.ready_models():
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{name}/config", timeout=5.0) as r:
+                if json.load(r).get("platform") == "ensemble":
+                    out.append(name)
+        return out
 
-        A temp log is copied out before its folder goes away when the server
-        failed (exit code not 0) or `keep_log`; `log_path` then points at the copy."""
+    def model_states(self) -> dict[str, str]:
+        """model -> state from the repository index (READY, UNLOADING, UNAVAILABLE, ...)."""
+        req = urllib.request.Request(
+            f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST", headers=self.admin_headers
+        )
+        with urllib.request.urlopen(req, timeout=5.0) as r:
+            return {m["name"]: m.get("state", "") for m in json.load(r)}
+
+    def drain(self, timeout_s: float) -> bool:
+        """Let in-flight ensemble requests finish before shutdown (explicit model control).
+
+        tritonserver 2.51's own shutdown (SIGINT) stops every scheduler at once,
+        so an ensemble request in flight fails at its next step with UNAVAILABLE
+        "Server is stopping, scheduler for model has stopped accepting new
+        inference requests" (checked: 8 of 8 in-flight requests failed). Unloading
+        the ensembles first keeps their steps serving: Triton finishes the
+        in-flight requests and answers new ones NOT_FOUND ("... has no available
+        versions"). Returns True when every ensemble finished within timeout_s."""
+        if self.cfg.model_control != "explicit" or self.proc is None or self.proc.poll() is not None:
+            return False
+        ensembles = self.ensembles()
+        for name in ensembles:
+            self.unload_model(name)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            states = self.model_states()
+            if all(states.get(n) not in ("READY", "UNLOADING", "LOADING") for n in ensembles):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self, timeout_s: float | None = None, keep_log: bool = False, drain: bool = True) -> int | None:
+        """Drain (explicit model control, see `drain`), SIGINT, wait, then SIGKILL the process group.
+
+        Returns the exit code. Triton waits up to `exit_timeout_s` for in-flight
+        requests and model unloads. A temp log is copied out before its folder
+        goes away when the server failed (exit code not 0) or `keep_log`;
+        `log_path` then points at the copy. `timeout_s` (default: exit_timeout_s + 30)
+        bounds the wait after SIGINT."""
+        if timeout_s is None:
+            timeout_s = self.cfg.exit_timeout_s + 30.0
         code = None
         if self.proc is not None:
+            if drain and self.proc.poll() is None:
+                try:
+                    self.drain(self.cfg.exit_timeout_s)
+                except (OSError, ServerError, ValueError) as e:  # urllib errors are OSErrors
+                    print(f"tritonserver: drain failed ({e}); stopping anyway", file=sys.stderr, flush=True)
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGINT)
                 try:
@@ -263,3 +396,125 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# --- /proc helpers ------------------------------------------------------------------
+@dataclass
+class ProcInfo:
+    pid: int
+    ppid: int
+    state: str  # R, S, Z (zombie: exited, not reaped), ...
+    rss_bytes: int
+    cmdline: list[str]
+
+    @property
+    def model(self) -> str | None:
+        """For a Python-backend stub: the model whose `<model>/<version>/model.py` it runs."""
+        for arg in self.cmdline:
+            if arg.endswith("/model.py"):
+                parts = Path(arg).parts
+                return parts[-3] if len(parts) >= 3 else None
+        return None
+
+
+def _proc_info(pid: int) -> ProcInfo | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        statm = Path(f"/proc/{pid}/statm").read_text().split()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses
+    rest = stat[stat.rindex(")") + 2 :].split()
+    rss = int(statm[1]) * os.sysconf("SC_PAGE_SIZE") if len(statm) > 1 else 0
+    return ProcInfo(pid, int(rest[1]), rest[0], rss, [c.decode(errors="replace") for c in cmdline if c])
+
+
+def process_tree(root: int) -> list[ProcInfo]:
+    """`root` and its descendants (Linux /proc); [] when root is gone."""
+    infos = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            info = _proc_info(int(entry))
+            if info is not None:
+                infos.append(info)
+    children: dict[int, list[ProcInfo]] = {}
+    for info in infos:
+        children.setdefault(info.ppid, []).append(info)
+    top = next((i for i in infos if i.pid == root), None)
+    if top is None:
+        return []
+    out, todo = [], [top]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p.pid, []))
+    return out
+
+
+class StubWatchdog:
+    """Restart Python-backend steps whose stub process died (explicit model control only).
+
+    Every `interval_s` it lists tritonserver's stub processes. A stub that
+    Triton stops itself (unload, a new version) is reaped and disappears; one
+    that crashed or was killed stays a zombie, because Triton 2.51 neither
+    waits for it nor starts a new one. For each new zombie the watchdog calls
+    `TritonServer.restart_model` (unload + load) for the model the stub ran.
+    `events` records (time, model, what happened)."""
+
+    def __init__(self, server: TritonServer, interval_s: float = 1.0, log=None):
+        if server.cfg.model_control != "explicit":
+            raise ValueError("StubWatchdog needs a server with model_control='explicit' (it reloads models)")
+        self.server = server
+        self.interval_s = interval_s
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.events: list[tuple[float, str, str]] = []
+        self._models: dict[int, str] = {}  # pid -> model, remembered while the stub was alive
+        self._handled: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> list[str]:
+        """One round: returns the models restarted."""
+        restarted = []
+        for p in self.server.stub_processes():
+            if p.state != "Z" and p.model:
+                self._models[p.pid] = p.model
+            elif p.state == "Z" and p.pid not in self._handled:
+                self._handled.add(p.pid)
+                model = self._models.get(p.pid)
+                if model is None:
+                    continue  # died before we ever saw it alive: nothing to map it to
+                self.log(f"watchdog: the stub of model '{model}' (pid {p.pid}) died; restarting '{model}'")
+                t0 = time.monotonic()
+                try:
+                    self.server.restart_model(model)
+                except (ServerError, OSError) as e:
+                    self.events.append((time.time(), model, f"restart failed: {e}"))
+                    self.log(f"watchdog: restarting '{model}' failed: {e}")
+                    continue
+                self.events.append((time.time(), model, f"restarted in {time.monotonic() - t0:.1f} s"))
+                self.log(f"watchdog: '{model}' is back after {time.monotonic() - t0:.1f} s")
+                restarted.append(model)
+        return restarted
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if self.server.proc is None or self.server.proc.poll() is not None:
+                return
+            try:
+                self.check()
+            except (OSError, urllib.error.URLError) as e:  # the server is going away; the owner notices
+                self.log(f"watchdog: {e}")
+
+    def start(self) -> StubWatchdog:
+        self.check()  # remember the stubs alive now
+        self._thread = threading.Thread(target=self._run, name="stub-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None

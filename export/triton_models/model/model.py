@@ -8,7 +8,13 @@ is what `platform: "pytorch_libtorch"` serves in an NGC container.
 
 Parameters (config.pbtxt): `input_order` (JSON list: the traced forward's
 positional inputs), `torch_threads` (intra-op threads; 0 = export.steps.default_torch_threads():
-half the cores, at most 4).
+half the cores, at most 4), `cardinalities` (JSON: categorical input -> number of
+encoded ids) and `max_len`, with which each request is checked on its own before
+the batch runs (a client may call this step directly: a bad request gets
+INVALID_ARG and the requests batched with it are still answered).
+
+`model.pt` is loaded only after its sha256 matched the one `python -m export`
+recorded in the repository's sessrec_export.json (export.steps.verify_version_files).
 """
 
 import json
@@ -18,7 +24,14 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from export.steps import concat_requests, default_torch_threads, split_rows
+from export.steps import (
+    RequestError,
+    check_model_inputs,
+    concat_requests,
+    default_torch_threads,
+    split_rows,
+    verify_version_files,
+)
 
 
 class TritonPythonModel:
@@ -28,16 +41,34 @@ class TritonPythonModel:
         threads = int(params.get("torch_threads", "0")) or default_torch_threads()
         torch.set_num_threads(threads)
         torch.set_num_interop_threads(1)  # one forward at a time per instance
+        verify_version_files(args["model_repository"], args["model_version"])  # before torch.jit.load
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.device = torch.device("cuda", int(args["model_instance_device_id"])) if args["model_instance_kind"] == "GPU" else torch.device("cpu")
         self.model = torch.jit.load(str(version_dir / "model.pt"), map_location=self.device).eval()
         self.inputs = json.loads(params["input_order"])
+        self.cardinalities = json.loads(params.get("cardinalities", "{}"))
+        self.max_len = int(params.get("max_len", "0")) or None
         self.outputs = [o["name"] for o in config["output"]]  # scores, encoded ids: the forward's order
         self.logger = pb_utils.Logger
 
     def execute(self, requests):
+        responses = [None] * len(requests)
+        good, per_request = [], []
+        for i, r in enumerate(requests):
+            arrays = [pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs]
+            if self.max_len is not None:
+                try:
+                    check_model_inputs(arrays, self.inputs, self.cardinalities, self.max_len)
+                except RequestError as e:
+                    responses[i] = pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
+                    )
+                    continue
+            good.append(i)
+            per_request.append(arrays)
+        if not good:
+            return responses
         try:
-            per_request = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs] for r in requests]
             batch, sizes = concat_requests(per_request)
             with torch.inference_mode():
                 outs = self.model(*[torch.from_numpy(a).to(self.device) for a in batch])
@@ -45,8 +76,9 @@ class TritonPythonModel:
         except Exception as e:  # inputs come from the preprocess step; a failure here is a server bug
             self.logger.log_error(f"model step failed: {e!r}")
             err = pb_utils.TritonError(f"model step failed: {e!r}", pb_utils.TritonError.INTERNAL)
-            return [pb_utils.InferenceResponse(error=err) for _ in requests]
-        return [
-            pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in zip(self.outputs, parts)])
-            for parts in split_rows(arrays, sizes)
-        ]
+            for i in good:
+                responses[i] = pb_utils.InferenceResponse(error=err)
+            return responses
+        for i, parts in zip(good, split_rows(arrays, sizes)):
+            responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in zip(self.outputs, parts)])
+        return responses

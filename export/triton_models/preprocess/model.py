@@ -3,8 +3,11 @@
 Raw interaction rows of one request -> per-session tensors, with the fitted
 NVTabular workflow's semantics executed by `training.workflow.ServingTransform`
 (numpy, no NVTabular executor per request). Its version directory holds a copy
-of DATA/workflow/ and DATA/schema.json; ServingTransform.load checks the sha256
-of the workflow files against schema.json before unpickling anything.
+of DATA/workflow/ and DATA/schema.json. Before the workflow pickle is loaded:
+every file is checked against the sha256 in the repository's sessrec_export.json,
+schema.json's workflow_sha256 against the one the run recorded at training time,
+and (ServingTransform.load) the workflow files against schema.json. A mismatch
+fails the model load with a message naming the file.
 
 Each request is transformed on its own (no dynamic batching: sessions of two
 requests that share a session id are never merged). A request with bad input
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from export.steps import preprocess
+from export.steps import IntegrityError, preprocess, verify_version_files
 from training.workflow import ServingTransform
 
 
@@ -24,7 +27,17 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        # 1. every file of this version matches the sha256 recorded at export;
+        # 2. schema.json's workflow_sha256 is the one the run was trained with (RUN/meta.json, via the manifest);
+        # 3. ServingTransform.load checks the workflow files against schema.json, and only then unpickles.
+        manifest = verify_version_files(args["model_repository"], args["model_version"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
+        schema = json.loads((version_dir / "schema.json").read_text())
+        if manifest.get("workflow_sha256") != schema.get("workflow_sha256"):
+            raise IntegrityError(
+                f"{version_dir / 'schema.json'} lists other workflow files than the run was trained with "
+                "(workflow_sha256 differs from sessrec_export.json): refusing to load the workflow"
+            )
         self.transform = ServingTransform.load(version_dir)
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
