@@ -479,8 +479,12 @@ class SessionModel(nn.Module):
             masked = m.masked
         return self.packed_loss(PackedSessions(feats, segment, masked))
 
-    def packed_loss(self, p: PackedSessions) -> Tensor:
-        """Mean cross-entropy over the predicted positions of packed rows (see `pack_sessions`)."""
+    def packed_loss(self, p: PackedSessions, label_smoothing: float = 0.0) -> Tensor:
+        """Mean cross-entropy over the predicted positions of packed rows (see `pack_sessions`).
+
+        label_smoothing eps: (1 - eps) * CE + eps * mean over the real items of -log p
+        (special ids, at -inf, are left out of the uniform part).
+        """
         items = p.feats[self.cfg.item_feature]  # (R, W)
         x = self.embed(p.feats)  # (R, W, d_output)
         if self.cfg.objective == "mlm":
@@ -494,7 +498,13 @@ class SessionModel(nn.Module):
             nxt = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & (items[:, 1:] >= FIRST_REAL_ID)  # (R, W-1)
             h_sel, targets = h[:, :-1][nxt], items[:, 1:][nxt]
         logits = self.item_logits(h_sel)  # (M, V)
-        return F.cross_entropy(logits, targets, reduction="sum") / max(int(targets.numel()), 1)
+        denom = max(int(targets.numel()), 1)
+        if label_smoothing <= 0.0:
+            return F.cross_entropy(logits, targets, reduction="sum") / denom
+        logp = F.log_softmax(logits, dim=-1)  # (M, V)
+        nll = -logp.gather(1, targets[:, None]).squeeze(1)  # (M,)
+        uniform = -logp[:, FIRST_REAL_ID:].mean(1)  # (M,)
+        return ((1.0 - label_smoothing) * nll + label_smoothing * uniform).sum() / denom
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -107,6 +107,71 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (objective, mask_prob, ...)
+    # --- recipe settings (see RECIPES; the reference protocol's values as defaults) ---
+    recipe: str = "reference"  # the recipe these settings came from (reference | real | custom)
+    train_on: str = "window"  # window: train on window t only; cumulative: on every window <= t
+    holdout: float = 0.0  # fraction of window t's training sessions held back for early stopping
+    patience: int = 0  # early stopping: epochs without a better held-back NDCG@20 (0 = off)
+    label_smoothing: float = 0.0
+    evaluate: bool = True  # False: no evaluation on window t+1 (training.tune selects on held-back data only)
+
+    def __post_init__(self) -> None:
+        if self.train_on not in TRAIN_ON:
+            raise ValueError(f"train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
+        if self.patience > 0 and self.holdout <= 0.0:
+            raise ValueError("early stopping (patience > 0) needs a held-back slice: set holdout > 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+TRAIN_ON = ("window", "cumulative")
+
+# Defaults per recipe. "reference": the Transformers4Rec getting-started protocol
+# (synthetic data keeps it). "real": the recipe for real click logs (docs/quality.md
+# gives the measurements and the reason for each setting):
+#   train_on cumulative  every window <= t: a real log's windows are small (~1.5k
+#                        sessions a day here) and the item vocabulary is large, so
+#                        forgetting earlier windows throws away most item evidence
+#                        (the baselines count over windows <= t as well);
+#   objective clm        a loss term on every next item of a session (~4x the
+#                        positions of mlm at 15%), the same task as the evaluation;
+#   epochs 20 + early    at most 20 epochs per window, stopping after `patience` 2
+#   stopping             epochs without a better NDCG@20 on a 10% slice of window
+#                        t's TRAINING sessions (never the evaluation window); the
+#                        best epoch's weights are kept;
+#   lr 1e-3, constant    (cycles_per_epoch 0) the cosine restarts of the reference
+#                        fight early stopping; 1e-3 is AdamW's usual default.
+RECIPES: dict[str, dict[str, Any]] = {
+    "reference": dict(
+        epochs=5,
+        lr=5e-4,
+        cycles_per_epoch=1.5,
+        train_on="window",
+        holdout=0.0,
+        patience=0,
+        label_smoothing=0.0,
+        model={"objective": "mlm", "mask_prob": 0.15},
+    ),
+    "real": dict(
+        epochs=20,
+        lr=1e-3,
+        cycles_per_epoch=0.0,
+        train_on="cumulative",
+        holdout=0.1,
+        patience=2,
+        label_smoothing=0.0,
+        model={"objective": "clm"},
+    ),
+}
+
+
+def default_recipe(schema: dict[str, Any]) -> str:
+    """The recipe for a DATA folder: reference for synthetic data (schema source "synthetic"), else real."""
+    return "reference" if str(schema.get("source", "")) == "synthetic" else "real"
 
 
 # -----------------------------------------------------------------------------
@@ -186,12 +251,13 @@ def cosine_lambda(total_steps: int, num_cycles: float):
 class _TrainStep(nn.Module):
     """forward = training loss of packed rows, so that DistributedDataParallel can wrap it."""
 
-    def __init__(self, model: SessionModel):
+    def __init__(self, model: SessionModel, label_smoothing: float = 0.0):
         super().__init__()
         self.model = model
+        self.label_smoothing = label_smoothing
 
     def forward(self, packed: PackedSessions) -> Tensor:
-        return self.model.packed_loss(packed)
+        return self.model.packed_loss(packed, self.label_smoothing)
 
 
 @torch.no_grad()
@@ -370,7 +436,7 @@ def _train(cfg: TrainConfig, d: _Dist) -> dict[str, Any]:
     elif cfg.resume and d.main:
         print(f"[train] --resume: no checkpoint in {out} yet, starting from window {first}", file=sys.stderr)
 
-    ddp_step: nn.Module = _TrainStep(model)
+    ddp_step: nn.Module = _TrainStep(model, cfg.label_smoothing)
     if d.world > 1:
         ddp_step = nn.parallel.DistributedDataParallel(
             ddp_step, device_ids=[device.index] if device.type == "cuda" else None
@@ -463,6 +529,12 @@ def _run_window(
         "epochs": cfg.epochs,
     }
     item = model.cfg.item_feature
+    fit_st, held_st = split_holdout(train_st, cfg.holdout, _seed(cfg.seed, t, 4))
+    if cfg.train_on == "cumulative" and len(fit_st):
+        earlier_w = [w for w in available_windows(data, schema) if cfg.start_window <= w < t]
+        earlier = [load_split(split_path(data, w, "train"), schema) for w in earlier_w]
+        fit_st = concat_sessions([*earlier, fit_st])
+    row.update(fit_sessions=len(fit_st), holdout_sessions=len(held_st))
 
     if len(train_st) == 0:
         warnings.warn(
@@ -471,12 +543,14 @@ def _run_window(
         row.update(sessions_trained=0, train_seconds=0.0, skipped=f"no sessions in {train_path}")
     else:
         row.update(
-            _train_window(cfg, d, t, train_st, model, step_module, optimizer, scaler, device, amp_dtype)
+            _train_window(
+                cfg, d, t, fit_st, model, step_module, optimizer, scaler, device, amp_dtype, held_st
+            )
         )
     if counts is not None and len(train_st):
         counts.add_sessions(train_st.feats[item].numpy(), train_st.lengths.numpy())
 
-    if d.main:
+    if d.main and cfg.evaluate:
         eval_st = load_split(eval_path, schema)
         row["eval_sessions"] = len(eval_st)
         if len(eval_st) == 0:
@@ -512,7 +586,15 @@ def _train_window(
     scaler: torch.amp.GradScaler,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    held: SessionTensors | None = None,
 ) -> dict:
+    """Train on `st` for cfg.epochs epochs, or fewer with early stopping on `held`.
+
+    With cfg.patience > 0 and a non-empty `held` (sessions of the training window
+    that are not in `st`), the model is scored after every epoch on `held` with
+    the evaluation protocol (NDCG@20 of the last item); training stops after
+    `patience` epochs without improvement and the best epoch's weights are kept.
+    """
     from tqdm import tqdm
 
     n = len(st)
@@ -539,8 +621,12 @@ def _train_window(
         total=total, desc=f"window {t}", disable=not (cfg.progress and d.main), leave=False, file=sys.stderr
     )
     loss_sum = torch.zeros((), device=device)
+    early = cfg.patience > 0 and held is not None and len(held) > 0
+    best_score, best_epoch, best_state = -1.0, -1, None
+    held_scores: list[float] = []
+    epochs_run = 0
     t0 = time.perf_counter()
-    for _epoch in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         perm = torch.randperm(n, generator=shuffle_gen)
         loss_sum.zero_()
         for b in range(steps_per_epoch):
@@ -564,19 +650,63 @@ def _train_window(
             scheduler.step()
             loss_sum += loss.detach()
             bar.update(1)
+        epochs_run = epoch + 1
         bar.set_postfix(loss=f"{float(loss_sum) / steps_per_epoch:.3f}")
+        if early:  # every rank scores the same held-back sessions: the same decision everywhere
+            score = evaluate_model(model, held, device, cfg.eval_batch_size)["ndcg@20"]
+            model.train()
+            held_scores.append(score)
+            if score > best_score:
+                best_score, best_epoch = score, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif epoch - best_epoch >= cfg.patience:
+                break
+    if early and best_state is not None:
+        model.load_state_dict(best_state)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     bar.close()
-    return {
-        "sessions_trained": n * cfg.epochs,
+    out = {
+        "sessions_trained": n * epochs_run,
         "train_seconds": seconds,
-        "train_sessions_per_second": n * cfg.epochs / seconds,
+        "train_sessions_per_second": n * epochs_run / seconds,
         "train_loss_last_epoch": float(loss_sum) / steps_per_epoch,
-        "steps": total,
+        "steps": steps_per_epoch * epochs_run,
+        "epochs_run": epochs_run,
         "_scheduler": scheduler.state_dict(),  # popped into optim.pt, not a metric
     }
+    if early:
+        out.update(best_epoch=best_epoch + 1, holdout_ndcg20_per_epoch=held_scores)
+    return out
+
+
+def split_holdout(st: SessionTensors, fraction: float, seed: int) -> tuple[SessionTensors, SessionTensors]:
+    """(fit, held): a random `fraction` of the sessions held back (at least 1 when fraction > 0 and N >= 2)."""
+    n = len(st)
+    k = int(round(n * fraction)) if fraction > 0 else 0
+    if fraction > 0 and n >= 2:
+        k = min(max(k, 1), n - 1)
+    else:
+        k = 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return st.select(perm[k:].sort().values), st.select(perm[:k].sort().values)
+
+
+def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
+    """Sessions of several splits in one SessionTensors (padded to the widest)."""
+    parts = [p for p in parts if len(p)]
+    width = max(next(iter(p.feats.values())).shape[1] for p in parts)
+
+    def pad(v: Tensor) -> Tensor:
+        return nn.functional.pad(v, (0, width - v.shape[1]))
+
+    return SessionTensors(
+        {k: torch.cat([pad(p.feats[k]) for p in parts]) for k in parts[0].feats},
+        torch.cat([p.lengths for p in parts]),
+        torch.cat([p.session_id for p in parts]),
+        parts[-1].source,
+    )
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -599,6 +729,75 @@ def _print_table(rows: list[dict]) -> None:
 # -----------------------------------------------------------------------------
 
 
+# flags whose default depends on the recipe (None = not given on the command line)
+_RECIPE_FLAGS = ("epochs", "lr", "cycles_per_epoch", "train_on", "holdout", "patience", "label_smoothing")
+# ModelConfig fields settable from the command line or a --config file
+MODEL_FLAGS = (
+    "objective",
+    "mask_prob",
+    "embedding_dim",
+    "d_model",
+    "n_head",
+    "n_layer",
+    "d_inner",
+    "dropout",
+)
+
+
+def load_params(path: str | Path) -> dict[str, Any]:
+    """A --config JSON file (as `python -m training.tune` writes): TrainConfig fields, "model" overrides.
+
+    Accepts {"params": {...}} (tune's output) or a flat {...}; model fields may sit at
+    the top level or under "model".
+    """
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"--config {path}: cannot read a JSON object ({e})") from e
+    raw = raw.get("params", raw) if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict):
+        raise RunError(f"--config {path}: expected a JSON object of settings, got {type(raw).__name__}")
+    out: dict[str, Any] = {"model": dict(raw.get("model", {}))}
+    allowed = set(_RECIPE_FLAGS) | {"batch_size", "weight_decay", "max_grad_norm", "recipe"}
+    for k, v in raw.items():
+        if k == "model":
+            continue
+        if k in MODEL_FLAGS:
+            out["model"][k] = v
+        elif k in allowed:
+            out[k] = v
+        else:
+            raise RunError(
+                f"--config {path}: unknown setting {k!r}; expected one of {sorted(allowed | set(MODEL_FLAGS))}"
+            )
+    return out
+
+
+def resolve_settings(
+    schema: dict[str, Any],
+    recipe: str = "auto",
+    params: dict[str, Any] | None = None,
+    cli: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Recipe defaults < --config file < explicit command-line flags. Returns TrainConfig kwargs."""
+    name = recipe
+    if name == "auto":  # a config file names the recipe it was tuned on (training.tune: "real")
+        name = str((params or {}).get("recipe") or default_recipe(schema))
+    if name not in RECIPES:
+        raise RunError(f"--recipe must be auto, {' or '.join(RECIPES)}, got {recipe!r}")
+    out = {k: v for k, v in RECIPES[name].items() if k != "model"}
+    model = dict(RECIPES[name]["model"])
+    for layer in (params or {}, cli or {}):
+        for k, v in layer.items():
+            if k == "model":
+                model.update({mk: mv for mk, mv in v.items() if mv is not None})
+            elif v is not None and k != "recipe":
+                out[k] = v
+    out["model"] = model
+    out["recipe"] = name if not params else f"{name}+config"
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="DATA folder written by `python -m training.prepare`")
@@ -607,15 +806,56 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument(
         "--end-window", type=int, default=8, help="train on windows start..END-1, evaluating each t on t+1"
     )
-    p.add_argument("--epochs", type=int, default=5, help="epochs per window")
+    p.add_argument(
+        "--recipe",
+        choices=["auto", *RECIPES],
+        default="auto",
+        help="defaults of the recipe flags below: auto = reference for synthetic data "
+        "(schema source 'synthetic'), real for a click log prepared from --input",
+    )
+    p.add_argument(
+        "--config",
+        "--params",
+        dest="config",
+        default=None,
+        help="JSON of settings (as written by `python -m training.tune`); explicit flags win",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="(max) epochs per window [reference 5, real 20]")
     p.add_argument(
         "--batch-size", type=int, default=128, help="global training batch size (split across ranks)"
     )
     p.add_argument("--eval-batch-size", type=int, default=1024, help="evaluation batch size")
-    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate [reference 5e-4, real 1e-3]")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--cycles-per-epoch", type=float, default=1.5, help="cosine LR cycles per epoch")
+    p.add_argument(
+        "--cycles-per-epoch",
+        type=float,
+        default=None,
+        help="cosine LR cycles per epoch, 0 = constant LR [reference 1.5, real 0]",
+    )
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
+    p.add_argument(
+        "--train-on",
+        choices=TRAIN_ON,
+        default=None,
+        help="window: window t only; cumulative: every window <= t [reference window, real cumulative]",
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=None,
+        help="fraction of window t's training sessions held back for early stopping [reference 0, real 0.1]",
+    )
+    p.add_argument(
+        "--early-stopping",
+        "--patience",
+        dest="patience",
+        type=int,
+        default=None,
+        help="stop after N epochs without a better held-back NDCG@20, keep the best (0 = off) "
+        "[reference 0, real 2]",
+    )
+    p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing [both 0]")
     p.add_argument(
         "--seed", type=int, default=0, help="seed of initialisation, shuffling, masking and dropout"
     )
@@ -632,22 +872,44 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument(
-        "--objective", choices=["mlm", "clm"], default="mlm", help="masked LM (reference) or causal LM"
+        "--objective",
+        choices=["mlm", "clm"],
+        default=None,
+        help="masked LM or causal LM [reference mlm, real clm]",
     )
-    p.add_argument("--mask-prob", type=float, default=0.15, help="mlm: probability that a position is masked")
+    p.add_argument("--mask-prob", type=float, default=None, help="mlm: probability that a position is masked")
+    for name, typ in (
+        ("embedding-dim", int),
+        ("d-model", int),
+        ("n-head", int),
+        ("n-layer", int),
+        ("d-inner", int),
+        ("dropout", float),
+    ):
+        p.add_argument(
+            f"--{name}", type=typ, default=None, help=f"model {name.replace('-', '_')} (default: ModelConfig)"
+        )
     a = p.parse_args(argv)
+    try:
+        schema = load_schema(a.data)
+    except DataError:
+        # no readable DATA/schema.json: nothing says it is a real log; `train` reports the
+        # missing data itself, with its own message
+        schema = {"source": "synthetic"}
+    params = load_params(a.config) if a.config else None
+    cli = {k: getattr(a, k) for k in _RECIPE_FLAGS}
+    cli["model"] = {k: getattr(a, k) for k in MODEL_FLAGS}
+    settings = resolve_settings(schema, a.recipe, params, cli)
+    extra = {k: settings.pop(k) for k in ("batch_size", "weight_decay", "max_grad_norm") if k in settings}
     return TrainConfig(
         data=a.data,
         out=a.out,
         start_window=a.start_window,
         end_window=a.end_window,
-        epochs=a.epochs,
-        batch_size=a.batch_size,
+        batch_size=extra.get("batch_size", a.batch_size),
         eval_batch_size=a.eval_batch_size,
-        lr=a.lr,
-        weight_decay=a.weight_decay,
-        cycles_per_epoch=a.cycles_per_epoch,
-        max_grad_norm=a.max_grad_norm,
+        weight_decay=extra.get("weight_decay", a.weight_decay),
+        max_grad_norm=extra.get("max_grad_norm", a.max_grad_norm),
         seed=a.seed,
         device=a.device,
         threads=a.threads,
@@ -655,14 +917,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         baselines=not a.no_baselines,
         tensorboard=a.tensorboard,
         progress=not a.no_progress,
-        model={"objective": a.objective, "mask_prob": a.mask_prob},
+        **settings,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
     try:
-        train(cfg)
+        train(parse_args(argv))
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,184 @@
+"""Evaluation protocol, recipe switch, early stopping on training data only, tune -> train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import training.train as train_mod
+from training.baselines import BaselineCounts
+from training.data import eval_inputs_targets, load_schema, load_split, split_path
+from training.train import RECIPES, TrainConfig, default_recipe, resolve_settings, split_holdout, train
+from training.tune import TuneConfig, sample_trials, tune
+
+
+def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        data=str(data), out=str(out), end_window=3, epochs=1, batch_size=16, threads=1, progress=False
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --- evaluation protocol: the same sessions and targets for every method ------------------
+
+
+def test_model_and_baselines_see_the_same_sessions(tiny_synthetic_data, tmp_path, monkeypatch):
+    seen: dict[str, list] = {"model": [], "baselines": []}
+    real_eval, real_base = train_mod.evaluate_model, train_mod.evaluate_baselines
+
+    def spy_model(model, st, device, batch_size):
+        seen["model"].append(eval_inputs_targets(st, model.cfg.item_feature)[2].numpy())
+        return real_eval(model, st, device, batch_size)
+
+    def spy_base(counts, items, lengths, targets):
+        seen["baselines"].append(np.asarray(targets))
+        return real_base(counts, items, lengths, targets)
+
+    monkeypatch.setattr(train_mod, "evaluate_model", spy_model)
+    monkeypatch.setattr(train_mod, "evaluate_baselines", spy_base)
+    result = train(tiny_cfg(tiny_synthetic_data, tmp_path / "run"))
+    schema = load_schema(tiny_synthetic_data)
+    assert len(seen["model"]) == len(seen["baselines"]) == len(result["windows"]) == 2
+    for row, m, b in zip(result["windows"], seen["model"], seen["baselines"]):
+        st = load_split(split_path(tiny_synthetic_data, row["eval_window"], "valid"), schema)
+        expected = st.feats[schema["item_list"]][torch.arange(len(st)), st.lengths - 1].numpy()
+        np.testing.assert_array_equal(m, expected)  # target = the last item of every valid session
+        np.testing.assert_array_equal(b, expected)
+        assert row["eval_sessions"] == len(st)
+
+
+def test_unseen_target_is_a_miss_for_baselines_only():
+    counts = BaselineCounts(8)
+    counts.add_sessions(np.array([[3, 4, 5]]), np.array([3]))
+    # target 7 never occurs in training: +inf for every baseline; 4 is ranked
+    for name in ("popular", "cooc_knn", "successor_knn"):
+        ranks = counts.ranks(name, np.array([3, 3]), np.array([7, 4]))
+        assert ranks[0] == np.inf and np.isfinite(ranks[1])
+
+
+# --- recipe switch -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "recipe", "expected"),
+    [
+        ("synthetic", "auto", "reference"),
+        ("../shared/data/diginetica/diginetica-views-7days.tsv", "auto", "real"),
+        ("clicks.parquet", "reference", "reference"),
+        ("synthetic", "real", "real"),
+    ],
+)
+def test_recipe_switch(source, recipe, expected):
+    assert default_recipe({"source": source}) in RECIPES
+    s = resolve_settings({"source": source}, recipe)
+    assert s["recipe"] == expected
+    want = RECIPES[expected]
+    assert {k: s[k] for k in want if k != "model"} == {k: v for k, v in want.items() if k != "model"}
+    assert s["model"] == want["model"]
+
+
+def test_real_recipe_values_and_precedence():
+    s = resolve_settings({"source": "log.csv"}, "auto")
+    assert (s["train_on"], s["model"]["objective"], s["patience"] > 0, s["holdout"] > 0) == (
+        "cumulative", "clm", True, True,
+    )  # fmt: skip
+    # config file over the recipe, explicit flags over the config file
+    s = resolve_settings(
+        {"source": "log.csv"}, "auto", {"lr": 0.1, "model": {"dropout": 0.2}}, {"lr": 0.5, "epochs": None}
+    )
+    assert (s["lr"], s["epochs"], s["model"]["dropout"]) == (0.5, RECIPES["real"]["epochs"], 0.2)
+
+
+def test_cli_defaults_follow_the_data(tiny_synthetic_data, tmp_path):
+    cfg = train_mod.parse_args(["--data", str(tiny_synthetic_data), "--out", "R"])
+    assert (cfg.recipe, cfg.epochs, cfg.train_on, cfg.model["objective"]) == ("reference", 5, "window", "mlm")
+    cfg = train_mod.parse_args(["--data", str(tiny_synthetic_data), "--out", "R", "--recipe", "real"])
+    assert (cfg.recipe, cfg.train_on, cfg.model["objective"]) == ("real", "cumulative", "clm")
+    cfg = train_mod.parse_args(
+        ["--data", str(tiny_synthetic_data), "--out", "R", "--recipe", "real", "--train-on", "window"]
+    )
+    assert cfg.train_on == "window"
+
+
+def test_bad_recipe_settings():
+    with pytest.raises(ValueError, match="holdout"):
+        TrainConfig(data="D", out="R", patience=2, holdout=0.0)
+    with pytest.raises(ValueError, match="train_on"):
+        TrainConfig(data="D", out="R", train_on="all")
+
+
+# --- early stopping uses training data only ---------------------------------------------------
+
+
+def test_holdout_split_is_disjoint_and_deterministic(tiny_synthetic_data):
+    st = load_split(split_path(tiny_synthetic_data, 1, "train"), load_schema(tiny_synthetic_data))
+    fit, held = split_holdout(st, 0.2, 7)
+    ids_fit, ids_held = set(fit.session_id.tolist()), set(held.session_id.tolist())
+    assert not ids_fit & ids_held and len(ids_fit | ids_held) == len(st) and len(held) >= 1
+    assert torch.equal(split_holdout(st, 0.2, 7)[1].session_id, held.session_id)
+
+
+def test_early_stopping_selects_on_training_sessions(tiny_synthetic_data, tmp_path, monkeypatch):
+    schema = load_schema(tiny_synthetic_data)
+    train_ids = {
+        w: set(load_split(split_path(tiny_synthetic_data, w, "train"), schema).session_id.tolist())
+        for w in (1, 2)
+    }
+    calls: list[set] = []
+    read: list[str] = []
+    real_eval, real_load = train_mod.evaluate_model, train_mod.load_split
+
+    def spy_eval(model, st, device, batch_size):
+        calls.append(set(st.session_id.tolist()))
+        return real_eval(model, st, device, batch_size)
+
+    def spy_load(path, schema):
+        read.append(Path(path).name)
+        return real_load(path, schema)
+
+    monkeypatch.setattr(train_mod, "evaluate_model", spy_eval)
+    monkeypatch.setattr(train_mod, "load_split", spy_load)
+    result = train(
+        tiny_cfg(
+            tiny_synthetic_data, tmp_path / "run", epochs=3, holdout=0.2, patience=1,
+            train_on="cumulative", evaluate=False, baselines=False,
+        )
+    )  # fmt: skip
+    assert "valid.parquet" not in read and "test.parquet" not in read  # only training splits
+    assert calls and all(any(c <= ids for ids in train_ids.values()) for c in calls)
+    for row in result["windows"]:
+        assert 1 <= row["epochs_run"] <= 3 and 1 <= row["best_epoch"] <= row["epochs_run"]
+        assert len(row["holdout_ndcg20_per_epoch"]) == row["epochs_run"]
+        assert row["fit_sessions"] + row["holdout_sessions"] >= row["train_sessions"]
+        assert "ndcg@20" not in row  # evaluation window never scored
+
+
+# --- tune writes a file that train accepts --------------------------------------------------------
+
+
+def test_tune_writes_settings_train_accepts(tiny_synthetic_data, tmp_path):
+    assert len(sample_trials(3, 0)) == 3 and sample_trials(3, 0) == sample_trials(3, 0)
+    best = tmp_path / "best.json"
+    out = tune(
+        TuneConfig(
+            data=str(tiny_synthetic_data), out=str(best), trials=1, end_window=3, max_epochs=1, threads=1
+        )
+    )
+    saved = json.loads(best.read_text())
+    assert saved["params"] == out["params"] and np.isfinite(saved["score"])
+    cfg = train_mod.parse_args(
+        ["--data", str(tiny_synthetic_data), "--out", str(tmp_path / "run"), "--config", str(best),
+         "--end-window", "3", "--threads", "1", "--no-progress"]
+    )  # fmt: skip
+    assert cfg.recipe == "real+config" and cfg.epochs == 1
+    for k, v in saved["params"]["model"].items():
+        assert cfg.model[k] == v
+    result = train(cfg)
+    assert result["summary"]["windows_evaluated"] == 2
+    assert train_mod.main(["--data", str(tiny_synthetic_data), "--out", str(tmp_path / "r2"), "--config",
+                           str(tmp_path / "missing.json")]) == 2  # fmt: skip

@@ -1,0 +1,212 @@
+"""Accuracy of the training recipe against the baselines on DIGINETICA (3 seeds).
+
+    python -m training.bench_quality --out bench_results/quality.json      # make bench-quality
+    python -m training.bench_quality --out q.json --seeds 0 --recipe reference
+
+Prepares ../shared/data/diginetica/diginetica-views-7days.tsv (or --input) with
+`python -m training.prepare`, trains `python -m training.train` with the
+recipe the data selects (real logs: the "real" recipe; override with
+--recipe) for every seed, and writes per-window and mean NDCG@20,
+Recall@20 and MRR@20 of the model and of the three baselines (evaluated on
+the same sessions), the training time, and the model / best-baseline ratios.
+Prints the markdown table of docs/quality.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.baselines import BASELINES
+from training.data import load_schema
+from training.model import atomic_write
+from training.train import TrainConfig, resolve_settings, train
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_INPUT = REPO.parent / "shared" / "data" / "diginetica" / "diginetica-views-7days.tsv"
+PREPARE_ARGS = [
+    "--session-col", "sessionId", "--item-col", "itemId", "--time-col", "Time",
+    "--order-col", "timeframe", "--time-unit", "s",
+]  # fmt: skip
+METRICS = ("ndcg@20", "recall@20", "mrr@20")
+METHODS = ("model", *BASELINES)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def prepare(input_path: Path, out: Path, extra: list[str] | None = None) -> None:
+    if not input_path.is_file():
+        raise BenchError(
+            f"{input_path} does not exist: bench_quality needs the DIGINETICA views file "
+            "(../shared/data/diginetica/diginetica-views-7days.tsv next to the repository), or pass --input"
+        )
+    cmd = [sys.executable, "-m", "training.prepare", "--input", str(input_path), *(extra or PREPARE_ARGS)]
+    subprocess.run([*cmd, "--out", str(out)], check=True, cwd=REPO)
+
+
+def per_window(result: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for r in result["windows"]:
+        if r.get("eval_sessions", 0) == 0:
+            continue
+        row = {
+            "train_window": r["train_window"],
+            "eval_window": r["eval_window"],
+            "eval_sessions": r["eval_sessions"],
+        }
+        row["model"] = {m: r[m] for m in METRICS}
+        for b in BASELINES:
+            row[b] = {m: r["baselines"][b][m] for m in METRICS}
+        rows.append(row)
+    return rows
+
+
+def mean_of(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return {k: {m: float(np.mean([r[k][m] for r in rows])) for m in METRICS} for k in METHODS}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    seeds = summary["seeds"]
+    lines = [
+        f"Mean over seeds {', '.join(map(str, seeds))} (train windows 1..t, evaluate window t+1; "
+        f"recipe `{summary['recipe']}`)",
+        "",
+        "| eval window | sessions | "
+        + " | ".join(f"{k} NDCG@20 / Recall@20 / MRR@20" for k in METHODS)
+        + " |",
+        "|---|---|" + "---|" * len(METHODS),
+    ]
+    for w in summary["windows"]:
+        cells = [" / ".join(f"{w[k][m]:.4f}" for m in METRICS) for k in METHODS]
+        lines.append(f"| {w['eval_window']} | {w['eval_sessions']} | " + " | ".join(cells) + " |")
+    mean = summary["mean"]
+    cells = [" / ".join(f"**{mean[k][m]:.4f}**" for m in METRICS) for k in METHODS]
+    lines.append("| **mean** | | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| seed | model NDCG@20 | best baseline NDCG@20 | model Recall@20 | best baseline Recall@20 | train s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summary["per_seed"]:
+        lines.append(
+            f"| {s['seed']} | {s['mean']['model']['ndcg@20']:.4f} | {s['best_baseline']['ndcg@20']:.4f} | "
+            f"{s['mean']['model']['recall@20']:.4f} | {s['best_baseline']['recall@20']:.4f} | {s['train_seconds']:.0f} |"
+        )
+    r = summary["ratio_to_best_baseline"]
+    lines += [
+        "",
+        f"Model / best baseline (mean over seeds): NDCG@20 {r['ndcg@20']:.3f}x, Recall@20 {r['recall@20']:.3f}x "
+        f"(target >= 1.05x). Training time per seed: {summary['train_seconds_per_seed']:.0f} s.",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    data = work / "data"
+    if not (data / "schema.json").is_file():
+        prepare(Path(args.input), data)
+    schema = load_schema(data)
+    settings = resolve_settings(
+        schema, args.recipe, json.loads(Path(args.config).read_text()).get("params") if args.config else None
+    )
+    per_seed, all_rows = [], []
+    for seed in args.seeds:
+        t0 = time.perf_counter()
+        result = train(
+            TrainConfig(
+                data=str(data),
+                out=str(work / f"run-seed{seed}"),
+                seed=seed,
+                end_window=args.end_window,
+                threads=args.threads,
+                progress=False,
+                **settings,
+            )
+        )
+        rows = per_window(result)
+        mean = mean_of(rows)
+        best = {m: max(mean[b][m] for b in BASELINES) for m in METRICS}
+        per_seed.append(
+            {
+                "seed": seed,
+                "mean": mean,
+                "best_baseline": best,
+                "windows": rows,
+                "train_seconds": result["summary"]["train_seconds"],
+                "wall_seconds": time.perf_counter() - t0,
+            }
+        )
+        all_rows.append(rows)
+        print(
+            f"[bench_quality] seed {seed}: model ndcg@20={mean['model']['ndcg@20']:.4f} "
+            f"best baseline {best['ndcg@20']:.4f}",
+            file=sys.stderr,
+        )
+    windows = []
+    for i, w in enumerate(all_rows[0]):
+        windows.append(
+            {
+                "eval_window": w["eval_window"],
+                "eval_sessions": w["eval_sessions"],
+                **{
+                    k: {m: float(np.mean([rows[i][k][m] for rows in all_rows])) for m in METRICS}
+                    for k in METHODS
+                },
+            }
+        )
+    mean = {k: {m: float(np.mean([s["mean"][k][m] for s in per_seed])) for m in METRICS} for k in METHODS}
+    best = {m: max(mean[b][m] for b in BASELINES) for m in METRICS}
+    summary = {
+        "data": str(args.input),
+        "recipe": settings["recipe"],
+        "settings": settings,
+        "seeds": list(args.seeds),
+        "windows": windows,
+        "mean": mean,
+        "best_baseline": best,
+        "ratio_to_best_baseline": {m: mean["model"][m] / best[m] if best[m] > 0 else None for m in METRICS},
+        "train_seconds_per_seed": float(np.mean([s["train_seconds"] for s in per_seed])),
+        "per_seed": per_seed,
+    }
+    summary["markdown"] = markdown(summary)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, json.dumps(summary, indent=2).encode())
+    print(summary["markdown"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.bench_quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON file for the results")
+    p.add_argument("--input", default=str(DEFAULT_INPUT), help="DIGINETICA views TSV")
+    p.add_argument(
+        "--work", default=None, help="folder for the prepared data and runs (default: a temp folder)"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--recipe", default="auto", help="auto | reference | real")
+    p.add_argument("--config", default=None, help="settings JSON (training.tune output) on top of the recipe")
+    p.add_argument("--end-window", type=int, default=8, help="train on windows 1..END-1")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
