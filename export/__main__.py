@@ -18,6 +18,7 @@ match the sha256 in its schema.json, a RUN trained on another workflow, and a
 from __future__ import annotations
 
 import argparse
+import pickle  # only for its exception type: nothing here unpickles
 import sys
 import time
 from pathlib import Path
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             version = add_model_version(cfg)
         else:
             out = export_repository(cfg)
-    except (WorkflowIntegrityError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (WorkflowIntegrityError, ValueError, FileNotFoundError, FileExistsError, RuntimeError,
+            pickle.UnpicklingError) as e:  # UnpicklingError: torch.load(weights_only=True) refused a model.pt
         print(f"error: {e}", file=sys.stderr)
         return 2
     if new_version:

@@ -392,6 +392,23 @@ def _clear_out(out: Path) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
 
 
+def check_same_workflow(run: Path, data: Path, schema: dict) -> None:
+    """RUN/meta.json's workflow_sha256 (recorded at training time) must equal DATA/schema.json's.
+
+    Checked before anything of DATA is unpickled: a workflow.pkl replaced together
+    with its hashes in schema.json is refused here, not loaded."""
+    from training.model import read_meta
+
+    want, got = schema.get("workflow_sha256"), read_meta(run).get("workflow_sha256")
+    if not want or not got:
+        raise ValueError(f"{run}/meta.json or {data}/{SCHEMA_FILE} records no workflow_sha256: re-run training")
+    if want != got:
+        raise ValueError(
+            f"{run} was trained on another workflow than {data}/{WORKFLOW_DIR} (workflow_sha256 in "
+            f"{data}/{SCHEMA_FILE} differs from {run}/meta.json): export with the DATA the run was trained on"
+        )
+
+
 def _trace(run: Path, data: Path, schema: dict, cfg: ExportConfig):
     """Load the run, wrap it in TopKRanker (k fixed), trace it on the serving device; returns the traced module.
 
@@ -418,14 +435,8 @@ def _trace(run: Path, data: Path, schema: dict, cfg: ExportConfig):
             "traced on a GPU, and this torch has no CUDA. Export on a CUDA machine (e.g. inside "
             "nvcr.io/nvidia/pytorch), or use --instance-kind cpu"
         )
-    model, meta = load_run(run)
-    want = schema.get("workflow_sha256")
-    got = meta.get("workflow_sha256")
-    if want and got and want != got:
-        raise ValueError(
-            f"{run} was trained on another workflow than {data}/{WORKFLOW_DIR} (workflow_sha256 differs): "
-            "export with the DATA the run was trained on"
-        )
+    check_same_workflow(run, data, schema)
+    model, _meta = load_run(run)
     n_items = int(schema["categorical"][ITEM_LIST])
     ranker = TopKRanker(model.to(device), feature_order(schema), cfg.top_k, n_items)
     torch.manual_seed(0)
@@ -445,7 +456,8 @@ def export_repository(cfg: ExportConfig) -> Path:
     run, data, out = Path(cfg.run), Path(cfg.data), Path(cfg.out)
     schema = json.loads((data / SCHEMA_FILE).read_text())
     layout = Layout.from_schema(schema, cfg.top_k)
-    transform = ServingTransform.load(data)  # also checks the workflow files' sha256
+    check_same_workflow(run, data, schema)  # before the workflow pickle is loaded
+    transform = ServingTransform.load(data)  # checks the workflow files' sha256 against schema.json, then unpickles
     vocab = np.asarray(transform.item_vocabulary(), dtype=np.int64)
     traced = _trace(run, data, schema, cfg)
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from export.steps import IntegrityError, preprocess, verify_version_files
-from training.workflow import ServingTransform
 
 
 class TritonPythonModel:
@@ -38,6 +37,8 @@ class TritonPythonModel:
                 f"{version_dir / 'schema.json'} lists other workflow files than the run was trained with "
                 "(workflow_sha256 differs from sessrec_export.json): refusing to load the workflow"
             )
+        from training.workflow import ServingTransform  # NVTabular: imported only for verified files
+
         self.transform = ServingTransform.load(version_dir)
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]

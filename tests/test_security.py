@@ -1,0 +1,288 @@
+"""What the exporter and the server load, and what they refuse.
+
+- Nothing in training/, export/, clients/ unpickles except the NVTabular workflow
+  (Workflow.load, after its files' sha256 were checked): torch.load only with
+  weights_only=True, np.load only with allow_pickle=False, no pickle/joblib/yaml/eval.
+- `python -m export` refuses a DATA whose workflow files were modified, a RUN
+  trained on another workflow, and a model.pt that would unpickle code.
+- A repository file changed after export makes its step refuse to load, with a
+  message naming the file (one tritonserver start for two tampered preprocess
+  steps; the same check of every step's files without a server).
+- Defaults bind 127.0.0.1 and restrict the admin APIs.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from export.__main__ import main as export_main
+from export.repository import MANIFEST, ExportConfig, add_model_version, export_repository
+from export.tritonserver import ServerConfig, ServerError, TritonServer
+from tests.triton_util import PROJECT_ROOT, trained_artifacts
+from training.names import PREPROCESS_MODEL, SCHEMA_FILE, TORCH_MODEL, WORKFLOW_DIR
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    return trained_artifacts(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def repo(artifacts, tmp_path_factory):
+    data, run = artifacts
+    return export_repository(ExportConfig(run=run, data=data, out=tmp_path_factory.mktemp("sec") / "repo"))
+
+
+# --- static: what can unpickle ---------------------------------------------------------------------
+SOURCES = sorted(p for d in ("training", "export", "clients") for p in (PROJECT_ROOT / d).rglob("*.py"))
+
+
+def _calls(path: Path):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            yield node, ast.unparse(node.func)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(PROJECT_ROOT)) for p in SOURCES])
+def test_no_code_executing_loads(path):
+    text = path.read_text()
+    for mod in ("pickle", "cloudpickle", "dill", "joblib", "marshal", "shelve", "yaml"):
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                if mod in names and not (mod == "pickle" and path.name == "__main__.py"):  # exception type only
+                    pytest.fail(f"{path}: imports {mod}")
+    for call, func in _calls(path):
+        kwargs = {k.arg: ast.unparse(k.value) for k in call.keywords}
+        if func in ("eval", "exec"):
+            pytest.fail(f"{path}:{call.lineno}: {func}()")
+        if func.endswith("torch.load"):
+            assert kwargs.get("weights_only") == "True", f"{path}:{call.lineno}: torch.load without weights_only=True"
+        if func in ("np.load", "numpy.load"):
+            assert kwargs.get("allow_pickle") in (None, "False"), f"{path}:{call.lineno}: np.load(allow_pickle=True)"
+        if func.endswith("read_pickle"):
+            pytest.fail(f"{path}:{call.lineno}: {func}")
+        if func.endswith("Workflow.load"):
+            assert path.name == "workflow.py", f"{path}:{call.lineno}: Workflow.load outside ServingTransform.load"
+
+
+def test_workflow_is_unpickled_only_after_its_sha256_check():
+    source = (PROJECT_ROOT / "training" / "workflow.py").read_text()
+    body = source[source.index("    def load(cls, data_dir"):]
+    body = body[: body.index("\n    # ----")]
+    assert body.index("verify_workflow_files(") < body.index("nvt.Workflow.load(")
+
+
+def test_pyarrow_is_not_the_one_that_unpickles_extension_types():
+    """pyarrow < 14.0.1 unpickles PyExtensionType metadata of a parquet/IPC file (CVE-2023-47248)."""
+    import pyarrow
+
+    version = tuple(int(x) for x in re.findall(r"\d+", pyarrow.__version__)[:3])
+    assert version >= (14, 0, 1), f"pyarrow {pyarrow.__version__} executes code from crafted parquet files"
+
+
+# --- the exporter refuses -------------------------------------------------------------------------
+def _copy_data(data: Path, dst: Path) -> Path:
+    shutil.copytree(data, dst, ignore=shutil.ignore_patterns("sessions_by_day", "interactions.parquet"))
+    return dst
+
+
+def test_export_refuses_a_tampered_workflow(artifacts, tmp_path, capsys):
+    data, run = artifacts
+    bad = _copy_data(data, tmp_path / "data")
+    with open(bad / WORKFLOW_DIR / "workflow.pkl", "ab") as f:
+        f.write(b"\x00")
+    out = tmp_path / "repo"
+    code = export_main(["--run", str(run), "--data", str(bad), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: "), err
+    assert "workflow.pkl" in err and "sha256" in err and "refusing" in err, err
+    assert not out.exists()
+
+
+def _evil_pickle(marker: Path) -> bytes:
+    """A pickle that runs `touch marker` when loaded."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    return pickle.dumps(Evil())
+
+
+def test_export_refuses_a_run_trained_on_another_workflow(artifacts, tmp_path, capsys):
+    """DATA whose workflow.pkl was replaced (here by a pickle that runs code) and whose schema.json was
+    re-hashed to match: the run's training-time workflow_sha256 disagrees, and nothing is unpickled."""
+    from training.workflow import workflow_sha256
+
+    data, run = artifacts
+    other = _copy_data(data, tmp_path / "data")
+    marker = tmp_path / "pwned"
+    (other / WORKFLOW_DIR / "workflow.pkl").write_bytes(_evil_pickle(marker))
+    schema = json.loads((other / SCHEMA_FILE).read_text())
+    schema["workflow_sha256"] = workflow_sha256(other)
+    (other / SCHEMA_FILE).write_text(json.dumps(schema))
+    code = export_main(["--run", str(run), "--data", str(other), "--out", str(tmp_path / "repo")])
+    err = capsys.readouterr().err
+    assert code == 2 and "another workflow" in err and "meta.json" in err, err
+    assert not marker.exists(), "the workflow pickle was loaded"
+
+
+def test_export_loads_model_pt_with_weights_only(artifacts, tmp_path, capsys):
+    """A model.pt that would run code when unpickled (sha256 in meta.json updated to match) is refused,
+    and the code does not run."""
+    import pickle
+
+    import torch
+
+    data, run = artifacts
+    bad_run = tmp_path / "run"
+    shutil.copytree(run, bad_run)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"w": Evil()}, bad_run / "model.pt", pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    meta = json.loads((bad_run / "meta.json").read_text())
+    if "files" in meta:
+        meta["files"]["model.pt"] = hashlib.sha256((bad_run / "model.pt").read_bytes()).hexdigest()
+    (bad_run / "meta.json").write_text(json.dumps(meta))
+    code = export_main(["--run", str(bad_run), "--data", str(data), "--out", str(tmp_path / "repo")])
+    err = capsys.readouterr().err
+    assert code == 2 and "error:" in err, err
+    assert "Weights only load failed" in err or "weights_only" in err, err
+    assert not marker.exists(), "unpickling model.pt ran code"
+
+
+def test_new_version_refuses_other_data(artifacts, repo, tmp_path):
+    data, run = artifacts
+    other = _copy_data(data, tmp_path / "data")
+    schema = json.loads((other / SCHEMA_FILE).read_text())
+    schema["workflow_sha256"] = {**schema["workflow_sha256"], f"{WORKFLOW_DIR}/metadata.json": "0" * 64}
+    (other / SCHEMA_FILE).write_text(json.dumps(schema))
+    with pytest.raises(ValueError, match="not the DATA the repository"):
+        add_model_version(ExportConfig(run=run, data=other, out=repo))
+
+
+# --- the server refuses ------------------------------------------------------------------------------
+def _clone_step(repo: Path, out: Path, step: str, name: str) -> Path:
+    """Copy `step` of `repo` to `out/<name>` (config name changed) and record its files under that name."""
+    shutil.copytree(repo / step, out / name)
+    cfg = (out / name / "config.pbtxt").read_text()
+    (out / name / "config.pbtxt").write_text(cfg.replace(f'name: "{step}"', f'name: "{name}"'))
+    manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {
+        **json.loads((repo / MANIFEST).read_text()), "files_sha256": {}}
+    for rel, sha in json.loads((repo / MANIFEST).read_text())["files_sha256"].items():
+        if rel.startswith(f"{step}/"):
+            manifest["files_sha256"][name + rel[len(step):]] = sha
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out / name
+
+
+def _append(path: Path) -> None:
+    with open(path, "ab") as f:
+        f.write(b"\x00")
+
+
+def _rehash(out: Path, *rels: str) -> None:
+    manifest = json.loads((out / MANIFEST).read_text())
+    for rel in rels:
+        manifest["files_sha256"][rel] = hashlib.sha256((out / rel).read_bytes()).hexdigest()
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.triton
+def test_tampered_repository_files_refuse_to_load(repo, tmp_path):
+    """Two preprocess steps with the workflow pickle changed after export; tritonserver (exit-on-error)
+    does not start, and each step's load failure says why, naming the file, before anything is unpickled:
+    - pre_pickle: the file no longer matches the export manifest;
+    - pre_rehashed: the attacker also updated schema.json and the manifest's file hashes, but the
+      workflow_sha256 recorded at training time (RUN/meta.json -> manifest) no longer matches."""
+    from training.workflow import workflow_sha256
+
+    out = tmp_path / "tampered"
+    out.mkdir()
+    step = _clone_step(repo, out, PREPROCESS_MODEL, "pre_pickle")
+    _append(step / "1" / WORKFLOW_DIR / "workflow.pkl")
+    step = _clone_step(repo, out, PREPROCESS_MODEL, "pre_rehashed")
+    _append(step / "1" / WORKFLOW_DIR / "workflow.pkl")
+    schema = json.loads((step / "1" / SCHEMA_FILE).read_text())
+    schema["workflow_sha256"] = workflow_sha256(step / "1")
+    (step / "1" / SCHEMA_FILE).write_text(json.dumps(schema))
+    _rehash(out, "pre_rehashed/1/workflow/workflow.pkl", "pre_rehashed/1/schema.json")
+    expect = {
+        "pre_pickle": ["workflow.pkl has sha256", "refusing to load it"],
+        "pre_rehashed": ["than the run was trained with", "refusing to load the workflow"],
+    }
+    server = TritonServer(ServerConfig(repo=out, grpc_port=0, http_port=0, metrics_port=0))
+    with pytest.raises(ServerError):
+        server.start()
+    log = server.log_path.read_text(errors="replace")
+    for name, texts in expect.items():
+        lines = [line for line in log.splitlines() if f"failed to load '{name}'" in line]
+        assert lines, f"{name}: no load failure in the log:\n{log[-4000:]}"
+        for text in texts:
+            assert any(text in line and "IntegrityError" in line for line in lines), (name, text, lines)
+
+
+@pytest.mark.parametrize(
+    "step, tamper, message",
+    [
+        (PREPROCESS_MODEL, lambda d: _append(next((d / "workflow" / "categories").glob("unique.item_id*"))),
+         "has sha256"),
+        (PREPROCESS_MODEL, lambda d: (d / "workflow" / "extra.pkl").write_bytes(b"\x80\x04N."), "is not listed"),
+        (PREPROCESS_MODEL, lambda d: (d / SCHEMA_FILE).unlink(), "is missing"),
+        (TORCH_MODEL, lambda d: _append(d / "model.pt"), "model.pt has sha256"),
+        (TORCH_MODEL, lambda d: (d / "model.py").write_text("import os\n"), "model.py has sha256"),
+        ("postprocess", lambda d: _append(d / "item_vocabulary.npy"), "item_vocabulary.npy has sha256"),
+    ],
+    ids=["categories-parquet", "extra-pickle", "schema-missing", "model-pt", "model-py", "vocabulary"],
+)
+def test_every_step_checks_its_files_before_loading(repo, tmp_path, step, tamper, message):
+    """What each step's initialize() runs first (export.steps.verify_version_files), on a tampered copy."""
+    from export.steps import IntegrityError, verify_version_files
+
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+    verify_version_files(copy / step, 1)  # untouched: passes
+    tamper(copy / step / "1")
+    with pytest.raises(IntegrityError, match=re.escape(message)):
+        verify_version_files(copy / step, 1)
+
+
+def test_a_repository_without_manifest_is_refused(repo, tmp_path):
+    from export.steps import IntegrityError, verify_version_files
+
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+    (copy / MANIFEST).unlink()
+    with pytest.raises(IntegrityError, match="sessrec_export.json not found"):
+        verify_version_files(copy / TORCH_MODEL, 1)
+
+
+def test_defaults_bind_loopback_and_restrict_admin_apis(tmp_path):
+    from export.serve import build_parser
+
+    cfg = ServerConfig(repo=tmp_path)
+    assert cfg.host == "127.0.0.1"
+    assert build_parser().parse_args(["--repo", "x"]).host == "127.0.0.1"
+    cmd = TritonServer(cfg).command(tmp_path)
+    for flag in ("--grpc-address=127.0.0.1", "--http-address=127.0.0.1", "--metrics-address=127.0.0.1"):
+        assert flag in cmd
+    restricted = [a for a in cmd if a.startswith(("--http-restricted-api=", "--grpc-restricted-protocol="))]
+    assert len(restricted) == 2
+    for arg in restricted:
+        apis = arg.split("=", 1)[1].split(":", 1)[0].split(",")
+        assert {"model-repository", "shared-memory", "logging", "trace"} <= set(apis), arg
