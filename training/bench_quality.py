@@ -55,10 +55,11 @@ def prepare(input_path: Path, out: Path, extra: list[str] | None = None) -> None
 
 
 def per_window(result: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
+    rows, seen = [], 0
     for r in result["windows"]:
-        if r.get("eval_sessions", 0) == 0:
-            continue
+        seen += r.get("train_sessions", 0)
+        if r.get("eval_sessions", 0) == 0 or seen == 0:
+            continue  # nothing trained yet (DIGINETICA's window 1 is empty): no method has data
         row = {
             "train_window": r["train_window"],
             "eval_window": r["eval_window"],
