@@ -11,6 +11,12 @@ evaluate on <t+1>/valid.parquet: the input is every item but the last and the
 target is the last item, ranked over the full catalogue (training/metrics.py).
 The baselines of training/baselines.py are evaluated on the same sessions.
 
+Defaults come from a recipe (`RECIPES`, docs/quality.md): "reference" (the
+protocol above) for synthetic data, "real" for a click log prepared from
+--input (every window <= t, causal objective, early stopping on a held-back
+slice of window t's training sessions); `--recipe` forces one, `--config FILE`
+(e.g. from `python -m training.tune`) overrides it, explicit flags win.
+
 Writes to RUN/ after every window (each file atomically, see `save_checkpoint`):
 model.pt (state_dict), optim.pt (optimizer/scheduler/RNG state), meta.json
 (model config, schema, workflow sha256, last finished window, metrics),
