@@ -1,6 +1,6 @@
 """Soak test: drive the `session_ranker` ensemble for a bounded time and watch failures, latency and memory.
 
-    make soak                    # python -m clients.soak --seconds 60
+    make soak                    # python -m clients.soak --seconds 60  (report: bench_results/soak.json)
     python -m clients.soak --seconds 60 --concurrency 8 --out bench_results/soak.json
     python -m clients.soak --repo model_repository --data data/synthetic --seconds 600
 
@@ -60,7 +60,7 @@ class SoakConfig:
     distinct_requests: int = 64  # different requests per size, cycled
     timeout_s: float = 60.0  # client deadline per request
     seed: int = 0
-    out: Path | None = None  # JSON report
+    out: Path | None = Path("bench_results/soak.json")  # JSON report
     repo: Path | None = None  # serve this repository (default: export one into work/)
     data: Path = Path("data/synthetic")
     run: Path = Path("runs/synthetic")
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-growth", type=float, default=d.max_growth, help="RSS growth (fraction) that fails")
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="client deadline per request (s)")
     p.add_argument("--seed", type=int, default=d.seed, help="request mix seed")
-    p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    p.add_argument("--out", type=Path, default=d.out, help="write the JSON report here")
     p.add_argument("--repo", type=Path, default=None, help="serve this repository (default: export one)")
     p.add_argument("--data", type=Path, default=d.data, help="DATA with interactions.parquet (requests)")
     p.add_argument("--run", type=Path, default=d.run, help="RUN to export when --repo is not given")

@@ -6,10 +6,12 @@
 
 Binds 127.0.0.1 unless `--host` says otherwise, waits until every model (the
 `session_ranker` ensemble and its steps) is ready, prints the endpoints and
-runs until Ctrl-C or SIGTERM, then stops the server: tritonserver answers new
-requests UNAVAILABLE and lets in-flight ones finish for up to `--exit-timeout`
-seconds. Port 0 picks a free port. For a GPU server with the libtorch backend
-use the NGC container instead (see export/README.md).
+runs until Ctrl-C or SIGTERM, then stops the server: the ensemble is unloaded
+first (requests in flight finish through every step; new ones get NOT_FOUND),
+then tritonserver gets SIGINT and waits up to `--exit-timeout` seconds for the
+rest. Exit status 0 after a clean stop. Port 0 picks a free port. For a GPU
+server with the libtorch backend use the NGC container instead (see
+export/README.md).
 
 Model control is explicit by default (all models loaded at start): a new
 version of the model step written by `python -m export ... --new-version` is

@@ -413,6 +413,20 @@ def answers_before(stub, good_requests):
     return out
 
 
+def test_endpoints_listen_on_loopback_only(server):
+    """The server's three ports are bound to 127.0.0.1 (the default), per the kernel's socket table."""
+    listening = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # LISTEN
+                addr, port = local.rsplit(":", 1)
+                listening.setdefault(int(port, 16), set()).add(addr)
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, and as IPv4-mapped IPv6 (metrics)
+    for port in (server.grpc_port, server.http_port, server.metrics_port):
+        assert listening.get(port) and listening[port] <= loopback, (port, listening.get(port))
+
+
 def test_table_is_large_enough():
     ids = [c[0] for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 25
