@@ -132,8 +132,9 @@ def serve(cfg: ServerConfig, watchdog_interval_s: float = 0.0) -> int:
     code = server.stop()
     print(f"tritonserver stopped (exit code {code})", file=sys.stderr)
     if code != 0 and watchdog is not None and watchdog.events:
-        print("  (a step whose stub died was restarted: tritonserver 2.51 never finishes unloading the dead "
-              "instance and exits with an error after --exit-timeout)", file=sys.stderr)
+        print("  (a step whose stub died was restarted: tritonserver 2.51 may never finish unloading the dead "
+              "instance, as seen with the model step, and then exits with an error after --exit-timeout)",
+              file=sys.stderr)
     return 1 if died or code != 0 else 0
 
 
