@@ -537,10 +537,14 @@ def _file_sha256(path: Path) -> str:
 def _write_tmp(path: Path, data: bytes) -> Path:
     """Write `data` to `path`.tmp and fsync it; the caller os.replace()s it into place."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a partial file behind (e.g. on a full disk)
+        raise
     return tmp
 
 

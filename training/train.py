@@ -933,6 +933,14 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # full disk, output folder gone or read-only while training
+        where = f": {e.filename}" if e.filename else ""
+        print(
+            f"error: cannot write the run ({e.strerror or e}{where}); the last finished window's checkpoint "
+            "is intact: free space or fix the folder, then rerun with --resume",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 
