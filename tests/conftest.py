@@ -8,6 +8,11 @@
 - `diginetica_data`: DATA folder prepared from diginetica-views-7days.tsv (skipped
   when absent); a few seconds to build.
 
+- `artifacts`: (DATA, RUN) of a 30,000-row synthetic log and a 1-epoch run, made once
+  per pytest process (tests/triton_util.trained_artifacts); `schema` and
+  `interactions` are its schema.json and interactions.parquet. Used by the serving,
+  export, reliability and security tests.
+
 Treat the DATA folders as read-only (copy them before modifying anything).
 """
 
@@ -59,3 +64,26 @@ def diginetica_data(tmp_path_factory, diginetica_dir) -> Path:
     out = tmp_path_factory.mktemp("diginetica") / "data"
     prepare(config_from_args(["--input", str(diginetica_dir / DIGINETICA_TSV), *DIGINETICA_TSV_FLAGS, "--out", str(out)]))
     return out
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> tuple[Path, Path]:
+    from tests.triton_util import trained_artifacts
+
+    return trained_artifacts(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def schema(artifacts) -> dict:
+    import json
+
+    return json.loads((artifacts[0] / "schema.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def interactions(artifacts):
+    import pandas as pd
+
+    from training.names import INTERACTIONS_FILE
+
+    return pd.read_parquet(artifacts[0] / INTERACTIONS_FILE)

@@ -39,7 +39,7 @@ from export.steps import (
     split_rows,
     to_raw_item_ids,
 )
-from tests.triton_util import PROJECT_ROOT, trained_artifacts
+from tests.triton_util import PROJECT_ROOT
 from training.names import (
     ENSEMBLE_NAME,
     FIRST_REAL_ID,
@@ -55,16 +55,6 @@ from training.names import (
 )
 
 K = 10
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    return trained_artifacts(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def schema(artifacts):
-    return json.loads((artifacts[0] / "schema.json").read_text())
 
 
 @pytest.fixture(scope="module")

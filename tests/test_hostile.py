@@ -23,15 +23,13 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-import pandas as pd
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from export.repository import ExportConfig, export_repository
-from tests.triton_util import start_server, trained_artifacts
+from tests.triton_util import start_server
 from training.names import (
     ENSEMBLE_NAME,
-    INTERACTIONS_FILE,
     LENGTHS_TENSOR,
     OUT_ENCODED_IDS,
     OUT_ITEM_IDS,
@@ -52,21 +50,6 @@ DTYPES = {"i": "INT64", "f": "FP32", "b": "BOOL"}
 
 
 # --- fixtures -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    return trained_artifacts(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def schema(artifacts):
-    return json.loads((artifacts[0] / "schema.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def interactions(artifacts):
-    return pd.read_parquet(artifacts[0] / INTERACTIONS_FILE)
-
-
 @pytest.fixture(scope="module")
 def server(artifacts, tmp_path_factory):
     data, run = artifacts

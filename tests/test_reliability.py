@@ -28,7 +28,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
@@ -44,10 +43,9 @@ from export.repository import (
     write_floor_repository,
 )
 from export.tritonserver import ServerConfig, ServerError, StubWatchdog, TritonServer
-from tests.triton_util import PROJECT_ROOT, trained_artifacts
+from tests.triton_util import PROJECT_ROOT
 from training.names import (
     ENSEMBLE_NAME,
-    INTERACTIONS_FILE,
     OUT_ITEM_IDS,
     OUT_SCORES,
     OUT_SESSION_ID,
@@ -63,21 +61,6 @@ A_EXIT_TIMEOUT_S = 5  # A ends with an instance tritonserver cannot unload: it w
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    return trained_artifacts(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def schema(artifacts):
-    return json.loads((artifacts[0] / "schema.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def interactions(artifacts):
-    return pd.read_parquet(artifacts[0] / INTERACTIONS_FILE)
-
-
 @pytest.fixture(scope="module")
 def repos(artifacts, tmp_path_factory):
     """(repository for A, a copy for B), default export options."""

@@ -26,13 +26,8 @@ import pytest
 from export.__main__ import main as export_main
 from export.repository import MANIFEST, ExportConfig, add_model_version, export_repository
 from export.tritonserver import ServerConfig, ServerError, TritonServer
-from tests.triton_util import PROJECT_ROOT, trained_artifacts
+from tests.triton_util import PROJECT_ROOT
 from training.names import PREPROCESS_MODEL, SCHEMA_FILE, TORCH_MODEL, WORKFLOW_DIR
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    return trained_artifacts(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

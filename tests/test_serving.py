@@ -25,10 +25,9 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 from clients import rank_sessions
 from export.inference import TopKRanker, feature_order, load_run
 from export.repository import FLOOR_ENSEMBLE, ExportConfig, export_repository, write_floor_repository
-from tests.triton_util import PROJECT_ROOT, start_server, trained_artifacts
+from tests.triton_util import PROJECT_ROOT, start_server
 from training.names import (
     ENSEMBLE_NAME,
-    INTERACTIONS_FILE,
     ITEM_LIST,
     LENGTHS_TENSOR,
     OUT_ITEM_IDS,
@@ -47,21 +46,6 @@ K = 20
 MAX_ROWS = 2000  # --max-request-rows of the served repository (bad-input test sends one more)
 MAX_SESSIONS = 64  # --max-batch-sessions
 MIN_SESSIONS = 500  # offline = online on at least this many validation sessions
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    return trained_artifacts(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def schema(artifacts):
-    return json.loads((artifacts[0] / "schema.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def interactions(artifacts):
-    return pd.read_parquet(artifacts[0] / INTERACTIONS_FILE)
 
 
 @pytest.fixture(scope="module")
