@@ -6,6 +6,8 @@ DATA ?= data/synthetic
 RUN ?= runs/synthetic
 REPO ?= model_repository
 SEED ?= 0
+# A Python with transformers4rec 23.12 (see ../shared/bench/t4rec_reference.py) to time the reference side by side
+REFERENCE_PYTHON ?=
 
 .PHONY: setup demo test test-fast lint bench-data bench-train bench-serving bench-quality soak clean
 
@@ -28,7 +30,7 @@ bench-data: setup
 	$(PY) -m training.bench_prepare --out bench_results/prepare.json
 
 bench-train: setup
-	$(PY) -m training.bench_train --out bench_results/train.json
+	$(PY) -m training.bench_train --out bench_results/train.json $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON))
 
 bench-serving: setup
 	$(PY) -m clients.bench_serving --out bench_results/serving
