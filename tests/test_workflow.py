@@ -101,20 +101,10 @@ def test_session_groupby_matches_stock_groupby(seed):
 
 
 def reference_etl_workflow(out_path) -> nvt.Workflow:
-    """Transformers4Rec getting-started 01-ETL cell 15, verbatim (stock ops, four branches)."""
-    categ_feats = ["item_id", "category"] >> ops.Categorify(out_path=str(out_path))
-    groupby_feats = categ_feats + ["session_id", "day", "age_days", "weekday_sin"]
-    g = groupby_feats >> ops.Groupby(
-        groupby_cols=["session_id"],
-        aggs={"item_id": ["list", "count"], "category": ["list"], "day": ["first"],
-              "age_days": ["list"], "weekday_sin": ["list"]},
-        name_sep="-",
-    )  # fmt: skip
-    cat = g["category-list"] >> ops.ListSlice(-20)
-    item = g["item_id-list"] >> ops.ListSlice(-20) >> ops.TagAsItemID()
-    conts = g["age_days-list", "weekday_sin-list"] >> ops.ListSlice(-20) >> ops.AddMetadata(tags=[Tags.CONTINUOUS])
-    selected = g["item_id-count", "day-first", "session_id"] + item + cat + conts
-    return nvt.Workflow(selected >> ops.Filter(f=lambda df: df["item_id-count"] >= 2))
+    """Transformers4Rec getting-started 01-ETL cell 15 (stock ops), up to its Filter."""
+    from training.bench_prepare import reference_etl_graph
+
+    return nvt.Workflow(reference_etl_graph(out_path))
 
 
 def test_matches_the_reference_etl(tmp_path, monkeypatch):

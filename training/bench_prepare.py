@@ -67,6 +67,29 @@ def child_prepare(rows: int, seed: int, workdir: Path) -> dict:
     }
 
 
+def reference_etl_graph(out_path: Path):
+    """Transformers4Rec getting-started 01-ETL cell 15 up to its Filter, with stock ops.
+
+    Returns the filtered node (session_id, day-first, item_id-count and the four
+    lists); the notebook then selects columns and adds ValueCount. Used by the
+    benchmark below and by tests/test_workflow.py's parity test."""
+    from merlin.schema.tags import Tags
+    from nvtabular import ops
+
+    categ = ["item_id", "category"] >> ops.Categorify(out_path=str(out_path))
+    g = (categ + ["session_id", "day", "age_days", "weekday_sin"]) >> ops.Groupby(
+        groupby_cols=["session_id"],
+        aggs={"item_id": ["list", "count"], "category": ["list"], "day": ["first"],
+              "age_days": ["list"], "weekday_sin": ["list"]},
+        name_sep="-",
+    )  # fmt: skip
+    cat = g["category-list"] >> ops.ListSlice(-20)
+    itm = g["item_id-list"] >> ops.ListSlice(-20) >> ops.TagAsItemID()
+    conts = g["age_days-list", "weekday_sin-list"] >> ops.ListSlice(-20) >> ops.AddMetadata(tags=[Tags.CONTINUOUS])
+    sel = g["item_id-count", "day-first", "session_id"] + itm + cat + conts
+    return sel >> ops.Filter(f=lambda d: d["item_id-count"] >= 2)
+
+
 def child_reference(rows: int, seed: int, workdir: Path) -> dict:
     """The reference notebook's ETL, as reproduced in ../shared/bench/t4rec_reference.py."""
     import warnings
@@ -75,7 +98,6 @@ def child_reference(rows: int, seed: int, workdir: Path) -> dict:
     import numpy as np
     import nvtabular as nvt
     import pandas as pd
-    from merlin.schema.tags import Tags
     from nvtabular import ops
 
     os.chdir(workdir)  # Categorify writes ./categories
@@ -91,18 +113,7 @@ def child_reference(rows: int, seed: int, workdir: Path) -> dict:
     map_day = dict(zip(df.session_id.unique(), np.random.randint(1, 10, size=df.session_id.nunique())))
     df["day"] = df.session_id.map(map_day)
 
-    categ = ["item_id", "category"] >> ops.Categorify(out_path=str(workdir))
-    g = (categ + ["session_id", "day", "age_days", "weekday_sin"]) >> ops.Groupby(
-        groupby_cols=["session_id"],
-        aggs={"item_id": ["list", "count"], "category": ["list"], "day": ["first"],
-              "age_days": ["list"], "weekday_sin": ["list"]},
-        name_sep="-",
-    )  # fmt: skip
-    cat = g["category-list"] >> ops.ListSlice(-20)
-    itm = g["item_id-list"] >> ops.ListSlice(-20) >> ops.TagAsItemID()
-    conts = g["age_days-list", "weekday_sin-list"] >> ops.ListSlice(-20) >> ops.AddMetadata(tags=[Tags.CONTINUOUS])
-    sel = g["item_id-count", "day-first", "session_id"] + itm + cat + conts
-    filtered = sel >> ops.Filter(f=lambda d: d["item_id-count"] >= 2)
+    filtered = reference_etl_graph(workdir)
     seq = filtered["item_id-list", "category-list", "age_days-list", "weekday_sin-list"] >> ops.ValueCount()
     workflow = nvt.Workflow(filtered["session_id", "day-first"] + seq)
     # The notebook calls .to_parquet(processed_nvt) on the transformed Dataset; in this venv
