@@ -118,3 +118,43 @@ def evaluate_baselines(
     """Metrics of every baseline on the evaluation sessions (inputs = all but the last item)."""
     last = last_input_items(input_items, input_lengths)
     return {name: metrics_from_ranks(counts.ranks(name, last, targets)) for name in BASELINES}
+
+
+def _top_k_rows(mat: sp.csr_matrix, k: int, tie: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k columns of every row of a count matrix by (count, tie): (V, k) int32 ids, (V, k) float32 counts.
+
+    Rows with fewer than k entries are padded with column PAD_ID and count 0.
+    """
+    mat = mat.tocsr()
+    mat.sum_duplicates()
+    n = mat.shape[0]
+    rows = np.repeat(np.arange(n), np.diff(mat.indptr))
+    cols, vals = mat.indices, mat.data.astype(np.float64)
+    order = np.lexsort((-tie[cols], -vals, rows))  # by row, then count desc, then popularity desc
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    rank = np.arange(rows.size) - mat.indptr[rows]
+    keep = (rank < k) & (vals > 0)
+    idx = np.full((n, k), PAD_ID, dtype=np.int32)
+    val = np.zeros((n, k), dtype=np.float32)
+    idx[rows[keep], rank[keep]] = cols[keep]
+    val[rows[keep], rank[keep]] = vals[keep]
+    return idx, val
+
+
+def memory_tables(counts: BaselineCounts, k: int) -> dict[str, np.ndarray]:
+    """The count tables of the model's ItemMemory (training/model.py) from the training counts.
+
+    cooc_idx/cooc_val: per item the k items co-occurring in most training sessions
+    (same definition as cooc_knn), succ_idx/succ_val: the k most frequent direct
+    successors (successor_knn), pop: occurrences (popular); ties by popularity.
+    """
+    tie = counts.pop.astype(np.float64)
+    cooc_idx, cooc_val = _top_k_rows(counts.cooc, k, tie)
+    succ_idx, succ_val = _top_k_rows(counts.succ, k, tie)
+    return dict(
+        cooc_idx=cooc_idx,
+        cooc_val=cooc_val,
+        succ_idx=succ_idx,
+        succ_val=succ_val,
+        pop=counts.pop.astype(np.float32),
+    )

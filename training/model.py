@@ -94,6 +94,10 @@ class ModelConfig:
     objective: str = "mlm"  # "mlm" (masked LM, the reference) or "clm" (causal)
     mask_prob: float = 0.15  # mlm: probability that a real position is masked
     mask_init_std: float = 0.001  # trainable mask embedding ~ N(0, 0.001) as T4Rec
+    # --- item memory (off in the reference recipe; see ItemMemory) ---------------
+    memory: bool = False  # add learned-gated co-occurrence / successor / repeat / popularity scores
+    memory_k: int = 100  # neighbours kept per item (top-k by count)
+    memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -112,6 +116,10 @@ class ModelConfig:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
+        if self.memory and self.memory_k < 1:
+            raise ValueError(f"memory_k must be >= 1, got {self.memory_k}")
+        if self.memory and not 0.0 < self.memory_decay <= 1.0:
+            raise ValueError(f"memory_decay must be in (0, 1], got {self.memory_decay}")
 
     @property
     def n_items(self) -> int:
@@ -316,6 +324,179 @@ def _use_fast_dropout(module: nn.Module) -> None:
                 setattr(parent, name, FastDropout(child.p))
 
 
+def _inv_softplus(y: Tensor) -> Tensor:
+    return y + torch.log(-torch.expm1(-y))
+
+
+class ItemMemory(nn.Module):
+    """Count-based item scores added to the transformer's logits through learned gates.
+
+    On a real click log a day holds ~1.5k sessions against a ~21k-item catalogue:
+    most items are seen a handful of times, too few for their embeddings to learn
+    which items go together, while counting does (docs/quality.md measures both).
+    This block gives the model those counts as features and lets it learn how much
+    to trust them, per session. Tables (buffers: saved in the checkpoint and baked
+    into the traced model), built from the training sessions by `set_tables`
+    (`training.baselines.memory_tables`):
+
+        cooc_idx, cooc_val (V, K)  the K items found in most training sessions
+                                   together with item a (row a), and those counts;
+        succ_idx, succ_val (V, K)  the K most frequent direct successors of a;
+        pop (V,)                   occurrences of each item.
+
+    For a target whose context (the session so far) is x_1..x_n and a candidate c:
+
+        cooc   = sum_j w_cooc[n-j] * log1p(cooc[x_j, c])  (w init decay**(n-j), learned)
+        succ   = log1p(succ[x_n, c])
+        repeat = sum_j w_rep[n-j] * [x_j == c]             (re-visits: ~14% of real targets)
+        pop    = log1p(pop[c])
+
+    score = g . (cooc, succ, repeat, pop) with g = softplus(Linear(h)) >= 0 computed
+    from the transformer's hidden state h. During training every session is in
+    the counts, so its own contribution is subtracted first (`packed_scores`):
+    otherwise the gates would learn that the counts always hold the answer.
+    Pure tensor code, traceable; tables of zeros give scores of zero.
+    """
+
+    N_FEATURES = 4  # cooc, succ, repeat, pop
+
+    def __init__(self, n_items: int, k: int, max_len: int, d_model: int, decay: float):
+        super().__init__()
+        self.register_buffer("cooc_idx", torch.zeros(n_items, k, dtype=torch.int32))
+        self.register_buffer("cooc_val", torch.zeros(n_items, k))
+        self.register_buffer("succ_idx", torch.zeros(n_items, k, dtype=torch.int32))
+        self.register_buffer("succ_val", torch.zeros(n_items, k))
+        self.register_buffer("pop", torch.zeros(n_items))
+        dist = decay ** torch.arange(max(max_len, 1), dtype=torch.float32)
+        self.w_cooc = nn.Parameter(dist.clone())  # weight of a context item d positions before the last
+        self.w_rep = nn.Parameter(dist.clone())
+        self.gate = nn.Linear(d_model, self.N_FEATURES)
+        nn.init.zeros_(self.gate.weight)
+        with torch.no_grad():  # start as a fixed blend: counts at weight 1, popularity as a tie-breaker
+            self.gate.bias.copy_(_inv_softplus(torch.tensor([1.0, 1.0, 1.0, 0.1])))
+
+    @torch.no_grad()
+    def set_tables(
+        self, cooc_idx: Tensor, cooc_val: Tensor, succ_idx: Tensor, succ_val: Tensor, pop: Tensor
+    ) -> None:
+        """Copy new count tables in (shapes must match the buffers: (V, K) and (V,))."""
+        for name, v in dict(
+            cooc_idx=cooc_idx, cooc_val=cooc_val, succ_idx=succ_idx, succ_val=succ_val, pop=pop
+        ).items():
+            buf = getattr(self, name)
+            if tuple(v.shape) != tuple(buf.shape):
+                raise ValueError(f"memory table {name}: shape {tuple(v.shape)}, expected {tuple(buf.shape)}")
+            buf.copy_(v.to(buf.dtype))
+
+    def _combine(
+        self,
+        h: Tensor,
+        ctx_items: Tensor,
+        ctx: Tensor,
+        dist: Tensor,
+        c_idx: Tensor,
+        c_val: Tensor,
+        s_idx: Tensor,
+        s_val: Tensor,
+        has_last: Tensor,
+        pop_items: Tensor | None = None,
+        pop_delta: Tensor | None = None,
+    ) -> Tensor:
+        """M targets -> (M, V) float32 scores.
+
+        h (M, d); ctx_items, ctx, dist (M, W): context items, which positions are
+        context, distance to the last context position; c_idx, c_val (M, W, K):
+        co-occurrence lists of the context items; s_idx, s_val (M, K): successor
+        list of the last context item; has_last (M,); pop_items, pop_delta (M, W):
+        corrections added to log1p(pop) (training only).
+        """
+        M = h.shape[0]
+        g = F.softplus(self.gate(h.float()))  # (M, 4)
+        d = dist.clamp(0, self.w_cooc.shape[0] - 1)
+        zero = torch.zeros((), device=h.device)
+        wc = torch.where(ctx, self.w_cooc[d], zero) * g[:, 0:1]  # (M, W)
+        wr = torch.where(ctx, self.w_rep[d], zero) * g[:, 2:3]  # (M, W)
+        ws = torch.where(has_last, g[:, 1], zero)[:, None]  # (M, 1)
+        out = g[:, 3:4] * torch.log1p(self.pop)[None, :]  # (M, V)
+        out = out.scatter_add(1, c_idx.reshape(M, -1), (wc[:, :, None] * torch.log1p(c_val)).reshape(M, -1))
+        out = out.scatter_add(1, s_idx, ws * torch.log1p(s_val))
+        out = out.scatter_add(1, ctx_items, wr)
+        if pop_items is not None and pop_delta is not None:
+            out = out.scatter_add(1, pop_items, g[:, 3:4] * pop_delta)
+        return out
+
+    def next_item_scores(self, h: Tensor, items: Tensor, lengths: Tensor) -> Tensor:
+        """Inference: (B, d) hidden states, (B, L) right-padded items, (B,) lengths -> (B, V)."""
+        pos = torch.arange(items.shape[1], device=items.device)
+        ctx = pos[None, :] < lengths[:, None]  # (B, L)
+        dist = lengths[:, None] - 1 - pos[None, :]  # (B, L)
+        last = items.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
+        return self._combine(
+            h,
+            items,
+            ctx,
+            dist,
+            self.cooc_idx[items].long(),
+            self.cooc_val[items],
+            self.succ_idx[last].long(),
+            self.succ_val[last],
+            lengths > 0,
+        )
+
+    def packed_scores(
+        self, h: Tensor, items: Tensor, segment: Tensor, tgt_r: Tensor, tgt_p: Tensor, ctx_ok: Tensor
+    ) -> Tensor:
+        """Training: scores of M targets in packed rows, each session's own counts left out.
+
+        items, segment (R, W) packed rows; target m sits at row tgt_r[m], position
+        tgt_p[m]; its context is the earlier positions of its session where
+        ctx_ok (R, W) is True (clm: every real position; mlm: the unmasked ones).
+        """
+        R, W = items.shape
+        pos = torch.arange(W, device=items.device)
+        real = segment > 0
+        same = (segment[:, :, None] == segment[:, None, :]) & real[:, :, None]  # (R, W, W) same session
+        eq = (items[:, :, None] == items[:, None, :]) & same  # (R, W, W) same item, same session
+        cnt = eq.sum(-1)  # (R, W) occurrences of the item in its session
+        # co-occurrence: this session added 1 to cooc[a, c] for every other item c in it,
+        # and 1 to cooc[a, a] if a occurs twice or more
+        c_idx = self.cooc_idx[items].long()  # (R, W, K)
+        in_sess = ((c_idx[..., None] == items[:, None, None, :]) & same[:, :, None, :]).any(-1)  # (R, W, K)
+        own = torch.where(c_idx == items[..., None], (cnt >= 2)[..., None], in_sess)
+        c_val = (self.cooc_val[items] - own.float()).clamp(min=0.0)
+        # successors: this session added one per a -> c step in it
+        s_idx = self.succ_idx[items].long()  # (R, W, K)
+        step = (segment[:, 1:] == segment[:, :-1]) & real[:, 1:]  # (R, W-1) q -> q+1 inside a session
+        from_a = eq[:, :, :-1] & step[:, None, :]  # (R, W, W-1) steps leaving an occurrence of a
+        to_c = s_idx[..., None] == items[:, None, None, 1:]  # (R, W, K, W-1)
+        s_val = (self.succ_val[items] - (to_c & from_a[:, :, None, :]).sum(-1).float()).clamp(min=0.0)
+        # popularity: minus the session's own occurrences (spread over them, scatter adds them up)
+        p = self.pop[items]
+        pop_delta = torch.where(
+            real, (torch.log1p((p - cnt).clamp(min=0.0)) - torch.log1p(p)) / cnt.clamp(min=1), 0.0
+        )  # (R, W)
+        # per target
+        seg_t = segment[tgt_r, tgt_p]  # (M,)
+        row_seg = segment[tgt_r]  # (M, W)
+        in_own = row_seg == seg_t[:, None]  # (M, W) the target's session
+        ctx = in_own & (pos[None, :] < tgt_p[:, None]) & ctx_ok[tgt_r]  # (M, W)
+        last_q = torch.where(ctx, pos[None, :], -1).max(1).values  # (M,)
+        lq = last_q.clamp(min=0)
+        return self._combine(
+            h,
+            items[tgt_r],
+            ctx,
+            tgt_p[:, None] - 1 - pos[None, :],
+            c_idx[tgt_r],
+            c_val[tgt_r],
+            s_idx[tgt_r, lq],
+            s_val[tgt_r, lq],
+            last_q >= 0,
+            items[tgt_r],
+            torch.where(in_own, pop_delta[tgt_r], 0.0),
+        )
+
+
 class SessionModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -371,6 +552,11 @@ class SessionModel(nn.Module):
         self.head_proj = (
             nn.Linear(cfg.d_model, cfg.embedding_dim) if cfg.d_model != cfg.embedding_dim else None
         )
+        self.item_memory = (
+            ItemMemory(cfg.n_items, cfg.memory_k, cfg.max_len, cfg.d_model, cfg.memory_decay)
+            if cfg.memory
+            else None
+        )
         special = torch.zeros(cfg.n_items, dtype=torch.bool)
         special[:FIRST_REAL_ID] = True  # pad, null, OOV are never ranked
         self.register_buffer("special_ids", special, persistent=False)
@@ -409,12 +595,17 @@ class SessionModel(nn.Module):
         out = self.transformer(inputs_embeds=x, perm_mask=blocked.to(x.dtype), return_dict=True)
         return out.last_hidden_state  # (B, L, d_model)
 
-    def item_logits(self, h: Tensor) -> Tensor:
-        """(..., d_model) hidden states -> (..., V) logits, special ids at -inf."""
+    def item_logits(self, h: Tensor, memory: Tensor | None = None) -> Tensor:
+        """(..., d_model) hidden states -> (..., V) logits, special ids at -inf.
+
+        memory: ItemMemory scores of the same targets, added to the logits.
+        """
         if self.head_proj is not None:
             h = self.head_proj(h)
-        logits = h @ self.embeddings[self.cfg.item_feature].weight.t()  # (..., V)
-        return logits.float().masked_fill(self.special_ids, float("-inf"))
+        logits = (h @ self.embeddings[self.cfg.item_feature].weight.t()).float()  # (..., V)
+        if memory is not None:
+            logits = logits + memory
+        return logits.masked_fill(self.special_ids, float("-inf"))
 
     # --- inference ------------------------------------------------------------------
 
@@ -440,7 +631,10 @@ class SessionModel(nn.Module):
         h = self.encode(x, segment)  # (B, L+1, d_model)
         idx = read.view(-1, 1, 1).expand(-1, 1, self.cfg.d_model)  # (B, 1, d_model)
         h_next = h.gather(1, idx).squeeze(1)  # (B, d_model)
-        return self.item_logits(h_next)  # (B, V)
+        mem = None
+        if self.item_memory is not None:
+            mem = self.item_memory.next_item_scores(h_next, feats[self.cfg.item_feature], lengths)
+        return self.item_logits(h_next, mem)  # (B, V)
 
     def forward(self, feats: dict[str, Tensor], lengths: Tensor) -> Tensor:
         """Same as `next_item_scores` (so that the module itself can be traced)."""
@@ -494,10 +688,18 @@ class SessionModel(nn.Module):
         h = self.encode(x, seg)  # (R, W, d_model)
         if self.cfg.objective == "mlm":
             h_sel, targets = h[p.masked], items[p.masked]  # (M, d_model), (M,)
+            where = p.masked
+            ctx_ok = ~p.masked
         else:  # causal: position t predicts t+1 of the same session
             nxt = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & (items[:, 1:] >= FIRST_REAL_ID)  # (R, W-1)
             h_sel, targets = h[:, :-1][nxt], items[:, 1:][nxt]
-        logits = self.item_logits(h_sel)  # (M, V)
+            where = F.pad(nxt, (1, 0))  # (R, W) the target positions t+1
+            ctx_ok = seg > 0
+        mem = None
+        if self.item_memory is not None:
+            tgt_r, tgt_p = where.nonzero(as_tuple=True)  # row-major, the order of h_sel
+            mem = self.item_memory.packed_scores(h_sel, items, seg, tgt_r, tgt_p, ctx_ok)
+        logits = self.item_logits(h_sel, mem)  # (M, V)
         denom = max(int(targets.numel()), 1)
         if label_smoothing <= 0.0:
             return F.cross_entropy(logits, targets, reduction="sum") / denom

@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from training.baselines import BASELINES, BaselineCounts, evaluate_baselines
+from training.baselines import BASELINES, BaselineCounts, evaluate_baselines, memory_tables
 from training.data import (
     DataError,
     SessionTensors,
@@ -170,7 +170,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         holdout=0.1,
         patience=2,
         label_smoothing=0.0,
-        model={"objective": "clm"},
+        model={"objective": "clm", "memory": True},
     ),
 }
 
@@ -536,10 +536,16 @@ def _run_window(
     }
     item = model.cfg.item_feature
     fit_st, held_st = split_holdout(train_st, cfg.holdout, _seed(cfg.seed, t, 4))
+    before = [w for w in available_windows(data, schema) if w < t]
+    need_earlier = model.item_memory is not None or cfg.train_on == "cumulative"
+    earlier = {w: load_split(split_path(data, w, "train"), schema) for w in before} if need_earlier else {}
+    if model.item_memory is not None and len(train_st):
+        # counts of every earlier window's training sessions + the sessions fitted now, not the
+        # held-back ones (early stopping scores them as unseen sessions); after training the
+        # held-back ones are counted too (below)
+        set_memory(model, [*earlier.values(), fit_st])
     if cfg.train_on == "cumulative" and len(fit_st):
-        earlier_w = [w for w in available_windows(data, schema) if cfg.start_window <= w < t]
-        earlier = [load_split(split_path(data, w, "train"), schema) for w in earlier_w]
-        fit_st = concat_sessions([*earlier, fit_st])
+        fit_st = concat_sessions([*(earlier[w] for w in before if w >= cfg.start_window), fit_st])
     row.update(fit_sessions=len(fit_st), holdout_sessions=len(held_st))
 
     if len(train_st) == 0:
@@ -555,6 +561,8 @@ def _run_window(
         )
     if counts is not None and len(train_st):
         counts.add_sessions(train_st.feats[item].numpy(), train_st.lengths.numpy())
+    if model.item_memory is not None and len(train_st):
+        set_memory(model, [*earlier.values(), train_st])  # every training session of windows <= t
 
     if d.main and cfg.evaluate:
         eval_st = load_split(eval_path, schema)
@@ -687,6 +695,19 @@ def _train_window(
     return out
 
 
+def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:
+    """Fill the model's ItemMemory tables with the counts of `sessions` (the same counts as the baselines)."""
+    assert model.item_memory is not None
+    counts = BaselineCounts(model.cfg.n_items)
+    item = model.cfg.item_feature
+    for st in sessions:
+        if len(st):
+            counts.add_sessions(st.feats[item].numpy(), st.lengths.numpy())
+    dev = model.item_memory.pop.device
+    tables = memory_tables(counts, model.cfg.memory_k)
+    model.item_memory.set_tables(**{k: torch.from_numpy(v).to(dev) for k, v in tables.items()})
+
+
 def split_holdout(st: SessionTensors, fraction: float, seed: int) -> tuple[SessionTensors, SessionTensors]:
     """(fit, held): a random `fraction` of the sessions held back (at least 1 when fraction > 0 and N >= 2)."""
     n = len(st)
@@ -740,6 +761,8 @@ _RECIPE_FLAGS = ("epochs", "lr", "cycles_per_epoch", "train_on", "holdout", "pat
 # ModelConfig fields settable from the command line or a --config file
 MODEL_FLAGS = (
     "objective",
+    "memory",
+    "memory_k",
     "mask_prob",
     "embedding_dim",
     "d_model",
@@ -884,6 +907,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         help="masked LM or causal LM [reference mlm, real clm]",
     )
     p.add_argument("--mask-prob", type=float, default=None, help="mlm: probability that a position is masked")
+    p.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="item memory: co-occurrence / successor / repeat / popularity counts of the training "
+        "sessions added to the logits through learned gates (training/model.py ItemMemory) "
+        "[reference off, real on]",
+    )
+    p.add_argument("--memory-k", type=int, default=None, help="item memory: neighbours kept per item [100]")
     for name, typ in (
         ("embedding-dim", int),
         ("d-model", int),
