@@ -84,6 +84,18 @@ def sessions_of_every_length(schema: dict, repeat: int = 1) -> tuple[torch.Tenso
 
 
 # --- inference module ------------------------------------------------------------
+def test_served_run_has_the_item_memory_in_its_trace(artifacts, traced_file):
+    """The serving artifacts are trained with the item memory (the real-data recipe's model):
+    its count tables are filled and travel inside the traced model."""
+    model, meta = load_run(artifacts[1])
+    assert meta["model_config"]["memory"] is True
+    assert model.item_memory.cooc_val.sum() > 0 and model.item_memory.pop.sum() > 0
+    traced = torch.jit.load(str(traced_file))
+    buffers = dict(traced.named_buffers())
+    name = next(k for k in buffers if k.endswith("item_memory.cooc_val"))
+    assert torch.equal(buffers[name], model.item_memory.cooc_val)
+
+
 @pytest.mark.parametrize("batch_repeat", [1, 3], ids=["20-sessions", "60-sessions"])
 def test_traced_matches_eager_for_every_length(ranker, traced_file, schema, batch_repeat):
     traced = torch.jit.load(str(traced_file))

@@ -236,3 +236,18 @@ def test_memory_config_validation():
         ModelConfig(categorical={"item_id-list": V}, memory=True, memory_k=0)
     with pytest.raises(ValueError, match="memory_decay"):
         ModelConfig(categorical={"item_id-list": V}, memory=True, memory_decay=0.0)
+
+
+def test_memory_under_autocast_is_float32():
+    """Mixed precision (CUDA AMP in training; CPU bfloat16 autocast here): the gates and
+    count scores stay float32 and the loss is finite."""
+    m, items, lengths = make_model("clm")
+    m.train()
+    feats = {"item_id-list": torch.from_numpy(items[:8])}
+    lens = torch.from_numpy(lengths[:8])
+    p = pack_sessions(feats, lens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m.packed_loss(p)
+        h = torch.randn(3, m.cfg.d_model).to(torch.bfloat16)
+        s = m.item_memory.next_item_scores(h, feats["item_id-list"][:3], lens[:3])
+    assert torch.isfinite(loss) and s.dtype == torch.float32

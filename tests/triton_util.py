@@ -58,6 +58,8 @@ def _run(args: list[str]) -> None:
 def trained_artifacts(root: Path) -> tuple[Path, Path]:
     """(DATA, RUN) under `root`: synthetic data (seed 0) and a 1-epoch run on its first window.
 
+    The run has the item memory on (`--memory`, as the real-data recipe trains it), so
+    every export and serving test also checks the memory's count tables end to end.
     Memoised per root, so test modules sharing pytest's base temp dir train once."""
     root = Path(root)
     if root not in _ARTIFACTS:
@@ -67,6 +69,6 @@ def trained_artifacts(root: Path) -> tuple[Path, Path]:
                   "--out", str(data), "--quiet"])
         if not (run / "meta.json").is_file():
             _run(["-m", "training.train", "--data", str(data), "--out", str(run), "--epochs", "1",
-                  "--end-window", "2", "--no-progress"])
+                  "--end-window", "2", "--memory", "--no-progress"])
         _ARTIFACTS[root] = (data, run)
     return _ARTIFACTS[root]

@@ -411,7 +411,8 @@ class ItemMemory(nn.Module):
         corrections added to log1p(pop) (training only).
         """
         M = h.shape[0]
-        g = F.softplus(self.gate(h.float()))  # (M, 4)
+        with torch.autocast(h.device.type, enabled=False):  # counts in float32, also under AMP
+            g = F.softplus(self.gate(h.float()))  # (M, 4)
         d = dist.clamp(0, self.w_cooc.shape[0] - 1)
         zero = torch.zeros((), device=h.device)
         wc = torch.where(ctx, self.w_cooc[d], zero) * g[:, 0:1]  # (M, W)
