@@ -182,3 +182,53 @@ def test_tune_writes_settings_train_accepts(tiny_synthetic_data, tmp_path):
     assert result["summary"]["windows_evaluated"] == 2
     assert train_mod.main(["--data", str(tiny_synthetic_data), "--out", str(tmp_path / "r2"), "--config",
                            str(tmp_path / "missing.json")]) == 2  # fmt: skip
+
+
+# --- make bench-quality, end to end on a small click log ------------------------------------
+
+
+def test_bench_quality_end_to_end(tmp_path):
+    """The bench prepares a click log, trains the recipe the data selects (real: a log from
+    --input), and reports model, baselines and the count-blend ablation per window with
+    consistent means and ratios."""
+    from training import bench_quality
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(600):  # 3 days, sessions of 2..6 clicks over 60 items with a pattern to learn
+        day = s % 3
+        start = int(rng.integers(1, 50))
+        for j in range(int(rng.integers(2, 7))):
+            rows.append((s, 100 + (start + j * 3) % 60, 1_600_000_000 + day * 86400 + s * 10 + j))
+    log = tmp_path / "clicks.csv"
+    log.write_text("sess,item,ts\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"params": {"epochs": 1, "batch_size": 32, "model": {"memory_k": 8}}}))
+    out = tmp_path / "q.json"
+    rc = bench_quality.main(
+        [
+            "--out", str(out), "--input", str(log), "--work", str(tmp_path / "work"),
+            "--prepare-args", "--session-col sess --item-col item --time-col ts --time-unit s",
+            "--seeds", "0", "--config", str(cfg), "--end-window", "3", "--threads", "1",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    q = json.loads(out.read_text())
+    assert q["recipe"] == "real+config" and q["settings"]["model"]["memory"] is True
+    assert [w["eval_window"] for w in q["windows"]] == [2, 3]
+    for k in ("model", "popular", "cooc_knn", "successor_knn", "count_blend"):
+        want = np.mean([w[k]["ndcg@20"] for w in q["windows"]])
+        assert q["mean"][k]["ndcg@20"] == pytest.approx(want)
+    best = max(q["mean"][b]["recall@20"] for b in ("popular", "cooc_knn", "successor_knn"))
+    assert q["ratio_to_best_baseline"]["recall@20"] == pytest.approx(q["mean"]["model"]["recall@20"] / best)
+    assert "| **mean** |" in q["markdown"] and "count blend" in q["markdown"]
+    # the pattern (item + 3 follows item) is in the counts: kNN and the blend find it
+    assert q["mean"]["successor_knn"]["recall@20"] > 0.5 and q["mean"]["count_blend"]["recall@20"] > 0.5
+
+
+def test_bench_quality_missing_input_is_a_clear_error(tmp_path, capsys):
+    from training import bench_quality
+
+    rc = bench_quality.main(["--out", str(tmp_path / "q.json"), "--input", str(tmp_path / "nope.tsv")])
+    assert rc == 2 and "nope.tsv does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "q.json").exists()

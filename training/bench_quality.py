@@ -10,6 +10,11 @@ recipe the data selects (real logs: the "real" recipe; override with
 Recall@20 and MRR@20 of the model and of the three baselines (evaluated on
 the same sessions), the training time, and the model / best-baseline ratios.
 Prints the markdown table of docs/quality.md.
+
+Also reported, as an ablation that is not one of the issue's baselines: the
+"count blend", i.e. the model's ItemMemory at its initial weights with the
+network's item logits at zero (no training, no XLNet): what the counts alone
+give. The trained model must beat it too for the network to earn its place.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from training.baselines import BASELINES
-from training.data import load_schema
-from training.model import atomic_write
-from training.train import TrainConfig, resolve_settings, train
+from training.data import load_schema, load_split, split_path
+from training.model import ModelConfig, SessionModel, atomic_write
+from training.train import TrainConfig, evaluate_model, resolve_settings, set_memory, train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_INPUT = REPO.parent / "shared" / "data" / "diginetica" / "diginetica-views-7days.tsv"
@@ -72,6 +77,23 @@ def per_window(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def count_blend(data: Path, schema: dict[str, Any], eval_windows: list[int]) -> dict[int, dict[str, float]]:
+    """Metrics of the untrained ItemMemory alone (initial gates, item logits of the network at zero)
+    on `<t+1>/valid.parquet`, with the counts of every training split of windows <= t."""
+    import torch
+
+    model = SessionModel(ModelConfig.from_schema(schema, memory=True, objective="clm")).eval()
+    with torch.no_grad():
+        model.embeddings[model.cfg.item_feature].weight.zero_()  # h @ E^T = 0: only the counts rank
+    out: dict[int, dict[str, float]] = {}
+    for e in eval_windows:
+        train_splits = [load_split(split_path(data, w, "train"), schema) for w in schema["windows"] if w < e]
+        set_memory(model, train_splits)
+        res = evaluate_model(model, load_split(split_path(data, e, "valid"), schema), torch.device("cpu"), 1024)
+        out[e] = {m: res[m] for m in METRICS}
+    return out
+
+
 def mean_of(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return {k: {m: float(np.mean([r[k][m] for r in rows])) for m in METRICS} for k in METHODS}
 
@@ -109,6 +131,15 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Model / best baseline (mean over seeds): NDCG@20 {r['ndcg@20']:.3f}x, Recall@20 {r['recall@20']:.3f}x "
         f"(target >= 1.05x). Training time per seed: {summary['train_seconds_per_seed']:.0f} s.",
     ]
+    if "count_blend" in mean:
+        b, rb = mean["count_blend"], summary["ratio_to_count_blend"]
+        lines += [
+            "",
+            "Ablation, count blend (the ItemMemory untrained, network logits at zero): "
+            + " / ".join(f"{b[m]:.4f}" for m in METRICS)
+            + f" (NDCG@20 / Recall@20 / MRR@20); model / count blend: NDCG@20 {rb['ndcg@20']:.3f}x, "
+            f"Recall@20 {rb['recall@20']:.3f}x.",
+        ]
     return "\n".join(lines)
 
 
@@ -116,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-quality-"))
     data = work / "data"
     if not (data / "schema.json").is_file():
-        prepare(Path(args.input), data)
+        prepare(Path(args.input), data, args.prepare_args.split() if args.prepare_args else None)
     schema = load_schema(data)
     settings = resolve_settings(
         schema, args.recipe, json.loads(Path(args.config).read_text()).get("params") if args.config else None
@@ -168,6 +199,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     mean = {k: {m: float(np.mean([s["mean"][k][m] for s in per_seed])) for m in METRICS} for k in METHODS}
     best = {m: max(mean[b][m] for b in BASELINES) for m in METRICS}
+    blend = count_blend(data, schema, [w["eval_window"] for w in windows])
+    for w in windows:
+        w["count_blend"] = blend[w["eval_window"]]
+    mean["count_blend"] = {m: float(np.mean([w["count_blend"][m] for w in windows])) for m in METRICS}
     summary = {
         "data": str(args.input),
         "recipe": settings["recipe"],
@@ -177,6 +212,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mean": mean,
         "best_baseline": best,
         "ratio_to_best_baseline": {m: mean["model"][m] / best[m] if best[m] > 0 else None for m in METRICS},
+        "ratio_to_count_blend": {
+            m: mean["model"][m] / mean["count_blend"][m] if mean["count_blend"][m] > 0 else None for m in METRICS
+        },
         "train_seconds_per_seed": float(np.mean([s["train_seconds"] for s in per_seed])),
         "per_seed": per_seed,
     }
@@ -192,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.bench_quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file for the results")
     p.add_argument("--input", default=str(DEFAULT_INPUT), help="DIGINETICA views TSV")
+    p.add_argument(
+        "--prepare-args",
+        default=None,
+        help="training.prepare column flags for another --input, one string "
+        "(default: DIGINETICA's sessionId/itemId/Time/timeframe)",
+    )
     p.add_argument(
         "--work", default=None, help="folder for the prepared data and runs (default: a temp folder)"
     )
