@@ -399,35 +399,53 @@ class ItemMemory(nn.Module):
         s_idx: Tensor,
         s_val: Tensor,
         has_last: Tensor,
+        base_h: Tensor | None = None,
+        base_w: Tensor | None = None,
         pop_items: Tensor | None = None,
         pop_delta: Tensor | None = None,
     ) -> Tensor:
-        """M targets -> (M, V) float32 scores.
+        """M targets -> (M, V) float32 scores: base_h @ base_w^T + the count scores.
 
         h (M, d); ctx_items, ctx, dist (M, W): context items, which positions are
         context, distance to the last context position; c_idx, c_val (M, W, K):
         co-occurrence lists of the context items; s_idx, s_val (M, K): successor
-        list of the last context item; has_last (M,); pop_items, pop_delta (M, W):
-        corrections added to log1p(pop) (training only).
+        list of the last context item; has_last (M,); base_h (M, E), base_w (V, E):
+        the network's item logits as factors (None: none); pop_items, pop_delta
+        (M, W): corrections added to log1p(pop) (training only).
+        The popularity term is a rank-1 (M, V) matrix: it rides in the network's
+        matmul as one more column, and the sparse terms are added in place.
         """
         M = h.shape[0]
         with torch.autocast(h.device.type, enabled=False):  # counts in float32, also under AMP
             g = F.softplus(self.gate(h.float()))  # (M, 4)
+            if base_h is None or base_w is None:
+                base_h, base_w = h.new_zeros(M, 1), self.pop.new_zeros(self.pop.shape[0], 1)
+            lhs = torch.cat([base_h.float(), g[:, 3:4]], 1)  # (M, E+1)
+            rhs = torch.cat([base_w.float(), torch.log1p(self.pop)[:, None]], 1)  # (V, E+1)
+            out = lhs @ rhs.t()  # (M, V) network logits + g_pop * log1p(pop), fresh: added to in place
         d = dist.clamp(0, self.w_cooc.shape[0] - 1)
         zero = torch.zeros((), device=h.device)
         wc = torch.where(ctx, self.w_cooc[d], zero) * g[:, 0:1]  # (M, W)
         wr = torch.where(ctx, self.w_rep[d], zero) * g[:, 2:3]  # (M, W)
         ws = torch.where(has_last, g[:, 1], zero)[:, None]  # (M, 1)
-        out = g[:, 3:4] * torch.log1p(self.pop)[None, :]  # (M, V)
-        out = out.scatter_add(1, c_idx.reshape(M, -1), (wc[:, :, None] * torch.log1p(c_val)).reshape(M, -1))
-        out = out.scatter_add(1, s_idx, ws * torch.log1p(s_val))
-        out = out.scatter_add(1, ctx_items, wr)
+        out.scatter_add_(1, c_idx.reshape(M, -1), (wc[:, :, None] * torch.log1p(c_val)).reshape(M, -1))
+        out.scatter_add_(1, s_idx, ws * torch.log1p(s_val))
+        out.scatter_add_(1, ctx_items, wr)
         if pop_items is not None and pop_delta is not None:
-            out = out.scatter_add(1, pop_items, g[:, 3:4] * pop_delta)
+            out.scatter_add_(1, pop_items, g[:, 3:4] * pop_delta)
         return out
 
-    def next_item_scores(self, h: Tensor, items: Tensor, lengths: Tensor) -> Tensor:
-        """Inference: (B, d) hidden states, (B, L) right-padded items, (B,) lengths -> (B, V)."""
+    def next_item_scores(
+        self,
+        h: Tensor,
+        items: Tensor,
+        lengths: Tensor,
+        base_h: Tensor | None = None,
+        base_w: Tensor | None = None,
+    ) -> Tensor:
+        """Inference: (B, d) hidden states, (B, L) right-padded items, (B,) lengths -> (B, V).
+
+        base_h, base_w: the network's logits as factors (see `_combine`)."""
         pos = torch.arange(items.shape[1], device=items.device)
         ctx = pos[None, :] < lengths[:, None]  # (B, L)
         dist = lengths[:, None] - 1 - pos[None, :]  # (B, L)
@@ -442,10 +460,20 @@ class ItemMemory(nn.Module):
             self.succ_idx[last].long(),
             self.succ_val[last],
             lengths > 0,
+            base_h,
+            base_w,
         )
 
     def packed_scores(
-        self, h: Tensor, items: Tensor, segment: Tensor, tgt_r: Tensor, tgt_p: Tensor, ctx_ok: Tensor
+        self,
+        h: Tensor,
+        items: Tensor,
+        segment: Tensor,
+        tgt_r: Tensor,
+        tgt_p: Tensor,
+        ctx_ok: Tensor,
+        base_h: Tensor | None = None,
+        base_w: Tensor | None = None,
     ) -> Tensor:
         """Training: scores of M targets in packed rows, each session's own counts left out.
 
@@ -493,6 +521,8 @@ class ItemMemory(nn.Module):
             s_idx[tgt_r, lq],
             s_val[tgt_r, lq],
             last_q >= 0,
+            base_h,
+            base_w,
             items[tgt_r],
             torch.where(in_own, pop_delta[tgt_r], 0.0),
         )
@@ -596,16 +626,12 @@ class SessionModel(nn.Module):
         out = self.transformer(inputs_embeds=x, perm_mask=blocked.to(x.dtype), return_dict=True)
         return out.last_hidden_state  # (B, L, d_model)
 
-    def item_logits(self, h: Tensor, memory: Tensor | None = None) -> Tensor:
-        """(..., d_model) hidden states -> (..., V) logits, special ids at -inf.
+    def _head_input(self, h: Tensor) -> Tensor:
+        return self.head_proj(h) if self.head_proj is not None else h
 
-        memory: ItemMemory scores of the same targets, added to the logits.
-        """
-        if self.head_proj is not None:
-            h = self.head_proj(h)
-        logits = (h @ self.embeddings[self.cfg.item_feature].weight.t()).float()  # (..., V)
-        if memory is not None:
-            logits = logits + memory
+    def item_logits(self, h: Tensor) -> Tensor:
+        """(..., d_model) hidden states -> (..., V) logits of the network alone, special ids at -inf."""
+        logits = (self._head_input(h) @ self.embeddings[self.cfg.item_feature].weight.t()).float()  # (..., V)
         return logits.masked_fill(self.special_ids, float("-inf"))
 
     # --- inference ------------------------------------------------------------------
@@ -632,10 +658,13 @@ class SessionModel(nn.Module):
         h = self.encode(x, segment)  # (B, L+1, d_model)
         idx = read.view(-1, 1, 1).expand(-1, 1, self.cfg.d_model)  # (B, 1, d_model)
         h_next = h.gather(1, idx).squeeze(1)  # (B, d_model)
-        mem = None
-        if self.item_memory is not None:
-            mem = self.item_memory.next_item_scores(h_next, feats[self.cfg.item_feature], lengths)
-        return self.item_logits(h_next, mem)  # (B, V)
+        if self.item_memory is None:
+            return self.item_logits(h_next)  # (B, V)
+        table = self.embeddings[self.cfg.item_feature].weight
+        logits = self.item_memory.next_item_scores(
+            h_next, feats[self.cfg.item_feature], lengths, self._head_input(h_next), table
+        )  # (B, V) network logits + count scores, a fresh tensor
+        return logits.masked_fill_(self.special_ids, float("-inf"))
 
     def forward(self, feats: dict[str, Tensor], lengths: Tensor) -> Tensor:
         """Same as `next_item_scores` (so that the module itself can be traced)."""
@@ -696,11 +725,14 @@ class SessionModel(nn.Module):
             h_sel, targets = h[:, :-1][nxt], items[:, 1:][nxt]
             where = F.pad(nxt, (1, 0))  # (R, W) the target positions t+1
             ctx_ok = seg > 0
-        mem = None
-        if self.item_memory is not None:
+        if self.item_memory is None:
+            logits = self.item_logits(h_sel)  # (M, V)
+        else:
             tgt_r, tgt_p = where.nonzero(as_tuple=True)  # row-major, the order of h_sel
-            mem = self.item_memory.packed_scores(h_sel, items, seg, tgt_r, tgt_p, ctx_ok)
-        logits = self.item_logits(h_sel, mem)  # (M, V)
+            table = self.embeddings[self.cfg.item_feature].weight
+            logits = self.item_memory.packed_scores(
+                h_sel, items, seg, tgt_r, tgt_p, ctx_ok, self._head_input(h_sel), table
+            ).masked_fill_(self.special_ids, float("-inf"))  # (M, V)
         denom = max(int(targets.numel()), 1)
         if label_smoothing <= 0.0:
             return F.cross_entropy(logits, targets, reduction="sum") / denom
