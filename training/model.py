@@ -36,6 +36,14 @@ Speed (CPU training is ~3x the reference's sessions/s, see training/bench_train.
 * `FastDropout` replaces XLNet's nn.Dropout on the CPU (torch's CPU Bernoulli
   sampling cost more than all the matmuls).
 
+Item memory (`ItemMemory`, off by default, on in the real-data recipe of
+training/train.py): count tables of the training sessions (co-occurrence,
+successor, popularity, top-k per item) and the session's own items (repeats)
+give per-candidate scores that are added to the logits above, weighted by
+gates computed from XLNet's hidden state. Built per window by
+`training.train.set_memory`; buffers, so they travel in the checkpoint and in
+the traced model. During training each session's own counts are left out.
+
 The checkpoint helpers at the end (`save_checkpoint`, `load_run`) write and
 read RUN/ without pickled code. Imports only torch, transformers and the
 standard library (no numpy inside anything that is traced).

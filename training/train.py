@@ -13,8 +13,8 @@ The baselines of training/baselines.py are evaluated on the same sessions.
 
 Defaults come from a recipe (`RECIPES`, docs/quality.md): "reference" (the
 protocol above) for synthetic data, "real" for a click log prepared from
---input (every window <= t, causal objective, early stopping on a held-back
-slice of window t's training sessions); `--recipe` forces one, `--config FILE`
+--input (every window <= t, causal objective, the item memory, early stopping
+on a held-back slice of window t's training sessions); `--recipe` forces one, `--config FILE`
 (e.g. from `python -m training.tune`) overrides it, explicit flags win.
 
 Writes to RUN/ after every window (each file atomically, see `save_checkpoint`):
@@ -156,6 +156,16 @@ TRAIN_ON = ("window", "cumulative")
 #                        best epoch's weights are kept;
 #   lr 1e-3, constant    (cycles_per_epoch 0) the cosine restarts of the reference
 #                        fight early stopping; 1e-3 is AdamW's usual default.
+#   memory on            the ItemMemory (training/model.py): co-occurrence,
+#                        successor, repeat and popularity counts of the training
+#                        sessions added to the logits through gates computed from
+#                        XLNet's hidden state. Without it the network alone stayed
+#                        below most-popular on DIGINETICA (21k items, ~1.5k
+#                        sessions a day: too few clicks per item for embeddings);
+#   memory_lr 1e-2       the gates are a handful of weights facing a strong signal;
+#   weight_decay 0.1,    the network's own item logits memorise training sessions
+#   dropout 0.5,         and add noise to the counts on new sessions: regularised,
+#   embedding_init_std 0 and starting from zero item logits (the counts alone).
 RECIPES: dict[str, dict[str, Any]] = {
     "reference": dict(
         epochs=5,

@@ -39,14 +39,16 @@ from training.train import TrainConfig, resolve_settings, train
 
 # Each key is a setting `training.train --config` accepts; values are the choices sampled.
 SPACE: dict[str, list[Any]] = {
+    "memory": [True, False],
+    "memory_lr": [3e-3, 1e-2, 3e-2],
     "objective": ["clm", "mlm"],
     "lr": [5e-4, 1e-3, 2e-3],
-    "d_model": [64, 128],
-    "dropout": [0.1, 0.3],
+    "weight_decay": [0.0, 0.1],
+    "dropout": [0.3, 0.5],
     "label_smoothing": [0.0, 0.1],
     "train_on": ["cumulative", "window"],
 }
-MODEL_KEYS = ("objective", "d_model", "dropout", "mask_prob", "embedding_dim", "n_layer", "n_head", "d_inner")
+MODEL_KEYS = ("memory", "objective", "d_model", "dropout", "mask_prob", "embedding_dim", "n_layer", "n_head", "d_inner")
 
 
 @dataclass
