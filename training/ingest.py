@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from training.names import CATEGORY_COL, ITEM_COL, SESSION_COL, TIME_COL, WINDOW_COL
 
 TIME_UNITS = ("s", "ms", "date")
-WINDOW_SECONDS = {"day": 86_400, "hour": 3_600}
+WINDOW_SECONDS = {"day": 86_400, "hour": 3_600, "week": 604_800}
 _PARQUET_SUFFIXES = {".parquet", ".pq"}
 _SEP_BY_SUFFIX = {".tsv": "\t", ".tab": "\t", ".csv": ","}
 _COMPRESSION_SUFFIXES = {".gz", ".bz2", ".xz", ".zip", ".zst"}
