@@ -96,25 +96,37 @@ def test_training_module_reexports_load_run():
 # --- resume -------------------------------------------------------------------------------
 
 
-def test_resume_after_crash_gives_identical_metrics(tiny_synthetic_data, tmp_path, monkeypatch):
-    full = train(tiny_cfg(tiny_synthetic_data, tmp_path / "full", end_window=4))
+# the real recipe's moving parts: item memory (rebuilt per window), cumulative data,
+# early stopping on a held-back slice, two optimizer parameter groups
+REAL_LIKE = dict(
+    model={"objective": "clm", "memory": True, "memory_k": 10, "dropout": 0.5, "embedding_init_std": 0.0},
+    train_on="cumulative",
+    holdout=0.2,
+    patience=1,
+    epochs=2,
+    memory_lr=1e-2,
+    weight_decay=0.1,
+)
 
-    calls = {"n": 0}
+
+@pytest.mark.parametrize("kw", [{}, REAL_LIKE], ids=["reference", "real-with-memory"])
+def test_resume_after_crash_gives_identical_metrics(tiny_synthetic_data, tmp_path, monkeypatch, kw):
+    full = train(tiny_cfg(tiny_synthetic_data, tmp_path / "full", end_window=4, **kw))
+
     real_eval = train_mod.evaluate_model
 
-    def crash_in_window_3(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:  # after training window 3, before its checkpoint
+    def crash_in_window_3(model, st, *a, **k):
+        if st.source.endswith("4/valid.parquet"):  # after training window 3, before its checkpoint
             raise KeyboardInterrupt("simulated kill")
-        return real_eval(*a, **kw)
+        return real_eval(model, st, *a, **k)
 
     monkeypatch.setattr(train_mod, "evaluate_model", crash_in_window_3)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_cfg(tiny_synthetic_data, tmp_path / "crashed", end_window=4))
+        train(tiny_cfg(tiny_synthetic_data, tmp_path / "crashed", end_window=4, **kw))
     assert read_meta(tmp_path / "crashed")["window"] == 2  # last good checkpoint
     monkeypatch.setattr(train_mod, "evaluate_model", real_eval)
 
-    resumed = train(tiny_cfg(tiny_synthetic_data, tmp_path / "crashed", end_window=4, resume=True))
+    resumed = train(tiny_cfg(tiny_synthetic_data, tmp_path / "crashed", end_window=4, resume=True, **kw))
     assert [model_metrics(r) for r in resumed["windows"]] == [model_metrics(r) for r in full["windows"]]
     assert [r["baselines"] for r in resumed["windows"]] == [r["baselines"] for r in full["windows"]]
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
@@ -317,13 +329,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_run_loads_and_evaluates(tiny_synthetic_data, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--memory"]], ids=["reference", "with-memory"])
+def test_two_process_ddp_run_loads_and_evaluates(tiny_synthetic_data, tmp_path, extra):
     out = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
         "-m", "training.train", "--data", str(tiny_synthetic_data), "--out", str(out),
-        "--end-window", "3", "--epochs", "1", "--batch-size", "16", "--no-progress", "--device", "cpu",
+        "--end-window", "3", "--epochs", "1", "--batch-size", "16", "--no-progress", "--device", "cpu", *extra,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
@@ -331,6 +344,7 @@ def test_two_process_ddp_run_loads_and_evaluates(tiny_synthetic_data, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_config"]["batch_size"] == 16 and len(metrics["windows"]) == 2
     model, meta = load_run(out)
+    assert meta["model_config"]["memory"] is bool(extra)
     st = load_split(split_path(tiny_synthetic_data, 3, "valid"), load_schema(tiny_synthetic_data))
     assert evaluate_model(model, st, torch.device("cpu"), 64) == pytest.approx(
         model_metrics(metrics["windows"][-1]), abs=1e-12

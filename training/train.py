@@ -355,13 +355,16 @@ def _init_distributed(device_arg: str) -> _Dist:
 
 
 def _check_replicas_in_sync(model: nn.Module, d: _Dist) -> None:
-    """Every rank must hold the same weights after a window (DDP averaged every step)."""
+    """Every rank must hold the same weights and buffers (the item memory's tables, built on
+    every rank, not broadcast) after a window (DDP averaged the gradients every step)."""
     with torch.no_grad():
-        mine = torch.stack([p.double().sum() for p in model.parameters()])  # (P,)
+        mine = torch.stack([p.double().sum() for p in [*model.parameters(), *model.buffers()]])  # (P,)
         every = [torch.empty_like(mine) for _ in range(d.world)]
         dist.all_gather(every, mine)
     if not all(torch.allclose(e, every[0], rtol=1e-9, atol=0) for e in every):
-        raise RuntimeError("DDP ranks hold different weights after a window: gradients were not synchronised")
+        raise RuntimeError(
+            "DDP ranks hold different weights or memory tables after a window: not synchronised"
+        )
 
 
 def _resolve_device(arg: str, d: _Dist) -> torch.device:
@@ -470,8 +473,11 @@ def _train(cfg: TrainConfig, d: _Dist) -> dict[str, Any]:
 
     ddp_step: nn.Module = _TrainStep(model, cfg.label_smoothing)
     if d.world > 1:
+        # broadcast_buffers off: the only buffers are the item memory's count tables (tens of MB),
+        # which every rank builds identically from the same data (`set_memory`); broadcasting
+        # them before every step would cost more than the step
         ddp_step = nn.parallel.DistributedDataParallel(
-            ddp_step, device_ids=[device.index] if device.type == "cuda" else None
+            ddp_step, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
 
     counts: BaselineCounts | None = None
