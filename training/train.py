@@ -655,7 +655,8 @@ def _train_window(
     steps_per_epoch = len(bounds) - 1
     total = steps_per_epoch * cfg.epochs
     for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = group["base_lr"]
+        # base_lr: this group's learning rate (absent in optimizer states written before the memory)
+        group["lr"] = group["initial_lr"] = group.get("base_lr", cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_lambda(total, cfg.cycles_per_epoch * cfg.epochs)
     )
