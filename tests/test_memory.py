@@ -251,3 +251,23 @@ def test_memory_under_autocast_is_float32():
         h = torch.randn(3, m.cfg.d_model).to(torch.bfloat16)
         s = m.item_memory.next_item_scores(h, feats["item_id-list"][:3], lens[:3])
     assert torch.isfinite(loss) and s.dtype == torch.float32
+
+
+def test_head_scale_zero_leaves_the_gated_counts_alone():
+    """head_scale 0 (chosen by --head-selection) drops the network's own item logits, nothing else."""
+    m, items, lengths = make_model("clm")
+    with torch.no_grad():
+        m.embeddings["item_id-list"].weight.normal_(0, 1.0)  # a head that matters
+    feats = {"item_id-list": torch.from_numpy(items[:5])}
+    lens = torch.from_numpy(lengths[:5])
+    with torch.no_grad():
+        with_head = m.next_item_scores(feats, lens)
+        m.item_memory.head_scale.fill_(0.0)
+        without = m.next_item_scores(feats, lens)
+        # the counts alone, from the same hidden states: zero the head's input instead
+        m.item_memory.head_scale.fill_(1.0)
+        m._head_input = lambda h: torch.zeros_like(h)
+        counts_only = m.next_item_scores(feats, lens)
+    fin = torch.isfinite(without)
+    assert torch.allclose(without[fin], counts_only[fin], atol=1e-6)
+    assert not torch.allclose(with_head[fin], without[fin])

@@ -232,3 +232,31 @@ def test_bench_quality_missing_input_is_a_clear_error(tmp_path, capsys):
     rc = bench_quality.main(["--out", str(tmp_path / "q.json"), "--input", str(tmp_path / "nope.tsv")])
     assert rc == 2 and "nope.tsv does not exist" in capsys.readouterr().err
     assert not (tmp_path / "q.json").exists()
+
+
+def test_head_selection_chooses_on_held_back_sessions(tiny_synthetic_data, tmp_path):
+    out = tmp_path / "run"
+    result = train(
+        tiny_cfg(
+            tiny_synthetic_data,
+            out,
+            epochs=2,
+            holdout=0.2,
+            patience=1,
+            head_selection=True,
+            model={"objective": "clm", "memory": True, "memory_k": 8},
+        )
+    )
+    rows = [r for r in result["windows"] if r.get("holdout_ndcg20_per_epoch")]
+    assert rows
+    for r in rows:
+        assert r["head_scale"] in (0.0, 1.0)
+        assert len(r["holdout_ndcg20_without_head_per_epoch"]) == len(r["holdout_ndcg20_per_epoch"])
+        # the recorded score of an epoch is the better of the two variants
+        assert all(
+            s >= w for s, w in zip(r["holdout_ndcg20_per_epoch"], r["holdout_ndcg20_without_head_per_epoch"])
+        )
+    model, _ = train_mod.load_run(out)
+    assert float(model.item_memory.head_scale) == rows[-1]["head_scale"]
+    with pytest.raises(ValueError, match="head_selection needs early stopping"):
+        tiny_cfg(tiny_synthetic_data, out, head_selection=True)

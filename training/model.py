@@ -375,6 +375,9 @@ class ItemMemory(nn.Module):
         self.register_buffer("succ_idx", torch.zeros(n_items, k, dtype=torch.int32))
         self.register_buffer("succ_val", torch.zeros(n_items, k))
         self.register_buffer("pop", torch.zeros(n_items))
+        # weight of the network's own item logits in the scores: 1, or 0 where training's
+        # head selection (`--head-selection`) found the gated counts better on held-back sessions
+        self.register_buffer("head_scale", torch.ones(()))
         dist = decay ** torch.arange(max(max_len, 1), dtype=torch.float32)
         self.w_cooc = nn.Parameter(dist.clone())  # weight of a context item d positions before the last
         self.w_rep = nn.Parameter(dist.clone())
@@ -428,7 +431,7 @@ class ItemMemory(nn.Module):
             g = F.softplus(self.gate(h.float()))  # (M, 4)
             if base_h is None or base_w is None:
                 base_h, base_w = h.new_zeros(M, 1), self.pop.new_zeros(self.pop.shape[0], 1)
-            lhs = torch.cat([base_h.float(), g[:, 3:4]], 1)  # (M, E+1)
+            lhs = torch.cat([base_h.float() * self.head_scale, g[:, 3:4]], 1)  # (M, E+1)
             rhs = torch.cat([base_w.float(), torch.log1p(self.pop)[:, None]], 1)  # (V, E+1)
             out = lhs @ rhs.t()  # (M, V) network logits + g_pop * log1p(pop), fresh: added to in place
         d = dist.clamp(0, self.w_cooc.shape[0] - 1)

@@ -104,6 +104,7 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0  # HF Trainer default, as the reference (not applied to the item memory)
     memory_lr: float = 0.0  # learning rate of the item memory's gates and weights (0 = lr)
+    head_selection: bool = False  # early stopping also tries the memory model without the head's own logits
     cycles_per_epoch: float = 1.5  # cosine cycles per epoch (num_cycles = this * epochs)
     max_grad_norm: float = 1.0  # HF Trainer default; 0 disables clipping
     seed: int = 0
@@ -123,6 +124,11 @@ class TrainConfig:
     evaluate: bool = True  # False: no evaluation on window t+1 (training.tune selects on held-back data only)
 
     def __post_init__(self) -> None:
+        if self.head_selection and not (self.patience > 0 and self.model.get("memory")):
+            raise ValueError(
+                "head_selection needs early stopping (patience > 0, holdout > 0) and the item memory "
+                "(--memory): it chooses on the held-back sessions whether the head's own logits help"
+            )
         if self.memory_lr < 0 or self.weight_decay < 0:
             raise ValueError(
                 f"memory_lr and weight_decay must be >= 0, got {self.memory_lr} and {self.weight_decay}"
@@ -177,6 +183,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         label_smoothing=0.0,
         weight_decay=0.0,
         memory_lr=0.0,
+        head_selection=False,
         model={"objective": "mlm", "mask_prob": 0.15},
     ),
     "real": dict(
@@ -189,6 +196,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         label_smoothing=0.0,
         weight_decay=0.1,
         memory_lr=1e-2,
+        head_selection=False,
         model={"objective": "clm", "memory": True, "dropout": 0.5, "embedding_init_std": 0.0},
     ),
 }
@@ -669,7 +677,11 @@ def _train_window(
     )
     loss_sum = torch.zeros((), device=device)
     early = cfg.patience > 0 and held is not None and len(held) > 0
-    best_score, best_epoch, best_state = -1.0, -1, None
+    best_score, best_epoch, best_state, best_scale = -1.0, -1, None, 1.0
+    select_head = early and cfg.head_selection and model.item_memory is not None
+    held_no_head: list[float] = []
+    if model.item_memory is not None:
+        model.item_memory.head_scale.fill_(1.0)  # training always uses the head; chosen again below
     held_scores: list[float] = []
     epochs_run = 0
     t0 = time.perf_counter()
@@ -701,15 +713,27 @@ def _train_window(
         bar.set_postfix(loss=f"{float(loss_sum) / steps_per_epoch:.3f}")
         if early:  # every rank scores the same held-back sessions: the same decision everywhere
             score = evaluate_model(model, held, device, cfg.eval_batch_size)["ndcg@20"]
+            scale = 1.0
+            if select_head:  # the same weights without the head's own item logits (gated counts only)
+                assert model.item_memory is not None
+                model.item_memory.head_scale.fill_(0.0)
+                without = evaluate_model(model, held, device, cfg.eval_batch_size)["ndcg@20"]
+                model.item_memory.head_scale.fill_(1.0)
+                held_no_head.append(without)
+                if without > score:
+                    score, scale = without, 0.0
             model.train()
             held_scores.append(score)
             if score > best_score:
-                best_score, best_epoch = score, epoch
+                best_score, best_epoch, best_scale = score, epoch, scale
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             elif epoch - best_epoch >= cfg.patience:
                 break
     if early and best_state is not None:
         model.load_state_dict(best_state)
+        if select_head:
+            assert model.item_memory is not None
+            model.item_memory.head_scale.fill_(best_scale)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -725,6 +749,8 @@ def _train_window(
     }
     if early:
         out.update(best_epoch=best_epoch + 1, holdout_ndcg20_per_epoch=held_scores)
+    if select_head:
+        out.update(head_scale=best_scale, holdout_ndcg20_without_head_per_epoch=held_no_head)
     return out
 
 
@@ -794,6 +820,7 @@ _RECIPE_FLAGS = (
     "epochs",
     "lr",
     "memory_lr",
+    "head_selection",
     "weight_decay",
     "cycles_per_epoch",
     "train_on",
@@ -967,6 +994,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         "[reference off, real on]",
     )
     p.add_argument("--memory-k", type=int, default=None, help="item memory: neighbours kept per item [100]")
+    p.add_argument(
+        "--head-selection",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="item memory + early stopping: per window, keep the head's own item logits only if the "
+        "held-back training sessions score better with them than with the gated counts alone [off]",
+    )
     for name, typ in (
         ("embedding-dim", int),
         ("d-model", int),
