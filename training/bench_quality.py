@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from training.baselines import BASELINES
-from training.data import load_schema, load_split, split_path
-from training.model import ModelConfig, SessionModel, atomic_write
+from training.data import DataError, load_schema, load_split, split_path
+from training.model import ModelConfig, RunError, SessionModel, atomic_write
 from training.train import TrainConfig, evaluate_model, resolve_settings, set_memory, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         run(args)
-    except BenchError as e:
+    except (BenchError, DataError, RunError) as e:  # e.g. --work already holds runs of these seeds
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
