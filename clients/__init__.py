@@ -1,7 +1,7 @@
 """gRPC client for the `session_ranker` ensemble: raw interactions in, top-k raw item ids out.
 
     from clients import rank_sessions
-    ranked = rank_sessions("127.0.0.1:8001", frame, top_k=10, batch_sessions=64, concurrency=4)
+    ranked = rank_sessions("127.0.0.1:8001", frame, top_k=10, concurrency=4)
     for row in ranked.records():      # {"session_id": 17, "item_ids": [...], "scores": [...]}
         ...
 
@@ -13,21 +13,66 @@ requests of at most `batch_sessions` sessions, and up to `concurrency`
 requests are in flight. Any failed request raises `RankError` naming the
 sessions it carried and the server's message.
 
+What happens before the first request, once per call:
+  - readiness: the server is live and ready and `model` is ready; otherwise
+    `RankError("model '...' at URL is not ready: is tritonserver running and
+    the repository loaded? (...)")`, and nothing is sent.
+  - the model's inputs and k (its metadata), and the most sessions one request
+    may carry (its config): the smallest non-zero `max_batch_size` of the model
+    and, for an ensemble, of its steps -- in this repository the `model` step's
+    (`python -m export --max-batch-sessions`; preprocess, postprocess and the
+    ensemble itself declare 0). `batch_sessions=None` uses that number; a larger
+    explicit value is a `ValueError` naming both numbers.
+
+Retries: the repository's queue policy answers UNAVAILABLE on purpose when a
+step's queue is full or a request waited too long (export/repository.py), and
+gRPC answers UNAVAILABLE when the server cannot be reached. A request answered
+UNAVAILABLE is sent again up to `retries` more times, after waiting
+min(BACKOFF_CAP_S, backoff_s * 2**attempt) * U(0, 1) seconds (exponential
+backoff with full jitter; attempt = 0 after the first failure). Every other
+error fails the request at once. A request that stays UNAVAILABLE raises
+`RankError` saying how many attempts were made.
+
+Connection: `ssl`, `root_certificates`, `private_key` and `certificate_chain`
+are tritonclient.grpc.InferenceServerClient's own TLS arguments (file paths);
+`headers` (e.g. {"authorization": "Bearer ..."} for a proxy in front of the
+server) go with every call, names lower-cased as gRPC metadata requires;
+`timeout_s` bounds every call (None: no limit).
+
+For tests and embedding: `connect` makes the clients (called like
+InferenceServerClient(url, ssl=..., root_certificates=..., private_key=...,
+certificate_chain=...)), `sleep` waits between attempts and `rng` draws the
+jitter (pass random.Random(seed) for a repeatable schedule).
+
 Imports numpy, tritonclient and training.names only (no torch, no NVTabular).
 """
 
 from __future__ import annotations
 
+import random
+import re
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from training.names import ENSEMBLE_NAME, OUT_ITEM_IDS, OUT_SCORES, OUT_SESSION_ID, SESSION_COL
 
-__all__ = ["RankError", "Rankings", "plan_requests", "rank_sessions"]
+__all__ = ["BACKOFF_CAP_S", "UNAVAILABLE", "RankError", "Rankings", "plan_requests", "rank_sessions"]
+
+# InferenceServerException.status() of a gRPC UNAVAILABLE answer: tritonclient.grpc
+# (2.51, grpc/_utils.py get_error_grpc) stores str(rpc_error.code()), i.e. "StatusCode.UNAVAILABLE".
+UNAVAILABLE = "StatusCode.UNAVAILABLE"
+# The longest wait between two attempts, in seconds: with the default backoff_s 0.05 the
+# exponential reaches it only after 5 failures; it keeps a large `retries` from waiting minutes.
+BACKOFF_CAP_S = 2.0
+# Legal gRPC metadata key characters (keys are lower case; HTTP/2 header names are case-insensitive).
+_HEADER_KEY = re.compile(r"[0-9a-z_.\-]+")
 
 
 class RankError(RuntimeError):
@@ -122,23 +167,125 @@ def plan_requests(session_ids: np.ndarray, batch_sessions: int) -> tuple[np.ndar
     return uniq[order], requests
 
 
-class _Sender:
-    """One gRPC client per thread; sends one request and checks its answer."""
+@dataclass(frozen=True)
+class _Connection:
+    """How every call reaches the server: clients made by `connect` with the TLS settings,
+    the same headers and timeout on each call."""
 
-    def __init__(self, url: str, model: str, inputs: list[tuple[str, str]], timeout_s: float | None):
-        self.url = url
-        self.model = model
+    url: str
+    model: str
+    timeout_s: float | None
+    headers: dict[str, str] | None
+    # ssl, root_certificates, private_key, certificate_chain as InferenceServerClient takes them
+    tls: dict[str, Any]
+    connect: Callable[..., Any]
+
+    def open(self):
+        return self.connect(self.url, **self.tls)
+
+    @property
+    def per_call(self) -> dict[str, Any]:
+        """Keyword arguments of every tritonclient call."""
+        return {"headers": self.headers, "client_timeout": self.timeout_s}
+
+
+@dataclass(frozen=True)
+class _Backoff:
+    """Attempts after the first on UNAVAILABLE, and the wait before each."""
+
+    retries: int
+    base_s: float
+    sleep: Callable[[float], None]
+    rng: random.Random  # random() is one C call: safe to share between sender threads
+
+    def wait(self, attempt: int) -> float:
+        """Sleep after failed attempt `attempt` (0 = the first): exponential, capped, full jitter."""
+        delay = min(BACKOFF_CAP_S, self.base_s * 2**attempt) * self.rng.random()
+        self.sleep(delay)
+        return delay
+
+
+@dataclass(frozen=True)
+class _ServedModel:
+    inputs: list[tuple[str, str]]  # (name, Triton datatype) in the server's order
+    k: int  # items per session the repository was exported with
+    max_sessions: int | None  # most sessions per request; None: nothing declares a max_batch_size
+
+
+def _check_ready(conn: _Connection, client) -> None:
+    """One readiness check: server live, server ready, model ready; RankError otherwise."""
+    from tritonclient.utils import InferenceServerException
+
+    not_ready = (
+        f"model '{conn.model}' at {conn.url} is not ready: is tritonserver running and the repository loaded?"
+    )
+    try:
+        live = client.is_server_live(**conn.per_call)
+        ready = live and client.is_server_ready(**conn.per_call)
+        model_ready = ready and client.is_model_ready(conn.model, **conn.per_call)
+    except InferenceServerException as e:
+        raise RankError(f"{not_ready} ({e})") from e
+    if not model_ready:
+        state = "server not live" if not live else "server not ready" if not ready else "model not ready"
+        raise RankError(f"{not_ready} ({state})")
+
+
+def _model_config(conn: _Connection, client, name: str) -> dict:
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return client.get_model_config(name, as_json=True, **conn.per_call)["config"]
+    except InferenceServerException as e:
+        raise RankError(f"cannot read the config of model '{name}' at {conn.url}: {e}") from e
+
+
+def _session_limit(conn: _Connection, client) -> int | None:
+    """The smallest non-zero max_batch_size of the model and its ensemble steps (module docstring)."""
+    config = _model_config(conn, client, conn.model)
+    steps = [s["model_name"] for s in config.get("ensemble_scheduling", {}).get("step", [])]
+    sizes = [int(config.get("max_batch_size", 0))]  # the JSON omits a max_batch_size of 0
+    sizes += [int(_model_config(conn, client, step).get("max_batch_size", 0)) for step in steps]
+    declared = [s for s in sizes if s > 0]
+    return min(declared) if declared else None
+
+
+def _describe(conn: _Connection) -> _ServedModel:
+    """Readiness, then the model's inputs, k and session limit, over one client."""
+    from tritonclient.utils import InferenceServerException
+
+    client = conn.open()
+    try:
+        _check_ready(conn, client)
+        try:
+            meta = client.get_model_metadata(conn.model, as_json=True, **conn.per_call)
+        except InferenceServerException as e:
+            raise RankError(f"cannot read the metadata of model '{conn.model}' at {conn.url}: {e}") from e
+        max_sessions = _session_limit(conn, client)
+    finally:
+        client.close()
+    inputs = [(i["name"], i["datatype"]) for i in meta["inputs"]]
+    outputs = {o["name"]: o for o in meta["outputs"]}
+    if OUT_ITEM_IDS not in outputs:
+        raise RankError(
+            f"model '{conn.model}' at {conn.url} has no output '{OUT_ITEM_IDS}' (outputs: {sorted(outputs)})"
+        )
+    return _ServedModel(inputs, int(outputs[OUT_ITEM_IDS]["shape"][-1]), max_sessions)
+
+
+class _Sender:
+    """One gRPC client per thread; sends one request (again on UNAVAILABLE) and checks its answer."""
+
+    def __init__(self, conn: _Connection, inputs: list[tuple[str, str]], backoff: _Backoff):
+        self.conn = conn
         self.inputs = inputs  # (name, triton datatype) in the server's order
-        self.timeout_s = timeout_s
+        self.backoff = backoff
         self._local = threading.local()
         self._clients = []
         self._lock = threading.Lock()
 
     def client(self):
-        import tritonclient.grpc as grpcclient
-
         if not hasattr(self._local, "client"):
-            self._local.client = grpcclient.InferenceServerClient(self.url)
+            self._local.client = self.conn.open()
             with self._lock:
                 self._clients.append(self._local.client)
         return self._local.client
@@ -160,14 +307,27 @@ class _Sender:
             inp.set_data_from_numpy(values)
             infer_inputs.append(inp)
         outputs = [grpcclient.InferRequestedOutput(n) for n in (OUT_SESSION_ID, OUT_ITEM_IDS, OUT_SCORES)]
-        try:
-            result = self.client().infer(self.model, infer_inputs, outputs=outputs, client_timeout=self.timeout_s)
-        except InferenceServerException as e:
-            first, last = expected_sessions[0], expected_sessions[-1]
-            raise RankError(
-                f"request with sessions {first}..{last} ({len(expected_sessions)} sessions, "
-                f"{len(columns[self.inputs[0][0]])} rows) failed: {e}"
-            ) from e
+        attempts = self.backoff.retries + 1
+        for attempt in range(attempts):
+            try:
+                client = self.client()
+                result = client.infer(self.conn.model, infer_inputs, outputs=outputs, **self.conn.per_call)
+                break
+            except InferenceServerException as e:
+                unavailable = e.status() == UNAVAILABLE
+                if unavailable and attempt + 1 < attempts:
+                    self.backoff.wait(attempt)
+                    continue
+                first, last = expected_sessions[0], expected_sessions[-1]
+                what = (
+                    f"request with sessions {first}..{last} ({len(expected_sessions)} sessions, "
+                    f"{len(columns[self.inputs[0][0]])} rows) failed"
+                )
+                if unavailable:
+                    what += f" after {attempt + 1} attempt{'s' if attempt else ''} (UNAVAILABLE each time)"
+                elif attempt:
+                    what += f" on attempt {attempt + 1} (the earlier ones were UNAVAILABLE)"
+                raise RankError(f"{what}: {e}") from e
         sessions = result.as_numpy(OUT_SESSION_ID)
         if not np.array_equal(sessions, expected_sessions):
             raise RankError(
@@ -177,24 +337,30 @@ class _Sender:
         return result.as_numpy(OUT_ITEM_IDS), result.as_numpy(OUT_SCORES)
 
 
-def server_inputs(url: str, model: str = ENSEMBLE_NAME) -> tuple[list[tuple[str, str]], int]:
-    """(input name, Triton datatype) pairs of the ensemble, in order, and its k."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
+def _headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
+    """Header names lower-cased (gRPC rejects upper case); ValueError naming a bad one."""
+    if not headers:
+        return None
+    out = {}
+    for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"headers must map str to str, got {key!r}: {value!r}")
+        name = key.lower()
+        if not _HEADER_KEY.fullmatch(name):
+            raise ValueError(f"header name {key!r}: expected letters, digits, '-', '_' or '.'")
+        out[name] = value
+    return out
 
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        meta = client.get_model_metadata(model, as_json=True)
-    except InferenceServerException as e:
-        raise RankError(f"cannot read the metadata of model '{model}' at {url}: {e}") from e
-    finally:
-        client.close()
-    inputs = [(i["name"], i["datatype"]) for i in meta["inputs"]]
-    outputs = {o["name"]: o for o in meta["outputs"]}
-    if OUT_ITEM_IDS not in outputs:
-        raise RankError(f"model '{model}' at {url} has no output '{OUT_ITEM_IDS}' (outputs: {sorted(outputs)})")
-    k = int(outputs[OUT_ITEM_IDS]["shape"][-1])
-    return inputs, k
+
+def _tls(ssl: bool, **files: str | Path | None) -> dict[str, Any]:
+    """InferenceServerClient's TLS arguments; a file given without ssl, or missing, is a ValueError."""
+    given = {name: path for name, path in files.items() if path is not None}
+    if given and not ssl:
+        raise ValueError(f"{', '.join(given)} given but ssl is False: pass ssl=True (--ssl) to use TLS")
+    for name, path in given.items():
+        if not Path(path).is_file():
+            raise ValueError(f"{name} {path} is not a file (expected a PEM file)")
+    return {"ssl": ssl, **{name: None if path is None else str(path) for name, path in files.items()}}
 
 
 def rank_sessions(
@@ -202,24 +368,62 @@ def rank_sessions(
     interactions,
     *,
     top_k: int | None = None,
-    batch_sessions: int = 64,
+    batch_sessions: int | None = None,
     concurrency: int = 1,
     model: str = ENSEMBLE_NAME,
     timeout_s: float | None = 60.0,
+    retries: int = 3,
+    backoff_s: float = 0.05,
+    ssl: bool = False,
+    root_certificates: str | Path | None = None,
+    private_key: str | Path | None = None,
+    certificate_chain: str | Path | None = None,
+    headers: Mapping[str, str] | None = None,
+    connect: Callable[..., Any] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
 ) -> Rankings:
     """Rank the next item of every session in `interactions` (see the module docstring).
 
     top_k: how many items to keep per session (<= the k the repository was exported with;
-    None = all of them)."""
+    None = all of them). batch_sessions: sessions per request (None = the server's limit).
+    retries: attempts after the first on UNAVAILABLE only. backoff_s: the first wait's upper
+    bound. connect / sleep / rng: the client factory, the wait and the jitter source."""
     from tritonclient.utils import triton_to_np_dtype
 
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    inputs, k = server_inputs(url, model)
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    if backoff_s < 0:
+        raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
+    if connect is None:
+        import tritonclient.grpc as grpcclient
+
+        connect = grpcclient.InferenceServerClient
+    tls = _tls(
+        ssl, root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
+    )
+    conn = _Connection(url, model, timeout_s, _headers(headers), tls, connect)
+    served = _describe(conn)
+    inputs, k = served.inputs, served.k
     if top_k is None:
         top_k = k
     if not 1 <= top_k <= k:
         raise ValueError(f"top_k must be in [1, {k}] (the repository was exported with --top-k {k}), got {top_k}")
+    if batch_sessions is None:
+        if served.max_sessions is None:
+            raise RankError(
+                f"model '{model}' at {url} declares no session limit (max_batch_size 0 on it and on "
+                "every step): pass batch_sessions"
+            )
+        batch_sessions = served.max_sessions
+    elif served.max_sessions is not None and batch_sessions > served.max_sessions:
+        raise ValueError(
+            f"batch_sessions {batch_sessions} is more than model '{model}' at {url} accepts per request "
+            f"({served.max_sessions} sessions, its max_batch_size): pass at most {served.max_sessions}, "
+            "or None for that limit"
+        )
     names = [name for name, _ in inputs]
     if SESSION_COL not in names:
         raise RankError(f"model '{model}' has no '{SESSION_COL}' input (inputs: {names})")
@@ -228,7 +432,8 @@ def rank_sessions(
     sessions, plan = plan_requests(columns[SESSION_COL], batch_sessions)
     if not plan:
         return Rankings(np.zeros(0, np.int64), np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float32))
-    send = _Sender(url, model, inputs, timeout_s)
+    backoff = _Backoff(retries, backoff_s, sleep, rng if rng is not None else random.Random())
+    send = _Sender(conn, inputs, backoff)
     starts = list(range(0, len(sessions), batch_sessions))
 
     def one(i: int):

@@ -5,8 +5,14 @@
 
 FILE is CSV or parquet with the columns of DATA/interactions.parquet (one row
 per interaction; rows of a session in time order; extra columns are ignored).
-Whole sessions are sent together, `--batch-sessions` per request, up to
-`--concurrency` requests in flight. Prints one line per session: a table, or
+Whole sessions are sent together, `--batch-sessions` per request (default:
+the most the server accepts, the model step's max_batch_size), up to
+`--concurrency` requests in flight. The server must be live and the model
+ready; a request answered UNAVAILABLE (a full queue) is sent again up to
+`--retries` times with exponential backoff. Behind TLS or a proxy:
+    python -m clients.rank --url ranker.example:443 --input clicks.parquet --ssl \
+        --root-certificates ca.pem --header authorization="Bearer $TOKEN"
+Prints one line per session: a table, or
 with `--json` one JSON object per line:
     {"session_id": 70000, "item_ids": [220, 269, ...], "scores": [1.22, 0.99, ...]}
 Exit status: 0 when every session was ranked, 1 on any error (message on stderr).
@@ -21,7 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
-from clients import RankError, Rankings, rank_sessions
+from clients import BACKOFF_CAP_S, RankError, Rankings, rank_sessions
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """`--header KEY=VALUE` -> (KEY, VALUE); the value may itself hold '='."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not KEY=VALUE (e.g. --header authorization='Bearer TOKEN')"
+        )
+    return key.strip(), value
 
 
 def read_interactions(path: Path) -> dict[str, np.ndarray]:
@@ -59,10 +75,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", type=Path, required=True, help="interactions, CSV or parquet")
     p.add_argument("--top-k", type=int, default=None, help="items per session (default: all the server returns)")
     p.add_argument("--json", action="store_true", help="one JSON object per session and line")
-    p.add_argument("--batch-sessions", type=int, default=64, help="sessions per request")
+    p.add_argument(
+        "--batch-sessions",
+        type=int,
+        default=None,
+        help="sessions per request (default: the server's limit, the model step's max_batch_size)",
+    )
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per call to the server")
+    p.add_argument(
+        "--retries", type=int, default=3, help="attempts after the first when the server answers UNAVAILABLE"
+    )
+    p.add_argument(
+        "--backoff",
+        type=float,
+        default=0.05,
+        help="seconds: the waits before retries are up to backoff, 2*backoff, 4*backoff, ... "
+        f"(at most {BACKOFF_CAP_S} s), jittered",
+    )
+    p.add_argument("--ssl", action="store_true", help="connect over TLS")
+    p.add_argument("--root-certificates", type=Path, default=None, help="PEM root certificates (with --ssl)")
+    p.add_argument("--private-key", type=Path, default=None, help="PEM client private key (with --ssl)")
+    p.add_argument(
+        "--certificate-chain", type=Path, default=None, help="PEM client certificate chain (with --ssl)"
+    )
+    p.add_argument(
+        "--header",
+        type=parse_header,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra header sent with every call, e.g. for a proxy (repeatable)",
+    )
     a = p.parse_args(argv)
+    headers = dict(a.header)
+    if len(headers) < len(a.header):
+        p.error(f"--header: a name is given more than once in {[k for k, _ in a.header]}")
     try:
         columns = read_interactions(a.input)
         ranked = rank_sessions(
@@ -72,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             batch_sessions=a.batch_sessions,
             concurrency=a.concurrency,
             timeout_s=a.timeout,
+            retries=a.retries,
+            backoff_s=a.backoff,
+            ssl=a.ssl,
+            root_certificates=a.root_certificates,
+            private_key=a.private_key,
+            certificate_chain=a.certificate_chain,
+            headers=headers,
         )
     except (RankError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
