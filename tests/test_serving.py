@@ -22,7 +22,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from clients import rank_sessions
+from clients import RankError, rank_sessions
 from export.inference import TopKRanker, feature_order, load_run
 from export.repository import FLOOR_ENSEMBLE, ExportConfig, export_repository, write_floor_repository
 from tests.triton_util import PROJECT_ROOT, start_server
@@ -343,6 +343,39 @@ def test_bad_and_good_requests_together(server, interactions, schema, good_reque
             assert isinstance(r, InferenceServerException) and r.status() == "StatusCode.INVALID_ARGUMENT"
         else:
             assert r[OUT_ITEM_IDS].tobytes() == good_answer[OUT_ITEM_IDS].tobytes()
+
+
+# --- client library ---------------------------------------------------------------------------------
+def test_rank_sessions_uses_the_server_session_limit(server, client, interactions):
+    """batch_sessions=None sends requests of the model step's max_batch_size sessions, with the same rankings."""
+    limit = int(client.get_model_config(TORCH_MODEL, as_json=True)["config"]["max_batch_size"])
+    assert limit == MAX_SESSIONS
+    sids = interactions[SESSION_COL].unique()[: 2 * limit + 10]
+    rows = interactions[interactions[SESSION_COL].isin(sids)]
+    sent = []  # rows of every request the client sent
+
+    def counting_client(url, **kwargs):
+        c = grpcclient.InferenceServerClient(url, **kwargs)
+        infer = c.infer
+
+        def counted(model_name, inputs, **kw):
+            sent.append(inputs[0].shape()[0])
+            return infer(model_name, inputs, **kw)
+
+        c.infer = counted
+        return c
+
+    ranked = rank_sessions(server.grpc_url, rows, connect=counting_client)
+    assert len(sent) == -(-len(sids) // limit) == 3 and sum(sent) == len(rows)
+    want = rank_sessions(server.grpc_url, rows, batch_sessions=16, concurrency=2)
+    assert ranked.session_id.tolist() == want.session_id.tolist() == sids.tolist()
+    np.testing.assert_array_equal(ranked.item_ids, want.item_ids)
+    np.testing.assert_allclose(ranked.scores, want.scores, atol=1e-5, rtol=0)
+
+    with pytest.raises(ValueError, match=f"batch_sessions {limit + 1} .*{limit} sessions"):
+        rank_sessions(server.grpc_url, rows, batch_sessions=limit + 1)
+    with pytest.raises(RankError, match=f"model 'no_such_model' at {server.grpc_url} is not ready"):
+        rank_sessions(server.grpc_url, rows, model="no_such_model")
 
 
 # --- client CLI -------------------------------------------------------------------------------------
