@@ -113,6 +113,7 @@ def test_unknown_baseline(counts):
 #   scores 3: 3/4, 4: 5/4, 5: 3/4, 6: 1/2 -> 3 and 5 tie: popularity puts 5 (pop 4) before 3 (pop 2)
 # sample_size=2: only the 2 most recent candidates s2, s3 (s0 and s1 are dropped although more similar)
 #   scores 3: 1/8, 5: 1/8, 4: 1/2, 6: 1/2 -> ties by popularity: 4, 6, 5, 3
+# fmt: off
 VSKNN_CASES = [
     # (id, k, sample_size, input, neighbours [(session, sim, step)], raw scores, ranking of items 3..7)
     ("decay", 100, 500, [3, 4], [(0, 3 / 4, 1), (3, 1 / 2, 1), (1, 1 / 2, 1), (2, 1 / 4, 2)],
@@ -129,6 +130,7 @@ VSKNN_CASES = [
      {3: 1.0, 4: 3.0, 5: 2.0, 6: 1.0}, [4, 5, 3, 6, 7]),
     ("unknown_item_only", 100, 500, [9], [], {}, [5, 4, 3]),  # no neighbour: popularity (6, 7 tie)
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(
@@ -151,15 +153,21 @@ def test_vsknn_hand_computed(k, sample, inp, neighbours, raw, ranking):
     assert got == pytest.approx(expect)
     # ranks of the ranking's items are 1, 2, ... (pessimistic: a tie would push both down)
     n = len(ranking)
-    assert c.ranks("vsknn", last_input_items(items, lengths).repeat(n), np.array(ranking),
-                   inputs=(items.repeat(n, 0), lengths.repeat(n))).tolist() == list(range(1, n + 1))
+    assert c.ranks(
+        "vsknn",
+        last_input_items(items, lengths).repeat(n),
+        np.array(ranking),
+        inputs=(items.repeat(n, 0), lengths.repeat(n)),
+    ).tolist() == list(range(1, n + 1))
 
 
 def test_vsknn_batch_equals_one_by_one(counts):
     items, lengths = pad([[3, 4], [4, 3], [], [5], [6, 4, 7, 3]])
     batch = counts.vsknn_scores(items, lengths).toarray()
     for i in range(len(lengths)):
-        assert counts.vsknn_scores(items[i : i + 1], lengths[i : i + 1]).toarray()[0] == pytest.approx(batch[i])
+        assert counts.vsknn_scores(items[i : i + 1], lengths[i : i + 1]).toarray()[0] == pytest.approx(
+            batch[i]
+        )
     targets = np.array([5, 3, 4, 3, 5])
     last = last_input_items(items, lengths)
     full = counts.ranks("vsknn", last, targets, inputs=(items, lengths))

@@ -25,7 +25,9 @@ V-SKNN for an input x_1..x_n (n clicks):
      last item 1);
   2. candidates: the training sessions containing any input item; when there
      are more than sample_size, the sample_size most recent (sampling 'recent':
-     later windows, and later rows of a window, are more recent);
+     later windows, and later rows of a window, are more recent; session-rec uses
+     each session's last timestamp, the splits keep none inside a window, whose
+     rows are in session-id order);
   3. similarity of a candidate s (session-rec's `vec`, the dot product of the
      weighted input vector with s's binary item vector, over the number of
      distinct input items d): sim(s) = sum_{i in s} w_i / d. The `similarity`
@@ -151,8 +153,10 @@ class BaselineCounts:
             self._index = (by_session, recent)
         return self._index
 
-    def _vsknn(self, items: np.ndarray, lengths: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        """Neighbours (see `vsknn_neighbours`) and, for each neighbour in turn, its items (pos, item)."""
+    def _vsknn(
+        self, items: np.ndarray, lengths: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Neighbours (see `vsknn_neighbours`), the number of items of each neighbour, and those items in turn."""
         items = np.asarray(items, dtype=np.int64)
         n = np.asarray(lengths, dtype=np.int64)
         B, L = items.shape
@@ -239,7 +243,9 @@ class BaselineCounts:
             s = np.broadcast_to(pop, (b, self.n_items)).copy()
         elif name == "vsknn":
             if inputs is None:
-                raise ValueError("vsknn reads the whole input session: pass inputs=(items (B, L), lengths (B,))")
+                raise ValueError(
+                    "vsknn reads the whole input session: pass inputs=(items (B, L), lengths (B,))"
+                )
             if len(inputs[1]) != b:
                 raise ValueError(f"inputs hold {len(inputs[1])} sessions, last_items {b}")
             s = np.broadcast_to(tie, (b, self.n_items)).copy()
