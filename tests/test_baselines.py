@@ -98,3 +98,133 @@ def test_evaluate_baselines_keys_and_chunking(counts):
 def test_unknown_baseline(counts):
     with pytest.raises(ValueError, match="unknown baseline"):
         counts.scores("nope", np.array([3]))
+
+
+# --- V-SKNN (session-rec VMContextKNN, see training/baselines.py) ---------------------------------
+# TRAIN as session sets, oldest first: s0 {3,4,5}, s1 {4,5}, s2 {3,5}, s3 {4,6}, s4 {7} (OOV 2 not indexed).
+# Input [3, 4] (n=2): weights 3 -> 1/2, 4 -> 2/2; d=2 distinct items; step 1 = the last click (4).
+#   sim: s0 (1/2+1)/2 = 3/4 (step 1), s1 1/2 (step 1), s3 1/2 (step 1), s2 (1/2)/2 = 1/4 (step 2)
+#   scores: 3: 3/4 + 1/4/2 = 7/8, 4: 3/4+1/2+1/2 = 7/4, 5: 3/4+1/2+1/8 = 11/8, 6: 1/2
+# Input [4, 3] (the decay reversed): s0 3/4 (1), s2 1/2 (1), s1 1/4 (2), s3 1/4 (2)
+#   scores: 3: 3/4+1/2 = 5/4, 4: 3/4+1/8+1/8 = 1, 5: 3/4+1/8+1/2 = 11/8, 6: 1/8
+# Input [4, 3, 4] (a repeat keeps its last position): 4 -> 3/3, 3 -> 2/3, d=2
+#   s0 5/6 (1), s1 1/2 (1), s3 1/2 (1), s2 1/3 (step 3-2+1 = 2)
+# k=2: neighbours s0 and s3 (s3 and s1 tie at 1/2: the more recent wins)
+#   scores 3: 3/4, 4: 5/4, 5: 3/4, 6: 1/2 -> 3 and 5 tie: popularity puts 5 (pop 4) before 3 (pop 2)
+# sample_size=2: only the 2 most recent candidates s2, s3 (s0 and s1 are dropped although more similar)
+#   scores 3: 1/8, 5: 1/8, 4: 1/2, 6: 1/2 -> ties by popularity: 4, 6, 5, 3
+# fmt: off
+VSKNN_CASES = [
+    # (id, k, sample_size, input, neighbours [(session, sim, step)], raw scores, ranking of items 3..7)
+    ("decay", 100, 500, [3, 4], [(0, 3 / 4, 1), (3, 1 / 2, 1), (1, 1 / 2, 1), (2, 1 / 4, 2)],
+     {3: 7 / 8, 4: 7 / 4, 5: 11 / 8, 6: 1 / 2}, [4, 5, 3, 6, 7]),
+    ("decay_reversed", 100, 500, [4, 3], [(0, 3 / 4, 1), (2, 1 / 2, 1), (3, 1 / 4, 2), (1, 1 / 4, 2)],
+     {3: 5 / 4, 4: 1.0, 5: 11 / 8, 6: 1 / 8}, [5, 3, 4, 6, 7]),
+    ("repeat", 100, 500, [4, 3, 4], [(0, 5 / 6, 1), (3, 1 / 2, 1), (1, 1 / 2, 1), (2, 1 / 3, 2)],
+     {3: 5 / 6 + 1 / 6, 4: 11 / 6, 5: 5 / 6 + 1 / 2 + 1 / 6, 6: 1 / 2}, [4, 5, 3, 6, 7]),
+    ("k2_ties_by_popularity", 2, 500, [3, 4], [(0, 3 / 4, 1), (3, 1 / 2, 1)],
+     {3: 3 / 4, 4: 5 / 4, 5: 3 / 4, 6: 1 / 2}, [4, 5, 3, 6, 7]),
+    ("recent_sample", 100, 2, [3, 4], [(3, 1 / 2, 1), (2, 1 / 4, 2)],
+     {3: 1 / 8, 4: 1 / 2, 5: 1 / 8, 6: 1 / 2}, [4, 6, 5, 3, 7]),
+    ("oov_input_ignored", 100, 500, [2, 4], [(3, 1.0, 1), (1, 1.0, 1), (0, 1.0, 1)],
+     {3: 1.0, 4: 3.0, 5: 2.0, 6: 1.0}, [4, 5, 3, 6, 7]),
+    ("unknown_item_only", 100, 500, [9], [], {}, [5, 4, 3]),  # no neighbour: popularity (6, 7 tie)
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    "k,sample,inp,neighbours,raw,ranking", [c[1:] for c in VSKNN_CASES], ids=[c[0] for c in VSKNN_CASES]
+)
+def test_vsknn_hand_computed(k, sample, inp, neighbours, raw, ranking):
+    c = BaselineCounts(V, vsknn_k=k, vsknn_sample_size=sample)
+    c.add_sessions(*pad(TRAIN[:3]))  # two windows: recency continues across add_sessions calls
+    c.add_sessions(*pad(TRAIN[3:]))
+    items, lengths = pad([inp])
+    nb = c.vsknn_neighbours(items, lengths)
+    assert nb["row"].tolist() == [0] * len(neighbours)
+    assert nb["session"].tolist() == [s for s, _, _ in neighbours]
+    assert nb["sim"] == pytest.approx([x for _, x, _ in neighbours])
+    assert nb["step"].tolist() == [x for _, _, x in neighbours]
+    got = c.vsknn_scores(items, lengths).toarray()[0]
+    expect = np.zeros(V)
+    for item, score in raw.items():
+        expect[item] = score
+    assert got == pytest.approx(expect)
+    # ranks of the ranking's items are 1, 2, ... (pessimistic: a tie would push both down)
+    n = len(ranking)
+    assert c.ranks(
+        "vsknn",
+        last_input_items(items, lengths).repeat(n),
+        np.array(ranking),
+        inputs=(items.repeat(n, 0), lengths.repeat(n)),
+    ).tolist() == list(range(1, n + 1))
+
+
+def test_vsknn_batch_equals_one_by_one(counts):
+    items, lengths = pad([[3, 4], [4, 3], [], [5], [6, 4, 7, 3]])
+    batch = counts.vsknn_scores(items, lengths).toarray()
+    for i in range(len(lengths)):
+        assert counts.vsknn_scores(items[i : i + 1], lengths[i : i + 1]).toarray()[0] == pytest.approx(
+            batch[i]
+        )
+    targets = np.array([5, 3, 4, 3, 5])
+    last = last_input_items(items, lengths)
+    full = counts.ranks("vsknn", last, targets, inputs=(items, lengths))
+    assert counts.ranks("vsknn", last, targets, chunk=2, inputs=(items, lengths)).tolist() == full.tolist()
+
+
+def test_vsknn_empty_input_unseen_target_special_ids(counts):
+    items, lengths = pad([[], [3, 4], [3, 4], [3, 4]])
+    last = last_input_items(items, lengths)
+    s = counts.scores("vsknn", last, inputs=(items, lengths))
+    pop = counts.pop / (counts.pop.max() + 1.0)
+    assert s[0, 3:8].tolist() == pop[3:8].tolist()  # empty input: popularity exactly
+    assert np.isneginf(s[:, :3]).all()  # special ids (OOV 2 was seen in training) never ranked
+    assert np.isneginf(s[:, 8:]).all()  # 8, 9 never seen in training
+    # empty input -> 5 (most popular) first; 9 never seen = miss; OOV target = miss
+    ranks = counts.ranks("vsknn", last, np.array([5, 4, 9, 2]), inputs=(items, lengths))
+    assert ranks.tolist() == [1, 1, INF, INF]
+
+
+def test_vsknn_needs_the_inputs(counts):
+    with pytest.raises(ValueError, match="inputs="):
+        counts.scores("vsknn", np.array([3]))
+    with pytest.raises(ValueError, match="vsknn_k"):
+        BaselineCounts(V, vsknn_k=0)
+
+
+def _vsknn_loop(train: list[list[int]], inp: list[int], k: int, sample_size: int) -> dict[int, float]:
+    """session-rec's VMContextKNN.predict_next, written as plain loops (defaults: div / div)."""
+    sets = [{i for i in s if i >= 3} for s in train]
+    n = len(inp)
+    pos_map = {item: p / n for p, item in enumerate(inp, 1) if item >= 3}  # later clicks overwrite
+    if not pos_map:
+        return {}
+    relevant = sorted({s for s, items in enumerate(sets) if items & set(pos_map)}, reverse=True)
+    sample = relevant[:sample_size]  # most recent first
+    sims = [(s, sum(pos_map[i] for i in sets[s] & set(pos_map)) / len(pos_map)) for s in sample]
+    neighbours = sorted(sims, key=lambda x: -x[1])[:k]  # stable: ties keep the more recent first
+    scores: dict[int, float] = {}
+    for s, sim in neighbours:
+        step = next(st for st, item in enumerate(reversed(inp), 1) if item in sets[s])
+        for item in sets[s]:
+            scores[item] = scores.get(item, 0.0) + sim / step
+    return scores
+
+
+@pytest.mark.parametrize("k,sample_size", [(100, 500), (4, 7), (1, 3)])
+def test_vsknn_matches_a_plain_loop_version(k, sample_size):
+    rng = np.random.default_rng(0)
+    V2 = 14  # few items: many shared items, ties and a sample that bites
+    train = [rng.integers(2, V2, size=rng.integers(1, 7)).tolist() for _ in range(60)]
+    inputs = [rng.integers(2, V2, size=rng.integers(0, 6)).tolist() for _ in range(40)]
+    c = BaselineCounts(V2, vsknn_k=k, vsknn_sample_size=sample_size)
+    for lo in range(0, 60, 25):  # three windows
+        c.add_sessions(*pad(train[lo : lo + 25], width=6))
+    got = c.vsknn_scores(*pad(inputs, width=6)).toarray()
+    for row, inp in enumerate(inputs):
+        expect = np.zeros(V2)
+        for item, score in _vsknn_loop(train, inp, k, sample_size).items():
+            expect[item] = score
+        assert got[row] == pytest.approx(expect, abs=1e-12), (inp, row)

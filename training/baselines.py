@@ -9,12 +9,46 @@ window with `BaselineCounts.add_sessions`):
                  item itself: sessions where it appears at least twice),
                  ties broken by popularity;
 * successor_knn: score = how often the candidate directly followed the input's
-                 last item in a training session, ties broken by popularity.
+                 last item in a training session, ties broken by popularity;
+* vsknn:         V-SKNN, the vector-multiplication session-based kNN of Ludewig &
+                 Jannach 2018 ("Evaluation of session-based recommendation
+                 algorithms", UMUAI 28), as session-rec's `algorithms/knn/vsknn.py`
+                 (class VMContextKNN) computes it with the defaults of its docstring:
+                 k=100, sample_size=500 (the constructor's own default is 1000),
+                 sampling='recent', weighting='div', weighting_score='div',
+                 dwelling_time=False, remind=True (see `BaselineCounts.vsknn_neighbours`
+                 and `vsknn_scores`), ties broken by popularity.
+
+V-SKNN for an input x_1..x_n (n clicks):
+  1. position weight of a distinct input item i (weighting 'div'): w_i = p_i / n,
+     p_i the 1-based position of its last click (later items count more, the
+     last item 1);
+  2. candidates: the training sessions containing any input item; when there
+     are more than sample_size, the sample_size most recent (sampling 'recent':
+     later windows, and later rows of a window, are more recent; session-rec uses
+     each session's last timestamp, the splits keep none inside a window, whose
+     rows are in session-id order);
+  3. similarity of a candidate s (session-rec's `vec`, the dot product of the
+     weighted input vector with s's binary item vector, over the number of
+     distinct input items d): sim(s) = sum_{i in s} w_i / d. The `similarity`
+     setting ('cosine') is not read by session-rec's VMContextKNN: its
+     `calc_similarity` always calls `vec`;
+  4. neighbours: the k candidates of highest sim (ties: the more recent first;
+     session-rec leaves them to set order);
+  5. item score (weighting_score 'div', remind=True: input items are scored
+     too): score(c) = sum over neighbours s containing c of sim(s) / step(s),
+     step(s) = n - p + 1 for the latest input item found in s (1 = the last
+     click). session-rec's final division by the maximum (normalize) changes
+     no ranking and is left out.
+Only real items take part (special ids are neither query items nor neighbour
+items, but still count as clicks for p and n); items outside every neighbour
+score 0 and are ordered by popularity.
 
 Special ids (pad, null, OOV) are never ranked; items never seen in training
 get -inf and a target never seen in training counts as a miss (rank +inf).
 An input with no item (a one-click session) falls back to popularity.
-Vectorised with numpy / scipy.sparse; scores are built in chunks of sessions.
+Vectorised with numpy / scipy.sparse (V-SKNN included: no Python loop over
+sessions); scores are built in chunks of sessions.
 """
 
 from __future__ import annotations
@@ -25,7 +59,9 @@ import scipy.sparse as sp
 from training.metrics import metrics_from_ranks, pessimistic_ranks_np
 from training.names import FIRST_REAL_ID, PAD_ID
 
-BASELINES = ("popular", "cooc_knn", "successor_knn")
+BASELINES = ("popular", "cooc_knn", "successor_knn", "vsknn")
+VSKNN_K = 100  # neighbours kept (session-rec VMContextKNN docstring default)
+VSKNN_SAMPLE_SIZE = 500  # most recent candidate sessions (idem)
 
 
 def _valid(items: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -33,10 +69,24 @@ def _valid(items: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 class BaselineCounts:
-    """Cumulative item statistics over the training sessions added so far."""
+    """Cumulative item statistics over the training sessions added so far.
 
-    def __init__(self, n_items: int):
+    Besides the counts, V-SKNN's session index: the real items of every training
+    session (one binary CSR block per `add_sessions` call, in the order added =
+    recency order), stacked into session -> items and item -> sessions matrices
+    the first time V-SKNN needs them after new sessions were added.
+    """
+
+    def __init__(self, n_items: int, vsknn_k: int = VSKNN_K, vsknn_sample_size: int = VSKNN_SAMPLE_SIZE):
+        if vsknn_k < 1 or vsknn_sample_size < 1:
+            raise ValueError(
+                f"vsknn_k and vsknn_sample_size must be >= 1, got {vsknn_k} and {vsknn_sample_size}"
+            )
         self.n_items = n_items
+        self.vsknn_k = vsknn_k
+        self.vsknn_sample_size = vsknn_sample_size
+        self._session_blocks: list[sp.csr_matrix] = []  # (n_w, V) binary, real items only
+        self._index: tuple[sp.csr_matrix, sp.csr_matrix] | None = None  # (S, V), (V, S)
         self.pop = np.zeros(n_items, dtype=np.int64)  # (V,)
         self.cooc = sp.csr_matrix((n_items, n_items), dtype=np.int64)  # (V, V)
         self.succ = sp.csr_matrix((n_items, n_items), dtype=np.int64)  # (V, V)
@@ -67,10 +117,123 @@ class BaselineCounts:
         succ = sp.csr_matrix((np.ones(a.size, dtype=np.int64), (a, b)), shape=(V, V))
         succ.sum_duplicates()
         self.succ = (self.succ + succ).tocsr()
+        # V-SKNN: the session's set of real items; session ids continue from earlier calls
+        real = vals >= FIRST_REAL_ID
+        block = sp.csr_matrix(
+            (np.ones(int(real.sum()), dtype=np.int8), (rows[real], vals[real])), shape=(n, V)
+        )
+        block.sum_duplicates()
+        block.data[:] = 1
+        self._session_blocks.append(block)
+        self._index = None
         self.n_sessions += n
 
-    def scores(self, name: str, last_items: np.ndarray) -> np.ndarray:
-        """(B,) last input item (PAD_ID if the input is empty) -> (B, V) float64 scores."""
+    def _session_index(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        """(S, V) session -> items, and (V, S) item -> its sample_size most recent sessions.
+
+        Session index = recency (added later = more recent). Keeping only each item's
+        sample_size most recent sessions is exact for V-SKNN: a session among the
+        sample_size most recent candidates of an input is among the sample_size most
+        recent sessions of each input item it contains.
+        """
+        if self._index is None:
+            by_session = (
+                sp.vstack(self._session_blocks, format="csr")
+                if self._session_blocks
+                else sp.csr_matrix((0, self.n_items), dtype=np.int8)
+            )
+            self._session_blocks = [by_session]  # compacted: the next add stacks two blocks
+            by_item = by_session.T.tocsr()
+            by_item.sort_indices()
+            per = np.diff(by_item.indptr)
+            rank_from_end = np.repeat(by_item.indptr[1:], per) - 1 - np.arange(by_item.nnz)
+            recent = by_item.copy()
+            recent.data = (rank_from_end < self.vsknn_sample_size).astype(np.int64)
+            recent.eliminate_zeros()
+            self._index = (by_session, recent)
+        return self._index
+
+    def _vsknn(
+        self, items: np.ndarray, lengths: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Neighbours (see `vsknn_neighbours`), the number of items of each neighbour, and those items in turn."""
+        items = np.asarray(items, dtype=np.int64)
+        n = np.asarray(lengths, dtype=np.int64)
+        B, L = items.shape
+        V = self.n_items
+        by_session, recent = self._session_index()
+        S = by_session.shape[0]
+        # 1. distinct real input items with the 1-based position of their last click
+        pos = np.arange(1, L + 1)[None, :]  # (1, L)
+        q_row, q_col = np.nonzero((pos <= n[:, None]) & (items >= FIRST_REAL_ID))
+        q_key = q_row * V + items[q_row, q_col]  # (input, item)
+        q_pos = q_col + 1
+        order = np.lexsort((q_pos, q_key))
+        q_key, q_pos = q_key[order], q_pos[order]
+        last = np.ones(q_key.size, dtype=bool)  # the last click of each (input, item)
+        last[:-1] = q_key[1:] != q_key[:-1]
+        q_key, q_pos = q_key[last], q_pos[last]  # sorted, unique
+        n_distinct = np.bincount(q_key // V, minlength=B)  # d
+        # 2. candidates: per input, sum of the positions of its items in each training session
+        query = sp.csr_matrix((q_pos, (q_key // V, q_key % V)), shape=(B, V))
+        cand = (query @ recent).tocsc().tocsr()  # (B, S) int64; the round trip sorts each row's indices
+        c_row = np.repeat(np.arange(B), np.diff(cand.indptr))
+        # recency sample: the sample_size largest session indices of each row
+        rank_from_end = cand.indptr[c_row + 1] - 1 - np.arange(cand.nnz)
+        keep = rank_from_end < self.vsknn_sample_size
+        c_row, c_sess, c_sum = c_row[keep], cand.indices[keep].astype(np.int64), cand.data[keep]
+        # 3-4. top-k by similarity (the integer sum of positions: exact ties), then recency:
+        # one key per candidate, laid out as (B, sample_size) to sort each row with numpy
+        width = min(self.vsknn_sample_size, int(np.bincount(c_row, minlength=B).max(initial=0)))
+        slot = rank_from_end[keep]
+        table = np.full((B, max(width, 1)), -1, dtype=np.int64)
+        table[c_row, slot] = c_sum * max(S, 1) + c_sess  # unique within a row
+        table = -np.sort(-table, axis=1)[:, : self.vsknn_k]  # descending
+        nb_row, nb_col = np.nonzero(table >= 0)  # row-major: by input, then similarity desc
+        key = table[nb_row, nb_col]
+        nb_sess, nb_sum = key % max(S, 1), key // max(S, 1)
+        sim = nb_sum / (n[nb_row] * n_distinct[nb_row]).astype(np.float64)  # sum_i (p_i / n) / d
+        # 5. the neighbours' items; the position of each in the input (0: not in the input)
+        per = np.diff(by_session.indptr)[nb_sess]
+        flat = np.repeat(by_session.indptr[nb_sess] - np.cumsum(per) + per, per) + np.arange(int(per.sum()))
+        e_item = by_session.indices[flat].astype(np.int64)
+        e_key = np.repeat(nb_row, per) * V + e_item
+        at = np.minimum(np.searchsorted(q_key, e_key), max(q_key.size - 1, 0))
+        e_pos = np.where(q_key[at] == e_key, q_pos[at], 0) if q_key.size else np.zeros(0, dtype=np.int64)
+        starts = np.cumsum(per) - per  # every neighbour holds >= 1 input item
+        latest = np.maximum.reduceat(e_pos, starts) if nb_row.size else np.zeros(0, dtype=np.int64)
+        nb = dict(row=nb_row, session=nb_sess, sim=sim, step=n[nb_row] - latest + 1)
+        return nb, per, e_item
+
+    def vsknn_neighbours(self, items: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+        """The V-SKNN neighbours of B right-padded input sessions (module docstring, steps 1-4).
+
+        items (B, L) encoded ids, lengths (B,) clicks. Returns flat arrays over all
+        (input, neighbour) pairs, ordered by input then similarity (descending):
+        row (input index), session (training session index, larger = more recent),
+        sim (float64), step (int64, 1 = the input's last click is in the neighbour).
+        """
+        return self._vsknn(items, lengths)[0]
+
+    def vsknn_scores(self, items: np.ndarray, lengths: np.ndarray) -> sp.csr_matrix:
+        """(B, L) inputs, (B,) clicks -> (B, V) V-SKNN item scores, 0 outside the neighbours (step 5)."""
+        nb, per, e_item = self._vsknn(items, lengths)
+        contrib = np.repeat(nb["sim"] / nb["step"], per)
+        s = sp.csr_matrix((contrib, (np.repeat(nb["row"], per), e_item)), shape=(len(lengths), self.n_items))
+        s.sum_duplicates()
+        return s
+
+    def scores(
+        self, name: str, last_items: np.ndarray, inputs: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """(B,) last input item (PAD_ID if the input is empty) -> (B, V) float64 scores.
+
+        vsknn reads the whole input: inputs = (items (B, L), input lengths (B,)). Its
+        scores are ordinal: the dense rank of the V-SKNN score among the row's
+        non-zero scores (equal up to 1e-12 relative: one level) plus the popularity
+        tie-breaker, so they rank exactly as (V-SKNN score, popularity);
+        `vsknn_scores` gives the scores themselves.
+        """
         if name not in BASELINES:
             raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
         pop = self.pop.astype(np.float64)
@@ -78,6 +241,24 @@ class BaselineCounts:
         b = len(last_items)
         if name == "popular":
             s = np.broadcast_to(pop, (b, self.n_items)).copy()
+        elif name == "vsknn":
+            if inputs is None:
+                raise ValueError(
+                    "vsknn reads the whole input session: pass inputs=(items (B, L), lengths (B,))"
+                )
+            if len(inputs[1]) != b:
+                raise ValueError(f"inputs hold {len(inputs[1])} sessions, last_items {b}")
+            s = np.broadcast_to(tie, (b, self.n_items)).copy()
+            raw = self.vsknn_scores(*inputs).tocoo()  # every stored value > 0
+            if raw.nnz:
+                row_max = np.asarray(raw.max(axis=1).todense()).ravel()
+                key = np.round(raw.data / row_max[raw.row], 12)
+                order = np.lexsort((key, raw.row))
+                r, c, key = raw.row[order], raw.col[order], key[order]
+                new_row = np.r_[True, r[1:] != r[:-1]]
+                level = np.cumsum(np.r_[True, new_row[1:] | (key[1:] != key[:-1])])
+                level = level - np.maximum.accumulate(np.where(new_row, level, 0)) + 1  # 1.. within each row
+                s[r, c] += level
         else:
             mat = self.cooc if name == "cooc_knn" else self.succ
             s = mat[last_items].toarray().astype(np.float64) + tie[None, :]
@@ -87,18 +268,25 @@ class BaselineCounts:
         return s
 
     def ranks(
-        self, name: str, last_items: np.ndarray, targets: np.ndarray, chunk: int | None = None
+        self,
+        name: str,
+        last_items: np.ndarray,
+        targets: np.ndarray,
+        chunk: int | None = None,
+        inputs: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Pessimistic rank of each target (+inf when the target was never seen in training).
 
-        Scores are built `chunk` sessions at a time (default: ~4M scores, 32 MB).
+        Scores are built `chunk` sessions at a time (default: ~4M scores, 32 MB);
+        `inputs` = (items (N, L), input lengths (N,)) for vsknn (see `scores`).
         """
         chunk = chunk or max(1, 4_000_000 // self.n_items)
         last_items = np.asarray(last_items, dtype=np.int64)
         targets = np.asarray(targets, dtype=np.int64)
         out = np.empty(len(targets), dtype=np.float64)
         for i in range(0, len(targets), chunk):
-            s = self.scores(name, last_items[i : i + chunk])
+            part = None if inputs is None else (inputs[0][i : i + chunk], inputs[1][i : i + chunk])
+            s = self.scores(name, last_items[i : i + chunk], part)
             out[i : i + chunk] = pessimistic_ranks_np(s, targets[i : i + chunk])
         out[(self.pop[targets] == 0) | (targets < FIRST_REAL_ID)] = np.inf
         return out
@@ -117,7 +305,8 @@ def evaluate_baselines(
 ) -> dict[str, dict[str, float]]:
     """Metrics of every baseline on the evaluation sessions (inputs = all but the last item)."""
     last = last_input_items(input_items, input_lengths)
-    return {name: metrics_from_ranks(counts.ranks(name, last, targets)) for name in BASELINES}
+    inputs = (np.asarray(input_items, dtype=np.int64), np.asarray(input_lengths, dtype=np.int64))
+    return {name: metrics_from_ranks(counts.ranks(name, last, targets, inputs=inputs)) for name in BASELINES}
 
 
 def _top_k_rows(mat: sp.csr_matrix, k: int, tie: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
