@@ -55,7 +55,7 @@ def test_run_outputs(finished_run, tiny_synthetic_data):
         assert set(metric_keys()) <= set(row)
         for key in ("eval_sessions", "train_sessions", "epochs", "train_seconds"):
             assert key in row
-        assert set(row["baselines"]) == {"popular", "cooc_knn", "successor_knn"}
+        assert set(row["baselines"]) == {"popular", "cooc_knn", "successor_knn", "vsknn"}
         assert set(row["baselines"]["popular"]) == set(metric_keys())
         # every evaluation session counts (no drop_last)
         assert row["eval_sessions"] == len(
