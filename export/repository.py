@@ -593,7 +593,7 @@ def write_floor_repository(out: Path, raw_inputs: dict[str, str]) -> Path:
     """A trivial two-step Python-backend ensemble with the ranker's inputs (identity, identity).
 
     What a request costs on this stack before any work: gRPC, the ensemble
-    scheduler and two Python-backend round trips. clients.bench_serving
+    scheduler and two Python-backend round trips. bench.serving
     compares the ranker's latency with it."""
     out = Path(out)
     names = list(raw_inputs)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,14 +187,17 @@ def test_tune_writes_settings_train_accepts(tiny_synthetic_data, tmp_path):
 
 
 # --- make bench-quality, end to end on a small click log ------------------------------------
+def _bench_quality(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m bench.quality ARGS` run from the project root `cwd` (tests never import a benchmark)."""
+    proc = subprocess.run([sys.executable, "-m", "bench.quality", *args], capture_output=True, text=True, cwd=cwd)
+    print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")  # shown by pytest when an assertion fails
+    return proc
 
 
-def test_bench_quality_end_to_end(tmp_path):
+def test_bench_quality_end_to_end(tmp_path, repo_root):
     """The bench prepares a click log, trains the recipe the data selects (real: a log from
     --input), and reports model, baselines and the count-blend ablation per window with
     consistent means and ratios."""
-    from training import bench_quality
-
     rng = np.random.default_rng(0)
     rows = []
     for s in range(600):  # 3 days, sessions of 2..6 clicks over 60 items with a pattern to learn
@@ -205,14 +210,15 @@ def test_bench_quality_end_to_end(tmp_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"params": {"epochs": 1, "batch_size": 32, "model": {"memory_k": 8}}}))
     out = tmp_path / "q.json"
-    rc = bench_quality.main(
+    proc = _bench_quality(
         [
             "--out", str(out), "--input", str(log), "--work", str(tmp_path / "work"),
             "--prepare-args", "--session-col sess --item-col item --time-col ts --time-unit s",
             "--seeds", "0", "--config", str(cfg), "--end-window", "3", "--threads", "1",
-        ]
+        ],
+        repo_root,
     )  # fmt: skip
-    assert rc == 0
+    assert proc.returncode == 0
     q = json.loads(out.read_text())
     assert q["recipe"] == "real+config" and q["settings"]["model"]["memory"] is True
     assert [w["eval_window"] for w in q["windows"]] == [2, 3]
@@ -226,11 +232,9 @@ def test_bench_quality_end_to_end(tmp_path):
     assert q["mean"]["successor_knn"]["recall@20"] > 0.5 and q["mean"]["count_blend"]["recall@20"] > 0.5
 
 
-def test_bench_quality_missing_input_is_a_clear_error(tmp_path, capsys):
-    from training import bench_quality
-
-    rc = bench_quality.main(["--out", str(tmp_path / "q.json"), "--input", str(tmp_path / "nope.tsv")])
-    assert rc == 2 and "nope.tsv does not exist" in capsys.readouterr().err
+def test_bench_quality_missing_input_is_a_clear_error(tmp_path, repo_root):
+    proc = _bench_quality(["--out", str(tmp_path / "q.json"), "--input", str(tmp_path / "nope.tsv")], repo_root)
+    assert proc.returncode == 2 and "nope.tsv does not exist" in proc.stderr
     assert not (tmp_path / "q.json").exists()
 
 

@@ -33,7 +33,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from clients.soak import SoakConfig, build_requests, soak_server
+from clients.load import LoadConfig, build_requests, soak_server
 from export.repository import (
     FLOOR_ENSEMBLE,
     FLOOR_STEPS,
@@ -212,7 +212,7 @@ def _same(a: dict, b: dict) -> bool:
 # --- A: soak ---------------------------------------------------------------------------------------
 def test_soak_ci_sized(server_a, interactions, schema):
     """`make soak` in 10 s: no failure, RSS (tritonserver + stubs) grows < 10% after warm-up, no request left pending."""
-    cfg = SoakConfig(seconds=10, warmup_seconds=2, concurrency=8, distinct_requests=16)
+    cfg = LoadConfig(seconds=10, warmup_seconds=2, concurrency=8, distinct_requests=16)
     summary = soak_server(server_a, interactions, schema["raw_inputs"], K, cfg, log=lambda m: None)
     print(json.dumps({k: v for k, v in summary.items() if k != "rss_samples_mib"}))
     assert summary["failures"] == 0, summary["failure_examples"]

@@ -37,7 +37,7 @@ def repo(artifacts, tmp_path_factory):
 
 
 # --- static: what can unpickle ---------------------------------------------------------------------
-SOURCES = sorted(p for d in ("training", "export", "clients") for p in (PROJECT_ROOT / d).rglob("*.py"))
+SOURCES = sorted(p for d in ("training", "export", "clients", "bench") for p in (PROJECT_ROOT / d).rglob("*.py"))
 
 
 def _calls(path: Path):

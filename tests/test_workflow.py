@@ -102,7 +102,7 @@ def test_session_groupby_matches_stock_groupby(seed):
 
 def reference_etl_workflow(out_path) -> nvt.Workflow:
     """Transformers4Rec getting-started 01-ETL cell 15 (stock ops), up to its Filter."""
-    from training.bench_prepare import reference_etl_graph
+    from training.reference_workflow import reference_etl_graph
 
     return nvt.Workflow(reference_etl_graph(out_path))
 

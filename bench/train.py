@@ -1,7 +1,7 @@
 """Training benchmark: the reference protocol on the reference synthetic data, several seeds.
 
-    python -m training.bench_train --out bench_results/train.json
-    python -m training.bench_train --out bench_results/train.json \\
+    python -m bench.train --out bench_results/train.json      # make bench-train
+    python -m bench.train --out bench_results/train.json \\
         --reference-python /work/t4r-venv/bin/python      # + Transformers4Rec side by side
 
 For every seed: prepare 100,000 synthetic interactions (`training.prepare`,
@@ -250,7 +250,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    p = argparse.ArgumentParser(prog="python -m training.bench_train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (data generation and training)"

@@ -1,7 +1,7 @@
 """Accuracy of the training recipe against the baselines on DIGINETICA (3 seeds).
 
-    python -m training.bench_quality --out bench_results/quality.json      # make bench-quality
-    python -m training.bench_quality --out q.json --seeds 0 --recipe reference
+    python -m bench.quality --out bench_results/quality.json      # make bench-quality
+    python -m bench.quality --out q.json --seeds 0 --recipe reference
 
 Prepares ../shared/data/diginetica/diginetica-views-7days.tsv (or --input) with
 `python -m training.prepare`, trains `python -m training.train` with the
@@ -30,13 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import PROJECT_ROOT
 from training.baselines import BASELINES
 from training.data import DataError, load_schema, load_split, split_path
 from training.model import ModelConfig, RunError, SessionModel, atomic_write
 from training.train import TrainConfig, evaluate_model, resolve_settings, set_memory, train
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_INPUT = REPO.parent / "shared" / "data" / "diginetica" / "diginetica-views-7days.tsv"
+DEFAULT_INPUT = PROJECT_ROOT.parent / "shared" / "data" / "diginetica" / "diginetica-views-7days.tsv"
 PREPARE_ARGS = [
     "--session-col", "sessionId", "--item-col", "itemId", "--time-col", "Time",
     "--order-col", "timeframe", "--time-unit", "s",
@@ -52,11 +52,11 @@ class BenchError(RuntimeError):
 def prepare(input_path: Path, out: Path, extra: list[str] | None = None) -> None:
     if not input_path.is_file():
         raise BenchError(
-            f"{input_path} does not exist: bench_quality needs the DIGINETICA views file "
+            f"{input_path} does not exist: bench.quality needs the DIGINETICA views file "
             "(../shared/data/diginetica/diginetica-views-7days.tsv next to the repository), or pass --input"
         )
     cmd = [sys.executable, "-m", "training.prepare", "--input", str(input_path), *(extra or PREPARE_ARGS)]
-    subprocess.run([*cmd, "--out", str(out)], check=True, cwd=REPO)
+    subprocess.run([*cmd, "--out", str(out)], check=True, cwd=PROJECT_ROOT)
 
 
 def per_window(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.bench_quality", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file for the results")
     p.add_argument("--input", default=str(DEFAULT_INPUT), help="DIGINETICA views TSV")
     p.add_argument(

@@ -1,7 +1,7 @@
 """Serving benchmark: perf_analyzer over gRPC against the `session_ranker` ensemble.
 
-    make bench-serving          # python -m clients.bench_serving --out bench_results/serving
-    python -m clients.bench_serving --out DIR [--data DATA --run RUN] [--max-concurrency 8] [--window-ms 2000]
+    make bench-serving          # python -m bench.serving --out bench_results/serving
+    python -m bench.serving --out DIR [--data DATA --run RUN] [--max-concurrency 8] [--window-ms 2000]
 
 In one run, on this machine:
 1. the exported ensemble (python -m export, default options), requests of
@@ -44,10 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import ensure_artifacts
+from clients.load import SIZES, session_requests
 from training.names import ENSEMBLE_NAME, INTERACTIONS_FILE, SCHEMA_FILE, SESSION_COL
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-REQUEST_SIZES = (1, 64)  # sessions per request
 
 
 @dataclass
@@ -73,22 +72,6 @@ def perf_analyzer_binary() -> tuple[Path, dict[str, str]]:
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(cudart), env.get("LD_LIBRARY_PATH", "")) if p)
     return binary, env
-
-
-def session_requests(interactions, raw_inputs: dict[str, str], size: int, count: int) -> list[dict[str, np.ndarray]]:
-    """`count` requests of `size` whole sessions each (sessions in file order, no session twice)."""
-    sid = interactions[SESSION_COL].to_numpy()
-    sessions, first = np.unique(sid, return_index=True)
-    sessions = sessions[np.argsort(first)]
-    need = size * count
-    if len(sessions) < need:
-        raise ValueError(f"{len(sessions)} sessions in the data, the benchmark needs {need}")
-    groups = interactions.groupby(SESSION_COL, sort=False).indices  # session -> row positions
-    out = []
-    for r in range(count):
-        rows = np.concatenate([groups[s] for s in sessions[r * size : (r + 1) * size]])
-        out.append({c: interactions[c].to_numpy()[rows].astype(dt) for c, dt in raw_inputs.items()})
-    return out
 
 
 def write_input_json(requests: list[dict[str, np.ndarray]], path: Path) -> Path:
@@ -201,24 +184,6 @@ def in_process(cfg: BenchConfig, repo: Path, data: Path, requests_by_size: dict[
     return rows
 
 
-# --- artifacts ----------------------------------------------------------------------------------
-def ensure_artifacts(cfg: BenchConfig, work: Path) -> tuple[Path, Path]:
-    data, run = Path(cfg.data), Path(cfg.run)
-    if not (data / SCHEMA_FILE).is_file():
-        data = work / "data"
-        if not (data / SCHEMA_FILE).is_file():
-            print(f"no DATA at {cfg.data}: preparing synthetic data in {data}", flush=True)
-            subprocess.run([sys.executable, "-m", "training.prepare", "--synthetic", "--seed", "0", "--out",
-                            str(data), "--quiet"], check=True, cwd=PROJECT_ROOT)
-    if not (run / "meta.json").is_file():
-        run = work / "run"
-        if not (run / "meta.json").is_file():
-            print(f"no RUN at {cfg.run}: training 1 epoch into {run}", flush=True)
-            subprocess.run([sys.executable, "-m", "training.train", "--data", str(data), "--out", str(run),
-                            "--epochs", "1", "--end-window", "3", "--no-progress"], check=True, cwd=PROJECT_ROOT)
-    return data, run
-
-
 # --- report ----------------------------------------------------------------------------------------
 CSV_FIELDS = [
     "model", "sessions_per_request", "concurrency", "requests_per_s", "sessions_per_s", "p50_ms", "p90_ms",
@@ -285,8 +250,8 @@ def plot(perf: list[dict], steps: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(REQUEST_SIZES), figsize=(6 * len(REQUEST_SIZES), 4.5))
-    for ax, size in zip(np.atleast_1d(axes), REQUEST_SIZES):
+    fig, axes = plt.subplots(1, len(SIZES), figsize=(6 * len(SIZES), 4.5))
+    for ax, size in zip(np.atleast_1d(axes), SIZES):
         for model, color in ((ENSEMBLE_NAME, "tab:blue"), ("floor", "tab:gray")):
             rows = sorted(
                 (r for r in perf if r["model"] == model and r["sessions_per_request"] == size and r["status"] == "ok"),
@@ -311,8 +276,8 @@ def plot(perf: list[dict], steps: list[dict], out: Path) -> None:
     fig.savefig(out / "serving.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(REQUEST_SIZES), figsize=(6 * len(REQUEST_SIZES), 4))
-    for ax, size in zip(np.atleast_1d(axes), REQUEST_SIZES):
+    fig, axes = plt.subplots(1, len(SIZES), figsize=(6 * len(SIZES), 4))
+    for ax, size in zip(np.atleast_1d(axes), SIZES):
         rows = [s for s in steps if s["sessions_per_request"] == size and s["ensemble"] == ENSEMBLE_NAME]
         concs = sorted({s["concurrency"] for s in rows})
         bottom = np.zeros(len(concs))
@@ -351,14 +316,14 @@ def bench(cfg: BenchConfig) -> dict:
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    data, run = ensure_artifacts(cfg, work)
+    data, run = ensure_artifacts(cfg.data, cfg.run, work)
     repo = export_repository(ExportConfig(run=run, data=data, out=work / "model_repository"))
     schema = json.loads((data / SCHEMA_FILE).read_text())
     floor = write_floor_repository(work / "floor_repository", schema["raw_inputs"])
     interactions = pd.read_parquet(data / INTERACTIONS_FILE)
     requests_by_size = {
         size: session_requests(interactions, schema["raw_inputs"], size, cfg.distinct_requests * (16 if size == 1 else 1))
-        for size in REQUEST_SIZES
+        for size in SIZES
     }
     inputs = {size: write_input_json(reqs, work / f"requests_{size}.json") for size, reqs in requests_by_size.items()}
     rows_per_request = {size: float(np.mean([len(r[SESSION_COL]) for r in reqs])) for size, reqs in requests_by_size.items()}
@@ -373,7 +338,7 @@ def bench(cfg: BenchConfig) -> dict:
     with server:
         print(f"tritonserver ready at {server.grpc_url}", flush=True)
         for model in (ENSEMBLE_NAME, "floor"):
-            for size in REQUEST_SIZES:
+            for size in SIZES:
                 for c in range(1, cfg.max_concurrency + 1):
                     row, step_rows, log = run_perf_analyzer(cfg, server.grpc_url, model, inputs[size], c,
                                                             work / f"pa_{model}_{size}_{c}.csv")
@@ -426,7 +391,7 @@ def bench(cfg: BenchConfig) -> dict:
         w.writeheader()
         w.writerows(steps)
     summary = {
-        "command": "python -m clients.bench_serving " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.serving " + " ".join(sys.argv[1:]),
         "config": {k: str(v) for k, v in asdict(cfg).items()},
         "data": str(data), "run": str(run), "rows_per_request": rows_per_request,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -444,7 +409,7 @@ def bench(cfg: BenchConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     d = BenchConfig(out=Path())
-    p = argparse.ArgumentParser(prog="python -m clients.bench_serving", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="results folder")
     p.add_argument("--data", type=Path, default=d.data, help="prepared DATA (default data/synthetic)")
     p.add_argument("--run", type=Path, default=d.run, help="training RUN (default runs/synthetic)")

@@ -1,15 +1,16 @@
 """Benchmark of the data stage (a script, not a timed test).
 
-    python -m training.bench_prepare --out bench_results/prepare.json
-    python -m training.bench_prepare --out x.json --sizes 100000 --repeats 1 --no-reference
+    python -m bench.prepare --out bench_results/prepare.json      # make bench-data
+    python -m bench.prepare --out x.json --sizes 100000 --repeats 1 --no-reference
 
 Times `training.prepare.prepare()` on synthetic click logs (default 100,000 rows, the
 reference example, and 1,000,000 rows) and, in the same run, the reference example's
 NVTabular ETL (Transformers4Rec getting-started notebook 01, cell 15 with stock ops,
-`fit_transform(...).to_parquet(...)` and the per-day CPU split) on the same 100,000
-rows. Every measurement runs in a fresh process after the imports, so the figures
-exclude interpreter start-up and the ~5 s NVTabular import; peak RSS is that
-process's maximum resident set size (imports included).
+`fit_transform(...).to_parquet(...)` and the per-day CPU split; the graph is
+training.reference_workflow) on the same 100,000 rows. Every measurement runs
+in a fresh process after the imports, so the figures exclude interpreter
+start-up and the ~5 s NVTabular import; peak RSS is that process's maximum
+resident set size (imports included).
 
 Prints interactions/s and peak memory per size and writes everything to --out (JSON).
 """
@@ -44,6 +45,20 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _measurement(kind: str, rows: int, seconds: float, sessions_kept: int, rss_before: float, **extra) -> dict:
+    """One child's result line (peak RSS read now, at its end)."""
+    return {
+        "kind": kind,
+        "rows": rows,
+        "seconds": seconds,
+        "interactions_per_s": rows / seconds,
+        "sessions_kept": sessions_kept,
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": _peak_rss_mib(),
+        **extra,
+    }
+
+
 def child_prepare(rows: int, seed: int, workdir: Path) -> dict:
     import warnings
 
@@ -55,39 +70,7 @@ def child_prepare(rows: int, seed: int, workdir: Path) -> dict:
     t = time.perf_counter()
     summary = prepare(PrepareConfig(out=workdir / "data", synthetic=True, seed=seed, num_rows=rows, quiet=True))
     seconds = time.perf_counter() - t
-    return {
-        "kind": "prepare",
-        "rows": rows,
-        "seconds": seconds,
-        "interactions_per_s": rows / seconds,
-        "sessions_kept": summary["sessions_kept"],
-        "rss_before_mib": rss_before,
-        "peak_rss_mib": _peak_rss_mib(),
-        "timings_s": summary["timings_s"],
-    }
-
-
-def reference_etl_graph(out_path: Path):
-    """Transformers4Rec getting-started 01-ETL cell 15 up to its Filter, with stock ops.
-
-    Returns the filtered node (session_id, day-first, item_id-count and the four
-    lists); the notebook then selects columns and adds ValueCount. Used by the
-    benchmark below and by tests/test_workflow.py's parity test."""
-    from merlin.schema.tags import Tags
-    from nvtabular import ops
-
-    categ = ["item_id", "category"] >> ops.Categorify(out_path=str(out_path))
-    g = (categ + ["session_id", "day", "age_days", "weekday_sin"]) >> ops.Groupby(
-        groupby_cols=["session_id"],
-        aggs={"item_id": ["list", "count"], "category": ["list"], "day": ["first"],
-              "age_days": ["list"], "weekday_sin": ["list"]},
-        name_sep="-",
-    )  # fmt: skip
-    cat = g["category-list"] >> ops.ListSlice(-20)
-    itm = g["item_id-list"] >> ops.ListSlice(-20) >> ops.TagAsItemID()
-    conts = g["age_days-list", "weekday_sin-list"] >> ops.ListSlice(-20) >> ops.AddMetadata(tags=[Tags.CONTINUOUS])
-    sel = g["item_id-count", "day-first", "session_id"] + itm + cat + conts
-    return sel >> ops.Filter(f=lambda d: d["item_id-count"] >= 2)
+    return _measurement("prepare", rows, seconds, summary["sessions_kept"], rss_before, timings_s=summary["timings_s"])
 
 
 def child_reference(rows: int, seed: int, workdir: Path) -> dict:
@@ -99,6 +82,8 @@ def child_reference(rows: int, seed: int, workdir: Path) -> dict:
     import nvtabular as nvt
     import pandas as pd
     from nvtabular import ops
+
+    from training.reference_workflow import reference_etl_graph
 
     os.chdir(workdir)  # Categorify writes ./categories
     rss_before = _rss_mib()
@@ -135,21 +120,13 @@ def child_reference(rows: int, seed: int, workdir: Path) -> dict:
         d[(r > 0.8) & (r <= 0.9)].to_parquet(folder / "valid.parquet")
         d[r > 0.9].to_parquet(folder / "test.parquet")
     seconds = time.perf_counter() - t0
-    return {
-        "kind": "reference_etl",
-        "rows": rows,
-        "seconds": seconds,
-        "interactions_per_s": rows / seconds,
-        "sessions_kept": int(len(sessions)),
-        "rss_before_mib": rss_before,
-        "peak_rss_mib": _peak_rss_mib(),
-    }
+    return _measurement("reference_etl", rows, seconds, int(len(sessions)), rss_before)
 
 
 def _run_child(kind: str, rows: int, seed: int, timeout: int) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     try:
-        cmd = [sys.executable, "-m", "training.bench_prepare", "--child", kind, "--rows", str(rows),
+        cmd = [sys.executable, "-m", "bench.prepare", "--child", kind, "--rows", str(rows),
                "--seed", str(seed), "--workdir", str(workdir)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
@@ -216,7 +193,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.bench_prepare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="JSON file to write (parent folders are created)")
     p.add_argument("--sizes", default=f"{REFERENCE_ROWS},1000000", help="comma-separated synthetic row counts")
     p.add_argument("--repeats", type=int, default=3, help="runs per size (the median is reported)")
