@@ -29,24 +29,9 @@ from torch import Tensor, nn
 from training.names import FIRST_REAL_ID, SPECIAL_IDS
 
 
-def load_run(run_dir):
-    """(SessionModel in eval mode, meta) of a training run (training.model.load_run)."""
-    from training.model import load_run as _load
-
-    model, meta = _load(run_dir)
-    return model.eval(), meta
-
-
 def feature_order(schema: dict) -> list[str]:
     """The model's positional feature order: categorical features, then continuous (schema.json order)."""
     return [*schema["categorical"], *schema["continuous"]]
-
-
-def feature_dtypes(schema: dict) -> dict[str, torch.dtype]:
-    """int64 for categorical list features, float32 for continuous ones."""
-    out = {name: torch.int64 for name in schema["categorical"]}
-    out.update({name: torch.float32 for name in schema["continuous"]})
-    return out
 
 
 class TopKRanker(nn.Module):

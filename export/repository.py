@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.steps import MANIFEST, file_sha256
+from export.steps import MANIFEST
+from training.integrity import file_sha256
 from training.names import (
     ENSEMBLE_NAME,
     FIRST_REAL_ID,
@@ -55,6 +56,11 @@ from training.names import (
     TORCH_MODEL,
     WORKFLOW_DIR,
 )
+
+
+class ExportError(RuntimeError):
+    """The requested export cannot be made here (e.g. a GPU model step traced without CUDA)."""
+
 
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 MODELS = (ENSEMBLE_NAME, PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL)
@@ -397,7 +403,7 @@ def check_same_workflow(run: Path, data: Path, schema: dict) -> None:
 
     Checked before anything of DATA is unpickled: a workflow.pkl replaced together
     with its hashes in schema.json is refused here, not loaded."""
-    from training.model import read_meta
+    from training.checkpoint import read_meta
 
     want, got = schema.get("workflow_sha256"), read_meta(run).get("workflow_sha256")
     if not want or not got:
@@ -424,13 +430,13 @@ def _trace(run: Path, data: Path, schema: dict, cfg: ExportConfig):
         baked_devices,
         example_inputs,
         feature_order,
-        load_run,
         trace_ranker,
     )
+    from training.checkpoint import load_run
 
     device = torch.device("cuda", 0) if cfg.instance_kind == "gpu" else torch.device("cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ExportError(
             "--instance-kind gpu: tracing bakes the device into the TorchScript graph, so the model must be "
             "traced on a GPU, and this torch has no CUDA. Export on a CUDA machine (e.g. inside "
             "nvcr.io/nvidia/pytorch), or use --instance-kind cpu"
@@ -450,7 +456,7 @@ def _trace(run: Path, data: Path, schema: dict, cfg: ExportConfig):
 def export_repository(cfg: ExportConfig) -> Path:
     """Write the repository (see the module docstring); returns cfg.out."""
     from export.inference import save_traced
-    from training.workflow import ServingTransform
+    from training.serving_transform import ServingTransform
 
     cfg.check()
     run, data, out = Path(cfg.run), Path(cfg.data), Path(cfg.out)

@@ -31,8 +31,10 @@ from typing import Any
 import numpy as np
 
 from training.baselines import BASELINES
+from training.checkpoint import RunError
 from training.data import DataError, load_schema, load_split, split_path
-from training.model import ModelConfig, RunError, SessionModel, atomic_write
+from training.integrity import atomic_write
+from training.model import ModelConfig, SessionModel
 from training.train import TrainConfig, evaluate_model, resolve_settings, set_memory, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -83,14 +83,6 @@ class SessionTensors:
             {k: v[idx] for k, v in self.feats.items()}, self.lengths[idx], self.session_id[idx], self.source
         )
 
-    def to(self, device: torch.device | str) -> SessionTensors:
-        return SessionTensors(
-            {k: v.to(device) for k, v in self.feats.items()},
-            self.lengths.to(device),
-            self.session_id.to(device),
-            self.source,
-        )
-
 
 def _list_column(table: pa.Table, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A list column -> (offsets (N+1,) starting at 0, flat values)."""

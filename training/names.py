@@ -22,7 +22,6 @@ WINDOW_COL = "day"  # time-window index, 1 = first window (day or hour)
 # generator; derived from the timestamp by workflow ops for real logs).
 AGE_COL = "age_days"
 WEEKDAY_COL = "weekday_sin"
-DEFAULT_CONTINUOUS = (AGE_COL, WEEKDAY_COL)
 
 # --- Session-level columns written by the workflow --------------------------
 LIST_SUFFIX = "-list"
