@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,6 +57,7 @@ from training.names import (
     TORCH_MODEL,
     WORKFLOW_DIR,
 )
+from training.schema import Schema
 
 
 class ExportError(RuntimeError):
@@ -186,20 +188,18 @@ class Layout:
     cardinalities: dict[str, int]  # categorical feature -> number of encoded ids
 
     @classmethod
-    def from_schema(cls, schema: dict, k: int) -> Layout:
-        from export.inference import feature_order
-
-        raw = dict(schema["raw_inputs"])
+    def from_schema(cls, schema: Schema | Mapping, k: int) -> Layout:
+        schema = Schema.of(schema)
+        raw = dict(schema.raw_inputs)
         for col in (SESSION_COL, ITEM_COL):
             if col not in raw:
                 raise ValueError(f"schema.json raw_inputs has no '{col}' column: {sorted(raw)}")
         if OUT_SESSION_ID in raw:
             raise ValueError(f"raw input '{OUT_SESSION_ID}' collides with the ensemble output of that name")
-        features = feature_order(schema)
-        dtypes = {f: "TYPE_INT64" for f in schema["categorical"]}
-        dtypes.update({f: "TYPE_FP32" for f in schema["continuous"]})
-        cards = {f: int(n) for f, n in schema["categorical"].items()}
-        return cls(raw, features, dtypes, int(schema["max_sequence_length"]), k, triton_dtype(raw[ITEM_COL]), cards)
+        dtypes = {f: "TYPE_INT64" for f in schema.categorical}
+        dtypes.update({f: "TYPE_FP32" for f in schema.continuous})
+        cards = dict(schema.categorical)
+        return cls(raw, schema.features, dtypes, schema.max_len, k, triton_dtype(raw[ITEM_COL]), cards)
 
 
 def preprocess_config(layout: Layout, cfg: ExportConfig) -> str:
@@ -398,14 +398,14 @@ def _clear_out(out: Path) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
 
 
-def check_same_workflow(run: Path, data: Path, schema: dict) -> None:
+def check_same_workflow(run: Path, data: Path, schema: Schema) -> None:
     """RUN/meta.json's workflow_sha256 (recorded at training time) must equal DATA/schema.json's.
 
     Checked before anything of DATA is unpickled: a workflow.pkl replaced together
     with its hashes in schema.json is refused here, not loaded."""
     from training.checkpoint import read_meta
 
-    want, got = schema.get("workflow_sha256"), read_meta(run).get("workflow_sha256")
+    want, got = schema.workflow_sha256, read_meta(run).get("workflow_sha256")
     if not want or not got:
         raise ValueError(f"{run}/meta.json or {data}/{SCHEMA_FILE} records no workflow_sha256: re-run training")
     if want != got:
@@ -415,7 +415,7 @@ def check_same_workflow(run: Path, data: Path, schema: dict) -> None:
         )
 
 
-def _trace(run: Path, data: Path, schema: dict, cfg: ExportConfig):
+def _trace(run: Path, data: Path, schema: Schema, cfg: ExportConfig):
     """Load the run, wrap it in TopKRanker (k fixed), trace it on the serving device; returns the traced module.
 
     A trace records devices of tensors created inside forward as constants
@@ -429,7 +429,6 @@ def _trace(run: Path, data: Path, schema: dict, cfg: ExportConfig):
         TopKRanker,
         baked_devices,
         example_inputs,
-        feature_order,
         trace_ranker,
     )
     from training.checkpoint import load_run
@@ -443,8 +442,8 @@ def _trace(run: Path, data: Path, schema: dict, cfg: ExportConfig):
         )
     check_same_workflow(run, data, schema)
     model, _meta = load_run(run)
-    n_items = int(schema["categorical"][ITEM_LIST])
-    ranker = TopKRanker(model.to(device), feature_order(schema), cfg.top_k, n_items)
+    n_items = schema.categorical[ITEM_LIST]
+    ranker = TopKRanker(model.to(device), schema.features, cfg.top_k, n_items)
     torch.manual_seed(0)
     traced = trace_ranker(ranker, tuple(t.to(device) for t in example_inputs(schema, batch=8)))
     other = {d for d in baked_devices(traced) if torch.device(d).type != device.type}
@@ -460,7 +459,7 @@ def export_repository(cfg: ExportConfig) -> Path:
 
     cfg.check()
     run, data, out = Path(cfg.run), Path(cfg.data), Path(cfg.out)
-    schema = json.loads((data / SCHEMA_FILE).read_text())
+    schema = Schema.load(data)
     layout = Layout.from_schema(schema, cfg.top_k)
     check_same_workflow(run, data, schema)  # before the workflow pickle is loaded
     transform = ServingTransform.load(data)  # checks the workflow files' sha256 against schema.json, then unpickles
@@ -502,7 +501,7 @@ def export_repository(cfg: ExportConfig) -> Path:
         "inputs": layout.raw_inputs,
         "outputs": {OUT_SESSION_ID: "[S]", OUT_ITEM_IDS: f"[S, {cfg.top_k}]", OUT_SCORES: f"[S, {cfg.top_k}]"},
         "options": options,
-        "workflow_sha256": schema.get("workflow_sha256", {}),
+        "workflow_sha256": schema.workflow_sha256,
         "model_versions": {"1": _run_record(run)},
     }
     _write_manifest(out, manifest)
@@ -549,8 +548,8 @@ def add_model_version(cfg: ExportConfig) -> int:
     manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else None
     if manifest is None or TORCH_MODEL not in manifest.get("models", []):
         raise FileNotFoundError(f"{out} holds no repository written by `python -m export`: export it first")
-    schema = json.loads((data / SCHEMA_FILE).read_text())
-    if schema.get("workflow_sha256") != manifest.get("workflow_sha256"):
+    schema = Schema.load(data)
+    if schema.workflow_sha256 != manifest.get("workflow_sha256"):
         raise ValueError(
             f"{data} is not the DATA the repository {out} was exported from (workflow_sha256 differs): "
             "a new version must keep the preprocess step's features"

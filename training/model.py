@@ -52,6 +52,7 @@ anything that is traced).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,6 +62,7 @@ from torch import Tensor, nn
 from transformers import XLNetConfig, XLNetModel
 
 from training.names import FIRST_REAL_ID, ITEM_LIST, PAD_ID
+from training.schema import Schema
 
 OBJECTIVES = ("mlm", "clm")
 
@@ -136,13 +138,14 @@ class ModelConfig:
         return list(self.categorical) + list(self.continuous)
 
     @classmethod
-    def from_schema(cls, schema: dict[str, Any], **overrides: Any) -> ModelConfig:
-        """Build from DATA/schema.json (see docs/contracts.md); overrides win."""
+    def from_schema(cls, schema: Schema | Mapping[str, Any], **overrides: Any) -> ModelConfig:
+        """Build from DATA/schema.json (a `Schema` or its dict, see docs/contracts.md); overrides win."""
+        schema = Schema.of(schema)
         kw: dict[str, Any] = dict(
-            categorical={k: int(v) for k, v in schema["categorical"].items()},
-            continuous=list(schema.get("continuous", [])),
-            item_feature=schema.get("item_list", ITEM_LIST),
-            max_len=int(schema.get("max_sequence_length", 20)),
+            categorical=dict(schema.categorical),
+            continuous=list(schema.continuous),
+            item_feature=schema.item_feature,
+            max_len=schema.max_len,
         )
         kw.update(overrides)
         return cls(**kw)

@@ -14,7 +14,6 @@ tests/test_preprocess_properties.py; the contract is in docs/contracts.md.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from training.grouping import group_by_first_appearance
 from training.integrity import IntegrityError
 from training.names import (
     ITEM_COL,
-    ITEM_LIST,
     LENGTHS_TENSOR,
     OOV_ID,
     SCHEMA_FILE,
@@ -46,6 +44,7 @@ from training.names import (
     SPECIAL_IDS,
     WORKFLOW_DIR,
 )
+from training.schema import Schema
 from training.workflow import verify_workflow_files
 from training.workflow_ops import ItemFirstSeen, MinLength
 
@@ -159,14 +158,14 @@ class ServingTransform:
     and what was expected. Calls share no mutable state (thread-safe).
     """
 
-    def __init__(self, workflow: nvt.Workflow, schema: Mapping):
+    def __init__(self, workflow: nvt.Workflow, schema: Schema | Mapping):
         self.workflow = workflow
-        self.schema = dict(schema)
-        self.raw_inputs: dict[str, np.dtype] = {k: np.dtype(v) for k, v in schema["raw_inputs"].items()}
-        self.max_len = int(schema["max_sequence_length"])
-        self.categorical: dict[str, int] = dict(schema["categorical"])
-        self.continuous: list[str] = list(schema["continuous"])
-        self.item_list: str = schema.get("item_list", ITEM_LIST)
+        self.schema = schema = Schema.of(schema)
+        self.raw_inputs: dict[str, np.dtype] = {k: np.dtype(v) for k, v in schema.raw_inputs.items()}
+        self.max_len = schema.max_len
+        self.categorical: dict[str, int] = dict(schema.categorical)
+        self.continuous: list[str] = list(schema.continuous)
+        self.item_list: str = schema.item_feature
         missing = {*self.categorical, *self.continuous} - set(workflow.output_schema.column_names)
         if missing:
             raise IntegrityError(
@@ -182,13 +181,12 @@ class ServingTransform:
     def load(cls, data_dir: str | os.PathLike) -> ServingTransform:
         data_dir = Path(data_dir)
         schema_path = data_dir / SCHEMA_FILE
-        try:
-            schema = json.loads(schema_path.read_text())
-        except FileNotFoundError as e:
+        if not schema_path.is_file():
             raise FileNotFoundError(
                 f"{schema_path} not found: point ServingTransform.load at a DATA folder "
                 "written by python -m training.prepare (schema.json + workflow/)"
-            ) from e
+            )
+        schema = Schema.load(data_dir)
         verify_workflow_files(data_dir, schema)
         workflow = nvt.Workflow.load(str(data_dir / WORKFLOW_DIR))
         return cls(workflow, schema)

@@ -71,6 +71,7 @@ from training.names import (
     WORKFLOW_DIR,
     list_col,
 )
+from training.schema import Schema
 
 # The ops are re-exported: workflows pickled before training.workflow_ops existed
 # refer to them as training.workflow.<name>.
@@ -200,10 +201,10 @@ def workflow_sha256(data_dir: str | os.PathLike) -> dict[str, str]:
     return out
 
 
-def verify_workflow_files(data_dir: str | os.PathLike, schema: Mapping) -> None:
-    """Raise IntegrityError unless every workflow file matches schema.json."""
+def verify_workflow_files(data_dir: str | os.PathLike, schema: Schema | Mapping) -> None:
+    """Raise IntegrityError unless every workflow file matches schema.json (a `Schema` or its dict)."""
     data_dir = Path(data_dir)
-    expected = schema.get("workflow_sha256") or {}
+    expected = Schema.of(schema).workflow_sha256
     if f"{WORKFLOW_DIR}/workflow.pkl" not in expected:
         raise IntegrityError(
             f"{data_dir / SCHEMA_FILE} lists no sha256 for {WORKFLOW_DIR}/workflow.pkl: "
