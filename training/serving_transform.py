@@ -160,7 +160,8 @@ class ServingTransform:
 
     def __init__(self, workflow: nvt.Workflow, schema: Schema | Mapping):
         self.workflow = workflow
-        self.schema = schema = Schema.of(schema)
+        schema = Schema.of(schema)
+        self.schema = schema.to_dict()  # schema.json's object, as before (the attributes below are typed)
         self.raw_inputs: dict[str, np.dtype] = {k: np.dtype(v) for k, v in schema.raw_inputs.items()}
         self.max_len = schema.max_len
         self.categorical: dict[str, int] = dict(schema.categorical)
