@@ -32,8 +32,10 @@ import numpy as np
 
 from bench.common import PROJECT_ROOT
 from training.baselines import BASELINES
+from training.checkpoint import RunError
 from training.data import DataError, load_schema, load_split, split_path
-from training.model import ModelConfig, RunError, SessionModel, atomic_write
+from training.integrity import atomic_write
+from training.model import ModelConfig, SessionModel
 from training.train import TrainConfig, evaluate_model, resolve_settings, set_memory, train
 
 DEFAULT_INPUT = PROJECT_ROOT.parent / "shared" / "data" / "diginetica" / "diginetica-views-7days.tsv"

@@ -140,7 +140,7 @@ def in_process(cfg: BenchConfig, repo: Path, data: Path, requests_by_size: dict[
     from export.repository import TORCH_MODEL, TRACED_FILE
     from export.steps import default_torch_threads
     from training.names import LENGTHS_TENSOR
-    from training.workflow import ServingTransform
+    from training.serving_transform import ServingTransform
 
     threads = default_torch_threads()
     torch.set_num_threads(threads)

@@ -44,7 +44,7 @@ InferenceServerClient(url, ssl=..., root_certificates=..., private_key=...,
 certificate_chain=...)), `sleep` waits between attempts and `rng` draws the
 jitter (pass random.Random(seed) for a repeatable schedule).
 
-Imports numpy, tritonclient and training.names only (no torch, no NVTabular).
+Imports numpy, tritonclient, training.names and training.grouping only (no torch, no NVTabular).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from training.grouping import group_by_first_appearance
 from training.names import ENSEMBLE_NAME, OUT_ITEM_IDS, OUT_SCORES, OUT_SESSION_ID, SESSION_COL
 
 __all__ = ["BACKOFF_CAP_S", "UNAVAILABLE", "RankError", "Rankings", "plan_requests", "rank_sessions"]
@@ -151,20 +152,15 @@ def plan_requests(session_ids: np.ndarray, batch_sessions: int) -> tuple[np.ndar
         raise ValueError(f"batch_sessions must be >= 1, got {batch_sessions}")
     if len(session_ids) == 0:
         return np.zeros(0, dtype=np.int64), []
-    uniq, first, inverse = np.unique(session_ids, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")  # sessions by first appearance
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    row_rank = rank[inverse]  # [N] session rank of each row
-    rows = np.argsort(row_rank, kind="stable")  # rows grouped by session, input order inside
-    counts = np.bincount(row_rank, minlength=len(uniq))  # rows per session, in rank order
-    ends = np.cumsum(counts)
+    groups = group_by_first_appearance(session_ids)
+    n = len(groups.session_ids)
+    ends = groups.starts + groups.counts
     requests = []
-    for start in range(0, len(uniq), batch_sessions):
-        lo = 0 if start == 0 else ends[start - 1]
-        hi = ends[min(start + batch_sessions, len(uniq)) - 1]
-        requests.append(rows[lo:hi])
-    return uniq[order], requests
+    for start in range(0, n, batch_sessions):
+        lo = groups.starts[start]
+        hi = ends[min(start + batch_sessions, n) - 1]
+        requests.append(groups.row_order[lo:hi])
+    return groups.session_ids, requests
 
 
 @dataclass(frozen=True)

@@ -113,9 +113,9 @@ def _check_offline(run: Path, data: Path, rows: dict[str, np.ndarray], ranked) -
     """Rank the same raw rows in-process; return a description of the first difference."""
     import torch
 
-    from training.model import load_run
+    from training.checkpoint import load_run
     from training.names import LENGTHS_TENSOR, SESSION_COL
-    from training.workflow import ServingTransform
+    from training.serving_transform import ServingTransform
 
     model, _ = load_run(run)
     model.eval()

@@ -101,7 +101,10 @@ def _parse(argv: list[str] | None = None) -> tuple[bool, ExportConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.workflow import WorkflowIntegrityError
+    from export.repository import ExportError
+    from training.checkpoint import RunError
+    from training.integrity import IntegrityError
+    from training.serving_transform import UnsupportedWorkflowError
 
     new_version, cfg = _parse(argv)
     t0 = time.perf_counter()
@@ -110,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             version = add_model_version(cfg)
         else:
             out = export_repository(cfg)
-    except (WorkflowIntegrityError, ValueError, FileNotFoundError, FileExistsError, RuntimeError,
-            pickle.UnpicklingError) as e:  # UnpicklingError: torch.load(weights_only=True) refused a model.pt
+    # Errors that mean bad input or options (ValueError covers DataError and InputError); anything
+    # else is a bug and stays a traceback.
+    except (IntegrityError, RunError, ExportError, UnsupportedWorkflowError, ValueError, FileNotFoundError,
+            FileExistsError, pickle.UnpicklingError) as e:  # UnpicklingError: torch.load(weights_only=True) refused a model.pt
         print(f"error: {e}", file=sys.stderr)
         return 2
     if new_version:

@@ -20,33 +20,19 @@ import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from training.names import FIRST_REAL_ID, SPECIAL_IDS
+from training.schema import Schema
 
 
-def load_run(run_dir):
-    """(SessionModel in eval mode, meta) of a training run (training.model.load_run)."""
-    from training.model import load_run as _load
-
-    model, meta = _load(run_dir)
-    return model.eval(), meta
-
-
-def feature_order(schema: dict) -> list[str]:
+def feature_order(schema: Schema | Mapping) -> list[str]:
     """The model's positional feature order: categorical features, then continuous (schema.json order)."""
-    return [*schema["categorical"], *schema["continuous"]]
-
-
-def feature_dtypes(schema: dict) -> dict[str, torch.dtype]:
-    """int64 for categorical list features, float32 for continuous ones."""
-    out = {name: torch.int64 for name in schema["categorical"]}
-    out.update({name: torch.float32 for name in schema["continuous"]})
-    return out
+    return Schema.of(schema).features
 
 
 class TopKRanker(nn.Module):
@@ -80,20 +66,21 @@ class TopKRanker(nn.Module):
         return scores.float(), ids.long()
 
 
-def example_inputs(schema: dict, batch: int = 4) -> tuple[Tensor, ...]:
+def example_inputs(schema: Schema | Mapping, batch: int = 4) -> tuple[Tensor, ...]:
     """Deterministic, valid inputs in the ranker's order for tracing and warm-up.
 
     Session i has length 1 + (i * 7) % L; categorical ids are real ids
     (FIRST_REAL_ID <= id < the feature's cardinality); padding after `lengths` is 0."""
-    max_len = int(schema["max_sequence_length"])
+    schema = Schema.of(schema)
+    max_len = schema.max_len
     g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([1 + (i * 7) % max_len for i in range(batch)], dtype=torch.int64)  # [S]
     pos = torch.arange(max_len).unsqueeze(0)  # [1, L]
     real = pos < lengths.unsqueeze(1)  # [S, L]
     out = []
-    for name in feature_order(schema):
-        if name in schema["categorical"]:
-            hi = max(int(schema["categorical"][name]), FIRST_REAL_ID + 1)
+    for name in schema.features:
+        if name in schema.categorical:
+            hi = max(schema.categorical[name], FIRST_REAL_ID + 1)
             x = torch.randint(FIRST_REAL_ID, hi, (batch, max_len), generator=g)
         else:
             x = torch.rand((batch, max_len), generator=g, dtype=torch.float32)

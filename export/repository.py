@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from export.steps import MANIFEST, file_sha256
+from export.steps import MANIFEST
+from training.integrity import file_sha256
 from training.names import (
     ENSEMBLE_NAME,
     FIRST_REAL_ID,
@@ -55,6 +57,12 @@ from training.names import (
     TORCH_MODEL,
     WORKFLOW_DIR,
 )
+from training.schema import Schema
+
+
+class ExportError(RuntimeError):
+    """The requested export cannot be made here (e.g. a GPU model step traced without CUDA)."""
+
 
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 MODELS = (ENSEMBLE_NAME, PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL)
@@ -180,20 +188,18 @@ class Layout:
     cardinalities: dict[str, int]  # categorical feature -> number of encoded ids
 
     @classmethod
-    def from_schema(cls, schema: dict, k: int) -> Layout:
-        from export.inference import feature_order
-
-        raw = dict(schema["raw_inputs"])
+    def from_schema(cls, schema: Schema | Mapping, k: int) -> Layout:
+        schema = Schema.of(schema)
+        raw = dict(schema.raw_inputs)
         for col in (SESSION_COL, ITEM_COL):
             if col not in raw:
                 raise ValueError(f"schema.json raw_inputs has no '{col}' column: {sorted(raw)}")
         if OUT_SESSION_ID in raw:
             raise ValueError(f"raw input '{OUT_SESSION_ID}' collides with the ensemble output of that name")
-        features = feature_order(schema)
-        dtypes = {f: "TYPE_INT64" for f in schema["categorical"]}
-        dtypes.update({f: "TYPE_FP32" for f in schema["continuous"]})
-        cards = {f: int(n) for f, n in schema["categorical"].items()}
-        return cls(raw, features, dtypes, int(schema["max_sequence_length"]), k, triton_dtype(raw[ITEM_COL]), cards)
+        dtypes = {f: "TYPE_INT64" for f in schema.categorical}
+        dtypes.update({f: "TYPE_FP32" for f in schema.continuous})
+        cards = dict(schema.categorical)
+        return cls(raw, schema.features, dtypes, schema.max_len, k, triton_dtype(raw[ITEM_COL]), cards)
 
 
 def preprocess_config(layout: Layout, cfg: ExportConfig) -> str:
@@ -392,14 +398,14 @@ def _clear_out(out: Path) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
 
 
-def check_same_workflow(run: Path, data: Path, schema: dict) -> None:
+def check_same_workflow(run: Path, data: Path, schema: Schema) -> None:
     """RUN/meta.json's workflow_sha256 (recorded at training time) must equal DATA/schema.json's.
 
     Checked before anything of DATA is unpickled: a workflow.pkl replaced together
     with its hashes in schema.json is refused here, not loaded."""
-    from training.model import read_meta
+    from training.checkpoint import read_meta
 
-    want, got = schema.get("workflow_sha256"), read_meta(run).get("workflow_sha256")
+    want, got = schema.workflow_sha256, read_meta(run).get("workflow_sha256")
     if not want or not got:
         raise ValueError(f"{run}/meta.json or {data}/{SCHEMA_FILE} records no workflow_sha256: re-run training")
     if want != got:
@@ -409,7 +415,7 @@ def check_same_workflow(run: Path, data: Path, schema: dict) -> None:
         )
 
 
-def _trace(run: Path, data: Path, schema: dict, cfg: ExportConfig):
+def _trace(run: Path, data: Path, schema: Schema, cfg: ExportConfig):
     """Load the run, wrap it in TopKRanker (k fixed), trace it on the serving device; returns the traced module.
 
     A trace records devices of tensors created inside forward as constants
@@ -423,22 +429,21 @@ def _trace(run: Path, data: Path, schema: dict, cfg: ExportConfig):
         TopKRanker,
         baked_devices,
         example_inputs,
-        feature_order,
-        load_run,
         trace_ranker,
     )
+    from training.checkpoint import load_run
 
     device = torch.device("cuda", 0) if cfg.instance_kind == "gpu" else torch.device("cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ExportError(
             "--instance-kind gpu: tracing bakes the device into the TorchScript graph, so the model must be "
             "traced on a GPU, and this torch has no CUDA. Export on a CUDA machine (e.g. inside "
             "nvcr.io/nvidia/pytorch), or use --instance-kind cpu"
         )
     check_same_workflow(run, data, schema)
     model, _meta = load_run(run)
-    n_items = int(schema["categorical"][ITEM_LIST])
-    ranker = TopKRanker(model.to(device), feature_order(schema), cfg.top_k, n_items)
+    n_items = schema.categorical[ITEM_LIST]
+    ranker = TopKRanker(model.to(device), schema.features, cfg.top_k, n_items)
     torch.manual_seed(0)
     traced = trace_ranker(ranker, tuple(t.to(device) for t in example_inputs(schema, batch=8)))
     other = {d for d in baked_devices(traced) if torch.device(d).type != device.type}
@@ -450,11 +455,11 @@ def _trace(run: Path, data: Path, schema: dict, cfg: ExportConfig):
 def export_repository(cfg: ExportConfig) -> Path:
     """Write the repository (see the module docstring); returns cfg.out."""
     from export.inference import save_traced
-    from training.workflow import ServingTransform
+    from training.serving_transform import ServingTransform
 
     cfg.check()
     run, data, out = Path(cfg.run), Path(cfg.data), Path(cfg.out)
-    schema = json.loads((data / SCHEMA_FILE).read_text())
+    schema = Schema.load(data)
     layout = Layout.from_schema(schema, cfg.top_k)
     check_same_workflow(run, data, schema)  # before the workflow pickle is loaded
     transform = ServingTransform.load(data)  # checks the workflow files' sha256 against schema.json, then unpickles
@@ -496,7 +501,7 @@ def export_repository(cfg: ExportConfig) -> Path:
         "inputs": layout.raw_inputs,
         "outputs": {OUT_SESSION_ID: "[S]", OUT_ITEM_IDS: f"[S, {cfg.top_k}]", OUT_SCORES: f"[S, {cfg.top_k}]"},
         "options": options,
-        "workflow_sha256": schema.get("workflow_sha256", {}),
+        "workflow_sha256": schema.workflow_sha256,
         "model_versions": {"1": _run_record(run)},
     }
     _write_manifest(out, manifest)
@@ -543,8 +548,8 @@ def add_model_version(cfg: ExportConfig) -> int:
     manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else None
     if manifest is None or TORCH_MODEL not in manifest.get("models", []):
         raise FileNotFoundError(f"{out} holds no repository written by `python -m export`: export it first")
-    schema = json.loads((data / SCHEMA_FILE).read_text())
-    if schema.get("workflow_sha256") != manifest.get("workflow_sha256"):
+    schema = Schema.load(data)
+    if schema.workflow_sha256 != manifest.get("workflow_sha256"):
         raise ValueError(
             f"{data} is not the DATA the repository {out} was exported from (workflow_sha256 differs): "
             "a new version must keep the preprocess step's features"

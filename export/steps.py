@@ -15,7 +15,6 @@ Before a step loads anything from its version directory it calls
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training.integrity import IntegrityError, file_sha256  # noqa: F401  (IntegrityError: re-exported to the stubs)
 from training.names import FIRST_REAL_ID, LENGTHS_TENSOR, OUT_ENCODED_IDS, OUT_SESSION_ID, SESSION_COL
 
 MANIFEST = "sessrec_export.json"  # written by `python -m export` at the repository root
@@ -32,17 +32,9 @@ class RequestError(ValueError):
     """A request the server cannot answer; the message names the input and what was expected."""
 
 
-class IntegrityError(RuntimeError):
-    """A repository file does not match the sha256 recorded at export: the step refuses to load."""
-
-
 # --- integrity ------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# IntegrityError and file_sha256 are training.integrity's (stdlib only), imported above;
+# the step stubs import IntegrityError from here.
 
 
 def read_manifest(repo: Path) -> dict:
@@ -131,8 +123,8 @@ def preprocess(
     """Raw interaction rows of one request -> the model step's tensors.
 
     Returns {OUT_SESSION_ID: [S] int64, <feature>: [S, L], LENGTHS_TENSOR: [S, 1] int64}.
-    `transform` is the fitted workflow's serving transform (training.workflow.ServingTransform);
-    it raises training.workflow.InputError (a ValueError) for bad values, naming the column.
+    `transform` is the fitted workflow's serving transform (training.serving_transform.ServingTransform);
+    it raises training.serving_transform.InputError (a ValueError) for bad values, naming the column.
     Sessions never mix across requests: each request is transformed on its own."""
     names = list(columns)
     check_raw_columns(columns, names, max_rows)

@@ -20,7 +20,6 @@ from export.inference import (
     baked_devices,
     example_inputs,
     feature_order,
-    load_run,
     save_traced,
     trace_ranker,
 )
@@ -40,6 +39,7 @@ from export.steps import (
     to_raw_item_ids,
 )
 from tests.triton_util import PROJECT_ROOT
+from training.checkpoint import load_run
 from training.names import (
     ENSEMBLE_NAME,
     FIRST_REAL_ID,

@@ -225,7 +225,7 @@ def test_soak_ci_sized(server_a, interactions, schema):
 # --- A: a new model version under load --------------------------------------------------------------
 def _perturbed_run(run: Path, out: Path) -> Path:
     """A copy of RUN with other weights (a stand-in for a retrained model), written with the checkpoint API."""
-    from training.model import read_meta, save_checkpoint
+    from training.checkpoint import read_meta, save_checkpoint
 
     shutil.copytree(run, out)
     meta = read_meta(out)

@@ -67,11 +67,11 @@ def test_no_code_executing_loads(path):
         if func.endswith("read_pickle"):
             pytest.fail(f"{path}:{call.lineno}: {func}")
         if func.endswith("Workflow.load"):
-            assert path.name == "workflow.py", f"{path}:{call.lineno}: Workflow.load outside ServingTransform.load"
+            assert path.name == "serving_transform.py", f"{path}:{call.lineno}: Workflow.load outside ServingTransform.load"
 
 
 def test_workflow_is_unpickled_only_after_its_sha256_check():
-    source = (PROJECT_ROOT / "training" / "workflow.py").read_text()
+    source = (PROJECT_ROOT / "training" / "serving_transform.py").read_text()
     body = source[source.index("    def load(cls, data_dir"):]
     body = body[: body.index("\n    # ----")]
     assert body.index("verify_workflow_files(") < body.index("nvt.Workflow.load(")

@@ -16,11 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import training.integrity as integrity_mod
 import training.model as model_mod
 import training.train as train_mod
+from training.checkpoint import RunError, load_run, read_meta, save_checkpoint
 from training.data import DataError, eval_inputs_targets, load_schema, load_split, split_path
 from training.metrics import metric_keys
-from training.model import RunError, load_run, read_meta, save_checkpoint
 from training.train import TrainConfig, cosine_lambda, evaluate_model, main, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ def _ckpt(tmp_path: Path, window: int) -> None:
 
 def test_full_disk_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     _ckpt(tmp_path, 1)
-    real = model_mod._write_tmp
+    real = integrity_mod.write_tmp
     calls = {"n": 0}
 
     def full_disk(path, data):
@@ -168,7 +169,7 @@ def test_full_disk_keeps_last_good_checkpoint(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(path, data)
 
-    monkeypatch.setattr(model_mod, "_write_tmp", full_disk)
+    monkeypatch.setattr(integrity_mod, "write_tmp", full_disk)
     with pytest.raises(OSError):
         _ckpt(tmp_path, 2)
     assert read_meta(tmp_path)["window"] == 1
@@ -188,10 +189,10 @@ def test_crash_between_renames_is_rolled_forward(tmp_path, monkeypatch, renames_
         calls["n"] += 1
         return real(src, dst)
 
-    monkeypatch.setattr(model_mod.os, "replace", crash)
+    monkeypatch.setattr(integrity_mod.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         _ckpt(tmp_path, 2)
-    monkeypatch.setattr(model_mod.os, "replace", real)
+    monkeypatch.setattr(integrity_mod.os, "replace", real)
     meta = read_meta(tmp_path)  # completes the interrupted write
     assert meta["window"] == 2
     assert torch.load(tmp_path / "model.pt", weights_only=True)["w"][0] == 2.0

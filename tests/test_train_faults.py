@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests.triton_util import PROJECT_ROOT
-from training.model import RunError, load_run, read_meta
+from training.checkpoint import RunError, load_run, read_meta
 
 END_WINDOW = 4  # trains windows 1..3 (evaluates on 2..4)
 CLI_FLAGS = ["--epochs", "2", "--batch-size", "16", "--threads", "1", "--no-progress", "--no-baselines"]
@@ -200,11 +200,11 @@ def test_read_only_output_folder_is_refused_and_checkpoint_intact(tiny_synthetic
 def test_enospc_through_train_keeps_the_last_checkpoint(tiny_synthetic_data, tmp_path, monkeypatch):
     """Any user: the second window's checkpoint write fails with ENOSPC; train() raises OSError(ENOSPC)
     and the first window's checkpoint stays loadable."""
-    import training.model as model_mod
+    import training.integrity as integrity_mod
     from training.train import train
 
     out = tmp_path / "run"
-    real = model_mod._write_tmp
+    real = integrity_mod.write_tmp
     calls = {"n": 0}
 
     def full_after_first_checkpoint(path, data):
@@ -213,11 +213,11 @@ def test_enospc_through_train_keeps_the_last_checkpoint(tiny_synthetic_data, tmp
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, data)
 
-    monkeypatch.setattr(model_mod, "_write_tmp", full_after_first_checkpoint)
+    monkeypatch.setattr(integrity_mod, "write_tmp", full_after_first_checkpoint)
     with pytest.raises(OSError) as info:
         train(_tiny_cfg(tiny_synthetic_data, out, end_window=3))
     assert info.value.errno == errno.ENOSPC
-    monkeypatch.setattr(model_mod, "_write_tmp", real)
+    monkeypatch.setattr(integrity_mod, "write_tmp", real)
     assert read_meta(out)["window"] == 1
     load_run(out)
     shutil.rmtree(out)

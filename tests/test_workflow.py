@@ -15,8 +15,10 @@ from merlin.io import Dataset
 from merlin.schema import Tags
 from nvtabular import ops
 
-from training import synthetic
+from training import serving_transform as serving_mod
+from training import synthetic, workflow_ops
 from training import workflow as wf
+from training.integrity import IntegrityError
 from training.names import (
     AGE_COL,
     CATEGORY_LIST,
@@ -87,7 +89,7 @@ def test_session_groupby_matches_stock_groupby(seed):
     )
     aggs = {"a": ["list", "count", "last"], "f": ["list"], "d": ["first"]}
     stock = ops.Groupby(groupby_cols=["s"], aggs=aggs, name_sep="-")
-    ours = wf.SessionGroupby(groupby_cols=["s"], aggs=aggs, name_sep="-")
+    ours = workflow_ops.SessionGroupby(groupby_cols=["s"], aggs=aggs, name_sep="-")
     sel = nvt.ColumnSelector(["s", "a", "f", "d"])
     want, got = stock.transform(sel, frame), ours.transform(sel, frame)
     assert sorted(want.columns) == sorted(got.columns)
@@ -116,7 +118,7 @@ def test_matches_the_reference_etl(tmp_path, monkeypatch):
     inputs = frame[SYNTH_SPEC.input_columns()]
     ref = reference_etl_workflow(tmp_path).fit_transform(Dataset(inputs, cpu=True)).to_ddf().compute()
     ours_wf = wf.build_workflow(SYNTH_SPEC, tmp_path / "stats")
-    wf.use_memoizing_executor(ours_wf)
+    workflow_ops.use_memoizing_executor(ours_wf)
     ours = _fit_transform_local(ours_wf, inputs)
     ref = ref.sort_values(SESSION_COL).reset_index(drop=True)
     ours = ours.sort_values(SESSION_COL).reset_index(drop=True)
@@ -171,7 +173,7 @@ def test_keeps_the_last_max_len_items_in_time_order(tmp_path):
 def _item_table(workflow):
     for node in _nodes(workflow.output_node):
         if isinstance(node.op, ops.Categorify):
-            return wf._categorify_tables(node.op, ITEM_COL)
+            return serving_mod._categorify_tables(node.op, ITEM_COL)
     raise AssertionError("no Categorify")
 
 
@@ -230,10 +232,10 @@ def test_derived_timestamp_features(tmp_path):
 def test_weekday_and_age_functions_on_arrays_and_series():
     ts = np.array([0, MONDAY, MONDAY + 6 * DAY])  # Thursday, Monday, Sunday
     expected = np.sin(2 * np.pi * np.array([3, 0, 6]) / 7).astype(np.float32)
-    np.testing.assert_allclose(wf.weekday_sin(ts), expected)
-    s = wf.weekday_sin(pd.Series(ts, index=[5, 6, 7]))
+    np.testing.assert_allclose(workflow_ops.weekday_sin(ts), expected)
+    s = workflow_ops.weekday_sin(pd.Series(ts, index=[5, 6, 7]))
     assert list(s.index) == [5, 6, 7] and s.dtype == np.float32
-    age = wf.item_age_days(np.array([MONDAY, np.nan, MONDAY + DAY]), {TIME_COL: np.array([MONDAY + DAY] * 3)})
+    age = workflow_ops.item_age_days(np.array([MONDAY, np.nan, MONDAY + DAY]), {TIME_COL: np.array([MONDAY + DAY] * 3)})
     np.testing.assert_allclose(age, [1.0, 0.0, 0.0])
 
 
@@ -259,7 +261,7 @@ def test_output_schema_tags(tmp_path):
 # --------------------------------------------------------------------------- #
 @pytest.fixture(scope="module")
 def serving(tiny_synthetic_data):
-    return wf.ServingTransform.load(tiny_synthetic_data)
+    return serving_mod.ServingTransform.load(tiny_synthetic_data)
 
 
 def _request(frame: pd.DataFrame, transform) -> dict:
@@ -402,11 +404,11 @@ def _copy_data(src, dst):
 
 def test_sha256_is_checked_before_unpickling(tiny_synthetic_data, tmp_path):
     data = _copy_data(tiny_synthetic_data, tmp_path / "data")
-    wf.ServingTransform.load(data)  # intact copy loads
+    serving_mod.ServingTransform.load(data)  # intact copy loads
     with open(data / "workflow" / "workflow.pkl", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(wf.WorkflowIntegrityError, match=r"workflow\.pkl has sha256 .* expects"):
-        wf.ServingTransform.load(data)
+    with pytest.raises(IntegrityError, match=r"workflow\.pkl has sha256 .* expects"):
+        serving_mod.ServingTransform.load(data)
 
 
 @pytest.mark.parametrize("problem", ["missing file", "no hash for the pickle", "unlisted pickle"])
@@ -424,13 +426,13 @@ def test_integrity_errors(tiny_synthetic_data, tmp_path, problem):
     else:
         shutil.copy(data / "workflow" / "workflow.pkl", data / "workflow" / "other.pkl")
         match = "unexpected pickle"
-    with pytest.raises(wf.WorkflowIntegrityError, match=match):
-        wf.ServingTransform.load(data)
+    with pytest.raises(IntegrityError, match=match):
+        serving_mod.ServingTransform.load(data)
 
 
 @pytest.mark.diginetica
 def test_serving_parity_diginetica(diginetica_data):
-    transform = wf.ServingTransform.load(diginetica_data)
+    transform = serving_mod.ServingTransform.load(diginetica_data)
     assert list(transform.raw_inputs) == [SESSION_COL, ITEM_COL, TIME_COL]
     assert transform.continuous == [f"{AGE_COL}-list", f"{WEEKDAY_COL}-list"]
     rows = pd.read_parquet(diginetica_data / "interactions.parquet")

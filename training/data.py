@@ -1,8 +1,9 @@
 """Load the prepared session splits (DATA/sessions_by_day/<w>/<split>.parquet)
 into padded tensors, with validation that names the file and the column.
 
-    from training.data import load_schema, load_split, split_path
-    schema = load_schema("data/synthetic")
+    from training.data import load_split, split_path
+    from training.schema import Schema
+    schema = Schema.load("data/synthetic")
     st = load_split(split_path("data/synthetic", 3, "train"), schema)
     st.feats["item_id-list"]  # (N, L) int64, right-padded with 0
     st.lengths                # (N,) int64
@@ -12,7 +13,7 @@ Imports only torch, numpy and pyarrow (see docs/contracts.md for the format).
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,41 +24,30 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from training.names import ITEM_LIST, SCHEMA_FILE, SESSION_COL, SESSIONS_DIR
+from training.names import ITEM_LIST, SESSION_COL, SESSIONS_DIR
+from training.schema import DataError, Schema
 
-
-class DataError(ValueError):
-    """The prepared data cannot be used; the message names the file, the column and the fix."""
+__all__ = [
+    "DataError", "SessionTensors", "available_windows", "eval_inputs_targets", "load_schema", "load_split",
+    "split_path",
+]
 
 
 def load_schema(data_dir: str | Path) -> dict[str, Any]:
-    path = Path(data_dir) / SCHEMA_FILE
-    if not path.is_file():
-        raise DataError(
-            f"{path} does not exist: is {data_dir} a DATA folder written by `python -m training.prepare`?"
-        )
-    try:
-        schema = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e})") from e
-    for key in ("categorical", "max_sequence_length"):
-        if key not in schema:
-            raise DataError(f"{path} lacks the key {key!r} (see docs/contracts.md)")
-    item = schema.get("item_list", ITEM_LIST)
-    if item not in schema["categorical"]:
-        raise DataError(
-            f"{path}: item feature {item!r} has no cardinality in 'categorical' {schema['categorical']}"
-        )
-    return schema
+    """DATA/schema.json as a dict (checked like `Schema.load`, which new code uses).
+
+    Kept for training/train.py and training/tune.py, which still take the dict."""
+    return Schema.load(data_dir).to_dict()
 
 
 def split_path(data_dir: str | Path, window: int, split: str) -> Path:
     return Path(data_dir) / SESSIONS_DIR / str(window) / f"{split}.parquet"
 
 
-def available_windows(data_dir: str | Path, schema: dict[str, Any] | None = None) -> list[int]:
-    if schema is not None and "windows" in schema:
-        return [int(w) for w in schema["windows"]]
+def available_windows(data_dir: str | Path, schema: Schema | Mapping[str, Any] | None = None) -> list[int]:
+    windows = Schema.of(schema).windows if schema is not None else None
+    if windows is not None:
+        return list(windows)
     root = Path(data_dir) / SESSIONS_DIR
     return (
         sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
@@ -83,14 +73,6 @@ class SessionTensors:
             {k: v[idx] for k, v in self.feats.items()}, self.lengths[idx], self.session_id[idx], self.source
         )
 
-    def to(self, device: torch.device | str) -> SessionTensors:
-        return SessionTensors(
-            {k: v.to(device) for k, v in self.feats.items()},
-            self.lengths.to(device),
-            self.session_id.to(device),
-            self.source,
-        )
-
 
 def _list_column(table: pa.Table, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A list column -> (offsets (N+1,) starting at 0, flat values)."""
@@ -110,7 +92,7 @@ def _list_column(table: pa.Table, name: str, path: Path) -> tuple[np.ndarray, np
     return offsets - offsets[0], values.to_numpy(zero_copy_only=False)
 
 
-def load_split(path: str | Path, schema: dict[str, Any]) -> SessionTensors:
+def load_split(path: str | Path, schema: Schema | Mapping[str, Any]) -> SessionTensors:
     """Read one split file into padded tensors, checking it against the schema.
 
     Raises DataError naming the file and the column for: a missing or corrupt
@@ -119,9 +101,8 @@ def load_split(path: str | Path, schema: dict[str, Any]) -> SessionTensors:
     continuous values.
     """
     path = Path(path)
-    categorical: dict[str, int] = {k: int(v) for k, v in schema["categorical"].items()}
-    continuous: list[str] = list(schema.get("continuous", []))
-    max_len = int(schema["max_sequence_length"])
+    schema = Schema.of(schema)
+    categorical, continuous, max_len = schema.categorical, list(schema.continuous), schema.max_len
     if not path.is_file():
         raise DataError(
             f"{path} does not exist (each window must hold train/valid/test.parquet, see docs/contracts.md)"

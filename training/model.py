@@ -2,7 +2,7 @@
 
 One file, nanoGPT style. The architecture follows the Transformers4Rec
 getting-started example (notebook 02, see docs/contracts.md and
-/work/shared/notes/transformers4rec-reference.md sections 1.2, 1.5, 2.2):
+the Transformers4Rec reference notes, sections 1.2, 1.5, 2.2):
 
     item_id-list   [B, L] -> Embedding(V_item, 64)  \
     category-list  [B, L] -> Embedding(V_cat, 64)    > concat [B, L, 192]
@@ -44,19 +44,16 @@ gates computed from XLNet's hidden state. Built per window by
 `training.train.set_memory`; buffers, so they travel in the checkpoint and in
 the traced model. During training each session's own counts are left out.
 
-The checkpoint helpers at the end (`save_checkpoint`, `load_run`) write and
-read RUN/ without pickled code. Imports only torch, transformers and the
-standard library (no numpy inside anything that is traced).
+Checkpoint I/O (`save_checkpoint`, `load_run`) lives in `training.checkpoint`.
+Imports only torch, transformers and the standard library (no numpy inside
+anything that is traced).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,6 +62,7 @@ from torch import Tensor, nn
 from transformers import XLNetConfig, XLNetModel
 
 from training.names import FIRST_REAL_ID, ITEM_LIST, PAD_ID
+from training.schema import Schema
 
 OBJECTIVES = ("mlm", "clm")
 
@@ -140,13 +138,14 @@ class ModelConfig:
         return list(self.categorical) + list(self.continuous)
 
     @classmethod
-    def from_schema(cls, schema: dict[str, Any], **overrides: Any) -> ModelConfig:
-        """Build from DATA/schema.json (see docs/contracts.md); overrides win."""
+    def from_schema(cls, schema: Schema | Mapping[str, Any], **overrides: Any) -> ModelConfig:
+        """Build from DATA/schema.json (a `Schema` or its dict, see docs/contracts.md); overrides win."""
+        schema = Schema.of(schema)
         kw: dict[str, Any] = dict(
-            categorical={k: int(v) for k, v in schema["categorical"].items()},
-            continuous=list(schema.get("continuous", [])),
-            item_feature=schema.get("item_list", ITEM_LIST),
-            max_len=int(schema.get("max_sequence_length", 20)),
+            categorical=dict(schema.categorical),
+            continuous=list(schema.continuous),
+            item_feature=schema.item_feature,
+            max_len=schema.max_len,
         )
         kw.update(overrides)
         return cls(**kw)
@@ -753,139 +752,18 @@ class SessionModel(nn.Module):
         return ((1.0 - label_smoothing) * nll + label_smoothing * uniform).sum() / denom
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-MODEL_FILE = "model.pt"
-OPTIM_FILE = "optim.pt"
-META_FILE = "meta.json"
-TMP_SUFFIX = ".tmp"
-
-
-class RunError(RuntimeError):
-    """A run folder cannot be used (unwritable, damaged checkpoint, config mismatch)."""
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: RUN/model.pt + optim.pt + meta.json, atomic, loaded without pickle
-# -----------------------------------------------------------------------------
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    return _sha256(path.read_bytes())
-
-
-def _write_tmp(path: Path, data: bytes) -> Path:
-    """Write `data` to `path`.tmp and fsync it; the caller os.replace()s it into place."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a partial file behind (e.g. on a full disk)
-        raise
-    return tmp
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a torn one."""
-    os.replace(_write_tmp(path, data), path)
-
-
-def _torch_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def save_checkpoint(run_dir: Path, model_state: dict, optim_state: dict, meta: dict) -> None:
-    """model.pt + optim.pt + meta.json, written so a crash or a full disk never loses the last good one.
-
-    All three new files are first written completely as *.tmp (fsync'ed);
-    meta.json.tmp records the sha256 of the new model.pt and optim.pt. Only
-    then are they renamed into place, meta.json last. A crash during the
-    writes leaves the old checkpoint untouched; a crash between the renames is
-    completed by `recover_checkpoint` (roll forward), which every reader calls.
-    """
-    model_bytes, optim_bytes = _torch_bytes(model_state), _torch_bytes(optim_state)
-    meta = dict(meta, files={MODEL_FILE: _sha256(model_bytes), OPTIM_FILE: _sha256(optim_bytes)})
-    tmps = [
-        (_write_tmp(run_dir / MODEL_FILE, model_bytes), run_dir / MODEL_FILE),
-        (_write_tmp(run_dir / OPTIM_FILE, optim_bytes), run_dir / OPTIM_FILE),
-        (_write_tmp(run_dir / META_FILE, json.dumps(meta, indent=2).encode()), run_dir / META_FILE),
-    ]
-    for tmp, final in tmps:
-        os.replace(tmp, final)
-
-
-def recover_checkpoint(run_dir: Path) -> None:
-    """Finish or discard a checkpoint write that a crash interrupted (see `save_checkpoint`)."""
-    meta_tmp = run_dir / (META_FILE + TMP_SUFFIX)
-    tmps = [run_dir / (n + TMP_SUFFIX) for n in (MODEL_FILE, OPTIM_FILE, META_FILE)]
-    if not meta_tmp.exists():
-        for t in tmps:  # a write that never reached meta.json.tmp: the old checkpoint stands
-            t.unlink(missing_ok=True)
-        return
-    try:
-        files = json.loads(meta_tmp.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-        files = None  # torn meta.json.tmp: no rename had started
-    if files is not None:
-        ok = True
-        for name in (MODEL_FILE, OPTIM_FILE):
-            final, tmp = run_dir / name, run_dir / (name + TMP_SUFFIX)
-            if tmp.exists() and _file_sha256(tmp) == files[name]:
-                continue  # not renamed yet, complete
-            if final.exists() and _file_sha256(final) == files[name]:
-                continue  # already renamed
-            ok = False
-        if ok:  # roll forward
-            for name in (MODEL_FILE, OPTIM_FILE, META_FILE):
-                tmp = run_dir / (name + TMP_SUFFIX)
-                if tmp.exists():
-                    os.replace(tmp, run_dir / name)
-            return
-    for t in tmps:
-        t.unlink(missing_ok=True)
-
-
-def read_meta(run_dir: str | Path, recover: bool = True) -> dict:
-    """RUN/meta.json, after completing an interrupted checkpoint write; checks the file hashes."""
-    run_dir = Path(run_dir)
-    if recover:
-        recover_checkpoint(run_dir)
-    path = run_dir / META_FILE
-    if not path.is_file():
-        raise RunError(
-            f"{path} does not exist: {run_dir} holds no finished window of `python -m training.train`"
-        )
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path} is not valid JSON ({e}): the checkpoint is damaged") from e
-    for name, sha in meta.get("files", {}).items():
-        f = run_dir / name
-        if not f.is_file() or _file_sha256(f) != sha:
-            raise RunError(f"{f} does not match the sha256 recorded in {path}: the checkpoint is damaged")
-    return meta
-
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[SessionModel, dict]:
-    """Rebuild the trained model of RUN/ (in eval mode) without unpickling code.
-
-    Returns (model, meta); meta holds "model_config", "schema", "window",
-    "workflow_sha256", "metrics", "train_config".
-    """
-    run_dir = Path(run_dir)
-    meta = read_meta(run_dir)
-    model = SessionModel(ModelConfig.from_dict(meta["model_config"]))
-    state = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.to(device).eval(), meta
+# Checkpoint I/O lives in training.checkpoint, file helpers in training.integrity.
+# Re-exported here only until training/train.py and training/tune.py import them
+# from there (they belong to another branch); remove this block at that merge.
+from training.checkpoint import (  # noqa: E402, F401
+    META_FILE,
+    MODEL_FILE,
+    OPTIM_FILE,
+    TMP_SUFFIX,
+    RunError,
+    load_run,
+    read_meta,
+    recover_checkpoint,
+    save_checkpoint,
+)
+from training.integrity import atomic_write  # noqa: E402, F401

@@ -16,13 +16,20 @@ SESSION_COL = "session_id"
 ITEM_COL = "item_id"
 CATEGORY_COL = "category"
 TIME_COL = "timestamp"  # epoch seconds (real logs only)
-WINDOW_COL = "day"  # time-window index, 1 = first window (day or hour)
+# Time-window index of an interaction, 1 = first window. The window is a day, an
+# hour or a week (schema.json "window_unit"); the column is named "day" for every
+# unit because the name is part of the data on disk: it is an input column of the
+# pickled workflow (so it is in workflow.pkl and in schema.json's workflow_sha256,
+# which every training run and exported repository records), the session-level
+# column "day-first" in the split files, and the folder name below. Renaming it
+# would change the bytes of every prepared folder and export and need a reader for
+# both names; read WINDOW_COL as "window", whatever its unit.
+WINDOW_COL = "day"
 
 # Continuous features of the reference example (given by the synthetic
 # generator; derived from the timestamp by workflow ops for real logs).
 AGE_COL = "age_days"
 WEEKDAY_COL = "weekday_sin"
-DEFAULT_CONTINUOUS = (AGE_COL, WEEKDAY_COL)
 
 # --- Session-level columns written by the workflow --------------------------
 LIST_SUFFIX = "-list"
@@ -42,7 +49,7 @@ DEFAULT_MAX_LEN = 20  # keep the LAST N items of a session
 DEFAULT_MIN_LEN = 2  # drop sessions shorter than this
 
 SPLITS = ("train", "valid", "test")
-SESSIONS_DIR = "sessions_by_day"
+SESSIONS_DIR = "sessions_by_day"  # DATA/<this>/<window>/{train,valid,test}.parquet, any window unit (see WINDOW_COL)
 WORKFLOW_DIR = "workflow"
 SCHEMA_FILE = "schema.json"
 SUMMARY_FILE = "summary.json"

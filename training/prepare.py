@@ -59,6 +59,7 @@ from training.names import (
     WINDOW_FIRST,
     WORKFLOW_DIR,
 )
+from training.schema import Schema
 
 SPLIT_BOUNDS = (0.8, 0.9)  # train u < 0.8, valid u < 0.9, test otherwise
 _MASK64 = (1 << 64) - 1
@@ -266,22 +267,22 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path) -> dict:
     t = time.perf_counter()
     workflow.save(str(tmp / WORKFLOW_DIR))
     shutil.rmtree(tmp / ".fit", ignore_errors=True)
-    schema = {
-        "max_sequence_length": cfg.max_len,
-        "min_session_length": cfg.min_len,
-        "item_list": ITEM_LIST,
-        "categorical": categorical,
-        "continuous": continuous,
-        "raw_inputs": spec.raw_inputs(),
-        "windows": windows,
-        "window_unit": data.window_unit,
-        "source": data.source,
-        "freq_threshold": cfg.freq_threshold,
-        "split": {"seed": cfg.seed, "train": "u < 0.8", "valid": "0.8 <= u < 0.9", "test": "u >= 0.9",
-                  "u": "splitmix64(splitmix64(seed) ^ session_id) >> 11 / 2**53"},
-        "workflow_sha256": wf.workflow_sha256(tmp),
-    }
-    (tmp / SCHEMA_FILE).write_text(json.dumps(schema, indent=2) + "\n")
+    schema = Schema(
+        max_len=cfg.max_len,
+        min_len=cfg.min_len,
+        item_feature=ITEM_LIST,
+        categorical=categorical,
+        continuous=tuple(continuous),
+        raw_inputs=spec.raw_inputs(),
+        windows=tuple(windows),
+        window_unit=data.window_unit,
+        source=data.source,
+        freq_threshold=cfg.freq_threshold,
+        split={"seed": cfg.seed, "train": "u < 0.8", "valid": "0.8 <= u < 0.9", "test": "u >= 0.9",
+               "u": "splitmix64(splitmix64(seed) ^ session_id) >> 11 / 2**53"},
+        workflow_sha256=wf.workflow_sha256(tmp),
+    )
+    (tmp / SCHEMA_FILE).write_text(schema.to_json())
     timings["save_workflow"] = time.perf_counter() - t
 
     summary = {

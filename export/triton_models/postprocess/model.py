@@ -14,6 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from export.steps import to_raw_item_ids, verify_version_files
+from training.names import OUT_ENCODED_IDS, OUT_ITEM_IDS
 
 
 class TritonPythonModel:
@@ -22,8 +23,11 @@ class TritonPythonModel:
         verify_version_files(args["model_repository"], args["model_version"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.vocabulary = np.load(version_dir / "item_vocabulary.npy", allow_pickle=False)
-        self.input = config["input"][0]["name"]
-        self.output = config["output"][0]["name"]
+        if pb_utils.get_input_config_by_name(config, OUT_ENCODED_IDS) is None:
+            raise ValueError(f"config.pbtxt of postprocess declares no input {OUT_ENCODED_IDS!r}: re-export the repository")
+        if pb_utils.get_output_config_by_name(config, OUT_ITEM_IDS) is None:
+            raise ValueError(f"config.pbtxt of postprocess declares no output {OUT_ITEM_IDS!r}: re-export the repository")
+        self.input, self.output = OUT_ENCODED_IDS, OUT_ITEM_IDS
 
     def execute(self, requests):
         responses = []

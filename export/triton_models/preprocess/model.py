@@ -1,7 +1,7 @@
 """Triton Python-backend model `preprocess` (written by `python -m export`).
 
 Raw interaction rows of one request -> per-session tensors, with the fitted
-NVTabular workflow's semantics executed by `training.workflow.ServingTransform`
+NVTabular workflow's semantics executed by `training.serving_transform.ServingTransform`
 (numpy, no NVTabular executor per request). Its version directory holds a copy
 of DATA/workflow/ and DATA/schema.json. Before the workflow pickle is loaded:
 every file is checked against the sha256 in the repository's sessrec_export.json,
@@ -37,7 +37,7 @@ class TritonPythonModel:
                 f"{version_dir / 'schema.json'} lists other workflow files than the run was trained with "
                 "(workflow_sha256 differs from sessrec_export.json): refusing to load the workflow"
             )
-        from training.workflow import ServingTransform  # NVTabular: imported only for verified files
+        from training.serving_transform import ServingTransform  # NVTabular: imported only for verified files
 
         self.transform = ServingTransform.load(version_dir)
         self.inputs = [i["name"] for i in config["input"]]
@@ -53,7 +53,7 @@ class TritonPythonModel:
             try:
                 columns = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
                 out = preprocess(columns, self.transform, self.features, self.max_rows, self.max_sessions)
-            except ValueError as e:  # RequestError and training.workflow.InputError: the client's input
+            except ValueError as e:  # RequestError and training.serving_transform.InputError: the client's input
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)))
                 continue
             except Exception as e:  # a bug here must fail this request only, loudly
