@@ -77,6 +77,7 @@ class ModelConfig:
     without pickle: `ModelConfig.from_dict(json.load(...))`.
     """
 
+    # Fields with a "help" text are settable (command line, --config files: training/config.py).
     # --- from DATA/schema.json ------------------------------------------------
     categorical: dict[str, int] = field(
         default_factory=dict
@@ -85,26 +86,45 @@ class ModelConfig:
     item_feature: str = ITEM_LIST  # the categorical feature that is predicted
     max_len: int = 20  # max_sequence_length of the data (the model accepts any L)
     # --- input block (T4Rec defaults of the reference example) --------------
-    embedding_dim: int = 64  # every categorical feature (embedding_dim_default=64 in T4Rec)
+    embedding_dim: int = field(  # embedding_dim_default=64 in T4Rec
+        default=64, metadata={"help": "embedding size of every categorical feature"}
+    )
     embedding_init_std: float = 0.05  # T4Rec's default embedding initializer N(0, 0.05)
     continuous_dim: int = 64  # continuous_projection=64
     d_output: int = 100  # projection of the concatenated features
     # --- transformer body ---------------------------------------------------
-    d_model: int = 64
-    n_head: int = 4
-    n_layer: int = 2
-    d_inner: int = 256  # 4 * d_model, as T4Rec's XLNetConfig.build
-    dropout: float = 0.3
+    d_model: int = field(default=64, metadata={"help": "transformer width"})
+    n_head: int = field(default=4, metadata={"help": "attention heads (d_model must be a multiple)"})
+    n_layer: int = field(default=2, metadata={"help": "transformer layers"})
+    d_inner: int = field(  # 4 * d_model, as T4Rec's XLNetConfig.build
+        default=256, metadata={"help": "feed-forward width of a transformer layer"}
+    )
+    dropout: float = field(
+        default=0.3, metadata={"help": "dropout probability of the transformer (XLNetConfig.dropout)"}
+    )
     layer_norm_eps: float = 0.03
     initializer_range: float = 0.01
     ff_activation: str = "gelu"
     # --- objective -------------------------------------------------------------
-    objective: str = "mlm"  # "mlm" (masked LM, the reference) or "clm" (causal)
-    mask_prob: float = 0.15  # mlm: probability that a real position is masked
+    objective: str = field(
+        default="mlm",
+        metadata={"help": "mlm: masked LM (the reference); clm: causal LM", "choices": OBJECTIVES},
+    )
+    mask_prob: float = field(
+        default=0.15, metadata={"help": "mlm: probability that a real position is masked"}
+    )
     mask_init_std: float = 0.001  # trainable mask embedding ~ N(0, 0.001) as T4Rec
     # --- item memory (off in the reference recipe; see ItemMemory) ---------------
-    memory: bool = False  # add learned-gated co-occurrence / successor / repeat / popularity scores
-    memory_k: int = 100  # neighbours kept per item (top-k by count)
+    memory: bool = field(
+        default=False,
+        metadata={
+            "help": "item memory: co-occurrence / successor / repeat / popularity counts of the training "
+            "sessions added to the logits through learned gates (ItemMemory)"
+        },
+    )
+    memory_k: int = field(
+        default=100, metadata={"help": "item memory: neighbours kept per item (top-k by count)"}
+    )
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
 
     def __post_init__(self) -> None:
