@@ -20,6 +20,9 @@ reproducible and needs none.
 
 from __future__ import annotations
 
+import training.runtime  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
+
+# isort: split
 import argparse
 import itertools
 import json
@@ -33,9 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from training.config import MODEL_FIELDS, TrainConfig
 from training.data import DataError, load_schema
 from training.model import RunError, atomic_write
-from training.train import TrainConfig, resolve_settings, train
+from training.recipes import resolve_settings
+from training.train import train
 
 # Each key is a setting `training.train --config` accepts; values are the choices sampled.
 SPACE: dict[str, list[Any]] = {
@@ -48,7 +53,7 @@ SPACE: dict[str, list[Any]] = {
     "label_smoothing": [0.0, 0.1],
     "train_on": ["cumulative", "window"],
 }
-MODEL_KEYS = ("memory", "objective", "d_model", "dropout", "mask_prob", "embedding_dim", "n_layer", "n_head", "d_inner")
+MODEL_KEYS = MODEL_FIELDS  # the settable ModelConfig fields (training/config.py): "model" overrides
 
 
 @dataclass
