@@ -37,11 +37,11 @@ Speed (CPU training is ~3x the reference's sessions/s, see training/bench_train.
   sampling cost more than all the matmuls).
 
 Item memory (`ItemMemory`, off by default, on in the real-data recipe of
-training/train.py): count tables of the training sessions (co-occurrence,
+training/recipes.py): count tables of the training sessions (co-occurrence,
 successor, popularity, top-k per item) and the session's own items (repeats)
 give per-candidate scores that are added to the logits above, weighted by
 gates computed from XLNet's hidden state. Built per window by
-`training.train.set_memory`; buffers, so they travel in the checkpoint and in
+`training.trainer.set_memory`; buffers, so they travel in the checkpoint and in
 the traced model. During training each session's own counts are left out.
 
 The checkpoint helpers at the end (`save_checkpoint`, `load_run`) write and
