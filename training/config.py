@@ -217,6 +217,17 @@ def _add_flag(p: argparse.ArgumentParser, f: Field, typ: Any, from_recipe: bool,
     p.add_argument(*flags, **kw)
 
 
+def add_flags(p: argparse.ArgumentParser, cls: type, from_recipe: tuple[str, ...] = ()) -> None:
+    """A flag for every field of dataclass `cls` that has a help text and no "cli": False;
+    the fields in `from_recipe` default to None ("not given") and show the recipes' values."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if "help" in f.metadata and f.metadata.get("cli", True):
+            recipe = f.name in from_recipe
+            text = f.metadata["help"] + (_recipe_values(f.name, model=False) if recipe else "")
+            _add_flag(p, f, hints[f.name], recipe, text)
+
+
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The training CLI: every TrainConfig field with a flag, then the settable ModelConfig fields."""
     p = argparse.ArgumentParser(prog=prog, description=description)
@@ -234,12 +245,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         default=None,
         help="JSON of settings (as written by `python -m training.tune`); explicit flags win",
     )
-    hints = typing.get_type_hints(TrainConfig)
-    for f in _TRAIN_FIELDS.values():
-        if f.metadata.get("cli", True):
-            recipe = f.name in RECIPE_FIELDS
-            text = f.metadata["help"] + (_recipe_values(f.name, model=False) if recipe else "")
-            _add_flag(p, f, hints[f.name], recipe, text)
+    add_flags(p, TrainConfig, RECIPE_FIELDS)
     model_hints = typing.get_type_hints(ModelConfig)
     for name in MODEL_FIELDS:
         f = _MODEL_FIELDS[name]
