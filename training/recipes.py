@@ -77,8 +77,8 @@ _RECIPES: dict[str, dict[str, Any]] = {
 
 
 def _values(recipe: dict[str, Any]) -> dict[str, Any]:
-    out = {k: value for k, (value, _why) in ((k, v) for k, v in recipe.items() if k != "model")}
-    out["model"] = {k: value for k, (value, _why) in recipe["model"].items()}
+    out = {k: value_reason[0] for k, value_reason in recipe.items() if k != "model"}
+    out["model"] = {k: value_reason[0] for k, value_reason in recipe["model"].items()}
     return out
 
 
