@@ -33,10 +33,13 @@ import numpy as np
 from bench.common import PROJECT_ROOT
 from training.baselines import BASELINES
 from training.checkpoint import RunError
+from training.config import TrainConfig
 from training.data import DataError, load_schema, load_split, split_path
 from training.integrity import atomic_write
 from training.model import ModelConfig, SessionModel
-from training.train import TrainConfig, evaluate_model, resolve_settings, set_memory, train
+from training.recipes import resolve_settings
+from training.train import train
+from training.trainer import evaluate_model, set_memory
 
 DEFAULT_INPUT = PROJECT_ROOT.parent / "shared" / "data" / "diginetica" / "diginetica-views-7days.tsv"
 PREPARE_ARGS = [

@@ -70,7 +70,8 @@ def _prepare(data: Path, seed: int, rows: int) -> None:
 
 
 def _run_ours(cfg: BenchConfig, data: Path, run: Path, seed: int) -> dict[str, Any]:
-    from training.train import TrainConfig, train
+    from training.config import TrainConfig
+    from training.train import train
 
     tc = TrainConfig(
         data=str(data),

@@ -12,9 +12,13 @@ import pytest
 import torch
 
 import training.train as train_mod
+import training.trainer as trainer_mod
 from training.baselines import BaselineCounts
+from training.config import TrainConfig
 from training.data import eval_inputs_targets, load_schema, load_split, split_path
-from training.train import RECIPES, TrainConfig, default_recipe, resolve_settings, split_holdout, train
+from training.recipes import RECIPES, default_recipe, resolve_settings
+from training.train import train
+from training.trainer import split_holdout
 from training.tune import TuneConfig, sample_trials, tune
 
 
@@ -31,7 +35,7 @@ def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
 
 def test_model_and_baselines_see_the_same_sessions(tiny_synthetic_data, tmp_path, monkeypatch):
     seen: dict[str, list] = {"model": [], "baselines": []}
-    real_eval, real_base = train_mod.evaluate_model, train_mod.evaluate_baselines
+    real_eval, real_base = trainer_mod.evaluate_model, trainer_mod.evaluate_baselines
 
     def spy_model(model, st, device, batch_size):
         seen["model"].append(eval_inputs_targets(st, model.cfg.item_feature)[2].numpy())
@@ -41,8 +45,8 @@ def test_model_and_baselines_see_the_same_sessions(tiny_synthetic_data, tmp_path
         seen["baselines"].append(np.asarray(targets))
         return real_base(counts, items, lengths, targets)
 
-    monkeypatch.setattr(train_mod, "evaluate_model", spy_model)
-    monkeypatch.setattr(train_mod, "evaluate_baselines", spy_base)
+    monkeypatch.setattr(trainer_mod, "evaluate_model", spy_model)
+    monkeypatch.setattr(trainer_mod, "evaluate_baselines", spy_base)
     result = train(tiny_cfg(tiny_synthetic_data, tmp_path / "run"))
     schema = load_schema(tiny_synthetic_data)
     assert len(seen["model"]) == len(seen["baselines"]) == len(result["windows"]) == 2
@@ -133,7 +137,7 @@ def test_early_stopping_selects_on_training_sessions(tiny_synthetic_data, tmp_pa
     }
     calls: list[set] = []
     read: list[str] = []
-    real_eval, real_load = train_mod.evaluate_model, train_mod.load_split
+    real_eval, real_load = trainer_mod.evaluate_model, trainer_mod.load_split
 
     def spy_eval(model, st, device, batch_size):
         calls.append(set(st.session_id.tolist()))
@@ -143,8 +147,8 @@ def test_early_stopping_selects_on_training_sessions(tiny_synthetic_data, tmp_pa
         read.append(Path(path).name)
         return real_load(path, schema)
 
-    monkeypatch.setattr(train_mod, "evaluate_model", spy_eval)
-    monkeypatch.setattr(train_mod, "load_split", spy_load)
+    monkeypatch.setattr(trainer_mod, "evaluate_model", spy_eval)
+    monkeypatch.setattr(trainer_mod, "load_split", spy_load)
     result = train(
         tiny_cfg(
             tiny_synthetic_data, tmp_path / "run", epochs=3, holdout=0.2, patience=1,

@@ -19,10 +19,13 @@ import torch
 import training.integrity as integrity_mod
 import training.model as model_mod
 import training.train as train_mod
+import training.trainer as trainer_mod
 from training.checkpoint import RunError, load_run, read_meta, save_checkpoint
+from training.config import TrainConfig
 from training.data import DataError, eval_inputs_targets, load_schema, load_split, split_path
 from training.metrics import metric_keys
-from training.train import TrainConfig, cosine_lambda, evaluate_model, main, train
+from training.train import main, train
+from training.trainer import cosine_lambda, evaluate_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,18 +117,18 @@ REAL_LIKE = dict(
 def test_resume_after_crash_gives_identical_metrics(tiny_synthetic_data, tmp_path, monkeypatch, kw):
     full = train(tiny_cfg(tiny_synthetic_data, tmp_path / "full", end_window=4, **kw))
 
-    real_eval = train_mod.evaluate_model
+    real_eval = trainer_mod.evaluate_model
 
     def crash_in_window_3(model, st, *a, **k):
         if st.source.endswith("4/valid.parquet"):  # after training window 3, before its checkpoint
             raise KeyboardInterrupt("simulated kill")
         return real_eval(model, st, *a, **k)
 
-    monkeypatch.setattr(train_mod, "evaluate_model", crash_in_window_3)
+    monkeypatch.setattr(trainer_mod, "evaluate_model", crash_in_window_3)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg(tiny_synthetic_data, tmp_path / "crashed", end_window=4, **kw))
     assert read_meta(tmp_path / "crashed")["window"] == 2  # last good checkpoint
-    monkeypatch.setattr(train_mod, "evaluate_model", real_eval)
+    monkeypatch.setattr(trainer_mod, "evaluate_model", real_eval)
 
     resumed = train(tiny_cfg(tiny_synthetic_data, tmp_path / "crashed", end_window=4, resume=True, **kw))
     assert [model_metrics(r) for r in resumed["windows"]] == [model_metrics(r) for r in full["windows"]]

@@ -156,7 +156,7 @@ def test_full_disk_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_s
 
 # --- unwritable output folder ----------------------------------------------------------------------
 def _tiny_cfg(data: Path, out: Path, **kw):
-    from training.train import TrainConfig
+    from training.config import TrainConfig
 
     base = dict(data=str(data), out=str(out), end_window=2, epochs=1, batch_size=16, threads=1, progress=False,
                 baselines=False)

@@ -37,11 +37,11 @@ Speed (CPU training is ~3x the reference's sessions/s, see training/bench_train.
   sampling cost more than all the matmuls).
 
 Item memory (`ItemMemory`, off by default, on in the real-data recipe of
-training/train.py): count tables of the training sessions (co-occurrence,
+training/recipes.py): count tables of the training sessions (co-occurrence,
 successor, popularity, top-k per item) and the session's own items (repeats)
 give per-candidate scores that are added to the logits above, weighted by
 gates computed from XLNet's hidden state. Built per window by
-`training.train.set_memory`; buffers, so they travel in the checkpoint and in
+`training.trainer.set_memory`; buffers, so they travel in the checkpoint and in
 the traced model. During training each session's own counts are left out.
 
 Checkpoint I/O (`save_checkpoint`, `load_run`) lives in `training.checkpoint`.
@@ -75,6 +75,7 @@ class ModelConfig:
     without pickle: `ModelConfig.from_dict(json.load(...))`.
     """
 
+    # Fields with a "help" text are settable (command line, --config files: training/config.py).
     # --- from DATA/schema.json ------------------------------------------------
     categorical: dict[str, int] = field(
         default_factory=dict
@@ -83,26 +84,45 @@ class ModelConfig:
     item_feature: str = ITEM_LIST  # the categorical feature that is predicted
     max_len: int = 20  # max_sequence_length of the data (the model accepts any L)
     # --- input block (T4Rec defaults of the reference example) --------------
-    embedding_dim: int = 64  # every categorical feature (embedding_dim_default=64 in T4Rec)
+    embedding_dim: int = field(  # embedding_dim_default=64 in T4Rec
+        default=64, metadata={"help": "embedding size of every categorical feature"}
+    )
     embedding_init_std: float = 0.05  # T4Rec's default embedding initializer N(0, 0.05)
     continuous_dim: int = 64  # continuous_projection=64
     d_output: int = 100  # projection of the concatenated features
     # --- transformer body ---------------------------------------------------
-    d_model: int = 64
-    n_head: int = 4
-    n_layer: int = 2
-    d_inner: int = 256  # 4 * d_model, as T4Rec's XLNetConfig.build
-    dropout: float = 0.3
+    d_model: int = field(default=64, metadata={"help": "transformer width"})
+    n_head: int = field(default=4, metadata={"help": "attention heads (d_model must be a multiple)"})
+    n_layer: int = field(default=2, metadata={"help": "transformer layers"})
+    d_inner: int = field(  # 4 * d_model, as T4Rec's XLNetConfig.build
+        default=256, metadata={"help": "feed-forward width of a transformer layer"}
+    )
+    dropout: float = field(
+        default=0.3, metadata={"help": "dropout probability of the transformer (XLNetConfig.dropout)"}
+    )
     layer_norm_eps: float = 0.03
     initializer_range: float = 0.01
     ff_activation: str = "gelu"
     # --- objective -------------------------------------------------------------
-    objective: str = "mlm"  # "mlm" (masked LM, the reference) or "clm" (causal)
-    mask_prob: float = 0.15  # mlm: probability that a real position is masked
+    objective: str = field(
+        default="mlm",
+        metadata={"help": "mlm: masked LM (the reference); clm: causal LM", "choices": OBJECTIVES},
+    )
+    mask_prob: float = field(
+        default=0.15, metadata={"help": "mlm: probability that a real position is masked"}
+    )
     mask_init_std: float = 0.001  # trainable mask embedding ~ N(0, 0.001) as T4Rec
     # --- item memory (off in the reference recipe; see ItemMemory) ---------------
-    memory: bool = False  # add learned-gated co-occurrence / successor / repeat / popularity scores
-    memory_k: int = 100  # neighbours kept per item (top-k by count)
+    memory: bool = field(
+        default=False,
+        metadata={
+            "help": "item memory: co-occurrence / successor / repeat / popularity counts of the training "
+            "sessions added to the logits through learned gates (ItemMemory)"
+        },
+    )
+    memory_k: int = field(
+        default=100, metadata={"help": "item memory: neighbours kept per item (top-k by count)"}
+    )
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
 
     def __post_init__(self) -> None:
@@ -750,20 +770,3 @@ class SessionModel(nn.Module):
         nll = -logp.gather(1, targets[:, None]).squeeze(1)  # (M,)
         uniform = -logp[:, FIRST_REAL_ID:].mean(1)  # (M,)
         return ((1.0 - label_smoothing) * nll + label_smoothing * uniform).sum() / denom
-
-
-# Checkpoint I/O lives in training.checkpoint, file helpers in training.integrity.
-# Re-exported here only until training/train.py and training/tune.py import them
-# from there (they belong to another branch); remove this block at that merge.
-from training.checkpoint import (  # noqa: E402, F401
-    META_FILE,
-    MODEL_FILE,
-    OPTIM_FILE,
-    TMP_SUFFIX,
-    RunError,
-    load_run,
-    read_meta,
-    recover_checkpoint,
-    save_checkpoint,
-)
-from training.integrity import atomic_write  # noqa: E402, F401

@@ -20,6 +20,9 @@ reproducible and needs none.
 
 from __future__ import annotations
 
+import training.runtime  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
+
+# isort: split
 import argparse
 import itertools
 import json
@@ -27,15 +30,18 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from training.checkpoint import RunError
+from training.config import MODEL_FIELDS, TrainConfig, add_flags
 from training.data import DataError, load_schema
-from training.model import RunError, atomic_write
-from training.train import TrainConfig, resolve_settings, train
+from training.integrity import atomic_write
+from training.recipes import resolve_settings
+from training.train import train
 
 # Each key is a setting `training.train --config` accepts; values are the choices sampled.
 SPACE: dict[str, list[Any]] = {
@@ -48,21 +54,21 @@ SPACE: dict[str, list[Any]] = {
     "label_smoothing": [0.0, 0.1],
     "train_on": ["cumulative", "window"],
 }
-MODEL_KEYS = ("memory", "objective", "d_model", "dropout", "mask_prob", "embedding_dim", "n_layer", "n_head", "d_inner")
+MODEL_KEYS = MODEL_FIELDS  # the settable ModelConfig fields (training/config.py): "model" overrides
 
 
 @dataclass
 class TuneConfig:
-    data: str
-    out: str
-    trials: int = 6
-    seed: int = 0  # seed of the sample and of every trial's training
-    start_window: int = 1
-    end_window: int = 8
-    holdout: float = 0.1
-    patience: int = 2
-    max_epochs: int = 20
-    threads: int = 0
+    data: str = field(metadata={"help": "DATA folder written by `python -m training.prepare`"})
+    out: str = field(metadata={"help": "JSON file for the best settings (training.train --config)"})
+    trials: int = field(default=6, metadata={"help": "number of settings sampled from the search space"})
+    seed: int = field(default=0, metadata={"help": "seed of the sample and of every trial"})
+    start_window: int = field(default=1, metadata={"help": "first training window"})
+    end_window: int = field(default=8, metadata={"help": "train on windows start..END-1"})
+    holdout: float = field(default=0.1, metadata={"help": "held-back fraction of each training window"})
+    patience: int = field(default=2, metadata={"help": "early-stopping patience (epochs)"})
+    max_epochs: int = field(default=20, metadata={"help": "max epochs per window"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
 
 
 def sample_trials(n: int, seed: int, space: dict[str, list[Any]] | None = None) -> list[dict[str, Any]]:
@@ -139,18 +145,8 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> TuneConfig:
     p = argparse.ArgumentParser(prog="python -m training.tune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="DATA folder written by `python -m training.prepare`")
-    p.add_argument("--out", required=True, help="JSON file for the best settings (training.train --config)")
-    p.add_argument("--trials", type=int, default=6, help="number of settings sampled from the search space")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample and of every trial")
-    p.add_argument("--start-window", type=int, default=1, help="first training window")
-    p.add_argument("--end-window", type=int, default=8, help="train on windows start..END-1")
-    p.add_argument("--holdout", type=float, default=0.1, help="held-back fraction of each training window")
-    p.add_argument("--patience", type=int, default=2, help="early-stopping patience (epochs)")
-    p.add_argument("--max-epochs", type=int, default=20, help="max epochs per window")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
-    a = p.parse_args(argv)
-    return TuneConfig(**vars(a))
+    add_flags(p, TuneConfig)  # one flag per field, from its help text and default
+    return TuneConfig(**vars(p.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,124 @@
+"""Training recipes: the defaults of the recipe-dependent settings, each value with its reason.
+
+"reference": the Transformers4Rec getting-started protocol (synthetic data keeps
+it). "real": the recipe for real click logs (docs/quality.md gives the
+measurements). A recipe names every setting in RECIPE_FIELDS plus the
+ModelConfig overrides under "model"; `resolve_settings` layers a --config file
+and explicit command-line flags on top (recipe < config file < flags).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from training.checkpoint import RunError
+
+_REFERENCE_REASON = "Transformers4Rec getting-started protocol"
+
+# name -> setting -> (value, reason); "model" -> ModelConfig field -> (value, reason)
+_RECIPES: dict[str, dict[str, Any]] = {
+    "reference": {
+        "epochs": (5, _REFERENCE_REASON),
+        "lr": (5e-4, _REFERENCE_REASON),
+        "cycles_per_epoch": (1.5, _REFERENCE_REASON + ": cosine restarts, 1.5 cycles per epoch"),
+        "train_on": ("window", _REFERENCE_REASON + ": window t only"),
+        "holdout": (0.0, "no early stopping, so nothing held back"),
+        "patience": (0, "no early stopping: every window runs all its epochs"),
+        "label_smoothing": (0.0, _REFERENCE_REASON),
+        "weight_decay": (0.0, "HF Trainer default, as the reference"),
+        "memory_lr": (0.0, "no item memory (0 = lr)"),
+        "head_selection": (False, "needs the item memory and early stopping"),
+        "model": {
+            "objective": ("mlm", _REFERENCE_REASON + ": masked LM"),
+            "mask_prob": (0.15, _REFERENCE_REASON),
+        },
+    },
+    "real": {
+        "epochs": (20, "at most 20 epochs per window; early stopping ends a window sooner"),
+        "lr": (1e-3, "AdamW's usual default (with a constant LR, see cycles_per_epoch)"),
+        "cycles_per_epoch": (0.0, "constant LR: the cosine restarts of the reference fight early stopping"),
+        "train_on": (
+            "cumulative",
+            "every window <= t: a real log's windows are small (~1.5k sessions a day here) and the item "
+            "vocabulary is large, so forgetting earlier windows throws away most item evidence (the "
+            "baselines count over windows <= t as well)",
+        ),
+        "holdout": (
+            0.1,
+            "early stopping scores a 10% slice of window t's TRAINING sessions, never window t+1",
+        ),
+        "patience": (2, "stop after 2 epochs without a better held-back NDCG@20; the best epoch is kept"),
+        "label_smoothing": (0.0, "no measured gain"),
+        "weight_decay": (
+            0.1,
+            "the network's own item logits memorise training sessions and add noise to the counts on new "
+            "sessions: regularised",
+        ),
+        "memory_lr": (1e-2, "the gates are a handful of weights facing a strong signal"),
+        "head_selection": (False, "opt-in (docs/quality.md): measured per data set"),
+        "model": {
+            "objective": (
+                "clm",
+                "a loss term on every next item of a session (~4x the positions of mlm at 15%), "
+                "the same task as the evaluation",
+            ),
+            "memory": (
+                True,
+                "the ItemMemory (training/model.py): co-occurrence, successor, repeat and popularity counts "
+                "of the training sessions added to the logits through gates computed from XLNet's hidden "
+                "state; without it the network alone stayed below most-popular on DIGINETICA (21k items, "
+                "~1.5k sessions a day: too few clicks per item for embeddings)",
+            ),
+            "dropout": (0.5, "regularises the head's own item logits (see weight_decay)"),
+            "embedding_init_std": (0.0, "start from zero item logits: the counts alone"),
+        },
+    },
+}
+
+
+def _values(recipe: dict[str, Any]) -> dict[str, Any]:
+    out = {k: value_reason[0] for k, value_reason in recipe.items() if k != "model"}
+    out["model"] = {k: value_reason[0] for k, value_reason in recipe["model"].items()}
+    return out
+
+
+# name -> the settings as TrainConfig keyword arguments ("model": ModelConfig overrides)
+RECIPES: dict[str, dict[str, Any]] = {name: _values(r) for name, r in _RECIPES.items()}
+# the TrainConfig fields whose default depends on the recipe (every recipe sets each of them)
+RECIPE_FIELDS: tuple[str, ...] = tuple(k for k in RECIPES["reference"] if k != "model")
+assert all(set(r) == set(RECIPES["reference"]) for r in RECIPES.values()), "recipes must set the same fields"
+
+
+def reason(recipe: str, key: str, model: bool = False) -> str:
+    """Why `recipe` sets `key` (a ModelConfig field with model=True) as it does."""
+    return (_RECIPES[recipe]["model"] if model else _RECIPES[recipe])[key][1]
+
+
+def default_recipe(schema: dict[str, Any]) -> str:
+    """The recipe for a DATA folder: reference for synthetic data (schema source "synthetic"), else real."""
+    return "reference" if str(schema.get("source", "")) == "synthetic" else "real"
+
+
+def resolve_settings(
+    schema: dict[str, Any],
+    recipe: str = "auto",
+    params: dict[str, Any] | None = None,
+    cli: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Recipe defaults < --config file < explicit command-line flags. Returns TrainConfig kwargs."""
+    name = recipe
+    if name == "auto":  # a config file names the recipe it was tuned on (training.tune: "real")
+        name = str((params or {}).get("recipe") or default_recipe(schema))
+    if name not in RECIPES:
+        raise RunError(f"--recipe must be auto, {' or '.join(RECIPES)}, got {recipe!r}")
+    out = {k: v for k, v in RECIPES[name].items() if k != "model"}
+    model = dict(RECIPES[name]["model"])
+    for layer in (params or {}, cli or {}):
+        for k, v in layer.items():
+            if k == "model":
+                model.update({mk: mv for mk, mv in v.items() if mv is not None})
+            elif v is not None and k != "recipe":
+                out[k] = v
+    out["model"] = model
+    out["recipe"] = name if not params else f"{name}+config"
+    return out
