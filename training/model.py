@@ -939,8 +939,8 @@ class SessionModel(nn.Module):
     ) -> Tensor:
         """Sampled-softmax part of `packed_loss`: (M, d_model) hidden states, (M,) targets -> scalar."""
         cols, log_p = self.sample_candidates(targets, generator)  # (U,), (U,)
-        table = self.embeddings[self.cfg.item_feature].weight
-        w_cols = F.embedding(cols, table, sparse=True)  # (U, E): a sparse gradient, like the input lookup
+        emb = self.embeddings[self.cfg.item_feature]
+        w_cols = F.embedding(cols, emb.weight, sparse=emb.sparse)  # (U, E): sparse exactly when the input lookup is
         if self.item_memory is None:
             logits = (self._head_input(h_sel) @ w_cols.t()).float()  # (M, U)
         else:
