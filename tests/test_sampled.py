@@ -4,7 +4,8 @@ What must hold:
 * with every real item among the candidates the logQ correction is exactly 0 and the
   sampled loss is the full loss (clm and mlm, with and without the item memory);
 * the item memory scored on candidate columns only equals the full scores at those columns;
-* the correction is log P(j in U) = log(1 - (1 - q_j)^M (1 - Q_j)^n) (hand-computed example);
+* the correction is log P(j in U) = log(1 - (1 - q_j)^M (1 - Q_j)^n) (hand-computed example),
+  subtracted on every column but each row's own target;
 * draws are reproducible from a generator, never special ids;
 * the item table gets sparse gradients (and `param_groups` separates it);
 * inference (eager and traced) is the same as with the full loss;
@@ -163,6 +164,14 @@ def test_log_q_correction_hand_computed():
             assert lp == pytest.approx(math.log(want[c]), rel=1e-6), c
             seen.add(c)
     assert seen == {3, 4, 5, 6}
+
+
+def test_correction_spares_each_rows_own_target():
+    """Horvitz-Thompson: -log p_j on every column except the row's target (see _correct_logits)."""
+    logits = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.25]])
+    log_p = torch.tensor([-1.0, -2.0, -3.0])
+    got = SessionModel._correct_logits(logits, log_p, torch.tensor([0, 2]))
+    assert torch.equal(got, torch.tensor([[0.5, 2.0, 3.0], [1.0, 2.0, 0.25]]))
 
 
 def test_negatives_follow_the_sampling_distribution():

@@ -44,6 +44,15 @@ gates computed from XLNet's hidden state. Built per window by
 `training.train.set_memory`; buffers, so they travel in the checkpoint and in
 the traced model. During training each session's own counts are left out.
 
+Large catalogues (`ModelConfig.loss`, "auto" picks "sampled" from 200k ids): the
+full softmax builds (positions, V) logits, ~5 GB per step at 1M items. The sampled
+loss scores only U = unique(batch targets + `negatives` items drawn per batch from
+(count + 1)^alpha), subtracts log P(j in U) from every column (`sample_candidates`),
+asks the item memory for those columns only, and reads the item table through
+sparse lookups (`param_groups`: SparseAdam/Adagrad for the table, AdamW for the rest).
+Its step cost does not depend on V (tests/test_sampled.py); evaluation and the
+exported model still rank the full catalogue.
+
 The checkpoint helpers at the end (`save_checkpoint`, `load_run`) write and
 read RUN/ without pickled code. Imports only torch, transformers and the
 standard library (no numpy inside anything that is traced).
@@ -825,9 +834,9 @@ class SessionModel(nn.Module):
             cols  (U,) sorted unique(targets ∪ negatives), never a special id;
             log_p (U,) log P(j in U) = log(1 - (1 - q_j)^M (1 - Q_j)^n),
         the probability that item j becomes a column when M targets are drawn
-        from q (in-batch) and n negatives from Q (shared). One scale for both
-        sources and for every column, the row's own positive included (as TF's
-        sampled softmax subtracts log(expected count) from the true logit too).
+        from q (in-batch) and n negatives from Q (shared): one scale for both
+        sources, every column (inclusion probability, not expected count, since
+        U is de-duplicated; see `_correct_logits` for the row's own target).
         When every real item is a column for sure (n -> inf) log_p is exactly 0:
         the sampled loss is then the full loss (tested). Columns are unique, so
         there are no accidental hits: a target's column is its positive for the
@@ -886,7 +895,7 @@ class SessionModel(nn.Module):
         (special ids, at -inf, are left out of the uniform part). Full loss only.
         loss == "sampled": the softmax runs over `sample_candidates` (drawn with
         `generator`), logits h . w_j (+ the item memory's scores of those columns)
-        - log P(j in U); nothing of size V is built.
+        - log P(j in U) (not on the row's own target); nothing of size V is built.
         """
         sampled = self.cfg.loss == "sampled"
         if sampled and label_smoothing > 0.0:
@@ -956,10 +965,26 @@ class SessionModel(nn.Module):
                 w_cols,
                 cols=cols,
             )  # (M, U)
-        logits = logits - log_p  # logQ correction, every column
         tgt_col = torch.searchsorted(cols, targets)  # (M,) every target is a column
+        logits = self._correct_logits(logits, log_p, tgt_col)
         denom = max(int(targets.numel()), 1)
         return F.cross_entropy(logits, tgt_col, reduction="sum") / denom
+
+    @staticmethod
+    def _correct_logits(logits: Tensor, log_p: Tensor, tgt_col: Tensor) -> Tensor:
+        """logQ correction of (M, U) logits: - log P(j in U) on every column but the row's own target.
+
+        For row m, its target is a column with certainty while any other item j
+        is one with probability p_j (`sample_candidates`), so
+            exp(s_y) + sum_{j in U, j != y} exp(s_j) / p_j
+        is the Horvitz-Thompson estimate of the full softmax's denominator,
+        unbiased whatever the s_j (Khrylchenko et al. 2025, arXiv:2507.09331, leave
+        the positive uncorrected for the same reason). The same item is a
+        corrected negative in the other rows. DIGINETICA, real recipe, seed 0:
+        NDCG@20 0.1579 with this, 0.1572 correcting the target too (TF style).
+        """
+        out = logits - log_p  # (M, U)
+        return out.scatter(1, tgt_col[:, None], logits.gather(1, tgt_col[:, None]))  # own target: raw
 
 
 def count_parameters(model: nn.Module) -> int:
