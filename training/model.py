@@ -622,7 +622,10 @@ class SessionModel(nn.Module):
         self.embeddings = nn.ModuleDict(
             {
                 name: nn.Embedding(
-                    card, cfg.embedding_dim, padding_idx=PAD_ID, sparse=sparse_item and name == cfg.item_feature
+                    card,
+                    cfg.embedding_dim,
+                    padding_idx=PAD_ID,
+                    sparse=sparse_item and name == cfg.item_feature,
                 )
                 for name, card in cfg.categorical.items()
             }
@@ -789,7 +792,9 @@ class SessionModel(nn.Module):
         memory's `pop` table (set by `ItemMemory.set_tables`) is used instead.
         """
         if self.cfg.loss != "sampled":
-            raise ValueError(f"set_sample_counts: loss is {self.cfg.loss!r}; the counts serve loss='sampled' only")
+            raise ValueError(
+                f"set_sample_counts: loss is {self.cfg.loss!r}; the counts serve loss='sampled' only"
+            )
         if self.item_memory is not None:
             raise ValueError(
                 "set_sample_counts: with memory=True the sampler uses the item memory's pop table "
@@ -825,7 +830,9 @@ class SessionModel(nn.Module):
             self._sampler_key = key
         return self._sampler
 
-    def sample_candidates(self, targets: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample_candidates(
+        self, targets: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Candidate columns of one sampled-softmax step and their logQ corrections.
 
         targets (M,) real item ids. Draws n = cfg.negatives ids from Q over the
@@ -949,7 +956,9 @@ class SessionModel(nn.Module):
         """Sampled-softmax part of `packed_loss`: (M, d_model) hidden states, (M,) targets -> scalar."""
         cols, log_p = self.sample_candidates(targets, generator)  # (U,), (U,)
         emb = self.embeddings[self.cfg.item_feature]
-        w_cols = F.embedding(cols, emb.weight, sparse=emb.sparse)  # (U, E): sparse exactly when the input lookup is
+        w_cols = F.embedding(
+            cols, emb.weight, sparse=emb.sparse
+        )  # (U, E): sparse exactly when the input lookup is
         if self.item_memory is None:
             logits = (self._head_input(h_sel) @ w_cols.t()).float()  # (M, U)
         else:
