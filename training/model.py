@@ -44,6 +44,15 @@ gates computed from XLNet's hidden state. Built per window by
 `training.trainer.set_memory`; buffers, so they travel in the checkpoint and in
 the traced model. During training each session's own counts are left out.
 
+Large catalogues (`ModelConfig.loss`, "auto" picks "sampled" from 200k ids): the
+full softmax builds (positions, V) logits, ~5 GB per step at 1M items. The sampled
+loss scores only U = unique(batch targets + `negatives` items drawn per batch from
+(count + 1)^alpha), subtracts log P(j in U) from every column (`sample_candidates`),
+asks the item memory for those columns only, and reads the item table through
+sparse lookups (`param_groups`: SparseAdam/Adagrad for the table, AdamW for the rest).
+Its step cost does not depend on V (tests/test_sampled.py); evaluation and the
+exported model still rank the full catalogue.
+
 Checkpoint I/O (`save_checkpoint`, `load_run`) lives in `training.checkpoint`.
 Imports only torch, transformers and the standard library (no numpy inside
 anything that is traced).
@@ -65,6 +74,7 @@ from training.names import FIRST_REAL_ID, ITEM_LIST, PAD_ID
 from training.schema import Schema
 
 OBJECTIVES = ("mlm", "clm")
+LOSSES = ("full", "sampled")
 
 
 @dataclass
@@ -124,10 +134,33 @@ class ModelConfig:
         default=100, metadata={"help": "item memory: neighbours kept per item (top-k by count)"}
     )
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
+    # --- training loss over the catalogue (see `SessionModel.sample_candidates`) ----------------
+    # "full": softmax over every item ((positions, V) logits, the reference); "sampled": softmax over
+    # the batch's targets + `negatives` shared popularity-sampled items with the logQ correction, so
+    # a step costs O(positions x (targets + negatives)) and the item table gets sparse gradients;
+    # "auto" (default): "sampled" when the catalogue has >= sampled_min_items ids, else "full".
+    # Resolved in __post_init__, so the config (meta.json) records the loss actually used.
+    loss: str = "auto"
+    sampled_min_items: int = 200_000  # "auto" switches to sampled from here (full costs ~1 s/step at 200k)
+    negatives: int = 2048  # shared negatives drawn per batch, with replacement (GRU4Rec's n_sample default)
+    # negatives ~ (count + 1)**sample_alpha over the real ids; GRU4Rec's tuned range is 0.2-0.75 with
+    # logq = 1 for cross-entropy; the upper end samples the popular items (which hold most of the
+    # softmax mass) often, and the logQ correction removes the bias this leaves
+    sample_alpha: float = 0.75
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.loss not in LOSSES + ("auto",):
+            raise ValueError(f"loss must be one of {LOSSES + ('auto',)}, got {self.loss!r}")
+        if self.sampled_min_items < 1:
+            raise ValueError(f"sampled_min_items must be >= 1, got {self.sampled_min_items}")
+        if self.negatives < 1:
+            raise ValueError(
+                f"negatives must be >= 1, got {self.negatives} (the sampled loss always draws shared negatives)"
+            )
+        if not 0.0 <= self.sample_alpha <= 1.0:
+            raise ValueError(f"sample_alpha must be in [0, 1], got {self.sample_alpha}")
         if self.item_feature not in self.categorical:
             raise ValueError(
                 f"item_feature {self.item_feature!r} is not among the categorical features "
@@ -146,6 +179,8 @@ class ModelConfig:
             raise ValueError(f"memory_k must be >= 1, got {self.memory_k}")
         if self.memory and not 0.0 < self.memory_decay <= 1.0:
             raise ValueError(f"memory_decay must be in (0, 1], got {self.memory_decay}")
+        if self.loss == "auto":
+            self.loss = "sampled" if self.n_items >= self.sampled_min_items else "full"
 
     @property
     def n_items(self) -> int:
@@ -181,7 +216,8 @@ class ModelConfig:
             raise ValueError(
                 f"unknown ModelConfig fields {unknown}; was this checkpoint written by a newer version?"
             )
-        return cls(**d)
+        # a config written before `loss` existed was trained with the full softmax, whatever its size
+        return cls(**{"loss": "full", **d})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -397,6 +433,7 @@ class ItemMemory(nn.Module):
         # weight of the network's own item logits in the scores: 1, or 0 where training's
         # head selection (`--head-selection`) found the gated counts better on held-back sessions
         self.register_buffer("head_scale", torch.ones(()))
+        self._col_of: Tensor | None = None  # sampled loss: item id -> candidate column (`_column_map`)
         dist = decay ** torch.arange(max(max_len, 1), dtype=torch.float32)
         self.w_cooc = nn.Parameter(dist.clone())  # weight of a context item d positions before the last
         self.w_rep = nn.Parameter(dist.clone())
@@ -433,6 +470,7 @@ class ItemMemory(nn.Module):
         base_w: Tensor | None = None,
         pop_items: Tensor | None = None,
         pop_delta: Tensor | None = None,
+        cols: Tensor | None = None,
     ) -> Tensor:
         """M targets -> (M, V) float32 scores: base_h @ base_w^T + the count scores.
 
@@ -444,26 +482,56 @@ class ItemMemory(nn.Module):
         (M, W): corrections added to log1p(pop) (training only).
         The popularity term is a rank-1 (M, V) matrix: it rides in the network's
         matmul as one more column, and the sparse terms are added in place.
+
+        cols (U,) sorted unique item ids (the sampled loss's candidates): only those
+        columns are scored, (M, U) out, and base_w holds their rows only (U, E).
+        An item id in the sparse lists is found among cols through `_column_map`;
+        ids that are not candidates are dropped. Nothing of size V is touched.
         """
         M = h.shape[0]
         with torch.autocast(h.device.type, enabled=False):  # counts in float32, also under AMP
             g = F.softplus(self.gate(h.float()))  # (M, 4)
+            n_cols = self.pop.shape[0] if cols is None else cols.shape[0]
             if base_h is None or base_w is None:
-                base_h, base_w = h.new_zeros(M, 1), self.pop.new_zeros(self.pop.shape[0], 1)
+                base_h, base_w = h.new_zeros(M, 1), self.pop.new_zeros(n_cols, 1)
             lhs = torch.cat([base_h.float() * self.head_scale, g[:, 3:4]], 1)  # (M, E+1)
-            rhs = torch.cat([base_w.float(), torch.log1p(self.pop)[:, None]], 1)  # (V, E+1)
-            out = lhs @ rhs.t()  # (M, V) network logits + g_pop * log1p(pop), fresh: added to in place
+            pop = self.pop if cols is None else self.pop[cols]  # (V,) or (U,)
+            rhs = torch.cat([base_w.float(), torch.log1p(pop)[:, None]], 1)  # (V or U, E+1)
+            out = lhs @ rhs.t()  # (M, V or U) network logits + g_pop * log1p(pop), fresh: added to in place
+
+        col_of = None if cols is None else self._column_map(cols)
+
+        def add(idx: Tensor, val: Tensor) -> None:  # out[m, idx[m, j]] += val[m, j]
+            if col_of is None:
+                out.scatter_add_(1, idx, val)
+                return
+            j = col_of[idx].long().clamp_(max=n_cols - 1)  # column of each id if it is a candidate, else any
+            out.scatter_add_(1, j, torch.where(cols[j] == idx, val, 0.0))
+
         d = dist.clamp(0, self.w_cooc.shape[0] - 1)
         zero = torch.zeros((), device=h.device)
         wc = torch.where(ctx, self.w_cooc[d], zero) * g[:, 0:1]  # (M, W)
         wr = torch.where(ctx, self.w_rep[d], zero) * g[:, 2:3]  # (M, W)
         ws = torch.where(has_last, g[:, 1], zero)[:, None]  # (M, 1)
-        out.scatter_add_(1, c_idx.reshape(M, -1), (wc[:, :, None] * torch.log1p(c_val)).reshape(M, -1))
-        out.scatter_add_(1, s_idx, ws * torch.log1p(s_val))
-        out.scatter_add_(1, ctx_items, wr)
+        add(c_idx.reshape(M, -1), (wc[:, :, None] * torch.log1p(c_val)).reshape(M, -1))
+        add(s_idx, ws * torch.log1p(s_val))
+        add(ctx_items, wr)
         if pop_items is not None and pop_delta is not None:
-            out.scatter_add_(1, pop_items, g[:, 3:4] * pop_delta)
+            add(pop_items, g[:, 3:4] * pop_delta)
         return out
+
+    def _column_map(self, cols: Tensor) -> Tensor:
+        """(V,) int32 map with map[cols[j]] = j, for ids -> candidate columns by one gather.
+
+        Kept between steps (one int per item, allocated on first use; training only,
+        not a buffer) and never cleared: entries of earlier steps' candidates are
+        stale, so every lookup j = map[id] is checked with cols[j] == id (cols are
+        unique). Setting it costs O(U); binary search over U cost ~25x more here.
+        """
+        if self._col_of is None or self._col_of.device != cols.device:
+            self._col_of = torch.zeros(self.pop.shape[0], dtype=torch.int32, device=cols.device)
+        self._col_of[cols] = torch.arange(cols.shape[0], dtype=torch.int32, device=cols.device)
+        return self._col_of
 
     def next_item_scores(
         self,
@@ -504,12 +572,15 @@ class ItemMemory(nn.Module):
         ctx_ok: Tensor,
         base_h: Tensor | None = None,
         base_w: Tensor | None = None,
+        cols: Tensor | None = None,
     ) -> Tensor:
         """Training: scores of M targets in packed rows, each session's own counts left out.
 
         items, segment (R, W) packed rows; target m sits at row tgt_r[m], position
         tgt_p[m]; its context is the earlier positions of its session where
         ctx_ok (R, W) is True (clm: every real position; mlm: the unmasked ones).
+        (M, V) scores, or (M, U) for the sorted candidate ids `cols` (U,) with
+        base_w their rows (U, E): the same values at those columns (tested).
         """
         R, W = items.shape
         pos = torch.arange(W, device=items.device)
@@ -555,6 +626,7 @@ class ItemMemory(nn.Module):
             base_w,
             items[tgt_r],
             torch.where(in_own, pop_delta[tgt_r], 0.0),
+            cols,
         )
 
 
@@ -563,9 +635,17 @@ class SessionModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         # --- input block ------------------------------------------------------
+        # sampled loss: every read of the (tied) item table is a sparse lookup, so its gradient
+        # holds only the rows a step touched (SparseAdam/Adagrad, see `param_groups`)
+        sparse_item = cfg.loss == "sampled"
         self.embeddings = nn.ModuleDict(
             {
-                name: nn.Embedding(card, cfg.embedding_dim, padding_idx=PAD_ID)
+                name: nn.Embedding(
+                    card,
+                    cfg.embedding_dim,
+                    padding_idx=PAD_ID,
+                    sparse=sparse_item and name == cfg.item_feature,
+                )
                 for name, card in cfg.categorical.items()
             }
         )
@@ -621,6 +701,12 @@ class SessionModel(nn.Module):
         special = torch.zeros(cfg.n_items, dtype=torch.bool)
         special[:FIRST_REAL_ID] = True  # pad, null, OOV are never ranked
         self.register_buffer("special_ids", special, persistent=False)
+        if cfg.loss == "sampled" and self.item_memory is None:
+            # item counts of the training sessions for the negative sampler (with the memory on,
+            # its `pop` table serves); training-only input set per window, so not in the state_dict
+            self.register_buffer("sample_counts", torch.zeros(cfg.n_items), persistent=False)
+        self._sampler_key: tuple | None = None  # which counts `_sampler` was computed from
+        self._sampler: tuple[Tensor, Tensor, Tensor] | None = None
         for emb in self.embeddings.values():
             nn.init.normal_(emb.weight, 0.0, cfg.embedding_init_std)
             with torch.no_grad():
@@ -702,6 +788,99 @@ class SessionModel(nn.Module):
 
     # --- training ---------------------------------------------------------------------
 
+    def param_groups(self) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
+        """Trainable parameters as (dense, sparse), by name.
+
+        sparse: the item table when loss == "sampled" (its gradient is a sparse
+        tensor: give it torch.optim.SparseAdam or Adagrad, and leave it out of
+        clip_grad_norm_, which raises on sparse gradients); empty otherwise.
+        dense: everything else (AdamW, clipping).
+        """
+        sparse_name = f"embeddings.{self.cfg.item_feature}.weight" if self.cfg.loss == "sampled" else None
+        dense, sparse = {}, {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (sparse if name == sparse_name else dense)[name] = p
+        return dense, sparse
+
+    @torch.no_grad()
+    def set_sample_counts(self, counts: Tensor) -> None:
+        """Item counts (V,) of the training sessions for the sampled loss's negative sampler.
+
+        Without the item memory the trainer calls this per window; with it, the
+        memory's `pop` table (set by `ItemMemory.set_tables`) is used instead.
+        """
+        if self.cfg.loss != "sampled":
+            raise ValueError(
+                f"set_sample_counts: loss is {self.cfg.loss!r}; the counts serve loss='sampled' only"
+            )
+        if self.item_memory is not None:
+            raise ValueError(
+                "set_sample_counts: with memory=True the sampler uses the item memory's pop table "
+                "(ItemMemory.set_tables); there is nothing else to set"
+            )
+        if tuple(counts.shape) != (self.cfg.n_items,):
+            raise ValueError(f"sample counts: shape {tuple(counts.shape)}, expected ({self.cfg.n_items},)")
+        self.sample_counts.copy_(counts.to(self.sample_counts.dtype))
+
+    @torch.no_grad()
+    def _sampler_tables(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(cdf, log1p(-q), log1p(-Q)) over the real ids, recomputed only when the counts change.
+
+        Q_j = (c_j + 1)^alpha / sum (the negatives' distribution), q_j = c_j / sum c
+        (how often j is a target: the in-batch candidates' distribution). cdf is
+        float64 (V - 3,) so that searchsorted reaches rare items at 1M ids.
+        """
+        counts = self.item_memory.pop if self.item_memory is not None else self.sample_counts
+        key = (counts.data_ptr(), counts._version, counts.device, self.cfg.sample_alpha)
+        if self._sampler is None or self._sampler_key != key:
+            c = counts[FIRST_REAL_ID:].double().clamp(min=0.0)  # (V-3,)
+            total = float(c.sum())
+            if total <= 0.0:
+                raise ValueError(
+                    "loss='sampled' needs item counts and they are all zero: call "
+                    "SessionModel.set_sample_counts (or ItemMemory.set_tables with memory=True) first"
+                )
+            w = (c + 1.0) ** self.cfg.sample_alpha
+            big_q = w / w.sum()
+            cdf = torch.cumsum(big_q, 0)
+            cdf /= cdf[-1].clone()
+            self._sampler = (cdf, torch.log1p(-(c / total)), torch.log1p(-big_q))
+            self._sampler_key = key
+        return self._sampler
+
+    def sample_candidates(
+        self, targets: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Candidate columns of one sampled-softmax step and their logQ corrections.
+
+        targets (M,) real item ids. Draws n = cfg.negatives ids from Q over the
+        real ids (with replacement, inverse CDF) with `generator` (on its device,
+        as `mask_positions`), and returns
+            cols  (U,) sorted unique(targets ∪ negatives), never a special id;
+            log_p (U,) log P(j in U) = log(1 - (1 - q_j)^M (1 - Q_j)^n),
+        the probability that item j becomes a column when M targets are drawn
+        from q (in-batch) and n negatives from Q (shared): one scale for both
+        sources, every column (inclusion probability, not expected count, since
+        U is de-duplicated; see `_correct_logits` for the row's own target).
+        When every real item is a column for sure (n -> inf) log_p is exactly 0:
+        the sampled loss is then the full loss (tested). Columns are unique, so
+        there are no accidental hits: a target's column is its positive for the
+        rows that predict it and a negative for every other row.
+        """
+        cdf, log1m_q, log1m_big_q = self._sampler_tables()
+        n = self.cfg.negatives
+        dev = generator.device if generator is not None else targets.device
+        u = torch.rand(n, generator=generator, device=dev, dtype=torch.float64).to(cdf.device)  # (n,)
+        neg = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[0] - 1) + FIRST_REAL_ID  # (n,)
+        cols = torch.cat([targets, neg.to(targets.device)]).unique()  # (U,) sorted
+        real = cols - FIRST_REAL_ID
+        x = n * log1m_big_q[real]  # (U,) log P(j not among the negatives), <= 0
+        if targets.numel():
+            x = x + targets.numel() * log1m_q[real]  # and not among the M targets
+        log_p = torch.log(-torch.expm1(x)).float()  # (U,)
+        return cols, log_p
+
     def training_loss(
         self,
         feats: dict[str, Tensor],
@@ -731,14 +910,25 @@ class SessionModel(nn.Module):
                 else mask_positions(items, lengths, self.cfg.mask_prob, generator)
             )
             masked = m.masked
-        return self.packed_loss(PackedSessions(feats, segment, masked))
+        return self.packed_loss(PackedSessions(feats, segment, masked), generator=generator)
 
-    def packed_loss(self, p: PackedSessions, label_smoothing: float = 0.0) -> Tensor:
+    def packed_loss(
+        self, p: PackedSessions, label_smoothing: float = 0.0, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Mean cross-entropy over the predicted positions of packed rows (see `pack_sessions`).
 
         label_smoothing eps: (1 - eps) * CE + eps * mean over the real items of -log p
-        (special ids, at -inf, are left out of the uniform part).
+        (special ids, at -inf, are left out of the uniform part). Full loss only.
+        loss == "sampled": the softmax runs over `sample_candidates` (drawn with
+        `generator`), logits h . w_j (+ the item memory's scores of those columns)
+        - log P(j in U) (not on the row's own target); nothing of size V is built.
         """
+        sampled = self.cfg.loss == "sampled"
+        if sampled and label_smoothing > 0.0:
+            raise ValueError(
+                f"label_smoothing={label_smoothing} needs the full softmax (its uniform part spans the whole "
+                "catalogue); use label_smoothing=0 with loss='sampled', or loss='full'"
+            )
         items = p.feats[self.cfg.item_feature]  # (R, W)
         x = self.embed(p.feats)  # (R, W, d_output)
         if self.cfg.objective == "mlm":
@@ -755,6 +945,8 @@ class SessionModel(nn.Module):
             h_sel, targets = h[:, :-1][nxt], items[:, 1:][nxt]
             where = F.pad(nxt, (1, 0))  # (R, W) the target positions t+1
             ctx_ok = seg > 0
+        if sampled:
+            return self._sampled_loss(p, h_sel, targets, where, ctx_ok, generator)
         if self.item_memory is None:
             logits = self.item_logits(h_sel)  # (M, V)
         else:
@@ -770,3 +962,54 @@ class SessionModel(nn.Module):
         nll = -logp.gather(1, targets[:, None]).squeeze(1)  # (M,)
         uniform = -logp[:, FIRST_REAL_ID:].mean(1)  # (M,)
         return ((1.0 - label_smoothing) * nll + label_smoothing * uniform).sum() / denom
+
+    def _sampled_loss(
+        self,
+        p: PackedSessions,
+        h_sel: Tensor,
+        targets: Tensor,
+        where: Tensor,
+        ctx_ok: Tensor,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Sampled-softmax part of `packed_loss`: (M, d_model) hidden states, (M,) targets -> scalar."""
+        cols, log_p = self.sample_candidates(targets, generator)  # (U,), (U,)
+        emb = self.embeddings[self.cfg.item_feature]
+        w_cols = F.embedding(
+            cols, emb.weight, sparse=emb.sparse
+        )  # (U, E): sparse exactly when the input lookup is
+        if self.item_memory is None:
+            logits = (self._head_input(h_sel) @ w_cols.t()).float()  # (M, U)
+        else:
+            tgt_r, tgt_p = where.nonzero(as_tuple=True)  # row-major, the order of h_sel
+            logits = self.item_memory.packed_scores(
+                h_sel,
+                p.feats[self.cfg.item_feature],
+                p.segment,
+                tgt_r,
+                tgt_p,
+                ctx_ok,
+                self._head_input(h_sel),
+                w_cols,
+                cols=cols,
+            )  # (M, U)
+        tgt_col = torch.searchsorted(cols, targets)  # (M,) every target is a column
+        logits = self._correct_logits(logits, log_p, tgt_col)
+        denom = max(int(targets.numel()), 1)
+        return F.cross_entropy(logits, tgt_col, reduction="sum") / denom
+
+    @staticmethod
+    def _correct_logits(logits: Tensor, log_p: Tensor, tgt_col: Tensor) -> Tensor:
+        """logQ correction of (M, U) logits: - log P(j in U) on every column but the row's own target.
+
+        For row m, its target is a column with certainty while any other item j
+        is one with probability p_j (`sample_candidates`), so
+            exp(s_y) + sum_{j in U, j != y} exp(s_j) / p_j
+        is the Horvitz-Thompson estimate of the full softmax's denominator,
+        unbiased whatever the s_j (Khrylchenko et al. 2025, arXiv:2507.09331, leave
+        the positive uncorrected for the same reason). The same item is a
+        corrected negative in the other rows. DIGINETICA, real recipe, seed 0:
+        NDCG@20 0.1579 with this, 0.1572 correcting the target too (TF style).
+        """
+        out = logits - log_p  # (M, U)
+        return out.scatter(1, tgt_col[:, None], logits.gather(1, tgt_col[:, None]))  # own target: raw
