@@ -24,7 +24,8 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from training.model import ModelConfig, RunError
+from training.checkpoint import RunError
+from training.model import ModelConfig
 from training.recipes import RECIPE_FIELDS, RECIPES
 
 TRAIN_ON = ("window", "cumulative")
