@@ -362,7 +362,7 @@ BAD_REQUESTS = [
 def test_serving_input_errors(serving, change, fragments):
     req = _request_of(serving.item_vocabulary()[3:6])
     change(req)
-    with pytest.raises(wf.InputError) as e:
+    with pytest.raises(serving_mod.InputError) as e:
         serving(req)
     assert isinstance(e.value, ValueError)
     for frag in fragments:
