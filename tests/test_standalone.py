@@ -130,7 +130,7 @@ def test_real_click_log_run_on_a_bare_stub(diginetica_data, bare_home, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _, meta = load_run(run)
     cfg = meta["model_config"]
-    assert cfg["memory"] is True, cfg
+    assert cfg["memory"] is True and cfg["objective"] == "clm", cfg
     schema = Schema.load(diginetica_data)
     assert set(schema.continuous) == {"age_days-list", "weekday_sin-list"} and "timestamp" in schema.raw_inputs
     n = assert_offline_equals_online_on_bare_stub(diginetica_data, run, tmp_path / "repo", bare_home)
