@@ -529,10 +529,18 @@ def export_repository(cfg: ExportConfig) -> Path:
     _write(ens / "1" / RUN_RECORD, json.dumps(run_record, indent=2, sort_keys=True) + "\n")
     # per-folder records, written last in each folder
     for name in MODELS:
-        write_folder_record(out / name / "1", {"run": _run_record(run)} if name == TORCH_MODEL else None)
+        write_folder_record(out / name / "1", _model_record(run) if name == TORCH_MODEL else None)
     manifest = {"models": list(MODELS), **run_record}
     _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _model_record(run: Path) -> dict:
+    """Extra fields of a model version's sessrec_files.json: its run, and the torch that wrote model.pt
+    (libtorch/torch older than that may not read the TorchScript archive)."""
+    import torch
+
+    return {"run": _run_record(run), "torch": torch.__version__}
 
 
 def _run_record(run: Path) -> dict:
@@ -593,7 +601,7 @@ def add_model_version(cfg: ExportConfig) -> int:
     save_traced(traced, tmp / TRACED_FILE)
     if full.torch_backend == "python":
         _write_step_code(tmp, TORCH_MODEL)
-    write_folder_record(tmp, {"run": _run_record(run)})  # the new version verifies on its own, before the directory appears
+    write_folder_record(tmp, _model_record(run))  # the new version verifies on its own, before the directory appears
     manifest.setdefault("model_versions", {})[str(version)] = _run_record(run)
     _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     tmp.rename(vdir)
