@@ -71,7 +71,6 @@ from training.names import (
 )
 from training.schema import Schema
 
-
 MANIFEST = "sessrec_export.json"  # the exporter's bookkeeping at the repository root (no step reads it)
 RUN_RECORD = "sessrec_run.json"  # session_ranker/<version>/: the run's identity
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ class RequestError(ValueError):
     """A request the server cannot answer; the message names the input and what was expected."""
 
 
-def string_parameters(config: Mapping[str, Any]) -> Dict[str, str]:
+def string_parameters(config: Mapping[str, Any]) -> dict[str, str]:
     """config.pbtxt `parameters` (as the model_config JSON gives them) -> {key: string value}."""
     return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
 
@@ -68,14 +69,14 @@ def check_raw_columns(columns: Mapping[str, np.ndarray], names: Sequence[str], m
 
 def preprocess(
     columns: Mapping[str, np.ndarray],
-    transform: Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]],
+    transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
     feature_names: Sequence[str],
     max_rows: int,
     max_sessions: int,
     session_col: str,
     session_out: str,
     lengths: str,
-) -> Dict[str, np.ndarray]:
+) -> dict[str, np.ndarray]:
     """Raw interaction rows of one request -> the model step's tensors.
 
     Returns {session_out: [S] int64, <feature>: [S, L], lengths: [S, 1] int64}.
@@ -133,7 +134,7 @@ def check_model_inputs(
         raise RequestError(f"input '{names[-1]}' holds {bad}: expected session lengths in [1, {max_len}]")
 
 
-def default_torch_threads(cpu_count: Optional[int] = None) -> int:
+def default_torch_threads(cpu_count: int | None = None) -> int:
     """Intra-op threads of the model step when the config says 0: half the cores, 1..4.
 
     The preprocess/postprocess stubs, tritonserver and often the client share
@@ -143,7 +144,7 @@ def default_torch_threads(cpu_count: Optional[int] = None) -> int:
     return max(1, min(4, n // 2))
 
 
-def concat_requests(per_request: Sequence[Sequence[np.ndarray]]) -> Tuple[List[np.ndarray], List[int]]:
+def concat_requests(per_request: Sequence[Sequence[np.ndarray]]) -> tuple[list[np.ndarray], list[int]]:
     """Stack the inputs of the requests of one dynamic batch along the session axis.
 
     Returns (one array per input, [S_total, ...]) and the number of sessions of each request."""
@@ -155,7 +156,7 @@ def concat_requests(per_request: Sequence[Sequence[np.ndarray]]) -> Tuple[List[n
     return stacked, sizes
 
 
-def split_rows(arrays: Sequence[np.ndarray], sizes: Sequence[int]) -> List[List[np.ndarray]]:
+def split_rows(arrays: Sequence[np.ndarray], sizes: Sequence[int]) -> list[list[np.ndarray]]:
     """Inverse of concat_requests for the outputs: one list of arrays per request."""
     bounds = np.cumsum([0, *sizes])
     return [[a[bounds[i] : bounds[i + 1]] for a in arrays] for i in range(len(sizes))]

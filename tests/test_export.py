@@ -16,6 +16,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from clients import plan_requests
+from export.floor import FLOOR_ENSEMBLE, write_floor_repository
 from export.inference import (
     TopKRanker,
     baked_devices,
@@ -24,7 +25,6 @@ from export.inference import (
     save_traced,
     trace_ranker,
 )
-from export.floor import FLOOR_ENSEMBLE, write_floor_repository
 from export.repository import (
     MANIFEST,
     RUN_RECORD,
@@ -48,9 +48,9 @@ from training.names import (
     ENSEMBLE_NAME,
     FIRST_REAL_ID,
     ITEM_LIST,
+    LENGTHS_TENSOR,
     OOV_ID,
     OUT_ENCODED_IDS,
-    LENGTHS_TENSOR,
     OUT_ITEM_IDS,
     OUT_SCORES,
     OUT_SESSION_ID,

@@ -32,7 +32,14 @@ from export.repository import ExportConfig, add_model_version, export_repository
 from export.tritonserver import ServerConfig, ServerError, TritonServer
 from tests.triton_util import PROJECT_ROOT
 from training.integrity import FOLDER_RECORD, IntegrityError, verify_folder
-from training.names import ENSEMBLE_NAME, POSTPROCESS_MODEL, PREPROCESS_MODEL, SCHEMA_FILE, TORCH_MODEL, WORKFLOW_DIR
+from training.names import (
+    ENSEMBLE_NAME,
+    POSTPROCESS_MODEL,
+    PREPROCESS_MODEL,
+    SCHEMA_FILE,
+    TORCH_MODEL,
+    WORKFLOW_DIR,
+)
 
 
 @pytest.fixture(scope="module")

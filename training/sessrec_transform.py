@@ -31,7 +31,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -102,7 +103,7 @@ def first_seen_lookup(ids: np.ndarray, first: np.ndarray, values: np.ndarray) ->
     return np.where(found, first[pos_c], np.nan)
 
 
-UDFS: Dict[str, Callable[..., np.ndarray]] = {"weekday_sin": weekday_sin, "item_age_days": item_age_days}
+UDFS: dict[str, Callable[..., np.ndarray]] = {"weekday_sin": weekday_sin, "item_age_days": item_age_days}
 TWO_ARG_UDFS = {"item_age_days"}  # f(column, frame[time_col])
 
 
@@ -323,10 +324,10 @@ class Transform:
             raise SpecError(f"{SPEC_FILE} has format {spec.get('format')!r}; this module reads format {FORMAT}")
         self.spec = dict(spec)
         self.arrays = dict(arrays)
-        self.raw_inputs: Dict[str, np.dtype] = {k: np.dtype(v) for k, v in spec["raw_inputs"].items()}
+        self.raw_inputs: dict[str, np.dtype] = {k: np.dtype(v) for k, v in spec["raw_inputs"].items()}
         self.max_len = int(spec["max_len"])
-        self.categorical: Dict[str, int] = {k: int(v) for k, v in spec["categorical"].items()}
-        self.continuous: List[str] = list(spec["continuous"])
+        self.categorical: dict[str, int] = {k: int(v) for k, v in spec["categorical"].items()}
+        self.continuous: list[str] = list(spec["continuous"])
         self.item_list: str = spec["item_list"]
         self.session_col: str = spec["session_col"]
         self.lengths_name: str = spec["lengths"]
@@ -354,7 +355,7 @@ class Transform:
             arrays[name] = np.load(os.path.join(folder, ARRAYS_DIR, name + ".npy"), allow_pickle=False)
         return cls(spec, arrays)
 
-    def save(self, folder: str | os.PathLike) -> List[str]:
+    def save(self, folder: str | os.PathLike) -> list[str]:
         """Write workflow.json + workflow_arrays/<name>.npy (deterministic bytes); returns the paths written."""
         folder = os.fspath(folder)
         os.makedirs(os.path.join(folder, ARRAYS_DIR), exist_ok=True)
@@ -387,9 +388,9 @@ class Transform:
         vocab[[int(special[k]) for k in ("pad", "null", "oov")]] = -1
         return vocab
 
-    def __call__(self, columns: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+    def __call__(self, columns: Mapping[str, Any]) -> dict[str, np.ndarray]:
         frame = self._validate(columns)
-        results: List[Frame] = []
+        results: list[Frame] = []
         for parents, root_cols, run, outputs in self._steps:
             merged: Frame = {}
             for p in parents:
@@ -432,7 +433,7 @@ class Transform:
             frame[name] = cast_column(name, arr, dtype)
         return frame
 
-    def _assemble(self, final: Frame) -> Dict[str, np.ndarray]:
+    def _assemble(self, final: Frame) -> dict[str, np.ndarray]:
         out = {self.session_col: np.asarray(final[self.session_col], dtype=np.int64)}
         lengths = None
         for name in [*self.categorical, *self.continuous]:
