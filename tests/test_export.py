@@ -405,6 +405,23 @@ def test_export_replaces_its_own_output_and_keeps_the_readme(artifacts, tmp_path
         export_repository(cfg)
 
 
+def test_new_version_writes_a_self_verifying_folder_and_nothing_else(artifacts, tmp_path):
+    """--new-version with per-folder records: model/2/ carries its own sessrec_files.json (naming its run),
+    every other file of the repository is unchanged, the root bookkeeping lists version 2."""
+    from export.repository import add_model_version
+
+    data, run = artifacts
+    out = export_repository(ExportConfig(run=run, data=data, out=tmp_path / "repo", top_k=K))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
+    assert add_model_version(ExportConfig(run=run, data=data, out=out)) == 2
+    record = verify_folder(out / TORCH_MODEL / "2")
+    assert record["run"]["run"] == run.name and record["torch"] == torch.__version__
+    assert sorted(record["files_sha256"]) == sorted(p.name for p in (out / TORCH_MODEL / "1").iterdir() if p.name != FOLDER_RECORD)
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST and "/2/" not in str(p)}
+    assert after == before
+    assert set(json.loads((out / MANIFEST).read_text())["model_versions"]) == {"1", "2"}
+
+
 def test_floor_repository_configs(tmp_path, schema):
     out = write_floor_repository(tmp_path / "floor", schema["raw_inputs"])
     ens = parse_config(out / FLOOR_ENSEMBLE / "config.pbtxt")
