@@ -368,6 +368,16 @@ def test_gpu_libtorch_export(artifacts, schema, traced_file, tmp_path):
         got_s, got_i = gpu(*[t.cuda() for t in inputs])
     assert torch.equal(got_i.cpu(), want_i)
     torch.testing.assert_close(got_s.cpu(), want_s, atol=1e-4, rtol=0)
+    # ids out of range straight into the libtorch model: clamped in the graph, no device-side assert
+    bad = [t.clone().cuda() for t in inputs]
+    for t, name in zip(bad[:-1], feature_order(schema)):
+        if name in schema["categorical"]:
+            t[0, 0], t[1, 0] = schema["categorical"][name] + 10_000, -3
+    bad[-1][2] = 10_000
+    with torch.inference_mode():
+        s, _ = gpu(*bad)
+    torch.cuda.synchronize()
+    assert torch.isfinite(s).all()
 
 
 def test_export_is_deterministic(artifacts, tmp_path):
