@@ -6,7 +6,7 @@ synthetic DATA (`python -m training.prepare --synthetic --seed 0`) and a
 folder, once (a second call finds them there). bench.serving and bench.soak use it.
 
 Requests built from real sessions and the bounded load generator are client
-code (clients.load); the floor ensemble is export.repository.write_floor_repository
+code (clients.load); the floor ensemble is export.floor.write_floor_repository
 (tests serve it too); the reference notebook's ETL graph is
 training.reference_workflow (the parity test's specification).
 """

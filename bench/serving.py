@@ -138,7 +138,7 @@ def in_process(cfg: BenchConfig, repo: Path, data: Path, requests_by_size: dict[
 
     from export.inference import feature_order
     from export.repository import TORCH_MODEL, TRACED_FILE
-    from export.steps import default_torch_threads
+    from export.sessrec_steps import default_torch_threads
     from training.names import LENGTHS_TENSOR
     from training.serving_transform import ServingTransform
 
@@ -309,7 +309,8 @@ def plot(perf: list[dict], steps: list[dict], out: Path) -> None:
 def bench(cfg: BenchConfig) -> dict:
     import pandas as pd
 
-    from export.repository import ExportConfig, export_repository, write_floor_repository
+    from export.floor import write_floor_repository
+    from export.repository import ExportConfig, export_repository
     from export.tritonserver import ServerConfig, TritonServer
 
     out = Path(cfg.out)

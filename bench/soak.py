@@ -72,7 +72,7 @@ def soak(cfg: SoakConfig) -> dict:
     repo = cfg.repo
     if repo is None:
         repo = export_repository(ExportConfig(run=run, data=data, out=Path(cfg.work) / "model_repository"))
-    schema = json.loads((Path(repo) / "preprocess" / "1" / "schema.json").read_text())
+    schema = json.loads((Path(data) / "schema.json").read_text())
     manifest = json.loads((Path(repo) / "sessrec_export.json").read_text())
     k = int(manifest["options"]["top_k"])
     interactions = pd.read_parquet(Path(data) / INTERACTIONS_FILE)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from training.names import FIRST_REAL_ID, SPECIAL_IDS
+from training.names import FIRST_REAL_ID, OOV_ID, SPECIAL_IDS
 from training.schema import Schema
 
 
@@ -41,9 +41,29 @@ class TopKRanker(nn.Module):
     `k` is fixed at construction and must leave room for the special ids: the
     model gives them -inf, and `k <= vocab - len(SPECIAL_IDS)` guarantees that
     top-k never reaches them (the ids returned are always >= FIRST_REAL_ID).
+
+    Guard against out-of-range inputs, inside the traced graph (`cardinalities`
+    {categorical feature: number of encoded ids} and `max_len` given): a
+    categorical id outside [0, cardinality) becomes the OOV id and lengths are
+    clamped to [1, max_len] before anything is indexed. For valid inputs these
+    are no-ops (same scores); for bad ones the answer is the ranking of the
+    clamped session instead of an out-of-range embedding lookup, which on a GPU
+    is a device-side assert that poisons the whole libtorch server process. The
+    libtorch step has no other place to check values; the Python-backend model
+    step still answers such a request INVALID_ARG before the forward
+    (sessrec_steps.check_model_inputs). No flag output: the ensemble's outputs
+    stay as they are (the clamp is documented in export/README.md).
     """
 
-    def __init__(self, model: nn.Module, feature_names: Sequence[str], k: int, n_items: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        feature_names: Sequence[str],
+        k: int,
+        n_items: int,
+        cardinalities: Mapping[str, int] | None = None,
+        max_len: int | None = None,
+    ):
         super().__init__()
         n_real = n_items - len(SPECIAL_IDS)
         if not 1 <= k <= n_real:
@@ -56,11 +76,20 @@ class TopKRanker(nn.Module):
         self.model = model.eval()
         self.feature_names = tuple(feature_names)
         self.k = int(k)
+        cards = dict(cardinalities or {})
+        self.cardinalities = tuple(int(cards[n]) if n in cards else 0 for n in self.feature_names)  # 0: continuous
+        self.max_len = int(max_len) if max_len else 0  # 0: no guard
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
         # inputs: one [S, L] tensor per feature (in feature_names order), then lengths [S]
-        feats = dict(zip(self.feature_names, inputs[:-1]))
+        feats = {}
+        for name, card, x in zip(self.feature_names, self.cardinalities, inputs[:-1]):
+            if card and self.max_len:  # out-of-range id -> OOV (no host sync, no data-dependent branch)
+                x = torch.where((x >= 0) & (x < card), x, torch.full_like(x, OOV_ID))
+            feats[name] = x
         lengths = inputs[-1]
+        if self.max_len:
+            lengths = lengths.clamp(1, self.max_len)
         logits = self.model.next_item_scores(feats, lengths)  # [S, V], special ids at -inf
         scores, ids = torch.topk(logits, self.k, dim=1)  # [S, k] each, best first
         return scores.float(), ids.long()

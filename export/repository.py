@@ -2,19 +2,32 @@
 
     model_repository/
       session_ranker/config.pbtxt     platform "ensemble": preprocess -> model -> postprocess
-      session_ranker/1/               (empty, as Triton wants)
+      session_ranker/1/sessrec_run.json   the run's identity: run id, window, workflow sha256, options
+      session_ranker/1/sessrec_files.json
       preprocess/config.pbtxt         Python backend, max_batch_size 0 (one request = its own sessions)
       preprocess/1/model.py           export/triton_models/preprocess/model.py
-      preprocess/1/workflow/          copy of DATA/workflow (the fitted NVTabular workflow)
-      preprocess/1/schema.json        copy of DATA/schema.json (with the workflow files' sha256)
+      preprocess/1/sessrec_transform.py   training/sessrec_transform.py, verbatim (numpy only)
+      preprocess/1/sessrec_steps.py       export/sessrec_steps.py, verbatim (numpy only)
+      preprocess/1/sessrec_integrity.py   training/integrity.py, verbatim (standard library only)
+      preprocess/1/workflow.json      the fitted workflow compiled: steps, kernels, parameters
+      preprocess/1/workflow_arrays/*.npy  its tables (Categorify vocabularies, first-seen times)
+      preprocess/1/sessrec_files.json sha256 of every other file of the folder (written last)
       model/config.pbtxt              Python backend (embedded server) or pytorch_libtorch (NGC container);
                                       dynamic batching over sessions, warm-up
-      model/1/model.pt                traced TopKRanker (torch.jit.trace)
-      model/1/model.py                (Python backend only) runs model.pt with torch.jit.load
+      model/1/model.pt                traced TopKRanker (torch.jit.trace; a TorchScript zip, no pickled code)
+      model/1/model.py, sessrec_steps.py, sessrec_integrity.py   (Python backend only)
+      model/1/sessrec_files.json
       model/warmup/*                  warm-up tensors (raw little-endian bytes)
       postprocess/config.pbtxt        Python backend: encoded ids -> raw item ids
-      postprocess/1/item_vocabulary.npy
-      sessrec_export.json             what was exported from what (sha256 of every file)
+      postprocess/1/model.py, sessrec_steps.py, sessrec_integrity.py, item_vocabulary.npy, sessrec_files.json
+      sessrec_export.json             the exporter's bookkeeping (models, options, versions); no step reads it
+
+Each model folder stands alone: its model.py imports only the standard library,
+numpy, triton_python_backend_utils (torch in the Python-backend model step) and
+the files of its own version folder, and checks that folder against its own
+sessrec_files.json before loading anything, so a folder copied (or downloaded
+from an object store) alone still verifies. Nothing in the repository is a
+pickle: the workflow pickle is read only here, after its sha256 check.
 
 The ensemble's inputs are DATA/schema.json's `raw_inputs` (one row per
 interaction, dims [-1]); its outputs are OUT_SESSION_ID [S], item_ids [S, k]
@@ -38,8 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.steps import MANIFEST
-from training.integrity import file_sha256
+from training.integrity import write_folder_record
 from training.names import (
     ENSEMBLE_NAME,
     FIRST_REAL_ID,
@@ -59,12 +71,27 @@ from training.names import (
 )
 from training.schema import Schema
 
+MANIFEST = "sessrec_export.json"  # the exporter's bookkeeping at the repository root (no step reads it)
+RUN_RECORD = "sessrec_run.json"  # session_ranker/<version>/: the run's identity
+
 
 class ExportError(RuntimeError):
     """The requested export cannot be made here (e.g. a GPU model step traced without CUDA)."""
 
 
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
+_ROOT = Path(__file__).resolve().parent.parent
+# Modules copied verbatim into the version folders (file name there -> the one source in the project).
+SHIPPED = {
+    "sessrec_integrity.py": _ROOT / "training" / "integrity.py",
+    "sessrec_steps.py": _ROOT / "export" / "sessrec_steps.py",
+    "sessrec_transform.py": _ROOT / "training" / "sessrec_transform.py",
+}
+STEP_MODULES = {  # what each Python-backend step's folder carries besides model.py
+    PREPROCESS_MODEL: ("sessrec_integrity.py", "sessrec_steps.py", "sessrec_transform.py"),
+    TORCH_MODEL: ("sessrec_integrity.py", "sessrec_steps.py"),
+    POSTPROCESS_MODEL: ("sessrec_integrity.py", "sessrec_steps.py"),
+}
 MODELS = (ENSEMBLE_NAME, PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL)
 TRACED_FILE = "model.pt"
 VOCAB_FILE = "item_vocabulary.npy"
@@ -218,6 +245,7 @@ def preprocess_config(layout: Layout, cfg: ExportConfig) -> str:
         + _params(
             {
                 "feature_names": json.dumps(layout.features),
+                "session_output": OUT_SESSION_ID,
                 "max_request_rows": str(cfg.max_request_rows),
                 "max_request_sessions": str(cfg.max_batch_sessions),
             }
@@ -310,6 +338,7 @@ def postprocess_config(layout: Layout, cfg: ExportConfig) -> str:
         + _io("output", [_tensor(OUT_ITEM_IDS, layout.item_dtype, [-1, layout.k])])
         + _dynamic_batching(cfg)
         + "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+        + _params({"first_real_id": str(FIRST_REAL_ID)})
     )
 
 
@@ -358,9 +387,6 @@ def ensemble_config(layout: Layout, cfg: ExportConfig) -> str:
 
 
 # --- writing ------------------------------------------------------------------
-_sha256 = file_sha256
-
-
 def _write(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, str):
@@ -369,12 +395,11 @@ def _write(path: Path, data: str | bytes) -> None:
         path.write_bytes(data)
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
-    """Copy files (content only, sorted) so the copy does not depend on the source's metadata."""
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
-        if "__pycache__" in f.parts:
-            continue
-        _write(dst / f.relative_to(src), f.read_bytes())
+def _write_step_code(version_dir: Path, step: str) -> None:
+    """model.py of `step` and the modules it imports, copied verbatim from their one source."""
+    _write(version_dir / "model.py", (TEMPLATES / step / "model.py").read_text())
+    for name in STEP_MODULES[step]:
+        _write(version_dir / name, SHIPPED[name].read_text())
 
 
 def _clear_out(out: Path) -> None:
@@ -443,7 +468,8 @@ def _trace(run: Path, data: Path, schema: Schema, cfg: ExportConfig):
     check_same_workflow(run, data, schema)
     model, _meta = load_run(run)
     n_items = schema.categorical[ITEM_LIST]
-    ranker = TopKRanker(model.to(device), schema.features, cfg.top_k, n_items)
+    # the guard (ids out of range -> OOV, lengths clamped) is part of the trace: see TopKRanker
+    ranker = TopKRanker(model.to(device), schema.features, cfg.top_k, n_items, schema.categorical, schema.max_len)
     torch.manual_seed(0)
     traced = trace_ranker(ranker, tuple(t.to(device) for t in example_inputs(schema, batch=8)))
     other = {d for d in baked_devices(traced) if torch.device(d).type != device.type}
@@ -468,35 +494,30 @@ def export_repository(cfg: ExportConfig) -> Path:
 
     _clear_out(out)
     out.mkdir(parents=True, exist_ok=True)
-    # preprocess
+    # preprocess: the compiled workflow (JSON + .npy), no pickle
     pre = out / PREPROCESS_MODEL
     _write(pre / "config.pbtxt", preprocess_config(layout, cfg))
-    _write(pre / "1" / "model.py", (TEMPLATES / "preprocess" / "model.py").read_text())
-    _copy_tree(data / WORKFLOW_DIR, pre / "1" / WORKFLOW_DIR)
-    _write(pre / "1" / SCHEMA_FILE, (data / SCHEMA_FILE).read_bytes())
+    _write_step_code(pre / "1", PREPROCESS_MODEL)
+    transform.compiled.save(pre / "1")
     # model
     mdl = out / TORCH_MODEL
     _write(mdl / "config.pbtxt", model_config(layout, cfg))
     (mdl / "1").mkdir(parents=True, exist_ok=True)
     save_traced(traced, mdl / "1" / TRACED_FILE)
     if cfg.torch_backend == "python":
-        _write(mdl / "1" / "model.py", (TEMPLATES / "model" / "model.py").read_text())
+        _write_step_code(mdl / "1", TORCH_MODEL)
     for name, blob in warmup_data(layout, cfg).items():
         _write(mdl / "warmup" / name, blob)
     # postprocess
     post = out / POSTPROCESS_MODEL
     _write(post / "config.pbtxt", postprocess_config(layout, cfg))
-    _write(post / "1" / "model.py", (TEMPLATES / "postprocess" / "model.py").read_text())
-    (post / "1").mkdir(parents=True, exist_ok=True)
-    np.save(post / "1" / VOCAB_FILE, vocab)
-    # ensemble
+    _write_step_code(post / "1", POSTPROCESS_MODEL)
+    np.save(post / "1" / VOCAB_FILE, vocab, allow_pickle=False)
+    # ensemble: the run's identity lives in its own folder
     ens = out / ENSEMBLE_NAME
     _write(ens / "config.pbtxt", ensemble_config(layout, cfg))
-    (ens / "1").mkdir(parents=True, exist_ok=True)
-
     options = {k: v for k, v in asdict(cfg).items() if k not in ("run", "data", "out")}
-    manifest = {
-        "models": list(MODELS),
+    run_record = {
         "ensemble": ENSEMBLE_NAME,
         "inputs": layout.raw_inputs,
         "outputs": {OUT_SESSION_ID: "[S]", OUT_ITEM_IDS: f"[S, {cfg.top_k}]", OUT_SCORES: f"[S, {cfg.top_k}]"},
@@ -504,27 +525,28 @@ def export_repository(cfg: ExportConfig) -> Path:
         "workflow_sha256": schema.workflow_sha256,
         "model_versions": {"1": _run_record(run)},
     }
-    _write_manifest(out, manifest)
+    _write(ens / "1" / RUN_RECORD, json.dumps(run_record, indent=2, sort_keys=True) + "\n")
+    # per-folder records, written last in each folder
+    for name in MODELS:
+        write_folder_record(out / name / "1", _model_record(run) if name == TORCH_MODEL else None)
+    manifest = {"models": list(MODELS), **run_record}
+    _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out
 
 
+def _model_record(run: Path) -> dict:
+    """Extra fields of a model version's sessrec_files.json: its run, and the torch that wrote model.pt
+    (libtorch/torch older than that may not read the TorchScript archive)."""
+    import torch
+
+    return {"run": _run_record(run), "torch": torch.__version__}
+
+
 def _run_record(run: Path) -> dict:
-    """What the manifest keeps about the run behind a model version (its metrics at training time)."""
+    """What the repository keeps about the run behind a model version (its metrics at training time)."""
     meta = json.loads((Path(run) / "meta.json").read_text())
     windows = meta.get("metrics", {}).get("windows") or [{}]
     return {"run": Path(run).name, "window": meta.get("window"), "metrics": windows[-1]}
-
-
-def _write_manifest(out: Path, manifest: dict) -> None:
-    """manifest + the sha256 of every file of every model, then write it (the steps check against it)."""
-    manifest = dict(manifest)
-    manifest["files_sha256"] = {
-        p.relative_to(out).as_posix(): _sha256(p)
-        for name in manifest["models"]
-        for p in sorted((out / name).rglob("*"))
-        if p.is_file() and "__pycache__" not in p.relative_to(out).parts
-    }
-    _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def model_versions(out: Path) -> list[int]:
@@ -577,58 +599,9 @@ def add_model_version(cfg: ExportConfig) -> int:
     tmp.mkdir(parents=True)
     save_traced(traced, tmp / TRACED_FILE)
     if full.torch_backend == "python":
-        _write(tmp / "model.py", (TEMPLATES / "model" / "model.py").read_text())
-    # record the new files before the directory appears, so a server never sees an unrecorded version
+        _write_step_code(tmp, TORCH_MODEL)
+    write_folder_record(tmp, _model_record(run))  # the new version verifies on its own, before the directory appears
     manifest.setdefault("model_versions", {})[str(version)] = _run_record(run)
-    files = dict(manifest.get("files_sha256", {}))
-    for f in sorted(tmp.iterdir()):
-        files[f"{TORCH_MODEL}/{version}/{f.name}"] = _sha256(f)
-    manifest["files_sha256"] = files
     _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     tmp.rename(vdir)
     return version
-
-
-# --- the benchmark's floor ------------------------------------------------------
-FLOOR_ENSEMBLE = "floor"
-FLOOR_STEPS = ("floor_a", "floor_b")
-
-
-def write_floor_repository(out: Path, raw_inputs: dict[str, str]) -> Path:
-    """A trivial two-step Python-backend ensemble with the ranker's inputs (identity, identity).
-
-    What a request costs on this stack before any work: gRPC, the ensemble
-    scheduler and two Python-backend round trips. bench.serving
-    compares the ranker's latency with it."""
-    out = Path(out)
-    names = list(raw_inputs)
-    for i, step in enumerate(FLOOR_STEPS):
-        suffix = f"_{step[-1]}"
-        inputs = [_tensor(n, triton_dtype(raw_inputs[n]), [-1]) for n in names]
-        outputs = [_tensor(n + suffix, triton_dtype(raw_inputs[n]), [-1]) for n in names]
-        _write(
-            out / step / "config.pbtxt",
-            _header(f"floor step {i + 1}")
-            + f'name: {_q(step)}\nbackend: "python"\nmax_batch_size: 0\n'
-            + _io("input", inputs)
-            + _io("output", outputs)
-            + "instance_group [ { count: 1 kind: KIND_CPU } ]\n",
-        )
-        _write(out / step / "1" / "model.py", (TEMPLATES / "identity" / "model.py").read_text())
-    a, b = FLOOR_STEPS
-    steps = [
-        _step(a, {n: n for n in names}, {n + "_a": n + "_a" for n in names}),
-        _step(b, {n: n + "_a" for n in names}, {n + "_b": n + "_b" for n in names}),
-    ]
-    _write(
-        out / FLOOR_ENSEMBLE / "config.pbtxt",
-        _header("floor ensemble")
-        + f'name: {_q(FLOOR_ENSEMBLE)}\nplatform: "ensemble"\nmax_batch_size: 0\n'
-        + _io("input", [_tensor(n, triton_dtype(raw_inputs[n]), [-1]) for n in names])
-        + _io("output", [_tensor(n + "_b", triton_dtype(raw_inputs[n]), [-1]) for n in names])
-        + "ensemble_scheduling {\n  step [\n"
-        + ",\n".join(steps)
-        + "\n  ]\n}\n",
-    )
-    (out / FLOOR_ENSEMBLE / "1").mkdir(parents=True, exist_ok=True)
-    return out

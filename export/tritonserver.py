@@ -11,8 +11,16 @@ This module prepares what that binary needs and owns the process:
 - `LD_LIBRARY_PATH` = the interpreter's LIBDIR first (the stub links
   `libpython3.11.so.1.0`; a system copy of another patch release fails with
   `undefined symbol: _PyModule_Add`) + the wheel's `nvidia_pytriton.libs`;
-- `PYTHONPATH` = this venv's site-packages + the project root, and the venv's
-  `bin/` first on `PATH`, so the stub imports torch, numpy and `training`.
+- the venv's `bin/` first on `PATH`. The stub is an embedded CPython started
+  with an isolated configuration: it ignores PYTHONPATH and PYTHONHOME (checked:
+  neither shows up in the stub's sys.path) and finds its installation through
+  the `python3` first on PATH (a venv's `bin/python3` + `pyvenv.cfg` gives that
+  venv's site-packages), the same mechanism as Triton's EXECUTION_ENV_PATH
+  (`source <env>/bin/activate`). Its sys.path starts with '' (the server's
+  working directory), so the server runs in its temp directory, never in the
+  project root: exported model folders import nothing of the project.
+  `ServerConfig.stub_python_env` puts another venv's `bin/` first instead (e.g.
+  one holding only numpy and torch, as a stock tritonserver image would).
 
     with TritonServer(ServerConfig(repo=Path("model_repository"), grpc_port=0)) as server:
         print(server.grpc_url)          # 127.0.0.1:<free port>
@@ -104,18 +112,24 @@ def prepare_backend_dir(dest: Path) -> Path:
     return dest
 
 
-def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for the server process (see the module docstring)."""
+def server_env(base: dict[str, str] | None = None, stub_env: Path | None = None) -> dict[str, str]:
+    """Environment for the server process (see the module docstring).
+
+    `stub_env`: a venv (`bin/python3`, `pyvenv.cfg`, `lib/python3.X/site-packages`) for
+    the Python-backend stubs: its `bin/` first on PATH, this project's venv removed from
+    PATH, PYTHONPATH/PYTHONHOME unset; the stub then sees that venv's packages only."""
     env = dict(os.environ if base is None else base)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     libs = _pytriton_dir().parent / "nvidia_pytriton.libs"
     ld = [p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH", "")) if p]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(ld)
-    site_packages = sysconfig.get_paths()["purelib"]
-    py_path = [site_packages, str(PROJECT_ROOT), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in py_path if p)
     venv_bin = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join(p for p in (venv_bin, env.get("PATH", "")) if p)
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin]
+    for key in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):  # the stub ignores them; keep them from misleading
+        env.pop(key, None)
+    first = str(Path(stub_env) / "bin") if stub_env is not None else venv_bin
+    env["PATH"] = os.pathsep.join([first, *path])
+    env["PYTHONNOUSERSITE"] = "1"
     return env
 
 
@@ -139,6 +153,7 @@ class ServerConfig:
     log_file: Path | None = None  # None: server output goes to a temp file (see `log_path`)
     model_control: str = "none"  # "none": load everything at start; "explicit": load/unload API (admin key)
     admin_key: str | None = None  # value of the sessrec-admin-key header; None: random per start
+    stub_python_env: Path | None = None  # None: this venv; else a venv whose python3 the stubs use (server_env)
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -219,7 +234,8 @@ class TritonServer:
             self.command(backend_dir),
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=server_env(),
+            env=server_env(stub_env=self.cfg.stub_python_env),
+            cwd=self._tmp.name,  # not the project root: nothing of it is importable from the cwd
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we forward it once
         )
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import subprocess
@@ -15,6 +16,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from clients import plan_requests
+from export.floor import FLOOR_ENSEMBLE, write_floor_repository
 from export.inference import (
     TopKRanker,
     baked_devices,
@@ -24,13 +26,14 @@ from export.inference import (
     trace_ranker,
 )
 from export.repository import (
-    FLOOR_ENSEMBLE,
     MANIFEST,
+    RUN_RECORD,
+    SHIPPED,
+    STEP_MODULES,
     ExportConfig,
     export_repository,
-    write_floor_repository,
 )
-from export.steps import (
+from export.sessrec_steps import (
     RequestError,
     check_raw_columns,
     concat_requests,
@@ -40,11 +43,14 @@ from export.steps import (
 )
 from tests.triton_util import PROJECT_ROOT
 from training.checkpoint import load_run
+from training.integrity import FOLDER_RECORD, verify_folder
 from training.names import (
     ENSEMBLE_NAME,
     FIRST_REAL_ID,
     ITEM_LIST,
     LENGTHS_TENSOR,
+    OOV_ID,
+    OUT_ENCODED_IDS,
     OUT_ITEM_IDS,
     OUT_SCORES,
     OUT_SESSION_ID,
@@ -60,7 +66,8 @@ K = 10
 @pytest.fixture(scope="module")
 def ranker(artifacts, schema):
     model, _ = load_run(artifacts[1])
-    return TopKRanker(model, feature_order(schema), K, schema["categorical"][ITEM_LIST])
+    return TopKRanker(model, feature_order(schema), K, schema["categorical"][ITEM_LIST],
+                      schema["categorical"], schema["max_sequence_length"])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +143,35 @@ def test_padding_does_not_change_a_ranking(traced_file, schema):
     assert torch.equal(a[1], b[1])
 
 
+def test_traced_guard_clamps_out_of_range_inputs(artifacts, ranker, traced_file, schema):
+    """libtorch variant: ids outside [0, cardinality) and lengths outside [1, L] must not index out of
+    range in the traced graph (a device-side assert on a GPU). They are clamped (id -> OOV, length ->
+    [1, L]) inside the trace; valid inputs give exactly the unguarded model's scores."""
+    traced = torch.jit.load(str(traced_file))
+    model, _ = load_run(artifacts[1])
+    plain = TopKRanker(model, feature_order(schema), K, schema["categorical"][ITEM_LIST])  # no guard
+    inputs = sessions_of_every_length(schema)
+    with torch.inference_mode():
+        want_s, want_i = plain(*inputs)
+        got_s, got_i = traced(*inputs)
+    assert torch.equal(got_i, want_i) and torch.equal(got_s, want_s)
+    bad = [t.clone() for t in inputs]
+    cards = [schema["categorical"].get(n) for n in feature_order(schema)]
+    for t, card in zip(bad[:-1], cards):
+        if card:
+            t[0, 0], t[1, 0] = card + 1000, -5
+    bad[-1][2], bad[-1][3] = 0, 10_000
+    with torch.inference_mode():
+        s, ids = traced(*bad)
+        oov = [t.clone() for t in bad]
+        for t, card in zip(oov[:-1], cards):
+            if card:
+                t[0, 0], t[1, 0] = OOV_ID, OOV_ID
+        oov[-1][2], oov[-1][3] = 1, schema["max_sequence_length"]
+        s2, ids2 = plain(*oov)
+    assert torch.equal(ids, ids2) and torch.isfinite(s).all()
+
+
 @pytest.mark.parametrize("k", [0, -1, 10_000])
 def test_ranker_rejects_k_outside_the_real_items(artifacts, schema, k):
     model, _ = load_run(artifacts[1])
@@ -163,21 +199,92 @@ def repo(artifacts, tmp_path_factory):
 
 
 def test_repository_layout(repo):
+    """Per-folder records (was: one root manifest listing every file's sha256): each version folder
+    lists the sha256 of every other file it holds, and verifies on its own."""
     for rel in [
         f"{ENSEMBLE_NAME}/config.pbtxt",
+        f"{ENSEMBLE_NAME}/1/{RUN_RECORD}",
         f"{PREPROCESS_MODEL}/1/model.py",
-        f"{PREPROCESS_MODEL}/1/schema.json",
-        f"{PREPROCESS_MODEL}/1/workflow/workflow.pkl",
+        f"{PREPROCESS_MODEL}/1/sessrec_transform.py",
+        f"{PREPROCESS_MODEL}/1/workflow.json",
         f"{TORCH_MODEL}/1/model.pt",
         f"{TORCH_MODEL}/1/model.py",
         f"{POSTPROCESS_MODEL}/1/item_vocabulary.npy",
         MANIFEST,
     ]:
         assert (repo / rel).is_file(), rel
-    assert (repo / ENSEMBLE_NAME / "1").is_dir() and not any((repo / ENSEMBLE_NAME / "1").iterdir())
-    manifest = json.loads((repo / MANIFEST).read_text())
-    for rel, sha in manifest["files_sha256"].items():
-        assert hashlib.sha256((repo / rel).read_bytes()).hexdigest() == sha, rel
+    assert not list(repo.rglob("*.pkl")) and not (repo / PREPROCESS_MODEL / "1" / "workflow").exists()
+    for model in (ENSEMBLE_NAME, PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL):
+        folder = repo / model / "1"
+        record = json.loads((folder / FOLDER_RECORD).read_text())
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != FOLDER_RECORD)
+        assert sorted(record["files_sha256"]) == files, model
+        for rel, sha in record["files_sha256"].items():
+            assert hashlib.sha256((folder / rel).read_bytes()).hexdigest() == sha, rel
+        verify_folder(folder)
+    run = json.loads((repo / ENSEMBLE_NAME / "1" / RUN_RECORD).read_text())
+    spec = json.loads((repo / PREPROCESS_MODEL / "1" / "workflow.json").read_text())
+    assert run["workflow_sha256"] == spec["workflow_sha256"] and run["model_versions"]["1"]["run"]
+
+
+def test_shipped_modules_are_verbatim_copies(repo):
+    """One source: every sessrec_*.py in a version folder is byte-identical to its file in the project."""
+    for step, names in STEP_MODULES.items():
+        for name in names:
+            assert (repo / step / "1" / name).read_bytes() == SHIPPED[name].read_bytes(), (step, name)
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import"
+            out.add(node.module.split(".")[0])
+    return out
+
+
+@pytest.mark.parametrize("backend", ["python", "libtorch"])
+def test_repository_python_files_import_only_what_a_stock_image_has(artifacts, repo, tmp_path, backend):
+    """Every .py in an exported repository parses as Python 3.10 (the 24.0x stub) and imports only the
+    standard library, numpy, triton_python_backend_utils, torch (model step) and its own folder's modules."""
+    if backend == "libtorch":
+        data, run = artifacts
+        repo = export_repository(ExportConfig(run=run, data=data, out=tmp_path / "repo", top_k=K, torch_backend="libtorch"))
+    pys = sorted(repo.rglob("*.py"))
+    assert pys
+    for path in pys:
+        tree = ast.parse(path.read_text(), str(path), feature_version=(3, 10))
+        own = {p.stem for p in path.parent.glob("*.py")}
+        allowed = set(sys.stdlib_module_names) | {"numpy", "triton_python_backend_utils"} | own
+        if path.parts[-3] == TORCH_MODEL:
+            allowed.add("torch")
+        bad = _imports(tree) - allowed
+        assert not bad, f"{path.relative_to(repo)} imports {sorted(bad)}"
+
+
+def test_repository_holds_no_pickle(repo):
+    """No .pkl, no file that pickle would load; .npy files load with allow_pickle=False; model.pt is a
+    TorchScript zip (code as TorchScript source + tensors), not a pickled nn.Module."""
+    import pickle
+    import zipfile
+
+    for path in sorted(p for p in repo.rglob("*") if p.is_file()):
+        assert path.suffix not in (".pkl", ".pickle", ".npz"), path
+        data = path.read_bytes()
+        try:
+            pickle.loads(data)  # noqa: S301  safe here: the test wrote these files itself
+        except Exception:  # noqa: BLE001  anything that is not a whole pickle
+            pass
+        else:
+            pytest.fail(f"{path} unpickles")
+        if path.suffix == ".npy":
+            np.load(path, allow_pickle=False)
+        if path.name == "model.pt":
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+            assert any(n.endswith("/code/__torch__.py") or "/code/" in n for n in names), names[:10]
 
 
 def test_ensemble_config_is_consistent(repo, schema):
@@ -261,6 +368,16 @@ def test_gpu_libtorch_export(artifacts, schema, traced_file, tmp_path):
         got_s, got_i = gpu(*[t.cuda() for t in inputs])
     assert torch.equal(got_i.cpu(), want_i)
     torch.testing.assert_close(got_s.cpu(), want_s, atol=1e-4, rtol=0)
+    # ids out of range straight into the libtorch model: clamped in the graph, no device-side assert
+    bad = [t.clone().cuda() for t in inputs]
+    for t, name in zip(bad[:-1], feature_order(schema)):
+        if name in schema["categorical"]:
+            t[0, 0], t[1, 0] = schema["categorical"][name] + 10_000, -3
+    bad[-1][2] = 10_000
+    with torch.inference_mode():
+        s, _ = gpu(*bad)
+    torch.cuda.synchronize()
+    assert torch.isfinite(s).all()
 
 
 def test_export_is_deterministic(artifacts, tmp_path):
@@ -298,6 +415,23 @@ def test_export_replaces_its_own_output_and_keeps_the_readme(artifacts, tmp_path
         export_repository(cfg)
 
 
+def test_new_version_writes_a_self_verifying_folder_and_nothing_else(artifacts, tmp_path):
+    """--new-version with per-folder records: model/2/ carries its own sessrec_files.json (naming its run),
+    every other file of the repository is unchanged, the root bookkeeping lists version 2."""
+    from export.repository import add_model_version
+
+    data, run = artifacts
+    out = export_repository(ExportConfig(run=run, data=data, out=tmp_path / "repo", top_k=K))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
+    assert add_model_version(ExportConfig(run=run, data=data, out=out)) == 2
+    record = verify_folder(out / TORCH_MODEL / "2")
+    assert record["run"]["run"] == run.name and record["torch"] == torch.__version__
+    assert sorted(record["files_sha256"]) == sorted(p.name for p in (out / TORCH_MODEL / "1").iterdir() if p.name != FOLDER_RECORD)
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST and "/2/" not in str(p)}
+    assert after == before
+    assert set(json.loads((out / MANIFEST).read_text())["model_versions"]) == {"1", "2"}
+
+
 def test_floor_repository_configs(tmp_path, schema):
     out = write_floor_repository(tmp_path / "floor", schema["raw_inputs"])
     ens = parse_config(out / FLOOR_ENSEMBLE / "config.pbtxt")
@@ -324,6 +458,9 @@ def test_check_raw_columns_rejects(columns, match):
         check_raw_columns(columns, list(columns), max_rows=10)
 
 
+STEP_NAMES = (SESSION_COL, OUT_SESSION_ID, LENGTHS_TENSOR)
+
+
 def _fake_transform(columns):
     sessions, first = np.unique(columns["session_id"], return_index=True)
     sessions = sessions[np.argsort(first)]
@@ -335,11 +472,11 @@ def _fake_transform(columns):
 
 
 def test_preprocess_shapes_and_session_limit():
-    out = preprocess(_columns(), _fake_transform, ["item_id-list"], max_rows=10, max_sessions=2)
+    out = preprocess(_columns(), _fake_transform, ["item_id-list"], 10, 2, *STEP_NAMES)
     assert out[OUT_SESSION_ID].tolist() == [5, 9]
     assert out[LENGTHS_TENSOR].shape == (2, 1)
     with pytest.raises(RequestError, match="'session_id' holds 2 sessions, more than .* maximum of 1"):
-        preprocess(_columns(), _fake_transform, ["item_id-list"], max_rows=10, max_sessions=1)
+        preprocess(_columns(), _fake_transform, ["item_id-list"], 10, 1, *STEP_NAMES)
 
 
 def test_concat_and_split_round_trip():
@@ -356,10 +493,10 @@ def test_concat_and_split_round_trip():
 
 def test_to_raw_item_ids():
     vocab = np.array([-1, -1, -1, 100, 200, 300])
-    np.testing.assert_array_equal(to_raw_item_ids(vocab, np.array([[5, 3]])), [[300, 100]])
+    np.testing.assert_array_equal(to_raw_item_ids(vocab, np.array([[5, 3]]), FIRST_REAL_ID, OUT_ENCODED_IDS), [[300, 100]])
     for bad in (2, 6):
-        with pytest.raises(RequestError, match="encoded item ids must be in"):
-            to_raw_item_ids(vocab, np.array([[bad]]))
+        with pytest.raises(RequestError, match=f"input '{OUT_ENCODED_IDS}': encoded item ids must be in"):
+            to_raw_item_ids(vocab, np.array([[bad]]), FIRST_REAL_ID, OUT_ENCODED_IDS)
 
 
 # --- client request planning ---------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of the preprocessing function: ServingTransform and export.steps.preprocess.
+"""Property-based tests (hypothesis) of the preprocessing function: ServingTransform and export.sessrec_steps.preprocess.
 
 Any generated batch of interactions either transforms to tensors that satisfy
 the model's contract (docs/contracts.md "Serving transform"):
@@ -9,7 +9,7 @@ the model's contract (docs/contracts.md "Serving transform"):
 - the item ids are the last <= L interactions of the session in row order,
   encoded through the fitted vocabulary (unknown ids -> OOV),
 or raises the documented error (`training.serving_transform.InputError`, a ValueError,
-naming the column; export.steps.RequestError for the per-request limits) —
+naming the column; export.sessrec_steps.RequestError for the per-request limits) —
 never anything else. Batches built to be valid must transform; batches with a
 planted defect must raise.
 
@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from export.steps import RequestError, preprocess
+from export.sessrec_steps import RequestError, preprocess
 from training.names import FIRST_REAL_ID, ITEM_LIST, LENGTHS_TENSOR, OOV_ID, OUT_SESSION_ID, SESSION_COL
 from training.serving_transform import InputError, ServingTransform
 
@@ -238,7 +238,7 @@ def test_any_batch_transforms_or_raises_input_error(transform, known_items, data
     assert_contract(out, {k: np.asarray(v) for k, v in flat.items()}, transform)
 
 
-# --- export.steps.preprocess (what the preprocess step runs per request) ---------------------------
+# --- export.sessrec_steps.preprocess (what the preprocess step runs per request) ---------------------------
 @settings(**SETTINGS)
 @given(data=st.data(), max_rows=st.integers(1, 60), max_sessions=st.integers(1, 8))
 def test_preprocess_step_contract_or_request_error(transform, known_items, data, max_rows, max_sessions):
@@ -253,7 +253,7 @@ def test_preprocess_step_contract_or_request_error(transform, known_items, data,
         cols = {k: v[:0] for k, v in cols.items()}  # 0 rows
     features = [*transform.categorical, *transform.continuous]
     try:
-        out = preprocess(cols, transform, features, max_rows, max_sessions)
+        out = preprocess(cols, transform, features, max_rows, max_sessions, SESSION_COL, OUT_SESSION_ID, LENGTHS_TENSOR)
     except (RequestError, InputError) as e:
         assert re.search(r"'(session_id|item_id|category|age_days|weekday_sin)'", str(e)), str(e)
         n = {len(v) for v in cols.values()}

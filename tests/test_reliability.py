@@ -34,14 +34,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients.load import LoadConfig, build_requests, soak_server
-from export.repository import (
-    FLOOR_ENSEMBLE,
-    FLOOR_STEPS,
-    ExportConfig,
-    add_model_version,
-    export_repository,
-    write_floor_repository,
-)
+from export.floor import FLOOR_ENSEMBLE, FLOOR_STEPS, write_floor_repository
+from export.repository import ExportConfig, add_model_version, export_repository
 from export.tritonserver import ServerConfig, ServerError, StubWatchdog, TritonServer
 from tests.triton_util import PROJECT_ROOT
 from training.names import (

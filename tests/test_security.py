@@ -5,9 +5,13 @@
   weights_only=True, np.load only with allow_pickle=False, no pickle/joblib/yaml/eval.
 - `python -m export` refuses a DATA whose workflow files were modified, a RUN
   trained on another workflow, and a model.pt that would unpickle code.
-- A repository file changed after export makes its step refuse to load, with a
-  message naming the file (one tritonserver start for two tampered preprocess
-  steps; the same check of every step's files without a server).
+- Nothing in an exported repository is a pickle (tests/test_export.py scans it);
+  the workflow pickle is read only by `python -m export`, after its sha256 check.
+- A file changed after export makes its step refuse to load, with a message
+  naming the file: each version folder checks itself against its own
+  sessrec_files.json (one tritonserver start for three tampered preprocess
+  folders; the same check of every step's files without a server; a folder
+  copied alone still verifies).
 - Defaults bind 127.0.0.1 and restrict the admin APIs.
 """
 
@@ -24,10 +28,18 @@ from pathlib import Path
 import pytest
 
 from export.__main__ import main as export_main
-from export.repository import MANIFEST, ExportConfig, add_model_version, export_repository
+from export.repository import ExportConfig, add_model_version, export_repository
 from export.tritonserver import ServerConfig, ServerError, TritonServer
 from tests.triton_util import PROJECT_ROOT
-from training.names import PREPROCESS_MODEL, SCHEMA_FILE, TORCH_MODEL, WORKFLOW_DIR
+from training.integrity import FOLDER_RECORD, IntegrityError, verify_folder
+from training.names import (
+    ENSEMBLE_NAME,
+    POSTPROCESS_MODEL,
+    PREPROCESS_MODEL,
+    SCHEMA_FILE,
+    TORCH_MODEL,
+    WORKFLOW_DIR,
+)
 
 
 @pytest.fixture(scope="module")
@@ -173,16 +185,10 @@ def test_new_version_refuses_other_data(artifacts, repo, tmp_path):
 
 # --- the server refuses ------------------------------------------------------------------------------
 def _clone_step(repo: Path, out: Path, step: str, name: str) -> Path:
-    """Copy `step` of `repo` to `out/<name>` (config name changed) and record its files under that name."""
+    """Copy the model folder `step` of `repo` to `out/<name>` (config name changed): it carries its own record."""
     shutil.copytree(repo / step, out / name)
     cfg = (out / name / "config.pbtxt").read_text()
     (out / name / "config.pbtxt").write_text(cfg.replace(f'name: "{step}"', f'name: "{name}"'))
-    manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {
-        **json.loads((repo / MANIFEST).read_text()), "files_sha256": {}}
-    for rel, sha in json.loads((repo / MANIFEST).read_text())["files_sha256"].items():
-        if rel.startswith(f"{step}/"):
-            manifest["files_sha256"][name + rel[len(step):]] = sha
-    (out / MANIFEST).write_text(json.dumps(manifest))
     return out / name
 
 
@@ -191,35 +197,32 @@ def _append(path: Path) -> None:
         f.write(b"\x00")
 
 
-def _rehash(out: Path, *rels: str) -> None:
-    manifest = json.loads((out / MANIFEST).read_text())
-    for rel in rels:
-        manifest["files_sha256"][rel] = hashlib.sha256((out / rel).read_bytes()).hexdigest()
-    (out / MANIFEST).write_text(json.dumps(manifest))
+def _first_array(version_dir: Path) -> Path:
+    return sorted((version_dir / "workflow_arrays").glob("*categorify*values.npy"))[0]
 
 
 @pytest.mark.triton
 def test_tampered_repository_files_refuse_to_load(repo, tmp_path):
-    """Two preprocess steps with the workflow pickle changed after export; tritonserver (exit-on-error)
-    does not start, and each step's load failure says why, naming the file, before anything is unpickled:
-    - pre_pickle: the file no longer matches the export manifest;
-    - pre_rehashed: the attacker also updated schema.json and the manifest's file hashes, but the
-      workflow_sha256 recorded at training time (RUN/meta.json -> manifest) no longer matches."""
-    from training.workflow import workflow_sha256
-
+    """Three preprocess folders changed after export; tritonserver (exit-on-error) does not start, and each
+    folder's load failure says why, naming the file, before anything of it is loaded:
+    - pre_array: a vocabulary array no longer matches the folder's sessrec_files.json;
+    - pre_code: the shipped transform module was edited;
+    - pre_pickle: someone dropped a pickle into the folder (unlisted: refused; nothing would load it anyway).
+    (Before per-folder records, the repository's root manifest held every hash and a re-hashed workflow
+    pickle was caught by the run's workflow_sha256; there is no pickle to load now.)"""
     out = tmp_path / "tampered"
     out.mkdir()
+    step = _clone_step(repo, out, PREPROCESS_MODEL, "pre_array")
+    _append(_first_array(step / "1"))
+    step = _clone_step(repo, out, PREPROCESS_MODEL, "pre_code")
+    with open(step / "1" / "sessrec_transform.py", "a") as f:
+        f.write("\nimport os  # injected\n")
     step = _clone_step(repo, out, PREPROCESS_MODEL, "pre_pickle")
-    _append(step / "1" / WORKFLOW_DIR / "workflow.pkl")
-    step = _clone_step(repo, out, PREPROCESS_MODEL, "pre_rehashed")
-    _append(step / "1" / WORKFLOW_DIR / "workflow.pkl")
-    schema = json.loads((step / "1" / SCHEMA_FILE).read_text())
-    schema["workflow_sha256"] = workflow_sha256(step / "1")
-    (step / "1" / SCHEMA_FILE).write_text(json.dumps(schema))
-    _rehash(out, "pre_rehashed/1/workflow/workflow.pkl", "pre_rehashed/1/schema.json")
+    (step / "1" / "workflow.pkl").write_bytes(b"\x80\x04N.")
     expect = {
-        "pre_pickle": ["workflow.pkl has sha256", "refusing to load it"],
-        "pre_rehashed": ["than the run was trained with", "refusing to load the workflow"],
+        "pre_array": [".values.npy has sha256", "refusing to load it"],
+        "pre_code": ["sessrec_transform.py has sha256", "refusing to load it"],
+        "pre_pickle": ["workflow.pkl is not listed in sessrec_files.json", "refusing to load"],
     }
     server = TritonServer(ServerConfig(repo=out, grpc_port=0, http_port=0, metrics_port=0))
     with pytest.raises(ServerError):
@@ -235,36 +238,37 @@ def test_tampered_repository_files_refuse_to_load(repo, tmp_path):
 @pytest.mark.parametrize(
     "step, tamper, message",
     [
-        (PREPROCESS_MODEL, lambda d: _append(next((d / "workflow" / "categories").glob("unique.item_id*"))),
-         "has sha256"),
-        (PREPROCESS_MODEL, lambda d: (d / "workflow" / "extra.pkl").write_bytes(b"\x80\x04N."), "is not listed"),
-        (PREPROCESS_MODEL, lambda d: (d / SCHEMA_FILE).unlink(), "is missing"),
+        (PREPROCESS_MODEL, lambda d: _append(_first_array(d)), "values.npy has sha256"),
+        (PREPROCESS_MODEL, lambda d: (d / "workflow_arrays" / "extra.pkl").write_bytes(b"\x80\x04N."), "is not listed"),
+        (PREPROCESS_MODEL, lambda d: (d / "workflow.json").unlink(), "workflow.json is missing"),
+        (PREPROCESS_MODEL, lambda d: _append(d / "sessrec_transform.py"), "sessrec_transform.py has sha256"),
         (TORCH_MODEL, lambda d: _append(d / "model.pt"), "model.pt has sha256"),
         (TORCH_MODEL, lambda d: (d / "model.py").write_text("import os\n"), "model.py has sha256"),
-        ("postprocess", lambda d: _append(d / "item_vocabulary.npy"), "item_vocabulary.npy has sha256"),
+        (TORCH_MODEL, lambda d: _append(d / "sessrec_steps.py"), "sessrec_steps.py has sha256"),
+        (POSTPROCESS_MODEL, lambda d: _append(d / "item_vocabulary.npy"), "item_vocabulary.npy has sha256"),
+        (POSTPROCESS_MODEL, lambda d: _append(d / "sessrec_integrity.py"), "sessrec_integrity.py has sha256"),
+        (ENSEMBLE_NAME, lambda d: _append(d / "sessrec_run.json"), "sessrec_run.json has sha256"),
     ],
-    ids=["categories-parquet", "extra-pickle", "schema-missing", "model-pt", "model-py", "vocabulary"],
-)
+    ids=["vocabulary-array", "extra-pickle", "spec-missing", "transform-code", "model-pt", "model-py",
+         "steps-code", "vocabulary", "integrity-code", "run-record"],
+)  # fmt: skip
 def test_every_step_checks_its_files_before_loading(repo, tmp_path, step, tamper, message):
-    """What each step's initialize() runs first (export.steps.verify_version_files), on a tampered copy."""
-    from export.steps import IntegrityError, verify_version_files
-
-    copy = tmp_path / "repo"
-    shutil.copytree(repo, copy)
-    verify_version_files(copy / step, 1)  # untouched: passes
-    tamper(copy / step / "1")
+    """What each step's initialize() runs first (sessrec_integrity.verify_folder), on a tampered copy of the
+    model folder alone (was: against the repository's root manifest; now each folder carries its record)."""
+    copy = tmp_path / "alone" / step
+    shutil.copytree(repo / step, copy)  # the model folder copied alone
+    verify_folder(copy / "1")  # untouched: passes
+    tamper(copy / "1")
     with pytest.raises(IntegrityError, match=re.escape(message)):
-        verify_version_files(copy / step, 1)
+        verify_folder(copy / "1")
 
 
-def test_a_repository_without_manifest_is_refused(repo, tmp_path):
-    from export.steps import IntegrityError, verify_version_files
-
-    copy = tmp_path / "repo"
-    shutil.copytree(repo, copy)
-    (copy / MANIFEST).unlink()
-    with pytest.raises(IntegrityError, match="sessrec_export.json not found"):
-        verify_version_files(copy / TORCH_MODEL, 1)
+def test_a_folder_without_its_record_is_refused(repo, tmp_path):
+    copy = tmp_path / TORCH_MODEL
+    shutil.copytree(repo / TORCH_MODEL, copy)
+    (copy / "1" / FOLDER_RECORD).unlink()
+    with pytest.raises(IntegrityError, match="sessrec_files.json not found"):
+        verify_folder(copy / "1")
 
 
 def test_defaults_bind_loopback_and_restrict_admin_apis(tmp_path):

@@ -23,8 +23,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from clients import RankError, rank_sessions
+from export.floor import FLOOR_ENSEMBLE, write_floor_repository
 from export.inference import TopKRanker, feature_order
-from export.repository import FLOOR_ENSEMBLE, ExportConfig, export_repository, write_floor_repository
+from export.repository import ExportConfig, export_repository
 from tests.triton_util import PROJECT_ROOT, start_server
 from training.checkpoint import load_run
 from training.names import (

@@ -4,6 +4,7 @@ and ServingTransform (parity with Workflow.transform, validation, integrity, spe
 import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import nvtabular as nvt
@@ -464,3 +465,26 @@ def test_serving_parity_random_requests(serving, data):
         }
     )
     assert_parity(serving, rows)
+
+
+@pytest.mark.parametrize("which", ["synthetic", "diginetica"])
+def test_compiled_workflow_round_trips_through_its_files(request, tmp_path, which):
+    """What export ships (workflow.json + .npy, read by training/sessrec_transform.py alone) gives the same
+    tensors as ServingTransform: the parity tests above cover the shipped code."""
+    from training.sessrec_transform import SPEC_FILE, Transform
+
+    data = request.getfixturevalue("tiny_synthetic_data" if which == "synthetic" else "diginetica_data")
+    serving = serving_mod.ServingTransform.load(data)
+    written = serving.compiled.save(tmp_path)
+    assert {Path(p).suffix for p in written} == {".json", ".npy"}
+    spec = json.loads((tmp_path / SPEC_FILE).read_text())
+    assert spec["format"] == 1 and spec["special_ids"] == {"pad": 0, "null": 1, "oov": 2, "first_real": 3}
+    loaded = Transform.load(tmp_path)
+    rows = pd.read_parquet(data / "interactions.parquet")
+    rows = rows[rows[SESSION_COL].isin(rows[SESSION_COL].unique()[:400])]
+    cols = {c: rows[c].to_numpy() for c in serving.raw_inputs}
+    want, got = serving(cols), loaded(cols)
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    np.testing.assert_array_equal(loaded.item_vocabulary(), serving.item_vocabulary())

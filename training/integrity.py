@@ -4,13 +4,20 @@
     atomic_write(path, data)      # readers see the old or the new bytes, never a torn file
     file_sha256(path)             # hex digest, read in 1 MiB chunks
 
-Imports only the standard library: it can be copied unchanged into a Triton
-model folder (a stock tritonserver has the standard library and numpy).
+    write_folder_record(folder)   # folder/sessrec_files.json: sha256 of every other file
+    verify_folder(folder)         # IntegrityError naming the file unless the folder matches it
+
+Imports only the standard library, Python 3.10 syntax: `python -m export` copies
+this file verbatim into every Python-backend version folder as
+`sessrec_integrity.py`, and each step's `initialize` calls `verify_folder` on its
+own folder before it loads anything (a stock tritonserver has the standard
+library and numpy).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -50,3 +57,66 @@ def write_tmp(path: Path, data: bytes) -> Path:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old or the new content, never a torn one."""
     os.replace(write_tmp(path, data), path)
+
+
+# --- per-folder records (each Triton model version folder verifies on its own) -------------
+FOLDER_RECORD = "sessrec_files.json"  # <model>/<version>/sessrec_files.json, written last by `python -m export`
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Files under `folder` except the record itself and __pycache__ (the stub writes it on import)."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and "__pycache__" not in p.relative_to(folder).parts and p.relative_to(folder).as_posix() != FOLDER_RECORD
+    )
+
+
+def write_folder_record(folder: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Record the sha256 of every file of `folder` in folder/sessrec_files.json (atomic; write it last)."""
+    folder = Path(folder)
+    record = dict(extra or {})
+    record["files_sha256"] = {p.relative_to(folder).as_posix(): file_sha256(p) for p in _folder_files(folder)}
+    path = folder / FOLDER_RECORD
+    atomic_write(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    return path
+
+
+def verify_folder(folder: str | os.PathLike) -> dict:
+    """Check `folder` against its sessrec_files.json before anything there is loaded; returns the record.
+
+    Every listed file must exist with its recorded sha256, and no other file may be
+    there (`__pycache__` aside). Raises IntegrityError naming the file otherwise."""
+    folder = Path(folder)
+    path = folder / FOLDER_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise IntegrityError(
+            f"{path} not found: this model folder was not written by `python -m export` (or was copied "
+            "without it); refusing to load files whose sha256 was never recorded"
+        ) from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{path} is not valid JSON ({e}): re-export the repository") from e
+    expected = record.get("files_sha256")
+    if not isinstance(expected, dict) or not expected:
+        raise IntegrityError(f"{path} records no files: re-export the repository")
+    for rel, want in sorted(expected.items()):
+        file = folder / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise IntegrityError(f"{path} lists {rel!r}, outside its folder: refusing to load")
+        if not file.is_file():
+            raise IntegrityError(f"{file} is missing (its sha256 is recorded in {FOLDER_RECORD}): re-export the repository")
+        got = file_sha256(file)
+        if got != want:
+            raise IntegrityError(
+                f"{file} has sha256 {got}, but {FOLDER_RECORD} records {want} (written by `python -m export`): "
+                "the file was modified after export; refusing to load it (re-export the repository)"
+            )
+    for file in _folder_files(folder):
+        if file.relative_to(folder).as_posix() not in expected:
+            raise IntegrityError(
+                f"{file} is not listed in {FOLDER_RECORD}: refusing to load a folder holding "
+                "files that `python -m export` did not write"
+            )
+    return record

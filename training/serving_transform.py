@@ -1,12 +1,19 @@
-"""`ServingTransform`: the fitted NVTabular workflow's transform for one request, in numpy.
+"""`ServingTransform`: the fitted NVTabular workflow compiled for serving (the compile side).
 
-It runs the same fitted graph as `Workflow.transform` on numpy arrays (~10 rows
-in well under a millisecond, where `Workflow.transform` takes 30-100 ms): it walks
-the workflow's nodes and reads each op's fitted state (Categorify's category
-files, ItemFirstSeen's table, the LambdaOp functions, ListSlice's length); there
-is no second copy of the vocabulary. It keeps sessions of length 1 (the Filter is
-for training data only) and right-pads lists to [S, max_len]. Rows are grouped
-into sessions by `training.grouping.group_by_first_appearance`.
+    t = ServingTransform.load(DATA)       # sha256 check, unpickle, compile
+    t(columns) -> {session_id [S], <feature> [S, L], lengths [S]}   (runs training.sessrec_transform)
+    t.compiled.save(folder)               # workflow.json + workflow_arrays/*.npy (what export ships)
+
+`compile_workflow` walks the fitted workflow's graph in the order `Workflow.transform`
+runs it and reads each op's fitted state: Categorify's category files, ItemFirstSeen's
+table, which UDF a LambdaOp calls, ListSlice's length, Groupby's aggregations. It
+emits a `training.sessrec_transform.Transform`: a JSON-able spec (ordered steps,
+kernel kind + parameters, raw_inputs, max_len, features, special ids from
+`training.names`) and named numpy arrays. That module (numpy + standard library
+only) is what applies it, here and, copied verbatim, in the served preprocess
+step: there is no second copy of the vocabulary nor of the code. It keeps
+sessions of length 1 (the Filter is for training data only) and right-pads lists
+to [S, max_len].
 
 Parity with `Workflow.transform` is tested in tests/test_workflow.py and
 tests/test_preprocess_properties.py; the contract is in docs/contracts.md.
@@ -15,8 +22,8 @@ tests/test_preprocess_properties.py; the contract is in docs/contracts.md.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,99 +40,32 @@ from merlin.dag.ops.udf import UDF
 from nvtabular import ops
 from nvtabular.ops.groupby import _get_agg_dicts
 
-from training.grouping import group_by_first_appearance
+from training import sessrec_transform
 from training.integrity import IntegrityError
 from training.names import (
+    FIRST_REAL_ID,
     ITEM_COL,
     LENGTHS_TENSOR,
+    NULL_ID,
     OOV_ID,
+    PAD_ID,
     SCHEMA_FILE,
     SESSION_COL,
-    SPECIAL_IDS,
+    TIME_COL,
     WORKFLOW_DIR,
 )
 from training.schema import Schema
+from training.sessrec_transform import InputError, Transform  # noqa: F401  (InputError: re-exported)
 from training.workflow import verify_workflow_files
-from training.workflow_ops import ItemFirstSeen, MinLength
-
-
-class InputError(ValueError):
-    """A serving request the workflow cannot transform (names column, value, expectation)."""
+from training.workflow_ops import ItemFirstSeen, MinLength, item_age_days, weekday_sin
 
 
 class UnsupportedWorkflowError(RuntimeError):
-    """The workflow uses an op that `ServingTransform` cannot run."""
+    """The workflow uses an op that `compile_workflow` cannot express."""
 
 
-class _Ragged:
-    """A session-level list column: session s holds flat[starts[s] : starts[s] + lengths[s]].
-
-    Slicing only moves `starts`/`lengths`; nothing is padded before the final [S, L]
-    output, so one long session in a request costs O(rows), not O(sessions x rows).
-    """
-
-    __slots__ = ("flat", "starts", "lengths")
-
-    def __init__(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
-        self.flat = flat
-        self.starts = starts
-        self.lengths = lengths
-
-    def padded(self, width: int, dtype) -> np.ndarray:
-        """[S, width], the last <= width values of each list, right-padded with 0."""
-        keep = np.minimum(self.lengths, width)
-        first = self.starts + self.lengths - keep
-        cols = np.arange(width)
-        idx = np.minimum(first[:, None] + cols[None, :], max(len(self.flat) - 1, 0))
-        values = self.flat[idx] if len(self.flat) else np.zeros(idx.shape, dtype=dtype)
-        return np.where(cols[None, :] < keep[:, None], values, 0).astype(dtype, copy=False)
-
-
-Frame = dict  # column name -> np.ndarray [N] (rows) | np.ndarray [S] | _Ragged
-
-
-@dataclass
-class _Step:
-    key: int  # id() of the node
-    parents: tuple[int, ...]
-    root_cols: tuple[str, ...]
-    kernel: Callable[[Frame], Frame]
-    outputs: tuple[str, ...]
-
-
-@dataclass
-class _Grouping:
-    """Rows -> sessions for one request: sessions in order of first appearance."""
-
-    session_ids: np.ndarray  # [S]
-    row_order: np.ndarray  # [N] rows sorted by session, stable (row order kept inside a session)
-    starts: np.ndarray  # [S] first position of each session in row_order
-    counts: np.ndarray  # [S]
-
-    @classmethod
-    def of(cls, keys: np.ndarray) -> _Grouping:
-        return cls(*group_by_first_appearance(keys))
-
-    def lists(self, values: np.ndarray) -> _Ragged:
-        return _Ragged(values[self.row_order], self.starts, self.counts)
-
-
-def _vocab_lookup(values: np.ndarray, labels: np.ndarray, default: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Encoder raw value -> label via binary search on the sorted vocabulary."""
-    order = np.argsort(values, kind="stable")
-    sorted_values = np.ascontiguousarray(values[order])
-    sorted_labels = np.ascontiguousarray(labels[order])
-    n = len(sorted_values)
-
-    def encode(x: np.ndarray) -> np.ndarray:
-        if n == 0:
-            return np.full(len(x), default, dtype=np.int64)
-        pos = np.searchsorted(sorted_values, x)
-        pos_c = np.minimum(pos, n - 1)
-        hit = sorted_values[pos_c] == x
-        return np.where(hit, sorted_labels[pos_c], default)
-
-    return encode
+# LambdaOp functions the compiled transform knows, by the name sessrec_transform.UDFS gives them.
+_UDF_NAMES = {weekday_sin: "weekday_sin", item_age_days: "item_age_days"}
 
 
 def _categorify_tables(op: ops.Categorify, col: str) -> tuple[np.ndarray, np.ndarray]:
@@ -144,12 +84,148 @@ def _categorify_tables(op: ops.Categorify, col: str) -> tuple[np.ndarray, np.nda
     return values.to_numpy()[keep].astype(np.int64), labels[keep]
 
 
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def compile_workflow(workflow: nvt.Workflow, schema: Schema | Mapping, workflow_sha256: Mapping | None = None) -> Transform:
+    """The fitted workflow as a `sessrec_transform.Transform` (spec + arrays); see the module docstring."""
+    schema = Schema.of(schema)
+    missing = {*schema.categorical, *schema.continuous} - set(workflow.output_schema.column_names)
+    if missing:
+        raise IntegrityError(
+            f"schema.json lists features {sorted(missing)} that the workflow does not produce "
+            f"(it produces {workflow.output_schema.column_names})"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    steps: list[dict] = []
+    index: dict[int, int] = {}  # id(node) -> step index
+    item_table: dict | None = None
+
+    def kernel(node: Node, sel: list[str], i: int) -> tuple[str, dict]:
+        nonlocal item_table
+        op = node.op
+        if op is None or isinstance(op, (ops.AddMetadata, DagAddMetadata)):
+            return "identity", {}
+        if isinstance(op, (SelectionOp, ConcatColumns, SubsetColumns)):
+            return "identity", {}  # the step keeps node.output_schema's columns
+        if isinstance(op, ops.Categorify):
+            tables = {}
+            for c in sel:
+                values, labels = _categorify_tables(op, c)
+                order = np.argsort(values, kind="stable")
+                names = {"values": f"s{i}.categorify.{_safe(c)}.values", "labels": f"s{i}.categorify.{_safe(c)}.labels"}
+                arrays[names["values"]] = np.ascontiguousarray(values[order], dtype=np.int64)
+                arrays[names["labels"]] = np.ascontiguousarray(labels[order], dtype=np.int64)
+                tables[c] = names
+                if c == ITEM_COL:
+                    item_table = names
+            return "categorify", {"tables": tables}
+        if isinstance(op, ItemFirstSeen):
+            tables = {}
+            for c in sel:
+                ids, first = op.tables[c]
+                names = {"output": op._out_name(c), "ids": f"s{i}.first_seen.{_safe(c)}.ids",
+                         "first": f"s{i}.first_seen.{_safe(c)}.first"}  # fmt: skip
+                arrays[names["ids"]] = np.ascontiguousarray(ids, dtype=np.int64)
+                arrays[names["first"]] = np.ascontiguousarray(first, dtype=np.float64)
+                tables[c] = names
+            return "first_seen", {"tables": tables}
+        if isinstance(op, UDF):
+            name = _UDF_NAMES.get(op.f)
+            if name is None:
+                raise UnsupportedWorkflowError(
+                    f"LambdaOp {getattr(op.f, '__qualname__', op.f)!r} (node {node.label}) has no numpy kernel: "
+                    f"add it to training/sessrec_transform.py UDFS (known: {sorted(_UDF_NAMES.values())})"
+                )
+            if (op._param_count == 2) != (name in sessrec_transform.TWO_ARG_UDFS):
+                raise UnsupportedWorkflowError(f"LambdaOp {name}: unexpected parameter count {op._param_count}")
+            params = {"function": name, "outputs": list(node.output_schema.column_names)}
+            if name in sessrec_transform.TWO_ARG_UDFS:
+                params["time_col"] = TIME_COL  # the column training.workflow_ops.item_age_days reads
+            return "udf", params
+        if isinstance(op, Rename):
+            mapping = {new: old[0] for new, old in op.column_mapping(ColumnSelector(sel)).items()}
+            return "rename", {"mapping": mapping}
+        if isinstance(op, ops.Groupby):
+            if op.sort_cols or len(op.groupby_cols) != 1:
+                raise UnsupportedWorkflowError("ServingTransform supports Groupby on one column without sort_cols")
+            list_aggs, conv_aggs = _get_agg_dicts(op.groupby_cols, op.list_aggs, op.conv_aggs, ColumnSelector(sel))
+            plan = []
+            for col, aggs in conv_aggs.items():
+                wanted = {a for a in aggs if a is not list} | set(list_aggs.get(col, ()))
+                unknown = wanted - {"list", "count", "first", "last"}
+                if unknown:
+                    raise UnsupportedWorkflowError(f"ServingTransform: unsupported Groupby aggregation {unknown} on {col}")
+                plan.append([col, sorted(wanted)])
+            return "groupby", {"key": op.groupby_cols[0], "sep": op.name_sep, "plan": plan}
+        if isinstance(op, ops.ListSlice):
+            if not (op.start < 0 and op.end == np.iinfo(np.int64).max and not op.pad):
+                raise UnsupportedWorkflowError(
+                    f"ServingTransform supports ListSlice(-n) only, got start={op.start} end={op.end}"
+                )
+            return "list_slice", {"keep": int(-op.start), "columns": list(sel)}
+        if isinstance(op, ops.Filter):
+            if not isinstance(op.f, MinLength):
+                raise UnsupportedWorkflowError(f"ServingTransform supports Filter(MinLength) only, got {op.f!r}")
+            return "identity", {}  # serving keeps short sessions (a one-click session gets a ranking)
+        if isinstance(op, ops.ValueCount):
+            return "identity", {}
+        raise UnsupportedWorkflowError(
+            f"ServingTransform cannot run op {type(op).__name__} (node {node.label}); "
+            "extend training/serving_transform.py:compile_workflow and training/sessrec_transform.py:KERNELS"
+        )
+
+    def visit(node: Node) -> None:
+        if id(node) in index:
+            return
+        parents = node.parents_with_dependencies
+        for p in parents:
+            visit(p)
+        produced = set()
+        for p in parents:
+            produced.update(p.output_schema.column_names)
+        wanted = set(node.input_schema.column_names) | set(node.dependency_columns.names)
+        selection = node.input_columns.resolve(node.input_schema).names if node.input_schema is not None else []
+        i = len(steps)
+        kind, params = kernel(node, list(selection), i)
+        steps.append({
+            "kernel": kind,
+            "params": params,
+            "parents": [index[id(p)] for p in parents],
+            "root_cols": sorted(wanted - produced),
+            "outputs": list(node.output_schema.column_names),
+            "label": str(node.label),
+        })  # fmt: skip
+        index[id(node)] = i
+
+    visit(workflow.output_node)
+    if item_table is None:
+        raise UnsupportedWorkflowError("the workflow has no Categorify op for item_id")
+    spec = {
+        "format": sessrec_transform.FORMAT,
+        "raw_inputs": dict(schema.raw_inputs),
+        "max_len": schema.max_len,
+        "categorical": dict(schema.categorical),
+        "continuous": list(schema.continuous),
+        "item_list": schema.item_feature,
+        "session_col": SESSION_COL,
+        "lengths": LENGTHS_TENSOR,
+        "special_ids": {"pad": PAD_ID, "null": NULL_ID, "oov": OOV_ID, "first_real": FIRST_REAL_ID},
+        "item_table": item_table,
+        "steps": steps,
+        "workflow_sha256": dict(workflow_sha256 if workflow_sha256 is not None else schema.workflow_sha256),
+    }
+    return Transform(spec, arrays)
+
+
 class ServingTransform:
     """The fitted workflow's transform for one request of raw interaction rows.
 
     `ServingTransform.load(data_dir)` reads `schema.json`, checks the sha256 of the
-    workflow files, loads the workflow and compiles its graph into numpy kernels.
-    Call it with `{column: 1-D array}` holding `raw_inputs` (extra columns are
+    workflow files, loads the workflow and compiles it (`compile_workflow`); calls
+    run `training.sessrec_transform.Transform`, the code the served preprocess step
+    runs. Call it with `{column: 1-D array}` holding `raw_inputs` (extra columns are
     ignored; [N, 1] arrays and safely castable dtypes are accepted); it returns
     `session_id` [S] int64 (order of first appearance), every list feature as
     [S, max_len] (categorical int64, continuous float32; the last <= max_len
@@ -162,21 +238,12 @@ class ServingTransform:
         self.workflow = workflow
         schema = Schema.of(schema)
         self.schema = schema.to_dict()  # schema.json's object, as before (the attributes below are typed)
-        self.raw_inputs: dict[str, np.dtype] = {k: np.dtype(v) for k, v in schema.raw_inputs.items()}
-        self.max_len = schema.max_len
-        self.categorical: dict[str, int] = dict(schema.categorical)
-        self.continuous: list[str] = list(schema.continuous)
-        self.item_list: str = schema.item_feature
-        missing = {*self.categorical, *self.continuous} - set(workflow.output_schema.column_names)
-        if missing:
-            raise IntegrityError(
-                f"schema.json lists features {sorted(missing)} that the workflow does not produce "
-                f"(it produces {workflow.output_schema.column_names})"
-            )
-        self._item_categorify: tuple[np.ndarray, np.ndarray] | None = None
-        self._steps = self._compile(workflow.output_node)
-        if self._item_categorify is None:
-            raise UnsupportedWorkflowError("the workflow has no Categorify op for item_id")
+        self.compiled: Transform = compile_workflow(workflow, schema)
+        self.raw_inputs: dict[str, np.dtype] = self.compiled.raw_inputs
+        self.max_len = self.compiled.max_len
+        self.categorical: dict[str, int] = self.compiled.categorical
+        self.continuous: list[str] = self.compiled.continuous
+        self.item_list: str = self.compiled.item_list
 
     @classmethod
     def load(cls, data_dir: str | os.PathLike) -> ServingTransform:
@@ -195,279 +262,7 @@ class ServingTransform:
     # ---- public API ------------------------------------------------------ #
     def item_vocabulary(self) -> np.ndarray:
         """Raw item id for every encoded id (index = encoded id; -1 for special ids)."""
-        values, labels = self._item_categorify
-        size = max(self.categorical.get(self.item_list, 0), int(labels.max(initial=OOV_ID)) + 1)
-        vocab = np.full(size, -1, dtype=np.int64)
-        vocab[labels] = values
-        vocab[list(SPECIAL_IDS)] = -1
-        return vocab
+        return self.compiled.item_vocabulary()
 
     def __call__(self, columns: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        frame = self._validate(columns)
-        results: dict[int, Frame] = {}
-        for step in self._steps:
-            merged: Frame = {}
-            for p in step.parents:
-                merged.update(results[p])
-            for c in step.root_cols:
-                if c in frame:
-                    merged[c] = frame[c]
-            out = step.kernel(merged)
-            results[step.key] = {c: out[c] for c in step.outputs if c in out}
-        final = results[self._steps[-1].key]
-        return self._assemble(final)
-
-    # ---- validation ------------------------------------------------------ #
-    def _validate(self, columns: Mapping[str, Any]) -> Frame:
-        if not isinstance(columns, Mapping):
-            raise InputError(
-                f"expected a mapping of column name -> 1-D array with columns {list(self.raw_inputs)}, "
-                f"got {type(columns).__name__}"
-            )
-        frame: Frame = {}
-        first_name, n = None, None
-        for name, dtype in self.raw_inputs.items():
-            if name not in columns:
-                raise InputError(
-                    f"missing column {name!r}: expected {dtype} values, one per interaction row "
-                    f"(required columns: {list(self.raw_inputs)}; got {sorted(map(str, columns))})"
-                )
-            arr = np.asarray(columns[name])
-            if arr.ndim == 2 and arr.shape[1] == 1:
-                arr = arr[:, 0]
-            if arr.ndim != 1:
-                raise InputError(f"column {name!r} has shape {arr.shape}: expected a 1-D array of {dtype}")
-            if n is None:
-                first_name, n = name, len(arr)
-                if n == 0:
-                    raise InputError(f"column {name!r} has zero rows: expected at least one interaction row")
-            elif len(arr) != n:
-                raise InputError(
-                    f"column {name!r} has {len(arr)} values but column {first_name!r} has {n}: "
-                    "expected one value per interaction row in every column"
-                )
-            frame[name] = _cast(name, arr, dtype)
-        return frame
-
-    # ---- output ---------------------------------------------------------- #
-    def _assemble(self, final: Frame) -> dict[str, np.ndarray]:
-        sessions = final[SESSION_COL]
-        out = {SESSION_COL: np.asarray(sessions, dtype=np.int64)}
-        lengths = None
-        for name in [*self.categorical, *self.continuous]:
-            col = final[name]
-            dtype = np.float32 if name in self.continuous else np.int64
-            out[name] = col.padded(self.max_len, dtype)
-            if name == self.item_list:
-                lengths = np.minimum(col.lengths, self.max_len).astype(np.int64)
-        out[LENGTHS_TENSOR] = lengths
-        return out
-
-    # ---- compiling the graph --------------------------------------------- #
-    def _compile(self, output_node: Node) -> list[_Step]:
-        steps: list[_Step] = []
-        seen: set[int] = set()
-        grouping_box: dict[str, _Grouping] = {}
-
-        def visit(node: Node) -> None:
-            if id(node) in seen:
-                return
-            parents = node.parents_with_dependencies
-            for p in parents:
-                visit(p)
-            produced = set()
-            for p in parents:
-                produced.update(p.output_schema.column_names)
-            wanted = set(node.input_schema.column_names) | set(node.dependency_columns.names)
-            root_cols = tuple(sorted(wanted - produced))
-            selection = (
-                node.input_columns.resolve(node.input_schema).names if node.input_schema is not None else []
-            )
-            kernel = self._kernel(node, list(selection), grouping_box)
-            steps.append(
-                _Step(
-                    key=id(node),
-                    parents=tuple(id(p) for p in parents),
-                    root_cols=root_cols,
-                    kernel=kernel,
-                    outputs=tuple(node.output_schema.column_names),
-                )
-            )
-            seen.add(id(node))
-
-        visit(output_node)
-        return steps
-
-    def _kernel(self, node: Node, sel: list[str], grouping_box: dict) -> Callable[[Frame], Frame]:
-        op = node.op
-        if op is None or isinstance(op, (ops.AddMetadata, DagAddMetadata)):
-            return _identity
-        if isinstance(op, (SelectionOp, ConcatColumns, SubsetColumns)):
-            return _identity  # the step keeps node.output_schema's columns
-        if isinstance(op, ops.Categorify):
-            encoders = {}
-            for c in sel:
-                values, labels = _categorify_tables(op, c)
-                encoders[c] = _vocab_lookup(values, labels, OOV_ID)
-                if c == ITEM_COL:
-                    self._item_categorify = (values, labels)
-            return _categorify_kernel(encoders)
-        if isinstance(op, ItemFirstSeen):
-            return _first_seen_kernel(op, sel)
-        if isinstance(op, UDF):
-            outputs = list(node.output_schema.column_names)
-            return _udf_kernel(op, outputs)
-        if isinstance(op, Rename):
-            mapping = {new: old[0] for new, old in op.column_mapping(ColumnSelector(sel)).items()}
-            return _rename_kernel(mapping)
-        if isinstance(op, ops.Groupby):
-            return _groupby_kernel(op, sel)
-        if isinstance(op, ops.ListSlice):
-            if not (op.start < 0 and op.end == np.iinfo(np.int64).max and not op.pad):
-                raise UnsupportedWorkflowError(
-                    f"ServingTransform supports ListSlice(-n) only, got start={op.start} end={op.end}"
-                )
-            return _list_slice_kernel(-op.start, sel)
-        if isinstance(op, ops.Filter):
-            if not isinstance(op.f, MinLength):
-                raise UnsupportedWorkflowError(f"ServingTransform supports Filter(MinLength) only, got {op.f!r}")
-            return _identity  # serving keeps short sessions (a one-click session gets a ranking)
-        if isinstance(op, ops.ValueCount):
-            return _identity
-        raise UnsupportedWorkflowError(
-            f"ServingTransform cannot run op {type(op).__name__} (node {node.label}); "
-            "extend training/serving_transform.py:ServingTransform._kernel"
-        )
-
-
-def _cast(name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    kind = arr.dtype.kind
-    if dtype.kind in "iu":
-        if kind in "iu":
-            if kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
-                bad = arr[arr > np.iinfo(np.int64).max][0]
-                raise InputError(f"column {name!r} has value {bad}: expected integers that fit in int64")
-            out = arr.astype(np.int64, copy=False)
-        elif kind == "f":
-            finite = np.isfinite(arr)
-            if not finite.all():
-                raise InputError(f"column {name!r} has value {arr[~finite][0]}: expected integer ids, not NaN/inf")
-            frac = arr != np.floor(arr)
-            if frac.any():
-                raise InputError(f"column {name!r} has value {arr[frac][0]}: expected integer ids (no fraction)")
-            out = arr.astype(np.int64)
-        else:
-            sample = arr[0] if arr.size else None
-            raise InputError(
-                f"column {name!r} has dtype {arr.dtype} (e.g. {sample!r}): expected {dtype} "
-                "(integer values; bool/str/object cannot be cast safely)"
-            )
-        if out.size and out.min() < 0:
-            raise InputError(f"column {name!r} has value {out[out < 0][0]}: expected non-negative integers")
-        return out
-    # float features
-    if kind not in "fiu":
-        sample = arr[0] if arr.size else None
-        raise InputError(
-            f"column {name!r} has dtype {arr.dtype} (e.g. {sample!r}): expected {dtype} numbers "
-            "(bool/str/object cannot be cast safely)"
-        )
-    out = arr.astype(dtype, copy=False)
-    finite = np.isfinite(out)
-    if not finite.all():
-        raise InputError(f"column {name!r} has value {out[~finite][0]}: expected finite {dtype} numbers")
-    return out
-
-
-def _identity(frame: Frame) -> Frame:
-    return frame
-
-
-def _categorify_kernel(encoders: dict[str, Callable]) -> Callable[[Frame], Frame]:
-    def run(frame: Frame) -> Frame:
-        out = dict(frame)
-        for c, enc in encoders.items():
-            out[c] = enc(frame[c])
-        return out
-
-    return run
-
-
-def _first_seen_kernel(op: ItemFirstSeen, sel: list[str]) -> Callable[[Frame], Frame]:
-    names = {c: op._out_name(c) for c in sel}
-
-    def run(frame: Frame) -> Frame:
-        return {names[c]: op.lookup(c, frame[c]) for c in sel}
-
-    return run
-
-
-def _udf_kernel(op: UDF, outputs: list[str]) -> Callable[[Frame], Frame]:
-    two_args = op._param_count == 2
-
-    def run(frame: Frame) -> Frame:
-        out = {}
-        for c in outputs:
-            out[c] = np.asarray(op.f(frame[c], frame) if two_args else op.f(frame[c]))
-        return out
-
-    return run
-
-
-def _rename_kernel(mapping: dict[str, str]) -> Callable[[Frame], Frame]:
-    def run(frame: Frame) -> Frame:
-        return {new: frame[old] for new, old in mapping.items()}
-
-    return run
-
-
-def _groupby_kernel(op: ops.Groupby, sel: list[str]) -> Callable[[Frame], Frame]:
-    if op.sort_cols or len(op.groupby_cols) != 1:
-        raise UnsupportedWorkflowError("ServingTransform supports Groupby on one column without sort_cols")
-    key_col = op.groupby_cols[0]
-    list_aggs, conv_aggs = _get_agg_dicts(op.groupby_cols, op.list_aggs, op.conv_aggs, ColumnSelector(sel))
-    sep = op.name_sep
-    plan = []
-    for col, aggs in conv_aggs.items():
-        wanted = {a for a in aggs if a is not list} | set(list_aggs.get(col, ()))
-        unknown = wanted - {"list", "count", "first", "last"}
-        if unknown:
-            raise UnsupportedWorkflowError(f"ServingTransform: unsupported Groupby aggregation {unknown} on {col}")
-        plan.append((col, wanted))
-
-    def run(frame: Frame) -> Frame:
-        g = _Grouping.of(frame[key_col])
-        out: Frame = {key_col: g.session_ids}
-        for col, wanted in plan:
-            if col not in frame:
-                continue  # e.g. the window index, which serving does not get
-            values = frame[col]
-            if "list" in wanted:
-                out[f"{col}{sep}list"] = g.lists(values)
-            if "count" in wanted:
-                out[f"{col}{sep}count"] = g.counts
-            if "first" in wanted or "last" in wanted:
-                srt = values[g.row_order]
-                if "first" in wanted:
-                    out[f"{col}{sep}first"] = srt[g.starts]
-                if "last" in wanted:
-                    out[f"{col}{sep}last"] = srt[g.starts + g.counts - 1]
-        return out
-
-    return run
-
-
-def _list_slice_kernel(keep: int, sel: list[str]) -> Callable[[Frame], Frame]:
-    """ListSlice(-keep): the last `keep` values of every list."""
-
-    def run(frame: Frame) -> Frame:
-        out = dict(frame)
-        for c in sel:
-            col = frame.get(c)
-            if col is None:
-                continue
-            new_len = np.minimum(col.lengths, keep)
-            out[c] = _Ragged(col.flat, col.starts + col.lengths - new_len, new_len)
-        return out
-
-    return run
+        return self.compiled(columns)

@@ -1,7 +1,9 @@
 """Custom NVTabular ops and executors of the sessrec workflow (built in `training.workflow`).
 
 - `weekday_sin`, `item_age_days`: LambdaOp functions deriving continuous features
-  from `timestamp` (numpy arrays and pandas Series alike: serving passes arrays).
+  from `timestamp` (numpy arrays and pandas Series alike). Their math lives in
+  `training.sessrec_transform` (the module the served preprocess step runs); these
+  wrappers are what pickled workflows refer to by name.
 - `MinLength`: the Filter predicate `item_id-count >= min_len`.
 - `ItemFirstSeen`: per item, the first timestamp seen at fit time (replaces
   JoinGroupby(min), see `training.workflow`'s docstring for why).
@@ -29,9 +31,9 @@ from merlin.dag.ops.stat_operator import StatOperator
 from nvtabular import ops
 from nvtabular.ops.groupby import _get_agg_dicts
 
+from training import sessrec_transform
 from training.names import TIME_COL
-
-SECONDS_PER_DAY = 86_400
+from training.sessrec_transform import SECONDS_PER_DAY  # noqa: F401  (re-exported by training.workflow)
 
 
 # --------------------------------------------------------------------------- #
@@ -45,20 +47,18 @@ def _like(template, values: np.ndarray):
 
 
 def weekday_sin(timestamp):
-    """sin(2*pi*weekday/7) of epoch seconds (UTC), weekday 0 = Monday -> float32."""
-    days = np.floor_divide(np.asarray(timestamp, dtype=np.int64), SECONDS_PER_DAY)
-    weekday = (days + 3) % 7  # 1970-01-01 was a Thursday (weekday 3)
-    return _like(timestamp, np.sin(2.0 * np.pi * weekday / 7.0).astype(np.float32))
+    """sin(2*pi*weekday/7) of epoch seconds (UTC), weekday 0 = Monday -> float32.
+
+    The math is `training.sessrec_transform.weekday_sin` (the code the served
+    preprocess step runs); this wrapper keeps pandas Series as Series."""
+    return _like(timestamp, sessrec_transform.weekday_sin(np.asarray(timestamp)))
 
 
 def item_age_days(first_seen, frame):
     """Days from the item's first appearance in the fitted data to this interaction
-    (float32, >= 0); 0 for items unseen at fit time (first_seen is NaN)."""
-    ts = np.asarray(frame[TIME_COL], dtype=np.float64)
-    first = np.asarray(first_seen, dtype=np.float64)
-    age = (ts - first) / SECONDS_PER_DAY
-    age = np.where(np.isnan(age), 0.0, np.maximum(age, 0.0)).astype(np.float32)
-    return _like(first_seen, age)
+    (float32, >= 0); 0 for items unseen at fit time (first_seen is NaN).
+    The math is `training.sessrec_transform.item_age_days`."""
+    return _like(first_seen, sessrec_transform.item_age_days(np.asarray(first_seen), np.asarray(frame[TIME_COL])))
 
 
 class MinLength:
@@ -106,11 +106,7 @@ class ItemFirstSeen(StatOperator):
 
     def lookup(self, col: str, values: np.ndarray) -> np.ndarray:
         ids, first = self.tables[col]
-        values = np.asarray(values, dtype=np.int64)
-        pos = np.searchsorted(ids, values)
-        pos_c = np.minimum(pos, max(len(ids) - 1, 0))
-        found = (pos < len(ids)) & (ids[pos_c] == values) if len(ids) else np.zeros(len(values), bool)
-        return np.where(found, first[pos_c] if len(ids) else np.nan, np.nan)
+        return sessrec_transform.first_seen_lookup(ids, first, values)
 
     def transform(self, col_selector: ColumnSelector, df):
         out = {self._out_name(c): self.lookup(c, df[c].to_numpy()) for c in col_selector.names}

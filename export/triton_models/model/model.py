@@ -7,14 +7,17 @@ one forward pass under torch.inference_mode and split again. The same model.pt
 is what `platform: "pytorch_libtorch"` serves in an NGC container.
 
 Parameters (config.pbtxt): `input_order` (JSON list: the traced forward's
-positional inputs), `torch_threads` (intra-op threads; 0 = export.steps.default_torch_threads():
+positional inputs), `torch_threads` (intra-op threads; 0 = sessrec_steps.default_torch_threads():
 half the cores, at most 4), `cardinalities` (JSON: categorical input -> number of
 encoded ids) and `max_len`, with which each request is checked on its own before
 the batch runs (a client may call this step directly: a bad request gets
 INVALID_ARG and the requests batched with it are still answered).
 
-`model.pt` is loaded only after its sha256 matched the one `python -m export`
-recorded in the repository's sessrec_export.json (export.steps.verify_version_files).
+`model.pt` is loaded only after every file of this version folder matched its
+sha256 in sessrec_files.json (sessrec_integrity.verify_folder). Imports only the
+standard library, numpy, torch, triton_python_backend_utils and the files of
+this folder (sessrec_steps.py, sessrec_integrity.py): torch is the one package a
+stock tritonserver image lacks for this step (see export/README.md).
 """
 
 import json
@@ -23,32 +26,36 @@ from pathlib import Path
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
-
-from export.steps import (
+from sessrec_integrity import verify_folder
+from sessrec_steps import (
     RequestError,
     check_model_inputs,
     concat_requests,
     default_torch_threads,
+    json_parameter,
     split_rows,
-    verify_version_files,
+    string_parameters,
 )
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = string_parameters(config)
         threads = int(params.get("torch_threads", "0")) or default_torch_threads()
         torch.set_num_threads(threads)
         torch.set_num_interop_threads(1)  # one forward at a time per instance
-        verify_version_files(args["model_repository"], args["model_version"])  # before torch.jit.load
         version_dir = Path(args["model_repository"]) / args["model_version"]
+        verify_folder(version_dir)  # before torch.jit.load
         self.device = torch.device("cuda", int(args["model_instance_device_id"])) if args["model_instance_kind"] == "GPU" else torch.device("cpu")
         self.model = torch.jit.load(str(version_dir / "model.pt"), map_location=self.device).eval()
-        self.inputs = json.loads(params["input_order"])
-        self.cardinalities = json.loads(params.get("cardinalities", "{}"))
+        self.inputs = json_parameter(params, "input_order", "model")
+        self.cardinalities = json_parameter(params, "cardinalities", "model")
         self.max_len = int(params.get("max_len", "0")) or None
         self.outputs = [o["name"] for o in config["output"]]  # scores, encoded ids: the forward's order
+        for name in self.inputs:
+            if pb_utils.get_input_config_by_name(config, name) is None:
+                raise ValueError(f"config.pbtxt of model declares no input {name!r}: re-export the repository")
         self.logger = pb_utils.Logger
 
     def execute(self, requests):

@@ -2,15 +2,15 @@
 
 The Python-backend `model.py` files in `export/triton_models/` only parse their
 config, call these functions per request and wrap the result (or the error) in
-a response. numpy only at import time; torch is imported by the model step.
+a response. `python -m export` copies this file verbatim into each step's
+version folder (sha256-recorded there): it imports only the standard library and
+numpy, uses Python 3.10 syntax, and gets every tensor name and special id as an
+argument (the exporter writes them into config.pbtxt parameters from
+`training.names`, the one definition).
 
 Errors a client can fix raise `RequestError` (a ValueError) whose message names
 the input tensor; the step answers that request with INVALID_ARG and keeps
 serving the others.
-
-Before a step loads anything from its version directory it calls
-`verify_version_files`: every file there must match the sha256 that
-`python -m export` recorded in the repository's `sessrec_export.json`.
 """
 
 from __future__ import annotations
@@ -18,74 +18,28 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from typing import Any
 
 import numpy as np
-
-from training.integrity import IntegrityError, file_sha256  # noqa: F401  (IntegrityError: re-exported to the stubs)
-from training.names import FIRST_REAL_ID, LENGTHS_TENSOR, OUT_ENCODED_IDS, OUT_SESSION_ID, SESSION_COL
-
-MANIFEST = "sessrec_export.json"  # written by `python -m export` at the repository root
 
 
 class RequestError(ValueError):
     """A request the server cannot answer; the message names the input and what was expected."""
 
 
-# --- integrity ------------------------------------------------------------------
-# IntegrityError and file_sha256 are training.integrity's (stdlib only), imported above;
-# the step stubs import IntegrityError from here.
+def string_parameters(config: Mapping[str, Any]) -> dict[str, str]:
+    """config.pbtxt `parameters` (as the model_config JSON gives them) -> {key: string value}."""
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
 
 
-def read_manifest(repo: Path) -> dict:
-    path = Path(repo) / MANIFEST
+def json_parameter(params: Mapping[str, str], key: str, model: str) -> Any:
+    """A JSON-valued config parameter; ValueError naming the model and key when absent or malformed."""
+    if key not in params:
+        raise ValueError(f"config.pbtxt of {model} has no parameter {key!r}: re-export the repository")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise IntegrityError(
-            f"{path} not found: the repository was not written by `python -m export` (or was copied "
-            "without it); refusing to load files whose sha256 was never recorded"
-        ) from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{path} is not valid JSON ({e}): re-export the repository") from e
-
-
-def verify_version_files(model_dir: str | os.PathLike, version: str | int) -> dict:
-    """Check `<model>/<version>/` against the manifest before anything there is loaded; returns the manifest.
-
-    Every file listed for that directory must exist with its recorded sha256, and
-    no other file may be there (`__pycache__` aside, which Python writes when the
-    stub imports model.py). Raises IntegrityError naming the file otherwise."""
-    model_dir = Path(model_dir)
-    repo = model_dir.parent
-    manifest = read_manifest(repo)
-    prefix = f"{model_dir.name}/{version}/"
-    expected = {rel: sha for rel, sha in manifest.get("files_sha256", {}).items() if rel.startswith(prefix)}
-    if not expected:
-        raise IntegrityError(
-            f"{repo / MANIFEST} records no file of {prefix}: refusing to load an unrecorded model version "
-            "(add versions with `python -m export ... --new-version`)"
-        )
-    for rel, want in sorted(expected.items()):
-        path = repo / rel
-        if not path.is_file():
-            raise IntegrityError(f"{path} is missing (its sha256 is recorded in {MANIFEST}): re-export the repository")
-        got = file_sha256(path)
-        if got != want:
-            raise IntegrityError(
-                f"{path} has sha256 {got}, but {MANIFEST} records {want} (written by `python -m export`): "
-                "the file was modified after export; refusing to load it (re-export the repository)"
-            )
-    version_dir = model_dir / str(version)
-    for path in sorted(version_dir.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
-            rel = path.relative_to(repo).as_posix()
-            if rel not in expected:
-                raise IntegrityError(
-                    f"{path} is not listed in {MANIFEST}: refusing to load a version directory holding "
-                    "files that `python -m export` did not write"
-                )
-    return manifest
+        return json.loads(params[key])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config.pbtxt of {model}: parameter {key!r} is not JSON ({e}): re-export") from e
 
 
 # --- preprocess ---------------------------------------------------------------
@@ -119,28 +73,32 @@ def preprocess(
     feature_names: Sequence[str],
     max_rows: int,
     max_sessions: int,
+    session_col: str,
+    session_out: str,
+    lengths: str,
 ) -> dict[str, np.ndarray]:
     """Raw interaction rows of one request -> the model step's tensors.
 
-    Returns {OUT_SESSION_ID: [S] int64, <feature>: [S, L], LENGTHS_TENSOR: [S, 1] int64}.
-    `transform` is the fitted workflow's serving transform (training.serving_transform.ServingTransform);
-    it raises training.serving_transform.InputError (a ValueError) for bad values, naming the column.
+    Returns {session_out: [S] int64, <feature>: [S, L], lengths: [S, 1] int64}.
+    `transform` is the compiled workflow (training.sessrec_transform.Transform, shipped as
+    sessrec_transform.py); it returns the session ids under `session_col` and raises its
+    InputError (a ValueError) for bad values, naming the column.
     Sessions never mix across requests: each request is transformed on its own."""
     names = list(columns)
     check_raw_columns(columns, names, max_rows)
     out = transform(dict(columns))
-    sessions = out[SESSION_COL]
+    sessions = out[session_col]
     if len(sessions) > max_sessions:
         raise RequestError(
-            f"input '{SESSION_COL}' holds {len(sessions)} sessions, more than this server's maximum of "
+            f"input '{session_col}' holds {len(sessions)} sessions, more than this server's maximum of "
             f"{max_sessions} per request (max_batch_sessions): split them over several requests"
         )
-    result = {OUT_SESSION_ID: np.ascontiguousarray(sessions, dtype=np.int64)}
+    result = {session_out: np.ascontiguousarray(sessions, dtype=np.int64)}
     for name in feature_names:
         result[name] = np.ascontiguousarray(out[name])
     # [S, 1]: the model step batches over sessions (max_batch_size > 0) and
     # reshapes [S, 1] -> [S]; an ensemble tensor needs the batch dim explicit.
-    result[LENGTHS_TENSOR] = np.ascontiguousarray(out[LENGTHS_TENSOR], dtype=np.int64).reshape(-1, 1)
+    result[lengths] = np.ascontiguousarray(out[lengths], dtype=np.int64).reshape(-1, 1)
     return result
 
 
@@ -205,11 +163,13 @@ def split_rows(arrays: Sequence[np.ndarray], sizes: Sequence[int]) -> list[list[
 
 
 # --- postprocess ----------------------------------------------------------------
-def to_raw_item_ids(vocabulary: np.ndarray, encoded: np.ndarray) -> np.ndarray:
-    """Encoded item ids [S, k] -> raw item ids [S, k] (vocabulary[i] = raw id of encoded id i)."""
-    if encoded.size and (encoded.min() < FIRST_REAL_ID or encoded.max() >= len(vocabulary)):
+def to_raw_item_ids(vocabulary: np.ndarray, encoded: np.ndarray, first_real_id: int, input_name: str) -> np.ndarray:
+    """Encoded item ids [S, k] -> raw item ids [S, k] (vocabulary[i] = raw id of encoded id i).
+
+    Ids below `first_real_id` (pad/null/OOV) or outside the vocabulary raise RequestError naming `input_name`."""
+    if encoded.size and (encoded.min() < first_real_id or encoded.max() >= len(vocabulary)):
         raise RequestError(
-            f"input '{OUT_ENCODED_IDS}': encoded item ids must be in [{FIRST_REAL_ID}, {len(vocabulary)}), got "
+            f"input '{input_name}': encoded item ids must be in [{first_real_id}, {len(vocabulary)}), got "
             f"[{encoded.min()}, {encoded.max()}]: the model returned a special or unknown id"
         )
     return vocabulary[encoded]
