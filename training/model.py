@@ -157,7 +157,7 @@ class ModelConfig:
     # has >= two_stage_min_items ids. Resolved in __post_init__ (meta.json records the ranking used).
     # docs/scale.md has the measurements behind the defaults.
     rank: str = "auto"
-    two_stage_min_items: int = 500_000
+    two_stage_min_items: int = 200_000
     rank_context: int = 5  # last items of a session whose co-occurrence lists are candidates
     rank_popular: int = 128  # most popular items always among the candidates (stand in for the pop bonus)
     ivf_list_size: int = 256  # items per inverted list row (lists are split to this size: static shapes)
