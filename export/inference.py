@@ -74,6 +74,7 @@ class TopKRanker(nn.Module):
         if not feature_names:
             raise ValueError("feature_names is empty: the model needs at least the item list feature")
         self.model = model.eval()
+        self.model.prepare_ranking()  # two-stage ranking's index, built before tracing (exact: no-op)
         self.feature_names = tuple(feature_names)
         self.k = int(k)
         cards = dict(cardinalities or {})
@@ -90,8 +91,7 @@ class TopKRanker(nn.Module):
         lengths = inputs[-1]
         if self.max_len:
             lengths = lengths.clamp(1, self.max_len)
-        logits = self.model.next_item_scores(feats, lengths)  # [S, V], special ids at -inf
-        scores, ids = torch.topk(logits, self.k, dim=1)  # [S, k] each, best first
+        scores, ids = self.model.next_item_topk(feats, lengths, self.k)  # [S, k] each, best first
         return scores.float(), ids.long()
 
 

@@ -75,6 +75,7 @@ from training.schema import Schema
 
 OBJECTIVES = ("mlm", "clm")
 LOSSES = ("full", "sampled")
+RANKINGS = ("exact", "two_stage")
 
 
 @dataclass
@@ -147,6 +148,21 @@ class ModelConfig:
     # logq = 1 for cross-entropy; the upper end samples the popular items (which hold most of the
     # softmax mass) often, and the logQ correction removes the bias this leaves
     sample_alpha: float = 0.75
+    # --- serving top-k over the catalogue (see `SessionModel.next_item_topk`) ----------------------
+    # "exact": score every item, then topk (the reference; cost O(V) per session); "two_stage":
+    # candidates per session (its items, co-occurrence neighbours of its last `rank_context` items,
+    # successors of the last one, the `rank_popular` most popular items, the `ivf_keep` best items of
+    # an inverted-file index over the item table, `ivf_probe` lists of `ivf_list_size` items), scored
+    # exactly (network + item memory) on those only; "auto" (default): "two_stage" when the catalogue
+    # has >= two_stage_min_items ids. Resolved in __post_init__ (meta.json records the ranking used).
+    # docs/scale.md has the measurements behind the defaults.
+    rank: str = "auto"
+    two_stage_min_items: int = 200_000
+    rank_context: int = 5  # last items of a session whose co-occurrence lists are candidates
+    rank_popular: int = 128  # most popular items always among the candidates (stand in for the pop bonus)
+    ivf_list_size: int = 256  # items per inverted list row (lists are split to this size: static shapes)
+    ivf_probe: int = 4  # list rows probed per session (ivf_probe * ivf_list_size items scored)
+    ivf_keep: int = 64  # best items of the probed lists that become candidates
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -181,6 +197,15 @@ class ModelConfig:
             raise ValueError(f"memory_decay must be in (0, 1], got {self.memory_decay}")
         if self.loss == "auto":
             self.loss = "sampled" if self.n_items >= self.sampled_min_items else "full"
+        if self.rank not in RANKINGS + ("auto",):
+            raise ValueError(f"rank must be one of {RANKINGS + ('auto',)}, got {self.rank!r}")
+        for name in ("two_stage_min_items", "rank_popular", "ivf_list_size", "ivf_probe", "ivf_keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rank_context < 0:
+            raise ValueError(f"rank_context must be >= 0, got {self.rank_context}")
+        if self.rank == "auto":
+            self.rank = "two_stage" if self.n_items >= self.two_stage_min_items else "exact"
 
     @property
     def n_items(self) -> int:
@@ -332,6 +357,52 @@ def pack_sessions(feats: dict[str, Tensor], lengths: Tensor, masked: Tensor | No
 # -----------------------------------------------------------------------------
 # The model
 # -----------------------------------------------------------------------------
+
+
+def take(table: Tensor, idx: Tensor) -> Tensor:
+    """table[idx] for an index tensor of any shape, by one index_select: (*idx.shape, *table.shape[1:]).
+
+    Advanced indexing with a multi-dimensional index (`table[idx]`) costs ~20x more on the
+    CPU (measured at (64, 5000) ids into a (20k, 64) table); two-stage ranking gathers a lot."""
+    return table.index_select(0, idx.reshape(-1)).view(*idx.shape, *table.shape[1:])
+
+
+@torch.no_grad()
+def ivf_index(x: Tensor, list_size: int, iters: int = 8, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Inverted-file index of (N, E) vectors for inner-product search, in plain torch (traceable to serve).
+
+    Spherical k-means (directions; ceil(N / list_size) lists, trained on a sample of
+    32 points per list, `iters` Lloyd steps), every vector assigned to its most similar
+    centroid; a list longer than list_size is split into several rows with the same
+    centroid, so the shapes are static: centroids (R, E), members (R, list_size) row
+    indices into x, -1 = empty slot. Deterministic for a given seed. Cost at 1M x 64,
+    list_size 512: ~30 s on one core (docs/scale.md).
+    """
+    n, dim = x.shape
+    g = torch.Generator().manual_seed(seed)
+    unit = F.normalize(x.float(), dim=1)  # (N, E)
+    n_lists = max(1, -(-n // list_size))
+    sample = unit[torch.randperm(n, generator=g)[: min(n, 32 * n_lists)].to(x.device)]  # (S, E)
+    c = sample[torch.randperm(sample.shape[0], generator=g)[:n_lists].to(x.device)].clone()  # (n_lists, E)
+
+    def assign(v: Tensor) -> Tensor:  # (N, E) -> (N,) most similar centroid, in chunks of bounded memory
+        step = max(1, (1 << 24) // c.shape[0])
+        return torch.cat([(v[i : i + step] @ c.t()).argmax(1) for i in range(0, v.shape[0], step)])
+
+    for _ in range(iters):
+        a = assign(sample)
+        sums = torch.zeros_like(c).index_add_(0, a, sample)
+        c = torch.where(torch.bincount(a, minlength=c.shape[0])[:, None] > 0, F.normalize(sums, dim=1), c)
+    a = assign(unit)  # (N,)
+    order = torch.argsort(a, stable=True)  # (N,) vectors grouped by list
+    cnt = torch.bincount(a, minlength=c.shape[0])  # (n_lists,)
+    rows_per = (cnt + list_size - 1) // list_size  # empty lists get no row
+    row_start = torch.cumsum(rows_per, 0) - rows_per
+    a_sorted = a[order]
+    rank_in = torch.arange(n, device=x.device) - (torch.cumsum(cnt, 0) - cnt)[a_sorted]
+    members = torch.full((int(rows_per.sum()), list_size), -1, dtype=torch.int64, device=x.device)
+    members[row_start[a_sorted] + rank_in // list_size, rank_in % list_size] = order
+    return c.repeat_interleave(rows_per, 0), members
 
 
 class FastDropout(nn.Module):
@@ -562,6 +633,46 @@ class ItemMemory(nn.Module):
             base_w,
         )
 
+    def candidate_scores(
+        self, h: Tensor, items: Tensor, lengths: Tensor, cand: Tensor, base_h: Tensor, base_w: Tensor
+    ) -> Tensor:
+        """Inference on per-session candidates (two-stage ranking): the `next_item_scores` values at cand.
+
+        h (B, d); items (B, L) right-padded, lengths (B,); cand (B, C) item ids sorted along
+        dim 1 (repeats allowed: a repeated id gets its count terms at its first occurrence
+        only, the caller masks the others); base_h (B, E), base_w (B, C, E) the network's
+        item logits as factors (base_w = the item vectors of cand). -> (B, C) float32.
+        The same terms as `_combine` (tested against it); an id of a sparse list is found
+        in its session's candidates by binary search, ids that are not candidates are dropped.
+        """
+        B, C = cand.shape
+        pos = torch.arange(items.shape[1], device=items.device)
+        ctx = pos[None, :] < lengths[:, None]  # (B, L)
+        dist = lengths[:, None] - 1 - pos[None, :]  # (B, L)
+        last = items.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
+        with torch.autocast(h.device.type, enabled=False):
+            g = F.softplus(self.gate(h.float()))  # (B, 4)
+            lhs = torch.cat([base_h.float() * self.head_scale, g[:, 3:4]], 1)  # (B, E+1)
+            rhs = torch.cat([base_w.float(), torch.log1p(take(self.pop, cand))[:, :, None]], 2)  # (B, C, E+1)
+            out = torch.bmm(rhs, lhs[:, :, None]).squeeze(2)  # (B, C) network logits + g_pop * log1p(pop)
+
+        def add(idx: Tensor, val: Tensor) -> None:  # out[b, column of idx[b, j]] += val[b, j]
+            j = torch.searchsorted(cand, idx).clamp_(max=C - 1)  # (B, N) first position of idx, if present
+            out.scatter_add_(1, j, torch.where(cand.gather(1, j) == idx, val, 0.0))
+
+        d = dist.clamp(0, self.w_cooc.shape[0] - 1)
+        zero = torch.zeros((), device=h.device)
+        wc = torch.where(ctx, self.w_cooc[d], zero) * g[:, 0:1]  # (B, L)
+        wr = torch.where(ctx, self.w_rep[d], zero) * g[:, 2:3]  # (B, L)
+        ws = torch.where(lengths > 0, g[:, 1], zero)[:, None]  # (B, 1)
+        add(
+            take(self.cooc_idx, items).long().reshape(B, -1),
+            (wc[:, :, None] * torch.log1p(take(self.cooc_val, items))).reshape(B, -1),
+        )
+        add(take(self.succ_idx, last).long(), ws * torch.log1p(take(self.succ_val, last)))
+        add(items, wr)
+        return out
+
     def packed_scores(
         self,
         h: Tensor,
@@ -705,6 +816,16 @@ class SessionModel(nn.Module):
             # item counts of the training sessions for the negative sampler (with the memory on,
             # its `pop` table serves); training-only input set per window, so not in the state_dict
             self.register_buffer("sample_counts", torch.zeros(cfg.n_items), persistent=False)
+        if cfg.rank == "two_stage":
+            # two-stage ranking's index (`prepare_ranking`): derived from the item table and the
+            # counts, so not in the state_dict; filled before serving, baked into the traced model
+            self.register_buffer("rank_pop_ids", torch.zeros(0, dtype=torch.int64), persistent=False)
+            self.register_buffer("ivf_centroids", torch.zeros(0, cfg.embedding_dim), persistent=False)
+            self.register_buffer(
+                "ivf_members", torch.zeros(0, cfg.ivf_list_size, dtype=torch.int64), persistent=False
+            )
+        self._rank_key: tuple | None = None  # which table/counts the ranking index was built from
+        self._rank_sizes = (0, 0, 0)  # (popular, probed lists, kept IVF items) of the index
         self._sampler_key: tuple | None = None  # which counts `_sampler` was computed from
         self._sampler: tuple[Tensor, Tensor, Tensor] | None = None
         for emb in self.embeddings.values():
@@ -761,6 +882,17 @@ class SessionModel(nn.Module):
         never changes a session's scores (the attention mask hides it).
         Traceable with torch.jit.trace: no data-dependent Python control flow.
         """
+        h_next = self.next_hidden(feats, lengths)  # (B, d_model)
+        if self.item_memory is None:
+            return self.item_logits(h_next)  # (B, V)
+        table = self.embeddings[self.cfg.item_feature].weight
+        logits = self.item_memory.next_item_scores(
+            h_next, feats[self.cfg.item_feature], lengths, self._head_input(h_next), table
+        )  # (B, V) network logits + count scores, a fresh tensor
+        return logits.masked_fill_(self.special_ids, float("-inf"))
+
+    def next_hidden(self, feats: dict[str, Tensor], lengths: Tensor) -> Tensor:
+        """(B, L) feats, (B,) lengths -> (B, d_model): the hidden state that scores the next item."""
         x = self.embed(feats)  # (B, L, d_output)
         x = F.pad(x, (0, 0, 0, 1))  # (B, L+1, d_output): room for the mask slot of a full session
         pos = torch.arange(x.shape[1], device=x.device)  # (L+1,)
@@ -773,18 +905,138 @@ class SessionModel(nn.Module):
         segment = (pos[None, :] <= lengths[:, None]).long()  # (B, L+1) 1 = real items + the slot, 0 = pad
         h = self.encode(x, segment)  # (B, L+1, d_model)
         idx = read.view(-1, 1, 1).expand(-1, 1, self.cfg.d_model)  # (B, 1, d_model)
-        h_next = h.gather(1, idx).squeeze(1)  # (B, d_model)
-        if self.item_memory is None:
-            return self.item_logits(h_next)  # (B, V)
-        table = self.embeddings[self.cfg.item_feature].weight
-        logits = self.item_memory.next_item_scores(
-            h_next, feats[self.cfg.item_feature], lengths, self._head_input(h_next), table
-        )  # (B, V) network logits + count scores, a fresh tensor
-        return logits.masked_fill_(self.special_ids, float("-inf"))
+        return h.gather(1, idx).squeeze(1)  # (B, d_model)
 
     def forward(self, feats: dict[str, Tensor], lengths: Tensor) -> Tensor:
         """Same as `next_item_scores` (so that the module itself can be traced)."""
         return self.next_item_scores(feats, lengths)
+
+    # --- serving top-k ------------------------------------------------------------------
+
+    def next_item_topk(self, feats: dict[str, Tensor], lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-k next items: (B, L) feats, (B,) lengths -> (scores (B, k) float32, ids (B, k) int64), best first.
+
+        rank "exact": `next_item_scores` + topk (scores every item). rank "two_stage": the
+        same scores computed on a fixed number C of candidates per session only
+        (`rank_candidates`), so the cost does not grow with V (apart from the index's
+        list heads). Special ids are never returned; scores are those `next_item_scores`
+        gives the returned ids. Traceable (call `prepare_ranking` first).
+        """
+        if self.cfg.rank == "exact":
+            return torch.topk(self.next_item_scores(feats, lengths), k, dim=1)
+        self._check_ranking()
+        n_pop, probe, keep = self._rank_sizes
+        if not 1 <= k <= n_pop:
+            raise ValueError(
+                f"two-stage top-k: k={k} must be in [1, {n_pop}] (the popular "
+                "candidates guarantee k real items; raise rank_popular)"
+            )
+        items = feats[self.cfg.item_feature]  # (B, L)
+        h = self.next_hidden(feats, lengths)  # (B, d_model)
+        q = self._head_input(h)  # (B, E)
+        cand = self.rank_candidates(items, lengths, q)  # (B, C) sorted, with repeats and specials
+        w = take(self.embeddings[self.cfg.item_feature].weight, cand)  # (B, C, E)
+        if self.item_memory is None:
+            scores = torch.bmm(w, q[:, :, None]).squeeze(2).float()  # (B, C)
+        else:
+            scores = self.item_memory.candidate_scores(h, items, lengths, cand, q, w)  # (B, C)
+        repeat = F.pad(cand[:, 1:] == cand[:, :-1], (1, 0))  # (B, C) all but the first of equal ids
+        scores = scores.masked_fill(repeat | take(self.special_ids, cand), float("-inf"))
+        top, col = torch.topk(scores, k, dim=1)  # (B, k)
+        return top, cand.gather(1, col)
+
+    def rank_candidates(self, items: Tensor, lengths: Tensor, q: Tensor) -> Tensor:
+        """Two-stage candidates: (B, L) items, (B,) lengths, (B, E) head inputs -> (B, C) ids sorted per row.
+
+        C = L + rank_context*K + K + rank_popular + ivf_keep (K = memory_k; the memory parts
+        only with the item memory): the session's items, the co-occurrence lists of its last
+        rank_context items, the successors of its last item, the most popular items (they
+        stand in for the popularity bonus every item gets), and the best `ivf_keep` items by
+        network score among the `ivf_probe` inverted lists whose centroids score highest.
+        Repeats and pads (0) are left in; the caller masks them.
+        """
+        B, L = items.shape
+        dev = items.device
+        pos = torch.arange(L, device=dev)
+        parts = [torch.where(pos[None, :] < lengths[:, None], items, PAD_ID)]  # (B, L)
+        mem = self.item_memory
+        if mem is not None:
+            back = (
+                lengths[:, None] - 1 - torch.arange(max(self.cfg.rank_context, 1), device=dev)[None, :]
+            )  # (B, n)
+            recent = torch.where(back >= 0, items.gather(1, back.clamp(min=0)), PAD_ID)  # (B, n) last first
+            if self.cfg.rank_context > 0:
+                nb = take(mem.cooc_idx, recent).long()  # (B, n, K)
+                parts.append(torch.where(recent[:, :, None] != PAD_ID, nb, PAD_ID).reshape(B, -1))
+            succ = take(mem.succ_idx, recent[:, 0]).long()  # (B, K)
+            parts.append(torch.where(recent[:, :1] != PAD_ID, succ, PAD_ID))
+        parts.append(self.rank_pop_ids[None, :].expand(B, -1))  # (B, P)
+        parts.append(self._ivf_search(q))  # (B, ivf_keep)
+        return torch.cat(parts, 1).sort(1).values  # (B, C)
+
+    def _ivf_search(self, q: Tensor) -> Tensor:
+        """(B, E) -> (B, keep) ids: the best network scores among the items of the best-scoring lists."""
+        B = q.shape[0]
+        _, probe, keep = self._rank_sizes  # Python ints fixed by prepare_ranking: constants in a trace
+        rows = (q.float() @ self.ivf_centroids.t()).topk(probe, dim=1).indices  # (B, probe)
+        ids = take(self.ivf_members, rows).reshape(B, -1)  # (B, probe*M), pads 0
+        table = self.embeddings[self.cfg.item_feature].weight
+        s = torch.bmm(take(table, ids), q[:, :, None]).squeeze(2).float()  # (B, probe*M)
+        s = s.masked_fill(ids == PAD_ID, float("-inf"))
+        return ids.gather(1, torch.topk(s, keep, dim=1).indices)
+
+    def _rank_sources(self) -> tuple:
+        """What the ranking index depends on (storage and in-place version of the table and counts)."""
+        table = self.embeddings[self.cfg.item_feature].weight
+        key: tuple = (table.data_ptr(), table._version)
+        counts = self._popularity()
+        if counts is not None:
+            key += (counts.data_ptr(), counts._version)
+        return key
+
+    def _popularity(self) -> Tensor | None:
+        """Item counts for the popular candidates: the item memory's pop, else the sampler's counts, else None."""
+        if self.item_memory is not None:
+            return self.item_memory.pop
+        counts = getattr(self, "sample_counts", None)
+        return counts if counts is not None and bool(counts.any()) else None
+
+    def _check_ranking(self) -> None:
+        if self._rank_key == self._rank_sources():
+            return
+        if torch.jit.is_tracing():
+            raise RuntimeError(
+                "two-stage ranking: the index is missing or older than the item table/counts; call "
+                "model.prepare_ranking() before torch.jit.trace (TopKRanker does)"
+            )
+        self.prepare_ranking()
+
+    @torch.no_grad()
+    def prepare_ranking(self) -> None:
+        """Build the two-stage ranking's index from the current item table and counts (no-op for "exact").
+
+        * rank_pop_ids (P,): the rank_popular real ids with the highest counts (item memory's
+          pop; without the memory the sampled loss's counts, `set_sample_counts`; with neither,
+          the largest item-vector norms, which dominate inner-product scores);
+        * ivf_centroids (R, E), ivf_members (R, ivf_list_size): spherical k-means of the real
+          items' vectors (`ivf_index`), lists split into rows of ivf_list_size (pad 0).
+        Called by TopKRanker before tracing, and lazily by `next_item_topk` in eager mode
+        when the table or counts changed (training steps, set_tables).
+        """
+        if self.cfg.rank != "two_stage":
+            return
+        table = self.embeddings[self.cfg.item_feature].weight.detach()
+        real = table[FIRST_REAL_ID:].float()  # (V-3, E)
+        counts = self._popularity()
+        score = counts[FIRST_REAL_ID:].float() if counts is not None else real.norm(dim=1)
+        n_pop = min(self.cfg.rank_popular, real.shape[0])
+        self.rank_pop_ids = score.topk(n_pop).indices.to(torch.int64) + FIRST_REAL_ID
+        centroids, members = ivf_index(real, self.cfg.ivf_list_size)
+        self.ivf_centroids = centroids.to(table.device)
+        self.ivf_members = torch.where(members >= 0, members + FIRST_REAL_ID, PAD_ID).to(table.device)
+        probe = min(self.cfg.ivf_probe, members.shape[0])
+        self._rank_sizes = (n_pop, probe, min(self.cfg.ivf_keep, probe * self.cfg.ivf_list_size))
+        self._rank_key = self._rank_sources()
 
     # --- training ---------------------------------------------------------------------
 
