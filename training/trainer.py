@@ -4,6 +4,16 @@
 the process's place in a torchrun job, the device and AMP dtype, the schema,
 the model, optimizer, gradient scaler, the (DDP-wrapped) training step, the
 baselines' counts, the TensorBoard writer and the metrics rows so far.
+
+Large catalogues (loss "sampled", training/model.py): the item table's gradient
+is sparse, so it gets its own torch.optim.SparseAdam (lr, no weight decay;
+lazy: only the rows a step touched move, but its two moment buffers are dense,
+2 x the table) beside the AdamW of every other parameter; gradients are clipped
+over the dense parameters only; both optimizers and schedules step together and
+both states are in optim.pt. The negatives are drawn from a per-window, per-rank
+seeded generator (exact --resume) with the item counts of the sessions trained
+on (`set_sample_counts`; the item memory's `pop` table when it is on).
+Evaluation scores at most ~32M (session, item) pairs at once (`eval_rows`).
 `run()` is the whole protocol; its steps are the methods:
 
     restore()        --resume: weights, optimizer and rows of the last finished window
