@@ -9,7 +9,7 @@ SEED ?= 0
 # A Python with transformers4rec 23.12 (see ../shared/bench/t4rec_reference.py) to time the reference side by side
 REFERENCE_PYTHON ?=
 
-.PHONY: setup demo test test-fast lint bench-data bench-train bench-serving bench-quality bench-quality-nowplaying soak clean
+.PHONY: setup demo test test-fast lint bench-data bench-train bench-serving bench-quality bench-quality-nowplaying bench-scale soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -46,6 +46,10 @@ bench-quality-nowplaying: setup
 	$(PY) -m bench.quality --input $(NOWPLAYING)/clicks-8weeks.tsv --out bench_results/quality_nowplaying.json \
 		--prepare-args "--session-col session_id --item-col item_id --time-col timestamp --time-unit s --window week" \
 		--seeds $(or $(SEEDS),0 1 2)
+
+# Cost against catalogue size (docs/scale.md): 20k / 200k / 1M items, 5M clicks each; ~1 h on 2 busy cores
+bench-scale: setup
+	$(PY) -m bench.scale --out bench_results/scale.json
 
 soak: setup
 	$(PY) -m bench.soak --seconds 60

@@ -33,7 +33,7 @@ import numpy as np
 from bench.common import PROJECT_ROOT
 from training.baselines import BASELINES
 from training.checkpoint import RunError
-from training.config import TrainConfig
+from training.config import TrainConfig, load_params
 from training.data import DataError, load_schema, load_split, split_path
 from training.integrity import atomic_write
 from training.model import ModelConfig, SessionModel
@@ -154,9 +154,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not (data / "schema.json").is_file():
         prepare(Path(args.input), data, args.prepare_args.split() if args.prepare_args else None)
     schema = load_schema(data)
-    settings = resolve_settings(
-        schema, args.recipe, json.loads(Path(args.config).read_text()).get("params") if args.config else None
-    )
+    # load_params: model fields at the top level or under "model", as training.train --config reads them
+    settings = resolve_settings(schema, args.recipe, load_params(args.config) if args.config else None)
     per_seed, all_rows = [], []
     for seed in args.seeds:
         t0 = time.perf_counter()

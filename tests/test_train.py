@@ -24,8 +24,11 @@ from training.checkpoint import RunError, load_run, read_meta, save_checkpoint
 from training.config import TrainConfig
 from training.data import DataError, eval_inputs_targets, load_schema, load_split, split_path
 from training.metrics import metric_keys
+from training.runtime import Dist
 from training.train import main, train
 from training.trainer import cosine_lambda, evaluate_model
+
+DIST1 = Dist()  # rank 0 of 1
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +116,17 @@ REAL_LIKE = dict(
 )
 
 
-@pytest.mark.parametrize("kw", [{}, REAL_LIKE], ids=["reference", "real-with-memory"])
+# the sampled loss on the tiny catalogue ("auto" switches at a small sampled_min_items): SparseAdam
+# over the item table, negatives drawn per window; with and without the memory (its pop table samples)
+SAMPLED = dict(model={"sampled_min_items": 10, "negatives": 32})
+SAMPLED_REAL_LIKE = {**REAL_LIKE, "model": {**REAL_LIKE["model"], **SAMPLED["model"]}}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, REAL_LIKE, SAMPLED, SAMPLED_REAL_LIKE],
+    ids=["reference", "real-with-memory", "sampled", "sampled-real-with-memory"],
+)
 def test_resume_after_crash_gives_identical_metrics(tiny_synthetic_data, tmp_path, monkeypatch, kw):
     full = train(tiny_cfg(tiny_synthetic_data, tmp_path / "full", end_window=4, **kw))
 
@@ -136,6 +149,53 @@ def test_resume_after_crash_gives_identical_metrics(tiny_synthetic_data, tmp_pat
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "crashed" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sampled_run_saves_and_restores_both_optimizers(tiny_synthetic_data, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(tiny_synthetic_data, out, end_window=2, **SAMPLED))
+    meta = read_meta(out)
+    assert meta["model_config"]["loss"] == "sampled"
+    ostate = torch.load(out / "optim.pt", weights_only=True)
+    assert {"optimizer", "sparse_optimizer"} <= set(ostate)
+    (table,) = ostate["sparse_optimizer"]["state"].values()
+    V, E = meta["model_config"]["categorical"]["item_id-list"], meta["model_config"]["embedding_dim"]
+    assert table["exp_avg"].shape == table["exp_avg_sq"].shape == (V, E)  # dense moments: 2 x the table
+    assert table["exp_avg"].abs().sum() > 0
+    # the dense AdamW keeps every parameter but the item table
+    n_dense = sum(len(g["params"]) for g in ostate["optimizer"]["param_groups"])
+    trainer = trainer_mod.Trainer(
+        tiny_cfg(tiny_synthetic_data, out, end_window=3, resume=True, **SAMPLED), DIST1
+    )
+    dense, sparse = trainer.model.param_groups()
+    assert n_dense == len(dense) and list(sparse) == ["embeddings.item_id-list.weight"]
+    trainer.restore()
+    got = trainer.sparse_optimizer.state_dict()
+    assert torch.equal(got["state"][0]["exp_avg"], table["exp_avg"])
+    assert torch.equal(got["state"][0]["exp_avg_sq"], table["exp_avg_sq"])
+    assert got["state"][0]["step"] == table["step"]
+    assert trainer.first == 2
+
+
+def test_label_smoothing_is_rejected_with_the_sampled_loss(tiny_synthetic_data, tmp_path):
+    with pytest.raises(ValueError, match="label_smoothing=0.1 needs the full softmax"):
+        tiny_cfg(tiny_synthetic_data, tmp_path / "a", label_smoothing=0.1, model={"loss": "sampled"})
+    # "auto" resolves to sampled only once the catalogue size is known: refused before training
+    cfg = tiny_cfg(tiny_synthetic_data, tmp_path / "b", label_smoothing=0.1, **SAMPLED)
+    with pytest.raises(RunError, match="--label-smoothing 0, or --loss full"):
+        train(cfg)
+
+
+def test_resume_reads_an_older_meta_without_the_loss_fields(tiny_synthetic_data, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(tiny_synthetic_data, out, end_window=2))
+    meta = json.loads((out / "meta.json").read_text())
+    for k in ("loss", "sampled_min_items", "negatives", "sample_alpha"):
+        meta["model_config"].pop(k)
+    (out / "meta.json").write_text(json.dumps(meta))
+    trainer = trainer_mod.Trainer(tiny_cfg(tiny_synthetic_data, out, end_window=3, resume=True), DIST1)
+    trainer.restore()
+    assert trainer.first == 2
 
 
 def test_existing_run_needs_resume(finished_run, tiny_synthetic_data, tmp_path):
@@ -296,6 +356,31 @@ def test_eval_inputs_targets():
     assert feats["x"][0].tolist() == [5.0, 6.0, 0.0, 0.0]
 
 
+def test_chunked_evaluation_gives_the_same_ranks(finished_run, tiny_synthetic_data):
+    out, _ = finished_run
+    model, _ = load_run(out)
+    st = load_split(split_path(tiny_synthetic_data, 3, "valid"), load_schema(tiny_synthetic_data))
+    V = model.cfg.n_items
+    assert trainer_mod.eval_rows(V, 1024) == 1024  # small catalogues: the batch size, as before
+    assert trainer_mod.eval_rows(1_000_000, 1024) == 32  # 32M scores at once
+    assert trainer_mod.eval_rows(10**9, 1024) == 1
+    ranks = []
+    real = trainer_mod.pessimistic_ranks
+
+    def keep(scores, targets):
+        ranks.append((scores.shape[0], real(scores, targets)))
+        return ranks[-1][1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_mod, "pessimistic_ranks", keep)
+        whole = evaluate_model(model, st, torch.device("cpu"), 1024)
+        n_whole = len(ranks)
+        chunked = evaluate_model(model, st, torch.device("cpu"), 1024, max_scores=3 * V)
+    assert n_whole == 1 and all(rows <= 3 for rows, _ in ranks[1:]) and len(ranks) > 2
+    assert torch.equal(ranks[0][1], torch.cat([r for _, r in ranks[1:]]))
+    assert whole == chunked
+
+
 def test_cosine_schedule_matches_hf():
     from transformers import get_cosine_schedule_with_warmup
 
@@ -321,6 +406,22 @@ def test_cli_fills_the_config(capsys):
     with pytest.raises(SystemExit) as e:
         train_mod.parse_args(["--help"])
     assert e.value.code == 0 and "--resume" in capsys.readouterr().out
+
+
+def test_cli_sets_the_sampled_loss():
+    cfg = train_mod.parse_args(
+        ["--data", "D", "--out", "R", "--loss", "sampled", "--negatives", "512", "--sample-alpha", "0.5",
+         "--sampled-min-items", "1000", "--max-steps", "7"]
+    )  # fmt: skip
+    assert {k: cfg.model[k] for k in ("loss", "negatives", "sample_alpha", "sampled_min_items")} == {
+        "loss": "sampled",
+        "negatives": 512,
+        "sample_alpha": 0.5,
+        "sampled_min_items": 1000,
+    }
+    assert cfg.max_steps == 7
+    plain = train_mod.parse_args(["--data", "D", "--out", "R"])
+    assert "loss" not in plain.model and plain.max_steps == 0  # not given: the model's "auto"
 
 
 # --- scale: 2 processes (gloo) and GPU ---------------------------------------------------

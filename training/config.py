@@ -47,10 +47,26 @@ class TrainConfig:
     batch_size: int = field(
         default=128, metadata=_help("global training batch size (split across ranks)", config=True)
     )
-    eval_batch_size: int = field(default=1024, metadata=_help("evaluation batch size"))
-    lr: float = field(default=5e-4, metadata=_help("AdamW learning rate"))
+    eval_batch_size: int = field(
+        default=1024,
+        metadata=_help("evaluation batch size (fewer rows at once for large catalogues: ~32M scores)"),
+    )
+    max_steps: int = field(
+        default=0,
+        metadata=_help("stop each window after this many optimizer steps (0 = all; bench.scale bounds work)"),
+    )
+    lr: float = field(
+        default=5e-4,
+        metadata=_help(
+            "learning rate: AdamW for the network; SparseAdam (no weight decay) for the item table "
+            "with the sampled loss"
+        ),
+    )
     weight_decay: float = field(
-        default=0.0, metadata=_help("AdamW weight decay (not applied to the item memory)")
+        default=0.0,
+        metadata=_help(
+            "AdamW weight decay (not applied to the item memory, nor to the item table under SparseAdam)"
+        ),
     )
     memory_lr: float = field(
         default=0.0, metadata=_help("learning rate of the item memory's gates (0 = --lr)")
@@ -133,6 +149,17 @@ class TrainConfig:
             raise ValueError("early stopping (patience > 0) needs a held-back slice: set holdout > 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.label_smoothing > 0.0 and self.model.get("loss") == "sampled":
+            raise ValueError(sampled_smoothing_message(self.label_smoothing))
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0 (0 = no cap), got {self.max_steps}")
+
+
+def sampled_smoothing_message(label_smoothing: float) -> str:
+    return (
+        f"label_smoothing={label_smoothing} needs the full softmax (its uniform part spans the whole "
+        "catalogue) and the loss is sampled; pass --label-smoothing 0, or --loss full"
+    )
 
 
 # --- the settable fields, derived once -----------------------------------------------------------

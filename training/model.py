@@ -141,13 +141,28 @@ class ModelConfig:
     # a step costs O(positions x (targets + negatives)) and the item table gets sparse gradients;
     # "auto" (default): "sampled" when the catalogue has >= sampled_min_items ids, else "full".
     # Resolved in __post_init__, so the config (meta.json) records the loss actually used.
-    loss: str = "auto"
-    sampled_min_items: int = 200_000  # "auto" switches to sampled from here (full costs ~1 s/step at 200k)
-    negatives: int = 2048  # shared negatives drawn per batch, with replacement (GRU4Rec's n_sample default)
+    loss: str = field(
+        default="auto",
+        metadata={
+            "help": "training loss: full softmax over every item, sampled softmax (targets + shared "
+            "popularity negatives, logQ-corrected, sparse item-table updates), or auto: sampled from "
+            "--sampled-min-items ids",
+            "choices": LOSSES + ("auto",),
+        },
+    )
+    sampled_min_items: int = field(  # full costs ~1 s/step at 200k
+        default=200_000, metadata={"help": "loss auto: use the sampled loss from this many item ids"}
+    )
+    negatives: int = field(  # drawn with replacement (GRU4Rec's n_sample default)
+        default=2048, metadata={"help": "sampled loss: shared negatives drawn per batch"}
+    )
     # negatives ~ (count + 1)**sample_alpha over the real ids; GRU4Rec's tuned range is 0.2-0.75 with
     # logq = 1 for cross-entropy; the upper end samples the popular items (which hold most of the
     # softmax mass) often, and the logQ correction removes the bias this leaves
-    sample_alpha: float = 0.75
+    sample_alpha: float = field(
+        default=0.75,
+        metadata={"help": "sampled loss: negatives drawn with probability ~ (count + 1)^alpha (0 = uniform)"},
+    )
     # --- serving top-k over the catalogue (see `SessionModel.next_item_topk`) ----------------------
     # "exact": score every item, then topk (the reference; cost O(V) per session); "two_stage":
     # candidates per session (its items, co-occurrence neighbours of its last `rank_context` items,

@@ -4,6 +4,16 @@
 the process's place in a torchrun job, the device and AMP dtype, the schema,
 the model, optimizer, gradient scaler, the (DDP-wrapped) training step, the
 baselines' counts, the TensorBoard writer and the metrics rows so far.
+
+Large catalogues (loss "sampled", training/model.py): the item table's gradient
+is sparse, so it gets its own torch.optim.SparseAdam (lr, no weight decay;
+lazy: only the rows a step touched move, but its two moment buffers are dense,
+2 x the table) beside the AdamW of every other parameter; gradients are clipped
+over the dense parameters only; both optimizers and schedules step together and
+both states are in optim.pt. The negatives are drawn from a per-window, per-rank
+seeded generator (exact --resume) with the item counts of the sessions trained
+on (`set_sample_counts`; the item memory's `pop` table when it is on).
+Evaluation scores at most ~32M (session, item) pairs at once (`eval_rows`).
 `run()` is the whole protocol; its steps are the methods:
 
     restore()        --resume: weights, optimizer and rows of the last finished window
@@ -40,7 +50,7 @@ from training.checkpoint import (
     recover_checkpoint,
     save_checkpoint,
 )
-from training.config import TrainConfig
+from training.config import TrainConfig, sampled_smoothing_message
 from training.data import (
     SessionTensors,
     available_windows,
@@ -148,27 +158,47 @@ def cosine_lambda(total_steps: int, num_cycles: float):
 
 
 class _TrainStep(nn.Module):
-    """forward = training loss of packed rows, so that DistributedDataParallel can wrap it."""
+    """forward = training loss of packed rows, so that DistributedDataParallel can wrap it.
+
+    generator: the sampled loss's negatives (per window and rank, as the masking); unused by the full loss.
+    """
 
     def __init__(self, model: SessionModel, label_smoothing: float = 0.0):
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
 
-    def forward(self, packed: PackedSessions) -> Tensor:
-        return self.model.packed_loss(packed, self.label_smoothing)
+    def forward(self, packed: PackedSessions, generator: torch.Generator | None = None) -> Tensor:
+        return self.model.packed_loss(packed, self.label_smoothing, generator)
+
+
+# scores held at once by evaluation: rows x V floats (32M floats = 128 MB; 32 rows at 1M items)
+EVAL_MAX_SCORES = 32_000_000
+
+
+def eval_rows(n_items: int, batch_size: int, max_scores: int = EVAL_MAX_SCORES) -> int:
+    """Sessions scored at once: `batch_size`, fewer when batch_size x n_items passes `max_scores`."""
+    return max(1, min(batch_size, max_scores // max(1, n_items)))
 
 
 @torch.no_grad()
 def evaluate_model(
-    model: SessionModel, st: SessionTensors, device: torch.device, batch_size: int
+    model: SessionModel,
+    st: SessionTensors,
+    device: torch.device,
+    batch_size: int,
+    max_scores: int = EVAL_MAX_SCORES,
 ) -> dict[str, float]:
     """Metrics of the model on every session of `st` (input: all but the last item).
 
     Always in float32, also on a GPU: reduced-precision logits would create
-    ties, which the pessimistic ranking counts against the target.
+    ties, which the pessimistic ranking counts against the target. Scores the
+    full catalogue in chunks of `eval_rows(V, batch_size, max_scores)` sessions,
+    so a [sessions, V] matrix is never held for a large V (each session's rank
+    depends on its own row only).
     """
     feats, lengths, targets = eval_inputs_targets(st, model.cfg.item_feature)
+    batch_size = eval_rows(model.cfg.n_items, batch_size, max_scores)
     was_training = model.training
     model.eval()
     ranks = []
@@ -248,9 +278,11 @@ def _check_writable(out: Path) -> None:
 
 
 def _optimizer(model: SessionModel, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: the network (lr, weight_decay) and the item memory's gates (memory_lr, no decay)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    mem_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("item_memory.")]
+    """AdamW over the dense parameters (`SessionModel.param_groups`): the network (lr,
+    weight_decay) and the item memory's gates (memory_lr, no decay)."""
+    dense, _ = model.param_groups()
+    params = list(dense.values())
+    mem_params = [p for n, p in dense.items() if n.startswith("item_memory.")]
     mem_ids = {id(p) for p in mem_params}
     groups = [
         {
@@ -265,6 +297,34 @@ def _optimizer(model: SessionModel, cfg: TrainConfig, device: torch.device) -> t
         g["base_lr"] = g["lr"]
     # fused: one kernel for all parameters (measured 0.3 ms vs 2.1 ms per CPU step for the for-loop default)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
+
+
+def _sparse_optimizer(model: SessionModel, cfg: TrainConfig) -> torch.optim.Optimizer | None:
+    """SparseAdam (lr, no weight decay: it has none) over the item table when its gradient is
+    sparse (loss == "sampled"), else None. Lazy Adam: only the rows a step touched move, but its
+    two moment buffers are dense, 2 x the table (512 MB at 1M x 64)."""
+    _, sparse = model.param_groups()
+    if not sparse:
+        return None
+    opt = torch.optim.SparseAdam(list(sparse.values()), lr=cfg.lr)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    return opt
+
+
+@torch.no_grad()
+def item_counts(st: SessionTensors, item: str, n_items: int) -> Tensor:
+    """(V,) float: how often each item id occurs in the sessions of `st` (padding excluded)."""
+    items = st.feats[item]  # (N, L)
+    real = torch.arange(items.shape[1])[None, :] < st.lengths[:, None]  # (N, L)
+    return torch.bincount(items[real].long(), minlength=n_items).float()
+
+
+def set_sample_counts(model: SessionModel, st: SessionTensors) -> None:
+    """The sampled loss without the item memory: the negative sampler's counts = items of `st`
+    (the sessions trained on; with the memory, its `pop` table serves, see `set_memory`)."""
+    if model.cfg.loss == "sampled" and model.item_memory is None and len(st):
+        model.set_sample_counts(item_counts(st, model.cfg.item_feature, model.cfg.n_items))
 
 
 # -----------------------------------------------------------------------------
@@ -287,6 +347,8 @@ class Trainer:
         self.out, self.data = Path(cfg.out), Path(cfg.data)
         self.schema = load_schema(self.data)
         self.mcfg = ModelConfig.from_schema(self.schema, **cfg.model)
+        if self.mcfg.loss == "sampled" and cfg.label_smoothing > 0.0:  # loss "auto" resolved by V
+            raise RunError(sampled_smoothing_message(cfg.label_smoothing))
         if d.main:
             _check_writable(self.out)
             recover_checkpoint(self.out)
@@ -295,6 +357,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = SessionModel(self.mcfg).to(self.device)
         self.optimizer = _optimizer(self.model, cfg, self.device)
+        self.sparse_optimizer = _sparse_optimizer(self.model, cfg)  # the item table, sampled loss only
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.scheduler_state: dict[str, Any] = {}  # the last window's LR schedule, saved to optim.pt
         self.rows: list[dict] = []  # metrics row of every finished window
@@ -315,7 +378,8 @@ class Trainer:
             )
         if has_ckpt and cfg.resume:
             meta = read_meta(out, recover=d.main)
-            if meta["model_config"] != self.mcfg.to_dict():
+            # as configs: a meta.json written before a field existed takes its default (from_dict)
+            if ModelConfig.from_dict(meta["model_config"]) != self.mcfg:
                 raise RunError(
                     f"--resume: the model config in {out / META_FILE} differs from this run's "
                     f"({meta['model_config']} vs {self.mcfg.to_dict()}); use the same --data and model flags"
@@ -325,6 +389,13 @@ class Trainer:
             )
             ostate = torch.load(out / OPTIM_FILE, map_location=self.device, weights_only=True)
             self.optimizer.load_state_dict(ostate["optimizer"])
+            if self.sparse_optimizer is not None:
+                if "sparse_optimizer" not in ostate:
+                    raise RunError(
+                        f"--resume: {out / OPTIM_FILE} has no SparseAdam state for the item table "
+                        "(written by a full-loss run?); use the same --loss as the run being resumed"
+                    )
+                self.sparse_optimizer.load_state_dict(ostate["sparse_optimizer"])
             if "scaler" in ostate and self.scaler.is_enabled():
                 self.scaler.load_state_dict(ostate["scaler"])
             self.rows = list(meta["metrics"]["windows"])
@@ -422,6 +493,7 @@ class Trainer:
         if cfg.train_on == "cumulative" and len(fit_st):
             fit_st = concat_sessions([*(earlier[w] for w in before if w >= cfg.start_window), fit_st])
         row.update(fit_sessions=len(fit_st), holdout_sessions=len(held_st))
+        set_sample_counts(model, fit_st)
 
         if len(train_st) == 0:
             warnings.warn(
@@ -450,27 +522,29 @@ class Trainer:
         """
         from tqdm import tqdm
 
-        cfg, d, model, device, optimizer, scaler = (
-            self.cfg, self.dist, self.model, self.device, self.optimizer, self.scaler
-        )  # fmt: skip
+        cfg, d, model, device = self.cfg, self.dist, self.model, self.device
+        optimizers = self._optimizers()
         n = len(st)
         # Every rank shuffles identically (same seed) and takes its share of each global batch.
         shuffle_gen = torch.Generator().manual_seed(_seed(cfg.seed, t, 1))
         mask_gen = torch.Generator().manual_seed(_seed(cfg.seed, t, 2, d.rank))
         torch.manual_seed(_seed(cfg.seed, t, 3, d.rank))  # dropout
+        # the sampled loss's negatives: on the CPU like the masking, so the same on any device
+        neg_gen = (
+            torch.Generator().manual_seed(_seed(cfg.seed, t, 5, d.rank))
+            if model.cfg.loss == "sampled"
+            else None
+        )
         bounds = list(range(0, n, cfg.batch_size))
         if len(bounds) > 1 and n - bounds[-1] < d.world:  # every rank needs >= 1 session per step
             bounds.pop()
         bounds.append(n)
         steps_per_epoch = len(bounds) - 1
         total = steps_per_epoch * cfg.epochs
-        for group in optimizer.param_groups:
-            # base_lr: this group's learning rate (absent in optimizer states written before the memory)
-            group["lr"] = group["initial_lr"] = group.get("base_lr", cfg.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, cosine_lambda(total, cfg.cycles_per_epoch * cfg.epochs)
-        )
-        params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.max_steps > 0:
+            total = min(total, cfg.max_steps)
+        schedulers = self._schedulers(optimizers, total)
+        params = list(model.param_groups()[0].values())  # dense: clip_grad_norm_ raises on sparse grads
         item = model.cfg.item_feature
         mlm = model.cfg.objective == "mlm"
         amp = self.amp_dtype
@@ -490,12 +564,15 @@ class Trainer:
         if model.item_memory is not None:
             model.item_memory.head_scale.fill_(1.0)  # training always uses the head; chosen again below
         held_scores: list[float] = []
-        epochs_run = 0
+        epochs_run = steps_run = sessions_run = 0
         t0 = time.perf_counter()
         for epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=shuffle_gen)
             loss_sum.zero_()
+            epoch_steps = 0
             for b in range(steps_per_epoch):
+                if cfg.max_steps > 0 and steps_run >= cfg.max_steps:
+                    break
                 idx = perm[bounds[b] : bounds[b + 1]][d.rank :: d.world]
                 feats, lengths = _batch(st, idx)  # CPU, (b, max length in the batch)
                 masked = None
@@ -506,19 +583,15 @@ class Trainer:
                 if device.type != "cpu":
                     packed = _to_device(packed, device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = self.step_module(packed)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.max_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
+                    loss = self.step_module(packed, neg_gen)
+                self._step(loss, optimizers, schedulers, params)
                 loss_sum += loss.detach()
                 bar.update(1)
+                epoch_steps += 1
+                steps_run += 1
+                sessions_run += bounds[b + 1] - bounds[b]
             epochs_run = epoch + 1
-            bar.set_postfix(loss=f"{float(loss_sum) / steps_per_epoch:.3f}")
+            bar.set_postfix(loss=f"{float(loss_sum) / max(1, epoch_steps):.3f}")
             if early:  # every rank scores the same held-back sessions: the same decision everywhere
                 assert held is not None
                 score, scale = self._score_held(held, select_head, held_no_head)
@@ -529,6 +602,8 @@ class Trainer:
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 elif epoch - best_epoch >= cfg.patience:
                     break
+            if cfg.max_steps > 0 and steps_run >= cfg.max_steps:
+                break
         if early and best_state is not None:
             model.load_state_dict(best_state)
             if select_head:
@@ -538,13 +613,16 @@ class Trainer:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
         bar.close()
-        self.scheduler_state = scheduler.state_dict()  # restarted every window; kept for inspection
+        # restarted every window; kept for inspection
+        self.scheduler_state = schedulers[0].state_dict()
+        if len(schedulers) > 1:
+            self.scheduler_state = {**self.scheduler_state, "sparse": schedulers[1].state_dict()}
         out = {
-            "sessions_trained": n * epochs_run,
+            "sessions_trained": sessions_run,
             "train_seconds": seconds,
-            "train_sessions_per_second": n * epochs_run / seconds,
-            "train_loss_last_epoch": float(loss_sum) / steps_per_epoch,
-            "steps": steps_per_epoch * epochs_run,
+            "train_sessions_per_second": sessions_run / seconds,
+            "train_loss_last_epoch": float(loss_sum) / max(1, epoch_steps),
+            "steps": steps_run,
             "epochs_run": epochs_run,
         }
         if early:
@@ -552,6 +630,49 @@ class Trainer:
         if select_head:
             out.update(head_scale=best_scale, holdout_ndcg20_without_head_per_epoch=held_no_head)
         return out
+
+    # --- optimizer step (dense AdamW + the item table's SparseAdam under the sampled loss) ------------
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        """AdamW over the dense parameters, then SparseAdam over the item table if the loss is sampled."""
+        return [self.optimizer] + ([self.sparse_optimizer] if self.sparse_optimizer is not None else [])
+
+    def _schedulers(self, optimizers: list[torch.optim.Optimizer], total: int) -> list[Any]:
+        """One cosine LambdaLR per optimizer over `total` steps, every group from its base_lr."""
+        cfg = self.cfg
+        out = []
+        for opt in optimizers:
+            for group in opt.param_groups:
+                # base_lr: this group's learning rate (absent in optimizer states written before the memory)
+                group["lr"] = group["initial_lr"] = group.get("base_lr", cfg.lr)
+            out.append(
+                torch.optim.lr_scheduler.LambdaLR(
+                    opt, cosine_lambda(total, cfg.cycles_per_epoch * cfg.epochs)
+                )
+            )
+        return out
+
+    def _step(
+        self,
+        loss: Tensor,
+        optimizers: list[torch.optim.Optimizer],
+        schedulers: list[Any],
+        dense: list[Tensor],
+    ) -> None:
+        """Backward, clip the dense gradients (the sparse item table's are not clipped), step every
+        optimizer and its schedule."""
+        scaler = self.scaler
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if self.cfg.max_grad_norm > 0:
+            scaler.unscale_(optimizers[0])
+            nn.utils.clip_grad_norm_(dense, self.cfg.max_grad_norm)
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+        for sch in schedulers:
+            sch.step()
 
     def _score_held(
         self, held: SessionTensors, select_head: bool, without_head: list[float]
@@ -610,6 +731,11 @@ class Trainer:
         }
         ostate = {
             "optimizer": self.optimizer.state_dict(),
+            **(
+                {"sparse_optimizer": self.sparse_optimizer.state_dict()}
+                if self.sparse_optimizer is not None
+                else {}
+            ),
             "scheduler": self.scheduler_state,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             # shuffling/masking/dropout are reseeded from (seed, window) every window,
