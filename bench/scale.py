@@ -30,15 +30,14 @@ Everything is timed in the same run, so the ratios compare like with like on a
 shared machine; the absolute figures move with the machine's load.
 """
 
-# ruff: noqa: E402  (OMP_WAIT_POLICY must be set before torch is imported; see bench/train.py)
 from __future__ import annotations
 
-import os
+import training.runtime  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# isort: split
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics

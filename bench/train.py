@@ -15,19 +15,14 @@ the same benchmark (interleaved seed by seed, so both see the same machine
 load) and the speed ratio. Prints a table; the JSON is the result to compare.
 """
 
-# ruff: noqa: E402  (OMP_WAIT_POLICY must be set before torch is imported)
 from __future__ import annotations
 
-import os
+import training.runtime  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
 
-# Set before torch loads OpenMP: idle OpenMP threads then sleep instead of
-# spinning. Where the cores are shared with other jobs, spinning threads made
-# a 2-thread training step 2-8x slower here (passive: 40-62 ms, default:
-# 128-500 ms, 1 thread: 37-59 ms per step, same load). An explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# isort: split
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
