@@ -738,6 +738,7 @@ class SessionModel(nn.Module):
             emb = self.embeddings[name]
             new = torch.randn(n - old, emb.weight.shape[1], generator=generator) * self.cfg.embedding_init_std
             emb.weight.data = torch.cat([emb.weight.data, new.to(emb.weight.device, emb.weight.dtype)])
+            emb.weight.grad = None  # a gradient of the old shape cannot be accumulated into
             emb.num_embeddings = n
         self.cfg = ModelConfig.from_dict({**self.cfg.to_dict(), "categorical": {**before, **sizes}})
         V, old_v = self.cfg.n_items, before[self.cfg.item_feature]
