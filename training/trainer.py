@@ -209,8 +209,8 @@ def evaluate_model(
     st: SessionTensors,
     device: torch.device,
     batch_size: int,
-    max_scores: int = EVAL_MAX_SCORES,
     miss: Tensor | None = None,
+    max_scores: int = EVAL_MAX_SCORES,
 ) -> dict[str, float]:
     """Metrics of the model on every session of `st` (input: all but the last item).
 
