@@ -25,7 +25,8 @@ from training.config import TrainConfig
 from training.data import DataError, eval_inputs_targets, load_schema, load_split, split_path
 from training.metrics import metric_keys
 from training.train import main, train
-from training.trainer import cosine_lambda, evaluate_model
+from training.schema import Schema
+from training.trainer import cosine_lambda, evaluate_model, known_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,7 @@ def test_run_outputs(finished_run, tiny_synthetic_data):
         assert set(metric_keys()) <= set(row)
         for key in ("eval_sessions", "train_sessions", "epochs", "train_seconds"):
             assert key in row
-        assert set(row["baselines"]) == {"popular", "cooc_knn", "successor_knn", "vsknn"}
+        assert set(row["baselines"]) == {"popular", "cooc_knn", "successor_knn", "vsknn", "count_blend"}
         assert set(row["baselines"]["popular"]) == set(metric_keys())
         # every evaluation session counts (no drop_last)
         assert row["eval_sessions"] == len(
@@ -73,7 +74,8 @@ def test_run_outputs(finished_run, tiny_synthetic_data):
     schema = load_schema(tiny_synthetic_data)
     assert meta["window"] == 2
     assert meta["workflow_sha256"] == schema["workflow_sha256"]
-    assert meta["vocabulary_sizes"] == schema["categorical"]
+    # issue 12: the tables hold the vocabulary known after the last window trained (2), not the whole log's
+    assert meta["vocabulary_sizes"] == Schema.of(schema).known_sizes(2) == meta["model_config"]["categorical"]
     assert meta["metrics"]["windows"] == result["windows"]
     assert not list(out.glob("*.tmp"))
 
@@ -84,7 +86,8 @@ def test_checkpoint_round_trip(finished_run, tiny_synthetic_data):
     model, meta = load_run(out)
     assert not model.training
     st = load_split(split_path(tiny_synthetic_data, 3, "valid"), load_schema(tiny_synthetic_data))
-    again = evaluate_model(model, st, torch.device("cpu"), 7)  # other batch size: same ranks
+    st, miss = known_inputs(st, meta["vocabulary_sizes"], model.cfg.item_feature)  # what was known after 2
+    again = evaluate_model(model, st, torch.device("cpu"), 7, miss)  # other batch size: same ranks
     assert again == pytest.approx(model_metrics(result["windows"][-1]), abs=1e-12)
     state = torch.load(out / "model.pt", weights_only=True)  # plain tensors, no pickled code
     assert all(isinstance(v, torch.Tensor) for v in state.values())

@@ -29,6 +29,7 @@ from training.model import ModelConfig
 from training.recipes import RECIPE_FIELDS, RECIPES
 
 TRAIN_ON = ("window", "cumulative")
+EVAL_SPLITS = ("valid", "test")
 
 
 def _help(text: str, **more: Any) -> dict[str, Any]:
@@ -106,6 +107,14 @@ class TrainConfig:
         ),
     )
     label_smoothing: float = field(default=0.0, metadata=_help("label smoothing of the training loss"))
+    eval_split: str = field(
+        default="valid",
+        metadata=_help(
+            "split of window t+1 that evaluates window t: valid (the reference protocol, comparable with "
+            "Transformers4Rec's) or test (final numbers: nothing else reads it; bench.quality's table)",
+            choices=EVAL_SPLITS,
+        ),
+    )
     evaluate: bool = field(
         default=True,
         metadata=_help(
@@ -123,6 +132,8 @@ class TrainConfig:
             raise ValueError(
                 f"memory_lr and weight_decay must be >= 0, got {self.memory_lr} and {self.weight_decay}"
             )
+        if self.eval_split not in EVAL_SPLITS:
+            raise ValueError(f"eval_split must be one of {EVAL_SPLITS}, got {self.eval_split!r}")
         if self.train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
         if not 0.0 <= self.holdout < 1.0:

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import XLNetConfig, XLNetModel
 
-from training.names import FIRST_REAL_ID, ITEM_LIST, PAD_ID
+from training.names import FIRST_REAL_ID, ITEM_LIST, OOV_ID, PAD_ID
 from training.schema import Schema
 
 OBJECTIVES = ("mlm", "clm")
@@ -712,6 +712,65 @@ class SessionModel(nn.Module):
             with torch.no_grad():
                 emb.weight[PAD_ID].zero_()
 
+    # --- a vocabulary that grows window by window (issue 12) ---------------------------
+
+    @torch.no_grad()
+    def grow(self, sizes: Mapping[str, int], generator: torch.Generator | None = None) -> dict[str, int]:
+        """Grow the categorical tables to `sizes` rows (feature -> rows; ids are append-only).
+
+        Old rows are kept; new rows of every embedding table are drawn from
+        N(0, embedding_init_std) with `generator` (CPU; 0 std gives zeros); the item
+        memory's count tables and the sampler's counts get zero rows (the trainer fills
+        them per window). Parameters change size in place (`param.data` is replaced),
+        so an optimizer keeps its keys: pad its state with `pad_optimizer_state`.
+        Returns the sizes before. A table never shrinks.
+        """
+        before = dict(self.cfg.categorical)
+        for name, n in sizes.items():
+            if name not in before:
+                raise ValueError(f"grow: unknown categorical feature {name!r}; expected one of {sorted(before)}")
+            if n < before[name]:
+                raise ValueError(f"grow: {name} has {before[name]} rows, cannot shrink to {n} (ids are append-only)")
+        for name in sorted(sizes):  # sorted: the generator's draws do not depend on dict order
+            old, n = before[name], int(sizes[name])
+            if n == old:
+                continue
+            emb = self.embeddings[name]
+            new = torch.randn(n - old, emb.weight.shape[1], generator=generator) * self.cfg.embedding_init_std
+            emb.weight.data = torch.cat([emb.weight.data, new.to(emb.weight.device, emb.weight.dtype)])
+            emb.weight.grad = None  # a gradient of the old shape cannot be accumulated into
+            emb.num_embeddings = n
+        self.cfg = ModelConfig.from_dict({**self.cfg.to_dict(), "categorical": {**before, **sizes}})
+        V, old_v = self.cfg.n_items, before[self.cfg.item_feature]
+        if V != old_v:
+
+            def rows(t: Tensor) -> Tensor:  # (old_v, ...) -> (V, ...), zero rows appended
+                return torch.cat([t, t.new_zeros((V - old_v, *t.shape[1:]))])
+
+            special = self.special_ids
+            self.special_ids = torch.cat([special, special.new_zeros(V - old_v)])
+            if hasattr(self, "sample_counts"):
+                self.sample_counts = rows(self.sample_counts)
+            if self.item_memory is not None:
+                mem = self.item_memory
+                for buf in ("cooc_idx", "cooc_val", "succ_idx", "succ_val", "pop"):
+                    setattr(mem, buf, rows(getattr(mem, buf)))
+                mem._col_of = None
+            self._sampler, self._sampler_key = None, None
+        return before
+
+    def unknown_to_oov(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Ids beyond a categorical table (values the model's vocabulary does not know yet) -> OOV.
+
+        A workflow fitted on a longer log than the model's windows encodes later values with
+        ids >= the table size; the model reads them as OOV instead of indexing out of range.
+        Traceable (the sizes are constants of the model)."""
+        out = dict(feats)
+        for name, n in self.cfg.categorical.items():
+            if name in out:
+                out[name] = torch.where(out[name] >= n, torch.full_like(out[name], OOV_ID), out[name])
+        return out
+
     # --- building blocks ---------------------------------------------------------
 
     def embed(self, feats: dict[str, Tensor]) -> Tensor:
@@ -761,6 +820,7 @@ class SessionModel(nn.Module):
         never changes a session's scores (the attention mask hides it).
         Traceable with torch.jit.trace: no data-dependent Python control flow.
         """
+        feats = self.unknown_to_oov(feats)  # ids the tables do not hold yet (issue 12) -> OOV
         x = self.embed(feats)  # (B, L, d_output)
         x = F.pad(x, (0, 0, 0, 1))  # (B, L+1, d_output): room for the mask slot of a full session
         pos = torch.arange(x.shape[1], device=x.device)  # (L+1,)

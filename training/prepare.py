@@ -58,6 +58,7 @@ from training.names import (
     WINDOW_COL,
     WINDOW_FIRST,
     WORKFLOW_DIR,
+    list_col,
 )
 from training.schema import Schema
 
@@ -245,7 +246,9 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path) -> dict:
         freq_threshold=cfg.freq_threshold,
     )
     t = time.perf_counter()
-    workflow = wf.build_workflow(spec, tmp / ".fit")
+    # ids in order of first appearance (append-only across windows: training/workflow.py)
+    vocabularies = wf.first_seen_vocabulary(data.frame, spec.categorical, cfg.freq_threshold)
+    workflow = wf.build_workflow(spec, tmp / ".fit", vocabularies)
     inputs = data.frame[spec.input_columns()]
     wf.use_memoizing_executor(workflow)
     try:
@@ -260,6 +263,11 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path) -> dict:
     t = time.perf_counter()
     windows = sorted(int(w) for w in pd.unique(data.frame[WINDOW_COL]))
     categorical, continuous = wf.feature_columns(workflow)
+    list_of = {list_col(c): c for c in spec.categorical}
+    vocabulary_by_window = {f: vocabularies[list_of[f]].known_sizes(windows) for f in categorical}
+    for f, sizes in vocabulary_by_window.items():
+        if sizes[windows[-1]] != categorical[f]:  # the workflow's cardinality is the whole log's vocabulary
+            raise RuntimeError(f"{f}: {sizes[windows[-1]]} ids known after the last window, cardinality {categorical[f]}")
     table, split, window = _sessions_table(sessions, categorical, continuous, cfg.seed)
     per_window = _write_splits(table, split, window, windows, tmp / SESSIONS_DIR)
     timings["write_splits"] = time.perf_counter() - t
@@ -281,6 +289,7 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path) -> dict:
         split={"seed": cfg.seed, "train": "u < 0.8", "valid": "0.8 <= u < 0.9", "test": "u >= 0.9",
                "u": "splitmix64(splitmix64(seed) ^ session_id) >> 11 / 2**53"},
         workflow_sha256=wf.workflow_sha256(tmp),
+        vocabulary_by_window=vocabulary_by_window,
     )
     (tmp / SCHEMA_FILE).write_text(schema.to_json())
     timings["save_workflow"] = time.perf_counter() - t

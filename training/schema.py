@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.names import ITEM_LIST, SCHEMA_FILE
+from training.names import FIRST_REAL_ID, ITEM_LIST, SCHEMA_FILE
 
 
 class DataError(ValueError):
@@ -43,6 +43,7 @@ _KEYS = {
     "freq_threshold": "freq_threshold",
     "split": "split",
     "workflow_sha256": "workflow_sha256",
+    "vocabulary_by_window": "vocabulary_by_window",
 }
 _REQUIRED = ("categorical", "max_sequence_length")
 
@@ -63,6 +64,10 @@ class Schema:
     freq_threshold: int | None = None
     split: dict[str, Any] | None = None  # how sessions were assigned to train/valid/test
     workflow_sha256: dict[str, str] = field(default_factory=dict)  # DATA-relative path -> sha256
+    # categorical list feature -> {window t: ids known after window t, special ids included}: ids
+    # follow first appearance, so the values known at t are the ids [0, known); None (a schema.json
+    # written before issue 12): everything known from the first window (`known_size`)
+    vocabulary_by_window: dict[str, dict[int, int]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
     # the JSON keys present, in file order (None: all known keys, prepare's order)
     json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
@@ -99,6 +104,12 @@ class Schema:
             kw["continuous"] = tuple(raw["continuous"])
         if "windows" in raw:
             kw["windows"] = tuple(int(w) for w in raw["windows"])
+        if raw.get("vocabulary_by_window") is not None:
+            vbw = raw["vocabulary_by_window"]
+            unknown = sorted(set(vbw) - set(raw["categorical"]))
+            if unknown:
+                raise DataError(f"{where}: 'vocabulary_by_window' names features {unknown} not in 'categorical'")
+            kw["vocabulary_by_window"] = {f: {int(w): int(n) for w, n in v.items()} for f, v in vbw.items()}
         if kw.get("workflow_sha256") is None:
             kw["workflow_sha256"] = {}
         extra = {k: v for k, v in raw.items() if k not in _KEYS}
@@ -117,6 +128,10 @@ class Schema:
         if self.windows is not None:
             by_key["windows"] = list(self.windows)
         by_key["categorical"] = dict(self.categorical)
+        if self.vocabulary_by_window is not None:
+            by_key["vocabulary_by_window"] = {
+                f: {str(w): n for w, n in v.items()} for f, v in self.vocabulary_by_window.items()
+            }
         by_key.update(self.extra)
         keys = self.json_keys if self.json_keys is not None else [*_KEYS, *self.extra]
         return {k: by_key[k] for k in keys}
@@ -134,3 +149,17 @@ class Schema:
     @property
     def item_cardinality(self) -> int:
         return self.categorical[self.item_feature]
+
+    def known_size(self, feature: str, window: int) -> int:
+        """Ids of `feature` known after window `window` (special ids included): the prefix
+        [0, n) of its vocabulary. Before the first recorded window only the special ids; an old
+        schema.json without "vocabulary_by_window": the whole vocabulary at every window."""
+        if self.vocabulary_by_window is None or feature not in self.vocabulary_by_window:
+            return self.categorical[feature]
+        by_window = self.vocabulary_by_window[feature]
+        done = [w for w in by_window if w <= window]
+        return by_window[max(done)] if done else FIRST_REAL_ID
+
+    def known_sizes(self, window: int) -> dict[str, int]:
+        """`known_size` of every categorical feature after window `window`."""
+        return {f: self.known_size(f, window) for f in self.categorical}

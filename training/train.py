@@ -7,9 +7,17 @@
 For t = start .. end-1: train on DATA/sessions_by_day/<t>/train.parquet for
 `epochs` epochs (AdamW, cosine schedule with `cycles_per_epoch` cycles per
 epoch, restarted every window, weights and optimizer state carried on), then
-evaluate on <t+1>/valid.parquet: the input is every item but the last and the
-target is the last item, ranked over the full catalogue (training/metrics.py).
-The baselines of training/baselines.py are evaluated on the same sessions.
+evaluate on <t+1>/valid.parquet (`--eval-split test`: test.parquet, for final
+numbers): the input is every item but the last and the target is the last item,
+ranked over the catalogue known after window t (training/metrics.py).
+The baselines of training/baselines.py and the count blend (the item memory
+untrained) are evaluated on the same sessions.
+
+The vocabulary grows with the log (issue 12): ids follow first appearance
+(schema.json `vocabulary_by_window`), the model's tables hold the ids known after
+window t and grow at the start of every window (new rows drawn from (seed, window),
+optimizer state padded); in window t+1's sessions, later items are OOV and a target
+unknown after t is a miss for every method (rows: `items_known`, `unseen_targets`).
 
 Defaults come from a recipe (training/recipes.py, docs/quality.md): "reference" (the
 protocol above) for synthetic data, "real" for a click log prepared from

@@ -7,9 +7,11 @@ baselines' counts, the TensorBoard writer and the metrics rows so far.
 `run()` is the whole protocol; its steps are the methods:
 
     restore()        --resume: weights, optimizer and rows of the last finished window
-    run_window(t)    load window t, fill the item memory, fit, evaluate on t+1 -> metrics row
+    run_window(t)    grow the tables to window t's vocabulary, load window t, fill the item memory,
+                     fit, evaluate on t+1 -> metrics row
     fit(t, st, held) the epoch loop (early stopping on `held`, head selection)
-    evaluate(t, row) model and baselines on window t+1's valid split
+    evaluate(t, row) model, baselines and the count blend on window t+1's --eval-split (valid),
+                     with only what was known after window t (`known_inputs`)
     save(t, row)     checkpoint + metrics.json + metrics.png after window t
 """
 
@@ -51,11 +53,24 @@ from training.data import (
 )
 from training.integrity import atomic_write
 from training.metrics import metrics_from_ranks, pessimistic_ranks
-from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
+from training.model import (
+    ItemMemory,
+    ModelConfig,
+    PackedSessions,
+    SessionModel,
+    mask_positions,
+    pack_sessions,
+)
+from training.names import AGE_COL, FIRST_REAL_ID, OOV_ID, list_col
 from training.runtime import Dist, amp_dtype, barrier, check_replicas_in_sync, resolve_device, set_threads
+from training.schema import Schema
 
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "metrics.png"
+# what every evaluated row reports beside the model: the baselines of training/baselines.py and the
+# count blend (the item memory untrained: `count_blend_metrics`)
+COUNT_BLEND = "count_blend"
+REPORTED = (*BASELINES, COUNT_BLEND)
 
 
 # -----------------------------------------------------------------------------
@@ -70,12 +85,15 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {"windows_evaluated": len(done)}
     for k in keys:
         out[k] = float(np.mean([r[k] for r in done])) if done else None
-    for name in BASELINES:
-        with_b = [r["baselines"][name] for r in done if "baselines" in r]
+    for name in REPORTED:
+        with_b = [r["baselines"][name] for r in done if name in r.get("baselines", {})]
         if with_b:
             out.setdefault("baselines", {})[name] = {
                 k: float(np.mean([b[k] for b in with_b])) for k in with_b[0]
             }
+    with_known = [r for r in done if "unseen_targets" in r]
+    if with_known:  # issue 12: share of evaluation targets unknown after the training window
+        out["unseen_targets"] = float(np.mean([r["unseen_targets"] for r in with_known]))
     seconds = sum(r.get("train_seconds", 0.0) for r in rows)
     trained = sum(r.get("sessions_trained", 0) for r in rows)
     out["train_seconds"] = seconds
@@ -96,8 +114,8 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
     x = [r["eval_window"] for r in done]
     for ax, m in zip(axes, metrics):
         ax.plot(x, [r[m] for r in done], "o-", label="model", linewidth=2)
-        for name in BASELINES:
-            if done and "baselines" in done[0]:
+        for name in REPORTED:
+            if done and name in done[0].get("baselines", {}):
                 ax.plot(x, [r["baselines"][name][m] for r in done], "s--", label=name, alpha=0.8)
         ax.set_xlabel("evaluation window")
         ax.set_title(m)
@@ -111,17 +129,21 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
 
 
 def _print_table(rows: list[dict]) -> None:
-    head = f"{'window':>9} {'ndcg@20':>8} {'recall@20':>9} {'mrr@20':>7} " + " ".join(
-        f"{b + ' ndcg@20':>22}" for b in BASELINES
+    head = f"{'window':>9} {'items_known':>11} {'unseen':>6} {'ndcg@20':>8} {'recall@20':>9} {'mrr@20':>7} " + " ".join(
+        f"{b + ' ndcg@20':>22}" for b in REPORTED
     )
     print(head, file=sys.stderr)
     for r in rows:
         if r.get("eval_sessions", 0) == 0:
             print(f"{r['train_window']:>4}->{r['eval_window']:<4} (skipped)", file=sys.stderr)
             continue
-        line = f"{r['train_window']:>4}->{r['eval_window']:<4} {r['ndcg@20']:8.4f} {r['recall@20']:9.4f} {r['mrr@20']:7.4f} "
-        if "baselines" in r:
-            line += " ".join(f"{r['baselines'][b]['ndcg@20']:22.4f}" for b in BASELINES)
+        line = (
+            f"{r['train_window']:>4}->{r['eval_window']:<4} {r.get('items_known', -1):>11} "
+            f"{r.get('unseen_targets', float('nan')):6.3f} {r['ndcg@20']:8.4f} {r['recall@20']:9.4f} {r['mrr@20']:7.4f} "
+        )
+        line += " ".join(
+            f"{r['baselines'][b]['ndcg@20']:22.4f}" if b in r.get("baselines", {}) else f"{'-':>22}" for b in REPORTED
+        )
         print(line, file=sys.stderr)
 
 
@@ -161,12 +183,18 @@ class _TrainStep(nn.Module):
 
 @torch.no_grad()
 def evaluate_model(
-    model: SessionModel, st: SessionTensors, device: torch.device, batch_size: int
+    model: SessionModel,
+    st: SessionTensors,
+    device: torch.device,
+    batch_size: int,
+    miss: Tensor | None = None,
 ) -> dict[str, float]:
     """Metrics of the model on every session of `st` (input: all but the last item).
 
     Always in float32, also on a GPU: reduced-precision logits would create
     ties, which the pessimistic ranking counts against the target.
+    miss (N,) bool: sessions whose target counts as a miss whatever the scores
+    (a target unknown after the training window, see `known_inputs`).
     """
     feats, lengths, targets = eval_inputs_targets(st, model.cfg.item_feature)
     was_training = model.training
@@ -177,7 +205,88 @@ def evaluate_model(
         scores = model.next_item_scores(f, lengths[i : i + batch_size].to(device))
         ranks.append(pessimistic_ranks(scores, targets[i : i + batch_size].to(device)).cpu())
     model.train(was_training)
-    return metrics_from_ranks(torch.cat(ranks))
+    r = torch.cat(ranks)
+    if miss is not None:
+        r = torch.where(miss, torch.tensor(float("inf"), dtype=r.dtype), r)
+    return metrics_from_ranks(r)
+
+
+# -----------------------------------------------------------------------------
+# A vocabulary that grows window by window (issue 12)
+# -----------------------------------------------------------------------------
+
+
+def known_inputs(
+    st: SessionTensors, sizes: dict[str, int], item_feature: str, age_feature: str | None = None
+) -> tuple[SessionTensors, Tensor]:
+    """Sessions as the served model after window t sees them, and which targets it cannot know.
+
+    sizes: categorical feature -> ids known after window t (schema.json's vocabulary_by_window;
+    ids follow first appearance, so the known ones are [0, size)). Every id >= size becomes
+    OOV; where the item is unknown, `age_feature` (the workflow's derived item age, None when
+    the data gives it) becomes 0, as the item_age_days op gives for an item unseen at fit.
+    Returns (sessions, unknown (N,) bool: the session's last item, the evaluation target, is unknown).
+    """
+    if item_feature not in sizes:
+        raise ValueError(f"known_inputs: sizes {sorted(sizes)} lack the item feature {item_feature!r}")
+    feats = dict(st.feats)
+    unknown = feats[item_feature] >= sizes[item_feature]  # (N, L)
+    for name, n in sizes.items():
+        if name in feats:
+            feats[name] = feats[name].masked_fill(feats[name] >= n, OOV_ID)
+    if age_feature is not None and age_feature in feats:
+        feats[age_feature] = feats[age_feature].masked_fill(unknown, 0.0)
+    rows = torch.arange(len(st))
+    last_unknown = unknown[rows, (st.lengths - 1).clamp(min=0)]  # (N,)
+    return SessionTensors(feats, st.lengths, st.session_id, st.source), last_unknown
+
+
+def pad_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """After `SessionModel.grow`: zero rows appended to every per-parameter state tensor
+    (AdamW's exp_avg / exp_avg_sq, ...) whose parameter gained rows; scalars (step) kept."""
+    for p in model.parameters():
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.dim() == p.dim() and v.dim() > 0 and v.shape != p.shape:
+                if v.shape[1:] != p.shape[1:] or v.shape[0] > p.shape[0]:
+                    raise RuntimeError(f"optimizer state {k} {tuple(v.shape)} cannot follow parameter {tuple(p.shape)}")
+                state[k] = torch.cat([v, v.new_zeros((p.shape[0] - v.shape[0], *v.shape[1:]))])
+
+
+@torch.no_grad()
+def count_blend_metrics(
+    tables: dict[str, Tensor],
+    cfg: ModelConfig,
+    st: SessionTensors,
+    device: torch.device,
+    batch_size: int,
+    known: int | None = None,
+    miss: Tensor | None = None,
+) -> dict[str, float]:
+    """The count blend: a fresh ItemMemory (gates at their initial values, no network logits)
+    holding count `tables` (the model's item memory buffers, or `memory_tables` of the same
+    counts): what the counts alone give, on the model's sessions. Ids >= `known` are not ranked."""
+    V = int(tables["pop"].shape[0])
+    mem = ItemMemory(V, int(tables["cooc_idx"].shape[1]), cfg.max_len, cfg.d_model, cfg.memory_decay)
+    mem = mem.to(device).eval()
+    mem.set_tables(**{k: tables[k].to(device) for k in ("cooc_idx", "cooc_val", "succ_idx", "succ_val", "pop")})
+    feats, lengths, targets = eval_inputs_targets(st, cfg.item_feature)
+    ranks = []
+    for i in range(0, len(targets), batch_size):
+        items = feats[cfg.item_feature][i : i + batch_size].to(device)
+        lens = lengths[i : i + batch_size].to(device)
+        h = torch.zeros(len(lens), cfg.d_model, device=device)  # the gates' weights are 0: h is not read
+        scores = mem.next_item_scores(h, items, lens)  # (b, V)
+        scores[:, :FIRST_REAL_ID] = float("-inf")
+        if known is not None:
+            scores[:, known:] = float("-inf")
+        ranks.append(pessimistic_ranks(scores, targets[i : i + batch_size].to(device)).cpu())
+    r = torch.cat(ranks)
+    if miss is not None:
+        r = torch.where(miss, torch.tensor(float("inf"), dtype=r.dtype), r)
+    return metrics_from_ranks(r)
 
 
 def _to_device(p: PackedSessions, device: torch.device) -> PackedSessions:
@@ -286,7 +395,14 @@ class Trainer:
         self.amp_dtype = amp_dtype(self.device)
         self.out, self.data = Path(cfg.out), Path(cfg.data)
         self.schema = load_schema(self.data)
-        self.mcfg = ModelConfig.from_schema(self.schema, **cfg.model)
+        self.vocab = Schema.of(self.schema)  # typed view: vocabulary sizes per window
+        full = ModelConfig.from_schema(self.schema, **cfg.model)  # resolves loss="auto" on the whole vocabulary
+        self.n_items_all = full.n_items  # the baselines' count tables span every id
+        # the tables start at the vocabulary known after the first window trained and grow window by window
+        self.mcfg = self._config_at(full, self.known_sizes(cfg.start_window))
+        age = list_col(AGE_COL)
+        # the item age derived by the workflow (real logs): 0 for an item the served workflow does not know
+        self.age_feature = age if age in full.continuous and AGE_COL not in self.vocab.raw_inputs else None
         if d.main:
             _check_writable(self.out)
             recover_checkpoint(self.out)
@@ -303,6 +419,35 @@ class Trainer:
         self.counts: BaselineCounts | None = None
         self.writer: Any = None
 
+    # --- the vocabulary known after window t (issue 12) ------------------------------
+
+    def known_sizes(self, t: int) -> dict[str, int]:
+        """Ids known after window t per categorical feature (special ids included)."""
+        return self.vocab.known_sizes(t)
+
+    @staticmethod
+    def _config_at(cfg: ModelConfig, sizes: dict[str, int]) -> ModelConfig:
+        """`cfg` with tables of `sizes` rows (the item table keeps at least one real id, which
+        no input holds while nothing is known: ModelConfig needs one)."""
+        sizes = dict(sizes)
+        sizes[cfg.item_feature] = max(sizes[cfg.item_feature], FIRST_REAL_ID + 1)
+        return ModelConfig.from_dict({**cfg.to_dict(), "categorical": sizes})
+
+    def grow(self, t: int) -> None:
+        """Grow every categorical table (and the memory's tables) to the vocabulary known after
+        window t; new rows drawn from a generator seeded by (seed, t), AdamW state padded."""
+        target = self._config_at(self.mcfg, self.known_sizes(t)).categorical
+        sizes = {k: max(n, self.mcfg.categorical[k]) for k, n in target.items()}
+        if sizes == self.mcfg.categorical:
+            return
+        gen = torch.Generator().manual_seed(_seed(self.cfg.seed, t, 5))
+        self.model.grow(sizes, gen)
+        self.mcfg = self.model.cfg
+        pad_optimizer_state(self.optimizer, self.model)
+        if self.dist.world > 1:  # DDP's buckets were laid out for the old sizes
+            self.step_module = _TrainStep(self.model, self.cfg.label_smoothing)
+            self._wrap_ddp()
+
     # --- set-up ------------------------------------------------------------------
 
     def restore(self) -> None:
@@ -315,6 +460,15 @@ class Trainer:
             )
         if has_ckpt and cfg.resume:
             meta = read_meta(out, recover=d.main)
+            saved = meta["model_config"]
+            if isinstance(saved, dict) and "categorical" in saved and saved["categorical"] != self.mcfg.categorical:
+                # tables grown to a later window's vocabulary: rebuild at the checkpoint's size
+                mine = {**self.mcfg.to_dict(), "categorical": saved["categorical"]}
+                if saved == mine and set(saved["categorical"]) == set(self.mcfg.categorical):
+                    self.mcfg = ModelConfig.from_dict(saved)
+                    self.model = SessionModel(self.mcfg).to(self.device)
+                    self.optimizer = _optimizer(self.model, cfg, self.device)
+                    self.step_module = _TrainStep(self.model, cfg.label_smoothing)
             if meta["model_config"] != self.mcfg.to_dict():
                 raise RunError(
                     f"--resume: the model config in {out / META_FILE} differs from this run's "
@@ -353,7 +507,7 @@ class Trainer:
         """The baselines' counts: training sessions of every window before the first one trained here."""
         if not (self.cfg.baselines and self.dist.main):
             return
-        self.counts = BaselineCounts(self.mcfg.n_items)
+        self.counts = BaselineCounts(self.n_items_all)
         for w in [w for w in available_windows(self.data, self.schema) if w < self.first]:
             st = load_split(split_path(self.data, w, "train"), self.schema)
             if len(st):
@@ -397,22 +551,32 @@ class Trainer:
 
     def run_window(self, t: int) -> dict[str, Any]:
         """Train on window t (and, cumulative, the earlier ones), evaluate on t+1: the metrics row."""
+        self.grow(t)  # the tables hold the vocabulary known after window t
         cfg, data, schema, model = self.cfg, self.data, self.schema, self.model
         self.scheduler_state = {}
         train_path = split_path(data, t, "train")
-        train_st = load_split(train_path, schema)
+        known = self.known_sizes(t)
+        item_f = model.cfg.item_feature
+
+        def load_known(path: Path) -> SessionTensors:
+            # ids follow first appearance, so window <= t sessions hold known ids only; values that
+            # reach --freq-threshold later are OOV until then (no-op without a threshold)
+            return known_inputs(load_split(path, schema), known, item_f, self.age_feature)[0]
+
+        train_st = load_known(train_path)
         row: dict[str, Any] = {
             "train_window": t,
             "eval_window": t + 1,
             "train_sessions": len(train_st),
             "epochs": cfg.epochs,
+            "items_known": known[item_f],  # vocabulary after window t, special ids included
         }
         item = model.cfg.item_feature
         fit_st, held_st = split_holdout(train_st, cfg.holdout, _seed(cfg.seed, t, 4))
         before = [w for w in available_windows(data, schema) if w < t]
         need_earlier = model.item_memory is not None or cfg.train_on == "cumulative"
         earlier = (
-            {w: load_split(split_path(data, w, "train"), schema) for w in before} if need_earlier else {}
+            {w: load_known(split_path(data, w, "train")) for w in before} if need_earlier else {}
         )
         if model.item_memory is not None and len(train_st):
             # counts of every earlier window's training sessions + the sessions fitted now, not the
@@ -572,28 +736,46 @@ class Trainer:
         return score, scale
 
     def evaluate(self, t: int, row: dict[str, Any]) -> None:
-        """Model (and baselines) on window t+1's valid split, into `row`."""
-        eval_path = split_path(self.data, t + 1, "valid")
+        """Model, baselines and count blend on window t+1's --eval-split, into `row`.
+
+        Only what was known after window t: unknown ids in the inputs are OOV
+        (`known_inputs`) and a target unknown at t is a miss for every method.
+        """
+        split = self.cfg.eval_split
+        eval_path = split_path(self.data, t + 1, split)
         eval_st = load_split(eval_path, self.schema)
         row["eval_sessions"] = len(eval_st)
+        row["eval_split"] = split
         if len(eval_st) == 0:
             warnings.warn(
                 f"window {t + 1}: {eval_path} has no sessions; window {t} is not evaluated", stacklevel=2
             )
             return
+        item = self.mcfg.item_feature
+        known = self.known_sizes(t)
+        eval_st, miss = known_inputs(eval_st, known, item, self.age_feature)
+        row["unseen_targets"] = float(miss.float().mean())
         t0 = time.perf_counter()
-        row.update(evaluate_model(self.model, eval_st, self.device, self.cfg.eval_batch_size))
+        row.update(evaluate_model(self.model, eval_st, self.device, self.cfg.eval_batch_size, miss))
         row["eval_seconds"] = time.perf_counter() - t0
         if self.counts is not None:
-            item = self.mcfg.item_feature
             feats, lengths, targets = eval_inputs_targets(eval_st, item)
             row["baselines"] = evaluate_baselines(
                 self.counts, feats[item].numpy(), lengths.numpy(), targets.numpy()
             )
+            mem = self.model.item_memory
+            if mem is not None:  # the model's own count tables
+                tables = {k: getattr(mem, k) for k in ("cooc_idx", "cooc_val", "succ_idx", "succ_val", "pop")}
+            else:  # the same counts, as the memory would hold them
+                tables = {k: torch.from_numpy(v) for k, v in memory_tables(self.counts, self.mcfg.memory_k).items()}
+            row["baselines"][COUNT_BLEND] = count_blend_metrics(
+                tables, self.mcfg, eval_st, self.device, self.cfg.eval_batch_size, known[item], miss
+            )
         msg = " ".join(f"{k}={row[k]:.4f}" for k in ("ndcg@20", "recall@20", "mrr@20"))
+        msg += f" (items known {known[item]}, unseen targets {row['unseen_targets']:.3f})"
         if "baselines" in row:
-            msg += " | " + " ".join(f"{b}:ndcg@20={row['baselines'][b]['ndcg@20']:.4f}" for b in BASELINES)
-        print(f"[train] window {t}->{t + 1}: {msg}", file=sys.stderr)
+            msg += " | " + " ".join(f"{b}:ndcg@20={row['baselines'][b]['ndcg@20']:.4f}" for b in REPORTED)
+        print(f"[train] window {t}->{t + 1} ({split}): {msg}", file=sys.stderr)
 
     def save(self, t: int, row: dict[str, Any]) -> None:
         """Checkpoint (model.pt, optim.pt, meta.json), metrics.json and metrics.png after window t."""
@@ -602,7 +784,7 @@ class Trainer:
         meta = {
             "window": t,
             "model_config": mcfg.to_dict(),
-            "vocabulary_sizes": dict(mcfg.categorical),
+            "vocabulary_sizes": dict(mcfg.categorical),  # the tables' rows after window t (they grow)
             "schema": self.schema,
             "workflow_sha256": self.schema.get("workflow_sha256", {}),
             "train_config": asdict(cfg),

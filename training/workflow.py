@@ -35,6 +35,13 @@ Deviations from the reference ETL, and why:
 Test `test_workflow.py::test_matches_the_reference_etl` checks that the output equals
 the reference notebook's stock-op workflow, column by column.
 
+Ids follow first appearance (issue 12): `training.prepare` hands `build_workflow`
+the vocabulary of every categorical column in the order `first_seen_vocabulary`
+gives (the window of the value's session, then time, then row order), so the
+values known after window t are exactly the id prefix [0, known(t)) and a refit
+on the log up to window t gives every value it knows the same id. schema.json
+records known(t) per window and feature ("vocabulary_by_window").
+
 This module builds and checks the workflow: `WorkflowSpec` -> `build_workflow`,
 `feature_columns` of a fitted one, `workflow_sha256` / `verify_workflow_files`
 (the sha256 record in schema.json), `transform_frame`. The custom ops live in
@@ -61,6 +68,7 @@ from training.names import (
     CATEGORY_COL,
     DEFAULT_MAX_LEN,
     DEFAULT_MIN_LEN,
+    FIRST_REAL_ID,
     ITEM_COL,
     ITEM_COUNT,
     SCHEMA_FILE,
@@ -138,8 +146,64 @@ class WorkflowSpec:
         return [*self.raw_inputs(), WINDOW_COL]
 
 
-def build_workflow(spec: WorkflowSpec, stats_dir: str | os.PathLike) -> nvt.Workflow:
-    """The (unfitted) workflow. `stats_dir` receives Categorify's category files at fit."""
+@dataclass(frozen=True)
+class Vocabulary:
+    """One categorical column's values in id order (id = FIRST_REAL_ID + position) and,
+    for each, the window from which it is known."""
+
+    values: np.ndarray  # (n,) raw values, id order
+    known_from: np.ndarray  # (n,) int64 window index, non-decreasing
+
+    def known_sizes(self, windows) -> dict[int, int]:
+        """{window t: ids known after window t, special ids included} (the prefix size)."""
+        return {
+            int(w): FIRST_REAL_ID + int(np.searchsorted(self.known_from, int(w), side="right")) for w in windows
+        }
+
+
+def session_windows(frame: pd.DataFrame) -> np.ndarray:
+    """Per row, the window of its session (the window of the session's first row, as `day-first`)."""
+    return frame.groupby(SESSION_COL, sort=False)[WINDOW_COL].transform("first").to_numpy(dtype=np.int64)
+
+
+def first_seen_vocabulary(
+    frame: pd.DataFrame, columns: tuple[str, ...], freq_threshold: int = 0
+) -> dict[str, Vocabulary]:
+    """Append-only vocabularies: values in order of first appearance in the log.
+
+    Rows are ordered by (window of their session, timestamp when the log has one,
+    row order); a value gets its id at its `max(freq_threshold, 1)`-th occurrence in
+    that order (values seen fewer times stay OOV, as Categorify's freq_threshold),
+    and is known from that row's session window on. The order of the rows of
+    windows <= t does not depend on later rows, so a refit on the sessions of
+    windows <= t gives the same ids to the same values (tested).
+    """
+    sw = session_windows(frame)
+    keys = [np.arange(len(frame))]
+    if TIME_COL in frame.columns:
+        keys.append(frame[TIME_COL].to_numpy(dtype=np.int64))
+    keys.append(sw)
+    order = np.lexsort(keys)
+    need = max(int(freq_threshold), 1)
+    out = {}
+    for col in columns:
+        vals = frame[col].to_numpy()[order]
+        ok = ~pd.isna(vals)
+        vals, win = vals[ok].astype(np.int64), sw[order][ok]
+        nth = pd.Series(vals).groupby(vals, sort=False).cumcount().to_numpy()  # 0-based occurrence number
+        at = nth == need - 1
+        out[col] = Vocabulary(vals[at], win[at])
+    return out
+
+
+def build_workflow(
+    spec: WorkflowSpec, stats_dir: str | os.PathLike, vocabularies: Mapping[str, Vocabulary] | None = None
+) -> nvt.Workflow:
+    """The (unfitted) workflow. `stats_dir` receives Categorify's category files at fit.
+
+    `vocabularies` (from `first_seen_vocabulary`, one per categorical column): Categorify
+    encodes with them (ids in their order; the threshold is already applied) instead of
+    fitting its own frequency-ordered ones."""
     if spec.max_len < 1 or spec.min_len < 1:
         raise ValueError(f"max_len and min_len must be >= 1, got {spec.max_len}, {spec.min_len}")
     # Tag the raw item column: the tags survive Categorify, the groupby and ListSlice,
@@ -147,7 +211,15 @@ def build_workflow(spec: WorkflowSpec, stats_dir: str | os.PathLike) -> nvt.Work
     cat_inputs = [ITEM_COL] >> ops.TagAsItemID()
     if spec.has_category:
         cat_inputs = cat_inputs + [CATEGORY_COL]
-    features = cat_inputs >> ops.Categorify(freq_threshold=spec.freq_threshold, out_path=str(stats_dir))
+    if vocabularies is None:
+        categorify = ops.Categorify(freq_threshold=spec.freq_threshold, out_path=str(stats_dir))
+    else:
+        missing = [c for c in spec.categorical if c not in vocabularies]
+        if missing:
+            raise ValueError(f"build_workflow: no vocabulary for categorical column(s) {missing}")
+        vocabs = {c: pd.Series(vocabularies[c].values, name=c, dtype=np.int64) for c in spec.categorical}
+        categorify = ops.Categorify(out_path=str(stats_dir), vocabs=vocabs)
+    features = cat_inputs >> categorify
     conts = None
     if spec.continuous:
         conts = list(spec.continuous)
