@@ -25,7 +25,7 @@ replay, swaps included, and counts every failed request (no retries anywhere: a 
 a failure). REPLAY.json:
 {"windows": [{"train_window", "eval_window", "version", "items_known", "sessions", "ndcg@20",
 "recall@20", "mrr@20", "offline": {...}, "max_abs_diff", "items_seen", "failed_requests", "swap_seconds"}],
-"swaps": n, "background_requests": n, "background_failed_requests": n}.
+"skipped_windows": [t: trained nothing or knows < k items], "swaps": n, "background_requests": n, "background_failed_requests": n}.
 Exit status 1 when served != offline (beyond --tolerance) or any request failed.
 """
 
@@ -159,6 +159,12 @@ def replay(cfg: ReplayConfig, log=print) -> dict:
     schema = Schema.load(cfg.data)
     rows = json.loads((Path(cfg.run) / "metrics.json").read_text())["windows"]
     rows = [r for r in rows if (Path(cfg.run) / WINDOWS_DIR / str(r["train_window"]) / "meta.json").is_file()]
+    # a window that trained nothing (no sessions: nothing known, e.g. DIGINETICA's window 1) or knows
+    # fewer items than a top-k needs cannot be served: skipped, and said so in REPLAY.json
+    skipped = [r["train_window"] for r in rows if r.get("skipped") or r.get("items_known", K + 3) < K + 3]
+    rows = [r for r in rows if r["train_window"] not in skipped]
+    if skipped:
+        log(f"[replay] skipping windows {skipped}: nothing trained or fewer than {K} items known")
     if not rows:
         raise FileNotFoundError(f"{cfg.run} has no RUN/{WINDOWS_DIR}/<t>: train with --keep-windows")
     split = rows[0].get("eval_split", "valid")
@@ -225,7 +231,7 @@ def replay(cfg: ReplayConfig, log=print) -> dict:
                 + " ".join(f"{m} {served[m]:.6f}/{offline[m]:.6f}" for m in METRICS) + f" failed {failed}")
         client.close()
         time.sleep(0.5)
-    result = {"windows": out_rows, "swaps": swaps, "background_requests": bg.sent,
+    result = {"windows": out_rows, "skipped_windows": skipped, "swaps": swaps, "background_requests": bg.sent,
               "background_failed_requests": bg.failed, "background_errors": bg.errors[:5]}
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
