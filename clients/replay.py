@@ -41,8 +41,16 @@ from pathlib import Path
 
 import numpy as np
 
-from training.names import OUT_ITEM_IDS, OUT_SCORES, OUT_SESSION_ID
-from training.names import FIRST_REAL_ID, INTERACTIONS_FILE, ITEM_COL, SESSION_COL, WINDOW_COL
+from training.names import (
+    FIRST_REAL_ID,
+    INTERACTIONS_FILE,
+    ITEM_COL,
+    OUT_ITEM_IDS,
+    OUT_SCORES,
+    OUT_SESSION_ID,
+    SESSION_COL,
+    WINDOW_COL,
+)
 
 METRICS = ("ndcg@20", "recall@20", "mrr@20")
 K = 20
@@ -171,6 +179,7 @@ def replay(cfg: ReplayConfig, log=print) -> dict:
     if split != cfg.eval_split:
         log(f"[replay] note: the run evaluated on {split!r}, the replay on {cfg.eval_split!r}: metrics will differ")
     interactions = pd.read_parquet(Path(cfg.data) / INTERACTIONS_FILE)
+    session_window = interactions.groupby(SESSION_COL)[WINDOW_COL].transform("min")
 
     def export(t: int, new: bool) -> int:
         ecfg = ExportConfig(run=cfg.run, data=cfg.data, out=cfg.repo, window=t, torch_backend=cfg.torch_backend)
@@ -222,8 +231,9 @@ def replay(cfg: ReplayConfig, log=print) -> dict:
             out_rows.append({
                 "train_window": t, "eval_window": t + 1, "version": version,
                 "items_known": record["items_known"], "sessions": len(targets),
-                # encoded ids of every distinct item clicked in windows <= t (special ids included)
-                "items_seen": int(interactions.loc[interactions[WINDOW_COL] <= t, ITEM_COL].nunique()) + FIRST_REAL_ID,
+                # distinct items clicked in the sessions of windows <= t (a session's window is its first
+                # click's, as for the splits and vocabulary_by_window), plus the special ids
+                "items_seen": int(interactions.loc[session_window <= t, ITEM_COL].nunique()) + FIRST_REAL_ID,
                 **{m: served[m] for m in METRICS}, "offline": offline, "max_abs_diff": diff,
                 "failed_requests": failed, "swap_seconds": round(swap_s, 2),
             })  # fmt: skip

@@ -430,8 +430,9 @@ def test_new_version_writes_self_verifying_folders_and_nothing_else(artifacts, t
     assert record["run"]["run"] == run.name and record["torch"] == torch.__version__
     for model in (ENSEMBLE_NAME, PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL):
         verify_folder(out / model / "2")
-        files = lambda v: sorted(p.relative_to(out / model / v).as_posix() for p in (out / model / v).rglob("*") if p.is_file())  # noqa: E731
-        assert files("2") == files("1"), model
+        files = [sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
+                 for d in (out / model / "1", out / model / "2")]  # fmt: skip
+        assert files[0] == files[1], model
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST and "/2/" not in str(p)}
     assert after == before
     assert set(json.loads((out / MANIFEST).read_text())["versions"]) == {"1", "2"}
