@@ -363,8 +363,9 @@ def postprocess_config(layout: Layout, cfg: ExportConfig) -> str:
     )
 
 
-def _step(model: str, version: int, input_map: dict[str, str], output_map: dict[str, str]) -> str:
-    """input_map/output_map: composing model's tensor name -> ensemble tensor name."""
+def _step(model: str, input_map: dict[str, str], output_map: dict[str, str], version: int = -1) -> str:
+    """input_map/output_map: composing model's tensor name -> ensemble tensor name; version: the pinned
+    step version (-1, the latest READY one, only for the single-version floor benchmark)."""
     lines = [f"    {{ model_name: {_q(model)} model_version: {int(version)}"]
     lines += [f"      input_map {{ key: {_q(k)} value: {_q(v)} }}" for k, v in input_map.items()]
     lines += [f"      output_map {{ key: {_q(k)} value: {_q(v)} }}" for k, v in output_map.items()]
@@ -387,17 +388,17 @@ def ensemble_config(layout: Layout, cfg: ExportConfig, version: int = 1) -> str:
     steps = [
         _step(
             PREPROCESS_MODEL,
-            version,
             {n: n for n in layout.raw_inputs},
             {n: n for n in [OUT_SESSION_ID, *tensors]},
+            version,
         ),
         _step(
             TORCH_MODEL,
-            version,
             dict(zip(model_ins, tensors)),
             {model_outs[0]: OUT_SCORES, model_outs[1]: OUT_ENCODED_IDS},
+            version,
         ),
-        _step(POSTPROCESS_MODEL, version, {OUT_ENCODED_IDS: OUT_ENCODED_IDS}, {OUT_ITEM_IDS: OUT_ITEM_IDS}),
+        _step(POSTPROCESS_MODEL, {OUT_ENCODED_IDS: OUT_ENCODED_IDS}, {OUT_ITEM_IDS: OUT_ITEM_IDS}, version),
     ]
     return (
         _header("ensemble")
