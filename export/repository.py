@@ -543,8 +543,9 @@ def _trace(run: Path, data: Path, schema: Schema, cfg: ExportConfig):
     """Load the run, wrap it in TopKRanker (k fixed), trace it on the serving device;
     returns (the traced module, the model's table sizes {categorical feature: rows}).
 
-    The guard's cardinalities are the model's own table sizes (they grow window by window,
-    see training/trainer.py), not the whole vocabulary's.
+    With cfg.window the guard's cardinalities are the model's own table sizes (they grow window
+    by window, see training/trainer.py), which the truncated preprocess never exceeds; without
+    it, the whole vocabulary's (SessionModel.unknown_to_oov maps ids beyond its tables to OOV).
 
     A trace records devices of tensors created inside forward as constants
     (the model's `torch.arange(..., device=x.device)`, XLNet's position
@@ -572,8 +573,11 @@ def _trace(run: Path, data: Path, schema: Schema, cfg: ExportConfig):
         )
     check_same_workflow(run, data, schema)
     model, _meta = load_run(run)
-    cards = {f: int(model.cfg.categorical.get(f, n)) for f, n in schema.categorical.items()}
-    at = dataclasses.replace(schema, categorical=cards)  # example inputs within the model's tables
+    if cfg.window is None:  # the whole vocabulary: ids the tables do not hold yet are OOV inside the model
+        cards = dict(schema.categorical)
+    else:  # the vocabulary known after the window: the model's own tables
+        cards = {f: int(model.cfg.categorical.get(f, n)) for f, n in schema.categorical.items()}
+    at = dataclasses.replace(schema, categorical=cards)  # example inputs within the served vocabulary
     # the guard (ids out of range -> OOV, lengths clamped) is part of the trace: see TopKRanker
     ranker = TopKRanker(model.to(device), schema.features, cfg.top_k, cards[ITEM_LIST], cards, schema.max_len)
     torch.manual_seed(0)
