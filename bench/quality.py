@@ -91,6 +91,24 @@ def per_window(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def reused_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """--reuse-runs: a seed's finished RUN/metrics.json (same last window and eval split), else None."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    rows = result["windows"]
+    split = result.get("train_config", {}).get("eval_split", "valid")
+    if not rows or rows[-1]["train_window"] != args.end_window - 1 or split != args.eval_split:
+        raise BenchError(
+            f"--reuse-runs: {path} is not a finished run of windows ..{args.end_window - 1} evaluated on "
+            f"{args.eval_split} (last window {rows[-1]['train_window'] if rows else None}, split {split}); "
+            "remove it or drop --reuse-runs"
+        )
+    print(f"[bench_quality] reusing {path}", file=sys.stderr)
+    return result
+
+
 def mean_of(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return {k: {m: float(np.mean([r[k][m] for r in rows])) for m in METRICS} for k in METHODS}
 
@@ -153,10 +171,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_seed, all_rows = [], []
     for seed in args.seeds:
         t0 = time.perf_counter()
-        result = train(
+        run_dir = work / f"run-seed{seed}"
+        result = reused_run(run_dir, args) if args.reuse_runs else None
+        result = result or train(
             TrainConfig(
                 data=str(data),
-                out=str(work / f"run-seed{seed}"),
+                out=str(run_dir),
                 seed=seed,
                 end_window=args.end_window,
                 threads=args.threads,
@@ -243,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="settings JSON (training.tune output) on top of the recipe")
     p.add_argument("--end-window", type=int, default=8, help="train on windows 1..END-1")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    p.add_argument(
+        "--reuse-runs",
+        action="store_true",
+        help="read a seed's finished --work/run-seed<N>/metrics.json instead of training it again "
+        "(seeds trained by separate bench processes, then summarised together)",
+    )
     p.add_argument(
         "--eval-split",
         choices=("valid", "test"),

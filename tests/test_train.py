@@ -24,8 +24,8 @@ from training.checkpoint import RunError, load_run, read_meta, save_checkpoint
 from training.config import TrainConfig
 from training.data import DataError, eval_inputs_targets, load_schema, load_split, split_path
 from training.metrics import metric_keys
-from training.train import main, train
 from training.schema import Schema
+from training.train import main, train
 from training.trainer import cosine_lambda, evaluate_model, known_inputs
 
 REPO = Path(__file__).resolve().parents[1]
