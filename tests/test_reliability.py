@@ -273,7 +273,10 @@ def test_new_model_version_under_load(server_a, repos, artifacts, requests_, tmp
 
 # --- A: a Python-backend stub killed during load --------------------------------------------------------
 def _stub_pid(server: TritonServer, model: str) -> int:
-    live = [p.pid for p in server.stub_processes() if p.model == model and p.state != "Z"]
+    """The live stub of `model`'s highest version (the served one: after a swap two versions are loaded)."""
+    live = [p for p in server.stub_processes() if p.model == model and p.state != "Z"]
+    top = max((p.version or 0) for p in live)
+    live = [p.pid for p in live if (p.version or 0) == top]
     assert len(live) == 1, server.stub_processes()
     return live[0]
 
