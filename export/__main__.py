@@ -2,7 +2,9 @@
 
     python -m export --run runs/synthetic --data data/synthetic --out model_repository
     python -m export --run RUN --data DATA --out REPO --top-k 20 --torch-backend libtorch --instance-kind gpu
-    python -m export --run RUN2 --data DATA --out REPO --new-version    # add RUN2 as model version N+1
+    python -m export --run RUN --data DATA --out REPO --window 1              # serve the state after window 1
+    python -m export --run RUN --data DATA --out REPO --window 2 --new-version  # stage version N+1 of everything
+    SESSREC_ADMIN_KEY=... python -m export.versions --repo REPO --version N+1   # switch the live server to it
 
 Writes `session_ranker` (platform "ensemble") with three steps: preprocess
 (the fitted NVTabular workflow's semantics, numpy), model (the traced
@@ -23,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from export.repository import ExportConfig, add_model_version, export_repository
+from export.repository import ExportConfig, add_ensemble_version, export_repository
 
 
 def parse_args(argv: list[str] | None = None) -> ExportConfig:
@@ -76,10 +78,17 @@ def _parse(argv: list[str] | None = None) -> tuple[bool, ExportConfig]:
         help="microseconds a request may wait in a step's queue before it is answered UNAVAILABLE (0: no limit)",
     )
     p.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="serve the state after this window: RUN/windows/<t>/ (train with --keep-windows) and only the "
+        "vocabulary known after it (default: RUN and the whole vocabulary)",
+    )
+    p.add_argument(
         "--new-version",
         action="store_true",
-        help="add --run as the next version of the model step of the existing repository --out "
-        "(other options are taken from that repository)",
+        help="stage --run (after --window) as the next whole-repository version N+1 of --out: every step and the "
+        "ensemble (other options are taken from that repository); python -m export.versions switches to it",
     )
     a = p.parse_args(argv)
     return a.new_version, ExportConfig(
@@ -97,6 +106,7 @@ def _parse(argv: list[str] | None = None) -> tuple[bool, ExportConfig]:
         preprocess_instances=a.preprocess_instances,
         max_queue_size=a.max_queue_size,
         queue_timeout_us=a.queue_timeout_us,
+        window=a.window,
     )
 
 
@@ -110,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         if new_version:
-            version = add_model_version(cfg)
+            version = add_ensemble_version(cfg)
         else:
             out = export_repository(cfg)
     # Errors that mean bad input or options (ValueError covers DataError and InputError); anything
@@ -120,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if new_version:
-        print(f"added {cfg.run} as version {version} of {cfg.out}/model in {time.perf_counter() - t0:.1f} s")
-        print("load it without downtime (server in explicit model-control mode, python -m export.serve's default):")
-        print('  curl -fsS -X POST -H "sessrec-admin-key: $SESSREC_ADMIN_KEY" '
-              "http://127.0.0.1:8000/v2/repository/models/model/load")
+        print(f"staged {cfg.run} as version {version} of every model of {cfg.out} in {time.perf_counter() - t0:.1f} s")
+        print("switch to it without downtime (server in explicit model-control mode, python -m export.serve's default):")
+        print(f"  SESSREC_ADMIN_KEY=... python -m export.versions --url 127.0.0.1:8000 --repo {cfg.out} --version {version}")
         return 0
     print(f"wrote {out} ({cfg.torch_backend} model step, top-{cfg.top_k}) in {time.perf_counter() - t0:.1f} s")
     print(f"serve it: python -m export.serve --repo {out}")

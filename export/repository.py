@@ -16,6 +16,7 @@
                                       dynamic batching over sessions, warm-up
       model/1/model.pt                traced TopKRanker (torch.jit.trace; a TorchScript zip, no pickled code)
       model/1/model.py, sessrec_steps.py, sessrec_integrity.py   (Python backend only)
+      model/1/sessrec_model.json      the per-request bounds of this version (table sizes), its window
       model/1/sessrec_files.json
       model/warmup/*                  warm-up tensors (raw little-endian bytes)
       postprocess/config.pbtxt        Python backend: encoded ids -> raw item ids
@@ -36,14 +37,22 @@ options): the same inputs give a byte-identical repository.
 
 Every step has a queue policy (`max_queue_size`, `queue_timeout_us`): beyond
 it Triton answers UNAVAILABLE at once instead of letting requests pile up.
-`add_model_version` (`python -m export ... --new-version`) adds another run as
-version N+1 of the model step next to the served one; with explicit model
-control the server loads it without downtime (see export/README.md).
+Versions (issue 12): every step keeps `latest { num_versions: 2 }` and the
+ensemble pins one whole-repository version N (its own folder and each step's
+`model_version`). Everything that changes between versions (vocabulary,
+traced model, the model step's per-request bounds in sessrec_model.json, the
+run record) lives in the version folders. `add_ensemble_version`
+(`python -m export ... --window t --new-version`) stages version N+1 of every
+step and of the ensemble without touching any config.pbtxt;
+`export.versions.swap_to` loads the steps' N+1 and then re-pins the ensemble
+(see export/README.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -129,6 +138,10 @@ class ExportConfig:
     # p99 of a 64-session request at concurrency 8 here, ~0.2 s). 0 disables either.
     max_queue_size: int = 64
     queue_timeout_us: int = 5_000_000
+    # Serve the state after window t (issue 12): the model of RUN/windows/<t>/ (train with
+    # --keep-windows; or RUN itself when its last window is t) and only the vocabulary known
+    # after t (training.serving_transform.known_prefix). None: RUN and the whole vocabulary.
+    window: int | None = None
 
     def check(self) -> None:
         if self.torch_backend not in ("python", "libtorch"):
@@ -229,6 +242,12 @@ class Layout:
         return cls(raw, schema.features, dtypes, schema.max_len, k, triton_dtype(raw[ITEM_COL]), cards)
 
 
+# Steps keep two versions loaded: the served one (N) and the one being switched to (N+1), or N-1
+# for a rollback. The ensemble pins each step's version (`ensemble_config`), so a request never
+# mixes two versions' steps; everything that changes per version lives in the version folders.
+STEP_VERSION_POLICY = "version_policy: { latest: { num_versions: 2 } }\n"
+
+
 def preprocess_config(layout: Layout, cfg: ExportConfig) -> str:
     L = layout.max_len
     inputs = [_tensor(n, triton_dtype(dt), [-1]) for n, dt in layout.raw_inputs.items()]
@@ -238,6 +257,7 @@ def preprocess_config(layout: Layout, cfg: ExportConfig) -> str:
     return (
         _header("preprocess step")
         + f'name: {_q(PREPROCESS_MODEL)}\nbackend: "python"\nmax_batch_size: 0\n'
+        + STEP_VERSION_POLICY
         + _io("input", inputs)
         + _io("output", outputs)
         + _dynamic_batching(cfg)
@@ -280,11 +300,10 @@ def model_config(layout: Layout, cfg: ExportConfig) -> str:
         params = {"INFERENCE_MODE": "true"}
     else:
         head = f'name: {_q(TORCH_MODEL)}\nbackend: "python"\n'
-        cards = {n: int(layout.cardinalities[f]) for n, f in zip(ins, layout.features) if f in layout.cardinalities}
+        # the cardinalities change with the vocabulary: they are in <version>/sessrec_model.json
         params = {
             "input_order": json.dumps(ins),
             "torch_threads": str(cfg.torch_threads),
-            "cardinalities": json.dumps(cards),
             "max_len": str(layout.max_len),
         }
     warmup = []
@@ -301,6 +320,7 @@ def model_config(layout: Layout, cfg: ExportConfig) -> str:
         _header(f"model step, {cfg.torch_backend} backend")
         + head
         + f"max_batch_size: {cfg.max_batch_sessions}\n"
+        + STEP_VERSION_POLICY
         + _io("input", inputs)
         + _io("output", outputs)
         + _dynamic_batching(cfg, cfg.max_queue_delay_us)
@@ -334,6 +354,7 @@ def postprocess_config(layout: Layout, cfg: ExportConfig) -> str:
     return (
         _header("postprocess step")
         + f'name: {_q(POSTPROCESS_MODEL)}\nbackend: "python"\nmax_batch_size: 0\n'
+        + STEP_VERSION_POLICY
         + _io("input", [_tensor(OUT_ENCODED_IDS, "TYPE_INT64", [-1, layout.k])])
         + _io("output", [_tensor(OUT_ITEM_IDS, layout.item_dtype, [-1, layout.k])])
         + _dynamic_batching(cfg)
@@ -342,15 +363,19 @@ def postprocess_config(layout: Layout, cfg: ExportConfig) -> str:
     )
 
 
-def _step(model: str, input_map: dict[str, str], output_map: dict[str, str]) -> str:
-    """input_map/output_map: composing model's tensor name -> ensemble tensor name."""
-    lines = [f"    {{ model_name: {_q(model)} model_version: -1"]
+def _step(model: str, input_map: dict[str, str], output_map: dict[str, str], version: int = -1) -> str:
+    """input_map/output_map: composing model's tensor name -> ensemble tensor name; version: the pinned
+    step version (-1, the latest READY one, only for the single-version floor benchmark)."""
+    lines = [f"    {{ model_name: {_q(model)} model_version: {int(version)}"]
     lines += [f"      input_map {{ key: {_q(k)} value: {_q(v)} }}" for k, v in input_map.items()]
     lines += [f"      output_map {{ key: {_q(k)} value: {_q(v)} }}" for k, v in output_map.items()]
     return "\n".join(lines) + " }"
 
 
-def ensemble_config(layout: Layout, cfg: ExportConfig) -> str:
+def ensemble_config(layout: Layout, cfg: ExportConfig, version: int = 1) -> str:
+    """The ensemble serving whole-repository version `version`: its own version folder only
+    (`specific`) and every step pinned to that version (never -1: with -1 a request could mix
+    preprocess N+1 with model N while the steps load one by one). `pin_ensemble` re-pins it."""
     k = layout.k
     inputs = [_tensor(n, triton_dtype(dt), [-1]) for n, dt in layout.raw_inputs.items()]
     outputs = [
@@ -365,25 +390,51 @@ def ensemble_config(layout: Layout, cfg: ExportConfig) -> str:
             PREPROCESS_MODEL,
             {n: n for n in layout.raw_inputs},
             {n: n for n in [OUT_SESSION_ID, *tensors]},
+            version,
         ),
         _step(
             TORCH_MODEL,
             dict(zip(model_ins, tensors)),
             {model_outs[0]: OUT_SCORES, model_outs[1]: OUT_ENCODED_IDS},
+            version,
         ),
-        _step(POSTPROCESS_MODEL, {OUT_ENCODED_IDS: OUT_ENCODED_IDS}, {OUT_ITEM_IDS: OUT_ITEM_IDS}),
+        _step(POSTPROCESS_MODEL, {OUT_ENCODED_IDS: OUT_ENCODED_IDS}, {OUT_ITEM_IDS: OUT_ITEM_IDS}, version),
     ]
     return (
         _header("ensemble")
         + f'name: {_q(ENSEMBLE_NAME)}\nplatform: "ensemble"\n'
         + "# 0: requests carry any number of interaction rows; the model step batches over sessions\n"
         + "max_batch_size: 0\n"
+        + f"version_policy: {{ specific: {{ versions: [ {int(version)} ] }} }}\n"
         + _io("input", inputs)
         + _io("output", outputs)
         + "ensemble_scheduling {\n  step [\n"
         + ",\n".join(steps)
         + "\n  ]\n}\n"
     )
+
+
+_PINS = (
+    (re.compile(r"(model_version: )-?\d+"), r"\g<1>{v}"),
+    (re.compile(r"(version_policy: \{ specific: \{ versions: \[ )\d+( \] \} \})"), r"\g<1>{v}\g<2>"),
+)
+
+
+def pin_ensemble(text: str, version: int) -> str:
+    """The ensemble config.pbtxt `text` (written by `ensemble_config`) pinned to `version`."""
+    for pattern, repl in _PINS:
+        text, n = pattern.subn(repl.format(v=int(version)), text)
+        if not n:
+            raise ValueError(f"ensemble config has no {pattern.pattern!r}: re-export the repository")
+    return text
+
+
+def ensemble_version(text: str) -> int:
+    """The version the ensemble config.pbtxt `text` pins."""
+    m = _PINS[1][0].search(text)
+    if m is None:
+        raise ValueError("ensemble config pins no version: re-export the repository")
+    return int(re.search(r"\d+", m.group(0)).group(0))
 
 
 # --- writing ------------------------------------------------------------------
@@ -440,14 +491,69 @@ def check_same_workflow(run: Path, data: Path, schema: Schema) -> None:
         )
 
 
+def window_run(run: Path, window: int | None) -> Path:
+    """The checkpoint folder holding the state after `window`: RUN/windows/<t>/ (`--keep-windows`),
+    or RUN itself when its last finished window is t (or window is None)."""
+    from training.checkpoint import META_FILE, WINDOWS_DIR, read_meta
+
+    run = Path(run)
+    if window is None:
+        return run
+    snap = run / WINDOWS_DIR / str(window)
+    if (snap / META_FILE).is_file():
+        return snap
+    if (run / META_FILE).is_file() and read_meta(run).get("window") == window:
+        return run
+    raise FileNotFoundError(
+        f"{run} holds no model after window {window} ({snap} is missing): train with --keep-windows "
+        "(python -m training.train ... --keep-windows) to keep every window's state"
+    )
+
+
+@dataclass
+class Served:
+    """What one whole-repository version serves: the state after a window, its vocabulary."""
+
+    run: Path  # the checkpoint folder (RUN or RUN/windows/<t>)
+    window: int | None
+    transform: object  # sessrec_transform.Transform: the compiled workflow, truncated to the window
+    vocab: np.ndarray  # postprocess's item_vocabulary.npy (index = encoded id)
+    traced: object  # the traced TopKRanker
+    cardinalities: dict[str, int]  # categorical feature -> rows of the model's table (the guard's bound)
+
+
+def _serve_state(cfg: ExportConfig, schema: Schema) -> Served:
+    from training.serving_transform import ServingTransform
+
+    run = window_run(Path(cfg.run), cfg.window)
+    check_same_workflow(run, Path(cfg.data), schema)  # before the workflow pickle is loaded
+    # checks the workflow files' sha256 against schema.json, then unpickles; window t: known prefix only
+    transform = ServingTransform.load(cfg.data, window=cfg.window).compiled
+    vocab = np.asarray(transform.item_vocabulary(), dtype=np.int64)
+    traced, cards = _trace(run, Path(cfg.data), schema, cfg)
+    if cfg.window is not None and len(vocab) > cards[schema.item_feature]:
+        raise ValueError(
+            f"{run}: the model's item table has {cards[schema.item_feature]} rows but {len(vocab)} items are "
+            f"known after window {cfg.window}: the checkpoint is not the state after window {cfg.window}"
+        )
+    return Served(run, cfg.window, transform, vocab, traced, cards)
+
+
 def _trace(run: Path, data: Path, schema: Schema, cfg: ExportConfig):
-    """Load the run, wrap it in TopKRanker (k fixed), trace it on the serving device; returns the traced module.
+    """Load the run, wrap it in TopKRanker (k fixed), trace it on the serving device;
+    returns (the traced module, the model's table sizes {categorical feature: rows}).
+
+    With cfg.window the guard's cardinalities are the model's own table sizes (they grow window
+    by window, see training/trainer.py), which the truncated preprocess never exceeds; without
+    it, the whole vocabulary's (SessionModel.unknown_to_oov maps ids beyond its tables to OOV).
 
     A trace records devices of tensors created inside forward as constants
     (the model's `torch.arange(..., device=x.device)`, XLNet's position
     encoding), so a GPU repository must be traced on a GPU: `--instance-kind
     gpu` needs CUDA at export time (run the export inside the NGC PyTorch
     container or any CUDA build of torch)."""
+    import dataclasses
+
     import torch
 
     from export.inference import (
@@ -467,70 +573,121 @@ def _trace(run: Path, data: Path, schema: Schema, cfg: ExportConfig):
         )
     check_same_workflow(run, data, schema)
     model, _meta = load_run(run)
-    n_items = schema.categorical[ITEM_LIST]
+    if cfg.window is None:  # the whole vocabulary: ids the tables do not hold yet are OOV inside the model
+        cards = dict(schema.categorical)
+    else:  # the vocabulary known after the window: the model's own tables
+        cards = {f: int(model.cfg.categorical.get(f, n)) for f, n in schema.categorical.items()}
+    at = dataclasses.replace(schema, categorical=cards)  # example inputs within the served vocabulary
     # the guard (ids out of range -> OOV, lengths clamped) is part of the trace: see TopKRanker
-    ranker = TopKRanker(model.to(device), schema.features, cfg.top_k, n_items, schema.categorical, schema.max_len)
+    ranker = TopKRanker(model.to(device), schema.features, cfg.top_k, cards[ITEM_LIST], cards, schema.max_len)
     torch.manual_seed(0)
-    traced = trace_ranker(ranker, tuple(t.to(device) for t in example_inputs(schema, batch=8)))
+    traced = trace_ranker(ranker, tuple(t.to(device) for t in example_inputs(at, batch=8)))
     other = {d for d in baked_devices(traced) if torch.device(d).type != device.type}
     if other:
         raise RuntimeError(f"the traced model holds device constants {sorted(other)} but serves on {device}")
-    return traced
+    return traced, cards
 
 
-def export_repository(cfg: ExportConfig) -> Path:
-    """Write the repository (see the module docstring); returns cfg.out."""
+MODEL_PARAMS = "sessrec_model.json"  # model/<version>/: what the model step checks that changes per version
+
+
+def _staged(folder: Path) -> Path:
+    """A temporary sibling of a version folder (not numeric: Triton ignores it until the rename)."""
+    tmp = folder.parent / f".{folder.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _write_version(out: Path, version: int, served: Served, layout: Layout, cfg: ExportConfig,
+                   schema: Schema) -> dict:
+    """preprocess/<v>, model/<v>, postprocess/<v>, session_ranker/<v>, each written completely
+    under a temporary name with its own sessrec_files.json, then renamed into place (steps first,
+    the ensemble's folder last). Returns the version's run record."""
     from export.inference import save_traced
-    from training.serving_transform import ServingTransform
 
-    cfg.check()
-    run, data, out = Path(cfg.run), Path(cfg.data), Path(cfg.out)
-    schema = Schema.load(data)
-    layout = Layout.from_schema(schema, cfg.top_k)
-    check_same_workflow(run, data, schema)  # before the workflow pickle is loaded
-    transform = ServingTransform.load(data)  # checks the workflow files' sha256 against schema.json, then unpickles
-    vocab = np.asarray(transform.item_vocabulary(), dtype=np.int64)
-    traced = _trace(run, data, schema, cfg)
-
-    _clear_out(out)
-    out.mkdir(parents=True, exist_ok=True)
+    v = str(version)
+    for name in MODELS:
+        if (out / name / v).exists():
+            raise FileExistsError(f"{out / name / v} exists already: a version is written once")
+    run_rec = _run_record(served.run)
     # preprocess: the compiled workflow (JSON + .npy), no pickle
-    pre = out / PREPROCESS_MODEL
-    _write(pre / "config.pbtxt", preprocess_config(layout, cfg))
-    _write_step_code(pre / "1", PREPROCESS_MODEL)
-    transform.compiled.save(pre / "1")
+    tmp = _staged(out / PREPROCESS_MODEL / v)
+    _write_step_code(tmp, PREPROCESS_MODEL)
+    served.transform.save(tmp)
+    write_folder_record(tmp)
+    tmp.rename(out / PREPROCESS_MODEL / v)
     # model
-    mdl = out / TORCH_MODEL
-    _write(mdl / "config.pbtxt", model_config(layout, cfg))
-    (mdl / "1").mkdir(parents=True, exist_ok=True)
-    save_traced(traced, mdl / "1" / TRACED_FILE)
+    tmp = _staged(out / TORCH_MODEL / v)
+    save_traced(served.traced, tmp / TRACED_FILE)
     if cfg.torch_backend == "python":
-        _write_step_code(mdl / "1", TORCH_MODEL)
-    for name, blob in warmup_data(layout, cfg).items():
-        _write(mdl / "warmup" / name, blob)
+        _write_step_code(tmp, TORCH_MODEL)
+    ins, _ = model_io_names(layout, cfg.torch_backend)
+    cards = {n: served.cardinalities[f] for n, f in zip(ins, layout.features) if f in served.cardinalities}
+    params = {"cardinalities": cards, "window": served.window}
+    _write(tmp / MODEL_PARAMS, json.dumps(params, indent=2, sort_keys=True) + "\n")
+    write_folder_record(tmp, _model_record(served.run))
+    tmp.rename(out / TORCH_MODEL / v)
     # postprocess
-    post = out / POSTPROCESS_MODEL
-    _write(post / "config.pbtxt", postprocess_config(layout, cfg))
-    _write_step_code(post / "1", POSTPROCESS_MODEL)
-    np.save(post / "1" / VOCAB_FILE, vocab, allow_pickle=False)
-    # ensemble: the run's identity lives in its own folder
-    ens = out / ENSEMBLE_NAME
-    _write(ens / "config.pbtxt", ensemble_config(layout, cfg))
-    options = {k: v for k, v in asdict(cfg).items() if k not in ("run", "data", "out")}
-    run_record = {
+    tmp = _staged(out / POSTPROCESS_MODEL / v)
+    _write_step_code(tmp, POSTPROCESS_MODEL)
+    np.save(tmp / VOCAB_FILE, served.vocab, allow_pickle=False)
+    write_folder_record(tmp)
+    tmp.rename(out / POSTPROCESS_MODEL / v)
+    # ensemble: the version's identity
+    options = {k: val for k, val in asdict(cfg).items() if k not in ("run", "data", "out", "window")}
+    record = {
         "ensemble": ENSEMBLE_NAME,
+        "version": version,
+        "window": served.window,
+        "items_known": int(len(served.vocab)),
         "inputs": layout.raw_inputs,
         "outputs": {OUT_SESSION_ID: "[S]", OUT_ITEM_IDS: f"[S, {cfg.top_k}]", OUT_SCORES: f"[S, {cfg.top_k}]"},
         "options": options,
         "workflow_sha256": schema.workflow_sha256,
-        "model_versions": {"1": _run_record(run)},
+        "run": run_rec,
     }
-    _write(ens / "1" / RUN_RECORD, json.dumps(run_record, indent=2, sort_keys=True) + "\n")
-    # per-folder records, written last in each folder
-    for name in MODELS:
-        write_folder_record(out / name / "1", _model_record(run) if name == TORCH_MODEL else None)
-    manifest = {"models": list(MODELS), **run_record}
-    _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp = _staged(out / ENSEMBLE_NAME / v)
+    _write(tmp / RUN_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_folder_record(tmp)
+    tmp.rename(out / ENSEMBLE_NAME / v)
+    return record
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / MANIFEST)
+
+
+def export_repository(cfg: ExportConfig) -> Path:
+    """Write the repository (see the module docstring) with version 1 of every model; returns cfg.out."""
+    cfg.check()
+    data, out = Path(cfg.data), Path(cfg.out)
+    schema = Schema.load(data)
+    layout = Layout.from_schema(schema, cfg.top_k)
+    served = _serve_state(cfg, schema)
+
+    _clear_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / PREPROCESS_MODEL / "config.pbtxt", preprocess_config(layout, cfg))
+    _write(out / TORCH_MODEL / "config.pbtxt", model_config(layout, cfg))
+    for name, blob in warmup_data(layout, cfg).items():
+        _write(out / TORCH_MODEL / "warmup" / name, blob)
+    _write(out / POSTPROCESS_MODEL / "config.pbtxt", postprocess_config(layout, cfg))
+    record = _write_version(out, 1, served, layout, cfg, schema)
+    _write(out / ENSEMBLE_NAME / "config.pbtxt", ensemble_config(layout, cfg, 1))
+    options = {k: v for k, v in asdict(cfg).items() if k not in ("run", "data", "out", "window")}
+    manifest = {
+        "models": list(MODELS),
+        "ensemble": ENSEMBLE_NAME,
+        "inputs": layout.raw_inputs,
+        "options": options,
+        "workflow_sha256": schema.workflow_sha256,
+        "versions": {"1": {k: record[k] for k in ("window", "items_known", "run")}},
+    }
+    _write_manifest(out, manifest)
     return out
 
 
@@ -543,32 +700,33 @@ def _model_record(run: Path) -> dict:
 
 
 def _run_record(run: Path) -> dict:
-    """What the repository keeps about the run behind a model version (its metrics at training time)."""
+    """What the repository keeps about the run behind a version (its metrics at training time)."""
     meta = json.loads((Path(run) / "meta.json").read_text())
     windows = meta.get("metrics", {}).get("windows") or [{}]
-    return {"run": Path(run).name, "window": meta.get("window"), "metrics": windows[-1]}
+    run = Path(run)
+    name = f"{run.parent.parent.name}/{run.parent.name}/{run.name}" if run.parent.name == "windows" else run.name
+    return {"run": name, "window": meta.get("window"), "metrics": windows[-1]}
 
 
-def model_versions(out: Path) -> list[int]:
-    """Numeric version directories of the model step, ascending."""
-    return sorted(int(p.name) for p in (Path(out) / TORCH_MODEL).iterdir() if p.is_dir() and p.name.isdigit())
+def versions(out: Path, name: str = TORCH_MODEL) -> list[int]:
+    """Numeric version directories of model `name`, ascending."""
+    folder = Path(out) / name
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
 
 
-def add_model_version(cfg: ExportConfig) -> int:
-    """Add cfg.run as the next version of the model step in the existing repository cfg.out; returns it.
+def add_ensemble_version(cfg: ExportConfig) -> int:
+    """Stage cfg.run (after cfg.window) as whole-repository version N+1 in the existing cfg.out; returns N+1.
 
-    Only `model/<N>/` is written (the traced model and, for the Python backend,
-    model.py) and the manifest updated; every other file stays as it is, so a
-    server in explicit model-control mode swaps versions with one load call and
-    no downtime (the model config keeps the default version policy, latest 1:
-    Triton loads N, warms it up, and unloads N-1 only after that; in-flight
-    requests finish on N-1). The export options come from the manifest; the
-    run must be trained on the same workflow and give the same model inputs."""
-    from export.inference import save_traced
-
-    out, data, run = Path(cfg.out), Path(cfg.data), Path(cfg.run)
+    Writes preprocess/<N+1> (the vocabulary known after the window), model/<N+1> (its trace and
+    sessrec_model.json), postprocess/<N+1> (item_vocabulary.npy) and session_ranker/<N+1>
+    (sessrec_run.json), each complete with its sessrec_files.json before it is renamed into
+    place, and updates the manifest. No config.pbtxt and no other file changes: the
+    ensemble keeps pinning N, so a (re)starting server keeps serving N until
+    `export.versions.swap_to` switches it (see export/README.md). Export options come from the
+    manifest; the run must be trained on the same workflow."""
+    out, data = Path(cfg.out), Path(cfg.data)
     manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else None
-    if manifest is None or TORCH_MODEL not in manifest.get("models", []):
+    if manifest is None or TORCH_MODEL not in manifest.get("models", []) or "versions" not in manifest:
         raise FileNotFoundError(f"{out} holds no repository written by `python -m export`: export it first")
     schema = Schema.load(data)
     if schema.workflow_sha256 != manifest.get("workflow_sha256"):
@@ -576,32 +734,25 @@ def add_model_version(cfg: ExportConfig) -> int:
             f"{data} is not the DATA the repository {out} was exported from (workflow_sha256 differs): "
             "a new version must keep the preprocess step's features"
         )
-    known = {f.name for f in ExportConfig.__dataclass_fields__.values()} - {"run", "data", "out"}
+    known = {f.name for f in ExportConfig.__dataclass_fields__.values()} - {"run", "data", "out", "window"}
     options = {k: v for k, v in manifest["options"].items() if k in known}
-    full = ExportConfig(run=run, data=data, out=out, **options)
+    full = ExportConfig(run=Path(cfg.run), data=data, out=out, window=cfg.window, **options)
     full.check()
     layout = Layout.from_schema(schema, full.top_k)
-    expected_config = model_config(layout, full)
-    if (out / TORCH_MODEL / "config.pbtxt").read_text() != expected_config:
-        raise ValueError(
-            f"{out / TORCH_MODEL / 'config.pbtxt'} differs from what these options write: "
-            "the repository was edited or exported by another version of `python -m export`; re-export it"
-        )
-    from training.workflow import verify_workflow_files
-
-    verify_workflow_files(data, schema)
-    traced = _trace(run, data, schema, full)
-    version = (model_versions(out) or [0])[-1] + 1
-    vdir = out / TORCH_MODEL / str(version)
-    tmp = out / TORCH_MODEL / f".{version}.tmp"  # not numeric: Triton ignores it until the rename
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_traced(traced, tmp / TRACED_FILE)
-    if full.torch_backend == "python":
-        _write_step_code(tmp, TORCH_MODEL)
-    write_folder_record(tmp, _model_record(run))  # the new version verifies on its own, before the directory appears
-    manifest.setdefault("model_versions", {})[str(version)] = _run_record(run)
-    _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.rename(vdir)
+    expected = {
+        PREPROCESS_MODEL: preprocess_config(layout, full),
+        TORCH_MODEL: model_config(layout, full),
+        POSTPROCESS_MODEL: postprocess_config(layout, full),
+    }
+    for name, text in expected.items():
+        if (out / name / "config.pbtxt").read_text() != text:
+            raise ValueError(
+                f"{out / name / 'config.pbtxt'} differs from what these options write: the repository was "
+                "edited or exported by another version of `python -m export`; re-export it"
+            )
+    served = _serve_state(full, schema)
+    version = max(max(versions(out, n) or [0]) for n in MODELS) + 1
+    record = _write_version(out, version, served, layout, full, schema)
+    manifest["versions"][str(version)] = {k: record[k] for k in ("window", "items_known", "run")}
+    _write_manifest(out, manifest)
     return version

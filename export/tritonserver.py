@@ -432,6 +432,15 @@ class ProcInfo:
                 return parts[-3] if len(parts) >= 3 else None
         return None
 
+    @property
+    def version(self) -> int | None:
+        """For a Python-backend stub: the version folder it runs (two are loaded during a swap)."""
+        for arg in self.cmdline:
+            if arg.endswith("/model.py"):
+                parts = Path(arg).parts
+                return int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
+        return None
+
 
 def _proc_info(pid: int) -> ProcInfo | None:
     try:

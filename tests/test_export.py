@@ -224,7 +224,7 @@ def test_repository_layout(repo):
         verify_folder(folder)
     run = json.loads((repo / ENSEMBLE_NAME / "1" / RUN_RECORD).read_text())
     spec = json.loads((repo / PREPROCESS_MODEL / "1" / "workflow.json").read_text())
-    assert run["workflow_sha256"] == spec["workflow_sha256"] and run["model_versions"]["1"]["run"]
+    assert run["workflow_sha256"] == spec["workflow_sha256"] and run["run"]["run"] and run["version"] == 1
 
 
 def test_shipped_modules_are_verbatim_copies(repo):
@@ -415,21 +415,47 @@ def test_export_replaces_its_own_output_and_keeps_the_readme(artifacts, tmp_path
         export_repository(cfg)
 
 
-def test_new_version_writes_a_self_verifying_folder_and_nothing_else(artifacts, tmp_path):
-    """--new-version with per-folder records: model/2/ carries its own sessrec_files.json (naming its run),
-    every other file of the repository is unchanged, the root bookkeeping lists version 2."""
-    from export.repository import add_model_version
+def test_new_version_writes_self_verifying_folders_and_nothing_else(artifacts, tmp_path):
+    """--new-version (whole ensemble, issue 12): version 2 of every step and of the ensemble, each
+    folder with its own sessrec_files.json (the model's naming its run) holding the same files as
+    version 1; no config.pbtxt and no other file changes (the ensemble still pins 1), the root
+    bookkeeping lists version 2."""
+    from export.repository import add_ensemble_version
 
     data, run = artifacts
     out = export_repository(ExportConfig(run=run, data=data, out=tmp_path / "repo", top_k=K))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
-    assert add_model_version(ExportConfig(run=run, data=data, out=out)) == 2
+    assert add_ensemble_version(ExportConfig(run=run, data=data, out=out)) == 2
     record = verify_folder(out / TORCH_MODEL / "2")
     assert record["run"]["run"] == run.name and record["torch"] == torch.__version__
-    assert sorted(record["files_sha256"]) == sorted(p.name for p in (out / TORCH_MODEL / "1").iterdir() if p.name != FOLDER_RECORD)
+    for model in (ENSEMBLE_NAME, PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL):
+        verify_folder(out / model / "2")
+        files = [sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
+                 for d in (out / model / "1", out / model / "2")]  # fmt: skip
+        assert files[0] == files[1], model
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST and "/2/" not in str(p)}
     assert after == before
-    assert set(json.loads((out / MANIFEST).read_text())["model_versions"]) == {"1", "2"}
+    assert set(json.loads((out / MANIFEST).read_text())["versions"]) == {"1", "2"}
+
+
+def test_configs_pin_versions_and_keep_two(repo):
+    """Steps keep two versions (latest 2) and carry nothing that changes per version; the ensemble
+    pins its own version and every step's; pin_ensemble re-pins exactly those."""
+    from export.repository import ensemble_version, pin_ensemble
+
+    for step in (PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL):
+        cfg = parse_config(repo / step / "config.pbtxt")
+        assert cfg.version_policy.latest.num_versions == 2, step
+        assert all(p not in cfg.parameters for p in ("cardinalities", "window")), step
+    text = (repo / ENSEMBLE_NAME / "config.pbtxt").read_text()
+    ens = parse_config(repo / ENSEMBLE_NAME / "config.pbtxt")
+    assert list(ens.version_policy.specific.versions) == [1] and ensemble_version(text) == 1
+    assert [s.model_version for s in ens.ensemble_scheduling.step] == [1, 1, 1]
+    moved = pin_ensemble(text, 7)
+    assert ensemble_version(moved) == 7 and moved.count("model_version: 7") == 3
+    assert pin_ensemble(moved, 1) == text
+    params = json.loads((repo / TORCH_MODEL / "1" / "sessrec_model.json").read_text())
+    assert set(params["cardinalities"]) == {f for f in json.loads((repo / PREPROCESS_MODEL / "1" / "workflow.json").read_text())["categorical"]}
 
 
 def test_floor_repository_configs(tmp_path, schema):

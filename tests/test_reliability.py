@@ -35,7 +35,7 @@ from tritonclient.utils import InferenceServerException
 
 from clients.load import LoadConfig, build_requests, soak_server
 from export.floor import FLOOR_ENSEMBLE, FLOOR_STEPS, write_floor_repository
-from export.repository import ExportConfig, add_model_version, export_repository
+from export.repository import ExportConfig, add_ensemble_version, export_repository
 from export.tritonserver import ServerConfig, ServerError, StubWatchdog, TritonServer
 from tests.triton_util import PROJECT_ROOT
 from training.names import (
@@ -232,20 +232,23 @@ def _perturbed_run(run: Path, out: Path) -> Path:
 
 
 def test_new_model_version_under_load(server_a, repos, artifacts, requests_, tmp_path):
-    """Explicit model control: version 2 of the model step is loaded while 4 clients keep sending.
-    Zero failed requests; every answer is version 1's or version 2's (scores to 1e-4); after the load,
-    only version 2's, and those differ from version 1's."""
+    """Explicit model control: whole-ensemble version 2 (issue 12) is switched in by
+    export.versions.swap_to while 4 clients keep sending. Zero failed requests; every answer is
+    version 1's or version 2's (scores to 1e-4); after the swap, only version 2's, and those differ
+    from version 1's. Version 1 of every step stays loaded (rollback)."""
+    from export.versions import swap_to
+
     data, run = artifacts
     reqs = requests_[1][:6] + requests_[64][:2]
     client = grpcclient.InferenceServerClient(server_a.grpc_url)
     v1 = [_infer(client, r) for r in reqs]
-    assert not any(isinstance(a, Exception) for a in v1), v1
-    version = add_model_version(ExportConfig(run=_perturbed_run(run, tmp_path / "run2"), data=data, out=repos[0]))
+    assert not any(isinstance(a, Exception) for a in v1), [str(a) for a in v1 if isinstance(a, Exception)]
+    version = add_ensemble_version(ExportConfig(run=_perturbed_run(run, tmp_path / "run2"), data=data, out=repos[0]))
     assert version == 2
     with Clients(server_a.grpc_url, reqs, 4) as clients:
         time.sleep(1.0)
         t0 = time.monotonic()
-        server_a.load_model(TORCH_MODEL)  # blocks until version 2 is loaded and warmed up
+        swap_to(server_a.http_url, repos[0], version, server_a.admin_headers)  # steps' 2 READY, then the ensemble
         loaded = time.monotonic()
         time.sleep(1.5)
     v2 = [_infer(client, r) for r in reqs]
@@ -262,13 +265,18 @@ def test_new_model_version_under_load(server_a, repos, artifacts, requests_, tmp
     assert which["v1"] > 0 and which["v2"] > 0, which
     assert server_a.model_states()[TORCH_MODEL] == "READY"
     meta = grpcclient.InferenceServerClient(server_a.grpc_url).get_model_metadata(TORCH_MODEL, as_json=True)
+    assert sorted(meta["versions"]) == ["1", "2"], meta
+    meta = grpcclient.InferenceServerClient(server_a.grpc_url).get_model_metadata(ENSEMBLE_NAME, as_json=True)
     assert meta["versions"] == ["2"], meta
     print(f"version swap: load took {loaded - t0:.1f} s, answers {dict(which)}, 0 failures of {len(clients.log)}")
 
 
 # --- A: a Python-backend stub killed during load --------------------------------------------------------
 def _stub_pid(server: TritonServer, model: str) -> int:
-    live = [p.pid for p in server.stub_processes() if p.model == model and p.state != "Z"]
+    """The live stub of `model`'s highest version (the served one: after a swap two versions are loaded)."""
+    live = [p for p in server.stub_processes() if p.model == model and p.state != "Z"]
+    top = max((p.version or 0) for p in live)
+    live = [p.pid for p in live if (p.version or 0) == top]
     assert len(live) == 1, server.stub_processes()
     return live[0]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from export.__main__ import main as export_main
-from export.repository import ExportConfig, add_model_version, export_repository
+from export.repository import ExportConfig, add_ensemble_version, export_repository
 from export.tritonserver import ServerConfig, ServerError, TritonServer
 from tests.triton_util import PROJECT_ROOT
 from training.integrity import FOLDER_RECORD, IntegrityError, verify_folder
@@ -180,7 +180,7 @@ def test_new_version_refuses_other_data(artifacts, repo, tmp_path):
     schema["workflow_sha256"] = {**schema["workflow_sha256"], f"{WORKFLOW_DIR}/metadata.json": "0" * 64}
     (other / SCHEMA_FILE).write_text(json.dumps(schema))
     with pytest.raises(ValueError, match="not the DATA the repository"):
-        add_model_version(ExportConfig(run=run, data=other, out=repo))
+        add_ensemble_version(ExportConfig(run=run, data=other, out=repo))
 
 
 # --- the server refuses ------------------------------------------------------------------------------

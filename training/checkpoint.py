@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.pt"
 OPTIM_FILE = "optim.pt"
 META_FILE = "meta.json"
+WINDOWS_DIR = "windows"  # RUN/windows/<t>/: model.pt + meta.json after window t (--keep-windows)
 __all__ = [
-    "META_FILE", "MODEL_FILE", "OPTIM_FILE", "TMP_SUFFIX", "RunError",
+    "META_FILE", "MODEL_FILE", "OPTIM_FILE", "TMP_SUFFIX", "WINDOWS_DIR", "RunError",
     "load_run", "read_meta", "recover_checkpoint", "save_checkpoint",
 ]
 

@@ -97,6 +97,11 @@ class TrainConfig:
     baselines: bool = field(
         default=True, metadata=_help("evaluate the popular / kNN baselines too (flag: skip them)")
     )
+    keep_windows: bool = field(
+        default=False,
+        metadata=_help("also keep the model after every window t in RUN/windows/<t>/ (model.pt + meta.json; "
+                       "clients.replay serves each one)"),
+    )
     tensorboard: bool = field(default=False, metadata=_help("also write TensorBoard logs to RUN/tensorboard"))
     progress: bool = field(default=True, metadata=_help("tqdm progress bars (flag: none)"))
     model: dict[str, Any] = field(

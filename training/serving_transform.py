@@ -53,6 +53,7 @@ from training.names import (
     SESSION_COL,
     TIME_COL,
     WORKFLOW_DIR,
+    list_col,
 )
 from training.schema import Schema
 from training.sessrec_transform import InputError, Transform  # noqa: F401  (InputError: re-exported)
@@ -88,9 +89,19 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-def compile_workflow(workflow: nvt.Workflow, schema: Schema | Mapping, workflow_sha256: Mapping | None = None) -> Transform:
-    """The fitted workflow as a `sessrec_transform.Transform` (spec + arrays); see the module docstring."""
+def compile_workflow(
+    workflow: nvt.Workflow,
+    schema: Schema | Mapping,
+    workflow_sha256: Mapping | None = None,
+    window: int | None = None,
+) -> Transform:
+    """The fitted workflow as a `sessrec_transform.Transform` (spec + arrays); see the module docstring.
+
+    window t: the vocabulary served after window t (`known_prefix` with schema.known_sizes(t));
+    None: the whole fitted vocabulary."""
     schema = Schema.of(schema)
+    if window is not None:
+        return known_prefix(compile_workflow(workflow, schema, workflow_sha256), schema.known_sizes(window), window)
     missing = {*schema.categorical, *schema.continuous} - set(workflow.output_schema.column_names)
     if missing:
         raise IntegrityError(
@@ -219,6 +230,50 @@ def compile_workflow(workflow: nvt.Workflow, schema: Schema | Mapping, workflow_
     return Transform(spec, arrays)
 
 
+def known_prefix(compiled: Transform, sizes: Mapping[str, int], window: int | None = None) -> Transform:
+    """`compiled` restricted to the ids known after a window (issue 12: ids follow first appearance).
+
+    sizes: categorical list feature -> known ids (special ids included; schema.known_sizes(t)).
+    - Categorify: a raw value whose label is >= the known size of its feature (`list_col(column)`)
+      is dropped from the value/label table, so it encodes as OOV, as `training.trainer.known_inputs`
+      makes it offline. Columns without a size keep their table.
+    - first-seen tables (item age): the raw items dropped above are dropped here too, so they get
+      age 0 like any item the workflow never saw (`known_inputs` zeroes their age offline). Raw ids
+      outside the Categorify vocabulary (under a frequency threshold: OOV at every window) keep
+      their entry, as in the prepared sessions the offline metrics read.
+    - spec "categorical" holds the known sizes, so `item_vocabulary()` has sizes[item] entries.
+    - spec "window" records t (None: the whole vocabulary).
+    Nothing else changes (steps, kernels and the other arrays are the same)."""
+    spec = dict(compiled.spec)
+    arrays = dict(compiled.arrays)
+    steps = [dict(s) for s in spec["steps"]]
+    dropped: dict[str, np.ndarray] = {}  # raw column -> raw values no longer known
+    for step in steps:
+        if step["kernel"] != "categorify":
+            continue
+        for col, names in step["params"]["tables"].items():
+            n = sizes.get(list_col(col))
+            if n is None:
+                continue
+            values, labels = arrays[names["values"]], arrays[names["labels"]]
+            keep = labels < n
+            arrays[names["values"]] = np.ascontiguousarray(values[keep])
+            arrays[names["labels"]] = np.ascontiguousarray(labels[keep])
+            dropped[col] = np.sort(values[~keep])
+    for step in steps:
+        if step["kernel"] != "first_seen":
+            continue
+        for col, names in step["params"]["tables"].items():
+            if col not in dropped:
+                continue
+            ids = arrays[names["ids"]]
+            keep = ~np.isin(ids, dropped[col])
+            arrays[names["ids"]] = np.ascontiguousarray(ids[keep])
+            arrays[names["first"]] = np.ascontiguousarray(arrays[names["first"]][keep])
+    cards = {k: int(sizes.get(k, v)) for k, v in spec["categorical"].items()}
+    return Transform(dict(spec, steps=steps, categorical=cards, window=window), arrays)
+
+
 class ServingTransform:
     """The fitted workflow's transform for one request of raw interaction rows.
 
@@ -234,11 +289,12 @@ class ServingTransform:
     and what was expected. Calls share no mutable state (thread-safe).
     """
 
-    def __init__(self, workflow: nvt.Workflow, schema: Schema | Mapping):
+    def __init__(self, workflow: nvt.Workflow, schema: Schema | Mapping, window: int | None = None):
         self.workflow = workflow
         schema = Schema.of(schema)
         self.schema = schema.to_dict()  # schema.json's object, as before (the attributes below are typed)
-        self.compiled: Transform = compile_workflow(workflow, schema)
+        # window t: only the vocabulary known after t (`known_prefix`); None: all of it
+        self.compiled: Transform = compile_workflow(workflow, schema, window=window)
         self.raw_inputs: dict[str, np.dtype] = self.compiled.raw_inputs
         self.max_len = self.compiled.max_len
         self.categorical: dict[str, int] = self.compiled.categorical
@@ -246,7 +302,7 @@ class ServingTransform:
         self.item_list: str = self.compiled.item_list
 
     @classmethod
-    def load(cls, data_dir: str | os.PathLike) -> ServingTransform:
+    def load(cls, data_dir: str | os.PathLike, window: int | None = None) -> ServingTransform:
         data_dir = Path(data_dir)
         schema_path = data_dir / SCHEMA_FILE
         if not schema_path.is_file():
@@ -257,7 +313,7 @@ class ServingTransform:
         schema = Schema.load(data_dir)
         verify_workflow_files(data_dir, schema)
         workflow = nvt.Workflow.load(str(data_dir / WORKFLOW_DIR))
-        return cls(workflow, schema)
+        return cls(workflow, schema, window)
 
     # ---- public API ------------------------------------------------------ #
     def item_vocabulary(self) -> np.ndarray:

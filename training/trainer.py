@@ -47,6 +47,7 @@ from training.checkpoint import (
     META_FILE,
     MODEL_FILE,
     OPTIM_FILE,
+    WINDOWS_DIR,
     RunError,
     read_meta,
     recover_checkpoint,
@@ -925,6 +926,9 @@ class Trainer:
             | ({"cuda": torch.cuda.get_rng_state_all()} if self.device.type == "cuda" else {}),
         }
         save_checkpoint(out, self.model.state_dict(), ostate, meta)
+        if cfg.keep_windows:  # the state after window t, loadable with load_run(RUN/windows/<t>)
+            (out / WINDOWS_DIR / str(t)).mkdir(parents=True, exist_ok=True)
+            save_checkpoint(out / WINDOWS_DIR / str(t), self.model.state_dict(), {}, meta)
         atomic_write(out / METRICS_FILE, json.dumps(result, indent=2).encode())
         plot_metrics(self.rows, out / PLOT_FILE)
         if self.writer is not None:

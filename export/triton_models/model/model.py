@@ -8,8 +8,10 @@ is what `platform: "pytorch_libtorch"` serves in an NGC container.
 
 Parameters (config.pbtxt): `input_order` (JSON list: the traced forward's
 positional inputs), `torch_threads` (intra-op threads; 0 = sessrec_steps.default_torch_threads():
-half the cores, at most 4), `cardinalities` (JSON: categorical input -> number of
-encoded ids) and `max_len`, with which each request is checked on its own before
+half the cores, at most 4) and `max_len`; `sessrec_model.json` of the version
+folder holds `cardinalities` (categorical input -> number of encoded ids: they
+change with the vocabulary, version by version, so they cannot live in
+config.pbtxt, which all versions share). Each request is checked on its own before
 the batch runs (a client may call this step directly: a bad request gets
 INVALID_ARG and the requests batched with it are still answered).
 
@@ -50,7 +52,7 @@ class TritonPythonModel:
         self.device = torch.device("cuda", int(args["model_instance_device_id"])) if args["model_instance_kind"] == "GPU" else torch.device("cpu")
         self.model = torch.jit.load(str(version_dir / "model.pt"), map_location=self.device).eval()
         self.inputs = json_parameter(params, "input_order", "model")
-        self.cardinalities = json_parameter(params, "cardinalities", "model")
+        self.cardinalities = json.loads((version_dir / "sessrec_model.json").read_text())["cardinalities"]
         self.max_len = int(params.get("max_len", "0")) or None
         self.outputs = [o["name"] for o in config["output"]]  # scores, encoded ids: the forward's order
         for name in self.inputs:
