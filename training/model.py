@@ -140,7 +140,9 @@ class ModelConfig:
     # used); below the threshold nothing changes. docs/scale.md measures it.
     memory_k_large: int = field(
         default=32,
-        metadata={"help": "item memory: neighbours kept per item from memory_k_min_items ids (caps memory_k)"},
+        metadata={
+            "help": "item memory: neighbours kept per item from memory_k_min_items ids (caps memory_k)"
+        },
     )
     memory_k_min_items: int = 200_000
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
