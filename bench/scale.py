@@ -22,8 +22,11 @@ from `os.wait4`:
 * serve (IN-PROCESS, not through Triton): export.inference.TopKRanker around
   the trained model, traced as the export traces it, median latency of a
   1-session call and sessions/s of 64-session calls on --threads threads;
-  the served (Triton) figures belong to bench.serving;
-* export: `python -m export --run RUN --data DATA --out REPO`, size on disk.
+* export: `python -m export --run RUN --data DATA --out REPO`, size on disk;
+* with --triton, served: the repository in a tritonserver, gRPC requests of
+  whole real sessions from one client thread: p50 of 1-session requests,
+  sessions/s of back-to-back 64-session requests (`serve_triton`; the
+  per-step breakdown and concurrency sweep belong to bench.serving).
 
 Prints one table with the ratios to the first size and writes the JSON.
 Everything is timed in the same run, so the ratios compare like with like on a
@@ -109,6 +112,40 @@ def serve_in_process(run: Path, threads: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def serve_triton(repo: Path, data: Path, seconds: float) -> dict[str, float]:
+    """Through Triton (the exported ensemble, gRPC, one client thread): median latency (ms) of
+    1-session requests and sessions/s of back-to-back 64-session requests, whole real sessions of
+    DATA; also the server's resident set (tritonserver + Python-backend stubs) after the load."""
+    import pandas as pd
+
+    from clients.load import build_requests, run_load
+    from export.tritonserver import ServerConfig, TritonServer
+    from training.names import INTERACTIONS_FILE, SCHEMA_FILE
+
+    schema = json.loads((data / SCHEMA_FILE).read_text())
+    requests = build_requests(pd.read_parquet(data / INTERACTIONS_FILE), schema["raw_inputs"], 32)
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with TritonServer(ServerConfig(repo=repo, grpc_port=0, http_port=0, metrics_port=0)) as server:
+        out["server_start_s"] = time.perf_counter() - t0
+        url = server.grpc_url
+        for big, key in ((0.0, 1), (1.0, 64)):
+            run_load(url, requests, min(3.0, seconds), 1, big, TOP_K)  # warm-up
+            res = run_load(url, requests, seconds, 1, big, TOP_K)
+            if res.failures:
+                raise BenchError(f"{len(res.failures)} failed requests through Triton: {res.failures[:3]}")
+            lat = res.latencies[key]
+            if key == 1:
+                out["p50_ms_1_session"] = statistics.median(lat) * 1000
+                out["requests_1_session"] = len(lat)
+            else:
+                out["sessions_per_s_64"] = 64 * len(lat) / sum(lat)
+                out["p50_ms_64_sessions"] = statistics.median(lat) * 1000
+                out["requests_64_sessions"] = len(lat)
+        out["server_rss_mib"] = server.rss_bytes() / MIB
+    return out
+
+
 def one_size(items: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from training.data import available_windows, load_schema, load_split, split_path
     from training.schema import Schema
@@ -171,6 +208,9 @@ def one_size(items: int, args: argparse.Namespace, work: Path) -> dict[str, Any]
         )
         res["export"] = {**exp, "repository_mib": du_bytes(repo) / MIB}
         print(f"[scale] {tag}: export {res['export']}", file=sys.stderr, flush=True)
+        if args.triton:
+            res["serve_triton"] = serve_triton(repo, data, args.triton_seconds)
+            print(f"[scale] {tag}: serve (Triton) {res['serve_triton']}", file=sys.stderr, flush=True)
     return res
 
 
@@ -194,11 +234,15 @@ COLUMNS = (  # (header, path in a size's result, format)
     ("p50 1-sess ms*", "serve_in_process.p50_ms_1_session", "{:.2f}"),
     ("64-sess sess/s*", "serve_in_process.sessions_per_s_64", "{:.0f}"),
     ("export MiB", "export.repository_mib", "{:.0f}"),
+    ("Triton p50 1-sess ms", "serve_triton.p50_ms_1_session", "{:.2f}"),
+    ("Triton 64-sess sess/s", "serve_triton.sessions_per_s_64", "{:.0f}"),
 )
 RATIOS = (  # (name, path, target as "x >= / <= value" of the first size's)
     ("train sessions/s", "train.sessions_per_s", ">=", 0.5),
     ("served p50 1 session (in-process)", "serve_in_process.p50_ms_1_session", "<=", 2.0),
     ("64-session sessions/s (in-process)", "serve_in_process.sessions_per_s_64", ">=", 0.5),
+    ("served p50 1 session (Triton)", "serve_triton.p50_ms_1_session", "<=", 2.0),
+    ("64-session sessions/s (Triton)", "serve_triton.sessions_per_s_64", ">=", 0.5),
 )
 
 
@@ -212,7 +256,8 @@ def table(sizes: list[dict[str, Any]]) -> str:
         "|" + "---|" * len(COLUMNS),
         *("| " + " | ".join(cell(r, p, f) for _, p, f in COLUMNS) + " |" for r in sizes),
         "",
-        "* in-process: the traced TopKRanker called in Python, not a request through Triton.",
+        "* in-process: the traced TopKRanker called in Python, not a request through Triton "
+        "(the Triton columns: gRPC requests to the exported ensemble, one client thread).",
     ]
     return "\n".join(lines)
 
@@ -254,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         "--train-args", default="", help="more training.train flags, one string (e.g. '--memory-k 20')"
     )
     p.add_argument("--no-export", dest="export", action="store_false", help="skip the export step")
+    p.add_argument(
+        "--triton", action="store_true", help="also serve each exported repository through Triton (gRPC)"
+    )
+    p.add_argument("--triton-seconds", type=float, default=15.0, help="measured load per request size")
     p.add_argument(
         "--work", default=None, help="folder for logs, data, runs (default: a temp folder; logs are kept)"
     )

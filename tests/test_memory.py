@@ -271,3 +271,47 @@ def test_head_scale_zero_leaves_the_gated_counts_alone():
     fin = torch.isfinite(without)
     assert torch.allclose(without[fin], counts_only[fin], atol=1e-6)
     assert not torch.allclose(with_head[fin], without[fin])
+
+
+def test_memory_k_resolved_by_catalogue_size():
+    """Below memory_k_min_items ids memory_k is kept as given (bit for bit); from it, capped at memory_k_large."""
+    small = ModelConfig(categorical={"item_id-list": 199_999}, memory=True)
+    assert small.memory_k == 100
+    assert ModelConfig(categorical={"item_id-list": 199_999}, memory=True, memory_k=300).memory_k == 300
+    large = ModelConfig(categorical={"item_id-list": 200_000}, memory=True)
+    assert large.memory_k == 32
+    assert ModelConfig(categorical={"item_id-list": 200_000}, memory_k=10).memory_k == 10  # a cap only
+    assert ModelConfig(categorical={"item_id-list": 200_000}, memory_k_large=100).memory_k == 100
+    assert ModelConfig(categorical={"item_id-list": V}, memory_k_min_items=V).memory_k == 32
+    # meta.json round trip keeps the resolved K
+    assert ModelConfig.from_dict(large.to_dict()).memory_k == 32
+    # a config written before memory_k_large existed keeps its K whatever the catalogue size
+    old = {k: v for k, v in large.to_dict().items() if k != "memory_k_large"}
+    old["memory_k"] = 100
+    assert ModelConfig.from_dict(old).memory_k == 100
+    with pytest.raises(ValueError, match="memory_k_large"):
+        ModelConfig(categorical={"item_id-list": V}, memory_k_large=0)
+
+
+def test_set_memory_equals_memory_tables():
+    """The trainer's table-at-a-time fill gives exactly memory_tables' tables."""
+    from training.data import SessionTensors
+    from training.trainer import set_memory
+
+    items, lengths = random_sessions(40, seed=3)
+    k = 5
+    cfg = ModelConfig(categorical={"item_id-list": V}, memory=True, memory_k=k, max_len=items.shape[1])
+    model = SessionModel(cfg)
+    st = SessionTensors(
+        {"item_id-list": torch.from_numpy(items)},
+        torch.from_numpy(lengths),
+        torch.arange(len(lengths)),
+        "test",
+    )
+    set_memory(model, [st])
+    counts = BaselineCounts(V)
+    counts.add_sessions(items, lengths)
+    for name, v in memory_tables(counts, k).items():
+        buf = getattr(model.item_memory, name)
+        assert buf.dtype == (torch.int32 if name.endswith("_idx") else torch.float32)
+        assert torch.equal(buf, torch.from_numpy(v).to(buf.dtype)), name

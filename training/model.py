@@ -134,6 +134,17 @@ class ModelConfig:
     memory_k: int = field(
         default=100, metadata={"help": "item memory: neighbours kept per item (top-k by count)"}
     )
+    # Catalogues of >= memory_k_min_items ids keep min(memory_k, memory_k_large) neighbours per item:
+    # the tables are V x K x 16 B (1.45 GB at 908k ids and K = 100, 0.46 GB at K = 32), the bulk
+    # of a 1M-item training process and export. Resolved in __post_init__ (meta.json records the K
+    # used); below the threshold nothing changes. docs/scale.md measures it.
+    memory_k_large: int = field(
+        default=32,
+        metadata={
+            "help": "item memory: neighbours kept per item from memory_k_min_items ids (caps memory_k)"
+        },
+    )
+    memory_k_min_items: int = 200_000
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
     # --- training loss over the catalogue (see `SessionModel.sample_candidates`) ----------------
     # "full": softmax over every item ((positions, V) logits, the reference); "sampled": softmax over
@@ -208,6 +219,10 @@ class ModelConfig:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
         if self.memory and self.memory_k < 1:
             raise ValueError(f"memory_k must be >= 1, got {self.memory_k}")
+        if self.memory_k_large < 1:
+            raise ValueError(f"memory_k_large must be >= 1, got {self.memory_k_large}")
+        if self.n_items >= self.memory_k_min_items:
+            self.memory_k = min(self.memory_k, self.memory_k_large)
         if self.memory and not 0.0 < self.memory_decay <= 1.0:
             raise ValueError(f"memory_decay must be in (0, 1], got {self.memory_decay}")
         if self.loss == "auto":
@@ -257,7 +272,8 @@ class ModelConfig:
                 f"unknown ModelConfig fields {unknown}; was this checkpoint written by a newer version?"
             )
         # a config written before `loss` existed was trained with the full softmax, whatever its size
-        return cls(**{"loss": "full", **d})
+        # ... and kept memory_k neighbours per item whatever its size (its tables have that shape)
+        return cls(**{"loss": "full", "memory_k_large": d.get("memory_k", cls.memory_k), **d})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

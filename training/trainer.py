@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.baselines import BASELINES, BaselineCounts, evaluate_baselines, memory_tables
+from training.baselines import BASELINES, BaselineCounts, _top_k_rows, evaluate_baselines
 from training.checkpoint import (
     META_FILE,
     MODEL_FILE,
@@ -340,9 +340,25 @@ def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:
     for st in sessions:
         if len(st):
             counts.add_sessions(st.feats[item].numpy(), st.lengths.numpy())
-    dev = model.item_memory.pop.device
-    tables = memory_tables(counts, model.cfg.memory_k)
-    model.item_memory.set_tables(**{k: torch.from_numpy(v).to(dev) for k, v in tables.items()})
+    # = memory_tables(counts, k) copied in, one matrix at a time: at 1M items the (V, K) tables
+    # and the sparse counts they come from dominate the training process's peak RSS, so each
+    # count matrix is dropped once its tables are built and each numpy table once copied
+    mem, k = model.item_memory, model.cfg.memory_k
+    dev = mem.pop.device
+    tie = counts.pop.astype(np.float64)
+    pop = counts.pop.astype(np.float32)
+    counts._session_blocks.clear()  # V-SKNN's per-session rows: not needed here
+    for prefix, attr in (("cooc", "cooc"), ("succ", "succ")):
+        idx, val = _top_k_rows(getattr(counts, attr), k, tie)
+        setattr(counts, attr, None)
+        for name, v in ((f"{prefix}_idx", idx), (f"{prefix}_val", val)):
+            buf = getattr(mem, name)
+            if tuple(v.shape) != tuple(buf.shape):
+                raise ValueError(f"memory table {name}: shape {tuple(v.shape)}, expected {tuple(buf.shape)}")
+            buf.copy_(torch.from_numpy(v).to(dev, buf.dtype))
+        del idx, val, v
+    del counts
+    mem.pop.copy_(torch.from_numpy(pop).to(dev))
 
 
 def split_holdout(st: SessionTensors, fraction: float, seed: int) -> tuple[SessionTensors, SessionTensors]:
