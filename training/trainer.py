@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.baselines import BASELINES, BaselineCounts, _top_k_rows, evaluate_baselines
+from training.baselines import BASELINES, BaselineCounts, _top_k_rows, evaluate_baselines, memory_tables
 from training.checkpoint import (
     META_FILE,
     MODEL_FILE,
