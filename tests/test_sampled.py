@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from tests.sessions_util import random_sessions
 from training.baselines import BaselineCounts, memory_tables
 from training.model import ItemMemory, ModelConfig, SessionModel, mask_positions, pack_sessions
 from training.names import FIRST_REAL_ID
@@ -31,12 +32,7 @@ V = 40
 
 
 def sessions(n: int, n_items: int, seed: int, max_len: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(2, max_len + 1, n)
-    items = np.zeros((n, max_len), dtype=np.int64)
-    for s in range(n):
-        items[s, : lengths[s]] = rng.integers(FIRST_REAL_ID, n_items, lengths[s])
-    return items, lengths
+    return random_sessions(n, n_items, seed, max_len, min_len=2)
 
 
 def make_model(loss: str, objective: str, memory: bool, n_items: int = V, **kw) -> SessionModel:

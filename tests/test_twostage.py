@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from export.inference import TopKRanker, example_inputs, feature_order, trace_ranker
+from tests.sessions_util import random_sessions
 from training.baselines import BaselineCounts, memory_tables
 from training.checkpoint import load_run
 from training.model import ModelConfig, SessionModel, ivf_index
@@ -31,12 +32,7 @@ L = 8
 
 
 def sessions(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, L + 1, n)
-    items = np.zeros((n, L), dtype=np.int64)
-    for s in range(n):
-        items[s, : lengths[s]] = rng.integers(FIRST_REAL_ID, V, lengths[s])
-    return items, lengths
+    return random_sessions(n, V, seed, L, min_len=1)
 
 
 def make_model(memory: bool, rank: str, **kw) -> SessionModel:
