@@ -26,6 +26,7 @@ from clients import RankError, rank_sessions
 from export.floor import FLOOR_ENSEMBLE, write_floor_repository
 from export.inference import TopKRanker, feature_order
 from export.repository import ExportConfig, export_repository
+from tests.sessions_util import ranker_inputs
 from tests.triton_util import PROJECT_ROOT, start_server
 from training.checkpoint import load_run
 from training.names import (
@@ -133,16 +134,7 @@ def validation_sessions(data: Path, schema: dict) -> tuple[np.ndarray, tuple[tor
     """All windows' valid.parquet: session ids and the ranker's padded inputs (encoded by the fitted workflow)."""
     frames = [pd.read_parquet(p) for p in sorted((data / SESSIONS_DIR).glob("*/valid.parquet"))]
     valid = pd.concat([f for f in frames if len(f)], ignore_index=True)
-    L = int(schema["max_sequence_length"])
-    tensors = []
-    for name in feature_order(schema):
-        dtype = np.int64 if name in schema["categorical"] else np.float32
-        padded = np.zeros((len(valid), L), dtype=dtype)
-        for i, values in enumerate(valid[name]):
-            padded[i, : len(values)] = values
-        tensors.append(torch.from_numpy(padded))
-    lengths = torch.tensor([len(v) for v in valid[ITEM_LIST]], dtype=torch.int64)
-    return valid[SESSION_COL].to_numpy(), (*tensors, lengths)
+    return ranker_inputs(valid, feature_order(schema), schema["categorical"], int(schema["max_sequence_length"]))
 
 
 def test_offline_equals_online(server, artifacts, schema, interactions):

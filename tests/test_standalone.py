@@ -34,6 +34,7 @@ from export.inference import TopKRanker, feature_order
 from export.repository import ExportConfig, export_repository
 from export.tritonserver import PROJECT_ROOT, ServerConfig, TritonServer
 from tests.bare_python import bare_python_env, check_bare
+from tests.sessions_util import ranker_inputs
 from training.checkpoint import load_run
 from training.names import INTERACTIONS_FILE, ITEM_LIST, POSTPROCESS_MODEL, SESSION_COL, SESSIONS_DIR
 from training.schema import Schema
@@ -62,16 +63,7 @@ def held_out_sessions(data: Path, limit: int) -> tuple[np.ndarray, tuple[torch.T
     paths = sorted((data / SESSIONS_DIR).glob("*/valid.parquet")) + sorted((data / SESSIONS_DIR).glob("*/test.parquet"))
     frames = [f for f in (pd.read_parquet(p) for p in paths) if len(f)]
     held = pd.concat(frames, ignore_index=True).drop_duplicates(SESSION_COL).head(limit)
-    L = schema.max_len
-    tensors = []
-    for name in schema.features:
-        dtype = np.int64 if name in schema.categorical else np.float32
-        padded = np.zeros((len(held), L), dtype=dtype)
-        for i, values in enumerate(held[name]):
-            padded[i, : len(values)] = values
-        tensors.append(torch.from_numpy(padded))
-    lengths = torch.tensor([len(v) for v in held[ITEM_LIST]], dtype=torch.int64)
-    return held[SESSION_COL].to_numpy(), (*tensors, lengths)
+    return ranker_inputs(held, schema.features, schema.categorical, schema.max_len)
 
 
 def assert_offline_equals_online_on_bare_stub(data: Path, run: Path, out: Path, home: Path) -> int:
