@@ -1,0 +1,84 @@
+"""training.cli: flags derived from a dataclass; defaults < config file < explicit flags."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from training.cli import ConfigFileError, help_meta, layered, parse
+
+
+@dataclass
+class Stage:
+    out: str = field(metadata=help_meta("output folder"))
+    batch_size: int = field(default=128, metadata=help_meta("batch size"))
+    lr: float = field(default=1e-3, metadata=help_meta("learning rate"))
+    progress: bool = field(default=True, metadata=help_meta("progress bars"))
+    mode: str = field(default="a", metadata=help_meta("mode", choices=("a", "b")))
+    sep: str | None = field(default=None, metadata=help_meta("separator"))
+    hidden: int = field(default=7, metadata=help_meta("not a flag", cli=False))
+
+
+def run(argv, tmp_path=None, file=None):
+    if file is not None:
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps(file))
+        argv = [*argv, "--config", str(path)]
+    return parse(Stage, argv, prog="x", description="d", config_flag=True)
+
+
+@pytest.mark.parametrize(
+    "argv, file, expected",
+    [
+        (["--out", "o"], None, dict(batch_size=128, lr=1e-3, progress=True, mode="a", sep=None, hidden=7)),
+        (["--out", "o", "--batch-size", "64"], None, dict(batch_size=64)),
+        (["--out", "o"], {"batch_size": 32}, dict(batch_size=32)),
+        # an explicit flag beats the file, whatever the order on the command line
+        (["--batch-size", "64", "--out", "o"], {"batch_size": 32, "lr": 0.5}, dict(batch_size=64, lr=0.5)),
+        (["--out", "o", "--no-progress"], {"progress": True}, dict(progress=False)),
+        (["--out", "o", "--progress"], {"progress": False}, dict(progress=True)),
+        (["--out", "o", "--sep", ";"], None, dict(sep=";")),
+        (["--out", "o"], {"hidden": 3}, dict(hidden=3)),  # a cli=False field still comes from a file
+        ([], {"out": "from-file"}, dict(out="from-file")),
+    ],
+)
+def test_layers(tmp_path, argv, file, expected):
+    cfg = run(argv, tmp_path, file)
+    for k, v in expected.items():
+        assert getattr(cfg, k) == v, k
+
+
+@pytest.mark.parametrize(
+    "argv, file, message",
+    [
+        (["--out", "o", "--mode", "c"], None, "invalid choice"),
+        (["--out", "o", "--batch-size", "x"], None, "invalid int value"),
+        (["--out", "o"], {"batch_sise": 3}, "unknown setting 'batch_sise'"),
+    ],
+)
+def test_bad_input_names_the_setting(tmp_path, capsys, argv, file, message):
+    with pytest.raises(SystemExit) as e:
+        run(argv, tmp_path, file)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_hidden_field_has_no_flag(capsys):
+    with pytest.raises(SystemExit):
+        parse(Stage, ["--out", "o", "--hidden", "3"], prog="x", description="d")
+    assert "unrecognized arguments: --hidden" in capsys.readouterr().err
+
+
+def test_layered_rejects_unknown_keys():
+    with pytest.raises(ConfigFileError, match="unknown setting 'nope'"):
+        layered(Stage, {"out": "o"}, {"nope": 1})
+    assert layered(Stage, {"out": "o", "lr": 2.0}, None, {"lr": 3.0}).lr == 3.0
+
+
+def test_missing_required_setting_names_the_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(Stage, [], prog="x", description="d")
+    assert e.value.code == 2
+    assert "missing setting 'out': give --out" in capsys.readouterr().err

@@ -1,0 +1,192 @@
+"""Command lines derived from dataclasses: one route for every entry point.
+
+A stage's settings are a dataclass whose fields carry their help text
+(`field(metadata={"help": ...})`); its command line is built from
+`dataclasses.fields()`, never written by hand, and its value is layered
+
+    dataclass defaults  <  a JSON config file (optional)  <  explicit flags
+
+(nanoGPT's configurator order: the last word is the command line's). A flag that
+was not given leaves no trace (`argparse.SUPPRESS`), so a config file can never
+beat an explicit flag, and a default can never beat a config file.
+
+Field metadata understood here:
+* "help" (required for a flag): the help text; the default is appended;
+* "flags": the flag spellings (default `--field-name`);
+* "choices": the allowed values; "group": the argparse group title;
+* "cli": False keeps a field off the command line (it may still come from a file);
+* "parse": a callable applied to the flag's string (e.g. a comma-separated list).
+
+A bool field gets `--name` / `--no-name` (argparse.BooleanOptionalAction).
+`Optional[X]` / `X | None` fields parse as X.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, Field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigFileError(ValueError):
+    """A --config file that cannot be read or names a setting the stage does not have."""
+
+
+def help_meta(text: str, **more: Any) -> dict[str, Any]:
+    """`field(metadata=help_meta("..."))`: the help text plus the other keys above."""
+    return {"help": text, **more}
+
+
+def _plain_type(typ: Any) -> Any:
+    """X for `X | None` / Optional[X]; the type itself otherwise."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return typ
+
+
+def has_flag(f: Field) -> bool:
+    return "help" in f.metadata and f.metadata.get("cli", True)
+
+
+def field_default(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def add_field_flag(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup,
+    f: Field,
+    typ: Any,
+    *,
+    help: str | None = None,
+    show_default: bool = True,
+    dest: str | None = None,
+) -> None:
+    """One flag for dataclass field `f` (type `typ`); absent from the namespace unless given."""
+    flags = list(f.metadata.get("flags", ["--" + f.name.replace("_", "-")]))
+    text = f.metadata["help"] if help is None else help
+    default = field_default(f)
+    if show_default and default is not MISSING:
+        text += f" [{default}]"
+    kw: dict[str, Any] = {"dest": dest or f.name, "help": text, "default": argparse.SUPPRESS}
+    typ = _plain_type(typ)
+    if typ is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    else:
+        kw["type"] = f.metadata.get("parse", typ if callable(typ) and typ is not Any else str)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+    p.add_argument(*flags, **kw)
+
+
+def add_flags(
+    p: argparse.ArgumentParser,
+    cls: type,
+    *,
+    exclude: Iterable[str] = (),
+    show_default: bool = True,
+) -> None:
+    """A flag for every field of dataclass `cls` with a help text (and no "cli": False).
+
+    Fields with metadata "group" go into argparse groups of that title, in field order."""
+    hints = typing.get_type_hints(cls)
+    skip = set(exclude)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(cls):
+        if not has_flag(f) or f.name in skip:
+            continue
+        target: Any = p
+        if "group" in f.metadata:
+            title = f.metadata["group"]
+            target = groups.setdefault(title, p.add_argument_group(title))
+        add_field_flag(target, f, hints[f.name], show_default=show_default)
+
+
+def given(ns: argparse.Namespace) -> dict[str, Any]:
+    """The flags given on the command line, by destination (nothing else is in a namespace
+    built by `add_flags`, except arguments added with an explicit default)."""
+    return dict(vars(ns))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON object of settings; {"params": {...}} (training.tune's output) is unwrapped."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigFileError(f"--config {path}: cannot read a JSON object ({e})") from e
+    raw = raw.get("params", raw) if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict):
+        raise ConfigFileError(
+            f"--config {path}: expected a JSON object of settings, got {type(raw).__name__}"
+        )
+    return raw
+
+
+def check_keys(values: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+    """Raise ConfigFileError naming the first unknown key and the allowed ones."""
+    ok = set(allowed)
+    unknown = sorted(set(values) - ok)
+    if unknown:
+        raise ConfigFileError(f"{where}: unknown setting {unknown[0]!r}; expected one of {sorted(ok)}")
+
+
+def layered(cls: type, *layers: Mapping[str, Any] | None, where: str = "settings") -> Any:
+    """`cls(**(defaults < layers[0] < layers[1] ...))`; None layers are skipped.
+
+    Keys must be fields of `cls`, and every field without a default must be given
+    (ConfigFileError otherwise, naming the key and its flag)."""
+    names = {f.name for f in fields(cls)}
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        check_keys(layer, names, where)
+        merged.update(layer)
+    for f in fields(cls):
+        if f.name not in merged and field_default(f) is MISSING:
+            flag = f.metadata.get("flags", ["--" + f.name.replace("_", "-")])[0]
+            raise ConfigFileError(f"missing setting {f.name!r}: give {flag} (or set it in a --config file)")
+    return cls(**merged)
+
+
+def parse(
+    cls: type,
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str,
+    epilog: str | None = None,
+    config_flag: bool = False,
+    exclude: Iterable[str] = (),
+    convert: Mapping[str, Any] | None = None,
+) -> Any:
+    """The whole route for a simple stage: flags from `cls`, optional --config FILE, layered, built.
+
+    `convert`: field -> function applied to the merged value before construction
+    (e.g. a comma-separated string -> tuple) for values that came from a flag."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
+    if config_flag:
+        p.add_argument("--config", default=None, help="JSON file of settings; explicit flags win")
+    add_flags(p, cls, exclude=exclude)
+    ns = p.parse_args(argv)
+    flags = given(ns)
+    file_values = read_config_file(flags.pop("config")) if flags.get("config") else None
+    flags.pop("config", None)
+    for k, fn in (convert or {}).items():
+        if k in flags:
+            flags[k] = fn(flags[k])
+    try:
+        return layered(cls, file_values, flags, where="--config" if file_values else "flags")
+    except (ConfigFileError, ValueError, TypeError) as e:
+        p.error(str(e))
+    raise AssertionError("unreachable")  # p.error exits
