@@ -119,6 +119,8 @@ class ItemMemory(nn.Module):
         with torch.no_grad():  # start as a fixed blend: counts at weight 1, popularity as a tie-breaker
             self.gate.bias.copy_(_inv_softplus(torch.tensor([1.0, 1.0, 1.0, 0.1])))
 
+    TABLES = ("cooc_idx", "cooc_val", "succ_idx", "succ_val", "pop")  # the count buffers
+
     @torch.no_grad()
     def set_tables(
         self, cooc_idx: Tensor, cooc_val: Tensor, succ_idx: Tensor, succ_val: Tensor, pop: Tensor
@@ -127,10 +129,21 @@ class ItemMemory(nn.Module):
         for name, v in dict(
             cooc_idx=cooc_idx, cooc_val=cooc_val, succ_idx=succ_idx, succ_val=succ_val, pop=pop
         ).items():
-            buf = getattr(self, name)
-            if tuple(v.shape) != tuple(buf.shape):
-                raise ValueError(f"memory table {name}: shape {tuple(v.shape)}, expected {tuple(buf.shape)}")
-            buf.copy_(v.to(buf.dtype))
+            self.set_table(name, v)
+
+    @torch.no_grad()
+    def set_table(self, name: str, v: Tensor) -> None:
+        """Copy one count table in (`TABLES`; its shape must match the buffer's)."""
+        if name not in self.TABLES:
+            raise ValueError(f"memory table {name!r}: expected one of {self.TABLES}")
+        buf = getattr(self, name)
+        if tuple(v.shape) != tuple(buf.shape):
+            raise ValueError(f"memory table {name}: shape {tuple(v.shape)}, expected {tuple(buf.shape)}")
+        buf.copy_(v.to(buf.dtype))
+
+    def tables(self) -> dict[str, Tensor]:
+        """The count buffers by name (`TABLES`)."""
+        return {name: getattr(self, name) for name in self.TABLES}
 
     def _combine(
         self,
