@@ -1,4 +1,4 @@
-"""ItemMemory (training/model.py) and its count tables (training/baselines.memory_tables).
+"""ItemMemory (training/model/item_memory.py) and its count tables (training/baselines.memory_tables).
 
 The property that matters most: during training every session is in the counts,
 and `packed_scores` must give exactly what inference gives when the session is

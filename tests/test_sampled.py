@@ -1,4 +1,4 @@
-"""Sampled softmax (ModelConfig.loss == "sampled", training/model.py).
+"""Sampled softmax (ModelConfig.loss == "sampled", training/model/sampled.py).
 
 What must hold:
 * with every real item among the candidates the logQ correction is exactly 0 and the

@@ -9,7 +9,8 @@ inputs and a target unknown then is a miss for every method); pessimistic ties
     evaluate_model(model, st, device, batch_size, miss)   the model's metrics
     count_blend_metrics(tables, cfg, st, ...)             the item memory untrained
     evaluate_sessions(model, st, known, counts, ...)      all of them: a metrics row's entries
-    score_held(model, held, ...)                          early stopping's held-back NDCG@20
+    split_holdout(st, fraction, seed)                     early stopping's held-back sessions
+    score_held(model, held, ...)                          and their NDCG@20 after an epoch
 """
 
 from __future__ import annotations
@@ -165,6 +166,18 @@ def evaluate_sessions(
             tables, model.cfg, st, device, batch_size, known[item], miss
         )
     return row
+
+
+def split_holdout(st: SessionTensors, fraction: float, seed: int) -> tuple[SessionTensors, SessionTensors]:
+    """(fit, held): a random `fraction` of the sessions held back (at least 1 when fraction > 0 and N >= 2)."""
+    n = len(st)
+    k = int(round(n * fraction)) if fraction > 0 else 0
+    if fraction > 0 and n >= 2:
+        k = min(max(k, 1), n - 1)
+    else:
+        k = 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return st.select(perm[k:].sort().values), st.select(perm[:k].sort().values)
 
 
 class HeldScore(NamedTuple):

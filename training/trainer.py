@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import replace
@@ -53,13 +52,14 @@ from training.checkpoint import (
     OPTIM_FILE,
     WINDOWS_DIR,
     RunError,
+    check_writable,
     read_meta,
     recover_checkpoint,
     save_checkpoint,
 )
 from training.config import TrainConfig, check_model
 from training.data import SessionTensors, available_windows, load_schema, load_split, split_path
-from training.evaluate import evaluate_sessions, known_inputs, score_held
+from training.evaluate import evaluate_sessions, known_inputs, score_held, split_holdout
 from training.integrity import atomic_write
 from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
 from training.names import AGE_COL, FIRST_REAL_ID, list_col
@@ -151,18 +151,6 @@ def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:
         del table  # before the next table is built
 
 
-def split_holdout(st: SessionTensors, fraction: float, seed: int) -> tuple[SessionTensors, SessionTensors]:
-    """(fit, held): a random `fraction` of the sessions held back (at least 1 when fraction > 0 and N >= 2)."""
-    n = len(st)
-    k = int(round(n * fraction)) if fraction > 0 else 0
-    if fraction > 0 and n >= 2:
-        k = min(max(k, 1), n - 1)
-    else:
-        k = 0
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return st.select(perm[k:].sort().values), st.select(perm[:k].sort().values)
-
-
 def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
     """Sessions of several splits in one SessionTensors (padded to the widest)."""
     parts = [p for p in parts if len(p)]
@@ -177,17 +165,6 @@ def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
         torch.cat([p.session_id for p in parts]),
         parts[-1].source,
     )
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise RunError(
-            f"cannot write to the output folder {out} ({e.strerror or e}); choose another --out"
-        ) from e
 
 
 @torch.no_grad()
@@ -232,7 +209,7 @@ class Trainer:
         # the item age derived by the workflow (real logs): 0 for an item the served workflow does not know
         self.age_feature = age if age in full.continuous and AGE_COL not in self.vocab.raw_inputs else None
         if d.main:
-            _check_writable(self.out)
+            check_writable(self.out)
             recover_checkpoint(self.out)
         barrier(d)
         # the tables start at the vocabulary known after the first window trained and grow window by
