@@ -86,6 +86,8 @@ def add_field_flag(
         kw["type"] = f.metadata.get("parse", typ if callable(typ) and typ is not Any else str)
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
+        elif dest:
+            kw["metavar"] = f.name.upper()  # not the destination's prefix
     p.add_argument(*flags, **kw)
 
 

@@ -35,6 +35,8 @@ MODEL_PREFIX = "model."  # argparse destinations of the model flags (cli.given(n
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run; the recipe fields (RECIPE_FIELDS) default to the reference's."""
+
     data: str = field(metadata=help_meta("DATA folder written by `python -m training.prepare`"))
     out: str = field(metadata=help_meta("RUN folder for checkpoints, metrics.json and metrics.png"))
     start_window: int = field(default=1, metadata=help_meta("first window to train on"))
@@ -96,7 +98,7 @@ class TrainConfig:
         default=False, metadata=help_meta("continue after the last finished window in --out")
     )
     baselines: bool = field(
-        default=True, metadata=help_meta("evaluate the popular / kNN baselines too (flag: skip them)")
+        default=True, metadata=help_meta("evaluate the popular / kNN baselines and the count blend too")
     )
     keep_windows: bool = field(
         default=False,
@@ -108,7 +110,7 @@ class TrainConfig:
     tensorboard: bool = field(
         default=False, metadata=help_meta("also write TensorBoard logs to RUN/tensorboard")
     )
-    progress: bool = field(default=True, metadata=help_meta("tqdm progress bars (flag: none)"))
+    progress: bool = field(default=True, metadata=help_meta("tqdm progress bars"))
     model: ModelConfig = field(
         default_factory=ModelConfig,
         metadata=help_meta(
@@ -202,6 +204,7 @@ def check_model(model: ModelConfig, label_smoothing: float) -> None:
 # --- a --config file ---------------------------------------------------------------------------
 
 _TRAIN_FIELDS: dict[str, Field] = {f.name: f for f in fields(TrainConfig)}
+_MODEL_FIELDS: dict[str, Field] = {f.name: f for f in fields(ModelConfig)}
 assert set(RECIPE_FIELDS) <= set(_TRAIN_FIELDS), "a recipe sets a field TrainConfig does not have"
 assert not set(MODEL_SETTINGS) & set(_TRAIN_FIELDS), "a model setting shadows a TrainConfig field"
 
@@ -220,8 +223,8 @@ def split_settings(raw: dict[str, Any], where: str) -> dict[str, Any]:
             out["model"][k] = v
         else:
             out[k] = v
-    cli.check_keys({k: v for k, v in out.items() if k != "model"}, set(_TRAIN_FIELDS) - {"model"},
-                   where)  # fmt: skip
+    train_keys = {k: v for k, v in out.items() if k != "model"}
+    cli.check_keys(train_keys, set(_TRAIN_FIELDS) - {"model"}, where)
     cli.check_keys(out["model"], MODEL_SETTINGS, f'{where} "model"')
     return out
 
@@ -247,9 +250,6 @@ def _recipe_values(name: str, model: bool = False) -> str:
     if all(v == vals[0] for v in vals):
         return f" [{'all' if len(vals) > 2 else 'both'} {vals[0]}]"
     return " [" + ", ".join(f"{n} {v}" for n, v in zip(RECIPES, vals)) + "]"
-
-
-_MODEL_FIELDS: dict[str, Field] = {f.name: f for f in fields(ModelConfig)}
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -135,22 +135,6 @@ def _batch(st: SessionTensors, idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
     return {k: v[idx, :width] for k, v in st.feats.items()}, lengths
 
 
-def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:
-    """Fill the model's ItemMemory tables with the counts of `sessions`: `baselines.memory_tables`
-    of the same counts as the baselines, copied in one table at a time (`iter_memory_tables`
-    with release: at 1M items the tables and the sparse counts dominate the peak RSS)."""
-    mem = model.item_memory
-    assert mem is not None
-    counts = BaselineCounts(model.cfg.n_items, sessions=False)  # V-SKNN's session index: not needed
-    item = model.cfg.item_feature
-    for st in sessions:
-        if len(st):
-            counts.add_sessions(st.feats[item].numpy(), st.lengths.numpy())
-    for name, table in iter_memory_tables(counts, model.cfg.memory_k, release=True):
-        mem.set_table(name, torch.from_numpy(table))
-        del table  # before the next table is built
-
-
 def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
     """Sessions of several splits in one SessionTensors (padded to the widest)."""
     parts = [p for p in parts if len(p)]
@@ -165,6 +149,22 @@ def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
         torch.cat([p.session_id for p in parts]),
         parts[-1].source,
     )
+
+
+def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:
+    """Fill the model's ItemMemory tables with the counts of `sessions`: `baselines.memory_tables`
+    of the same counts as the baselines, copied in one table at a time (`iter_memory_tables`
+    with release: at 1M items the tables and the sparse counts dominate the peak RSS)."""
+    mem = model.item_memory
+    assert mem is not None
+    counts = BaselineCounts(model.cfg.n_items, sessions=False)  # V-SKNN's session index: not needed
+    item = model.cfg.item_feature
+    for st in sessions:
+        if len(st):
+            counts.add_sessions(st.feats[item].numpy(), st.lengths.numpy())
+    for name, table in iter_memory_tables(counts, model.cfg.memory_k, release=True):
+        mem.set_table(name, torch.from_numpy(table))
+        del table  # before the next table is built
 
 
 @torch.no_grad()
