@@ -141,6 +141,14 @@ class ItemMemory(nn.Module):
             raise ValueError(f"memory table {name}: shape {tuple(v.shape)}, expected {tuple(buf.shape)}")
         buf.copy_(v.to(buf.dtype))
 
+    @torch.no_grad()
+    def grow(self, n_items: int) -> None:
+        """Zero rows appended to the count tables up to `n_items` (a vocabulary that grows by window)."""
+        for name in self.TABLES:
+            t = getattr(self, name)
+            setattr(self, name, torch.cat([t, t.new_zeros((n_items - t.shape[0], *t.shape[1:]))]))
+        self._col_of = None  # sized for the old vocabulary
+
     def tables(self) -> dict[str, Tensor]:
         """The count buffers by name (`TABLES`)."""
         return {name: getattr(self, name) for name in self.TABLES}

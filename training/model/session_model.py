@@ -222,15 +222,11 @@ class SessionModel(nn.Module):
             def rows(t: Tensor) -> Tensor:  # (old_v, ...) -> (V, ...), zero rows appended
                 return torch.cat([t, t.new_zeros((V - old_v, *t.shape[1:]))])
 
-            special = self.special_ids
-            self.special_ids = torch.cat([special, special.new_zeros(V - old_v)])
+            self.special_ids = rows(self.special_ids)  # new ids are real items
             if hasattr(self, "sample_counts"):
                 self.sample_counts = rows(self.sample_counts)
             if self.item_memory is not None:
-                mem = self.item_memory
-                for buf in ("cooc_idx", "cooc_val", "succ_idx", "succ_val", "pop"):
-                    setattr(mem, buf, rows(getattr(mem, buf)))
-                mem._col_of = None
+                self.item_memory.grow(V)
             self._sampler, self._sampler_key = None, None
         return before
 
