@@ -75,7 +75,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import XLNetConfig
 
-from training.model import ranking, sampled
+import training.model.ranking as ranking  # modules of functions over tensors, used by name
+import training.model.sampled as sampled
 from training.model.config import ModelConfig
 from training.model.item_memory import HeadFactors, ItemMemory, PackedTargets
 from training.model.packing import MaskedPositions, PackedSessions, mask_positions
