@@ -17,6 +17,7 @@ from tests.conftest import (
     DIGINETICA_TSV,
     TINY_ROWS,
 )
+from training.data.prepare import PrepareConfig, prepare, session_uniform, split_of
 from training.names import (
     CATEGORY_LIST,
     INTERACTIONS_FILE,
@@ -31,7 +32,7 @@ from training.names import (
     WINDOW_COL,
     WINDOW_FIRST,
 )
-from training.prepare import PrepareConfig, main, prepare, session_uniform, split_of
+from training.prepare import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing an NVTabular Dataset in CPU mode")
 
@@ -99,7 +100,7 @@ def test_lists_hold_the_last_interactions_in_order(tiny_synthetic_data):
     data = tiny_synthetic_data
     raw = pd.read_parquet(data / INTERACTIONS_FILE)
     sessions = read_splits(data).set_index(SESSION_COL)
-    from training.serving_transform import ServingTransform
+    from training.data.serving_transform import ServingTransform
 
     vocab = ServingTransform.load(data).item_vocabulary()
     for sid, rows in raw.groupby(SESSION_COL, sort=False):
@@ -180,7 +181,7 @@ def test_dask_two_local_workers_give_the_same_splits(tiny_synthetic_data, tmp_pa
     a = json.loads((out / SCHEMA_FILE).read_text())
     b = json.loads((tiny_synthetic_data / SCHEMA_FILE).read_text())
     assert a["categorical"] == b["categorical"]
-    from training.serving_transform import ServingTransform
+    from training.data.serving_transform import ServingTransform
 
     np.testing.assert_array_equal(ServingTransform.load(out).item_vocabulary(),
                                   ServingTransform.load(tiny_synthetic_data).item_vocabulary())  # fmt: skip
@@ -202,7 +203,7 @@ def test_diginetica_tsv(diginetica_data, diginetica_dir):
     sessions = read_splits(diginetica_data)
     # time order: the lists follow (Time, timeframe) of the raw file
     raw = pd.read_csv(diginetica_dir / DIGINETICA_TSV, sep="\t").sort_values(["sessionId", "Time", "timeframe"])
-    from training.serving_transform import ServingTransform
+    from training.data.serving_transform import ServingTransform
 
     vocab = ServingTransform.load(diginetica_data).item_vocabulary()
     for _, row in sessions.sample(300, random_state=0).iterrows():
@@ -345,7 +346,7 @@ def test_hour_windows_and_given_continuous_columns(tmp_path):
     sessions = read_splits(out)
     first = raw.groupby(SESSION_COL)[WINDOW_COL].first()
     assert (sessions["window"].to_numpy() == first.loc[sessions[SESSION_COL]].to_numpy()).all()
-    from training.serving_transform import ServingTransform
+    from training.data.serving_transform import ServingTransform
 
     transform = ServingTransform.load(out)
     got = transform({c: raw[c].to_numpy() for c in transform.raw_inputs})

@@ -130,7 +130,7 @@ def _evil_pickle(marker: Path) -> bytes:
 def test_export_refuses_a_run_trained_on_another_workflow(artifacts, tmp_path, capsys):
     """DATA whose workflow.pkl was replaced (here by a pickle that runs code) and whose schema.json was
     re-hashed to match: the run's training-time workflow_sha256 disagrees, and nothing is unpickled."""
-    from training.workflow import workflow_sha256
+    from training.data.workflow import workflow_sha256
 
     data, run = artifacts
     other = _copy_data(data, tmp_path / "data")
