@@ -39,5 +39,7 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         sys.modules[module.__name__] = importlib.import_module(MOVED[module.__name__])
 
 
+# First in line: an old name must give the moved module even where another copy of the
+# package (an older checkout, an editable install elsewhere) still has a file of that name.
 if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
-    sys.meta_path.append(_MovedModules())
+    sys.meta_path.insert(0, _MovedModules())
