@@ -83,7 +83,7 @@ def test_no_code_executing_loads(path):
 
 
 def test_workflow_is_unpickled_only_after_its_sha256_check():
-    source = (PROJECT_ROOT / "training" / "serving_transform.py").read_text()
+    source = (PROJECT_ROOT / "training" / "data" / "serving_transform.py").read_text()
     body = source[source.index("    def load(cls, data_dir"):]
     body = body[: body.index("\n    # ----")]
     assert body.index("verify_workflow_files(") < body.index("nvt.Workflow.load(")
