@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from training.grouping import group_by_first_appearance
+from training.data.grouping import group_by_first_appearance
 from training.names import ENSEMBLE_NAME, OUT_ITEM_IDS, OUT_SCORES, OUT_SESSION_ID, SESSION_COL
 
 __all__ = ["BACKOFF_CAP_S", "UNAVAILABLE", "RankError", "Rankings", "plan_requests", "rank_sessions"]

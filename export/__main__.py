@@ -113,8 +113,8 @@ def _parse(argv: list[str] | None = None) -> tuple[bool, ExportConfig]:
 def main(argv: list[str] | None = None) -> int:
     from export.repository import ExportError
     from training.checkpoint import RunError
+    from training.data.serving_transform import UnsupportedWorkflowError
     from training.integrity import IntegrityError
-    from training.serving_transform import UnsupportedWorkflowError
 
     new_version, cfg = _parse(argv)
     t0 = time.perf_counter()

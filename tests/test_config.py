@@ -14,7 +14,7 @@ import training.train as train_mod
 from training.checkpoint import RunError
 from training.cli import ConfigFileError
 from training.config import TrainConfig, check_model, load_params
-from training.data import load_schema
+from training.data.splits import load_schema
 from training.model import MODEL_FLAGS, MODEL_SETTINGS, SCHEMA_FIELDS, ModelConfig
 from training.recipes import RECIPES
 

@@ -24,7 +24,7 @@ from typing import Any
 from training import cli
 from training.checkpoint import RunError
 from training.cli import ConfigFileError, help_meta
-from training.data import DataError, load_schema
+from training.data.splits import DataError, load_schema
 from training.model.config import MODEL_FLAGS, MODEL_SETTINGS, ModelConfig
 from training.recipes import RECIPE_FIELDS, RECIPES, resolve_settings
 

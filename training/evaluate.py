@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from training.baselines import BASELINES, BaselineCounts, evaluate_baselines, memory_tables
-from training.data import SessionTensors, eval_inputs_targets
+from training.data.splits import SessionTensors, eval_inputs_targets
 from training.metrics import metrics_from_ranks, pessimistic_ranks
 from training.model import ItemMemory, ModelConfig, SessionModel
 from training.names import FIRST_REAL_ID, OOV_ID

@@ -50,7 +50,7 @@ from training import config
 from training.checkpoint import RunError, load_run
 from training.cli import ConfigFileError
 from training.config import TrainConfig
-from training.data import DataError
+from training.data.splits import DataError
 from training.trainer import Trainer
 
 # load_run is re-exported (training.train.load_run: load what this CLI wrote)

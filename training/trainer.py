@@ -58,7 +58,7 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.config import TrainConfig, check_model
-from training.data import SessionTensors, available_windows, load_schema, load_split, split_path
+from training.data.splits import SessionTensors, available_windows, load_schema, load_split, split_path
 from training.evaluate import evaluate_sessions, known_inputs, score_held, split_holdout
 from training.integrity import atomic_write
 from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions

@@ -39,7 +39,7 @@ from training import cli
 from training.checkpoint import RunError
 from training.cli import help_meta
 from training.config import TrainConfig
-from training.data import DataError, load_schema
+from training.data.splits import DataError, load_schema
 from training.integrity import atomic_write
 from training.model.config import MODEL_SETTINGS
 from training.recipes import resolve_settings
