@@ -137,9 +137,9 @@ def in_process(cfg: BenchConfig, repo: Path, data: Path, requests_by_size: dict[
     import torch
 
     from export.inference import feature_order
-    from export.repository import TORCH_MODEL, TRACED_FILE
+    from export.pbtxt import TRACED_FILE
     from export.sessrec_steps import default_torch_threads
-    from training.names import LENGTHS_TENSOR
+    from training.names import LENGTHS_TENSOR, TORCH_MODEL
     from training.serving_transform import ServingTransform
 
     threads = default_torch_threads()

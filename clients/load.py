@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clients import plan_requests
+from clients.ranking import plan_requests
 from training.names import ENSEMBLE_NAME, OUT_ITEM_IDS, OUT_SCORES, OUT_SESSION_ID, SESSION_COL
 
 SIZES = (1, 64)  # sessions per request
@@ -81,6 +81,7 @@ def run_load(
     concurrency: int,
     big_fraction: float,
     k: int,
+    *,
     seed: int = 0,
     timeout_s: float = 60.0,
     model: str = ENSEMBLE_NAME,
@@ -230,12 +231,12 @@ def soak_server(server, interactions, raw_inputs: dict[str, str], k: int, cfg: L
     requests = build_requests(interactions, raw_inputs, cfg.distinct_requests)
     log(f"warm-up: {cfg.warmup_seconds:g} s at concurrency {cfg.concurrency}")
     warm = run_load(server.grpc_url, requests, cfg.warmup_seconds, cfg.concurrency, cfg.big_fraction, k,
-                    cfg.seed + 1, cfg.timeout_s)
+                    seed=cfg.seed + 1, timeout_s=cfg.timeout_s)
     log(f"  {warm.requests} requests, {len(warm.failures)} failed")
     log(f"soak: {cfg.seconds:g} s at concurrency {cfg.concurrency}, {100 * cfg.big_fraction:g}% of requests 64 sessions")
     with RssSampler(server.rss_bytes) as sampler:
-        load = run_load(server.grpc_url, requests, cfg.seconds, cfg.concurrency, cfg.big_fraction, k, cfg.seed,
-                        cfg.timeout_s)
+        load = run_load(server.grpc_url, requests, cfg.seconds, cfg.concurrency, cfg.big_fraction, k,
+                        seed=cfg.seed, timeout_s=cfg.timeout_s)
         sampler.sample()  # the end: right when the load stopped
     summary = summarise(load, sampler.samples, cfg)
     summary["warmup"] = {"requests": warm.requests, "failures": len(warm.failures)}

@@ -31,16 +31,16 @@ Exit status 1 when served != offline (beyond --tolerance) or any request failed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from training.cli import help_meta, parse
 from training.names import (
     FIRST_REAL_ID,
     INTERACTIONS_FILE,
@@ -58,15 +58,20 @@ K = 20
 
 @dataclass
 class ReplayConfig:
-    data: Path  # prepared DATA folder
-    run: Path  # training run with RUN/windows/<t> (--keep-windows) and metrics.json
-    repo: Path  # model repository to write (replaced) and serve
-    out: Path  # REPLAY.json
-    eval_split: str = "valid"  # split of window t+1 that evaluates window t (training's --eval-split)
-    batch_sessions: int = 64  # sessions per evaluation request
-    background_sessions: int = 4  # sessions per background request
-    tolerance: float = 1e-6  # |served - offline| allowed per metric
-    torch_backend: str = "python"
+    data: Path = field(metadata=help_meta("prepared DATA folder (schema.json, interactions.parquet)"))
+    run: Path = field(metadata=help_meta("run trained with --keep-windows (RUN/windows/<t>) and metrics.json"))
+    repo: Path = field(metadata=help_meta("model repository to write and serve (replaced)"))
+    out: Path = field(metadata=help_meta("REPLAY.json to write"))
+    eval_split: str = field(
+        default="valid",
+        metadata=help_meta(
+            "split of window t+1 sent for window t (match training's --eval-split)", choices=("valid", "test")
+        ),
+    )
+    batch_sessions: int = field(default=64, metadata=help_meta("sessions per evaluation request"))
+    background_sessions: int = field(default=4, metadata=help_meta("sessions per background request"))
+    tolerance: float = field(default=1e-6, metadata=help_meta("allowed |served - offline| per metric"))
+    torch_backend: str = "python"  # the model step's backend (no flag: the embedded server runs "python")
 
 
 def served_ranks(item_ids: np.ndarray, scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -279,20 +284,9 @@ def check(result: dict, tolerance: float) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = ReplayConfig(Path(), Path(), Path(), Path())
-    p = argparse.ArgumentParser(prog="python -m clients.replay", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="prepared DATA folder (schema.json, interactions.parquet)")
-    p.add_argument("--run", type=Path, required=True, help="run trained with --keep-windows (RUN/windows/<t>)")
-    p.add_argument("--repo", type=Path, required=True, help="model repository to write and serve (replaced)")
-    p.add_argument("--out", type=Path, required=True, help="REPLAY.json to write")
-    p.add_argument("--eval-split", choices=("valid", "test"), default=d.eval_split,
-                   help="split of window t+1 sent for window t (match training's --eval-split)")
-    p.add_argument("--batch-sessions", type=int, default=d.batch_sessions, help="sessions per evaluation request")
-    p.add_argument("--background-sessions", type=int, default=d.background_sessions,
-                   help="sessions per background request")
-    p.add_argument("--tolerance", type=float, default=d.tolerance, help="allowed |served - offline| per metric")
-    a = p.parse_args(argv)
-    cfg = ReplayConfig(a.data, a.run, a.repo, a.out, a.eval_split, a.batch_sessions, a.background_sessions, a.tolerance)
+    cfg = parse(
+        ReplayConfig, argv, prog="python -m clients.replay", description=__doc__.split("\n\n")[0], config_flag=True
+    )
     result = replay(cfg, log=lambda m: print(m, file=sys.stderr))
     print_table(result)
     bad = check(result, cfg.tolerance)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,33 @@ def test_missing_required_setting_names_the_flag(capsys):
         parse(Stage, [], prog="x", description="d")
     assert e.value.code == 2
     assert "missing setting 'out': give --out" in capsys.readouterr().err
+
+
+@dataclass
+class Repeated:
+    header: list[tuple[str, str]] = field(
+        default_factory=list,
+        metadata=help_meta(
+            "KEY=VALUE, repeatable", append=True, metavar="KEY=VALUE", parse=lambda t: tuple(t.split("=", 1))
+        ),
+    )
+    tag: list[int] = field(default_factory=list, metadata=help_meta("an int, repeatable", append=True))
+    where: Path | None = field(default=None, metadata=help_meta("a folder"))
+
+
+def test_append_flags_collect_each_use_and_paths_from_a_file_are_paths(tmp_path, capsys):
+    assert parse(Repeated, [], prog="x", description="d") == Repeated()
+    cfg = parse(
+        Repeated,
+        ["--header", "a=1", "--tag", "3", "--header", "b=2=3", "--tag", "4"],
+        prog="x",
+        description="d",
+    )
+    assert cfg.header == [("a", "1"), ("b", "2=3")] and cfg.tag == [3, 4]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"where": "some/folder", "tag": [7]}))
+    cfg = parse(Repeated, ["--config", str(path)], prog="x", description="d", config_flag=True)
+    assert cfg.where == Path("some/folder") and cfg.tag == [7]
+    with pytest.raises(SystemExit):
+        parse(Repeated, ["--help"], prog="x", description="d")
+    assert "--header KEY=VALUE" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,14 +26,8 @@ from export.inference import (
     save_traced,
     trace_ranker,
 )
-from export.repository import (
-    MANIFEST,
-    RUN_RECORD,
-    SHIPPED,
-    STEP_MODULES,
-    ExportConfig,
-    export_repository,
-)
+from export.pbtxt import Layout, ensemble_config, ensemble_version, pin_ensemble, step_configs
+from export.repository import ExportConfig, add_ensemble_version, export_repository
 from export.sessrec_steps import (
     RequestError,
     check_raw_columns,
@@ -41,7 +36,9 @@ from export.sessrec_steps import (
     split_rows,
     to_raw_item_ids,
 )
-from tests.triton_util import PROJECT_ROOT
+from export.staging import MANIFEST, RUN_RECORD, SHIPPED, STEP_MODULES
+from tests.triton_util import PROJECT_ROOT, served_config
+from tests.triton_util import K as SERVED_K
 from training.checkpoint import load_run
 from training.integrity import FOLDER_RECORD, verify_folder
 from training.names import (
@@ -59,6 +56,7 @@ from training.names import (
     SESSION_COL,
     TORCH_MODEL,
 )
+from training.schema import Schema
 
 K = 10
 
@@ -420,8 +418,6 @@ def test_new_version_writes_self_verifying_folders_and_nothing_else(artifacts, t
     folder with its own sessrec_files.json (the model's naming its run) holding the same files as
     version 1; no config.pbtxt and no other file changes (the ensemble still pins 1), the root
     bookkeeping lists version 2."""
-    from export.repository import add_ensemble_version
-
     data, run = artifacts
     out = export_repository(ExportConfig(run=run, data=data, out=tmp_path / "repo", top_k=K))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
@@ -441,8 +437,6 @@ def test_new_version_writes_self_verifying_folders_and_nothing_else(artifacts, t
 def test_configs_pin_versions_and_keep_two(repo):
     """Steps keep two versions (latest 2) and carry nothing that changes per version; the ensemble
     pins its own version and every step's; pin_ensemble re-pins exactly those."""
-    from export.repository import ensemble_version, pin_ensemble
-
     for step in (PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL):
         cfg = parse_config(repo / step / "config.pbtxt")
         assert cfg.version_policy.latest.num_versions == 2, step
@@ -456,6 +450,35 @@ def test_configs_pin_versions_and_keep_two(repo):
     assert pin_ensemble(moved, 1) == text
     params = json.loads((repo / TORCH_MODEL / "1" / "sessrec_model.json").read_text())
     assert set(params["cardinalities"]) == {f for f in json.loads((repo / PREPROCESS_MODEL / "1" / "workflow.json").read_text())["categorical"]}
+
+
+GOLDEN = PROJECT_ROOT / "export" / "golden"
+UPDATE_GOLDEN = "SESSREC_UPDATE_GOLDEN"  # =1: rewrite export/golden/ from the code (then review the diff)
+
+
+def golden_texts(schema: Schema) -> dict[str, str]:
+    """{model: config.pbtxt} of the serving tests' export (tests/triton_util.served_config), version 1."""
+    cfg = served_config(Path("RUN"), Path("DATA"), Path("REPO"))
+    layout = Layout.from_schema(schema, cfg.top_k)
+    return {ENSEMBLE_NAME: ensemble_config(layout, cfg, 1), **step_configs(layout, cfg)}
+
+
+def test_configs_equal_the_golden_files(tiny_synthetic_data):
+    """export/golden/<model>/config.pbtxt is what the serving tests' repository serves (synthetic DATA,
+    --top-k 20 --max-request-rows 2000 --max-batch-sessions 64): the text a reader sees is the text written.
+    tests/test_serving.py checks the served repository's files against the same golden files."""
+    texts = golden_texts(Schema.load(tiny_synthetic_data))
+    assert sorted(texts) == sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
+    for model, text in texts.items():
+        path = GOLDEN / model / "config.pbtxt"
+        if os.environ.get(UPDATE_GOLDEN) == "1":
+            path.write_text(text)
+        assert text == path.read_text(), (
+            f"export/pbtxt.py writes another {model}/config.pbtxt than {path}: if the change is meant, "
+            f"rewrite the golden files with {UPDATE_GOLDEN}=1 pytest tests/test_export.py -k golden"
+        )
+    text_format.Parse(texts[TORCH_MODEL], model_config_pb2.ModelConfig())  # and Triton's parser reads them
+    assert f"dims: [ {SERVED_K} ]" in texts[TORCH_MODEL]
 
 
 def test_floor_repository_configs(tmp_path, schema):

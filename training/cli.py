@@ -15,7 +15,9 @@ Field metadata understood here:
 * "flags": the flag spellings (default `--field-name`);
 * "choices": the allowed values; "group": the argparse group title;
 * "cli": False keeps a field off the command line (it may still come from a file);
-* "parse": a callable applied to the flag's string (e.g. a comma-separated list).
+* "parse": a callable applied to the flag's string (e.g. a comma-separated list);
+* "metavar": the flag's placeholder in --help;
+* "append": True makes the flag repeatable; the field (a list) holds one parsed value per use.
 
 A bool field gets `--name` / `--no-name` (argparse.BooleanOptionalAction).
 `Optional[X]` / `X | None` fields parse as X.
@@ -80,12 +82,17 @@ def add_field_flag(
         text += f" [{default}]"
     kw: dict[str, Any] = {"dest": dest or f.name, "help": text, "default": argparse.SUPPRESS}
     typ = _plain_type(typ)
+    if f.metadata.get("append") and typing.get_origin(typ) is list:
+        typ = (typing.get_args(typ) or (str,))[0]  # each use parses one element
     if typ is bool:
         kw["action"] = argparse.BooleanOptionalAction
     else:
         kw["type"] = f.metadata.get("parse", typ if callable(typ) and typ is not Any else str)
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
+        for key in ("choices", "metavar"):
+            if key in f.metadata:
+                kw[key] = f.metadata[key]
+        if f.metadata.get("append"):
+            kw["action"] = "append"  # a SUPPRESSed default: the first use starts an empty list
     p.add_argument(*flags, **kw)
 
 
@@ -144,7 +151,8 @@ def layered(cls: type, *layers: Mapping[str, Any] | None, where: str = "settings
     """`cls(**(defaults < layers[0] < layers[1] ...))`; None layers are skipped.
 
     Keys must be fields of `cls`, and every field without a default must be given
-    (ConfigFileError otherwise, naming the key and its flag)."""
+    (ConfigFileError otherwise, naming the key and its flag). A string given for a
+    `Path` field (as a JSON file holds it) becomes a Path."""
     names = {f.name for f in fields(cls)}
     merged: dict[str, Any] = {}
     for layer in layers:
@@ -152,10 +160,13 @@ def layered(cls: type, *layers: Mapping[str, Any] | None, where: str = "settings
             continue
         check_keys(layer, names, where)
         merged.update(layer)
+    hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if f.name not in merged and field_default(f) is MISSING:
             flag = f.metadata.get("flags", ["--" + f.name.replace("_", "-")])[0]
             raise ConfigFileError(f"missing setting {f.name!r}: give {flag} (or set it in a --config file)")
+        if isinstance(merged.get(f.name), str) and _plain_type(hints[f.name]) is Path:
+            merged[f.name] = Path(merged[f.name])  # a path from a JSON file is a string
     return cls(**merged)
 
 
