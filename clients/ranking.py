@@ -25,7 +25,7 @@ What happens before the first request, once per call:
     explicit value is a `ValueError` naming both numbers.
 
 Retries: the repository's queue policy answers UNAVAILABLE on purpose when a
-step's queue is full or a request waited too long (export/repository.py), and
+step's queue is full or a request waited too long (export/pbtxt.py, queue_policy), and
 gRPC answers UNAVAILABLE when the server cannot be reached. A request answered
 UNAVAILABLE is sent again up to `retries` more times, after waiting
 min(BACKOFF_CAP_S, backoff_s * 2**attempt) * U(0, 1) seconds (exponential

@@ -10,7 +10,9 @@ Writes `session_ranker` (platform "ensemble") with three steps: preprocess
 (the fitted NVTabular workflow's semantics, numpy), model (the traced
 TopKRanker: Python backend on the embedded server, or pytorch_libtorch for the
 NGC container) and postprocess (encoded -> raw item ids). See
-export/repository.py for the layout; serve it with `python -m export.serve`.
+export/repository.py for the layout and export/golden/ for the config.pbtxt of each
+step; serve it with `python -m export.serve`. Every flag is a field of
+ExportConfig (export/config.py); `--config FILE` (JSON) sets any of them, flags win.
 
 Refuses (exit status 2, message on stderr) a DATA whose workflow files do not
 match the sha256 in its schema.json, a RUN trained on another workflow, and a

@@ -30,7 +30,14 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-from export.tritonserver import ADMIN_KEY_ENV, ServerConfig, ServerError, StubWatchdog, TritonServer
+from export.tritonserver import (
+    ADMIN_KEY_ENV,
+    MODEL_CONTROL_HELP,
+    ServerConfig,
+    ServerError,
+    StubWatchdog,
+    TritonServer,
+)
 from training.cli import help_meta, parse
 from training.names import ENSEMBLE_NAME
 
@@ -40,14 +47,7 @@ class ServeConfig(ServerConfig):
     """ServerConfig as an operator runs it: explicit model control (new versions, stub restarts)
     and the stub watchdog by default. The admin key comes from $SESSREC_ADMIN_KEY (never a flag)."""
 
-    model_control: str = field(
-        default="explicit",
-        metadata=help_meta(
-            "explicit (default): every model loaded at start, load/unload API open to the admin key; "
-            "none: models fixed at start (no new versions, no stub restarts)",
-            choices=("explicit", "none"),
-        ),
-    )
+    model_control: str = field(default="explicit", metadata=MODEL_CONTROL_HELP)
     watchdog_interval: float = field(
         default=1.0,
         metadata=help_meta(

@@ -161,6 +161,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+MODEL_CONTROL_HELP = help_meta(
+    "explicit: every model loaded at start, load/unload API open to the admin key; "
+    "none: models fixed at start (no new versions, no stub restarts)",
+    choices=("explicit", "none"),
+)
+
+
 @dataclass
 class ServerConfig:
     """One server's settings; the fields with help text are `python -m export.serve`'s flags."""
@@ -190,14 +197,7 @@ class ServerConfig:
         default=None, metadata=help_meta("write the server log here (default: a temp file)")
     )
     # "none": load everything at start; "explicit": load/unload API (admin key)
-    model_control: str = field(
-        default="none",
-        metadata=help_meta(
-            "explicit: every model loaded at start, load/unload API open to the admin key; "
-            "none: models fixed at start (no new versions, no stub restarts)",
-            choices=("explicit", "none"),
-        ),
-    )
+    model_control: str = field(default="none", metadata=MODEL_CONTROL_HELP)
     admin_key: str | None = None  # value of the sessrec-admin-key header; None: random per start
     stub_python_env: Path | None = (
         None  # None: this venv; else a venv whose python3 the stubs use (server_env)
