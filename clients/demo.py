@@ -71,10 +71,19 @@ def pick_sessions(data: Path, how_many: int) -> dict[str, np.ndarray]:
     return {c: v[keep] for c, v in cols.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(
-        DemoConfig, argv, prog="python -m clients.demo", description=__doc__.split("\n\n")[0], config_flag=True
+def parse_args(argv: list[str] | None = None) -> DemoConfig:
+    """Flags from DemoConfig's fields; defaults < --config FILE (JSON) < explicit flags."""
+    return parse(
+        DemoConfig,
+        argv,
+        prog="python -m clients.demo",
+        description=__doc__.split("\n\n")[0],
+        config_flag=True,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     from clients.rank import format_table
     from clients.ranking import rank_sessions
@@ -91,8 +100,16 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner("2/4 train: XLNet masked LM, window by window (CPU unless a GPU is there)")
     rc = train_main(
-        ["--data", str(args.data), "--out", str(args.run), "--seed", str(args.seed), "--no-progress",
-         *shlex.split(args.train_args)]
+        [
+            "--data",
+            str(args.data),
+            "--out",
+            str(args.run),
+            "--seed",
+            str(args.seed),
+            "--no-progress",
+            *shlex.split(args.train_args),
+        ]
     )
     if rc:
         return rc

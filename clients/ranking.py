@@ -108,12 +108,16 @@ def _columns(interactions, names: list[str]) -> dict[str, np.ndarray]:
         available = list(interactions)
     missing = [n for n in names if n not in available]
     if missing:
-        raise ValueError(f"input is missing column(s) {missing}; the server expects {names} (got {available})")
+        raise ValueError(
+            f"input is missing column(s) {missing}; the server expects {names} (got {available})"
+        )
     out = {}
     for name in names:
         values = np.asarray(interactions[name])
         if values.ndim != 1:
-            raise ValueError(f"column '{name}' must be 1-D (one value per interaction), got shape {values.shape}")
+            raise ValueError(
+                f"column '{name}' must be 1-D (one value per interaction), got shape {values.shape}"
+            )
         out[name] = values
     return out
 
@@ -406,7 +410,9 @@ def rank_sessions(
     if top_k is None:
         top_k = k
     if not 1 <= top_k <= k:
-        raise ValueError(f"top_k must be in [1, {k}] (the repository was exported with --top-k {k}), got {top_k}")
+        raise ValueError(
+            f"top_k must be in [1, {k}] (the repository was exported with --top-k {k}), got {top_k}"
+        )
     if batch_sessions is None:
         if served.max_sessions is None:
             raise RankError(
@@ -427,7 +433,9 @@ def rank_sessions(
     columns = {name: _coerce(name, columns[name], triton_to_np_dtype(dt)) for name, dt in inputs}
     sessions, plan = plan_requests(columns[SESSION_COL], batch_sessions)
     if not plan:
-        return Rankings(np.zeros(0, np.int64), np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float32))
+        return Rankings(
+            np.zeros(0, np.int64), np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float32)
+        )
     backoff = _Backoff(retries, backoff_s, sleep, rng if rng is not None else random.Random())
     send = _Sender(conn, inputs, backoff)
     starts = list(range(0, len(sessions), batch_sessions))

@@ -555,3 +555,50 @@ def test_plan_requests_keeps_sessions_whole_and_ordered():
     assert sessions.tolist() == [7, 3, 9, 1]
     assert [sid[rows].tolist() for rows in plan] == [[7, 7, 7, 3, 3], [9, 1]]
     assert plan[0].tolist() == [0, 1, 5, 2, 4]  # input order inside a session
+
+
+# --- command lines (flags derived from the config dataclasses; same flags, same meaning) ------------
+def test_export_flags_keep_their_meaning(tmp_path):
+    from export.__main__ import parse_args
+
+    base = ["--run", "R", "--data", "D"]
+    assert parse_args(base) == parse_args([*base, "--out", "model_repository"])
+    plain = parse_args(base)
+    assert (plain.run, plain.data, plain.out, plain.new_version) == (Path("R"), Path("D"), Path("model_repository"), False)
+    assert plain.options() == ExportConfig(run=Path("R"), data=Path("D")).options()
+    flags = {"--top-k": ("top_k", "7", 7), "--torch-backend": ("torch_backend", "libtorch", "libtorch"),
+             "--instance-kind": ("instance_kind", "gpu", "gpu"), "--max-batch-sessions": ("max_batch_sessions", "8", 8),
+             "--max-request-rows": ("max_request_rows", "9", 9), "--max-queue-delay-us": ("max_queue_delay_us", "10", 10),
+             "--torch-threads": ("torch_threads", "2", 2), "--model-instances": ("model_instances", "3", 3),
+             "--preprocess-instances": ("preprocess_instances", "4", 4), "--max-queue-size": ("max_queue_size", "0", 0),
+             "--queue-timeout-us": ("queue_timeout_us", "5", 5), "--window": ("window", "2", 2),
+             "--out": ("out", "X", Path("X"))}  # fmt: skip
+    for flag, (name, text, value) in flags.items():
+        assert getattr(parse_args([*base, flag, text]), name) == value, flag
+    assert parse_args([*base, "--new-version"]).new_version is True
+    config = tmp_path / "export.json"
+    config.write_text(json.dumps({"run": "from-file", "data": "D", "top_k": 5, "window": 1}))
+    cfg = parse_args(["--config", str(config), "--top-k", "9"])
+    assert (cfg.run, cfg.top_k, cfg.window) == (Path("from-file"), 9, 1)  # the file, then the flags
+    with pytest.raises(SystemExit) as e:
+        parse_args([*base, "--torch-backend", "onnx"])
+    assert e.value.code == 2
+
+
+def test_serve_flags_keep_their_meaning(monkeypatch):
+    from export.serve import parse_args
+
+    monkeypatch.delenv("SESSREC_ADMIN_KEY", raising=False)
+    cfg = parse_args(["--repo", "x"])
+    assert (cfg.repo, cfg.host, cfg.grpc_port, cfg.http_port, cfg.metrics_port) == (Path("x"), "127.0.0.1", 8001, 8000, 8002)
+    assert (cfg.ready_timeout_s, cfg.exit_timeout_s, cfg.model_control, cfg.watchdog_interval_s) == (300.0, 30, "explicit", 1.0)
+    assert (cfg.log_file, cfg.log_verbose, cfg.admin_key) == (None, 0, None)
+    argv = ["--repo", "x", "--host", "0.0.0.0", "--grpc-port", "0", "--http-port", "1", "--metrics-port", "2",
+            "--ready-timeout", "5", "--exit-timeout", "6", "--model-control", "none", "--watchdog-interval", "3",
+            "--log-file", "l.log", "--log-verbose", "1"]  # fmt: skip
+    monkeypatch.setenv("SESSREC_ADMIN_KEY", "k")
+    cfg = parse_args(argv)
+    assert (cfg.host, cfg.grpc_port, cfg.http_port, cfg.metrics_port) == ("0.0.0.0", 0, 1, 2)
+    assert (cfg.ready_timeout_s, cfg.exit_timeout_s, cfg.model_control) == (5.0, 6, "none")
+    assert cfg.watchdog_interval_s == 0.0, "no watchdog without explicit model control"
+    assert (cfg.log_file, cfg.log_verbose, cfg.admin_key) == (Path("l.log"), 1, "k")
