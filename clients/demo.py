@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.cli import help_meta, parse
+from training.cli import command_line, help_meta
 
 
 @dataclass
@@ -71,15 +71,7 @@ def pick_sessions(data: Path, how_many: int) -> dict[str, np.ndarray]:
     return {c: v[keep] for c, v in cols.items()}
 
 
-def parse_args(argv: list[str] | None = None) -> DemoConfig:
-    """Flags from DemoConfig's fields; defaults < --config FILE (JSON) < explicit flags."""
-    return parse(
-        DemoConfig,
-        argv,
-        prog="python -m clients.demo",
-        description=__doc__.split("\n\n")[0],
-        config_flag=True,
-    )
+parse_args = command_line(DemoConfig, "python -m clients.demo", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from clients.ranking import BACKOFF_CAP_S, RankError, Rankings, rank_sessions
-from training.cli import help_meta, parse
+from training.cli import command_line, help_meta
 
 
 def parse_header(text: str) -> tuple[str, str]:
@@ -123,14 +123,11 @@ def format_table(ranked: Rankings, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+parse_args = command_line(RankCommand, "python -m clients.rank", __doc__)
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = parse(
-        RankCommand,
-        argv,
-        prog="python -m clients.rank",
-        description=__doc__.split("\n\n")[0],
-        config_flag=True,
-    )
+    a = parse_args(argv)
     try:
         columns = read_interactions(Path(a.input))
         ranked = rank_sessions(

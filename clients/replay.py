@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.cli import help_meta, parse
+from training.cli import command_line, help_meta
 from training.names import (
     FIRST_REAL_ID,
     INTERACTIONS_FILE,
@@ -321,15 +321,7 @@ def check(result: dict, tolerance: float) -> list[str]:
     return bad
 
 
-def parse_args(argv: list[str] | None = None) -> ReplayConfig:
-    """Flags from ReplayConfig's fields; defaults < --config FILE (JSON) < explicit flags."""
-    return parse(
-        ReplayConfig,
-        argv,
-        prog="python -m clients.replay",
-        description=__doc__.split("\n\n")[0],
-        config_flag=True,
-    )
+parse_args = command_line(ReplayConfig, "python -m clients.replay", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

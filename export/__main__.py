@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from export.repository import ExportConfig, add_ensemble_version, export_repository
-from training.cli import help_meta, parse
+from training.cli import command_line, help_meta
 
 
 @dataclass
@@ -43,11 +43,7 @@ class ExportCommand(ExportConfig):
     )
 
 
-def parse_args(argv: list[str] | None = None) -> ExportCommand:
-    """Flags from ExportCommand's fields; defaults < --config FILE (JSON) < explicit flags."""
-    return parse(
-        ExportCommand, argv, prog="python -m export", description=__doc__.split("\n\n")[0], config_flag=True
-    )
+parse_args = command_line(ExportCommand, "python -m export", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ from export.tritonserver import (
     StubWatchdog,
     TritonServer,
 )
-from training.cli import help_meta, parse
+from training.cli import command_line, help_meta
 from training.names import ENSEMBLE_NAME
 
 
@@ -61,16 +61,13 @@ class ServeConfig(ServerConfig):
         return self.watchdog_interval if self.model_control == "explicit" else 0.0
 
 
+_parse = command_line(ServeConfig, "python -m export.serve", __doc__)
+
+
 def parse_args(argv: list[str] | None = None) -> ServeConfig:
     """Flags from ServeConfig's fields; defaults < --config FILE (JSON) < explicit flags; the admin
     key from the environment."""
-    cfg = parse(
-        ServeConfig,
-        argv,
-        prog="python -m export.serve",
-        description=__doc__.split("\n\n")[0],
-        config_flag=True,
-    )
+    cfg = _parse(argv)
     cfg.admin_key = os.environ.get(ADMIN_KEY_ENV) or cfg.admin_key
     return cfg
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from export.pbtxt import ensemble_version, pin_ensemble
 from export.tritonserver import ADMIN_HEADER, ADMIN_KEY_ENV, ServerError, repository_post
-from training.cli import help_meta, parse
+from training.cli import command_line, help_meta
 from training.integrity import FOLDER_RECORD, atomic_write
 from training.names import ENSEMBLE_NAME, POSTPROCESS_MODEL, PREPROCESS_MODEL, TORCH_MODEL
 
@@ -134,7 +134,7 @@ class SwapCommand:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse(SwapCommand, argv, prog="python -m export.versions", description=__doc__.split("\n\n")[0])
+    a = command_line(SwapCommand, "python -m export.versions", __doc__)(argv)
     key = os.environ.get(ADMIN_KEY_ENV)
     if not key:
         print(f"error: set {ADMIN_KEY_ENV} to the server's admin key", file=sys.stderr)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from training.cli import ConfigFileError, help_meta, layered, parse
+from training.cli import ConfigFileError, command_line, help_meta, layered, parse
 
 
 @dataclass
@@ -113,3 +113,15 @@ def test_append_flags_collect_each_use_and_paths_from_a_file_are_paths(tmp_path,
     with pytest.raises(SystemExit):
         parse(Repeated, ["--help"], prog="x", description="d")
     assert "--header KEY=VALUE" in capsys.readouterr().out
+
+
+def test_command_line_is_parse_with_a_config_file_and_the_docstring(tmp_path, capsys):
+    parse_args = command_line(Stage, "python -m stage", "Run the stage.\n\n    python -m stage --out O\n")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"out": "f", "lr": 0.5}))
+    cfg = parse_args(["--config", str(path), "--lr", "0.25"])
+    assert (cfg.out, cfg.lr) == ("f", 0.25)
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m stage") and "Run the stage." in out and "python -m stage --out" not in out

@@ -29,7 +29,7 @@ import argparse
 import json
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import Any
@@ -201,3 +201,16 @@ def parse(
     except (ConfigFileError, ValueError, TypeError) as e:
         p.error(str(e))
     raise AssertionError("unreachable")  # p.error exits
+
+
+def command_line(cls: type, prog: str, doc: str | None, **kw: Any) -> Callable[[list[str] | None], Any]:
+    """The `parse_args(argv)` of a `python -m` entry point: `parse` with flags from `cls`, a
+    --config FILE, and the first paragraph of `doc` (the module docstring) as the description."""
+
+    def parse_args(argv: list[str] | None = None) -> Any:
+        return parse(cls, argv, prog=prog, description=(doc or "").split("\n\n")[0], config_flag=True, **kw)
+
+    parse_args.__doc__ = (
+        f"{prog}'s flags from {cls.__name__}; defaults < --config FILE (JSON) < explicit flags."
+    )
+    return parse_args
