@@ -8,7 +8,7 @@ folder, once (a second call finds them there). bench.serving and bench.soak use 
 Requests built from real sessions and the bounded load generator are client
 code (clients.load); the floor ensemble is export.floor.write_floor_repository
 (tests serve it too); the reference notebook's ETL graph is
-training.reference_workflow (the parity test's specification).
+training.data.reference_workflow (the parity test's specification).
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@
     python -m bench.prepare --out bench_results/prepare.json      # make bench-data
     python -m bench.prepare --out x.json --sizes 100000 --repeats 1 --no-reference
 
-Times `training.prepare.prepare()` on synthetic click logs (default 100,000 rows, the
+Times `training.data.prepare.prepare()` on synthetic click logs (default 100,000 rows, the
 reference example, and 1,000,000 rows) and, in the same run, the reference example's
 NVTabular ETL (Transformers4Rec getting-started notebook 01, cell 15 with stock ops,
 `fit_transform(...).to_parquet(...)` and the per-day CPU split; the graph is
-training.reference_workflow) on the same 100,000 rows. Every measurement runs
+training.data.reference_workflow) on the same 100,000 rows. Every measurement runs
 in a fresh process after the imports, so the figures exclude interpreter
 start-up and the ~5 s NVTabular import; peak RSS is that process's maximum
 resident set size (imports included).
@@ -63,8 +63,8 @@ def child_prepare(rows: int, seed: int, workdir: Path) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    import training.workflow  # noqa: F401  (import NVTabular before the clock starts)
-    from training.prepare import PrepareConfig, prepare
+    import training.data.workflow  # noqa: F401  (import NVTabular before the clock starts)
+    from training.data.prepare import PrepareConfig, prepare
 
     rss_before = _rss_mib()
     t = time.perf_counter()
@@ -83,7 +83,7 @@ def child_reference(rows: int, seed: int, workdir: Path) -> dict:
     import pandas as pd
     from nvtabular import ops
 
-    from training.reference_workflow import reference_etl_graph
+    from training.data.reference_workflow import reference_etl_graph
 
     os.chdir(workdir)  # Categorify writes ./categories
     rss_before = _rss_mib()

@@ -42,7 +42,7 @@ from bench.common import PROJECT_ROOT
 from training.baselines import BASELINES
 from training.checkpoint import RunError
 from training.config import TrainConfig, load_params
-from training.data import DataError, load_schema
+from training.data.splits import DataError, load_schema
 from training.integrity import atomic_write
 from training.recipes import resolve_settings
 from training.train import train

@@ -147,7 +147,7 @@ def serve_triton(repo: Path, data: Path, seconds: float) -> dict[str, float]:
 
 
 def one_size(items: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from training.data import available_windows, load_schema, load_split, split_path
+    from training.data.splits import available_windows, load_schema, load_split, split_path
     from training.schema import Schema
 
     py = sys.executable

@@ -139,8 +139,8 @@ def in_process(cfg: BenchConfig, repo: Path, data: Path, requests_by_size: dict[
     from export.inference import feature_order
     from export.pbtxt import TRACED_FILE
     from export.sessrec_steps import default_torch_threads
+    from training.data.serving_transform import ServingTransform
     from training.names import LENGTHS_TENSOR, TORCH_MODEL
-    from training.serving_transform import ServingTransform
 
     threads = default_torch_threads()
     torch.set_num_threads(threads)

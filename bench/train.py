@@ -57,7 +57,7 @@ def _mean_sd(values: list[float]) -> dict[str, float]:
 
 
 def _prepare(data: Path, seed: int, rows: int) -> None:
-    from training.prepare import PrepareConfig, prepare
+    from training.data.prepare import PrepareConfig, prepare
 
     if (data / "schema.json").is_file():
         return

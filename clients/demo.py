@@ -134,8 +134,8 @@ def _check_offline(run: Path, data: Path, rows: dict[str, np.ndarray], ranked) -
     import torch
 
     from training.checkpoint import load_run
+    from training.data.serving_transform import ServingTransform
     from training.names import LENGTHS_TENSOR, SESSION_COL
-    from training.serving_transform import ServingTransform
 
     model, _ = load_run(run)
     model.eval()

@@ -44,7 +44,7 @@ InferenceServerClient(url, ssl=..., root_certificates=..., private_key=...,
 certificate_chain=...)), `sleep` waits between attempts and `rng` draws the
 jitter (pass random.Random(seed) for a repeatable schedule).
 
-Imports numpy, tritonclient, training.names and training.grouping only (no torch, no NVTabular).
+Imports numpy, tritonclient, training.names and training.data.grouping only (no torch, no NVTabular).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from training.grouping import group_by_first_appearance
+from training.data.grouping import group_by_first_appearance
 from training.names import ENSEMBLE_NAME, OUT_ITEM_IDS, OUT_SCORES, OUT_SESSION_ID, SESSION_COL
 
 __all__ = ["BACKOFF_CAP_S", "UNAVAILABLE", "RankError", "Rankings", "plan_requests", "rank_sessions"]

@@ -93,7 +93,7 @@ def eval_requests(
     order of first appearance)."""
     import pandas as pd
 
-    from training.data import split_path
+    from training.data.splits import split_path
 
     sessions = pd.read_parquet(split_path(data, window, split), columns=[SESSION_COL])[SESSION_COL].to_numpy()
     rows = interactions[interactions[SESSION_COL].isin(set(sessions.tolist()))]

@@ -49,8 +49,8 @@ parse_args = command_line(ExportCommand, "python -m export", __doc__)
 def main(argv: list[str] | None = None) -> int:
     from export.repository import ExportError
     from training.checkpoint import RunError
+    from training.data.serving_transform import UnsupportedWorkflowError
     from training.integrity import IntegrityError
-    from training.serving_transform import UnsupportedWorkflowError
 
     cfg = parse_args(argv)
     t0 = time.perf_counter()

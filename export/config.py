@@ -71,7 +71,7 @@ class ExportConfig:
     )
     # Serve the state after window t (issue 12): the model of RUN/windows/<t>/ (train with
     # --keep-windows; or RUN itself when its last window is t) and only the vocabulary known
-    # after t (training.serving_transform.known_prefix). None: RUN and the whole vocabulary.
+    # after t (training.data.serving_transform.known_prefix). None: RUN and the whole vocabulary.
     window: int | None = field(
         default=None,
         metadata=help_meta(

@@ -54,7 +54,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {
     "sessrec_integrity.py": _ROOT / "training" / "integrity.py",
     "sessrec_steps.py": _ROOT / "export" / "sessrec_steps.py",
-    "sessrec_transform.py": _ROOT / "training" / "sessrec_transform.py",
+    "sessrec_transform.py": _ROOT / "training" / "data" / "sessrec_transform.py",
 }
 STEP_MODULES = {  # what each Python-backend step's folder carries besides model.py
     PREPROCESS_MODEL: ("sessrec_integrity.py", "sessrec_steps.py", "sessrec_transform.py"),

@@ -75,7 +75,7 @@ class Served:
 def serve_state(cfg: ExportConfig, schema: Schema) -> Served:
     """The run after cfg.window (checked against DATA's workflow first), traced, and the compiled
     workflow and item vocabulary known after that window."""
-    from training.serving_transform import ServingTransform
+    from training.data.serving_transform import ServingTransform
 
     run = window_run(Path(cfg.run), cfg.window)
     check_same_workflow(run, Path(cfg.data), schema)  # before the workflow pickle is loaded

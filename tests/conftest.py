@@ -53,7 +53,7 @@ def diginetica_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_synthetic_data(tmp_path_factory) -> Path:
-    from training.prepare import PrepareConfig, prepare
+    from training.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("tiny_synthetic") / "data"
     prepare(PrepareConfig(out=out, synthetic=True, seed=0, num_rows=TINY_ROWS, quiet=True))
@@ -62,7 +62,8 @@ def tiny_synthetic_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def diginetica_data(tmp_path_factory, diginetica_dir) -> Path:
-    from training.prepare import config_from_args, prepare
+    from training.data.prepare import prepare
+    from training.prepare import config_from_args
 
     out = tmp_path_factory.mktemp("diginetica") / "data"
     prepare(config_from_args(["--input", str(diginetica_dir / DIGINETICA_TSV), *DIGINETICA_TSV_FLAGS, "--out", str(out)]))

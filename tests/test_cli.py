@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from training.cli import ConfigFileError, command_line, help_meta, layered, parse
+from training.cli import (
+    ConfigFileError,
+    build_parser,
+    comma_list,
+    command_line,
+    help_meta,
+    layered,
+    parse,
+    parse_with,
+)
 
 
 @dataclass
@@ -85,6 +94,38 @@ def test_missing_required_setting_names_the_flag(capsys):
     assert "missing setting 'out': give --out" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "text, expected", [("a,b", ("a", "b")), (" a , b ,, ", ("a", "b")), ("", ()), ("x", ("x",))]
+)
+def test_comma_list(text, expected):
+    assert comma_list(text) == expected
+
+
+@dataclass
+class Listed:
+    cols: tuple[str, ...] = field(default=(), metadata=help_meta("columns", parse=comma_list))
+    name: str | None = field(default=None, metadata=help_meta("a name; omitted: none"))
+    n: int = field(default=3, metadata=help_meta("a count"))
+
+
+def test_parse_metadata_and_the_defaults_shown():
+    p = build_parser(Listed, prog="x", description="d")
+    assert parse_with(p, Listed, ["--cols", "a, b"]).cols == ("a", "b")
+    assert parse_with(p, Listed, []) == Listed()
+    text = " ".join(p.format_help().split())
+    assert "a count [3]" in text  # a default worth reading is shown
+    assert "[None]" not in text and "[()]" not in text  # "nothing" is said by the help text itself
+
+
+def test_unreadable_config_file_exits_2_naming_it(tmp_path, capsys):
+    bad = tmp_path / "c.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        parse(Stage, ["--out", "o", "--config", str(bad)], prog="x", description="d", config_flag=True)
+    assert e.value.code == 2
+    assert f"--config {bad}: cannot read a JSON object" in capsys.readouterr().err
+
+
 @dataclass
 class Repeated:
     header: list[tuple[str, str]] = field(
@@ -124,4 +165,8 @@ def test_command_line_is_parse_with_a_config_file_and_the_docstring(tmp_path, ca
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     out = capsys.readouterr().out
-    assert out.startswith("usage: python -m stage") and "Run the stage." in out and "python -m stage --out" not in out
+    assert (
+        out.startswith("usage: python -m stage")
+        and "Run the stage." in out
+        and "python -m stage --out" not in out
+    )

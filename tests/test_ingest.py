@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import DIGINETICA_CSV, DIGINETICA_TSV
-from training.ingest import IngestConfig, IngestError, read_clicks, window_index
+from training.data.ingest import IngestConfig, IngestError, read_clicks, window_index
 from training.names import ITEM_COL, SESSION_COL, TIME_COL, WINDOW_COL
 
 DAY = 86_400

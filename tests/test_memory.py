@@ -295,7 +295,7 @@ def test_memory_k_resolved_by_catalogue_size():
 
 def test_set_memory_equals_memory_tables():
     """The trainer's table-at-a-time fill gives exactly memory_tables' tables."""
-    from training.data import SessionTensors
+    from training.data.splits import SessionTensors
     from training.trainer import set_memory
 
     items, lengths = random_sessions(40, seed=3)

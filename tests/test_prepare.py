@@ -17,6 +17,7 @@ from tests.conftest import (
     DIGINETICA_TSV,
     TINY_ROWS,
 )
+from training.data.prepare import PrepareConfig, prepare, session_uniform, split_of
 from training.names import (
     CATEGORY_LIST,
     INTERACTIONS_FILE,
@@ -31,7 +32,7 @@ from training.names import (
     WINDOW_COL,
     WINDOW_FIRST,
 )
-from training.prepare import PrepareConfig, main, prepare, session_uniform, split_of
+from training.prepare import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing an NVTabular Dataset in CPU mode")
 
@@ -99,7 +100,7 @@ def test_lists_hold_the_last_interactions_in_order(tiny_synthetic_data):
     data = tiny_synthetic_data
     raw = pd.read_parquet(data / INTERACTIONS_FILE)
     sessions = read_splits(data).set_index(SESSION_COL)
-    from training.serving_transform import ServingTransform
+    from training.data.serving_transform import ServingTransform
 
     vocab = ServingTransform.load(data).item_vocabulary()
     for sid, rows in raw.groupby(SESSION_COL, sort=False):
@@ -180,7 +181,7 @@ def test_dask_two_local_workers_give_the_same_splits(tiny_synthetic_data, tmp_pa
     a = json.loads((out / SCHEMA_FILE).read_text())
     b = json.loads((tiny_synthetic_data / SCHEMA_FILE).read_text())
     assert a["categorical"] == b["categorical"]
-    from training.serving_transform import ServingTransform
+    from training.data.serving_transform import ServingTransform
 
     np.testing.assert_array_equal(ServingTransform.load(out).item_vocabulary(),
                                   ServingTransform.load(tiny_synthetic_data).item_vocabulary())  # fmt: skip
@@ -202,7 +203,7 @@ def test_diginetica_tsv(diginetica_data, diginetica_dir):
     sessions = read_splits(diginetica_data)
     # time order: the lists follow (Time, timeframe) of the raw file
     raw = pd.read_csv(diginetica_dir / DIGINETICA_TSV, sep="\t").sort_values(["sessionId", "Time", "timeframe"])
-    from training.serving_transform import ServingTransform
+    from training.data.serving_transform import ServingTransform
 
     vocab = ServingTransform.load(diginetica_data).item_vocabulary()
     for _, row in sessions.sample(300, random_state=0).iterrows():
@@ -282,6 +283,76 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+# every flag of the hand-written parser this command had before its flags were derived from
+# PrepareConfig (issue 16), with the value it gave: same spelling, same meaning
+FLAGS = [
+    (["--synthetic"], "synthetic", True),
+    (["--input", "c.csv"], "path", Path("c.csv")),
+    (["--seed", "7"], "seed", 7),
+    (["--num-rows", "500"], "num_rows", 500),
+    (["--num-sessions", "50"], "num_sessions", 50),
+    (["--session-col", "s"], "session_col", "s"),
+    (["--item-col", "i"], "item_col", "i"),
+    (["--time-col", "t"], "time_col", "t"),
+    (["--order-col", "o"], "order_col", "o"),
+    (["--category-col", "c"], "category_col", "c"),
+    (["--continuous-cols", "a,b"], "continuous_cols", ("a", "b")),
+    (["--continuous-cols", " a , b ,"], "continuous_cols", ("a", "b")),
+    (["--continuous-cols", ""], "continuous_cols", ()),
+    (["--sep", ";"], "sep", ";"),
+    (["--time-unit", "date"], "time_unit", "date"),
+    (["--window", "hour"], "window", "hour"),
+    (["--keep-repeats"], "keep_repeats", True),
+    (["--max-len", "5"], "max_len", 5),
+    (["--min-len", "3"], "min_len", 3),
+    (["--freq-threshold", "2"], "freq_threshold", 2),
+    (["--workers", "2"], "workers", 2),
+    (["--dask-scheduler", "h:1"], "dask_scheduler", "h:1"),
+    (["--partitions", "4"], "partitions", 4),
+    (["--quiet"], "quiet", True),
+]
+DEFAULTS = dict(
+    synthetic=False, path=None, seed=0, num_rows=100_000, num_sessions=None, session_col="session_id",
+    item_col="item_id", time_col=None, order_col=None, category_col=None, continuous_cols=(), sep=None,
+    time_unit="s", window="day", keep_repeats=False, max_len=20, min_len=2, freq_threshold=0, workers=0,
+    dask_scheduler=None, partitions=None, quiet=False,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("args, name, value", FLAGS, ids=[" ".join(f[0]) for f in FLAGS])
+def test_every_flag_keeps_its_meaning(args, name, value):
+    from training.prepare import config_from_args
+
+    cfg = config_from_args([*args, "--out", "d"])
+    assert getattr(cfg, name) == value and cfg.out == Path("d")
+    assert {k: getattr(cfg, k) for k in DEFAULTS if k != name} == {k: v for k, v in DEFAULTS.items() if k != name}
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--synthetic"], "give --out"),
+        (["--synthetic", "--out", "d", "--num-rows", "many"], "argument --num-rows: invalid int value: 'many'"),
+        (["--input", "c.csv", "--out", "d", "--time-unit", "h"], "argument --time-unit: invalid choice: 'h'"),
+        (["--synthetic", "--out", "d", "--nope"], "unrecognized arguments: --nope"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag(capsys, args, fragment):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_config_file_then_flags(tmp_path):
+    from training.prepare import config_from_args
+
+    path = tmp_path / "prepare.json"
+    path.write_text(json.dumps({"path": "c.csv", "time_col": "t", "continuous_cols": ["a"], "max_len": 5, "out": "x"}))
+    cfg = config_from_args(["--config", str(path), "--max-len", "7", "--out", "d"])
+    assert (cfg.path, cfg.time_col, cfg.continuous_cols, cfg.max_len, cfg.out) == (Path("c.csv"), "t", ("a",), 7, Path("d"))
+
+
 def test_cli_process_exit_code_and_help(tmp_path, repo_root):
     src = tmp_path / "c.csv"
     src.write_text("sess,item,t\n1,10,yesterday\n")
@@ -345,7 +416,7 @@ def test_hour_windows_and_given_continuous_columns(tmp_path):
     sessions = read_splits(out)
     first = raw.groupby(SESSION_COL)[WINDOW_COL].first()
     assert (sessions["window"].to_numpy() == first.loc[sessions[SESSION_COL]].to_numpy()).all()
-    from training.serving_transform import ServingTransform
+    from training.data.serving_transform import ServingTransform
 
     transform = ServingTransform.load(out)
     got = transform({c: raw[c].to_numpy() for c in transform.raw_inputs})

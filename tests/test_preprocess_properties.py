@@ -8,7 +8,7 @@ the model's contract (docs/contracts.md "Serving transform"):
 - `lengths` [S] int64 = min(rows of the session, L), in [1, L],
 - the item ids are the last <= L interactions of the session in row order,
   encoded through the fitted vocabulary (unknown ids -> OOV),
-or raises the documented error (`training.serving_transform.InputError`, a ValueError,
+or raises the documented error (`training.data.serving_transform.InputError`, a ValueError,
 naming the column; export.sessrec_steps.RequestError for the per-request limits) —
 never anything else. Batches built to be valid must transform; batches with a
 planted defect must raise.
@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from export.sessrec_steps import RequestError, preprocess
+from training.data.serving_transform import InputError, ServingTransform
 from training.names import FIRST_REAL_ID, ITEM_LIST, LENGTHS_TENSOR, OOV_ID, OUT_SESSION_ID, SESSION_COL
-from training.serving_transform import InputError, ServingTransform
 
 INT64_MAX = np.iinfo(np.int64).max
 SETTINGS = dict(

@@ -15,7 +15,7 @@ import training.train as train_mod
 import training.trainer as trainer_mod
 from training.baselines import BaselineCounts
 from training.config import TrainConfig
-from training.data import eval_inputs_targets, load_schema, load_split, split_path
+from training.data.splits import eval_inputs_targets, load_schema, load_split, split_path
 from training.names import OOV_ID
 from training.recipes import RECIPES, default_recipe, resolve_settings
 from training.train import train

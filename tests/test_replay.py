@@ -59,7 +59,7 @@ def test_keep_windows_writes_loadable_snapshots(replay_run):
 def test_known_prefix_truncates_categorify_and_vocabulary(tiny_synthetic_data):
     import pandas as pd
 
-    from training.serving_transform import ServingTransform, known_prefix
+    from training.data.serving_transform import ServingTransform, known_prefix
 
     schema = Schema.load(tiny_synthetic_data)
     full = ServingTransform.load(tiny_synthetic_data).compiled
@@ -91,7 +91,7 @@ def test_known_prefix_truncates_first_seen(diginetica_data):
     dropped from it (age 0, as for an item the workflow never saw), known ones keep their age."""
     import pandas as pd
 
-    from training.serving_transform import ServingTransform
+    from training.data.serving_transform import ServingTransform
 
     schema = Schema.load(diginetica_data)
     t = 2

@@ -83,7 +83,7 @@ def test_no_code_executing_loads(path):
 
 
 def test_workflow_is_unpickled_only_after_its_sha256_check():
-    source = (PROJECT_ROOT / "training" / "serving_transform.py").read_text()
+    source = (PROJECT_ROOT / "training" / "data" / "serving_transform.py").read_text()
     body = source[source.index("    def load(cls, data_dir"):]
     body = body[: body.index("\n    # ----")]
     assert body.index("verify_workflow_files(") < body.index("nvt.Workflow.load(")
@@ -130,7 +130,7 @@ def _evil_pickle(marker: Path) -> bytes:
 def test_export_refuses_a_run_trained_on_another_workflow(artifacts, tmp_path, capsys):
     """DATA whose workflow.pkl was replaced (here by a pickle that runs code) and whose schema.json was
     re-hashed to match: the run's training-time workflow_sha256 disagrees, and nothing is unpickled."""
-    from training.workflow import workflow_sha256
+    from training.data.workflow import workflow_sha256
 
     data, run = artifacts
     other = _copy_data(data, tmp_path / "data")

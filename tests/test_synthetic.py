@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training import synthetic
+from training.data import synthetic
 from training.names import AGE_COL, CATEGORY_COL, ITEM_COL, SESSION_COL, WEEKDAY_COL, WINDOW_COL
 
 

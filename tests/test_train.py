@@ -22,7 +22,7 @@ import training.train as train_mod
 import training.trainer as trainer_mod
 from training.checkpoint import RunError, load_run, read_meta, save_checkpoint
 from training.config import TrainConfig
-from training.data import DataError, eval_inputs_targets, load_schema, load_split, split_path
+from training.data.splits import DataError, eval_inputs_targets, load_schema, load_split, split_path
 from training.metrics import metric_keys
 from training.runtime import Dist
 from training.schema import Schema
@@ -348,7 +348,7 @@ def test_empty_window_is_skipped_with_a_warning(tiny_synthetic_data, tmp_path):
 
 
 def test_eval_inputs_targets():
-    from training.data import SessionTensors
+    from training.data.splits import SessionTensors
 
     items = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [4, 0, 0, 0]])
     st = SessionTensors({"item_id-list": items, "x": items.float()}, torch.tensor([3, 2, 1]), torch.arange(3))

@@ -20,10 +20,11 @@ import torch
 import training.trainer as trainer_mod
 from training.baselines import BaselineCounts, evaluate_baselines, memory_tables
 from training.config import TrainConfig
-from training.data import SessionTensors, eval_inputs_targets, load_schema, load_split, split_path
+from training.data.prepare import prepare
+from training.data.splits import SessionTensors, eval_inputs_targets, load_schema, load_split, split_path
 from training.model import ModelConfig, SessionModel
 from training.names import FIRST_REAL_ID, ITEM_LIST, OOV_ID, SESSION_COL, WINDOW_COL
-from training.prepare import config_from_args, prepare
+from training.prepare import config_from_args
 from training.schema import Schema
 from training.train import parse_args, train
 from training.trainer import count_blend_metrics, evaluate_model, known_inputs, pad_optimizer_state
@@ -58,7 +59,7 @@ FLAGS = ["--session-col", "sess", "--item-col", "item", "--time-col", "ts", "--t
 
 def vocabulary(data: Path) -> np.ndarray:
     """Raw item id of every encoded id (-1 for special ids), from the saved workflow."""
-    from training.serving_transform import ServingTransform
+    from training.data.serving_transform import ServingTransform
 
     return ServingTransform.load(data).item_vocabulary()
 

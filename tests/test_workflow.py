@@ -16,9 +16,9 @@ from merlin.io import Dataset
 from merlin.schema import Tags
 from nvtabular import ops
 
-from training import serving_transform as serving_mod
-from training import synthetic, workflow_ops
-from training import workflow as wf
+from training.data import serving_transform as serving_mod
+from training.data import synthetic, workflow_ops
+from training.data import workflow as wf
 from training.integrity import IntegrityError
 from training.names import (
     AGE_COL,
@@ -105,14 +105,14 @@ def test_session_groupby_matches_stock_groupby(seed):
 
 def reference_etl_workflow(out_path) -> nvt.Workflow:
     """Transformers4Rec getting-started 01-ETL cell 15 (stock ops), up to its Filter."""
-    from training.reference_workflow import reference_etl_graph
+    from training.data.reference_workflow import reference_etl_graph
 
     return nvt.Workflow(reference_etl_graph(out_path))
 
 
 def test_matches_the_reference_etl(tmp_path, monkeypatch):
     """Our graph (vectorised groupby, memoised executor, partitioned fit) = the notebook's ETL."""
-    from training.prepare import _fit_transform_local
+    from training.data.prepare import _fit_transform_local
 
     monkeypatch.chdir(tmp_path)  # the reference Categorify writes ./categories
     frame = synthetic.generate(6_000, seed=5, num_sessions=600)
@@ -469,9 +469,9 @@ def test_serving_parity_random_requests(serving, data):
 
 @pytest.mark.parametrize("which", ["synthetic", "diginetica"])
 def test_compiled_workflow_round_trips_through_its_files(request, tmp_path, which):
-    """What export ships (workflow.json + .npy, read by training/sessrec_transform.py alone) gives the same
+    """What export ships (workflow.json + .npy, read by training/data/sessrec_transform.py alone) gives the same
     tensors as ServingTransform: the parity tests above cover the shipped code."""
-    from training.sessrec_transform import SPEC_FILE, Transform
+    from training.data.sessrec_transform import SPEC_FILE, Transform
 
     data = request.getfixturevalue("tiny_synthetic_data" if which == "synthetic" else "diginetica_data")
     serving = serving_mod.ServingTransform.load(data)

@@ -15,9 +15,11 @@ Field metadata understood here:
 * "flags": the flag spellings (default `--field-name`);
 * "choices": the allowed values; "group": the argparse group title;
 * "cli": False keeps a field off the command line (it may still come from a file);
-* "parse": a callable applied to the flag's string (e.g. a comma-separated list);
+* "parse": a callable applied to the flag's string (e.g. `comma_list`);
 * "metavar": the flag's placeholder in --help;
 * "append": True makes the flag repeatable; the field (a list) holds one parsed value per use.
+
+A default of None, () or [] is not shown in the help (say in the text what leaving the flag out means).
 
 A bool field gets `--name` / `--no-name` (argparse.BooleanOptionalAction).
 `Optional[X]` / `X | None` fields parse as X.
@@ -42,6 +44,11 @@ class ConfigFileError(ValueError):
 def help_meta(text: str, **more: Any) -> dict[str, Any]:
     """`field(metadata=help_meta("..."))`: the help text plus the other keys above."""
     return {"help": text, **more}
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """ "a, b,,c" -> ("a", "b", "c"): a "parse" for a tuple-of-names field ("" -> ())."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _plain_type(typ: Any) -> Any:
@@ -78,7 +85,7 @@ def add_field_flag(
     flags = list(f.metadata.get("flags", ["--" + f.name.replace("_", "-")]))
     text = f.metadata["help"] if help is None else help
     default = field_default(f)
-    if show_default and default is not MISSING:
+    if show_default and default is not MISSING and default is not None and default not in ((), []):
         text += f" [{default}]"
     kw: dict[str, Any] = {"dest": dest or f.name, "help": text, "default": argparse.SUPPRESS}
     typ = _plain_type(typ)
@@ -170,6 +177,49 @@ def layered(cls: type, *layers: Mapping[str, Any] | None, where: str = "settings
     return cls(**merged)
 
 
+def build_parser(
+    cls: type,
+    *,
+    prog: str,
+    description: str,
+    epilog: str | None = None,
+    config_flag: bool = False,
+    exclude: Iterable[str] = (),
+) -> argparse.ArgumentParser:
+    """The parser `parse` uses: flags from `cls` (and --config FILE with `config_flag`)."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
+    if config_flag:
+        p.add_argument("--config", default=None, help="JSON file of settings; explicit flags win")
+    add_flags(p, cls, exclude=exclude)
+    return p
+
+
+def parse_with(
+    p: argparse.ArgumentParser,
+    cls: type,
+    argv: list[str] | None,
+    *,
+    convert: Mapping[str, Any] | None = None,
+) -> Any:
+    """`argv` parsed by `p` (from `build_parser`), layered over --config and the defaults, built.
+
+    `convert`: field -> function applied to the merged value before construction
+    (e.g. a comma-separated string -> tuple) for values that came from a flag.
+    Bad flags or settings exit with code 2 and a message naming them (argparse's `error`)."""
+    ns = p.parse_args(argv)
+    flags = given(ns)
+    config = flags.pop("config", None)
+    for k, fn in (convert or {}).items():
+        if k in flags:
+            flags[k] = fn(flags[k])
+    try:
+        file_values = read_config_file(config) if config else None
+        return layered(cls, file_values, flags, where="--config" if file_values else "flags")
+    except (ConfigFileError, ValueError, TypeError) as e:
+        p.error(str(e))
+    raise AssertionError("unreachable")  # p.error exits
+
+
 def parse(
     cls: type,
     argv: list[str] | None,
@@ -181,26 +231,11 @@ def parse(
     exclude: Iterable[str] = (),
     convert: Mapping[str, Any] | None = None,
 ) -> Any:
-    """The whole route for a simple stage: flags from `cls`, optional --config FILE, layered, built.
-
-    `convert`: field -> function applied to the merged value before construction
-    (e.g. a comma-separated string -> tuple) for values that came from a flag."""
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
-    if config_flag:
-        p.add_argument("--config", default=None, help="JSON file of settings; explicit flags win")
-    add_flags(p, cls, exclude=exclude)
-    ns = p.parse_args(argv)
-    flags = given(ns)
-    file_values = read_config_file(flags.pop("config")) if flags.get("config") else None
-    flags.pop("config", None)
-    for k, fn in (convert or {}).items():
-        if k in flags:
-            flags[k] = fn(flags[k])
-    try:
-        return layered(cls, file_values, flags, where="--config" if file_values else "flags")
-    except (ConfigFileError, ValueError, TypeError) as e:
-        p.error(str(e))
-    raise AssertionError("unreachable")  # p.error exits
+    """The whole route for a simple stage: flags from `cls`, optional --config FILE, layered, built."""
+    p = build_parser(
+        cls, prog=prog, description=description, epilog=epilog, config_flag=config_flag, exclude=exclude
+    )
+    return parse_with(p, cls, argv, convert=convert)
 
 
 def command_line(cls: type, prog: str, doc: str | None, **kw: Any) -> Callable[[list[str] | None], Any]:

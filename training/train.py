@@ -48,7 +48,7 @@ from typing import Any
 
 from training.checkpoint import RunError, load_run
 from training.config import TrainConfig, build_parser, cli_settings, load_params, plain_settings
-from training.data import DataError, load_schema
+from training.data.splits import DataError, load_schema
 from training.recipes import resolve_settings
 from training.trainer import Trainer
 

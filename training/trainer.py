@@ -54,7 +54,7 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.config import TrainConfig, sampled_smoothing_message
-from training.data import (
+from training.data.splits import (
     SessionTensors,
     available_windows,
     eval_inputs_targets,

@@ -38,7 +38,7 @@ import numpy as np
 
 from training.checkpoint import RunError
 from training.config import MODEL_FIELDS, TrainConfig, add_flags
-from training.data import DataError, load_schema
+from training.data.splits import DataError, load_schema
 from training.integrity import atomic_write
 from training.recipes import resolve_settings
 from training.train import train

@@ -1,13 +1,13 @@
 """`ServingTransform`: the fitted NVTabular workflow compiled for serving (the compile side).
 
     t = ServingTransform.load(DATA)       # sha256 check, unpickle, compile
-    t(columns) -> {session_id [S], <feature> [S, L], lengths [S]}   (runs training.sessrec_transform)
+    t(columns) -> {session_id [S], <feature> [S, L], lengths [S]}   (runs training.data.sessrec_transform)
     t.compiled.save(folder)               # workflow.json + workflow_arrays/*.npy (what export ships)
 
 `compile_workflow` walks the fitted workflow's graph in the order `Workflow.transform`
 runs it and reads each op's fitted state: Categorify's category files, ItemFirstSeen's
 table, which UDF a LambdaOp calls, ListSlice's length, Groupby's aggregations. It
-emits a `training.sessrec_transform.Transform`: a JSON-able spec (ordered steps,
+emits a `training.data.sessrec_transform.Transform`: a JSON-able spec (ordered steps,
 kernel kind + parameters, raw_inputs, max_len, features, special ids from
 `training.names`) and named numpy arrays. That module (numpy + standard library
 only) is what applies it, here and, copied verbatim, in the served preprocess
@@ -40,7 +40,10 @@ from merlin.dag.ops.udf import UDF
 from nvtabular import ops
 from nvtabular.ops.groupby import _get_agg_dicts
 
-from training import sessrec_transform
+from training.data import sessrec_transform
+from training.data.sessrec_transform import InputError, Transform  # noqa: F401  (InputError: re-exported)
+from training.data.workflow import verify_workflow_files
+from training.data.workflow_ops import ItemFirstSeen, MinLength, item_age_days, weekday_sin
 from training.integrity import IntegrityError
 from training.names import (
     FIRST_REAL_ID,
@@ -56,9 +59,6 @@ from training.names import (
     list_col,
 )
 from training.schema import Schema
-from training.sessrec_transform import InputError, Transform  # noqa: F401  (InputError: re-exported)
-from training.workflow import verify_workflow_files
-from training.workflow_ops import ItemFirstSeen, MinLength, item_age_days, weekday_sin
 
 
 class UnsupportedWorkflowError(RuntimeError):
@@ -101,7 +101,9 @@ def compile_workflow(
     None: the whole fitted vocabulary."""
     schema = Schema.of(schema)
     if window is not None:
-        return known_prefix(compile_workflow(workflow, schema, workflow_sha256), schema.known_sizes(window), window)
+        return known_prefix(
+            compile_workflow(workflow, schema, workflow_sha256), schema.known_sizes(window), window
+        )
     missing = {*schema.categorical, *schema.continuous} - set(workflow.output_schema.column_names)
     if missing:
         raise IntegrityError(
@@ -125,7 +127,10 @@ def compile_workflow(
             for c in sel:
                 values, labels = _categorify_tables(op, c)
                 order = np.argsort(values, kind="stable")
-                names = {"values": f"s{i}.categorify.{_safe(c)}.values", "labels": f"s{i}.categorify.{_safe(c)}.labels"}
+                names = {
+                    "values": f"s{i}.categorify.{_safe(c)}.values",
+                    "labels": f"s{i}.categorify.{_safe(c)}.labels",
+                }
                 arrays[names["values"]] = np.ascontiguousarray(values[order], dtype=np.int64)
                 arrays[names["labels"]] = np.ascontiguousarray(labels[order], dtype=np.int64)
                 tables[c] = names
@@ -147,27 +152,35 @@ def compile_workflow(
             if name is None:
                 raise UnsupportedWorkflowError(
                     f"LambdaOp {getattr(op.f, '__qualname__', op.f)!r} (node {node.label}) has no numpy kernel: "
-                    f"add it to training/sessrec_transform.py UDFS (known: {sorted(_UDF_NAMES.values())})"
+                    f"add it to training/data/sessrec_transform.py UDFS (known: {sorted(_UDF_NAMES.values())})"
                 )
             if (op._param_count == 2) != (name in sessrec_transform.TWO_ARG_UDFS):
-                raise UnsupportedWorkflowError(f"LambdaOp {name}: unexpected parameter count {op._param_count}")
+                raise UnsupportedWorkflowError(
+                    f"LambdaOp {name}: unexpected parameter count {op._param_count}"
+                )
             params = {"function": name, "outputs": list(node.output_schema.column_names)}
             if name in sessrec_transform.TWO_ARG_UDFS:
-                params["time_col"] = TIME_COL  # the column training.workflow_ops.item_age_days reads
+                params["time_col"] = TIME_COL  # the column training.data.workflow_ops.item_age_days reads
             return "udf", params
         if isinstance(op, Rename):
             mapping = {new: old[0] for new, old in op.column_mapping(ColumnSelector(sel)).items()}
             return "rename", {"mapping": mapping}
         if isinstance(op, ops.Groupby):
             if op.sort_cols or len(op.groupby_cols) != 1:
-                raise UnsupportedWorkflowError("ServingTransform supports Groupby on one column without sort_cols")
-            list_aggs, conv_aggs = _get_agg_dicts(op.groupby_cols, op.list_aggs, op.conv_aggs, ColumnSelector(sel))
+                raise UnsupportedWorkflowError(
+                    "ServingTransform supports Groupby on one column without sort_cols"
+                )
+            list_aggs, conv_aggs = _get_agg_dicts(
+                op.groupby_cols, op.list_aggs, op.conv_aggs, ColumnSelector(sel)
+            )
             plan = []
             for col, aggs in conv_aggs.items():
                 wanted = {a for a in aggs if a is not list} | set(list_aggs.get(col, ()))
                 unknown = wanted - {"list", "count", "first", "last"}
                 if unknown:
-                    raise UnsupportedWorkflowError(f"ServingTransform: unsupported Groupby aggregation {unknown} on {col}")
+                    raise UnsupportedWorkflowError(
+                        f"ServingTransform: unsupported Groupby aggregation {unknown} on {col}"
+                    )
                 plan.append([col, sorted(wanted)])
             return "groupby", {"key": op.groupby_cols[0], "sep": op.name_sep, "plan": plan}
         if isinstance(op, ops.ListSlice):
@@ -178,13 +191,15 @@ def compile_workflow(
             return "list_slice", {"keep": int(-op.start), "columns": list(sel)}
         if isinstance(op, ops.Filter):
             if not isinstance(op.f, MinLength):
-                raise UnsupportedWorkflowError(f"ServingTransform supports Filter(MinLength) only, got {op.f!r}")
+                raise UnsupportedWorkflowError(
+                    f"ServingTransform supports Filter(MinLength) only, got {op.f!r}"
+                )
             return "identity", {}  # serving keeps short sessions (a one-click session gets a ranking)
         if isinstance(op, ops.ValueCount):
             return "identity", {}
         raise UnsupportedWorkflowError(
             f"ServingTransform cannot run op {type(op).__name__} (node {node.label}); "
-            "extend training/serving_transform.py:compile_workflow and training/sessrec_transform.py:KERNELS"
+            "extend training/data/serving_transform.py:compile_workflow and training/data/sessrec_transform.py:KERNELS"
         )
 
     def visit(node: Node) -> None:
@@ -197,7 +212,9 @@ def compile_workflow(
         for p in parents:
             produced.update(p.output_schema.column_names)
         wanted = set(node.input_schema.column_names) | set(node.dependency_columns.names)
-        selection = node.input_columns.resolve(node.input_schema).names if node.input_schema is not None else []
+        selection = (
+            node.input_columns.resolve(node.input_schema).names if node.input_schema is not None else []
+        )
         i = len(steps)
         kind, params = kernel(node, list(selection), i)
         steps.append({
@@ -279,7 +296,7 @@ class ServingTransform:
 
     `ServingTransform.load(data_dir)` reads `schema.json`, checks the sha256 of the
     workflow files, loads the workflow and compiles it (`compile_workflow`); calls
-    run `training.sessrec_transform.Transform`, the code the served preprocess step
+    run `training.data.sessrec_transform.Transform`, the code the served preprocess step
     runs. Call it with `{column: 1-D array}` holding `raw_inputs` (extra columns are
     ignored; [N, 1] arrays and safely castable dtypes are accepted); it returns
     `session_id` [S] int64 (order of first appearance), every list feature as

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from training.cli import comma_list, help_meta
 from training.names import CATEGORY_COL, ITEM_COL, SESSION_COL, TIME_COL, WINDOW_COL
 
 TIME_UNITS = ("s", "ms", "date")
@@ -39,19 +40,94 @@ class IngestError(ValueError):
     """The input file cannot be used as it is; the message says what to fix."""
 
 
-@dataclass(frozen=True)
+SOURCE_GROUP = "source (exactly one)"
+COLUMNS_GROUP = "input columns (--input)"
+
+
+@dataclass
 class IngestConfig:
-    path: Path
-    session_col: str = SESSION_COL
-    item_col: str = ITEM_COL
-    time_col: str = TIME_COL
-    order_col: str | None = None
-    category_col: str | None = None
-    continuous_cols: tuple[str, ...] = ()
-    sep: str | None = None
-    time_unit: str = "s"
-    window: str = "day"
-    keep_repeats: bool = False
+    """How to read one click log: its path and columns (the `--input` flags of
+    `python -m training.prepare`, whose `PrepareConfig` extends this class)."""
+
+    path: Path | None = field(
+        default=None,
+        metadata=help_meta(
+            "click log: .csv/.tsv/.parquet, optionally .gz", flags=["--input"], group=SOURCE_GROUP
+        ),
+    )
+    session_col: str = field(
+        default=SESSION_COL, metadata=help_meta("session id column (integers)", group=COLUMNS_GROUP)
+    )
+    item_col: str = field(
+        default=ITEM_COL, metadata=help_meta("item id column (integers)", group=COLUMNS_GROUP)
+    )
+    time_col: str | None = field(
+        default=None,
+        metadata=help_meta(
+            "time of each click (see --time-unit); required with --input", group=COLUMNS_GROUP
+        ),
+    )
+    order_col: str | None = field(
+        default=None,
+        metadata=help_meta(
+            "tie-breaker inside a session after time (e.g. DIGINETICA timeframe)", group=COLUMNS_GROUP
+        ),
+    )
+    category_col: str | None = field(
+        default=None,
+        metadata=help_meta(
+            "item category column (integers); omitted: no category feature", group=COLUMNS_GROUP
+        ),
+    )
+    continuous_cols: tuple[str, ...] = field(
+        default=(),
+        metadata=help_meta(
+            "comma-separated continuous columns; omitted: weekday_sin and age_days are derived "
+            "from the timestamp by workflow ops",
+            group=COLUMNS_GROUP,
+            parse=comma_list,
+        ),
+    )
+    sep: str | None = field(
+        default=None,
+        metadata=help_meta(
+            "field separator (default: from the extension, .tsv tab, .csv comma)", group=COLUMNS_GROUP
+        ),
+    )
+    time_unit: str = field(
+        default="s",
+        metadata=help_meta(
+            "s or ms: epoch numbers; date: date/time strings", choices=TIME_UNITS, group=COLUMNS_GROUP
+        ),
+    )
+    window: str = field(
+        default="day",
+        metadata=help_meta(
+            "time window of the split folders", choices=tuple(WINDOW_SECONDS), group=COLUMNS_GROUP
+        ),
+    )
+    keep_repeats: bool = field(
+        default=False,
+        metadata=help_meta(
+            "keep consecutive repeats of the same item in a session (dropped by default)", group=COLUMNS_GROUP
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        # values from a --config file or a caller: a path as text, columns as a list or "a,b"
+        if self.path is not None:
+            self.path = Path(self.path)
+        cols = self.continuous_cols
+        self.continuous_cols = comma_list(cols) if isinstance(cols, str) else tuple(cols)
+
+    def check(self) -> None:
+        """IngestError unless the column flags can describe a click log (`read_clicks` calls it)."""
+        if self.path is not None and not self.time_col:
+            raise IngestError("--time-col is required with --input (the column holding each click's time)")
+        if self.time_unit not in TIME_UNITS:
+            raise IngestError(f"--time-unit {self.time_unit!r}: expected one of {', '.join(TIME_UNITS)}")
+        if self.window not in WINDOW_SECONDS:
+            raise IngestError(f"--window {self.window!r}: expected one of {', '.join(WINDOW_SECONDS)}")
 
 
 @dataclass
@@ -67,10 +143,9 @@ class Interactions:
 
 
 def read_clicks(cfg: IngestConfig) -> Interactions:
-    if cfg.time_unit not in TIME_UNITS:
-        raise IngestError(f"--time-unit {cfg.time_unit!r}: expected one of {', '.join(TIME_UNITS)}")
-    if cfg.window not in WINDOW_SECONDS:
-        raise IngestError(f"--window {cfg.window!r}: expected one of {', '.join(WINDOW_SECONDS)}")
+    if cfg.path is None:
+        raise IngestError("no click log given: expected --input FILE (a CSV/TSV/parquet click log)")
+    cfg.check()
     flags = {
         cfg.session_col: "--session-col",
         cfg.item_col: "--item-col",
@@ -155,7 +230,9 @@ def _read_table(path: Path, needed: list[str], sep: str | None, flags: dict[str,
         try:
             available = pq.read_schema(path).names
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-            raise IngestError(f"{path} is not a readable parquet file ({e}): expected a parquet click log") from e
+            raise IngestError(
+                f"{path} is not a readable parquet file ({e}): expected a parquet click log"
+            ) from e
         _check_columns(path, needed, available, flags)
         frame = pd.read_parquet(path, columns=needed)
     else:
@@ -174,7 +251,9 @@ def _read_table(path: Path, needed: list[str], sep: str | None, flags: dict[str,
                 "followed by one line per interaction"
             ) from e
         except (UnicodeDecodeError, OSError, EOFError) as e:
-            raise IngestError(f"{path} cannot be read as text ({e}): expected a CSV/TSV file (gzip allowed)") from e
+            raise IngestError(
+                f"{path} cannot be read as text ({e}): expected a CSV/TSV file (gzip allowed)"
+            ) from e
         available = [str(c) for c in header.columns]
         _check_columns(path, needed, available, flags, sep=sep)
         try:
@@ -186,7 +265,9 @@ def _read_table(path: Path, needed: list[str], sep: str | None, flags: dict[str,
     return frame
 
 
-def _check_columns(path: Path, needed: list[str], available: list[str], flags: dict[str, str], sep=None) -> None:
+def _check_columns(
+    path: Path, needed: list[str], available: list[str], flags: dict[str, str], sep=None
+) -> None:
     for col in needed:
         if col in available:
             continue
@@ -220,7 +301,9 @@ def _as_numbers(series: pd.Series, name: str, flag: str, expected: str) -> pd.Se
     """Numeric version of a column; IngestError on non-numeric text or missing values."""
     _all_null(series, name, flag, expected)
     if pd.api.types.is_bool_dtype(series):
-        raise IngestError(f"column {name!r} ({flag}) holds booleans (e.g. {series.iloc[0]!r}): expected {expected}")
+        raise IngestError(
+            f"column {name!r} ({flag}) holds booleans (e.g. {series.iloc[0]!r}): expected {expected}"
+        )
     numeric = series if pd.api.types.is_numeric_dtype(series) else pd.to_numeric(series, errors="coerce")
     bad = (numeric.isna() & series.notna()).to_numpy()
     if bad.any():
@@ -240,7 +323,9 @@ def _as_numbers(series: pd.Series, name: str, flag: str, expected: str) -> pd.Se
         inf = ~np.isfinite(values)
         if inf.any():
             i = _where(inf)
-            raise IngestError(f"column {name!r} ({flag}) has value {values[i]} at data row {i + 1}: expected {expected}")
+            raise IngestError(
+                f"column {name!r} ({flag}) has value {values[i]} at data row {i + 1}: expected {expected}"
+            )
     return numeric
 
 
@@ -258,7 +343,9 @@ def _int_ids(series: pd.Series, name: str, flag: str) -> np.ndarray:
     neg = values < 0
     if neg.any():
         i = _where(neg)
-        raise IngestError(f"column {name!r} ({flag}) has negative value {values[i]} at data row {i + 1}: expected {expected}")
+        raise IngestError(
+            f"column {name!r} ({flag}) has negative value {values[i]} at data row {i + 1}: expected {expected}"
+        )
     return values
 
 
@@ -305,7 +392,11 @@ def _timestamps(series: pd.Series, name: str, unit: str) -> np.ndarray:
     out = (secs < 0) | (secs >= _MAX_EPOCH_S)
     if out.any():
         i = _where(out)
-        hint = " (are these milliseconds? pass --time-unit ms)" if unit == "s" and secs[i] >= _MAX_EPOCH_S else ""
+        hint = (
+            " (are these milliseconds? pass --time-unit ms)"
+            if unit == "s" and secs[i] >= _MAX_EPOCH_S
+            else ""
+        )
         raise IngestError(
             f"column {name!r} ({flag}) has value {series.iloc[i]!r} at data row {i + 1}, outside 1970..2100: "
             f"expected {expected}{hint}"

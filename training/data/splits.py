@@ -1,7 +1,7 @@
 """Load the prepared session splits (DATA/sessions_by_day/<w>/<split>.parquet)
 into padded tensors, with validation that names the file and the column.
 
-    from training.data import load_split, split_path
+    from training.data.splits import load_split, split_path
     from training.schema import Schema
     schema = Schema.load("data/synthetic")
     st = load_split(split_path("data/synthetic", 3, "train"), schema)
@@ -28,7 +28,12 @@ from training.names import ITEM_LIST, SESSION_COL, SESSIONS_DIR
 from training.schema import DataError, Schema
 
 __all__ = [
-    "DataError", "SessionTensors", "available_windows", "eval_inputs_targets", "load_schema", "load_split",
+    "DataError",
+    "SessionTensors",
+    "available_windows",
+    "eval_inputs_targets",
+    "load_schema",
+    "load_split",
     "split_path",
 ]
 

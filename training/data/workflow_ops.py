@@ -1,20 +1,21 @@
-"""Custom NVTabular ops and executors of the sessrec workflow (built in `training.workflow`).
+"""Custom NVTabular ops and executors of the sessrec workflow (built in `training.data.workflow`).
 
 - `weekday_sin`, `item_age_days`: LambdaOp functions deriving continuous features
   from `timestamp` (numpy arrays and pandas Series alike). Their math lives in
-  `training.sessrec_transform` (the module the served preprocess step runs); these
+  `training.data.sessrec_transform` (the module the served preprocess step runs); these
   wrappers are what pickled workflows refer to by name.
 - `MinLength`: the Filter predicate `item_id-count >= min_len`.
 - `ItemFirstSeen`: per item, the first timestamp seen at fit time (replaces
-  JoinGroupby(min), see `training.workflow`'s docstring for why).
+  JoinGroupby(min), see `training.data.workflow`'s docstring for why).
 - `SessionGroupby`: `ops.Groupby` with a vectorised pandas path.
 - `MemoizingExecutor` (+ `use_memoizing_executor` / `use_stock_executor`): each
   node once per transform call.
 
 Everything here is pickled with a fitted workflow by reference
-(`training.workflow_ops.<name>`); `training.workflow` re-exports these names so
-that workflows pickled before this module existed (`training.workflow.<name>`)
-still load.
+(`training.data.workflow_ops.<name>`). Workflows pickled earlier name the same objects
+`training.workflow_ops.<name>` (before issue 16) or `training.workflow.<name>` (before
+this module existed): `training.MOVED` imports those names as this module and as
+`training.data.workflow` (which re-exports these names), so old DATA folders still load.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from merlin.dag.ops.stat_operator import StatOperator
 from nvtabular import ops
 from nvtabular.ops.groupby import _get_agg_dicts
 
-from training import sessrec_transform
+from training.data import sessrec_transform
+from training.data.sessrec_transform import SECONDS_PER_DAY  # noqa: F401  (re-exported by training.data.workflow)
 from training.names import TIME_COL
-from training.sessrec_transform import SECONDS_PER_DAY  # noqa: F401  (re-exported by training.workflow)
 
 
 # --------------------------------------------------------------------------- #
@@ -49,7 +50,7 @@ def _like(template, values: np.ndarray):
 def weekday_sin(timestamp):
     """sin(2*pi*weekday/7) of epoch seconds (UTC), weekday 0 = Monday -> float32.
 
-    The math is `training.sessrec_transform.weekday_sin` (the code the served
+    The math is `training.data.sessrec_transform.weekday_sin` (the code the served
     preprocess step runs); this wrapper keeps pandas Series as Series."""
     return _like(timestamp, sessrec_transform.weekday_sin(np.asarray(timestamp)))
 
@@ -57,8 +58,10 @@ def weekday_sin(timestamp):
 def item_age_days(first_seen, frame):
     """Days from the item's first appearance in the fitted data to this interaction
     (float32, >= 0); 0 for items unseen at fit time (first_seen is NaN).
-    The math is `training.sessrec_transform.item_age_days`."""
-    return _like(first_seen, sessrec_transform.item_age_days(np.asarray(first_seen), np.asarray(frame[TIME_COL])))
+    The math is `training.data.sessrec_transform.item_age_days`."""
+    return _like(
+        first_seen, sessrec_transform.item_age_days(np.asarray(first_seen), np.asarray(frame[TIME_COL]))
+    )
 
 
 class MinLength:
@@ -234,7 +237,9 @@ class MemoizingExecutor(LocalExecutor):
 def use_memoizing_executor(workflow: nvt.Workflow) -> None:
     """Fit/transform `workflow` with MemoizingExecutor (the pandas path and each Dask partition)."""
     executor = MemoizingExecutor()
-    executor.target_format = DataFormats.PANDAS_DATAFRAME | DataFormats.CUDF_DATAFRAME  # as DaskExecutor sets it
+    executor.target_format = (
+        DataFormats.PANDAS_DATAFRAME | DataFormats.CUDF_DATAFRAME
+    )  # as DaskExecutor sets it
     workflow.executor._executor = executor
 
 

@@ -16,7 +16,7 @@ Graph (column names from `training.names`)::
 
 Row order: the groupby keeps the order in which rows arrive (pandas' groupby keeps
 row order inside a group; `SessionGroupby` does the same with a stable argsort), so
-callers hand rows in time order (`training.ingest` sorts them). NVTabular's stock
+callers hand rows in time order (`training.data.ingest` sorts them). NVTabular's stock
 `Groupby` without `sort_cols` keeps that order as well (tested); `SessionGroupby`
 only replaces its CPU implementation (pandas `agg(list)` calls Python once per
 group: ~20 s for 100k rows here) with a vectorised one giving the same frame.
@@ -45,7 +45,7 @@ records known(t) per window and feature ("vocabulary_by_window").
 This module builds and checks the workflow: `WorkflowSpec` -> `build_workflow`,
 `feature_columns` of a fitted one, `workflow_sha256` / `verify_workflow_files`
 (the sha256 record in schema.json), `transform_frame`. The custom ops live in
-`training.workflow_ops`; the serving fast path in `training.serving_transform`.
+`training.data.workflow_ops`; the serving fast path in `training.data.serving_transform`.
 """
 
 from __future__ import annotations
@@ -62,6 +62,19 @@ from merlin.dag.ops.rename import Rename
 from merlin.schema import Tags
 from nvtabular import ops
 
+# The ops are re-exported: workflows pickled before the ops had a module of their own
+# name them training.workflow.<name>, which now imports as this module (training.MOVED).
+from training.data.workflow_ops import (  # noqa: F401
+    SECONDS_PER_DAY,
+    ItemFirstSeen,
+    MemoizingExecutor,
+    MinLength,
+    SessionGroupby,
+    item_age_days,
+    use_memoizing_executor,
+    use_stock_executor,
+    weekday_sin,
+)
 from training.integrity import IntegrityError, file_sha256
 from training.names import (
     AGE_COL,
@@ -80,20 +93,6 @@ from training.names import (
     list_col,
 )
 from training.schema import Schema
-
-# The ops are re-exported: workflows pickled before training.workflow_ops existed
-# refer to them as training.workflow.<name>.
-from training.workflow_ops import (  # noqa: F401
-    SECONDS_PER_DAY,
-    ItemFirstSeen,
-    MemoizingExecutor,
-    MinLength,
-    SessionGroupby,
-    item_age_days,
-    use_memoizing_executor,
-    use_stock_executor,
-    weekday_sin,
-)
 
 NAME_SEP = "-"  # Groupby's name_sep: item_id -> item_id-list
 
@@ -157,7 +156,8 @@ class Vocabulary:
     def known_sizes(self, windows) -> dict[int, int]:
         """{window t: ids known after window t, special ids included} (the prefix size)."""
         return {
-            int(w): FIRST_REAL_ID + int(np.searchsorted(self.known_from, int(w), side="right")) for w in windows
+            int(w): FIRST_REAL_ID + int(np.searchsorted(self.known_from, int(w), side="right"))
+            for w in windows
         }
 
 

@@ -1,7 +1,7 @@
 """The reference notebook's ETL graph: Transformers4Rec getting-started 01-ETL, cell 15, stock NVTabular ops.
 
 Kept as the specification our workflow is tested against
-(tests/test_workflow.py: `training.workflow`'s graph gives the same sessions)
+(tests/test_workflow.py: `training.data.workflow`'s graph gives the same sessions)
 and as the comparison `python -m bench.prepare` times our data stage against.
 Not part of the pipeline: nothing in training/, export/ or clients/ runs it.
 """
@@ -29,6 +29,10 @@ def reference_etl_graph(out_path: Path):
     )  # fmt: skip
     cat = g["category-list"] >> ops.ListSlice(-20)
     itm = g["item_id-list"] >> ops.ListSlice(-20) >> ops.TagAsItemID()
-    conts = g["age_days-list", "weekday_sin-list"] >> ops.ListSlice(-20) >> ops.AddMetadata(tags=[Tags.CONTINUOUS])
+    conts = (
+        g["age_days-list", "weekday_sin-list"]
+        >> ops.ListSlice(-20)
+        >> ops.AddMetadata(tags=[Tags.CONTINUOUS])
+    )
     sel = g["item_id-count", "day-first", "session_id"] + itm + cat + conts
     return sel >> ops.Filter(f=lambda d: d["item_id-count"] >= 2)
