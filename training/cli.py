@@ -154,6 +154,14 @@ def check_keys(values: Mapping[str, Any], allowed: Iterable[str], where: str) ->
         raise ConfigFileError(f"{where}: unknown setting {unknown[0]!r}; expected one of {sorted(ok)}")
 
 
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of `cls`; {} where an annotation does not resolve at run time."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return {}
+
+
 def layered(cls: type, *layers: Mapping[str, Any] | None, where: str = "settings") -> Any:
     """`cls(**(defaults < layers[0] < layers[1] ...))`; None layers are skipped.
 
@@ -167,12 +175,12 @@ def layered(cls: type, *layers: Mapping[str, Any] | None, where: str = "settings
             continue
         check_keys(layer, names, where)
         merged.update(layer)
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     for f in fields(cls):
         if f.name not in merged and field_default(f) is MISSING:
             flag = f.metadata.get("flags", ["--" + f.name.replace("_", "-")])[0]
             raise ConfigFileError(f"missing setting {f.name!r}: give {flag} (or set it in a --config file)")
-        if isinstance(merged.get(f.name), str) and _plain_type(hints[f.name]) is Path:
+        if isinstance(merged.get(f.name), str) and _plain_type(hints.get(f.name)) is Path:
             merged[f.name] = Path(merged[f.name])  # a path from a JSON file is a string
     return cls(**merged)
 
