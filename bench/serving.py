@@ -137,10 +137,10 @@ def in_process(cfg: BenchConfig, repo: Path, data: Path, requests_by_size: dict[
     import torch
 
     from export.inference import feature_order
-    from export.repository import TORCH_MODEL, TRACED_FILE
+    from export.pbtxt import TRACED_FILE
     from export.sessrec_steps import default_torch_threads
     from training.data.serving_transform import ServingTransform
-    from training.names import LENGTHS_TENSOR
+    from training.names import LENGTHS_TENSOR, TORCH_MODEL
 
     threads = default_torch_threads()
     torch.set_num_threads(threads)

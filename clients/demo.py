@@ -20,13 +20,31 @@ Pass `--input FILE` plus the column flags of `training.prepare` via
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from training.cli import command_line, help_meta
+
+
+@dataclass
+class DemoConfig:
+    data: Path = field(default=Path("data/synthetic"), metadata=help_meta("DATA folder to (re)write"))
+    run: Path = field(default=Path("runs/synthetic"), metadata=help_meta("RUN folder to (re)write"))
+    repo: Path = field(default=Path("model_repository"), metadata=help_meta("model repository to (re)write"))
+    seed: int = field(default=0, metadata=help_meta("seed of the synthetic data and of training"))
+    prepare_args: str = field(
+        default="--synthetic", metadata=help_meta("arguments for training.prepare (without --out/--seed)")
+    )
+    train_args: str = field(
+        default="", metadata=help_meta("extra arguments for training.train, e.g. '--epochs 1'")
+    )
+    sessions: int = field(default=5, metadata=help_meta("sessions to rank through the server"))
+    top_k: int = field(default=10, metadata=help_meta("items shown per session"))
 
 
 def _banner(text: str) -> None:
@@ -53,20 +71,14 @@ def pick_sessions(data: Path, how_many: int) -> dict[str, np.ndarray]:
     return {c: v[keep] for c, v in cols.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clients.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=Path("data/synthetic"), help="DATA folder to (re)write")
-    p.add_argument("--run", type=Path, default=Path("runs/synthetic"), help="RUN folder to (re)write")
-    p.add_argument("--repo", type=Path, default=Path("model_repository"), help="model repository to (re)write")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training")
-    p.add_argument("--prepare-args", default="--synthetic", help="arguments for training.prepare (without --out/--seed)")
-    p.add_argument("--train-args", default="", help="extra arguments for training.train, e.g. '--epochs 1'")
-    p.add_argument("--sessions", type=int, default=5, help="sessions to rank through the server")
-    p.add_argument("--top-k", type=int, default=10, help="items shown per session")
-    args = p.parse_args(argv)
+parse_args = command_line(DemoConfig, "python -m clients.demo", __doc__)
 
-    from clients import rank_sessions
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
     from clients.rank import format_table
+    from clients.ranking import rank_sessions
     from export.__main__ import main as export_main
     from export.tritonserver import ServerConfig, TritonServer
     from training.prepare import main as prepare_main
@@ -80,8 +92,16 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner("2/4 train: XLNet masked LM, window by window (CPU unless a GPU is there)")
     rc = train_main(
-        ["--data", str(args.data), "--out", str(args.run), "--seed", str(args.seed), "--no-progress",
-         *shlex.split(args.train_args)]
+        [
+            "--data",
+            str(args.data),
+            "--out",
+            str(args.run),
+            "--seed",
+            str(args.seed),
+            "--no-progress",
+            *shlex.split(args.train_args),
+        ]
     )
     if rc:
         return rc

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clients import plan_requests
+from clients.ranking import plan_requests
 from training.names import ENSEMBLE_NAME, OUT_ITEM_IDS, OUT_SCORES, OUT_SESSION_ID, SESSION_COL
 
 SIZES = (1, 64)  # sessions per request
@@ -59,16 +59,23 @@ class LoadResult:
 
 
 # --- requests -----------------------------------------------------------------------------
-def session_requests(interactions, raw_inputs: dict[str, str], size: int, count: int) -> list[dict[str, np.ndarray]]:
+def session_requests(
+    interactions, raw_inputs: dict[str, str], size: int, count: int
+) -> list[dict[str, np.ndarray]]:
     """`count` requests of `size` whole sessions each (sessions in file order, no session twice)."""
     sessions, plan = plan_requests(interactions[SESSION_COL].to_numpy(), size)
     need = size * count
     if len(sessions) < need:
         raise ValueError(f"{len(sessions)} sessions in the data, the benchmark needs {need}")
-    return [{c: interactions[c].to_numpy()[rows].astype(dt) for c, dt in raw_inputs.items()} for rows in plan[:count]]
+    return [
+        {c: interactions[c].to_numpy()[rows].astype(dt) for c, dt in raw_inputs.items()}
+        for rows in plan[:count]
+    ]
 
 
-def build_requests(interactions, raw_inputs: dict[str, str], count: int) -> dict[int, list[dict[str, np.ndarray]]]:
+def build_requests(
+    interactions, raw_inputs: dict[str, str], count: int
+) -> dict[int, list[dict[str, np.ndarray]]]:
     """`count` requests of 1 session and `count` of 64 sessions, whole real sessions, no session twice per size."""
     return {size: session_requests(interactions, raw_inputs, size, count) for size in SIZES}
 
@@ -81,6 +88,7 @@ def run_load(
     concurrency: int,
     big_fraction: float,
     k: int,
+    *,
     seed: int = 0,
     timeout_s: float = 60.0,
     model: str = ENSEMBLE_NAME,
@@ -94,7 +102,9 @@ def run_load(
         for i, req in enumerate(reqs):
             inputs = []
             for name, values in req.items():
-                inp = grpcclient.InferInput(name, [len(values)], {"i": "INT64", "f": "FP32"}[values.dtype.kind])
+                inp = grpcclient.InferInput(
+                    name, [len(values)], {"i": "INT64", "f": "FP32"}[values.dtype.kind]
+                )
                 inp.set_data_from_numpy(values)
                 inputs.append(inp)
             sessions = plan_requests(req[SESSION_COL], 1)[0]  # in order of first appearance
@@ -117,7 +127,11 @@ def run_load(
                     dt = time.perf_counter() - t0
                     got = res.as_numpy(OUT_SESSION_ID)
                     ids, scores = res.as_numpy(OUT_ITEM_IDS), res.as_numpy(OUT_SCORES)
-                    if not np.array_equal(got, want) or ids.shape != (len(want), k) or scores.shape != ids.shape:
+                    if (
+                        not np.array_equal(got, want)
+                        or ids.shape != (len(want), k)
+                        or scores.shape != ids.shape
+                    ):
                         error = f"wrong answer: sessions {got[:3]}... for {want[:3]}..., item_ids {ids.shape}"
                     elif not np.isfinite(scores).all():
                         error = "wrong answer: non-finite scores"
@@ -229,13 +243,31 @@ def soak_server(server, interactions, raw_inputs: dict[str, str], k: int, cfg: L
     """Warm-up, baseline RSS, measured load, final RSS, against a running TritonServer; returns the summary."""
     requests = build_requests(interactions, raw_inputs, cfg.distinct_requests)
     log(f"warm-up: {cfg.warmup_seconds:g} s at concurrency {cfg.concurrency}")
-    warm = run_load(server.grpc_url, requests, cfg.warmup_seconds, cfg.concurrency, cfg.big_fraction, k,
-                    cfg.seed + 1, cfg.timeout_s)
+    warm = run_load(
+        server.grpc_url,
+        requests,
+        cfg.warmup_seconds,
+        cfg.concurrency,
+        cfg.big_fraction,
+        k,
+        seed=cfg.seed + 1,
+        timeout_s=cfg.timeout_s,
+    )
     log(f"  {warm.requests} requests, {len(warm.failures)} failed")
-    log(f"soak: {cfg.seconds:g} s at concurrency {cfg.concurrency}, {100 * cfg.big_fraction:g}% of requests 64 sessions")
+    log(
+        f"soak: {cfg.seconds:g} s at concurrency {cfg.concurrency}, {100 * cfg.big_fraction:g}% of requests 64 sessions"
+    )
     with RssSampler(server.rss_bytes) as sampler:
-        load = run_load(server.grpc_url, requests, cfg.seconds, cfg.concurrency, cfg.big_fraction, k, cfg.seed,
-                        cfg.timeout_s)
+        load = run_load(
+            server.grpc_url,
+            requests,
+            cfg.seconds,
+            cfg.concurrency,
+            cfg.big_fraction,
+            k,
+            seed=cfg.seed,
+            timeout_s=cfg.timeout_s,
+        )
         sampler.sample()  # the end: right when the load stopped
     summary = summarise(load, sampler.samples, cfg)
     summary["warmup"] = {"requests": warm.requests, "failures": len(warm.failures)}

@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from clients import BACKOFF_CAP_S, RankError, Rankings, rank_sessions
+from clients.ranking import BACKOFF_CAP_S, RankError, Rankings, rank_sessions
+from training.cli import command_line, help_meta
 
 
 def parse_header(text: str) -> tuple[str, str]:
@@ -38,6 +40,58 @@ def parse_header(text: str) -> tuple[str, str]:
             f"{text!r} is not KEY=VALUE (e.g. --header authorization='Bearer TOKEN')"
         )
     return key.strip(), value
+
+
+@dataclass
+class RankCommand:
+    input: Path = field(metadata=help_meta("interactions, CSV or parquet"))
+    url: str = field(default="127.0.0.1:8001", metadata=help_meta("tritonserver gRPC endpoint host:port"))
+    top_k: int | None = field(
+        default=None, metadata=help_meta("items per session (default: all the server returns)")
+    )
+    as_json: bool = field(
+        default=False, metadata=help_meta("one JSON object per session and line", flags=["--json"])
+    )
+    batch_sessions: int | None = field(
+        default=None,
+        metadata=help_meta(
+            "sessions per request (default: the server's limit, the model step's max_batch_size)"
+        ),
+    )
+    concurrency: int = field(default=1, metadata=help_meta("requests in flight"))
+    timeout: float = field(default=60.0, metadata=help_meta("seconds per call to the server"))
+    retries: int = field(
+        default=3, metadata=help_meta("attempts after the first when the server answers UNAVAILABLE")
+    )
+    backoff: float = field(
+        default=0.05,
+        metadata=help_meta(
+            "seconds: the waits before retries are up to backoff, 2*backoff, 4*backoff, ... "
+            f"(at most {BACKOFF_CAP_S} s), jittered"
+        ),
+    )
+    ssl: bool = field(default=False, metadata=help_meta("connect over TLS"))
+    root_certificates: Path | None = field(
+        default=None, metadata=help_meta("PEM root certificates (with --ssl)")
+    )
+    private_key: Path | None = field(default=None, metadata=help_meta("PEM client private key (with --ssl)"))
+    certificate_chain: Path | None = field(
+        default=None, metadata=help_meta("PEM client certificate chain (with --ssl)")
+    )
+    header: list[tuple[str, str]] = field(
+        default_factory=list,
+        metadata=help_meta(
+            "extra header sent with every call, e.g. for a proxy (repeatable)",
+            parse=parse_header,
+            append=True,
+            metavar="KEY=VALUE",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        names = [key for key, _ in self.header]
+        if len(set(names)) < len(names):
+            raise ValueError(f"--header: a name is given more than once in {names}")
 
 
 def read_interactions(path: Path) -> dict[str, np.ndarray]:
@@ -69,50 +123,13 @@ def format_table(ranked: Rankings, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+parse_args = command_line(RankCommand, "python -m clients.rank", __doc__)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clients.rank", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default="127.0.0.1:8001", help="tritonserver gRPC endpoint host:port")
-    p.add_argument("--input", type=Path, required=True, help="interactions, CSV or parquet")
-    p.add_argument("--top-k", type=int, default=None, help="items per session (default: all the server returns)")
-    p.add_argument("--json", action="store_true", help="one JSON object per session and line")
-    p.add_argument(
-        "--batch-sessions",
-        type=int,
-        default=None,
-        help="sessions per request (default: the server's limit, the model step's max_batch_size)",
-    )
-    p.add_argument("--concurrency", type=int, default=1, help="requests in flight")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per call to the server")
-    p.add_argument(
-        "--retries", type=int, default=3, help="attempts after the first when the server answers UNAVAILABLE"
-    )
-    p.add_argument(
-        "--backoff",
-        type=float,
-        default=0.05,
-        help="seconds: the waits before retries are up to backoff, 2*backoff, 4*backoff, ... "
-        f"(at most {BACKOFF_CAP_S} s), jittered",
-    )
-    p.add_argument("--ssl", action="store_true", help="connect over TLS")
-    p.add_argument("--root-certificates", type=Path, default=None, help="PEM root certificates (with --ssl)")
-    p.add_argument("--private-key", type=Path, default=None, help="PEM client private key (with --ssl)")
-    p.add_argument(
-        "--certificate-chain", type=Path, default=None, help="PEM client certificate chain (with --ssl)"
-    )
-    p.add_argument(
-        "--header",
-        type=parse_header,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra header sent with every call, e.g. for a proxy (repeatable)",
-    )
-    a = p.parse_args(argv)
-    headers = dict(a.header)
-    if len(headers) < len(a.header):
-        p.error(f"--header: a name is given more than once in {[k for k, _ in a.header]}")
+    a = parse_args(argv)
     try:
-        columns = read_interactions(a.input)
+        columns = read_interactions(Path(a.input))
         ranked = rank_sessions(
             a.url,
             columns,
@@ -126,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             root_certificates=a.root_certificates,
             private_key=a.private_key,
             certificate_chain=a.certificate_chain,
-            headers=headers,
+            headers=dict(a.header),
         )
     except (RankError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if a.json:
+    if a.as_json:
         out = sys.stdout
         for record in ranked.records():
             out.write(json.dumps(record) + "\n")

@@ -31,16 +31,16 @@ Exit status 1 when served != offline (beyond --tolerance) or any request failed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from training.cli import command_line, help_meta
 from training.names import (
     FIRST_REAL_ID,
     INTERACTIONS_FILE,
@@ -58,15 +58,22 @@ K = 20
 
 @dataclass
 class ReplayConfig:
-    data: Path  # prepared DATA folder
-    run: Path  # training run with RUN/windows/<t> (--keep-windows) and metrics.json
-    repo: Path  # model repository to write (replaced) and serve
-    out: Path  # REPLAY.json
-    eval_split: str = "valid"  # split of window t+1 that evaluates window t (training's --eval-split)
-    batch_sessions: int = 64  # sessions per evaluation request
-    background_sessions: int = 4  # sessions per background request
-    tolerance: float = 1e-6  # |served - offline| allowed per metric
-    torch_backend: str = "python"
+    data: Path = field(metadata=help_meta("prepared DATA folder (schema.json, interactions.parquet)"))
+    run: Path = field(
+        metadata=help_meta("run trained with --keep-windows (RUN/windows/<t>) and metrics.json")
+    )
+    repo: Path = field(metadata=help_meta("model repository to write and serve (replaced)"))
+    out: Path = field(metadata=help_meta("REPLAY.json to write"))
+    eval_split: str = field(
+        default="valid",
+        metadata=help_meta(
+            "split of window t+1 sent for window t (match training's --eval-split)", choices=("valid", "test")
+        ),
+    )
+    batch_sessions: int = field(default=64, metadata=help_meta("sessions per evaluation request"))
+    background_sessions: int = field(default=4, metadata=help_meta("sessions per background request"))
+    tolerance: float = field(default=1e-6, metadata=help_meta("allowed |served - offline| per metric"))
+    torch_backend: str = "python"  # the model step's backend (no flag: the embedded server runs "python")
 
 
 def served_ranks(item_ids: np.ndarray, scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -79,7 +86,9 @@ def served_ranks(item_ids: np.ndarray, scores: np.ndarray, targets: np.ndarray) 
     return ranks
 
 
-def eval_requests(data: Path, window: int, split: str, max_len: int, interactions) -> tuple[object, np.ndarray]:
+def eval_requests(
+    data: Path, window: int, split: str, max_len: int, interactions
+) -> tuple[object, np.ndarray]:
     """(raw rows to send: the offline inputs of window's `split` sessions, raw targets per session in
     order of first appearance)."""
     import pandas as pd
@@ -95,8 +104,10 @@ def eval_requests(data: Path, window: int, split: str, max_len: int, interaction
         targets.append(int(g[ITEM_COL].iloc[-1]))
         order.append(sid)
     if len(order) != len(set(sessions.tolist())):
-        raise ValueError(f"window {window} {split}: {len(set(sessions.tolist())) - len(order)} sessions have no rows "
-                         f"in {data / INTERACTIONS_FILE}")
+        raise ValueError(
+            f"window {window} {split}: {len(set(sessions.tolist())) - len(order)} sessions have no rows "
+            f"in {data / INTERACTIONS_FILE}"
+        )
     return pd.concat(parts), np.asarray(targets, dtype=np.int64)
 
 
@@ -177,12 +188,16 @@ def replay(cfg: ReplayConfig, log=print) -> dict:
         raise FileNotFoundError(f"{cfg.run} has no RUN/{WINDOWS_DIR}/<t>: train with --keep-windows")
     split = rows[0].get("eval_split", "valid")
     if split != cfg.eval_split:
-        log(f"[replay] note: the run evaluated on {split!r}, the replay on {cfg.eval_split!r}: metrics will differ")
+        log(
+            f"[replay] note: the run evaluated on {split!r}, the replay on {cfg.eval_split!r}: metrics will differ"
+        )
     interactions = pd.read_parquet(Path(cfg.data) / INTERACTIONS_FILE)
     session_window = interactions.groupby(SESSION_COL)[WINDOW_COL].transform("min")
 
     def export(t: int, new: bool) -> int:
-        ecfg = ExportConfig(run=cfg.run, data=cfg.data, out=cfg.repo, window=t, torch_backend=cfg.torch_backend)
+        ecfg = ExportConfig(
+            run=cfg.run, data=cfg.data, out=cfg.repo, window=t, torch_backend=cfg.torch_backend
+        )
         if new:
             return add_ensemble_version(ecfg)
         export_repository(ecfg)
@@ -190,11 +205,15 @@ def replay(cfg: ReplayConfig, log=print) -> dict:
 
     t0 = rows[0]["train_window"]
     version = export(t0, new=False)
-    first_window = interactions[interactions[SESSION_COL].isin(
-        interactions[SESSION_COL].drop_duplicates().iloc[: cfg.background_sessions])]
+    first_window = interactions[
+        interactions[SESSION_COL].isin(
+            interactions[SESSION_COL].drop_duplicates().iloc[: cfg.background_sessions]
+        )
+    ]
     out_rows, swaps = [], 0
-    server = TritonServer(ServerConfig(repo=cfg.repo, grpc_port=0, http_port=0, metrics_port=0,
-                                       model_control="explicit"))
+    server = TritonServer(
+        ServerConfig(repo=cfg.repo, grpc_port=0, http_port=0, metrics_port=0, model_control="explicit")
+    )
     import tritonclient.grpc as grpcclient
 
     raw = dict(schema.raw_inputs)
@@ -207,8 +226,12 @@ def replay(cfg: ReplayConfig, log=print) -> dict:
                 version = export(t, new=True)
                 swap_s = swap_to(server.http_url, cfg.repo, version, server.admin_headers)
                 swaps += 1
-            record = json.loads((Path(cfg.repo) / "session_ranker" / str(version) / "sessrec_run.json").read_text())
-            frame, targets = eval_requests(Path(cfg.data), t + 1, cfg.eval_split, schema.max_len, interactions)
+            record = json.loads(
+                (Path(cfg.repo) / "session_ranker" / str(version) / "sessrec_run.json").read_text()
+            )
+            frame, targets = eval_requests(
+                Path(cfg.data), t + 1, cfg.eval_split, schema.max_len, interactions
+            )
             failed, ids, scores = 0, [], []
             sids = frame[SESSION_COL].drop_duplicates().to_numpy()
             for i in range(0, len(sids), cfg.batch_sessions):
@@ -237,26 +260,42 @@ def replay(cfg: ReplayConfig, log=print) -> dict:
                 **{m: served[m] for m in METRICS}, "offline": offline, "max_abs_diff": diff,
                 "failed_requests": failed, "swap_seconds": round(swap_s, 2),
             })  # fmt: skip
-            log(f"[replay] window {t}->{t + 1} v{version}: items_known {record['items_known']} sessions {len(targets)} "
-                + " ".join(f"{m} {served[m]:.6f}/{offline[m]:.6f}" for m in METRICS) + f" failed {failed}")
+            log(
+                f"[replay] window {t}->{t + 1} v{version}: items_known {record['items_known']} sessions {len(targets)} "
+                + " ".join(f"{m} {served[m]:.6f}/{offline[m]:.6f}" for m in METRICS)
+                + f" failed {failed}"
+            )
         client.close()
         time.sleep(0.5)
-    result = {"windows": out_rows, "skipped_windows": skipped, "swaps": swaps, "background_requests": bg.sent,
-              "background_failed_requests": bg.failed, "background_errors": bg.errors[:5]}
+    result = {
+        "windows": out_rows,
+        "skipped_windows": skipped,
+        "swaps": swaps,
+        "background_requests": bg.sent,
+        "background_failed_requests": bg.failed,
+        "background_errors": bg.errors[:5],
+    }
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def print_table(result: dict) -> None:
-    print(f"{'window':>9} {'ver':>3} {'items':>6} {'sess':>5} " + " ".join(f"{m + ' served/offline':>26}" for m in METRICS)
-          + f" {'failed':>6}")
+    print(
+        f"{'window':>9} {'ver':>3} {'items':>6} {'sess':>5} "
+        + " ".join(f"{m + ' served/offline':>26}" for m in METRICS)
+        + f" {'failed':>6}"
+    )
     for w in result["windows"]:
         cells = " ".join(f"{w[m]:>12.6f} / {w['offline'][m]:<11.6f}" for m in METRICS)
-        print(f"{w['train_window']:>4}->{w['eval_window']:<4} {w['version']:>3} {w['items_known']:>6} "
-              f"{w['sessions']:>5} {cells} {w['failed_requests']:>6}")
-    print(f"swaps {result['swaps']}, background requests {result['background_requests']}, "
-          f"failed {result['background_failed_requests']}")
+        print(
+            f"{w['train_window']:>4}->{w['eval_window']:<4} {w['version']:>3} {w['items_known']:>6} "
+            f"{w['sessions']:>5} {cells} {w['failed_requests']:>6}"
+        )
+    print(
+        f"swaps {result['swaps']}, background requests {result['background_requests']}, "
+        f"failed {result['background_failed_requests']}"
+    )
 
 
 def check(result: dict, tolerance: float) -> list[str]:
@@ -269,30 +308,24 @@ def check(result: dict, tolerance: float) -> list[str]:
         if w["failed_requests"]:
             bad.append(f"window {w['train_window']}: {w['failed_requests']} failed requests")
         if w["items_known"] > w["items_seen"]:
-            bad.append(f"window {w['train_window']}: items_known {w['items_known']} > items seen {w['items_seen']}")
+            bad.append(
+                f"window {w['train_window']}: items_known {w['items_known']} > items seen {w['items_seen']}"
+            )
         if w["items_known"] < prev:
             bad.append(f"window {w['train_window']}: items_known shrank ({prev} -> {w['items_known']})")
         prev = w["items_known"]
     if result["background_failed_requests"]:
-        bad.append(f"{result['background_failed_requests']} background requests failed: {result['background_errors']}")
+        bad.append(
+            f"{result['background_failed_requests']} background requests failed: {result['background_errors']}"
+        )
     return bad
 
 
+parse_args = command_line(ReplayConfig, "python -m clients.replay", __doc__)
+
+
 def main(argv: list[str] | None = None) -> int:
-    d = ReplayConfig(Path(), Path(), Path(), Path())
-    p = argparse.ArgumentParser(prog="python -m clients.replay", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="prepared DATA folder (schema.json, interactions.parquet)")
-    p.add_argument("--run", type=Path, required=True, help="run trained with --keep-windows (RUN/windows/<t>)")
-    p.add_argument("--repo", type=Path, required=True, help="model repository to write and serve (replaced)")
-    p.add_argument("--out", type=Path, required=True, help="REPLAY.json to write")
-    p.add_argument("--eval-split", choices=("valid", "test"), default=d.eval_split,
-                   help="split of window t+1 sent for window t (match training's --eval-split)")
-    p.add_argument("--batch-sessions", type=int, default=d.batch_sessions, help="sessions per evaluation request")
-    p.add_argument("--background-sessions", type=int, default=d.background_sessions,
-                   help="sessions per background request")
-    p.add_argument("--tolerance", type=float, default=d.tolerance, help="allowed |served - offline| per metric")
-    a = p.parse_args(argv)
-    cfg = ReplayConfig(a.data, a.run, a.repo, a.out, a.eval_split, a.batch_sessions, a.background_sessions, a.tolerance)
+    cfg = parse_args(argv)
     result = replay(cfg, log=lambda m: print(m, file=sys.stderr))
     print_table(result)
     bad = check(result, cfg.tolerance)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.repository import TEMPLATES, _header, _io, _q, _step, _tensor, _write, triton_dtype
+from export.pbtxt import ensemble_step, header, io_block, quote, tensor, triton_dtype
+from export.staging import TEMPLATES, write_file
 
 FLOOR_ENSEMBLE = "floor"
 FLOOR_STEPS = ("floor_a", "floor_b")
@@ -28,28 +29,28 @@ def write_floor_repository(out: Path, raw_inputs: dict[str, str]) -> Path:
     names = list(raw_inputs)
     for i, step in enumerate(FLOOR_STEPS):
         suffix = f"_{step[-1]}"
-        inputs = [_tensor(n, triton_dtype(raw_inputs[n]), [-1]) for n in names]
-        outputs = [_tensor(n + suffix, triton_dtype(raw_inputs[n]), [-1]) for n in names]
-        _write(
+        inputs = [tensor(n, triton_dtype(raw_inputs[n]), [-1]) for n in names]
+        outputs = [tensor(n + suffix, triton_dtype(raw_inputs[n]), [-1]) for n in names]
+        write_file(
             out / step / "config.pbtxt",
-            _header(f"floor step {i + 1}")
-            + f'name: {_q(step)}\nbackend: "python"\nmax_batch_size: 0\n'
-            + _io("input", inputs)
-            + _io("output", outputs)
+            header(f"floor step {i + 1}")
+            + f'name: {quote(step)}\nbackend: "python"\nmax_batch_size: 0\n'
+            + io_block("input", inputs)
+            + io_block("output", outputs)
             + "instance_group [ { count: 1 kind: KIND_CPU } ]\n",
         )
-        _write(out / step / "1" / "model.py", (TEMPLATES / "identity" / "model.py").read_text())
+        write_file(out / step / "1" / "model.py", (TEMPLATES / "identity" / "model.py").read_text())
     a, b = FLOOR_STEPS
     steps = [
-        _step(a, {n: n for n in names}, {n + "_a": n + "_a" for n in names}),
-        _step(b, {n: n + "_a" for n in names}, {n + "_b": n + "_b" for n in names}),
+        ensemble_step(a, {n: n for n in names}, {n + "_a": n + "_a" for n in names}),
+        ensemble_step(b, {n: n + "_a" for n in names}, {n + "_b": n + "_b" for n in names}),
     ]
-    _write(
+    write_file(
         out / FLOOR_ENSEMBLE / "config.pbtxt",
-        _header("floor ensemble")
-        + f'name: {_q(FLOOR_ENSEMBLE)}\nplatform: "ensemble"\nmax_batch_size: 0\n'
-        + _io("input", [_tensor(n, triton_dtype(raw_inputs[n]), [-1]) for n in names])
-        + _io("output", [_tensor(n + "_b", triton_dtype(raw_inputs[n]), [-1]) for n in names])
+        header("floor ensemble")
+        + f'name: {quote(FLOOR_ENSEMBLE)}\nplatform: "ensemble"\nmax_batch_size: 0\n'
+        + io_block("input", [tensor(n, triton_dtype(raw_inputs[n]), [-1]) for n in names])
+        + io_block("output", [tensor(n + "_b", triton_dtype(raw_inputs[n]), [-1]) for n in names])
         + "ensemble_scheduling {\n  step [\n"
         + ",\n".join(steps)
         + "\n  ]\n}\n",

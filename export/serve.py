@@ -24,72 +24,52 @@ which tritonserver 2.51 does not do by itself (see export/tritonserver.py).
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 import threading
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from export.tritonserver import ServerConfig, ServerError, StubWatchdog, TritonServer
+from export.tritonserver import (
+    ADMIN_KEY_ENV,
+    MODEL_CONTROL_HELP,
+    ServerConfig,
+    ServerError,
+    StubWatchdog,
+    TritonServer,
+)
+from training.cli import command_line, help_meta
 from training.names import ENSEMBLE_NAME
 
-ADMIN_KEY_ENV = "SESSREC_ADMIN_KEY"
 
+@dataclass
+class ServeConfig(ServerConfig):
+    """ServerConfig as an operator runs it: explicit model control (new versions, stub restarts)
+    and the stub watchdog by default. The admin key comes from $SESSREC_ADMIN_KEY (never a flag)."""
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export.serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repo", type=Path, required=True, help="model repository written by `python -m export`")
-    p.add_argument("--host", default="127.0.0.1", help="address all endpoints bind (default: loopback only)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0 = a free port)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (0 = a free port)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (0 = a free port)")
-    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every model to load")
-    p.add_argument(
-        "--exit-timeout",
-        type=int,
-        default=30,
-        help="seconds in-flight requests get on shutdown (the drain of the ensembles, then tritonserver's own "
-        "wait, each at most this long)",
-    )
-    p.add_argument(
-        "--model-control",
-        choices=("explicit", "none"),
-        default="explicit",
-        help="explicit (default): every model loaded at start, load/unload API open to the admin key; "
-        "none: models fixed at start (no new versions, no stub restarts)",
-    )
-    p.add_argument(
-        "--watchdog-interval",
-        type=float,
+    model_control: str = field(default="explicit", metadata=MODEL_CONTROL_HELP)
+    watchdog_interval: float = field(
         default=1.0,
-        help="seconds between checks for dead Python-backend stubs (0: no watchdog; explicit mode only)",
+        metadata=help_meta(
+            "seconds between checks for dead Python-backend stubs (0: no watchdog; explicit mode only)"
+        ),
     )
-    p.add_argument("--log-file", type=Path, default=None, help="write the server log here (default: a temp file)")
-    p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
-    return p
+
+    @property
+    def watchdog_interval_s(self) -> float:
+        """The watchdog's period; 0 (none) unless model control is explicit (it reloads models)."""
+        return self.watchdog_interval if self.model_control == "explicit" else 0.0
 
 
-def parse_args(argv: list[str] | None = None) -> ServerConfig:
-    return _parse(argv)[0]
+_parse = command_line(ServeConfig, "python -m export.serve", __doc__)
 
 
-def _parse(argv: list[str] | None = None) -> tuple[ServerConfig, float]:
-    a = build_parser().parse_args(argv)
-    cfg = ServerConfig(
-        repo=a.repo,
-        host=a.host,
-        grpc_port=a.grpc_port,
-        http_port=a.http_port,
-        metrics_port=a.metrics_port,
-        ready_timeout_s=a.ready_timeout,
-        exit_timeout_s=a.exit_timeout,
-        log_file=a.log_file,
-        log_verbose=a.log_verbose,
-        model_control=a.model_control,
-        admin_key=os.environ.get(ADMIN_KEY_ENV) or None,
-    )
-    return cfg, (a.watchdog_interval if a.model_control == "explicit" else 0.0)
+def parse_args(argv: list[str] | None = None) -> ServeConfig:
+    """Flags from ServeConfig's fields; defaults < --config FILE (JSON) < explicit flags; the admin
+    key from the environment."""
+    cfg = _parse(argv)
+    cfg.admin_key = os.environ.get(ADMIN_KEY_ENV) or cfg.admin_key
+    return cfg
 
 
 def serve(cfg: ServerConfig, watchdog_interval_s: float = 0.0) -> int:
@@ -115,11 +95,16 @@ def serve(cfg: ServerConfig, watchdog_interval_s: float = 0.0) -> int:
     print(f"  http     http://{server.http_url}", flush=True)
     print(f"  metrics  {server.metrics_url}", flush=True)
     print(f"  log      {server.log_path}", flush=True)
-    print(f"  control  {cfg.model_control}" + (f", stub watchdog every {watchdog_interval_s:g} s" if watchdog_interval_s else ""),
-          flush=True)
+    print(
+        f"  control  {cfg.model_control}"
+        + (f", stub watchdog every {watchdog_interval_s:g} s" if watchdog_interval_s else ""),
+        flush=True,
+    )
     if ENSEMBLE_NAME in models:
-        print(f"  try      python -m clients.rank --url {server.grpc_url} --input data/synthetic/interactions.parquet",
-              flush=True)
+        print(
+            f"  try      python -m clients.rank --url {server.grpc_url} --input data/synthetic/interactions.parquet",
+            flush=True,
+        )
     watchdog = StubWatchdog(server, watchdog_interval_s).start() if watchdog_interval_s > 0 else None
     died = False
     while not stop.wait(0.5):
@@ -132,15 +117,17 @@ def serve(cfg: ServerConfig, watchdog_interval_s: float = 0.0) -> int:
     code = server.stop()
     print(f"tritonserver stopped (exit code {code})", file=sys.stderr)
     if code != 0 and watchdog is not None and watchdog.events:
-        print("  (a step whose stub died was restarted: tritonserver 2.51 may never finish unloading the dead "
-              "instance, as seen with the model step, and then exits with an error after --exit-timeout)",
-              file=sys.stderr)
+        print(
+            "  (a step whose stub died was restarted: tritonserver 2.51 may never finish unloading the dead "
+            "instance, as seen with the model step, and then exits with an error after --exit-timeout)",
+            file=sys.stderr,
+        )
     return 1 if died or code != 0 else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, watchdog_interval_s = _parse(argv)
-    return serve(cfg, watchdog_interval_s)
+    cfg = parse_args(argv)
+    return serve(cfg, cfg.watchdog_interval_s)
 
 
 if __name__ == "__main__":

@@ -58,8 +58,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from training.cli import help_meta
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,6 +72,7 @@ class ServerError(RuntimeError):
 
 
 ADMIN_HEADER = "sessrec-admin-key"  # header (gRPC metadata key) the restricted APIs require
+ADMIN_KEY_ENV = "SESSREC_ADMIN_KEY"  # where `python -m export.serve` / `export.versions` read the key
 RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
 
 
@@ -125,12 +129,29 @@ def server_env(base: dict[str, str] | None = None, stub_env: Path | None = None)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(ld)
     venv_bin = str(Path(sys.executable).parent)
     path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin]
-    for key in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):  # the stub ignores them; keep them from misleading
+    for key in (
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "VIRTUAL_ENV",
+    ):  # the stub ignores them; keep them from misleading
         env.pop(key, None)
     first = str(Path(stub_env) / "bin") if stub_env is not None else venv_bin
     env["PATH"] = os.pathsep.join([first, *path])
     env["PYTHONNOUSERSITE"] = "1"
     return env
+
+
+def repository_post(http_url: str, path: str, headers: Mapping[str, str], timeout_s: float = 600.0) -> bytes:
+    """POST `/v2/repository/<path>` (index, models/<m>/load, models/<m>/unload): the restricted
+    model-repository API, so `headers` carry the admin key. Returns the answer's body; ServerError
+    naming the call and the server's message otherwise."""
+    url = f"http://{http_url}/v2/repository/{path}"
+    req = urllib.request.Request(url, data=b"{}", method="POST", headers=dict(headers))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.read()
+    except urllib.error.HTTPError as e:
+        raise ServerError(f"POST {url} failed ({e.code}): {e.read().decode(errors='replace')}") from e
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -140,20 +161,47 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+MODEL_CONTROL_HELP = help_meta(
+    "explicit: every model loaded at start, load/unload API open to the admin key; "
+    "none: models fixed at start (no new versions, no stub restarts)",
+    choices=("explicit", "none"),
+)
+
+
 @dataclass
 class ServerConfig:
-    repo: Path  # model repository (config.pbtxt per model)
-    host: str = "127.0.0.1"  # address every endpoint binds; loopback unless asked otherwise
-    grpc_port: int = 8001  # 0 = a free port
-    http_port: int = 8000  # 0 = a free port
-    metrics_port: int = 8002  # 0 = a free port
-    ready_timeout_s: float = 300.0  # model loading includes torch imports and warm-up
-    exit_timeout_s: int = 30  # how long Triton waits for in-flight requests and model unloads on shutdown
-    log_verbose: int = 0
-    log_file: Path | None = None  # None: server output goes to a temp file (see `log_path`)
-    model_control: str = "none"  # "none": load everything at start; "explicit": load/unload API (admin key)
+    """One server's settings; the fields with help text are `python -m export.serve`'s flags."""
+
+    repo: Path = field(metadata=help_meta("model repository written by `python -m export`"))
+    host: str = field(
+        default="127.0.0.1", metadata=help_meta("address all endpoints bind (default: loopback only)")
+    )
+    grpc_port: int = field(default=8001, metadata=help_meta("gRPC port (0 = a free port)"))
+    http_port: int = field(default=8000, metadata=help_meta("HTTP port (0 = a free port)"))
+    metrics_port: int = field(default=8002, metadata=help_meta("Prometheus metrics port (0 = a free port)"))
+    # model loading includes torch imports and warm-up
+    ready_timeout_s: float = field(
+        default=300.0,
+        metadata=help_meta("seconds to wait for every model to load", flags=["--ready-timeout"]),
+    )
+    exit_timeout_s: int = field(
+        default=30,
+        metadata=help_meta(
+            "seconds in-flight requests get on shutdown (the drain of the ensembles, then tritonserver's own "
+            "wait, each at most this long)",
+            flags=["--exit-timeout"],
+        ),
+    )
+    log_verbose: int = field(default=0, metadata=help_meta("tritonserver --log-verbose level"))
+    log_file: Path | None = field(
+        default=None, metadata=help_meta("write the server log here (default: a temp file)")
+    )
+    # "none": load everything at start; "explicit": load/unload API (admin key)
+    model_control: str = field(default="none", metadata=MODEL_CONTROL_HELP)
     admin_key: str | None = None  # value of the sessrec-admin-key header; None: random per start
-    stub_python_env: Path | None = None  # None: this venv; else a venv whose python3 the stubs use (server_env)
+    stub_python_env: Path | None = (
+        None  # None: this venv; else a venv whose python3 the stubs use (server_env)
+    )
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -258,31 +306,20 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
 
-    def ready_models(self) -> list[str]:
-        """Names of the models the server reports READY (POST /v2/repository/index)."""
-        req = urllib.request.Request(
-            f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST", headers=self.admin_headers
-        )
-        with urllib.request.urlopen(req, timeout=5.0) as r:
-            index = json.load(r)
-        return sorted(m["name"] for m in index if m.get("state") == "READY")
+    def repository_index(self) -> list[dict]:
+        """POST /v2/repository/index: one entry per model (version) with its "name" and "state"."""
+        return json.loads(repository_post(self.http_url, "index", self.admin_headers, timeout_s=5.0))
 
-    def _repository_call(self, path: str, timeout_s: float = 600.0) -> None:
-        req = urllib.request.Request(
-            f"http://{self.http_url}/v2/repository/{path}", data=b"{}", method="POST", headers=self.admin_headers
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=timeout_s):
-                return
-        except urllib.error.HTTPError as e:
-            raise ServerError(f"POST /v2/repository/{path} failed ({e.code}): {e.read().decode(errors='replace')}") from e
+    def ready_models(self) -> list[str]:
+        """Names of the models the server reports READY."""
+        return sorted(m["name"] for m in self.repository_index() if m.get("state") == "READY")
 
     def load_model(self, name: str) -> None:
         """Load (or reload after a change on disk) a model: explicit model control only. Blocks until done."""
-        self._repository_call(f"models/{name}/load")
+        repository_post(self.http_url, f"models/{name}/load", self.admin_headers)
 
     def unload_model(self, name: str) -> None:
-        self._repository_call(f"models/{name}/unload")
+        repository_post(self.http_url, f"models/{name}/unload", self.admin_headers)
 
     def restart_model(self, name: str) -> None:
         """Unload and load `name` again: new stub processes for a Python-backend model.
@@ -322,7 +359,9 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
-                raise ServerError(f"tritonserver exited with code {code} before it was ready:\n{self.log_tail()}")
+                raise ServerError(
+                    f"tritonserver exited with code {code} before it was ready:\n{self.log_tail()}"
+                )
             if self.is_ready():
                 return
             time.sleep(0.2)
@@ -339,11 +378,7 @@ class TritonServer:
 
     def model_states(self) -> dict[str, str]:
         """model -> state from the repository index (READY, UNLOADING, UNAVAILABLE, ...)."""
-        req = urllib.request.Request(
-            f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST", headers=self.admin_headers
-        )
-        with urllib.request.urlopen(req, timeout=5.0) as r:
-            return {m["name"]: m.get("state", "") for m in json.load(r)}
+        return {m["name"]: m.get("state", "") for m in self.repository_index()}
 
     def drain(self, timeout_s: float) -> bool:
         """Let in-flight ensemble requests finish before shutdown (explicit model control).

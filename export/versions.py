@@ -25,22 +25,24 @@ The "Daily swap" of ../shared/notes/triton-deploy.md section 4, in this order:
 N stays loaded (rollback: `swap_to(..., N)` while N is still one of the two kept
 versions). Only the server's restricted model-repository API is used: pass the admin
 key headers (`TritonServer.admin_headers`, or `sessrec-admin-key: $SESSREC_ADMIN_KEY`).
-Imports only the standard library and export.repository's text helpers.
+Imports only the standard library, export.pbtxt's pins and export.tritonserver's admin POST.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.repository import ensemble_version, pin_ensemble
-from training.integrity import FOLDER_RECORD
+from export.pbtxt import ensemble_version, pin_ensemble
+from export.tritonserver import ADMIN_HEADER, ADMIN_KEY_ENV, ServerError, repository_post
+from training.cli import command_line, help_meta
+from training.integrity import FOLDER_RECORD, atomic_write
 from training.names import ENSEMBLE_NAME, POSTPROCESS_MODEL, PREPROCESS_MODEL, TORCH_MODEL
 
 STEPS = (PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL)
@@ -50,19 +52,20 @@ class SwapError(RuntimeError):
     """A version could not be switched in; the message says which step and what the server said."""
 
 
-def _post(url: str, headers: Mapping[str, str], timeout_s: float) -> None:
-    req = urllib.request.Request(url, data=b"{}", method="POST", headers=dict(headers))
+def _load(http_url: str, model: str, headers: Mapping[str, str], timeout_s: float) -> None:
+    """POST load of `model` (the admin key's API); SwapError with the server's answer."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s):
-            return
-    except urllib.error.HTTPError as e:
-        raise SwapError(f"POST {url} failed ({e.code}): {e.read().decode(errors='replace')}") from e
+        repository_post(http_url, f"models/{model}/load", headers, timeout_s)
+    except ServerError as e:
+        raise SwapError(str(e)) from e
 
 
 def version_ready(http_url: str, model: str, version: int) -> bool:
     """GET /v2/models/<model>/versions/<version>/ready answers 200."""
     try:
-        with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/versions/{version}/ready", timeout=5) as r:
+        with urllib.request.urlopen(
+            f"http://{http_url}/v2/models/{model}/versions/{version}/ready", timeout=5
+        ) as r:
             return r.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
@@ -77,24 +80,23 @@ def _wait_ready(http_url: str, model: str, version: int, timeout_s: float) -> bo
     return False
 
 
-def _replace_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def swap_to(
-    http_url: str, repo: str | os.PathLike, version: int, admin_headers: Mapping[str, str], timeout_s: float = 600.0
+    http_url: str,
+    repo: str | os.PathLike,
+    version: int,
+    admin_headers: Mapping[str, str],
+    timeout_s: float = 600.0,
 ) -> float:
     """Serve whole-repository `version` of `repo` (see the module docstring); returns the seconds it took."""
     t0 = time.monotonic()
     repo, version = Path(repo), int(version)
     for name in (*STEPS, ENSEMBLE_NAME):
         if not (repo / name / str(version) / FOLDER_RECORD).is_file():
-            raise SwapError(f"{repo / name / str(version)} is missing or unfinished (no {FOLDER_RECORD}): stage it first")
-    base = f"http://{http_url}/v2/repository/models"
+            raise SwapError(
+                f"{repo / name / str(version)} is missing or unfinished (no {FOLDER_RECORD}): stage it first"
+            )
     for step in STEPS:  # 2. load M of every step next to N; the ensemble still pins N
-        _post(f"{base}/{step}/load", admin_headers, timeout_s)
+        _load(http_url, step, admin_headers, timeout_s)
         if not _wait_ready(http_url, step, version, 30.0):
             raise SwapError(
                 f"step {step!r} version {version} is not READY after its load: the ensemble was left on its "
@@ -102,15 +104,15 @@ def swap_to(
             )
     config = repo / ENSEMBLE_NAME / "config.pbtxt"  # 3. re-pin the ensemble, atomically, then load it
     before = config.read_text()
-    _replace_atomically(config, pin_ensemble(before, version))
+    atomic_write(config, pin_ensemble(before, version).encode())
     try:
-        _post(f"{base}/{ENSEMBLE_NAME}/load", admin_headers, timeout_s)
+        _load(http_url, ENSEMBLE_NAME, admin_headers, timeout_s)
         ok = _wait_ready(http_url, ENSEMBLE_NAME, version, 30.0)
     except SwapError:
         ok = False
     if not ok:
-        _replace_atomically(config, before)
-        _post(f"{base}/{ENSEMBLE_NAME}/load", admin_headers, timeout_s)
+        atomic_write(config, before.encode())
+        _load(http_url, ENSEMBLE_NAME, admin_headers, timeout_s)
         raise SwapError(
             f"{ENSEMBLE_NAME} did not come up on version {version}; {config} pins version "
             f"{ensemble_version(before)} again"
@@ -123,18 +125,19 @@ def served_version(repo: str | os.PathLike) -> int:
     return ensemble_version((Path(repo) / ENSEMBLE_NAME / "config.pbtxt").read_text())
 
 
-def main(argv: list[str] | None = None) -> int:
-    from export.tritonserver import ADMIN_HEADER
+@dataclass
+class SwapCommand:
+    repo: Path = field(metadata=help_meta("the model repository the server serves"))
+    version: int = field(metadata=help_meta("whole-repository version to serve (staged already)"))
+    url: str = field(default="127.0.0.1:8000", metadata=help_meta("the server's HTTP endpoint host:port"))
+    timeout: float = field(default=600.0, metadata=help_meta("seconds each load call may take"))
 
-    p = argparse.ArgumentParser(prog="python -m export.versions", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP endpoint host:port")
-    p.add_argument("--repo", type=Path, required=True, help="the model repository the server serves")
-    p.add_argument("--version", type=int, required=True, help="whole-repository version to serve (staged already)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds each load call may take")
-    a = p.parse_args(argv)
-    key = os.environ.get("SESSREC_ADMIN_KEY")
+
+def main(argv: list[str] | None = None) -> int:
+    a = command_line(SwapCommand, "python -m export.versions", __doc__)(argv)
+    key = os.environ.get(ADMIN_KEY_ENV)
     if not key:
-        print("error: set SESSREC_ADMIN_KEY to the server's admin key", file=sys.stderr)
+        print(f"error: set {ADMIN_KEY_ENV} to the server's admin key", file=sys.stderr)
         return 2
     try:
         took = swap_to(a.url, a.repo, a.version, {ADMIN_HEADER: key}, a.timeout)

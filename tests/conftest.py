@@ -12,6 +12,9 @@
   per pytest process (tests/triton_util.trained_artifacts); `schema` and
   `interactions` are its schema.json and interactions.parquet. Used by the serving,
   export, reliability and security tests.
+- `server`: a tritonserver (127.0.0.1, free ports) serving `artifacts` exported with the
+  serving tests' options (tests/triton_util.served_config), one per test module that asks
+  for it; stopping it must exit 0. Used by test_serving and test_hostile.
 
 Treat the DATA folders as read-only (copy them before modifying anything).
 """
@@ -88,3 +91,15 @@ def interactions(artifacts):
     from training.names import INTERACTIONS_FILE
 
     return pd.read_parquet(artifacts[0] / INTERACTIONS_FILE)
+
+
+@pytest.fixture(scope="module")
+def server(artifacts, tmp_path_factory):
+    from export.repository import export_repository
+    from tests.triton_util import served_config, start_server
+
+    data, run = artifacts
+    repo = export_repository(served_config(run, data, tmp_path_factory.mktemp("served") / "model_repository"))
+    srv = start_server(repo)
+    yield srv
+    assert srv.stop() == 0, srv.log_tail()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from training.cli import (
     add_flags,
     build_parser,
     comma_list,
+    command_line,
     given,
     help_meta,
     layered,
@@ -144,3 +146,49 @@ def test_unreadable_config_file_exits_2_naming_it(tmp_path, capsys):
         parse(Stage, ["--out", "o", "--config", str(bad)], prog="x", description="d", config_flag=True)
     assert e.value.code == 2
     assert f"--config {bad}: cannot read a JSON object" in capsys.readouterr().err
+
+
+@dataclass
+class Repeated:
+    header: list[tuple[str, str]] = field(
+        default_factory=list,
+        metadata=help_meta(
+            "KEY=VALUE, repeatable", append=True, metavar="KEY=VALUE", parse=lambda t: tuple(t.split("=", 1))
+        ),
+    )
+    tag: list[int] = field(default_factory=list, metadata=help_meta("an int, repeatable", append=True))
+    where: Path | None = field(default=None, metadata=help_meta("a folder"))
+
+
+def test_append_flags_collect_each_use_and_paths_from_a_file_are_paths(tmp_path, capsys):
+    assert parse(Repeated, [], prog="x", description="d") == Repeated()
+    cfg = parse(
+        Repeated,
+        ["--header", "a=1", "--tag", "3", "--header", "b=2=3", "--tag", "4"],
+        prog="x",
+        description="d",
+    )
+    assert cfg.header == [("a", "1"), ("b", "2=3")] and cfg.tag == [3, 4]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"where": "some/folder", "tag": [7]}))
+    cfg = parse(Repeated, ["--config", str(path)], prog="x", description="d", config_flag=True)
+    assert cfg.where == Path("some/folder") and cfg.tag == [7]
+    with pytest.raises(SystemExit):
+        parse(Repeated, ["--help"], prog="x", description="d")
+    assert "--header KEY=VALUE" in capsys.readouterr().out
+
+
+def test_command_line_is_parse_with_a_config_file_and_the_docstring(tmp_path, capsys):
+    parse_args = command_line(Stage, "python -m stage", "Run the stage.\n\n    python -m stage --out O\n")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"out": "f", "lr": 0.5}))
+    cfg = parse_args(["--config", str(path), "--lr", "0.25"])
+    assert (cfg.out, cfg.lr) == ("f", 0.25)
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert (
+        out.startswith("usage: python -m stage")
+        and "Run the stage." in out
+        and "python -m stage --out" not in out
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import random
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -481,3 +482,22 @@ def test_cli_reports_not_ready_and_exits_1(clicks, monkeypatch, capsys):
     assert main(["--url", "h:1", "--input", str(clicks)]) == 1
     err = capsys.readouterr().err
     assert "error: model 'session_ranker' at h:1 is not ready" in err
+
+
+def test_demo_and_replay_flags_keep_their_meaning():
+    from clients.demo import DemoConfig
+    from clients.demo import parse_args as demo_args
+    from clients.replay import ReplayConfig
+    from clients.replay import parse_args as replay_args
+
+    def demo(*argv):
+        return demo_args(list(argv))
+
+    assert demo() == DemoConfig(Path("data/synthetic"), Path("runs/synthetic"), Path("model_repository"), 0,
+                                "--synthetic", "", 5, 10)  # fmt: skip
+    got = demo("--data", "d", "--run", "r", "--repo", "m", "--seed", "3", "--prepare-args=--input x.csv",
+               "--train-args", "--epochs 1", "--sessions", "2", "--top-k", "4")  # fmt: skip
+    assert got == DemoConfig(Path("d"), Path("r"), Path("m"), 3, "--input x.csv", "--epochs 1", 2, 4)
+    got = replay_args(["--data", "d", "--run", "r", "--repo", "m", "--out", "o.json", "--eval-split", "test",
+                       "--batch-sessions", "8", "--background-sessions", "2", "--tolerance", "0.5"])  # fmt: skip
+    assert got == ReplayConfig(Path("d"), Path("r"), Path("m"), Path("o.json"), "test", 8, 2, 0.5)

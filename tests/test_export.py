@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,14 +26,8 @@ from export.inference import (
     save_traced,
     trace_ranker,
 )
-from export.repository import (
-    MANIFEST,
-    RUN_RECORD,
-    SHIPPED,
-    STEP_MODULES,
-    ExportConfig,
-    export_repository,
-)
+from export.pbtxt import Layout, ensemble_config, ensemble_version, pin_ensemble, step_configs
+from export.repository import ExportConfig, add_ensemble_version, export_repository
 from export.sessrec_steps import (
     RequestError,
     check_raw_columns,
@@ -41,7 +36,9 @@ from export.sessrec_steps import (
     split_rows,
     to_raw_item_ids,
 )
-from tests.triton_util import PROJECT_ROOT
+from export.staging import MANIFEST, RUN_RECORD, SHIPPED, STEP_MODULES
+from tests.triton_util import PROJECT_ROOT, served_config
+from tests.triton_util import K as SERVED_K
 from training.checkpoint import load_run
 from training.integrity import FOLDER_RECORD, verify_folder
 from training.names import (
@@ -59,6 +56,7 @@ from training.names import (
     SESSION_COL,
     TORCH_MODEL,
 )
+from training.schema import Schema
 
 K = 10
 
@@ -420,8 +418,6 @@ def test_new_version_writes_self_verifying_folders_and_nothing_else(artifacts, t
     folder with its own sessrec_files.json (the model's naming its run) holding the same files as
     version 1; no config.pbtxt and no other file changes (the ensemble still pins 1), the root
     bookkeeping lists version 2."""
-    from export.repository import add_ensemble_version
-
     data, run = artifacts
     out = export_repository(ExportConfig(run=run, data=data, out=tmp_path / "repo", top_k=K))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
@@ -441,8 +437,6 @@ def test_new_version_writes_self_verifying_folders_and_nothing_else(artifacts, t
 def test_configs_pin_versions_and_keep_two(repo):
     """Steps keep two versions (latest 2) and carry nothing that changes per version; the ensemble
     pins its own version and every step's; pin_ensemble re-pins exactly those."""
-    from export.repository import ensemble_version, pin_ensemble
-
     for step in (PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL):
         cfg = parse_config(repo / step / "config.pbtxt")
         assert cfg.version_policy.latest.num_versions == 2, step
@@ -456,6 +450,35 @@ def test_configs_pin_versions_and_keep_two(repo):
     assert pin_ensemble(moved, 1) == text
     params = json.loads((repo / TORCH_MODEL / "1" / "sessrec_model.json").read_text())
     assert set(params["cardinalities"]) == {f for f in json.loads((repo / PREPROCESS_MODEL / "1" / "workflow.json").read_text())["categorical"]}
+
+
+GOLDEN = PROJECT_ROOT / "export" / "golden"
+UPDATE_GOLDEN = "SESSREC_UPDATE_GOLDEN"  # =1: rewrite export/golden/ from the code (then review the diff)
+
+
+def golden_texts(schema: Schema) -> dict[str, str]:
+    """{model: config.pbtxt} of the serving tests' export (tests/triton_util.served_config), version 1."""
+    cfg = served_config(Path("RUN"), Path("DATA"), Path("REPO"))
+    layout = Layout.from_schema(schema, cfg.top_k)
+    return {ENSEMBLE_NAME: ensemble_config(layout, cfg, 1), **step_configs(layout, cfg)}
+
+
+def test_configs_equal_the_golden_files(tiny_synthetic_data):
+    """export/golden/<model>/config.pbtxt is what the serving tests' repository serves (synthetic DATA,
+    --top-k 20 --max-request-rows 2000 --max-batch-sessions 64): the text a reader sees is the text written.
+    tests/test_serving.py checks the served repository's files against the same golden files."""
+    texts = golden_texts(Schema.load(tiny_synthetic_data))
+    assert sorted(texts) == sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
+    for model, text in texts.items():
+        path = GOLDEN / model / "config.pbtxt"
+        if os.environ.get(UPDATE_GOLDEN) == "1":
+            path.write_text(text)
+        assert text == path.read_text(), (
+            f"export/pbtxt.py writes another {model}/config.pbtxt than {path}: if the change is meant, "
+            f"rewrite the golden files with {UPDATE_GOLDEN}=1 pytest tests/test_export.py -k golden"
+        )
+    text_format.Parse(texts[TORCH_MODEL], model_config_pb2.ModelConfig())  # and Triton's parser reads them
+    assert f"dims: [ {SERVED_K} ]" in texts[TORCH_MODEL]
 
 
 def test_floor_repository_configs(tmp_path, schema):
@@ -532,3 +555,50 @@ def test_plan_requests_keeps_sessions_whole_and_ordered():
     assert sessions.tolist() == [7, 3, 9, 1]
     assert [sid[rows].tolist() for rows in plan] == [[7, 7, 7, 3, 3], [9, 1]]
     assert plan[0].tolist() == [0, 1, 5, 2, 4]  # input order inside a session
+
+
+# --- command lines (flags derived from the config dataclasses; same flags, same meaning) ------------
+def test_export_flags_keep_their_meaning(tmp_path):
+    from export.__main__ import parse_args
+
+    base = ["--run", "R", "--data", "D"]
+    assert parse_args(base) == parse_args([*base, "--out", "model_repository"])
+    plain = parse_args(base)
+    assert (plain.run, plain.data, plain.out, plain.new_version) == (Path("R"), Path("D"), Path("model_repository"), False)
+    assert plain.options() == ExportConfig(run=Path("R"), data=Path("D")).options()
+    flags = {"--top-k": ("top_k", "7", 7), "--torch-backend": ("torch_backend", "libtorch", "libtorch"),
+             "--instance-kind": ("instance_kind", "gpu", "gpu"), "--max-batch-sessions": ("max_batch_sessions", "8", 8),
+             "--max-request-rows": ("max_request_rows", "9", 9), "--max-queue-delay-us": ("max_queue_delay_us", "10", 10),
+             "--torch-threads": ("torch_threads", "2", 2), "--model-instances": ("model_instances", "3", 3),
+             "--preprocess-instances": ("preprocess_instances", "4", 4), "--max-queue-size": ("max_queue_size", "0", 0),
+             "--queue-timeout-us": ("queue_timeout_us", "5", 5), "--window": ("window", "2", 2),
+             "--out": ("out", "X", Path("X"))}  # fmt: skip
+    for flag, (name, text, value) in flags.items():
+        assert getattr(parse_args([*base, flag, text]), name) == value, flag
+    assert parse_args([*base, "--new-version"]).new_version is True
+    config = tmp_path / "export.json"
+    config.write_text(json.dumps({"run": "from-file", "data": "D", "top_k": 5, "window": 1}))
+    cfg = parse_args(["--config", str(config), "--top-k", "9"])
+    assert (cfg.run, cfg.top_k, cfg.window) == (Path("from-file"), 9, 1)  # the file, then the flags
+    with pytest.raises(SystemExit) as e:
+        parse_args([*base, "--torch-backend", "onnx"])
+    assert e.value.code == 2
+
+
+def test_serve_flags_keep_their_meaning(monkeypatch):
+    from export.serve import parse_args
+
+    monkeypatch.delenv("SESSREC_ADMIN_KEY", raising=False)
+    cfg = parse_args(["--repo", "x"])
+    assert (cfg.repo, cfg.host, cfg.grpc_port, cfg.http_port, cfg.metrics_port) == (Path("x"), "127.0.0.1", 8001, 8000, 8002)
+    assert (cfg.ready_timeout_s, cfg.exit_timeout_s, cfg.model_control, cfg.watchdog_interval_s) == (300.0, 30, "explicit", 1.0)
+    assert (cfg.log_file, cfg.log_verbose, cfg.admin_key) == (None, 0, None)
+    argv = ["--repo", "x", "--host", "0.0.0.0", "--grpc-port", "0", "--http-port", "1", "--metrics-port", "2",
+            "--ready-timeout", "5", "--exit-timeout", "6", "--model-control", "none", "--watchdog-interval", "3",
+            "--log-file", "l.log", "--log-verbose", "1"]  # fmt: skip
+    monkeypatch.setenv("SESSREC_ADMIN_KEY", "k")
+    cfg = parse_args(argv)
+    assert (cfg.host, cfg.grpc_port, cfg.http_port, cfg.metrics_port) == ("0.0.0.0", 0, 1, 2)
+    assert (cfg.ready_timeout_s, cfg.exit_timeout_s, cfg.model_control) == (5.0, 6, "none")
+    assert cfg.watchdog_interval_s == 0.0, "no watchdog without explicit model control"
+    assert (cfg.log_file, cfg.log_verbose, cfg.admin_key) == (Path("l.log"), 1, "k")

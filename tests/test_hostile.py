@@ -26,8 +26,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from export.repository import ExportConfig, export_repository
-from tests.triton_util import start_server
+from tests.triton_util import MAX_ROWS, MAX_SESSIONS, K
 from training.names import (
     ENSEMBLE_NAME,
     LENGTHS_TENSOR,
@@ -42,26 +41,11 @@ from training.names import (
 
 pytestmark = pytest.mark.triton
 
-K = 20
-MAX_ROWS = 2000
-MAX_SESSIONS = 64
 INT64_MAX = np.iinfo(np.int64).max
 DTYPES = {"i": "INT64", "f": "FP32", "b": "BOOL"}
 
 
-# --- fixtures -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(artifacts, tmp_path_factory):
-    data, run = artifacts
-    repo = export_repository(
-        ExportConfig(run=run, data=data, out=tmp_path_factory.mktemp("hostile") / "model_repository", top_k=K,
-                     max_request_rows=MAX_ROWS, max_batch_sessions=MAX_SESSIONS)
-    )
-    srv = start_server(repo)
-    yield srv
-    assert srv.stop() == 0, srv.log_tail()
-
-
+# --- fixtures (`server`, conftest.py: the artifacts exported with triton_util.served_config) ----------
 @pytest.fixture(scope="module")
 def stub(server):
     channel = grpc.insecure_channel(server.grpc_url)

@@ -272,11 +272,11 @@ def test_a_folder_without_its_record_is_refused(repo, tmp_path):
 
 
 def test_defaults_bind_loopback_and_restrict_admin_apis(tmp_path):
-    from export.serve import build_parser
+    from export.serve import parse_args
 
     cfg = ServerConfig(repo=tmp_path)
     assert cfg.host == "127.0.0.1"
-    assert build_parser().parse_args(["--repo", "x"]).host == "127.0.0.1"
+    assert parse_args(["--repo", "x"]).host == "127.0.0.1"
     cmd = TritonServer(cfg).command(tmp_path)
     for flag in ("--grpc-address=127.0.0.1", "--http-address=127.0.0.1", "--metrics-address=127.0.0.1"):
         assert flag in cmd

@@ -25,9 +25,8 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 from clients import RankError, rank_sessions
 from export.floor import FLOOR_ENSEMBLE, write_floor_repository
 from export.inference import TopKRanker, feature_order
-from export.repository import ExportConfig, export_repository
 from tests.sessions_util import ranker_inputs
-from tests.triton_util import PROJECT_ROOT, start_server
+from tests.triton_util import MAX_ROWS, MAX_SESSIONS, PROJECT_ROOT, K
 from training.checkpoint import load_run
 from training.names import (
     ENSEMBLE_NAME,
@@ -45,28 +44,8 @@ from training.names import (
 
 pytestmark = pytest.mark.triton
 
-K = 20
-MAX_ROWS = 2000  # --max-request-rows of the served repository (bad-input test sends one more)
-MAX_SESSIONS = 64  # --max-batch-sessions
 MIN_SESSIONS = 500  # offline = online on at least this many validation sessions
-
-
-@pytest.fixture(scope="module")
-def server(artifacts, tmp_path_factory):
-    data, run = artifacts
-    repo = export_repository(
-        ExportConfig(
-            run=run,
-            data=data,
-            out=tmp_path_factory.mktemp("served") / "model_repository",
-            top_k=K,
-            max_request_rows=MAX_ROWS,
-            max_batch_sessions=MAX_SESSIONS,
-        )
-    )
-    srv = start_server(repo)
-    yield srv
-    assert srv.stop() == 0, srv.log_tail()
+# `server` (conftest.py): the artifacts exported with tests/triton_util.served_config (K, MAX_ROWS, MAX_SESSIONS)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +92,14 @@ def assert_still_serving(client, good_request, good_answer):
 
 
 # --- health, metadata -----------------------------------------------------------------
+def test_served_configs_are_the_golden_files(server):
+    """What this server was given is what export/golden/ shows a reader (tests/test_export.py checks the
+    generator against the same files)."""
+    for model in (ENSEMBLE_NAME, PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL):
+        served = (Path(server.cfg.repo) / model / "config.pbtxt").read_text()
+        assert served == (PROJECT_ROOT / "export" / "golden" / model / "config.pbtxt").read_text(), model
+
+
 def test_models_ready_and_ensemble_metadata(client, schema):
     assert client.is_server_live() and client.is_server_ready()
     for model in (ENSEMBLE_NAME, PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL):

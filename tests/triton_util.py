@@ -4,6 +4,10 @@
     with running_server(repo) as server:
         client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
 
+`served_config` is the serving tests' export (the `server` fixture of conftest.py):
+top-k K, at most MAX_ROWS rows and MAX_SESSIONS sessions per request. The config.pbtxt
+it gives each step is export/golden/<step>/config.pbtxt.
+
 Free ports are picked by binding port 0 and closing it, so another process can
 take one before the server binds it; a start that fails with "address in use"
 is retried on new ports.
@@ -17,7 +21,18 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from export.config import ExportConfig
 from export.tritonserver import PROJECT_ROOT, ServerConfig, ServerError, TritonServer
+
+# The serving tests' export options (tests/test_serving.py, test_hostile.py; export/golden/)
+K = 20  # --top-k
+MAX_ROWS = 2000  # --max-request-rows (the bad-input tests send one more)
+MAX_SESSIONS = 64  # --max-batch-sessions
+
+
+def served_config(run: Path, data: Path, out: Path) -> ExportConfig:
+    """The export the `server` fixture serves (and the golden configs show)."""
+    return ExportConfig(run=run, data=data, out=out, top_k=K, max_request_rows=MAX_ROWS, max_batch_sessions=MAX_SESSIONS)
 
 
 def start_server(repo: Path, attempts: int = 3, ready_timeout_s: float = 300.0) -> TritonServer:

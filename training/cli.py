@@ -15,9 +15,11 @@ Field metadata understood here:
 * "flags": the flag spellings (default `--field-name`);
 * "choices": the allowed values; "group": the argparse group title;
 * "cli": False keeps a field off the command line (it may still come from a file);
-* "parse": a callable applied to the flag's string (e.g. `comma_list`).
+* "parse": a callable applied to the flag's string (e.g. `comma_list`);
+* "metavar": the flag's placeholder in --help;
+* "append": True makes the flag repeatable; the field (a list) holds one parsed value per use.
 
-A default of None or () is not shown in the help (say in the text what leaving the flag out means).
+A default of None, () or [] is not shown in the help (say in the text what leaving the flag out means).
 
 A bool field gets `--name` / `--no-name` (argparse.BooleanOptionalAction).
 `Optional[X]` / `X | None` fields parse as X.
@@ -29,7 +31,7 @@ import argparse
 import json
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import Any
@@ -83,18 +85,23 @@ def add_field_flag(
     flags = list(f.metadata.get("flags", ["--" + f.name.replace("_", "-")]))
     text = f.metadata["help"] if help is None else help
     default = field_default(f)
-    if show_default and default is not MISSING and default is not None and default != ():
+    if show_default and default is not MISSING and default is not None and default not in ((), []):
         text += f" [{default}]"
     kw: dict[str, Any] = {"dest": dest or f.name, "help": text, "default": argparse.SUPPRESS}
     typ = _plain_type(typ)
+    if f.metadata.get("append") and typing.get_origin(typ) is list:
+        typ = (typing.get_args(typ) or (str,))[0]  # each use parses one element
     if typ is bool:
         kw["action"] = argparse.BooleanOptionalAction
     else:
         kw["type"] = f.metadata.get("parse", typ if callable(typ) and typ is not Any else str)
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        elif dest:
-            kw["metavar"] = f.name.upper()  # not the destination's prefix
+        for key in ("choices", "metavar"):
+            if key in f.metadata:
+                kw[key] = f.metadata[key]
+        if dest and "choices" not in kw and "metavar" not in kw:
+            kw["metavar"] = f.name.upper()  # the field's name, not the destination's prefix
+        if f.metadata.get("append"):
+            kw["action"] = "append"  # a SUPPRESSed default: the first use starts an empty list
     p.add_argument(*flags, **kw)
 
 
@@ -175,11 +182,20 @@ def check_keys(values: Mapping[str, Any], allowed: Iterable[str], where: str) ->
         raise ConfigFileError(f"{where}: unknown setting {unknown[0]!r}; expected one of {sorted(ok)}")
 
 
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of `cls`; {} where an annotation does not resolve at run time."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return {}
+
+
 def layered(cls: type, *layers: Mapping[str, Any] | None, where: str = "settings") -> Any:
     """`cls(**(defaults < layers[0] < layers[1] ...))`; None layers are skipped.
 
     Keys must be fields of `cls`, and every field without a default must be given
-    (ConfigFileError otherwise, naming the key and its flag)."""
+    (ConfigFileError otherwise, naming the key and its flag). A string given for a
+    `Path` field (as a JSON file holds it) becomes a Path."""
     names = {f.name for f in fields(cls)}
     merged: dict[str, Any] = {}
     for layer in layers:
@@ -187,10 +203,13 @@ def layered(cls: type, *layers: Mapping[str, Any] | None, where: str = "settings
             continue
         check_keys(layer, names, where)
         merged.update(layer)
+    hints = _type_hints(cls)
     for f in fields(cls):
         if f.name not in merged and field_default(f) is MISSING:
             flag = f.metadata.get("flags", ["--" + f.name.replace("_", "-")])[0]
             raise ConfigFileError(f"missing setting {f.name!r}: give {flag} (or set it in a --config file)")
+        if isinstance(merged.get(f.name), str) and _plain_type(hints.get(f.name)) is Path:
+            merged[f.name] = Path(merged[f.name])  # a path from a JSON file is a string
     return cls(**merged)
 
 
@@ -253,3 +272,16 @@ def parse(
         cls, prog=prog, description=description, epilog=epilog, config_flag=config_flag, exclude=exclude
     )
     return parse_with(p, cls, argv, convert=convert)
+
+
+def command_line(cls: type, prog: str, doc: str | None, **kw: Any) -> Callable[[list[str] | None], Any]:
+    """The `parse_args(argv)` of a `python -m` entry point: `parse` with flags from `cls`, a
+    --config FILE, and the first paragraph of `doc` (the module docstring) as the description."""
+
+    def parse_args(argv: list[str] | None = None) -> Any:
+        return parse(cls, argv, prog=prog, description=(doc or "").split("\n\n")[0], config_flag=True, **kw)
+
+    parse_args.__doc__ = (
+        f"{prog}'s flags from {cls.__name__}; defaults < --config FILE (JSON) < explicit flags."
+    )
+    return parse_args
