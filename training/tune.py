@@ -145,9 +145,8 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> TuneConfig:
-    """One flag per TuneConfig field (training/cli.py), from its help text and default."""
-    return cli.parse(TuneConfig, argv, prog="python -m training.tune", description=__doc__.split("\n\n")[0])
+# one flag per TuneConfig field (training/cli.py); defaults < --config FILE < explicit flags
+parse_args = cli.command_line(TuneConfig, "python -m training.tune", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
