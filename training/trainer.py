@@ -27,7 +27,7 @@ on (`set_sample_counts`; the item memory's `pop` table when it is on).
     fit(t, st, held) the epoch loop (early stopping on `held`, head selection)
     evaluate(t, row) model, baselines and the count blend on window t+1's --eval-split (valid),
                      with only what was known after window t (training/evaluate.py)
-    save(t, row)     checkpoint + metrics.json + metrics.png after window t
+    save(t, row)     checkpoint + metrics.json after window t (metrics.png once, at the end of `run`)
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.baselines import BaselineCounts, iter_memory_tables
+from training.baselines import BaselineCounts
 from training.checkpoint import (
     META_FILE,
     MODEL_FILE,
@@ -59,7 +59,8 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig, check_model
 from training.data.splits import SessionTensors, available_windows, load_schema, load_split, split_path
-from training.evaluate import evaluate_sessions, known_inputs, score_held, split_holdout
+from training.evaluate import evaluate_sessions, score_held, split_holdout
+from training.history import WindowHistory, set_memory_counts
 from training.integrity import atomic_write
 from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
 from training.names import AGE_COL, FIRST_REAL_ID, list_col
@@ -153,18 +154,13 @@ def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
 
 def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:
     """Fill the model's ItemMemory tables with the counts of `sessions`: `baselines.memory_tables`
-    of the same counts as the baselines, copied in one table at a time (`iter_memory_tables`
-    with release: at 1M items the tables and the sparse counts dominate the peak RSS)."""
-    mem = model.item_memory
-    assert mem is not None
+    of the same counts as the baselines (a run keeps them running: training/history.py)."""
     counts = BaselineCounts(model.cfg.n_items, sessions=False)  # V-SKNN's session index: not needed
     item = model.cfg.item_feature
     for st in sessions:
         if len(st):
             counts.add_sessions(st.feats[item].numpy(), st.lengths.numpy())
-    for name, table in iter_memory_tables(counts, model.cfg.memory_k, release=True):
-        mem.set_table(name, torch.from_numpy(table))
-        del table  # before the next table is built
+    set_memory_counts(model, counts, release=True)
 
 
 @torch.no_grad()
@@ -222,6 +218,11 @@ class Trainer:
         self.first = cfg.start_window  # first window still to train
         self.scheduler_state: dict[str, Any] = {}  # the last window's LR schedule, saved to optim.pt
         self.counts: BaselineCounts | None = None
+        # earlier windows' training splits, read once, and the item memory's running counts
+        keep = full.memory or cfg.train_on == "cumulative"
+        self.history = WindowHistory(
+            self.data, self.schema, full.item_feature, self.age_feature, full.n_items, keep
+        )
         self.writer: Any = None
         torch.manual_seed(cfg.seed)
         self._setup_model(mcfg)
@@ -369,7 +370,7 @@ class Trainer:
             return
         self.counts = BaselineCounts(self.n_items_all)
         for w in [w for w in available_windows(self.data, self.schema) if w < self.first]:
-            st = load_split(split_path(self.data, w, "train"), self.schema)
+            st = self.history.raw(w)
             if len(st):
                 self.counts.add_sessions(st.feats[self.mcfg.item_feature].numpy(), st.lengths.numpy())
 
@@ -401,6 +402,8 @@ class Trainer:
             self.writer.close()
         result = self.result()
         if self.dist.main:
+            # once per run, not per window (matplotlib: ~1 s to import, 0.3-0.5 s per figure)
+            plot_metrics(self.rows, self.out / PLOT_FILE)
             print_table(self.rows)
         return result
 
@@ -415,13 +418,10 @@ class Trainer:
         train_path = split_path(data, t, "train")
         known = self.known_sizes(t)
         item_f = model.cfg.item_feature
-
-        def load_known(path: Path) -> SessionTensors:
-            # ids follow first appearance, so window <= t sessions hold known ids only; values that
-            # reach --freq-threshold later are OOV until then (no-op without a threshold)
-            return known_inputs(load_split(path, schema), known, item_f, self.age_feature)[0]
-
-        train_st = load_known(train_path)
+        history = self.history
+        # ids follow first appearance, so window <= t sessions hold known ids only; values that
+        # reach --freq-threshold later are OOV until then (no-op without a threshold)
+        train_st = history.known(history.raw(t), known)
         row: dict[str, Any] = {
             "train_window": t,
             "eval_window": t + 1,
@@ -432,15 +432,14 @@ class Trainer:
         item = model.cfg.item_feature
         fit_st, held_st = split_holdout(train_st, cfg.holdout, _seed(cfg.seed, t, 4))
         before = [w for w in available_windows(data, schema) if w < t]
-        need_earlier = model.item_memory is not None or cfg.train_on == "cumulative"
-        earlier = {w: load_known(split_path(data, w, "train")) for w in before} if need_earlier else {}
         if model.item_memory is not None and len(train_st):
             # counts of every earlier window's training sessions + the sessions fitted now, not the
             # held-back ones (early stopping scores them as unseen sessions); after training the
             # held-back ones are counted too (below)
-            set_memory(model, [*earlier.values(), fit_st])
+            history.fill_memory(model, t, before, known, fit_st)
         if cfg.train_on == "cumulative" and len(fit_st):
-            fit_st = concat_sessions([*(earlier[w] for w in before if w >= cfg.start_window), fit_st])
+            earlier = history.sessions([w for w in before if w >= cfg.start_window], known)
+            fit_st = concat_sessions([*earlier.values(), fit_st])
         row.update(fit_sessions=len(fit_st), holdout_sessions=len(held_st))
         set_sample_counts(model, fit_st)
 
@@ -454,7 +453,8 @@ class Trainer:
         if self.counts is not None and len(train_st):
             self.counts.add_sessions(train_st.feats[item].numpy(), train_st.lengths.numpy())
         if model.item_memory is not None and len(train_st):
-            set_memory(model, [*earlier.values(), train_st])  # every training session of windows <= t
+            history.fill_memory(model, t, before, known, held_st)  # every training session of windows <= t
+        history.close_window(t)
 
         if self.dist.main and cfg.evaluate:
             self.evaluate(t, row)
@@ -656,7 +656,7 @@ class Trainer:
         print(window_line(row), file=sys.stderr)
 
     def save(self, t: int, row: dict[str, Any]) -> None:
-        """Checkpoint (model.pt, optim.pt, meta.json), metrics.json and metrics.png after window t."""
+        """Checkpoint (model.pt, optim.pt, meta.json) and metrics.json after window t."""
         cfg, out, mcfg = self.cfg, self.out, self.mcfg
         result = self.result()
         meta = {
@@ -687,7 +687,6 @@ class Trainer:
             (out / WINDOWS_DIR / str(t)).mkdir(parents=True, exist_ok=True)
             save_checkpoint(out / WINDOWS_DIR / str(t), self.model.state_dict(), {}, meta)
         atomic_write(out / METRICS_FILE, json.dumps(result, indent=2).encode())
-        plot_metrics(self.rows, out / PLOT_FILE)
         if self.writer is not None:
             for k, v in row.items():
                 if isinstance(v, float):

@@ -542,14 +542,17 @@ class SessionModel(nn.Module):
         tgt = None if self.item_memory is None else PackedTargets(*where.nonzero(as_tuple=True), ctx_ok)
         if is_sampled:
             return self._sampled_loss(p, h_sel, targets, tgt, generator)
+        table = self.embeddings[self.cfg.item_feature].weight
         if self.item_memory is None:
-            logits = self.item_logits(h_sel)  # (M, V)
+            logits = (self._head_input(h_sel) @ table.t()).float()  # (M, V)
         else:
             assert tgt is not None
-            table = self.embeddings[self.cfg.item_feature].weight
             logits = self.item_memory.packed_scores(
                 h_sel, items, seg, tgt, HeadFactors(self._head_input(h_sel), table)
-            ).masked_fill_(self.special_ids, float("-inf"))  # (M, V)
+            )  # (M, V)
+        # special ids never win: -inf written into their 3 columns of the fresh scores, the values
+        # (and gradients) of masked_fill(special_ids) without its (M, V) pass and (M, V) backward
+        logits[:, :FIRST_REAL_ID] = float("-inf")
         denom = max(int(targets.numel()), 1)
         if label_smoothing <= 0.0:
             return F.cross_entropy(logits, targets, reduction="sum") / denom
