@@ -1,5 +1,6 @@
 """The earlier windows of a run: their training sessions read once, and the item memory's counts
-kept running, instead of re-reading every earlier split and recounting it twice per window.
+kept running, instead of re-reading every earlier split and recounting it twice per window;
+and the per-window counts a model is given (`set_memory`, `set_sample_counts`).
 
     history = WindowHistory(data, schema, item_feature, age_feature, n_items)
     earlier = history.sessions(before, known)      # {window: SessionTensors} as known after window t
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from training.baselines import BaselineCounts, iter_memory_tables
 from training.data.splits import SessionTensors, load_split, split_path
@@ -119,3 +121,29 @@ def set_memory_counts(model: SessionModel, counts: BaselineCounts, release: bool
     for name, table in iter_memory_tables(counts, model.cfg.memory_k, release=release):
         mem.set_table(name, torch.from_numpy(table[:V]))
         del table  # before the next table is built
+
+
+def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:
+    """Fill the model's ItemMemory tables with the counts of `sessions`: `baselines.memory_tables`
+    of the same counts as the baselines (a run keeps them running: training/history.py)."""
+    counts = BaselineCounts(model.cfg.n_items, sessions=False)  # V-SKNN's session index: not needed
+    item = model.cfg.item_feature
+    for st in sessions:
+        if len(st):
+            counts.add_sessions(st.feats[item].numpy(), st.lengths.numpy())
+    set_memory_counts(model, counts, release=True)
+
+
+@torch.no_grad()
+def item_counts(st: SessionTensors, item: str, n_items: int) -> Tensor:
+    """(V,) float: how often each item id occurs in the sessions of `st` (padding excluded)."""
+    items = st.feats[item]  # (N, L)
+    real = torch.arange(items.shape[1])[None, :] < st.lengths[:, None]  # (N, L)
+    return torch.bincount(items[real].long(), minlength=n_items).float()
+
+
+def set_sample_counts(model: SessionModel, st: SessionTensors) -> None:
+    """The sampled loss without the item memory: the negative sampler's counts = items of `st`
+    (the sessions trained on; with the memory, its `pop` table serves, see `set_memory`)."""
+    if model.cfg.loss == "sampled" and model.item_memory is None and len(st):
+        model.set_sample_counts(item_counts(st, model.cfg.item_feature, model.cfg.n_items))

@@ -59,8 +59,8 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig, check_model
 from training.data.splits import SessionTensors, available_windows, load_schema, load_split, split_path
-from training.evaluate import evaluate_sessions, score_held, split_holdout
-from training.history import WindowHistory, set_memory_counts
+from training.evaluate import evaluate_sessions, score_held, served_ranking, split_holdout
+from training.history import WindowHistory, set_memory, set_sample_counts  # noqa: F401 (set_memory: tests)
 from training.integrity import atomic_write
 from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
 from training.names import AGE_COL, FIRST_REAL_ID, list_col
@@ -150,32 +150,6 @@ def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
         torch.cat([p.session_id for p in parts]),
         parts[-1].source,
     )
-
-
-def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:
-    """Fill the model's ItemMemory tables with the counts of `sessions`: `baselines.memory_tables`
-    of the same counts as the baselines (a run keeps them running: training/history.py)."""
-    counts = BaselineCounts(model.cfg.n_items, sessions=False)  # V-SKNN's session index: not needed
-    item = model.cfg.item_feature
-    for st in sessions:
-        if len(st):
-            counts.add_sessions(st.feats[item].numpy(), st.lengths.numpy())
-    set_memory_counts(model, counts, release=True)
-
-
-@torch.no_grad()
-def item_counts(st: SessionTensors, item: str, n_items: int) -> Tensor:
-    """(V,) float: how often each item id occurs in the sessions of `st` (padding excluded)."""
-    items = st.feats[item]  # (N, L)
-    real = torch.arange(items.shape[1])[None, :] < st.lengths[:, None]  # (N, L)
-    return torch.bincount(items[real].long(), minlength=n_items).float()
-
-
-def set_sample_counts(model: SessionModel, st: SessionTensors) -> None:
-    """The sampled loss without the item memory: the negative sampler's counts = items of `st`
-    (the sessions trained on; with the memory, its `pop` table serves, see `set_memory`)."""
-    if model.cfg.loss == "sampled" and model.item_memory is None and len(st):
-        model.set_sample_counts(item_counts(st, model.cfg.item_feature, model.cfg.n_items))
 
 
 # -----------------------------------------------------------------------------
@@ -513,6 +487,11 @@ class Trainer:
         if model.item_memory is not None:
             model.item_memory.head_scale.fill_(1.0)  # training always uses the head; chosen again below
         held_scores: list[float] = []
+        # a model served in two stages scores the held-back sessions as served; where both can run,
+        # also exactly, to record which epoch exact ranking would have kept
+        held_exact: list[float] | None = (
+            [] if early and served_ranking(model) and model.cfg.n_items <= cfg.exact_eval_max_items else None
+        )
         epochs_run = steps_run = sessions_run = 0
         t0 = time.perf_counter()
         for epoch in range(cfg.epochs):
@@ -546,6 +525,9 @@ class Trainer:
                 score, scale, without = score_held(model, held, device, cfg.eval_batch_size, select_head)
                 if without is not None:
                     held_no_head.append(without)
+                if held_exact is not None:
+                    exact = score_held(model, held, device, cfg.eval_batch_size, select_head, exact=True)
+                    held_exact.append(exact.ndcg20)
                 model.train()
                 held_scores.append(score)
                 if score > best_score:
@@ -578,6 +560,9 @@ class Trainer:
         }
         if early:
             out.update(best_epoch=best_epoch + 1, holdout_ndcg20_per_epoch=held_scores)
+        if held_exact:
+            best_exact = max(range(len(held_exact)), key=held_exact.__getitem__)  # the first best
+            out.update(best_epoch_exact=best_exact + 1, holdout_ndcg20_exact_per_epoch=held_exact)
         if select_head:
             out.update(head_scale=best_scale, holdout_ndcg20_without_head_per_epoch=held_no_head)
         return out
@@ -651,6 +636,7 @@ class Trainer:
                 self.device,
                 self.cfg.eval_batch_size,
                 self.age_feature,
+                self.cfg.exact_eval_max_items,
             )
         )
         print(window_line(row), file=sys.stderr)

@@ -344,6 +344,14 @@ class SessionModel(nn.Module):
                 f"two-stage top-k: k={k} must be in [1, {n_pop}] (the popular "
                 "candidates guarantee k real items; raise rank_popular)"
             )
+        return ranking.candidate_top_k(*self.candidate_scores(feats, lengths), k)
+
+    def candidate_scores(self, feats: dict[str, Tensor], lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Two-stage ranking's first stage and its scores: (B, L) feats, (B,) lengths ->
+        (scores (B, C) float32, candidates (B, C) ids sorted per row); a repeated id and the
+        special ids score -inf (`ranking.mask_candidates`), every other candidate the value
+        `next_item_scores` gives it. What the served model ranks (evaluation reads it too)."""
+        self._check_ranking()
         feats = self.unknown_to_oov(feats)  # ids the tables do not hold yet (issue 12) -> OOV
         items = feats[self.cfg.item_feature]  # (B, L)
         h = self.next_hidden(feats, lengths)  # (B, d_model)
@@ -354,7 +362,7 @@ class SessionModel(nn.Module):
             scores = torch.bmm(w, q[:, :, None]).squeeze(2).float()  # (B, C)
         else:
             scores = self.item_memory.candidate_scores(h, items, lengths, cand, q, w)  # (B, C)
-        return ranking.candidate_top_k(scores, cand, self.special_ids, k)
+        return ranking.mask_candidates(scores, cand, self.special_ids), cand
 
     def rank_candidates(self, items: Tensor, lengths: Tensor, q: Tensor) -> Tensor:
         """Two-stage candidates (`ranking.candidates`): (B, L) items, (B,) lengths, (B, E) head
