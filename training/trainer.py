@@ -63,6 +63,7 @@ from training.evaluate import evaluate_sessions, score_held, served_ranking, spl
 from training.history import WindowHistory, set_memory, set_sample_counts  # noqa: F401 (set_memory: tests)
 from training.integrity import atomic_write
 from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
+from training.model.choice import explain
 from training.names import AGE_COL, FIRST_REAL_ID, list_col
 from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise, window_line
 from training.runtime import Dist, amp_dtype, barrier, check_replicas_in_sync, resolve_device, set_threads
@@ -174,6 +175,7 @@ class Trainer:
         self.vocab = Schema.of(self.schema)  # typed view: vocabulary sizes per window
         full = cfg.model.with_schema(self.schema)  # resolves loss="auto" on the whole vocabulary
         check_model(full, cfg.label_smoothing)
+        self.choices = explain(cfg.model, full)  # loss / rank "auto": what was picked and why (meta.json)
         self.n_items_all = full.n_items  # the baselines' count tables span every id
         age = list_col(AGE_COL)
         # the item age derived by the workflow (real logs): 0 for an item the served workflow does not know
@@ -361,6 +363,9 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Every window from the first unfinished one; returns the metrics.json content."""
         self.restore()
+        if self.dist.main:
+            for name, c in self.choices.items():
+                print(f"[train] {name} {c['value']}: {c['reason']}", file=sys.stderr)
         self._wrap_ddp()
         self._count_earlier_windows()
         self._open_writer()
@@ -652,6 +657,7 @@ class Trainer:
             "schema": self.schema,
             "workflow_sha256": self.schema.get("workflow_sha256", {}),
             "train_config": cfg.to_dict(),
+            "choices": self.choices,
             "metrics": {"windows": self.rows},
         }
         ostate = {
