@@ -499,6 +499,7 @@ class Trainer:
         )
         epochs_run = steps_run = sessions_run = 0
         t0 = time.perf_counter()
+        model.hold_ranking_index(True)  # a two-stage index: built once per window by early stopping
         for epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=shuffle_gen)
             loss_sum.zero_()
@@ -542,6 +543,7 @@ class Trainer:
                     break
             if cfg.max_steps > 0 and steps_run >= cfg.max_steps:
                 break
+        model.hold_ranking_index(False)
         if early and best_state is not None:
             model.load_state_dict(best_state)
             if select_head:

@@ -176,6 +176,7 @@ class SessionModel(nn.Module):
                 "ivf_members", torch.zeros(0, cfg.ivf_list_size, dtype=torch.int64), persistent=False
             )
         self._rank_key: tuple | None = None  # which table/counts the ranking index was built from
+        self._rank_hold: bool | None = None  # `hold_ranking_index`: None off, else whether built since
         self._rank_sizes = (0, 0, 0)  # (popular, probed lists, kept IVF items) of the index
         self._sampler_key: tuple | None = None  # which counts `_sampler` was computed from
         self._sampler: sampled.SamplerTables | None = None
@@ -396,8 +397,18 @@ class SessionModel(nn.Module):
         counts = getattr(self, "sample_counts", None)
         return counts if counts is not None and bool(counts.any()) else None
 
+    def hold_ranking_index(self, hold: bool) -> None:
+        """hold: from now on the two-stage index, once built, is kept while the item table changes;
+        False: rebuilt again whenever the table or the counts changed (the default).
+
+        Early stopping scores every epoch of a window as served; rebuilding the index from the
+        table after each epoch would cost O(V) per epoch (k-means over every item vector), so
+        the window's later epochs keep the index built for its first scored one (their own
+        vectors score the candidates). The served model's index is built from its final table."""
+        self._rank_hold = False if hold else None
+
     def _check_ranking(self) -> None:
-        if self._rank_key == self._rank_sources():
+        if self._rank_key == self._rank_sources() or self._rank_hold:
             return
         if torch.jit.is_tracing():
             raise RuntimeError(
@@ -427,6 +438,8 @@ class SessionModel(nn.Module):
         )
         self._rank_sizes = (int(index.pop_ids.shape[0]), index.probe, index.keep)
         self._rank_key = self._rank_sources()
+        if self._rank_hold is not None:
+            self._rank_hold = True
 
     # --- training ---------------------------------------------------------------------
 
