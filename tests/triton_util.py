@@ -21,6 +21,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
 from export.config import ExportConfig
 from export.tritonserver import PROJECT_ROOT, ServerConfig, ServerError, TritonServer
 
@@ -33,6 +36,11 @@ MAX_SESSIONS = 64  # --max-batch-sessions
 def served_config(run: Path, data: Path, out: Path) -> ExportConfig:
     """The export the `server` fixture serves (and the golden configs show)."""
     return ExportConfig(run=run, data=data, out=out, top_k=K, max_request_rows=MAX_ROWS, max_batch_sessions=MAX_SESSIONS)
+
+
+def parse_config(path: Path) -> model_config_pb2.ModelConfig:
+    """A config.pbtxt as Triton's parser reads it."""
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
 def start_server(repo: Path, attempts: int = 3, ready_timeout_s: float = 300.0) -> TritonServer:

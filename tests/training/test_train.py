@@ -33,7 +33,7 @@ from training.trainer import cosine_lambda
 
 DIST1 = Dist()  # rank 0 of 1
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # tests/training/ -> the repository root
 
 
 def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
