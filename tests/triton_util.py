@@ -27,7 +27,7 @@ from tritonclient.grpc import model_config_pb2
 from export.config import ExportConfig
 from export.tritonserver import PROJECT_ROOT, ServerConfig, ServerError, TritonServer
 
-# The serving tests' export options (tests/test_serving.py, test_hostile.py; export/golden/)
+# The serving tests' export options (tests/export/test_serving.py, tests/system/test_hostile.py; export/golden/)
 K = 20  # --top-k
 MAX_ROWS = 2000  # --max-request-rows (the bad-input tests send one more)
 MAX_SESSIONS = 64  # --max-batch-sessions

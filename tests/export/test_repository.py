@@ -280,7 +280,7 @@ def golden_texts(schema: Schema) -> dict[str, str]:
 def test_configs_equal_the_golden_files(tiny_synthetic_data):
     """export/golden/<model>/config.pbtxt is what the serving tests' repository serves (synthetic DATA,
     --top-k 20 --max-request-rows 2000 --max-batch-sessions 64): the text a reader sees is the text written.
-    tests/test_serving.py checks the served repository's files against the same golden files."""
+    tests/export/test_serving.py checks the served repository's files against the same golden files."""
     texts = golden_texts(Schema.load(tiny_synthetic_data))
     assert sorted(texts) == sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
     for model, text in texts.items():
@@ -289,7 +289,7 @@ def test_configs_equal_the_golden_files(tiny_synthetic_data):
             path.write_text(text)
         assert text == path.read_text(), (
             f"export/pbtxt.py writes another {model}/config.pbtxt than {path}: if the change is meant, "
-            f"rewrite the golden files with {UPDATE_GOLDEN}=1 pytest tests/test_export.py -k golden"
+            f"rewrite the golden files with {UPDATE_GOLDEN}=1 pytest tests/export/test_repository.py -k golden"
         )
     text_format.Parse(texts[TORCH_MODEL], model_config_pb2.ModelConfig())  # and Triton's parser reads them
     assert f"dims: [ {SERVED_K} ]" in texts[TORCH_MODEL]
