@@ -38,11 +38,6 @@ def served_config(run: Path, data: Path, out: Path) -> ExportConfig:
     return ExportConfig(run=run, data=data, out=out, top_k=K, max_request_rows=MAX_ROWS, max_batch_sessions=MAX_SESSIONS)
 
 
-def parse_config(path: Path) -> model_config_pb2.ModelConfig:
-    """A config.pbtxt as Triton's parser reads it."""
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-
-
 def start_server(repo: Path, attempts: int = 3, ready_timeout_s: float = 300.0) -> TritonServer:
     last: ServerError | None = None
     for _ in range(attempts):
@@ -95,3 +90,8 @@ def trained_artifacts(root: Path) -> tuple[Path, Path]:
                   "--end-window", "2", "--memory", "--no-progress"])
         _ARTIFACTS[root] = (data, run)
     return _ARTIFACTS[root]
+
+
+def parse_config(path: Path) -> model_config_pb2.ModelConfig:
+    """A config.pbtxt as Triton's parser reads it."""
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
