@@ -29,7 +29,10 @@ from training.cli import comma_list, help_meta
 from training.names import CATEGORY_COL, ITEM_COL, SESSION_COL, TIME_COL, WINDOW_COL
 
 TIME_UNITS = ("s", "ms", "date")
-WINDOW_SECONDS = {"day": 86_400, "hour": 3_600, "week": 604_800}
+# "month" is 30 days (a fixed length, counted from the epoch like the others): a sparse log such as
+# NowPlaying1M (~3.5k sessions a month over 18 months) needs windows of that size to hold a day's worth
+# of DIGINETICA
+WINDOW_SECONDS = {"day": 86_400, "hour": 3_600, "week": 604_800, "month": 2_592_000}
 _PARQUET_SUFFIXES = {".parquet", ".pq"}
 _SEP_BY_SUFFIX = {".tsv": "\t", ".tab": "\t", ".csv": ","}
 _COMPRESSION_SUFFIXES = {".gz", ".bz2", ".xz", ".zip", ".zst"}
