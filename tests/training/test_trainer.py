@@ -8,19 +8,12 @@ import pytest
 import torch
 
 import training.trainer as trainer_mod
+from tests.training.train_util import tiny_cfg
 from training.checkpoint import RunError, read_meta
-from training.config import TrainConfig
 from training.runtime import Dist
 from training.train import train
 
 DIST1 = Dist()  # rank 0 of 1
-
-
-def tiny_cfg(data, out, **kw) -> TrainConfig:
-    base = dict(
-        data=str(data), out=str(out), end_window=3, epochs=1, batch_size=16, threads=1, progress=False
-    )
-    return TrainConfig(**{**base, **kw})
 
 
 @pytest.fixture()
