@@ -20,7 +20,7 @@ import torch
 from clients import rank_sessions
 from export.inference import TopKRanker, feature_order
 from export.repository import export_repository
-from tests.test_serving import validation_sessions
+from tests.export.test_serving import validation_sessions
 from tests.triton_util import MAX_SESSIONS, K, running_server, served_config
 from training.checkpoint import META_FILE, load_run
 from training.names import ITEM_LIST, POSTPROCESS_MODEL, SESSION_COL

@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from tests.test_twostage import COVER, SMALL, batch, make_model
+from tests.training.model.test_ranking import COVER, SMALL, batch, make_model
 from training.data.splits import SessionTensors
 from training.evaluate import evaluate_both, evaluate_model
 from training.metrics import pessimistic_ranks

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_sampled import fill_counts, make_model, packed_batch, sessions
+from tests.training.model.test_sampled import fill_counts, make_model, packed_batch, sessions
 
 N_ITEMS = 400
 DRAWS = 200
