@@ -378,8 +378,8 @@ class SessionModel(nn.Module):
         rerank = self.item_memory is not None and self.cfg.rerank
         if self.cfg.rank == "exact" and not rerank:
             return ranking.exact_top_k(self.next_item_scores(feats, lengths), k)
-        if rerank:
-            n_pop = self.item_memory.popular_ids().shape[0]
+        if rerank:  # ItemMemory.popular_ids: a constant number of real ids
+            n_pop = min(self.cfg.rank_popular, self.cfg.n_items - FIRST_REAL_ID)
         else:
             self._check_ranking()
             n_pop = self._rank_sizes[0]
