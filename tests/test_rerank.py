@@ -254,18 +254,24 @@ def assert_same_top_k(
     assert torch.equal(gi[clear], wi[clear].long())
 
 
-@pytest.mark.parametrize("rank", ["exact", "two_stage"])  # rerank overrides the rank setting
-def test_served_top_k_is_the_exact_masked_top_k(rank):
-    m = make_model(rank=rank)
+def test_served_top_k_is_the_exact_masked_top_k(monkeypatch):
+    m = make_model()
+    assert m.cfg.rank == "two_stage"  # "auto" under rerank: the memory's candidates at any catalogue size
     items, lengths = random_sessions(64, V, seed=3, max_len=L, min_len=1)
     feats, lens = {ITEM: torch.from_numpy(items)}, torch.from_numpy(lengths)
     with torch.no_grad():
         want = torch.topk(m.next_item_scores(feats, lens), POP, dim=1)
-        got = m.next_item_topk(feats, lens, POP)
+        with monkeypatch.context() as mp:  # the candidate path never scores the whole catalogue
+            mp.setattr(m.item_memory, "combine", None)
+            got = m.next_item_topk(feats, lens, POP)
     assert_same_top_k(got, want)
     assert bool((got[1] >= FIRST_REAL_ID).all()) and bool(torch.isfinite(got[0][:, 0]).all())
     with pytest.raises(ValueError, match="re-ranking top-k"):
         m.next_item_topk(feats, lens, POP + 1)
+    m.cfg.rank = "exact"  # scores every item and masks: the same top-k, bit for bit the masked scores'
+    with torch.no_grad():
+        exact = m.next_item_topk(feats, lens, POP)
+    assert torch.equal(exact[0], want[0]) and torch.equal(exact[1], want[1])
 
 
 def test_candidate_count_does_not_grow_with_the_catalogue():

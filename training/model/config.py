@@ -181,7 +181,10 @@ class ModelConfig:
     # an inverted-file index over the item table, `ivf_probe` lists of `ivf_list_size` items), scored
     # exactly (network + item memory) on those only; "auto" (default): "two_stage" when the catalogue
     # has >= two_stage_min_items ids. Resolved in __post_init__ (meta.json records the ranking used).
-    # docs/scale.md has the measurements behind the defaults.
+    # docs/scale.md has the measurements behind the defaults. Under `rerank` (with the memory),
+    # "two_stage" scores the memory's own candidates (no IVF index) and "auto" resolves to it at any
+    # catalogue size, since nothing else is ranked; "exact" scores every item and masks the rest
+    # (faster at large batches on small catalogues, docs/quality.md). Both give the same top-k.
     rank: str = "auto"
     two_stage_min_items: int = 200_000
     rank_context: int = 5  # last items of a session whose co-occurrence lists are candidates
@@ -245,7 +248,8 @@ class ModelConfig:
         if self.rank_context < 0:
             raise ValueError(f"rank_context must be >= 0, got {self.rank_context}")
         if self.has_schema and self.rank == "auto":
-            self.rank = "two_stage" if self.n_items >= self.two_stage_min_items else "exact"
+            large = self.n_items >= self.two_stage_min_items
+            self.rank = "two_stage" if large or (self.rerank and self.memory) else "exact"
 
     @property
     def has_schema(self) -> bool:

@@ -377,13 +377,10 @@ class ItemMemory(nn.Module):
         context, lists = self._session_view(items, lengths)
         with torch.autocast(h.device.type, enabled=False):
             g = F.softplus(self.gate(h.float()))  # (B, 4)
-            log_pop = torch.log1p(take(self.pop, cand))[:, :, None]  # (B, C, 1)
-            if head is None:
-                out = log_pop[:, :, 0] * g[:, 3:4]  # (B, C) g_pop * log1p(pop)
-            else:
-                lhs = torch.cat([self._head_lhs(h, head.h), g[:, 3:4]], 1)  # (B, E+1)
-                rhs = torch.cat([head.w.float(), log_pop], 2)  # (B, C, E+1)
-                out = torch.bmm(rhs, lhs[:, :, None]).squeeze(2)  # (B, C) network logits + g_pop * log1p(pop)
+            out = torch.log1p(take(self.pop, cand)) * g[:, 3:4]  # (B, C) g_pop * log1p(pop)
+            if head is not None:  # + the network's logits; (B, C, E) is large: no concatenation to it
+                lhs = self._head_lhs(h, head.h)  # (B, E)
+                out = out + torch.bmm(head.w.float(), lhs[:, :, None]).squeeze(2)  # (B, C)
 
         for idx, val in self._count_terms(g, context, lists):  # out[b, column of idx[b, j]] += val[b, j]
             j = torch.searchsorted(cand, idx).clamp_(max=C - 1)  # (B, N) first position of idx, if present

@@ -369,14 +369,14 @@ class SessionModel(nn.Module):
         rank "exact": `next_item_scores` + topk (scores every item). rank "two_stage": the
         same scores computed on a fixed number C of candidates per session only
         (`rank_candidates`), so the cost does not grow with V (apart from the index's
-        list heads). Re-ranking (cfg.rerank, whatever the rank): the item memory's
-        candidates (`ItemMemory.session_candidates`), the only items `next_item_scores`
-        does not set to -inf, so this is its exact top-k at O(candidates) per session.
+        list heads); under re-ranking (cfg.rerank) the candidates are the item memory's
+        (`ItemMemory.session_candidates`), the only items `next_item_scores` does not set
+        to -inf, so this is its exact top-k at O(candidates) per session, no index.
         Special ids are never returned; scores are those `next_item_scores` gives the
         returned ids. Traceable (call `prepare_ranking` first).
         """
         rerank = self.item_memory is not None and self.cfg.rerank
-        if self.cfg.rank == "exact" and not rerank:
+        if self.cfg.rank == "exact":
             return ranking.exact_top_k(self.next_item_scores(feats, lengths), k)
         if rerank:  # ItemMemory.popular_ids: a constant number of real ids
             n_pop = min(self.cfg.rank_popular, self.cfg.n_items - FIRST_REAL_ID)
