@@ -15,8 +15,8 @@ step: there is no second copy of the vocabulary nor of the code. It keeps
 sessions of length 1 (the Filter is for training data only) and right-pads lists
 to [S, max_len].
 
-Parity with `Workflow.transform` is tested in tests/test_workflow.py and
-tests/test_preprocess_properties.py; the contract is in docs/contracts.md.
+Parity with `Workflow.transform` is tested in tests/training/data/test_workflow.py and
+tests/training/data/test_preprocess_properties.py; the contract is in docs/contracts.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The full softmax builds (positions, V) logits, ~5 GB per step at 1M items. The s
 loss scores only U = unique(batch targets + `negatives` items drawn per batch from
 (count + 1)^alpha), subtracts log P(j in U) from every column but the row's own target,
 and reads the item table through sparse lookups: a step's cost does not depend on V
-(tests/test_sampled.py). Evaluation and the exported model still rank the full catalogue.
+(tests/training/model/test_sampled.py). Evaluation and the exported model still rank the full catalogue.
 
     tables = sampler_tables(counts, alpha)                          # once per change of the counts
     cols, log_p = sample_candidates(tables, targets, n, generator)  # (U,), (U,)

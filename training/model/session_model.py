@@ -57,7 +57,7 @@ loss scores only U = unique(batch targets + `negatives` items drawn per batch fr
 (count + 1)^alpha), subtracts log P(j in U) from every column (sampled.py),
 asks the item memory for those columns only, and reads the item table through
 sparse lookups (`param_groups`: SparseAdam/Adagrad for the table, AdamW for the rest).
-Its step cost does not depend on V (tests/test_sampled.py); evaluation and the
+Its step cost does not depend on V (tests/training/model/test_sampled.py); evaluation and the
 exported model still rank the full catalogue.
 
 Serving top-k (`next_item_topk`): "exact" scores every item; "two_stage" scores a

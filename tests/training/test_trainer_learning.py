@@ -1,10 +1,10 @@
 """The Trainer learns (issue 17): the real training loop beats the untrained model and every count baseline.
 
-tests/test_learning.py trains with its own loop; this runs `training.trainer.Trainer` itself
+tests/training/test_learning.py trains with its own loop; this runs `training.trainer.Trainer` itself
 (AdamW / SparseAdam and their schedules, clipping, the packed loss, early stopping, stacking,
 evaluation) on a DATA folder written here, so it fails when any of them stops learning.
 
-The planted pattern (the idea of tests/test_learning.py, made proof against the item
+The planted pattern (the idea of tests/training/test_learning.py, made proof against the item
 memory): P context items c_1..c_P, two hub items x and z, P targets f(c_1)..f(c_P):
 
     c_i, c_j, x, f(c_i)      or      c_i, c_j, z, f(c_j)      (i != j, hub uniform)
@@ -70,7 +70,7 @@ def write_planted_data(data: Path) -> Path:
         "item_list": ITEM_LIST,
         "continuous": [],
         "windows": [1, 2],
-        "source": "planted pattern (tests/test_trainer_learning.py)",
+        "source": "planted pattern (tests/training/test_trainer_learning.py)",
         "vocabulary_by_window": {ITEM_LIST: {"1": V, "2": V}},
     }
     (data / "schema.json").write_text(json.dumps(schema))

@@ -1,14 +1,12 @@
-"""How the network and the counts are combined: head gate, stacking, the ablation switches, gBCE.
+"""How the network and the counts are combined: head gate, the ablation switches, gBCE.
 
 What must hold:
 * head gate (ModelConfig.head_gate): starts at weight 1 (the scores of the model without it) and
   multiplies the network's own item logits only, per session, in every scoring path (exact,
   candidates, packed, packed on columns);
 * head_logits off == the head's weight 0; it needs the item memory;
-* leave_out=False scores sessions as they are in the counts (no correction);
-* stacking (training/stacking.py) changes the item memory's parameters only, uses no
-  leave-one-out, leaves the rest of the model (weights, buffers, requires_grad, mode) as it
-  was, and reports the held-back NDCG@20 before/after and the mean head gate;
+* leave_out=False scores sessions as they are in the counts (no correction; stacking uses it,
+  tests/training/test_stacking.py);
 * side_features off: the continuous features change nothing; feature_norm: a LayerNorm per
   feature (a feature's scale no longer matters);
 * gBCE: gSASRec's formula (hand computed), plain BCE over every item, and the sampled gBCE
@@ -18,21 +16,16 @@ What must hold:
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tests.sessions_util import random_sessions
 from training.baselines import BaselineCounts, memory_tables
-from training.config import TrainConfig
-from training.data.splits import SessionTensors
 from training.model import HeadFactors, ModelConfig, PackedTargets, SessionModel, pack_sessions, take
 from training.model.losses import gbce_loss
 from training.names import FIRST_REAL_ID, ITEM_LIST
 from training.recipes import RECIPES
-from training.stacking import mean_head_weight, stack_memory
 
 ITEM = ITEM_LIST
 CAT = "category-list"
@@ -140,7 +133,7 @@ def test_without_head_logits_the_scores_are_the_gated_counts():
         ModelConfig(memory=False, head_logits=False)
 
 
-# --- leave-one-out switch and stacking ----------------------------------------------------
+# --- leave-one-out switch ----------------------------------------------------
 
 
 def test_leave_out_false_scores_sessions_as_the_counts_hold_them():
@@ -158,53 +151,6 @@ def test_leave_out_false_scores_sessions_as_the_counts_hold_them():
             ctx = p.feats[ITEM][r, :q][seg[r, :q] == seg[r, q]]
             want = mem.next_item_scores(h[m : m + 1], F.pad(ctx, (0, 1))[None], torch.tensor([len(ctx)]))
             assert torch.allclose(got[m], want[0], atol=1e-5)
-
-
-def held_sessions(n: int, seed: int) -> SessionTensors:
-    feats, lengths = batch(n, seed)
-    return SessionTensors(feats, lengths, torch.arange(n))
-
-
-def stack_cfg(**kw) -> TrainConfig:
-    base = dict(data="-", out="-", stack=3, batch_size=16, memory_lr=0.05, holdout=0.1, patience=1, threads=1)
-    return TrainConfig(**{**base, **kw})
-
-
-def test_stacking_trains_the_combiner_only_without_leave_one_out(monkeypatch):
-    m = make_model(head_gate=True, rerank=True, rank_popular=8, dropout=0.3)
-    m.train()
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    grad_flags = {n: p.requires_grad for n, p in m.named_parameters()}
-    seen = []
-    real_view = m.item_memory.packed_view
-
-    def spy(*args, **kw):
-        seen.append(kw.get("leave_out", True))
-        return real_view(*args, **kw)
-
-    monkeypatch.setattr(m.item_memory, "packed_view", spy)
-    held = held_sessions(40, seed=11)
-    out = stack_memory(m, held, stack_cfg(), seed=3, device=torch.device("cpu"))
-    assert seen and not any(seen)  # held-back sessions: nothing left out, every step
-    assert len(seen) == 3 * math.ceil(40 / 16)
-    after = m.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith("item_memory.") for k in changed), changed
-    assert "item_memory.head_gate.weight" in changed and "item_memory.gate.weight" in changed
-    assert not any(k.startswith("item_memory.") and k.split(".")[1] in ("cooc_idx", "pop") for k in changed)
-    assert {n: p.requires_grad for n, p in m.named_parameters()} == grad_flags and m.training
-    assert set(out) == {"holdout_ndcg20_before_stack", "holdout_ndcg20_after_stack", "holdout_head_gate"}
-    assert out["holdout_head_gate"] == pytest.approx(mean_head_weight(m, held, torch.device("cpu"), 7))
-    assert out["holdout_head_gate"] != pytest.approx(1.0)  # it moved from its start
-
-
-def test_stacking_is_reproducible_and_seeded():
-    outs = []
-    for seed in (3, 3, 4):
-        m = make_model(head_gate=True)
-        stack_memory(m, held_sessions(40, seed=11), stack_cfg(stack=2), seed=seed, device=torch.device("cpu"))
-        outs.append(m.item_memory.head_gate.weight.detach().clone())
-    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 
 
 # --- input switches -----------------------------------------------------------------------
@@ -307,5 +253,3 @@ def test_flags_recipes_and_old_configs():
     assert ModelConfig.from_dict(old) == ModelConfig()  # a checkpoint from before: today's behaviour
     with pytest.raises(ValueError, match="loss_fn"):
         ModelConfig(loss_fn="bpr")
-    with pytest.raises(ValueError, match="stack"):
-        stack_cfg(stack=-1)

@@ -21,8 +21,8 @@ import training.integrity as integrity_mod
 import training.model as model_mod
 import training.train as train_mod
 import training.trainer as trainer_mod
+from tests.training.train_util import tiny_cfg
 from training.checkpoint import RunError, load_run, read_meta, save_checkpoint
-from training.config import TrainConfig
 from training.data.splits import DataError, eval_inputs_targets, load_schema, load_split, split_path
 from training.evaluate import evaluate_model, known_inputs
 from training.metrics import metric_keys
@@ -33,15 +33,7 @@ from training.trainer import cosine_lambda
 
 DIST1 = Dist()  # rank 0 of 1
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        data=str(data), out=str(out), end_window=3, epochs=1, batch_size=16, threads=1, progress=False
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+REPO = Path(__file__).resolve().parents[2]  # tests/training/ -> the repository root
 
 
 def model_metrics(row: dict) -> dict:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import training.trainer as trainer_mod
+from tests.training import train_util
 from training.baselines import BaselineCounts, evaluate_baselines, memory_tables
 from training.config import TrainConfig
 from training.data.prepare import prepare
@@ -242,11 +243,7 @@ def test_unknown_inputs_become_oov_and_unknown_targets_miss_for_every_method():
 
 
 def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        data=str(data), out=str(out), end_window=4, epochs=1, batch_size=16, threads=1, progress=False
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return train_util.tiny_cfg(data, out, **{"end_window": 4, **kw})
 
 
 def test_run_records_items_known_and_unseen_targets(grown_log, tmp_path):

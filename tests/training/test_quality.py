@@ -14,6 +14,7 @@ import torch
 import training.evaluate as evaluate_mod
 import training.train as train_mod
 import training.trainer as trainer_mod
+from tests.training.train_util import tiny_cfg
 from training.baselines import BaselineCounts
 from training.config import TrainConfig
 from training.data.splits import eval_inputs_targets, load_schema, load_split, split_path
@@ -22,15 +23,6 @@ from training.names import OOV_ID
 from training.recipes import RECIPES, default_recipe, resolve_settings
 from training.train import train
 from training.tune import TuneConfig, sample_trials, tune
-
-
-def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        data=str(data), out=str(out), end_window=3, epochs=1, batch_size=16, threads=1, progress=False
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
 
 # --- evaluation protocol: the same sessions and targets for every method ------------------
 
