@@ -171,6 +171,8 @@ class SessionModel(nn.Module):
         self.head_proj = (
             nn.Linear(cfg.d_model, cfg.embedding_dim) if cfg.d_model != cfg.embedding_dim else None
         )
+        if self.head_proj is not None and not cfg.head_logits:
+            self.head_proj.requires_grad_(False)  # never read: DDP wants no unused trainable parameter
         self.item_memory = (
             ItemMemory(
                 cfg.n_items,
@@ -396,11 +398,12 @@ class SessionModel(nn.Module):
             cand = self.item_memory.session_candidates(items, lengths)  # (B, C) sorted, repeats and pads
         else:
             cand = self.rank_candidates(items, lengths, q)  # (B, C) sorted, with repeats and specials
-        w = take(self.embeddings[self.cfg.item_feature].weight, cand)  # (B, C, E)
+        table = self.embeddings[self.cfg.item_feature].weight
+        head = HeadFactors(q, take(table, cand)) if self.cfg.head_logits else None  # w: (B, C, E)
         if self.item_memory is None:
-            scores = torch.bmm(w, q[:, :, None]).squeeze(2).float()  # (B, C)
+            assert head is not None  # ModelConfig: no head logits needs the memory
+            scores = torch.bmm(head.w, q[:, :, None]).squeeze(2).float()  # (B, C)
         else:
-            head = HeadFactors(q, w) if self.cfg.head_logits else None
             scores = self.item_memory.candidate_scores(h, items, lengths, cand, head)  # (B, C)
         return ranking.candidate_top_k(scores, cand, self.special_ids, k)
 
