@@ -80,6 +80,14 @@ class TrainConfig:
             "held-back training sessions score better with them than with the gated counts alone"
         ),
     )
+    stack: int = field(
+        default=0,
+        metadata=help_meta(
+            "item memory + early stopping (no-op without): after a window's fit, train only the item memory's "
+            "combiner (count gates, head gate, position weights) for N epochs on the held-back "
+            "sessions, which neither the network nor the counts saw (stacking; 0 = off)"
+        ),
+    )
     cycles_per_epoch: float = field(
         default=1.5,
         metadata=help_meta("cosine LR cycles per epoch (num_cycles = this * epochs), 0 = constant LR"),
@@ -172,6 +180,8 @@ class TrainConfig:
                 "head_selection needs early stopping (patience > 0, holdout > 0) and the item memory "
                 "(--memory): it chooses on the held-back sessions whether the head's own logits help"
             )
+        if self.stack < 0:
+            raise ValueError(f"stack must be >= 0 epochs (0 = off), got {self.stack}")
         if self.memory_lr < 0 or self.weight_decay < 0:
             raise ValueError(
                 f"memory_lr and weight_decay must be >= 0, got {self.memory_lr} and {self.weight_decay}"

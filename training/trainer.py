@@ -24,7 +24,7 @@ on (`set_sample_counts`; the item memory's `pop` table when it is on).
     restore()        --resume: weights, optimizer and rows of the last finished window
     run_window(t)    grow the tables to window t's vocabulary, load window t, fill the item memory,
                      fit, evaluate on t+1 -> metrics row
-    fit(t, st, held) the epoch loop (early stopping on `held`, head selection)
+    fit(t, st, held) the epoch loop (early stopping on `held`, head selection, stacking: stacking.py)
     evaluate(t, row) model, baselines and the count blend on window t+1's --eval-split (valid),
                      with only what was known after window t (training/evaluate.py)
     save(t, row)     checkpoint + metrics.json + metrics.png after window t
@@ -66,6 +66,7 @@ from training.names import AGE_COL, FIRST_REAL_ID, list_col
 from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise, window_line
 from training.runtime import Dist, amp_dtype, barrier, check_replicas_in_sync, resolve_device, set_threads
 from training.schema import Schema
+from training.stacking import stack_memory
 
 # -----------------------------------------------------------------------------
 # Training pieces
@@ -118,21 +119,6 @@ def pad_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> N
                         f"optimizer state {k} {tuple(v.shape)} cannot follow parameter {tuple(p.shape)}"
                     )
                 state[k] = torch.cat([v, v.new_zeros((p.shape[0] - v.shape[0], *v.shape[1:]))])
-
-
-def _to_device(p: PackedSessions, device: torch.device) -> PackedSessions:
-    return PackedSessions(
-        {k: v.to(device, non_blocking=True) for k, v in p.feats.items()},
-        p.segment.to(device, non_blocking=True),
-        None if p.masked is None else p.masked.to(device, non_blocking=True),
-    )
-
-
-def _batch(st: SessionTensors, idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-    """Rows `idx`, trimmed to their longest session (padding never changes the result)."""
-    lengths = st.lengths[idx]
-    width = int(lengths.max())
-    return {k: v[idx, :width] for k, v in st.feats.items()}, lengths
 
 
 def newest(parts: list[SessionTensors], budget: int) -> list[SessionTensors]:
@@ -540,14 +526,14 @@ class Trainer:
                 if cfg.max_steps > 0 and steps_run >= cfg.max_steps:
                     break
                 idx = perm[bounds[b] : bounds[b + 1]][d.rank :: d.world]
-                feats, lengths = _batch(st, idx)  # CPU, (b, max length in the batch)
+                feats, lengths = st.batch(idx)  # CPU, (b, max length in the batch)
                 masked = None
                 if mlm:  # drawn on the CPU generator: the same on any device, exact on resume
                     masked = mask_positions(feats[item], lengths, model.cfg.mask_prob, mask_gen).masked
                 # several sessions per row, no compute on padding
                 packed = pack_sessions(feats, lengths, masked)
                 if device.type != "cpu":
-                    packed = _to_device(packed, device)
+                    packed = packed.to(device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss = self.step_module(packed, neg_gen)
                 self._step(loss, optimizers, schedulers, params)
@@ -577,6 +563,10 @@ class Trainer:
             if select_head:
                 assert model.item_memory is not None
                 model.item_memory.head_scale.fill_(best_scale)
+        stacked = {}
+        if early and cfg.stack > 0 and model.item_memory is not None:  # the combiner on held-back sessions
+            assert held is not None
+            stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
@@ -597,7 +587,7 @@ class Trainer:
             out.update(best_epoch=best_epoch + 1, holdout_ndcg20_per_epoch=held_scores)
         if select_head:
             out.update(head_scale=best_scale, holdout_ndcg20_without_head_per_epoch=held_no_head)
-        return out
+        return {**out, **stacked}
 
     # --- optimizer step (dense AdamW + the item table's SparseAdam under the sampled loss) ------------
 
