@@ -31,7 +31,7 @@ import numpy as np
 from export.config import ExportConfig
 from export.pbtxt import TRACED_FILE, Layout, model_io_names
 from export.tracing import Served
-from training.integrity import atomic_write, write_folder_record
+from training.integrity import atomic_write, model_level_sha256, write_folder_record
 from training.names import (
     ENSEMBLE_NAME,
     OUT_ITEM_IDS,
@@ -80,15 +80,20 @@ def write_step_code(version_dir: Path, step: str) -> None:
 
 
 @contextmanager
-def staged(folder: Path, record: dict | None = None) -> Iterator[Path]:
+def staged(folder: Path, record: dict | None = None, step: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of version folder `folder` (not numeric: Triton ignores it); when
-    the block is done, write its sessrec_files.json (with `record`'s fields) and rename it into place."""
+    the block is done, write its sessrec_files.json (with `record`'s fields) and rename it into place.
+
+    A step's record also lists its model folder's config.pbtxt and warm-up files (written before
+    its versions, the same for all of them), which the step checks before it loads anything. An
+    ensemble's (`step=False`) does not: its config.pbtxt is re-pinned at every version switch, and
+    no code of the ensemble runs to check it (Triton validates it against the steps)."""
     tmp = folder.parent / f".{folder.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     yield tmp
-    write_folder_record(tmp, record)
+    write_folder_record(tmp, record, model_level_sha256(folder.parent) if step else None)
     tmp.rename(folder)
 
 
@@ -134,7 +139,7 @@ def write_version(
         "workflow_sha256": schema.workflow_sha256,
         "run": run_record(served.run),
     }
-    with staged(out / ENSEMBLE_NAME / v) as tmp:
+    with staged(out / ENSEMBLE_NAME / v, step=False) as tmp:
         write_file(tmp / RUN_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
 
