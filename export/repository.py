@@ -61,8 +61,9 @@ import shutil
 from pathlib import Path
 
 from export.config import ExportConfig, ExportError
-from export.pbtxt import Layout, ensemble_config, step_configs, warmup_data
+from export.pbtxt import Layout, ensemble_configs, step_configs, warmup_data
 from export.staging import (
+    ENSEMBLES,
     MANIFEST,
     MODELS,
     read_manifest,
@@ -113,10 +114,12 @@ def export_repository(cfg: ExportConfig) -> Path:
     for name, blob in warmup_data(layout, cfg).items():
         write_file(out / TORCH_MODEL / "warmup" / name, blob)
     record = write_version(out, 1, served, layout, cfg, schema)
-    write_file(out / ENSEMBLE_NAME / "config.pbtxt", ensemble_config(layout, cfg, 1))
+    for name, text in ensemble_configs(layout, cfg, 1).items():
+        write_file(out / name / "config.pbtxt", text)
     manifest = {
         "models": list(MODELS),
         "ensemble": ENSEMBLE_NAME,
+        "ensembles": list(ENSEMBLES),
         "inputs": layout.raw_inputs,
         "options": cfg.options(),
         "workflow_sha256": schema.workflow_sha256,
@@ -152,6 +155,11 @@ def add_ensemble_version(cfg: ExportConfig) -> int:
     full.check()
     layout = Layout.from_schema(schema, full.top_k)
     for name, text in step_configs(layout, full).items():
+        if not (out / name / "config.pbtxt").is_file():
+            raise FileNotFoundError(
+                f"{out / name / 'config.pbtxt'} is missing: the repository was exported by an earlier version of "
+                "`python -m export` (before the stateful ensemble); re-export it"
+            )
         if (out / name / "config.pbtxt").read_text() != text:
             raise ValueError(
                 f"{out / name / 'config.pbtxt'} differs from what these options write: the repository was "
