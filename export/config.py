@@ -85,8 +85,8 @@ class ExportConfig:
     max_live_sessions: int = field(
         default=100_000,
         metadata=help_meta(
-            "stateful ensemble: live sessions each instance of preprocess_stateful holds (Triton's "
-            "max_candidate_sequences; beyond it the least recently used session is forgotten)"
+            "stateful ensemble: sessions each instance of preprocess_stateful holds (beyond it the least "
+            "recently used is forgotten; Triton tracks twice as many sequences: max_candidate_sequences)"
         ),
     )
     session_instances: int = field(

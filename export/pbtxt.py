@@ -333,6 +333,10 @@ def ensemble_config(layout: Layout, cfg: ExportConfig, version: int = 1) -> str:
     )
 
 
+# Triton sequence slots per session the step's store holds (see stateful_preprocess_config).
+SEQUENCE_SLOTS_PER_SESSION = 2
+
+
 def stateful_inputs(layout: Layout) -> list[str]:
     """The stateful ensemble's inputs: the raw columns of a click but the session id (the session is
     the request's correlation id)."""
@@ -341,11 +345,15 @@ def stateful_inputs(layout: Layout) -> list[str]:
 
 def stateful_preprocess_config(layout: Layout, cfg: ExportConfig) -> str:
     """The sequence-batched first step of `session_ranker_stateful` (see
-    export/triton_models/preprocess_stateful/model.py): the oldest strategy, one in-flight request per
-    session, up to `max_live_sessions` live sessions per instance, each forgotten after
-    `session_idle_timeout_s` without a request. Those two numbers are read by the step from this
-    block, so Triton's sequence slots and the step's own store have the same bounds. No queue policy:
-    Triton takes none next to a sequence batcher (the model step's still applies)."""
+    export/triton_models/preprocess_stateful/model.py): the oldest strategy (one request in flight per
+    session, sessions batched dynamically), a session forgotten after `session_idle_timeout_s` without
+    a request (Triton frees its slot; the step reads the same number from this block and evicts its
+    own copy). The step's store holds `max_live_sessions` sessions per instance (LRU beyond); Triton
+    tracks SEQUENCE_SLOTS_PER_SESSION times as many sequences per instance (`max_candidate_sequences`:
+    a slot stays taken until END or the idle timeout, ~0.7 KB each, allocated at load), so that at the
+    store's cap a new session replaces the least recently used one instead of waiting in Triton's
+    backlog for a free slot. No queue policy: Triton takes none next to a sequence batcher (the model
+    step's still applies)."""
     L = layout.max_len
     inputs = [tensor(n, triton_dtype(layout.raw_inputs[n]), [-1]) for n in stateful_inputs(layout)]
     outputs = [tensor(f, layout.feature_dtypes[f], [-1, L]) for f in layout.features]
@@ -358,7 +366,8 @@ def stateful_preprocess_config(layout: Layout, cfg: ExportConfig) -> str:
         + io_block("output", outputs)
         + "sequence_batching {\n"
         + f"  max_sequence_idle_microseconds: {int(cfg.session_idle_timeout_s) * 1_000_000}\n"
-        + f"  oldest {{ max_candidate_sequences: {cfg.max_live_sessions} max_queue_delay_microseconds: 0 }}\n"
+        + f"  oldest {{ max_candidate_sequences: {SEQUENCE_SLOTS_PER_SESSION * cfg.max_live_sessions} "
+        + "max_queue_delay_microseconds: 0 }\n"
         + "}\n"
         + f"instance_group [ {{ count: {cfg.session_instances} kind: KIND_CPU }} ]\n"
         + parameters(
@@ -366,6 +375,7 @@ def stateful_preprocess_config(layout: Layout, cfg: ExportConfig) -> str:
                 "feature_names": json.dumps(layout.features),
                 "clicks_output": OUT_SESSION_CLICKS,
                 "max_request_rows": str(cfg.max_request_rows),
+                "max_live_sessions": str(cfg.max_live_sessions),
             }
         )
     )

@@ -17,8 +17,10 @@ session would: the stateful answer equals the stateless one for the same clicks.
 
 Bounds (each instance of the step, a separate process, has its own store):
 - `max_sessions` live sessions at most: a new session beyond it evicts the least recently used one
-  (LRU). The step's config sets it to the sequence batcher's `max_candidate_sequences`, so the store
-  never holds more sessions than Triton lets be live on that instance.
+  (LRU); that session's next click (without START) is refused with the message below, and the client
+  resends its clicks. Triton's sequence batcher tracks twice as many sequences per instance
+  (`max_candidate_sequences`), so at this cap new sessions replace old ones instead of waiting for a
+  sequence slot.
 - `idle_timeout_s`: a session not touched for that long is forgotten. Triton's sequence batcher frees
   the slot of a sequence idle for `max_sequence_idle_microseconds` (the same number, from the same
   config) but sends the model nothing when it does (no END), so the store evicts by itself: every

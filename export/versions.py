@@ -47,10 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.pbtxt import ensemble_version, pin_ensemble
+from export.staging import ENSEMBLES, STEPS
 from export.tritonserver import ADMIN_HEADER, ADMIN_KEY_ENV, ServerError, repository_post
 from training.cli import command_line, help_meta
 from training.integrity import FOLDER_RECORD, atomic_write
-from export.staging import ENSEMBLES, STEPS
 from training.names import ENSEMBLE_NAME
 
 

@@ -13,9 +13,10 @@ the session after answering. Outputs: the model step's features [1, L], lengths 
 `session_clicks` [1] (clicks received since START, this request's included: a client compares it
 with its own count).
 
-Bounds from config.pbtxt's sequence_batching block (one source for Triton and the store): idle
-timeout = max_sequence_idle_microseconds (the store evicts idle sessions itself: Triton sends no END
-on timeout), live sessions per instance = oldest.max_candidate_sequences (LRU beyond it). A click
+Bounds from config.pbtxt: the idle timeout is the sequence batcher's max_sequence_idle_microseconds
+(one number for Triton and the store, which evicts idle sessions itself: Triton sends no END on
+timeout); the store holds `max_live_sessions` sessions per instance (parameter; least recently used
+forgotten beyond it), Triton tracks twice as many sequences (max_candidate_sequences). A click
 without START for a session this instance does not hold is answered INVALID_ARG with a message that
 says to resend the session's clicks with the START flag; a bad click leaves the session unchanged.
 
@@ -37,7 +38,13 @@ class TritonPythonModel:
         verify_folder(version_dir)  # before anything of this folder is imported or read
         import numpy as np
         from sessrec_sessions import SessionStore
-        from sessrec_steps import RequestError, check_raw_columns, json_parameter, preprocess, string_parameters
+        from sessrec_steps import (
+            RequestError,
+            check_raw_columns,
+            json_parameter,
+            preprocess,
+            string_parameters,
+        )
         from sessrec_transform import Transform
 
         self.np, self.RequestError = np, RequestError
@@ -61,7 +68,7 @@ class TritonPythonModel:
         self.store = SessionStore(
             {n: t.raw_inputs[n] for n in self.inputs},
             max_len=t.max_len,
-            max_sessions=int(seq["oldest"]["max_candidate_sequences"]),
+            max_sessions=int(params["max_live_sessions"]),
             idle_timeout_s=int(seq["max_sequence_idle_microseconds"]) / 1e6,
         )
         self.logger = pb_utils.Logger
