@@ -7,6 +7,7 @@
   (seed 0, ~580 sessions over days 1..9); about a second to build.
 - `diginetica_data`: DATA folder prepared from diginetica-views-7days.tsv (skipped
   when absent); a few seconds to build.
+- `diginetica_run`: a 1-epoch `real`-recipe RUN on it (windows 2..3).
 
 - `artifacts`: (DATA, RUN) of a 30,000-row synthetic log and a 1-epoch run, made once
   per pytest process (tests/triton_util.trained_artifacts); `schema` and
@@ -68,6 +69,24 @@ def diginetica_data(tmp_path_factory, diginetica_dir) -> Path:
     out = tmp_path_factory.mktemp("diginetica") / "data"
     prepare(config_from_args(["--input", str(diginetica_dir / DIGINETICA_TSV), *DIGINETICA_TSV_FLAGS, "--out", str(out)]))
     return out
+
+
+@pytest.fixture(scope="session")
+def diginetica_run(tmp_path_factory, diginetica_data) -> Path:
+    """RUN of the `real` recipe (clm objective, item memory) on `diginetica_data`, windows 2..3, 1 epoch
+    (window 1's training split is empty under the growing-vocabulary protocol: nothing is known after
+    it). Made once per pytest process (test_standalone, test_stateful_parity)."""
+    import subprocess
+    import sys
+
+    run = tmp_path_factory.mktemp("diginetica_run") / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.train", "--data", str(diginetica_data), "--out", str(run), "--recipe", "real",
+         "--start-window", "2", "--end-window", "3", "--epochs", "1", "--no-progress"],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run
 
 
 @pytest.fixture(scope="session")
