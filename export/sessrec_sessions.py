@@ -25,8 +25,8 @@ Bounds (each instance of the step, a separate process, has its own store):
   the slot of a sequence idle for `max_sequence_idle_microseconds` (the same number, from the same
   config) but sends the model nothing when it does (no END), so the store evicts by itself: every
   update first drops the sessions idle longer than the timeout (oldest first, O(1) per eviction).
-- memory: rows live in one preallocated slab `[max_sessions, max_len]` of the raw columns' record
-  (np.zeros: pages are only resident once used), plus a few counters and a dict entry per session;
+- memory: rows live in preallocated slabs `[max_sessions, max_len]`, one per raw column (np.zeros:
+  pages are only resident once used), plus a few counters and a dict entry per session;
   `bytes_per_session()` states it.
 
 A click for a session the store does not hold, without START, raises `SessionNotHeld` (a
@@ -70,10 +70,10 @@ class SessionStore:
             raise ValueError(f"bad session store bounds: max_len {max_len}, max_sessions {max_sessions}, "
                              f"idle_timeout_s {idle_timeout_s}")  # fmt: skip
         self.columns = {name: np.dtype(dt) for name, dt in columns.items()}
-        self.record = np.dtype([(name, dt) for name, dt in self.columns.items()])
         self.max_len, self.max_sessions, self.idle_timeout_s = int(max_len), int(max_sessions), float(idle_timeout_s)
         self.clock = clock
-        self.rows = np.zeros((self.max_sessions, self.max_len), dtype=self.record)  # lazily resident
+        # one [max_sessions, max_len] slab per raw column (np.zeros: pages resident only once written)
+        self.rows = {name: np.zeros((self.max_sessions, self.max_len), dtype=dt) for name, dt in self.columns.items()}
         self.length = np.zeros(self.max_sessions, dtype=np.int32)  # rows kept per slot
         self.clicks = np.zeros(self.max_sessions, dtype=np.int64)  # clicks received since START
         self.touched = np.zeros(self.max_sessions, dtype=np.float64)  # clock() of the last update
@@ -90,7 +90,8 @@ class SessionStore:
 
     def bytes_per_session(self) -> int:
         """Array bytes one live session takes (rows, counters); the dict entry adds ~100-200 bytes."""
-        return self.max_len * self.record.itemsize + self.length.itemsize + self.clicks.itemsize + self.touched.itemsize
+        row = sum(dt.itemsize for dt in self.columns.values())
+        return self.max_len * row + self.length.itemsize + self.clicks.itemsize + self.touched.itemsize
 
     def evict_idle(self, now: float | None = None) -> int:
         """Forget the sessions not touched for more than idle_timeout_s; returns how many."""
@@ -119,10 +120,13 @@ class SessionStore:
             return True
         return False
 
-    def held(self, key: Hashable) -> np.ndarray | None:
-        """The rows kept for `key` (a copy), or None."""
+    def held(self, key: Hashable) -> dict[str, np.ndarray] | None:
+        """The rows kept for `key` ({column: a copy}), or None."""
         slot = self.slots.get(key)
-        return None if slot is None else self.rows[slot, : self.length[slot]].copy()
+        if slot is None:
+            return None
+        n = self.length[slot]
+        return {name: rows[slot, :n].copy() for name, rows in self.rows.items()}
 
     def not_held(self, key: Hashable) -> SessionNotHeld:
         return SessionNotHeld(
@@ -150,16 +154,19 @@ class SessionStore:
         slot = self.slots.get(key)
         if slot is None and not start:
             raise self.not_held(key)
-        n_new = len(next(iter(new_rows.values()))) if new_rows else 0
-        fresh = np.empty(n_new, dtype=self.record)
-        for name in self.columns:
-            fresh[name] = new_rows[name]
-        if slot is None or start:
-            kept, clicks = fresh[-self.max_len :], n_new
-        else:
-            kept = np.concatenate([self.rows[slot, : self.length[slot]], fresh])[-self.max_len :]
-            clicks = int(self.clicks[slot]) + n_new
-        columns = {name: np.ascontiguousarray(kept[name]) for name in self.columns}
+        fresh = {name: np.asarray(new_rows[name], dtype=dt) for name, dt in self.columns.items()}
+        n_new = len(next(iter(fresh.values())))
+        old = 0 if slot is None or start else int(self.length[slot])
+        clicks = n_new + (0 if slot is None or start else int(self.clicks[slot]))
+        if slot is not None and not start and old + n_new <= self.max_len:  # common: append in place, behind
+            for name, rows in self.rows.items():  # the kept length (committed only after `check`)
+                rows[slot, old : old + n_new] = fresh[name]
+            columns = {name: rows[slot, : old + n_new] for name, rows in self.rows.items()}
+        else:  # a new or restarted session, or more rows than fit: the last max_len of old + new (a copy)
+            columns = {
+                name: np.concatenate([rows[slot, :old], fresh[name]])[-self.max_len :] if old else fresh[name][-self.max_len :]
+                for name, rows in self.rows.items()
+            }  # fmt: skip
         result = check(columns) if check is not None else None
         if slot is None:
             if not self.free:  # at the cap: the least recently used session goes
@@ -169,8 +176,11 @@ class SessionStore:
             self.slots[key] = slot
         else:
             self.slots.move_to_end(key)
-        self.rows[slot, : len(kept)] = kept
-        self.length[slot] = len(kept)
+        kept = len(next(iter(columns.values())))
+        for name, rows in self.rows.items():
+            if columns[name].base is not rows:
+                rows[slot, :kept] = columns[name]
+        self.length[slot] = kept
         self.clicks[slot] = clicks
         self.touched[slot] = now
         return columns, clicks, result

@@ -111,6 +111,9 @@ def test_a_bad_click_leaves_the_session_as_it_was():
         with pytest.raises(ValueError, match="nan"):
             s.update(7, click(3), start=start, check=refuse)
         assert s.held(7)["item_id"].tolist() == [1, 2]
+        with pytest.raises(ValueError, match="nan"):  # more rows than fit: the shifted copy is not kept either
+            s.update(7, click(*range(30, 36)), start=start, check=refuse)
+        assert s.held(7)["item_id"].tolist() == [1, 2] and s.held(7)["age_days"].tolist() == pytest.approx([0.1, 0.2])
     with pytest.raises(ValueError):
         s.update(8, click(3), start=True, check=refuse)
     assert 8 not in s
@@ -121,7 +124,7 @@ def test_a_bad_click_leaves_the_session_as_it_was():
 def test_memory_is_preallocated_lazily_and_stated():
     s = SessionStore(COLS, max_len=20, max_sessions=1000, idle_timeout_s=1.0)
     assert s.bytes_per_session() == 20 * (8 + 4) + 4 + 8 + 8
-    assert s.rows.shape == (1000, 20)
+    assert {k: v.shape for k, v in s.rows.items()} == {"item_id": (1000, 20), "age_days": (1000, 20)}
 
 
 # --- the kept rows transform like the whole session ------------------------------------------------
