@@ -2,8 +2,9 @@
 # first, so each is one command on a fresh machine.
 SHELL := /bin/bash
 PY := .venv/bin/python
-DATA ?= data/synthetic
-RUN ?= runs/synthetic
+# make demo: the topic-structured synthetic log (training/data/topics.py), prepared and trained here
+DATA ?= data/topics
+RUN ?= runs/topics
 REPO ?= model_repository
 SEED ?= 0
 # A Python with transformers4rec 23.12 (see ../shared/bench/t4rec_reference.py) to time the reference side by side

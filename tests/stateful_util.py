@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from clients import SessionRanker, rank_sessions
+from clients.ranking import same_ranking
 from training.names import SESSION_COL
 
 
@@ -75,14 +76,11 @@ def replay_clicks(ranker: SessionRanker, sessions: dict[Hashable, pd.DataFrame],
 
 
 def differences(got: dict, want: dict, atol: float = 1e-5) -> tuple[list, int]:
-    """(keys whose stateful ranking is not the stateless one: other item ids, or scores further than
-    `atol` apart; how many answers have bit-identical scores). Scores of the same session can differ in
-    the last bits when the model step batched it with other sessions (another GEMM shape)."""
+    """(keys whose stateful ranking is not the stateless one, how many have identical item ids). Not the
+    same ranking: scores further than `atol` apart, or other items than a swap among items tied to
+    `atol` (clients.ranking.same_ranking): a session's scores move in the last bits with the other
+    sessions the model step batched it with (another GEMM shape)."""
     assert sorted(got, key=str) == sorted(want, key=str), "not the same prefixes"
-    bad = [
-        key for key in want
-        if not np.array_equal(got[key].item_ids, want[key][0])
-        or not np.allclose(got[key].scores, want[key][1], atol=atol, rtol=0)
-    ]  # fmt: skip
-    same = sum(np.array_equal(got[key].scores, want[key][1]) for key in want)
-    return bad, same
+    bad = [key for key in want if not same_ranking(want[key][0], want[key][1], got[key].item_ids, got[key].scores, atol)]
+    exact = sum(np.array_equal(got[key].item_ids, want[key][0]) for key in want)
+    return bad, exact

@@ -160,7 +160,7 @@ def test_interleaved_sessions_on_two_instances_equal_stateless_prefixes(stateful
     assert all(t > 0 for t in busy.values()), f"an instance did no work: {busy}"
     assert [got[(s, j)].clicks for s, j in want] == [j for _, j in want]
     print(f"stateful = stateless on {len(want)} prefixes of {len(sessions)} interleaved sessions "
-          f"({same} with bit-identical scores); stub CPU ticks {busy}")  # fmt: skip
+          f"({same} with identical item ids, the others swap items tied to 1e-5); stub CPU ticks {busy}")  # fmt: skip
 
 
 def test_client_resends_a_session_the_server_forgot(stateful_server, interactions, raw):

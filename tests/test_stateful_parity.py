@@ -42,4 +42,4 @@ def test_diginetica_click_by_click_equals_stateless_prefixes(diginetica_data, di
     assert bad == [], f"{len(bad)} of {len(want)} prefixes ranked differently, e.g. {bad[:5]}"
     assert stats["requests"] == len(want), stats  # one request per click: nothing was resent
     print(f"DIGINETICA window {window}: {len(sessions)} sessions, {len(want)} clicks (longest session "
-          f"{longest}), stateful = stateless rankings for all, scores bit-identical for {same}")  # fmt: skip
+          f"{longest}), stateful = stateless rankings for all ({same} with identical item ids, the others swap items tied to 1e-5)")  # fmt: skip
