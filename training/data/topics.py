@@ -42,7 +42,7 @@ from training.names import CATEGORY_COL, ITEM_COL, SESSION_COL, TIME_COL
 
 ITEM_ID_BASE = 1000  # raw item id = ITEM_ID_BASE * (topic + 1) + rank within the topic
 FIRST_SESSION_ID = 1
-START_TIME = 1_700_000_000  # epoch seconds of the first day (2023-11-14)
+START_TIME = 1_699_920_000  # epoch seconds of the first day: 2023-11-14 00:00 UTC (windows are UTC days)
 DAY_S = 86_400
 
 
