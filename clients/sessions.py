@@ -146,7 +146,9 @@ class SessionRanker:
     """Clicks in, rankings out, through `session_ranker_stateful` (see the module docstring).
 
     top_k: items kept per answer (<= the repository's k; None: all). max_sessions: sessions kept on
-    this side (least recently used forgotten beyond it; the server has its own cap). retries/backoff_s:
+    this side (least recently used forgotten beyond it; the server has its own cap). route_header: a
+    header (gRPC metadata) that carries the session id with every click, for a load balancer that
+    routes sessions to replicas by hashing it (export/README.md, "More than one server"). retries/backoff_s:
     UNAVAILABLE handling as in rank_sessions. ssl, root_certificates, private_key, certificate_chain,
     headers, timeout_s, connect, sleep, rng: as rank_sessions takes them. clock: time source (tests)."""
 
@@ -165,6 +167,7 @@ class SessionRanker:
         private_key: str | None = None,
         certificate_chain: str | None = None,
         headers: Mapping[str, str] | None = None,
+        route_header: str | None = None,
         connect: Callable[..., Any] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
@@ -187,6 +190,7 @@ class SessionRanker:
         names = [n for n, _ in self.served.inputs]
         if SESSION_COL in names:
             raise RankError(f"model '{model}' takes a '{SESSION_COL}' input: not a stateful ensemble")
+        self.route_header = None if route_header is None else next(iter(_headers({route_header: ""})))
         self.backoff = _Backoff(retries, backoff_s, sleep, rng if rng is not None else random.Random())
         self.max_sessions, self.clock = max_sessions, clock
         self.sessions: OrderedDict[Hashable, _Session] = OrderedDict()
@@ -266,9 +270,12 @@ class SessionRanker:
         outputs = [grpcclient.InferRequestedOutput(n) for n in (OUT_ITEM_IDS, OUT_SCORES, OUT_SESSION_CLICKS)]
         with self._lock:
             self.stats["requests"] += 1
+        per_call = dict(self.conn.per_call)
+        if self.route_header is not None:  # a load balancer hashes it: the session's replica
+            per_call["headers"] = {**(per_call["headers"] or {}), self.route_header: str(key)}
         return self._client().infer(
             self.conn.model, inputs, outputs=outputs, sequence_id=key, sequence_start=start, sequence_end=end,
-            **self.conn.per_call,
+            **per_call,
         )  # fmt: skip
 
     def click(self, session: Hashable, rows: Mapping[str, Any], *, end: bool = False) -> SessionRanking:
