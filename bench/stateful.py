@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import ensure_artifacts
-from clients.ranking import same_ranking
+from clients.ranking import infer_inputs, same_ranking
 from training.cli import command_line, help_meta
 from training.names import (
     ENSEMBLE_NAME,
@@ -86,18 +86,6 @@ class Walk:
 
     def session(self, shopper: int, visit: int) -> dict[str, np.ndarray]:
         return self.sessions[(shopper + visit * self.n) % len(self.sessions)]
-
-
-def _inputs(columns: dict[str, np.ndarray]) -> list:
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
-    out = []
-    for name, values in columns.items():
-        inp = grpcclient.InferInput(name, [len(values)], np_to_triton_dtype(values.dtype))
-        inp.set_data_from_numpy(values)
-        out.append(inp)
-    return out
 
 
 def request_bytes(model: str, inputs: list, sequence_id=0, start=False, end=False) -> int:
@@ -150,7 +138,7 @@ def run_phase(url: str, walk: Walk, path: str, seconds: float, threads: int, ids
                         cols = {c: sess[c][click : click + 1] for c in walk.cols}
                         model, kw = STATEFUL_ENSEMBLE_NAME, {"sequence_id": seq, "sequence_start": click == 0,
                                                              "sequence_end": last}  # fmt: skip
-                    inputs = _inputs(cols)
+                    inputs = infer_inputs(cols)
                     size = request_bytes(model, inputs, kw.get("sequence_id", 0), kw.get("sequence_start", False),
                                          kw.get("sequence_end", False))  # fmt: skip
                     t0 = time.perf_counter()
@@ -231,7 +219,7 @@ def fill_sessions(url: str, walk: Walk, n: int, clicks: int, threads: int) -> fl
         client = grpcclient.InferenceServerClient(url)
         for i in range(t, n, threads):
             try:
-                client.infer(STATEFUL_PREPROCESS_MODEL, _inputs(rows(i)), sequence_id=10_000_000 + i, sequence_start=True)
+                client.infer(STATEFUL_PREPROCESS_MODEL, infer_inputs(rows(i)), sequence_id=10_000_000 + i, sequence_start=True)
             except Exception as e:  # noqa: BLE001  reported
                 errors.append(str(e)[:200])
         client.close()

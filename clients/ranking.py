@@ -64,7 +64,7 @@ import numpy as np
 from training.data.grouping import group_by_first_appearance
 from training.names import ENSEMBLE_NAME, OUT_ITEM_IDS, OUT_SCORES, OUT_SESSION_ID, SESSION_COL
 
-__all__ = ["BACKOFF_CAP_S", "UNAVAILABLE", "RankError", "Rankings", "plan_requests", "rank_sessions", "same_ranking"]
+__all__ = ["BACKOFF_CAP_S", "UNAVAILABLE", "RankError", "Rankings", "plan_requests", "infer_inputs", "rank_sessions", "same_ranking"]
 
 # InferenceServerException.status() of a gRPC UNAVAILABLE answer: tritonclient.grpc
 # (2.51, grpc/_utils.py get_error_grpc) stores str(rpc_error.code()), i.e. "StatusCode.UNAVAILABLE".
@@ -98,6 +98,20 @@ class Rankings:
                 "item_ids": self.item_ids[i].tolist(),
                 "scores": [float(s) for s in self.scores[i]],
             }
+
+
+def infer_inputs(columns: Mapping[str, np.ndarray]) -> list:
+    """tritonclient.grpc InferInputs of 1-D columns (one value per row), named and typed by them."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    out = []
+    for name, values in columns.items():
+        values = np.ascontiguousarray(values)
+        inp = grpcclient.InferInput(name, [len(values)], np_to_triton_dtype(values.dtype))
+        inp.set_data_from_numpy(values)
+        out.append(inp)
+    return out
 
 
 def same_ranking(ids_a, scores_a, ids_b, scores_b, atol: float = 1e-5) -> bool:

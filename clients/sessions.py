@@ -55,6 +55,7 @@ from clients.ranking import (
     _headers,
     _model_config,
     _tls,
+    infer_inputs,
 )
 from training.names import (
     OUT_ITEM_IDS,
@@ -262,11 +263,7 @@ class SessionRanker:
     def _infer(self, key: Hashable, columns: dict[str, np.ndarray], start: bool, end: bool):
         import tritonclient.grpc as grpcclient
 
-        inputs = []
-        for name, dt in self.served.inputs:
-            inp = grpcclient.InferInput(name, [len(columns[name])], dt)
-            inp.set_data_from_numpy(columns[name])
-            inputs.append(inp)
+        inputs = infer_inputs({name: columns[name] for name, _ in self.served.inputs})
         outputs = [grpcclient.InferRequestedOutput(n) for n in (OUT_ITEM_IDS, OUT_SCORES, OUT_SESSION_CLICKS)]
         with self._lock:
             self.stats["requests"] += 1

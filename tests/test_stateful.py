@@ -23,6 +23,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients import RankError, SessionRanker, needs_resend
+from clients.ranking import infer_inputs
 from export.repository import ExportConfig, export_repository
 from tests.stateful_util import differences, replay_clicks, sessions_of, stateless_prefix_rankings
 from tests.triton_util import K, start_server
@@ -59,15 +60,6 @@ def raw(schema) -> dict[str, str]:
     return dict(schema["raw_inputs"])
 
 
-def _inputs(cols: dict[str, np.ndarray]) -> list:
-    out = []
-    for name, values in cols.items():
-        inp = grpcclient.InferInput(name, [len(values)], {"i": "INT64", "f": "FP32"}[values.dtype.kind])
-        inp.set_data_from_numpy(values)
-        out.append(inp)
-    return out
-
-
 def _click(g, j: int, raw: dict[str, str], upto: int | None = None) -> dict[str, np.ndarray]:
     """Row j (or rows j..upto-1) of session frame g, the stateful inputs (no session id)."""
     sl = slice(j, j + 1 if upto is None else upto)
@@ -88,22 +80,22 @@ def test_plain_tritonclient_protocol(stateful_server, interactions, raw):
     (sid, g), = _long_sessions(interactions, raw, 1).items()  # fmt: skip
     client = grpcclient.InferenceServerClient(stateful_server.grpc_url)
     for j in range(len(g)):
-        r = client.infer(STATEFUL_ENSEMBLE_NAME, _inputs(_click(g, j, raw)), sequence_id=sid,
+        r = client.infer(STATEFUL_ENSEMBLE_NAME, infer_inputs(_click(g, j, raw)), sequence_id=sid,
                          sequence_start=j == 0, sequence_end=j == len(g) - 1)  # fmt: skip
-        whole = client.infer("session_ranker", _inputs({c: g[c].to_numpy()[: j + 1] for c in raw}))
+        whole = client.infer("session_ranker", infer_inputs({c: g[c].to_numpy()[: j + 1] for c in raw}))
         assert r.as_numpy(OUT_SESSION_CLICKS).tolist() == [j + 1]
         assert r.as_numpy(OUT_ITEM_IDS).shape == (1, K)
         assert np.array_equal(r.as_numpy(OUT_ITEM_IDS), whole.as_numpy(OUT_ITEM_IDS))
         np.testing.assert_allclose(r.as_numpy(OUT_SCORES), whole.as_numpy(OUT_SCORES), atol=1e-5, rtol=0)
     with pytest.raises(InferenceServerException) as e:  # after END: not held any more
-        client.infer(STATEFUL_ENSEMBLE_NAME, _inputs(_click(g, 0, raw)), sequence_id=sid)
+        client.infer(STATEFUL_ENSEMBLE_NAME, infer_inputs(_click(g, 0, raw)), sequence_id=sid)
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and RESEND_WITH_START in e.value.message()
     assert needs_resend(e.value)
     with pytest.raises(InferenceServerException, match="correlation ID") as e:
-        client.infer(STATEFUL_ENSEMBLE_NAME, _inputs(_click(g, 0, raw)))
+        client.infer(STATEFUL_ENSEMBLE_NAME, infer_inputs(_click(g, 0, raw)))
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and not needs_resend(e.value)
     # several clicks in one request, and a string session id
-    r = client.infer(STATEFUL_ENSEMBLE_NAME, _inputs(_click(g, 0, raw, upto=len(g))), sequence_id=f"visitor-{sid}",
+    r = client.infer(STATEFUL_ENSEMBLE_NAME, infer_inputs(_click(g, 0, raw, upto=len(g))), sequence_id=f"visitor-{sid}",
                      sequence_start=True, sequence_end=True)  # fmt: skip
     assert r.as_numpy(OUT_SESSION_CLICKS).tolist() == [len(g)]
     assert np.array_equal(r.as_numpy(OUT_ITEM_IDS), whole.as_numpy(OUT_ITEM_IDS))
@@ -115,19 +107,19 @@ def test_start_resets_and_a_bad_click_changes_nothing(stateful_server, interacti
     sid = sid + 10_000_000  # not the previous test's
     client = grpcclient.InferenceServerClient(stateful_server.grpc_url)
     kw = {"model_name": STATEFUL_ENSEMBLE_NAME, "sequence_id": sid}
-    client.infer(inputs=_inputs(_click(g, 0, raw)), sequence_start=True, **kw)
-    two = client.infer(inputs=_inputs(_click(g, 1, raw)), **kw)
+    client.infer(inputs=infer_inputs(_click(g, 0, raw)), sequence_start=True, **kw)
+    two = client.infer(inputs=infer_inputs(_click(g, 1, raw)), **kw)
     bad = _click(g, 2, raw)
     bad[next(c for c, dt in raw.items() if dt.startswith("float"))][0] = np.nan
     with pytest.raises(InferenceServerException, match="nan") as e:
-        client.infer(inputs=_inputs(bad), **kw)
+        client.infer(inputs=infer_inputs(bad), **kw)
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and not needs_resend(e.value)
-    three = client.infer(inputs=_inputs(_click(g, 2, raw)), **kw)  # the bad click was not kept
+    three = client.infer(inputs=infer_inputs(_click(g, 2, raw)), **kw)  # the bad click was not kept
     assert three.as_numpy(OUT_SESSION_CLICKS).tolist() == [3]
-    again = client.infer(inputs=_inputs(_click(g, 0, raw, upto=2)), sequence_start=True, **kw)  # START resets
+    again = client.infer(inputs=infer_inputs(_click(g, 0, raw, upto=2)), sequence_start=True, **kw)  # START resets
     assert again.as_numpy(OUT_SESSION_CLICKS).tolist() == [2]
     assert np.array_equal(again.as_numpy(OUT_ITEM_IDS), two.as_numpy(OUT_ITEM_IDS))
-    client.infer(inputs=_inputs(_click(g, 2, raw)), sequence_end=True, **kw)
+    client.infer(inputs=infer_inputs(_click(g, 2, raw)), sequence_end=True, **kw)
     client.close()
 
 
@@ -174,7 +166,7 @@ def test_client_resends_a_session_the_server_forgot(stateful_server, interaction
     with SessionRanker(stateful_server.grpc_url) as ranker:
         first = ranker.click(sid, {c: g[c].to_numpy()[0] for c in g.columns if c != SESSION_COL})
         assert first.resent is None and first.clicks == 1
-        other.infer(STATEFUL_ENSEMBLE_NAME, _inputs(_click(g, 0, raw)), sequence_id=sid, sequence_end=True)
+        other.infer(STATEFUL_ENSEMBLE_NAME, infer_inputs(_click(g, 0, raw)), sequence_id=sid, sequence_end=True)
         second = ranker.click(sid, {c: g[c].to_numpy()[1] for c in g.columns if c != SESSION_COL})
         assert second.resent == "resent_not_held" and second.clicks == 2
         assert ranker.stats["resent_not_held"] == 1 and ranker.stats["requests"] == 3

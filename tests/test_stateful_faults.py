@@ -23,6 +23,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients import SessionRanker, needs_resend
+from clients.ranking import infer_inputs
 from export.repository import ExportConfig, add_ensemble_version, export_repository
 from export.tritonserver import ServerConfig, TritonServer
 from export.versions import swap_to
@@ -70,11 +71,7 @@ def test_a_session_evicted_by_the_cap_is_refused_then_resent(small, sessions, sc
         for key, g in ((a, ga), (b, gb), (c, gc)):  # c evicts a, the least recently used
             assert ranker.click(key, _row(g, 0)).resent is None
         client = grpcclient.InferenceServerClient(url)
-        inputs = []
-        for name, values in _row(ga, 1).items():
-            arr = np.atleast_1d(values).astype(schema["raw_inputs"][name])
-            inputs.append(grpcclient.InferInput(name, [1], {"i": "INT64", "f": "FP32"}[arr.dtype.kind]))
-            inputs[-1].set_data_from_numpy(arr)
+        inputs = infer_inputs({n: np.atleast_1d(v).astype(schema["raw_inputs"][n]) for n, v in _row(ga, 1).items()})
         with pytest.raises(InferenceServerException, match="not held by this server") as e:
             client.infer(STATEFUL_ENSEMBLE_NAME, inputs, sequence_id=a)  # Triton still has a's slot: the step refuses
         assert needs_resend(e.value) and "cap of 2 live sessions" in e.value.message()
@@ -150,12 +147,7 @@ def test_an_idle_session_is_forgotten_without_an_end(artifacts, tmp_path, sessio
     raw = {c: dt for c, dt in schema["raw_inputs"].items() if c != SESSION_COL}
 
     def inputs(j):
-        out = []
-        for name, dt in raw.items():
-            arr = g[name].to_numpy()[j : j + 1].astype(dt)
-            out.append(grpcclient.InferInput(name, [1], {"i": "INT64", "f": "FP32"}[arr.dtype.kind]))
-            out[-1].set_data_from_numpy(arr)
-        return out
+        return infer_inputs({name: g[name].to_numpy()[j : j + 1].astype(dt) for name, dt in raw.items()})
 
     server = start_server(alone, model_control="explicit")
     try:
