@@ -43,10 +43,10 @@ from training.baselines import BASELINES
 from training.checkpoint import RunError
 from training.config import TrainConfig, load_params
 from training.data.splits import DataError, load_schema
+from training.evaluate import COUNT_BLEND
 from training.integrity import atomic_write
 from training.recipes import resolve_settings
 from training.train import train
-from training.trainer import COUNT_BLEND
 
 DEFAULT_INPUT = PROJECT_ROOT.parent / "shared" / "data" / "diginetica" / "diginetica-views-7days.tsv"
 PREPARE_ARGS = [
@@ -174,14 +174,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result = reused_run(run_dir, args) if args.reuse_runs else None
         result = result or train(
             TrainConfig(
-                data=str(data),
-                out=str(run_dir),
-                seed=seed,
-                end_window=args.end_window,
-                threads=args.threads,
-                progress=False,
-                eval_split=args.eval_split,
-                **settings,
+                **{
+                    **settings,  # the bench's own arguments below win over a --config file's
+                    "data": str(data),
+                    "out": str(run_dir),
+                    "seed": seed,
+                    "end_window": args.end_window,
+                    "threads": args.threads,
+                    "progress": False,
+                    "eval_split": args.eval_split,
+                }
             )
         )
         rows = per_window(result)
@@ -231,7 +233,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "best_baseline": best,
         "ratio_to_best_baseline": {m: mean["model"][m] / best[m] if best[m] > 0 else None for m in METRICS},
         "ratio_to_count_blend": {
-            m: mean["model"][m] / mean["count_blend"][m] if mean["count_blend"][m] > 0 else None for m in METRICS
+            m: mean["model"][m] / mean["count_blend"][m] if mean["count_blend"][m] > 0 else None
+            for m in METRICS
         },
         "train_seconds_per_seed": float(np.mean([s["train_seconds"] for s in per_seed])),
         "per_seed": per_seed,

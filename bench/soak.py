@@ -22,7 +22,7 @@ messages), requests/s, p50/p99 latency per request size, RSS start/end/peak and
 growth. Exit status 1 when a request failed or RSS grew by `--max-growth`
 (default 10%) or more.
 
-The requests, the load and the measurement are clients.load (tests/test_reliability.py
+The requests, the load and the measurement are clients.load (tests/system/test_reliability.py
 runs the same soak against its own server); this module finds or makes the
 artifacts, starts the server and reports.
 """

@@ -15,7 +15,7 @@
 
 Client code: it drives a server it is given (a `export.tritonserver.TritonServer`
 for the memory and metrics) and starts none. Used by bench.serving, bench.soak
-and tests/test_reliability.py.
+and tests/system/test_reliability.py.
 """
 
 from __future__ import annotations

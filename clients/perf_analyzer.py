@@ -8,7 +8,7 @@ binary needs `libcudart.so.12` (also on a machine without a GPU; the pip package
 package `libb64-0d`). Run from the venv as `perf_analyzer ...` it fails with "libcudart.so.12: cannot
 open shared object file". This command puts the CUDA runtime's lib/ on LD_LIBRARY_PATH and replaces
 itself with the binary (same arguments, same exit status, same output); without libb64 it says how to
-install it. export/README.md's perf_analyzer commands use it, and tests/test_doc_commands.py runs them
+install it. export/README.md's perf_analyzer commands use it, and tests/system/test_doc_commands.py runs them
 as written. Equivalent by hand:
 
     LD_LIBRARY_PATH=$(python -c 'import nvidia.cuda_runtime, os; print(os.path.join(nvidia.cuda_runtime.__path__[0], "lib"))') perf_analyzer ...

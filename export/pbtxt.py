@@ -6,8 +6,8 @@
 
 What each step's config says, for the serving tests' configuration (synthetic
 DATA, `--top-k 20 --max-request-rows 2000 --max-batch-sessions 64`), is checked
-in as `export/golden/<step>/config.pbtxt`: tests/test_export.py compares the
-text generated here with it, and tests/test_serving.py the served repository's.
+in as `export/golden/<step>/config.pbtxt`: tests/export/test_repository.py compares the
+text generated here with it, and tests/export/test_serving.py the served repository's.
 Read those files to see what Triton is given (Triton python_backend's
 `examples/add_sub` keeps a hand-readable config.pbtxt beside model.py the same way).
 

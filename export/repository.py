@@ -6,7 +6,7 @@
       session_ranker/1/sessrec_files.json
       preprocess/config.pbtxt         Python backend, max_batch_size 0 (one request = its own sessions)
       preprocess/1/model.py           export/triton_models/preprocess/model.py
-      preprocess/1/sessrec_transform.py   training/sessrec_transform.py, verbatim (numpy only)
+      preprocess/1/sessrec_transform.py   training/data/sessrec_transform.py, verbatim (numpy only)
       preprocess/1/sessrec_steps.py       export/sessrec_steps.py, verbatim (numpy only)
       preprocess/1/sessrec_integrity.py   training/integrity.py, verbatim (standard library only)
       preprocess/1/workflow.json      the fitted workflow compiled: steps, kernels, parameters

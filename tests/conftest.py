@@ -15,7 +15,7 @@
   export, reliability and security tests.
 - `server`: a tritonserver (127.0.0.1, free ports) serving `artifacts` exported with the
   serving tests' options (tests/triton_util.served_config), one per test module that asks
-  for it; stopping it must exit 0. Used by test_serving and test_hostile.
+  for it; stopping it must exit 0. Used by tests/export/test_serving.py and tests/system/test_hostile.py.
 
 Treat the DATA folders as read-only (copy them before modifying anything).
 """

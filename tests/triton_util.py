@@ -21,10 +21,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
 from export.config import ExportConfig
 from export.tritonserver import PROJECT_ROOT, ServerConfig, ServerError, TritonServer
 
-# The serving tests' export options (tests/test_serving.py, test_hostile.py; export/golden/)
+# The serving tests' export options (tests/export/test_serving.py, tests/system/test_hostile.py; export/golden/)
 K = 20  # --top-k
 MAX_ROWS = 2000  # --max-request-rows (the bad-input tests send one more)
 MAX_SESSIONS = 64  # --max-batch-sessions
@@ -90,3 +93,8 @@ def trained_artifacts(root: Path) -> tuple[Path, Path]:
                   "--end-window", "2", "--memory", "--no-progress"])
         _ARTIFACTS[root] = (data, run)
     return _ARTIFACTS[root]
+
+
+def parse_config(path: Path) -> model_config_pb2.ModelConfig:
+    """A config.pbtxt as Triton's parser reads it."""
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())

@@ -8,7 +8,7 @@ before the data stage moved into `training/data/` (issue 16) say
 those objects now; importing an old name gives that very module (the same object in
 `sys.modules` under both names), so such a workflow unpickles, verifies and exports
 as before. Workflows prepared now pickle the new names. Project code imports the new
-names only (tests/test_moved.py checks it); nothing is imported until an old name is.
+names only (tests/training/test_moved.py checks it); nothing is imported until an old name is.
 """
 
 from __future__ import annotations

@@ -53,6 +53,8 @@ sessions); scores are built in chunks of sessions.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -77,7 +79,15 @@ class BaselineCounts:
     the first time V-SKNN needs them after new sessions were added.
     """
 
-    def __init__(self, n_items: int, vsknn_k: int = VSKNN_K, vsknn_sample_size: int = VSKNN_SAMPLE_SIZE):
+    def __init__(
+        self,
+        n_items: int,
+        vsknn_k: int = VSKNN_K,
+        vsknn_sample_size: int = VSKNN_SAMPLE_SIZE,
+        sessions: bool = True,
+    ):
+        """`sessions=False`: counts only, no V-SKNN session index (the item memory's tables need
+        none, and at 1M items the index is a large part of the training process's memory)."""
         if vsknn_k < 1 or vsknn_sample_size < 1:
             raise ValueError(
                 f"vsknn_k and vsknn_sample_size must be >= 1, got {vsknn_k} and {vsknn_sample_size}"
@@ -85,6 +95,7 @@ class BaselineCounts:
         self.n_items = n_items
         self.vsknn_k = vsknn_k
         self.vsknn_sample_size = vsknn_sample_size
+        self.keeps_sessions = sessions
         self._session_blocks: list[sp.csr_matrix] = []  # (n_w, V) binary, real items only
         self._index: tuple[sp.csr_matrix, sp.csr_matrix] | None = None  # (S, V), (V, S)
         self.pop = np.zeros(n_items, dtype=np.int64)  # (V,)
@@ -117,6 +128,9 @@ class BaselineCounts:
         succ = sp.csr_matrix((np.ones(a.size, dtype=np.int64), (a, b)), shape=(V, V))
         succ.sum_duplicates()
         self.succ = (self.succ + succ).tocsr()
+        self.n_sessions += n
+        if not self.keeps_sessions:
+            return
         # V-SKNN: the session's set of real items; session ids continue from earlier calls
         real = vals >= FIRST_REAL_ID
         block = sp.csr_matrix(
@@ -126,7 +140,6 @@ class BaselineCounts:
         block.data[:] = 1
         self._session_blocks.append(block)
         self._index = None
-        self.n_sessions += n
 
     def _session_index(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:
         """(S, V) session -> items, and (V, S) item -> its sample_size most recent sessions.
@@ -136,6 +149,8 @@ class BaselineCounts:
         sample_size most recent candidates of an input is among the sample_size most
         recent sessions of each input item it contains.
         """
+        if not self.keeps_sessions:
+            raise ValueError("V-SKNN needs the session index: these counts were built with sessions=False")
         if self._index is None:
             by_session = (
                 sp.vstack(self._session_blocks, format="csr")
@@ -331,19 +346,31 @@ def _top_k_rows(mat: sp.csr_matrix, k: int, tie: np.ndarray) -> tuple[np.ndarray
 
 
 def memory_tables(counts: BaselineCounts, k: int) -> dict[str, np.ndarray]:
-    """The count tables of the model's ItemMemory (training/model.py) from the training counts.
+    """The count tables of the model's ItemMemory (training/model/item_memory.py) from the training counts.
 
     cooc_idx/cooc_val: per item the k items co-occurring in most training sessions
     (same definition as cooc_knn), succ_idx/succ_val: the k most frequent direct
     successors (successor_knn), pop: occurrences (popular); ties by popularity.
     """
+    return dict(iter_memory_tables(counts, k))
+
+
+def iter_memory_tables(
+    counts: BaselineCounts, k: int, release: bool = False
+) -> Iterator[tuple[str, np.ndarray]]:
+    """`memory_tables` one (name, table) at a time, in the same order.
+
+    release=True drops each count matrix from `counts` once its tables are built (the counts
+    are then spent): at 1M items the (V, K) tables and the sparse counts they come from
+    dominate the training process's peak RSS, so a caller that copies each table and drops
+    it before asking for the next one holds one count matrix and one table at a time."""
     tie = counts.pop.astype(np.float64)
-    cooc_idx, cooc_val = _top_k_rows(counts.cooc, k, tie)
-    succ_idx, succ_val = _top_k_rows(counts.succ, k, tie)
-    return dict(
-        cooc_idx=cooc_idx,
-        cooc_val=cooc_val,
-        succ_idx=succ_idx,
-        succ_val=succ_val,
-        pop=counts.pop.astype(np.float32),
-    )
+    pop = counts.pop.astype(np.float32)
+    for name in ("cooc", "succ"):
+        tables = _top_k_rows(getattr(counts, name), k, tie)
+        if release:
+            setattr(counts, name, None)
+        yield f"{name}_idx", tables[0]
+        yield f"{name}_val", tables[1]
+        del tables
+    yield "pop", pop

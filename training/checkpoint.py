@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,13 +30,34 @@ OPTIM_FILE = "optim.pt"
 META_FILE = "meta.json"
 WINDOWS_DIR = "windows"  # RUN/windows/<t>/: model.pt + meta.json after window t (--keep-windows)
 __all__ = [
-    "META_FILE", "MODEL_FILE", "OPTIM_FILE", "TMP_SUFFIX", "WINDOWS_DIR", "RunError",
-    "load_run", "read_meta", "recover_checkpoint", "save_checkpoint",
+    "META_FILE",
+    "MODEL_FILE",
+    "OPTIM_FILE",
+    "TMP_SUFFIX",
+    "WINDOWS_DIR",
+    "RunError",
+    "check_writable",
+    "load_run",
+    "read_meta",
+    "recover_checkpoint",
+    "save_checkpoint",
 ]
 
 
 class RunError(RuntimeError):
     """A run folder cannot be used (unwritable, damaged checkpoint, config mismatch)."""
+
+
+def check_writable(out: Path) -> None:
+    """Create the run folder `out` if needed and check a file can be written in it (RunError if not)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise RunError(
+            f"cannot write to the output folder {out} ({e.strerror or e}); choose another --out"
+        ) from e
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -122,7 +144,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[S
     Returns (model, meta); meta holds "model_config", "schema", "window",
     "workflow_sha256", "metrics", "train_config".
     """
-    from training.model import ModelConfig, SessionModel  # here: training.model re-exports this module
+    from training.model import ModelConfig, SessionModel  # here: the rest of this module needs no model code
 
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)

@@ -98,6 +98,8 @@ def add_field_flag(
         for key in ("choices", "metavar"):
             if key in f.metadata:
                 kw[key] = f.metadata[key]
+        if dest and "choices" not in kw and "metavar" not in kw:
+            kw["metavar"] = f.name.upper()  # the field's name, not the destination's prefix
         if f.metadata.get("append"):
             kw["action"] = "append"  # a SUPPRESSed default: the first use starts an empty list
     p.add_argument(*flags, **kw)
@@ -109,10 +111,18 @@ def add_flags(
     *,
     exclude: Iterable[str] = (),
     show_default: bool = True,
+    prefix: str = "",
+    group: str | None = None,
+    defaults_text: Mapping[str, str] | None = None,
 ) -> None:
     """A flag for every field of dataclass `cls` with a help text (and no "cli": False).
 
-    Fields with metadata "group" go into argparse groups of that title, in field order."""
+    Fields with metadata "group" go into argparse groups of that title, in field order;
+    `group` puts every flag of `cls` into one group of that title instead.
+    `prefix`: the flags' destinations are prefix + field name (read back with
+    `given(ns, prefix)`), for a second dataclass on the same command line.
+    `defaults_text`: field -> what the help shows instead of "[default]" (e.g. the
+    defaults of a layer between the dataclass and the flags)."""
     hints = typing.get_type_hints(cls)
     skip = set(exclude)
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -120,16 +130,34 @@ def add_flags(
         if not has_flag(f) or f.name in skip:
             continue
         target: Any = p
-        if "group" in f.metadata:
-            title = f.metadata["group"]
+        title = group or f.metadata.get("group")
+        if title:
             target = groups.setdefault(title, p.add_argument_group(title))
-        add_field_flag(target, f, hints[f.name], show_default=show_default)
+        text = None
+        if defaults_text and f.name in defaults_text:
+            text = f.metadata["help"] + defaults_text[f.name]
+        add_field_flag(
+            target,
+            f,
+            hints[f.name],
+            help=text,
+            show_default=show_default and text is None,
+            dest=prefix + f.name,
+        )
 
 
-def given(ns: argparse.Namespace) -> dict[str, Any]:
-    """The flags given on the command line, by destination (nothing else is in a namespace
-    built by `add_flags`, except arguments added with an explicit default)."""
-    return dict(vars(ns))
+def given(ns: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The flags given on the command line, by field name (nothing else is in a namespace built
+    by `add_flags`, except arguments added with an explicit default). Without `prefix`, the
+    destinations that hold no "." (flags added without a prefix); with it, those added with
+    that prefix, named without it."""
+    out = {}
+    for dest, value in vars(ns).items():
+        if prefix and dest.startswith(prefix):
+            out[dest[len(prefix) :]] = value
+        elif not prefix and "." not in dest:
+            out[dest] = value
+    return out
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -1,136 +1,150 @@
-"""The training settings: TrainConfig, the one list of settable fields, the CLI derived from both.
+"""The training settings: TrainConfig (with the model's settings, a ModelConfig) and its command line.
 
-Each TrainConfig field carries its help text (`field(metadata={"help": ...})`);
-the command line of `python -m training.train` is built from
-`dataclasses.fields(TrainConfig)` and from the ModelConfig fields that carry a
-help text (training/model.py), so a setting is declared once:
+Each field owns its default and help text (`field(metadata=help_meta(...))`);
+the command line of `python -m training.train` is derived from the fields of
+TrainConfig and of ModelConfig (training/model/config.py) by training/cli.py,
+and a run's value is layered
 
-* recipe fields (training/recipes.py RECIPE_FIELDS) and model fields default to
-  None on the command line, meaning "not given": the recipe, then a --config
-  file, supply them (`resolve_settings`);
-* a bool field defaulting to True becomes `--no-<name>`, one defaulting to False
-  `--<name>`; a recipe or model bool gets both (`--memory` / `--no-memory`);
-* metadata "cli": False keeps a field off the command line, "flags" names the
-  flag(s), "choices" restricts the value, "config": True makes a non-recipe field
-  settable from a --config file.
+    dataclass defaults  <  recipe (training/recipes.py)  <  --config FILE  <  explicit flags
+
+(`parse_args`): a flag that was not given leaves no trace, so the file never
+beats an explicit flag. The model's settings travel typed: `TrainConfig.model`
+is a ModelConfig without the schema, checked where it is built; the trainer
+adds the data's schema once (`ModelConfig.with_schema`) and grows the tables
+with `dataclasses.replace`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import typing
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from training import cli
 from training.checkpoint import RunError
-from training.model import ModelConfig
-from training.recipes import RECIPE_FIELDS, RECIPES
+from training.cli import ConfigFileError, help_meta
+from training.data.splits import DataError, load_schema
+from training.model.config import MODEL_FLAGS, MODEL_SETTINGS, ModelConfig
+from training.recipes import RECIPE_FIELDS, RECIPES, resolve_settings
 
 TRAIN_ON = ("window", "cumulative")
 EVAL_SPLITS = ("valid", "test")
-
-
-def _help(text: str, **more: Any) -> dict[str, Any]:
-    return {"help": text, **more}
+MODEL_PREFIX = "model."  # argparse destinations of the model flags (cli.given(ns, MODEL_PREFIX))
 
 
 @dataclass
 class TrainConfig:
-    data: str = field(metadata=_help("DATA folder written by `python -m training.prepare`"))
-    out: str = field(metadata=_help("RUN folder for checkpoints, metrics.json and metrics.png"))
-    start_window: int = field(default=1, metadata=_help("first window to train on"))
+    """Every setting of a training run; the recipe fields (RECIPE_FIELDS) default to the reference's."""
+
+    data: str = field(metadata=help_meta("DATA folder written by `python -m training.prepare`"))
+    out: str = field(metadata=help_meta("RUN folder for checkpoints, metrics.json and metrics.png"))
+    start_window: int = field(default=1, metadata=help_meta("first window to train on"))
     end_window: int = field(
-        default=8, metadata=_help("train on windows start..END-1, evaluating each t on t+1")
+        default=8, metadata=help_meta("train on windows start..END-1, evaluating each t on t+1")
     )
-    epochs: int = field(default=5, metadata=_help("(max) epochs per window"))
+    epochs: int = field(default=5, metadata=help_meta("(max) epochs per window"))
     batch_size: int = field(
-        default=128, metadata=_help("global training batch size (split across ranks)", config=True)
+        default=128, metadata=help_meta("global training batch size (split across ranks)")
     )
     eval_batch_size: int = field(
         default=1024,
-        metadata=_help("evaluation batch size (fewer rows at once for large catalogues: ~32M scores)"),
+        metadata=help_meta("evaluation batch size (fewer rows at once for large catalogues: ~32M scores)"),
     )
     max_steps: int = field(
         default=0,
-        metadata=_help("stop each window after this many optimizer steps (0 = all; bench.scale bounds work)"),
+        metadata=help_meta(
+            "stop each window after this many optimizer steps (0 = all; bench.scale bounds work)"
+        ),
     )
     lr: float = field(
         default=5e-4,
-        metadata=_help(
+        metadata=help_meta(
             "learning rate: AdamW for the network; SparseAdam (no weight decay) for the item table "
             "with the sampled loss"
         ),
     )
     weight_decay: float = field(
         default=0.0,
-        metadata=_help(
+        metadata=help_meta(
             "AdamW weight decay (not applied to the item memory, nor to the item table under SparseAdam)"
         ),
     )
     memory_lr: float = field(
-        default=0.0, metadata=_help("learning rate of the item memory's gates (0 = --lr)")
+        default=0.0, metadata=help_meta("learning rate of the item memory's gates (0 = --lr)")
     )
     head_selection: bool = field(
         default=False,
-        metadata=_help(
+        metadata=help_meta(
             "item memory + early stopping: per window, keep the head's own item logits only if the "
             "held-back training sessions score better with them than with the gated counts alone"
         ),
     )
     cycles_per_epoch: float = field(
         default=1.5,
-        metadata=_help("cosine LR cycles per epoch (num_cycles = this * epochs), 0 = constant LR"),
+        metadata=help_meta("cosine LR cycles per epoch (num_cycles = this * epochs), 0 = constant LR"),
     )
     max_grad_norm: float = field(
-        default=1.0, metadata=_help("gradient clipping norm (0 = off; HF Trainer default 1)", config=True)
+        default=1.0, metadata=help_meta("gradient clipping norm (0 = off; HF Trainer default 1)")
     )
-    seed: int = field(default=0, metadata=_help("seed of initialisation, shuffling, masking and dropout"))
+    seed: int = field(default=0, metadata=help_meta("seed of initialisation, shuffling, masking and dropout"))
     device: str = field(
-        default="auto", metadata=_help("auto (cuda if available), cpu, cuda or cuda:N; cuda uses AMP")
+        default="auto", metadata=help_meta("auto (cuda if available), cpu, cuda or cuda:N; cuda uses AMP")
     )
     threads: int = field(
-        default=0, metadata=_help("torch CPU threads per process (0 = cores / local processes)")
+        default=0, metadata=help_meta("torch CPU threads per process (0 = cores / local processes)")
     )
-    resume: bool = field(default=False, metadata=_help("continue after the last finished window in --out"))
+    resume: bool = field(
+        default=False, metadata=help_meta("continue after the last finished window in --out")
+    )
     baselines: bool = field(
-        default=True, metadata=_help("evaluate the popular / kNN baselines too (flag: skip them)")
+        default=True, metadata=help_meta("evaluate the popular / kNN baselines and the count blend too")
     )
     keep_windows: bool = field(
         default=False,
-        metadata=_help("also keep the model after every window t in RUN/windows/<t>/ (model.pt + meta.json; "
-                       "clients.replay serves each one)"),
+        metadata=help_meta(
+            "also keep the model after every window t in RUN/windows/<t>/ (model.pt + meta.json; "
+            "clients.replay serves each one)"
+        ),
     )
-    tensorboard: bool = field(default=False, metadata=_help("also write TensorBoard logs to RUN/tensorboard"))
-    progress: bool = field(default=True, metadata=_help("tqdm progress bars (flag: none)"))
-    model: dict[str, Any] = field(
-        default_factory=dict,
-        metadata=_help("ModelConfig overrides (objective, mask_prob, ...): the model flags", cli=False),
+    tensorboard: bool = field(
+        default=False, metadata=help_meta("also write TensorBoard logs to RUN/tensorboard")
+    )
+    progress: bool = field(default=True, metadata=help_meta("tqdm progress bars"))
+    model: ModelConfig = field(
+        default_factory=ModelConfig,
+        metadata=help_meta(
+            "the model's settings: a ModelConfig without the schema (the model flags); a mapping of "
+            "settings is accepted and checked (`ModelConfig.from_settings`)",
+            cli=False,
+        ),
     )
     # --- recipe settings (training/recipes.py; the reference protocol's values as defaults) ---
     recipe: str = field(
         default="reference",
-        metadata=_help("the recipe these settings came from (reference | real | <name>+config)", cli=False),
+        metadata=help_meta(
+            "the recipe these settings came from (reference | real | <name>+config)", cli=False
+        ),
     )
     train_on: str = field(
         default="window",
-        metadata=_help("window: window t only; cumulative: every window <= t", choices=TRAIN_ON),
+        metadata=help_meta("window: window t only; cumulative: every window <= t", choices=TRAIN_ON),
     )
     holdout: float = field(
-        default=0.0, metadata=_help("fraction of window t's training sessions held back for early stopping")
+        default=0.0,
+        metadata=help_meta("fraction of window t's training sessions held back for early stopping"),
     )
     patience: int = field(
         default=0,
-        metadata=_help(
+        metadata=help_meta(
             "stop after N epochs without a better held-back NDCG@20, keep the best (0 = off)",
             flags=("--early-stopping", "--patience"),
         ),
     )
-    label_smoothing: float = field(default=0.0, metadata=_help("label smoothing of the training loss"))
+    label_smoothing: float = field(default=0.0, metadata=help_meta("label smoothing of the training loss"))
     eval_split: str = field(
         default="valid",
-        metadata=_help(
+        metadata=help_meta(
             "split of window t+1 that evaluates window t: valid (the reference protocol, comparable with "
             "Transformers4Rec's) or test (final numbers: nothing else reads it; bench.quality's table)",
             choices=EVAL_SPLITS,
@@ -138,13 +152,15 @@ class TrainConfig:
     )
     evaluate: bool = field(
         default=True,
-        metadata=_help(
+        metadata=help_meta(
             "False: no evaluation on window t+1 (training.tune selects on held-back data only)", cli=False
         ),
     )
 
     def __post_init__(self) -> None:
-        if self.head_selection and not (self.patience > 0 and self.model.get("memory")):
+        if not isinstance(self.model, ModelConfig):  # {setting: value} (tests, benchmarks, resolve_settings)
+            self.model = ModelConfig.from_settings(self.model, where="TrainConfig.model")
+        if self.head_selection and not (self.patience > 0 and self.model.memory):
             raise ValueError(
                 "head_selection needs early stopping (patience > 0, holdout > 0) and the item memory "
                 "(--memory): it chooses on the held-back sessions whether the head's own logits help"
@@ -165,72 +181,70 @@ class TrainConfig:
             raise ValueError("early stopping (patience > 0) needs a held-back slice: set holdout > 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.label_smoothing > 0.0 and self.model.get("loss") == "sampled":
-            raise ValueError(sampled_smoothing_message(self.label_smoothing))
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0 (0 = no cap), got {self.max_steps}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON (metrics.json, meta.json "train_config"); "model": the model's settings."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["model"] = self.model.settings()
+        return out
 
-def sampled_smoothing_message(label_smoothing: float) -> str:
-    return (
-        f"label_smoothing={label_smoothing} needs the full softmax (its uniform part spans the whole "
-        "catalogue) and the loss is sampled; pass --label-smoothing 0, or --loss full"
-    )
+
+def check_model(model: ModelConfig, label_smoothing: float) -> None:
+    """The one check of the settings that needs the model's final config (`with_schema`: the
+    loss "auto" resolves by the catalogue size): label smoothing needs the full softmax."""
+    if label_smoothing > 0.0 and model.loss == "sampled":
+        raise RunError(
+            f"label_smoothing={label_smoothing} needs the full softmax (its uniform part spans the whole "
+            "catalogue) and the loss is sampled; pass --label-smoothing 0, or --loss full"
+        )
 
 
-# --- the settable fields, derived once -----------------------------------------------------------
+# --- a --config file ---------------------------------------------------------------------------
 
 _TRAIN_FIELDS: dict[str, Field] = {f.name: f for f in fields(TrainConfig)}
 _MODEL_FIELDS: dict[str, Field] = {f.name: f for f in fields(ModelConfig)}
 assert set(RECIPE_FIELDS) <= set(_TRAIN_FIELDS), "a recipe sets a field TrainConfig does not have"
-
-# ModelConfig fields settable from the command line, a --config file and training.tune
-MODEL_FIELDS: tuple[str, ...] = tuple(n for n, f in _MODEL_FIELDS.items() if "help" in f.metadata)
-# TrainConfig fields a --config file may set (besides "recipe" and the MODEL_FIELDS)
-CONFIG_FIELDS: tuple[str, ...] = RECIPE_FIELDS + tuple(
-    n for n, f in _TRAIN_FIELDS.items() if f.metadata.get("config")
-)
+assert not set(MODEL_SETTINGS) & set(_TRAIN_FIELDS), "a model setting shadows a TrainConfig field"
 
 
-def load_params(path: str | Path) -> dict[str, Any]:
-    """A --config JSON file (as `python -m training.tune` writes): TrainConfig fields, "model" overrides.
-
-    Accepts {"params": {...}} (tune's output) or a flat {...}; model fields may sit at
-    the top level or under "model".
-    """
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"--config {path}: cannot read a JSON object ({e})") from e
-    raw = raw.get("params", raw) if isinstance(raw, dict) else raw
-    if not isinstance(raw, dict):
-        raise RunError(f"--config {path}: expected a JSON object of settings, got {type(raw).__name__}")
-    out: dict[str, Any] = {"model": dict(raw.get("model", {}))}
-    allowed = set(CONFIG_FIELDS) | {"recipe"}
+def split_settings(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """{TrainConfig field: value, "model": {model setting: value}} from a flat or nested object:
+    model settings may sit at the top level or under "model" (ConfigFileError names an unknown key)."""
+    nested = raw.get("model", {})
+    if not isinstance(nested, dict):
+        raise ConfigFileError(f'{where}: "model" must be an object of model settings, got {nested!r}')
+    out: dict[str, Any] = {"model": dict(nested)}
     for k, v in raw.items():
         if k == "model":
             continue
-        if k in MODEL_FIELDS:
+        if k in MODEL_SETTINGS:
             out["model"][k] = v
-        elif k in allowed:
-            out[k] = v
         else:
-            raise RunError(
-                f"--config {path}: unknown setting {k!r}; expected one of {sorted(allowed | set(MODEL_FIELDS))}"
-            )
+            out[k] = v
+    train_keys = {k: v for k, v in out.items() if k != "model"}
+    cli.check_keys(train_keys, set(_TRAIN_FIELDS) - {"model"}, where)
+    cli.check_keys(out["model"], MODEL_SETTINGS, f'{where} "model"')
     return out
 
 
-# --- the command line, derived from the fields ------------------------------------------------------
+def load_params(path: str | Path) -> dict[str, Any]:
+    """A --config JSON file (as `python -m training.tune` writes: {"params": {...}} or a flat {...}):
+    TrainConfig fields and model settings (`split_settings`)."""
+    return split_settings(cli.read_config_file(path), f"--config {path}")
 
 
-def _recipe_values(name: str, model: bool) -> str:
-    """' [reference X, real Y]': the defaults a recipe flag takes when not given."""
+# --- the command line ----------------------------------------------------------------------------
+
+
+def _recipe_values(name: str, model: bool = False) -> str:
+    """' [reference X, real Y]': the values a flag takes from the recipes when not given."""
 
     def value(recipe: dict[str, Any]) -> Any:
         if not model:
             return recipe[name]
-        return recipe["model"].get(name, _MODEL_FIELDS[name].default)
+        return recipe["model"].get(name, cli.field_default(_MODEL_FIELDS[name]))
 
     vals = [value(r) for r in RECIPES.values()]
     if all(v == vals[0] for v in vals):
@@ -238,42 +252,8 @@ def _recipe_values(name: str, model: bool) -> str:
     return " [" + ", ".join(f"{n} {v}" for n, v in zip(RECIPES, vals)) + "]"
 
 
-def _add_flag(p: argparse.ArgumentParser, f: Field, typ: Any, from_recipe: bool, help: str) -> None:
-    """One flag for field `f`; `from_recipe`: its default comes from the recipe (None = not given)."""
-    flags = list(f.metadata.get("flags", ["--" + f.name.replace("_", "-")]))
-    kw: dict[str, Any] = {"dest": f.name, "help": help}
-    if typ is bool and from_recipe:
-        kw.update(action=argparse.BooleanOptionalAction, default=None)
-    elif typ is bool:
-        if f.default:  # on by default: the flag switches it off
-            flags = ["--no-" + f.name.replace("_", "-")]
-            kw.update(action="store_false", default=True)
-        else:
-            kw.update(action="store_true", default=False)
-    else:
-        kw.update(type=typ, default=None if from_recipe else f.default)
-        if f.default is MISSING and f.default_factory is MISSING:
-            kw.update(required=True, default=None)
-        elif not from_recipe:
-            kw["help"] += f" [{f.default}]"
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-    p.add_argument(*flags, **kw)
-
-
-def add_flags(p: argparse.ArgumentParser, cls: type, from_recipe: tuple[str, ...] = ()) -> None:
-    """A flag for every field of dataclass `cls` that has a help text and no "cli": False;
-    the fields in `from_recipe` default to None ("not given") and show the recipes' values."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if "help" in f.metadata and f.metadata.get("cli", True):
-            recipe = f.name in from_recipe
-            text = f.metadata["help"] + (_recipe_values(f.name, model=False) if recipe else "")
-            _add_flag(p, f, hints[f.name], recipe, text)
-
-
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The training CLI: every TrainConfig field with a flag, then the settable ModelConfig fields."""
+    """The training CLI: --recipe, --config, a flag per TrainConfig field, then the model flags."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument(
         "--recipe",
@@ -289,26 +269,40 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         default=None,
         help="JSON of settings (as written by `python -m training.tune`); explicit flags win",
     )
-    add_flags(p, TrainConfig, RECIPE_FIELDS)
-    model_hints = typing.get_type_hints(ModelConfig)
-    for name in MODEL_FIELDS:
-        f = _MODEL_FIELDS[name]
-        text = "model " + name + ": " + f.metadata["help"] + _recipe_values(name, model=True)
-        _add_flag(p, f, model_hints[name], True, text)
+    cli.add_flags(p, TrainConfig, defaults_text={n: _recipe_values(n) for n in RECIPE_FIELDS})
+    cli.add_flags(
+        p,
+        ModelConfig,
+        prefix=MODEL_PREFIX,
+        group="model (ModelConfig)",
+        defaults_text={n: _recipe_values(n, model=True) for n in MODEL_FLAGS},
+    )
     return p
 
 
-def cli_settings(a: argparse.Namespace) -> dict[str, Any]:
-    """The recipe fields and model fields given on the command line (None = not given)."""
-    cli: dict[str, Any] = {k: getattr(a, k) for k in RECIPE_FIELDS}
-    cli["model"] = {k: getattr(a, k) for k in MODEL_FIELDS}
-    return cli
+def parse_args(argv: list[str] | None, prog: str, description: str) -> TrainConfig:
+    """The command line -> TrainConfig: dataclass defaults < recipe < --config FILE < explicit flags.
 
-
-def plain_settings(a: argparse.Namespace) -> dict[str, Any]:
-    """The fields with a flag whose default does not depend on the recipe."""
-    return {
-        n: getattr(a, n)
-        for n, f in _TRAIN_FIELDS.items()
-        if f.metadata.get("cli", True) and n not in RECIPE_FIELDS
-    }
+    ConfigFileError: an unreadable file, an unknown setting, no --data/--out. A bad value exits
+    with argparse's usage message (code 2)."""
+    p = build_parser(prog, description)
+    ns = p.parse_args(argv)
+    flags = cli.given(ns)
+    flags["model"] = cli.given(ns, MODEL_PREFIX)
+    recipe, config = flags.pop("recipe"), flags.pop("config")
+    params = load_params(config) if config else None
+    data = flags.get("data", (params or {}).get("data"))
+    try:
+        schema = load_schema(data) if data is not None else {"source": "synthetic"}
+    except DataError:
+        # no readable DATA/schema.json: nothing says it is a real log; `train` reports the
+        # missing data itself, with its own message
+        schema = {"source": "synthetic"}
+    settings = resolve_settings(schema, recipe, params, flags)
+    try:
+        return cli.layered(TrainConfig, settings, where=f"--config {config}" if config else "flags")
+    except ConfigFileError:
+        raise
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
+    raise AssertionError("unreachable")  # p.error exits

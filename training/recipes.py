@@ -64,7 +64,7 @@ _RECIPES: dict[str, dict[str, Any]] = {
             ),
             "memory": (
                 True,
-                "the ItemMemory (training/model.py): co-occurrence, successor, repeat and popularity counts "
+                "the ItemMemory (training/model/item_memory.py): co-occurrence, successor, repeat and popularity counts "
                 "of the training sessions added to the logits through gates computed from XLNet's hidden "
                 "state; without it the network alone stayed below most-popular on DIGINETICA (21k items, "
                 "~1.5k sessions a day: too few clicks per item for embeddings)",
@@ -105,7 +105,11 @@ def resolve_settings(
     params: dict[str, Any] | None = None,
     cli: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Recipe defaults < --config file < explicit command-line flags. Returns TrainConfig kwargs."""
+    """Recipe < --config file (`params`) < explicit command-line flags (`cli`): TrainConfig kwargs.
+
+    Each layer is {TrainConfig field: value, "model": {ModelConfig setting: value}}; a value of
+    None means "not given" (the layer below stays). "recipe" names the recipe used (+config
+    when a file was read); a file's "recipe" picks the recipe when `recipe` is "auto"."""
     name = recipe
     if name == "auto":  # a config file names the recipe it was tuned on (training.tune: "real")
         name = str((params or {}).get("recipe") or default_recipe(schema))

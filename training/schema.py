@@ -117,7 +117,7 @@ class Schema:
 
     @classmethod
     def of(cls, schema: Schema | Mapping[str, Any]) -> Schema:
-        """A Schema as is; a schema.json dict (e.g. `training.data.load_schema`'s) parsed."""
+        """A Schema as is; a schema.json dict (e.g. `training.data.splits.load_schema`'s) parsed."""
         return schema if isinstance(schema, Schema) else cls.from_dict(schema)
 
     # ---- writing ------------------------------------------------------- #

@@ -23,7 +23,7 @@ Defaults come from a recipe (training/recipes.py, docs/quality.md): "reference" 
 protocol above) for synthetic data, "real" for a click log prepared from
 --input (every window <= t, causal objective, the item memory, early stopping
 on a held-back slice of window t's training sessions); `--recipe` forces one, `--config FILE`
-(e.g. from `python -m training.tune`) overrides it, explicit flags win.
+(e.g. from `python -m training.tune`) overrides it, explicit flags win (training/config.py).
 
 Writes to RUN/ after every window (each file atomically, see `save_checkpoint`; the steps: training/trainer.py):
 model.pt (state_dict), optim.pt (optimizer/scheduler/RNG state), meta.json
@@ -46,10 +46,11 @@ import training.runtime  # first: sets OMP_WAIT_POLICY before torch is imported
 import sys
 from typing import Any
 
+from training import config
 from training.checkpoint import RunError, load_run
-from training.config import TrainConfig, build_parser, cli_settings, load_params, plain_settings
-from training.data.splits import DataError, load_schema
-from training.recipes import resolve_settings
+from training.cli import ConfigFileError
+from training.config import TrainConfig
+from training.data.splits import DataError
 from training.trainer import Trainer
 
 # load_run is re-exported (training.train.load_run: load what this CLI wrote)
@@ -63,26 +64,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """The command line (derived from the TrainConfig and ModelConfig fields: training/config.py)."""
-    a = build_parser("python -m training.train", __doc__.split("\n\n")[0]).parse_args(argv)
-    try:
-        schema = load_schema(a.data)
-    except DataError:
-        # no readable DATA/schema.json: nothing says it is a real log; `train` reports the
-        # missing data itself, with its own message
-        schema = {"source": "synthetic"}
-    params = load_params(a.config) if a.config else None
-    settings = resolve_settings(schema, a.recipe, params, cli_settings(a))
-    plain = plain_settings(a)
-    # a --config file's batch_size / max_grad_norm (config=True fields) win over the command line's
-    plain.update({k: settings.pop(k) for k in list(settings) if k in plain})
-    return TrainConfig(**plain, **settings)
+    """The command line (derived from the TrainConfig and ModelConfig fields: training/config.py):
+    dataclass defaults < recipe < --config FILE < explicit flags."""
+    return config.parse_args(argv, "python -m training.train", __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         train(parse_args(argv))
-    except (DataError, RunError) as e:
+    except (DataError, RunError, ConfigFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # full disk, output folder gone or read-only while training

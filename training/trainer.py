@@ -4,8 +4,14 @@
 the process's place in a torchrun job, the device and AMP dtype, the schema,
 the model, optimizer, gradient scaler, the (DDP-wrapped) training step, the
 baselines' counts, the TensorBoard writer and the metrics rows so far.
+Evaluation is training/evaluate.py, what a run reports training/report.py.
 
-Large catalogues (loss "sampled", training/model.py): the item table's gradient
+A fresh start and a resume share their set-up (torchtune's recipe): `__init__`
+finds the checkpoint to continue (`_resume_point`), builds the model at its size
+once (`_setup_model`) and its optimizers (`_setup_optimizers`); `restore` then
+only loads their states.
+
+Large catalogues (loss "sampled", training/model/sampled.py): the item table's gradient
 is sparse, so it gets its own torch.optim.SparseAdam (lr, no weight decay;
 lazy: only the rows a step touched move, but its two moment buffers are dense,
 2 x the table) beside the AdamW of every other parameter; gradients are clipped
@@ -13,7 +19,6 @@ over the dense parameters only; both optimizers and schedules step together and
 both states are in optim.pt. The negatives are drawn from a per-window, per-rank
 seeded generator (exact --resume) with the item counts of the sessions trained
 on (`set_sample_counts`; the item memory's `pop` table when it is on).
-Evaluation scores at most ~32M (session, item) pairs at once (`eval_rows`).
 `run()` is the whole protocol; its steps are the methods:
 
     restore()        --resume: weights, optimizer and rows of the last finished window
@@ -21,20 +26,18 @@ Evaluation scores at most ~32M (session, item) pairs at once (`eval_rows`).
                      fit, evaluate on t+1 -> metrics row
     fit(t, st, held) the epoch loop (early stopping on `held`, head selection)
     evaluate(t, row) model, baselines and the count blend on window t+1's --eval-split (valid),
-                     with only what was known after window t (`known_inputs`)
+                     with only what was known after window t (training/evaluate.py)
     save(t, row)     checkpoint + metrics.json + metrics.png after window t
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import sys
-import tempfile
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,121 +45,27 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.baselines import BASELINES, BaselineCounts, _top_k_rows, evaluate_baselines, memory_tables
+from training.baselines import BaselineCounts, iter_memory_tables
 from training.checkpoint import (
     META_FILE,
     MODEL_FILE,
     OPTIM_FILE,
     WINDOWS_DIR,
     RunError,
+    check_writable,
     read_meta,
     recover_checkpoint,
     save_checkpoint,
 )
-from training.config import TrainConfig, sampled_smoothing_message
-from training.data.splits import (
-    SessionTensors,
-    available_windows,
-    eval_inputs_targets,
-    load_schema,
-    load_split,
-    split_path,
-)
+from training.config import TrainConfig, check_model
+from training.data.splits import SessionTensors, available_windows, load_schema, load_split, split_path
+from training.evaluate import evaluate_sessions, known_inputs, score_held, split_holdout
 from training.integrity import atomic_write
-from training.metrics import metrics_from_ranks, pessimistic_ranks
-from training.model import (
-    ItemMemory,
-    ModelConfig,
-    PackedSessions,
-    SessionModel,
-    mask_positions,
-    pack_sessions,
-)
-from training.names import AGE_COL, FIRST_REAL_ID, OOV_ID, list_col
+from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
+from training.names import AGE_COL, FIRST_REAL_ID, list_col
+from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise, window_line
 from training.runtime import Dist, amp_dtype, barrier, check_replicas_in_sync, resolve_device, set_threads
 from training.schema import Schema
-
-METRICS_FILE = "metrics.json"
-PLOT_FILE = "metrics.png"
-# what every evaluated row reports beside the model: the baselines of training/baselines.py and the
-# count blend (the item memory untrained: `count_blend_metrics`)
-COUNT_BLEND = "count_blend"
-REPORTED = (*BASELINES, COUNT_BLEND)
-
-
-# -----------------------------------------------------------------------------
-# Metrics file and plot
-# -----------------------------------------------------------------------------
-
-
-def summarise(rows: list[dict]) -> dict[str, Any]:
-    """Mean of every metric over the evaluated windows, and training throughput."""
-    done = [r for r in rows if r.get("eval_sessions", 0) > 0]
-    keys = [k for k in (rows[0] if rows else {}) if "@" in k]
-    out: dict[str, Any] = {"windows_evaluated": len(done)}
-    for k in keys:
-        out[k] = float(np.mean([r[k] for r in done])) if done else None
-    for name in REPORTED:
-        with_b = [r["baselines"][name] for r in done if name in r.get("baselines", {})]
-        if with_b:
-            out.setdefault("baselines", {})[name] = {
-                k: float(np.mean([b[k] for b in with_b])) for k in with_b[0]
-            }
-    with_known = [r for r in done if "unseen_targets" in r]
-    if with_known:  # issue 12: share of evaluation targets unknown after the training window
-        out["unseen_targets"] = float(np.mean([r["unseen_targets"] for r in with_known]))
-    seconds = sum(r.get("train_seconds", 0.0) for r in rows)
-    trained = sum(r.get("sessions_trained", 0) for r in rows)
-    out["train_seconds"] = seconds
-    out["sessions_trained"] = trained
-    out["sessions_per_second"] = trained / seconds if seconds > 0 else None
-    return out
-
-
-def plot_metrics(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [r for r in rows if r.get("eval_sessions", 0) > 0]
-    metrics = ["ndcg@20", "recall@20", "mrr@20"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
-    x = [r["eval_window"] for r in done]
-    for ax, m in zip(axes, metrics):
-        ax.plot(x, [r[m] for r in done], "o-", label="model", linewidth=2)
-        for name in REPORTED:
-            if done and name in done[0].get("baselines", {}):
-                ax.plot(x, [r["baselines"][name][m] for r in done], "s--", label=name, alpha=0.8)
-        ax.set_xlabel("evaluation window")
-        ax.set_title(m)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
-def _print_table(rows: list[dict]) -> None:
-    head = f"{'window':>9} {'items_known':>11} {'unseen':>6} {'ndcg@20':>8} {'recall@20':>9} {'mrr@20':>7} " + " ".join(
-        f"{b + ' ndcg@20':>22}" for b in REPORTED
-    )
-    print(head, file=sys.stderr)
-    for r in rows:
-        if r.get("eval_sessions", 0) == 0:
-            print(f"{r['train_window']:>4}->{r['eval_window']:<4} (skipped)", file=sys.stderr)
-            continue
-        line = (
-            f"{r['train_window']:>4}->{r['eval_window']:<4} {r.get('items_known', -1):>11} "
-            f"{r.get('unseen_targets', float('nan')):6.3f} {r['ndcg@20']:8.4f} {r['recall@20']:9.4f} {r['mrr@20']:7.4f} "
-        )
-        line += " ".join(
-            f"{r['baselines'][b]['ndcg@20']:22.4f}" if b in r.get("baselines", {}) else f"{'-':>22}" for b in REPORTED
-        )
-        print(line, file=sys.stderr)
-
 
 # -----------------------------------------------------------------------------
 # Training pieces
@@ -195,80 +104,6 @@ class _TrainStep(nn.Module):
         return self.model.packed_loss(packed, self.label_smoothing, generator)
 
 
-# scores held at once by evaluation: rows x V floats (32M floats = 128 MB; 32 rows at 1M items)
-EVAL_MAX_SCORES = 32_000_000
-
-
-def eval_rows(n_items: int, batch_size: int, max_scores: int = EVAL_MAX_SCORES) -> int:
-    """Sessions scored at once: `batch_size`, fewer when batch_size x n_items passes `max_scores`."""
-    return max(1, min(batch_size, max_scores // max(1, n_items)))
-
-
-@torch.no_grad()
-def evaluate_model(
-    model: SessionModel,
-    st: SessionTensors,
-    device: torch.device,
-    batch_size: int,
-    miss: Tensor | None = None,
-    max_scores: int = EVAL_MAX_SCORES,
-) -> dict[str, float]:
-    """Metrics of the model on every session of `st` (input: all but the last item).
-
-    Always in float32, also on a GPU: reduced-precision logits would create
-    ties, which the pessimistic ranking counts against the target. Scores the
-    full catalogue in chunks of `eval_rows(V, batch_size, max_scores)` sessions,
-    so a [sessions, V] matrix is never held for a large V (each session's rank
-    depends on its own row only).
-    miss (N,) bool: sessions whose target counts as a miss whatever the scores
-    (a target unknown after the training window, see `known_inputs`).
-    """
-    feats, lengths, targets = eval_inputs_targets(st, model.cfg.item_feature)
-    batch_size = eval_rows(model.cfg.n_items, batch_size, max_scores)
-    was_training = model.training
-    model.eval()
-    ranks = []
-    for i in range(0, len(targets), batch_size):
-        f = {k: v[i : i + batch_size].to(device) for k, v in feats.items()}
-        scores = model.next_item_scores(f, lengths[i : i + batch_size].to(device))
-        ranks.append(pessimistic_ranks(scores, targets[i : i + batch_size].to(device)).cpu())
-    model.train(was_training)
-    r = torch.cat(ranks)
-    if miss is not None:
-        r = torch.where(miss, torch.tensor(float("inf"), dtype=r.dtype), r)
-    return metrics_from_ranks(r)
-
-
-# -----------------------------------------------------------------------------
-# A vocabulary that grows window by window (issue 12)
-# -----------------------------------------------------------------------------
-
-
-def known_inputs(
-    st: SessionTensors, sizes: dict[str, int], item_feature: str, age_feature: str | None = None
-) -> tuple[SessionTensors, Tensor]:
-    """Sessions as the served model after window t sees them, and which targets it cannot know.
-
-    sizes: categorical feature -> ids known after window t (schema.json's vocabulary_by_window;
-    ids follow first appearance, so the known ones are [0, size)). Every id >= size becomes
-    OOV; where the item is unknown, `age_feature` (the workflow's derived item age, None when
-    the data gives it) becomes 0, as the item_age_days op gives for an item unseen at fit.
-    Returns (sessions, unknown (N,) bool: the session's last item, the evaluation target, is unknown).
-    """
-    if item_feature not in sizes:
-        raise ValueError(f"known_inputs: sizes {sorted(sizes)} lack the item feature {item_feature!r}")
-    feats = dict(st.feats)
-    unknown = feats[item_feature] >= sizes[item_feature]  # (N, L)
-    for name, n in sizes.items():
-        if name in feats:
-            feats[name] = feats[name].masked_fill(feats[name] >= n, OOV_ID)
-    if age_feature is not None and age_feature in feats:
-        feats[age_feature] = feats[age_feature].masked_fill(unknown, 0.0)
-    rows = torch.arange(len(st))
-    last_unknown = unknown[rows, (st.lengths - 1).clamp(min=0)]  # (N,)
-    return SessionTensors(feats, st.lengths, st.session_id, st.source), last_unknown
-
-
 def pad_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
     """After `SessionModel.grow`: zero rows appended to every per-parameter state tensor
     (AdamW's exp_avg / exp_avg_sq, ...) whose parameter gained rows; scalars (step) kept."""
@@ -279,42 +114,10 @@ def pad_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> N
         for k, v in state.items():
             if torch.is_tensor(v) and v.dim() == p.dim() and v.dim() > 0 and v.shape != p.shape:
                 if v.shape[1:] != p.shape[1:] or v.shape[0] > p.shape[0]:
-                    raise RuntimeError(f"optimizer state {k} {tuple(v.shape)} cannot follow parameter {tuple(p.shape)}")
+                    raise RuntimeError(
+                        f"optimizer state {k} {tuple(v.shape)} cannot follow parameter {tuple(p.shape)}"
+                    )
                 state[k] = torch.cat([v, v.new_zeros((p.shape[0] - v.shape[0], *v.shape[1:]))])
-
-
-@torch.no_grad()
-def count_blend_metrics(
-    tables: dict[str, Tensor],
-    cfg: ModelConfig,
-    st: SessionTensors,
-    device: torch.device,
-    batch_size: int,
-    known: int | None = None,
-    miss: Tensor | None = None,
-) -> dict[str, float]:
-    """The count blend: a fresh ItemMemory (gates at their initial values, no network logits)
-    holding count `tables` (the model's item memory buffers, or `memory_tables` of the same
-    counts): what the counts alone give, on the model's sessions. Ids >= `known` are not ranked."""
-    V = int(tables["pop"].shape[0])
-    mem = ItemMemory(V, int(tables["cooc_idx"].shape[1]), cfg.max_len, cfg.d_model, cfg.memory_decay)
-    mem = mem.to(device).eval()
-    mem.set_tables(**{k: tables[k].to(device) for k in ("cooc_idx", "cooc_val", "succ_idx", "succ_val", "pop")})
-    feats, lengths, targets = eval_inputs_targets(st, cfg.item_feature)
-    ranks = []
-    for i in range(0, len(targets), batch_size):
-        items = feats[cfg.item_feature][i : i + batch_size].to(device)
-        lens = lengths[i : i + batch_size].to(device)
-        h = torch.zeros(len(lens), cfg.d_model, device=device)  # the gates' weights are 0: h is not read
-        scores = mem.next_item_scores(h, items, lens)  # (b, V)
-        scores[:, :FIRST_REAL_ID] = float("-inf")
-        if known is not None:
-            scores[:, known:] = float("-inf")
-        ranks.append(pessimistic_ranks(scores, targets[i : i + batch_size].to(device)).cpu())
-    r = torch.cat(ranks)
-    if miss is not None:
-        r = torch.where(miss, torch.tensor(float("inf"), dtype=r.dtype), r)
-    return metrics_from_ranks(r)
 
 
 def _to_device(p: PackedSessions, device: torch.device) -> PackedSessions:
@@ -330,47 +133,6 @@ def _batch(st: SessionTensors, idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
     lengths = st.lengths[idx]
     width = int(lengths.max())
     return {k: v[idx, :width] for k, v in st.feats.items()}, lengths
-
-
-def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:
-    """Fill the model's ItemMemory tables with the counts of `sessions` (the same counts as the baselines)."""
-    assert model.item_memory is not None
-    counts = BaselineCounts(model.cfg.n_items)
-    item = model.cfg.item_feature
-    for st in sessions:
-        if len(st):
-            counts.add_sessions(st.feats[item].numpy(), st.lengths.numpy())
-    # = memory_tables(counts, k) copied in, one matrix at a time: at 1M items the (V, K) tables
-    # and the sparse counts they come from dominate the training process's peak RSS, so each
-    # count matrix is dropped once its tables are built and each numpy table once copied
-    mem, k = model.item_memory, model.cfg.memory_k
-    dev = mem.pop.device
-    tie = counts.pop.astype(np.float64)
-    pop = counts.pop.astype(np.float32)
-    counts._session_blocks.clear()  # V-SKNN's per-session rows: not needed here
-    for prefix, attr in (("cooc", "cooc"), ("succ", "succ")):
-        idx, val = _top_k_rows(getattr(counts, attr), k, tie)
-        setattr(counts, attr, None)
-        for name, v in ((f"{prefix}_idx", idx), (f"{prefix}_val", val)):
-            buf = getattr(mem, name)
-            if tuple(v.shape) != tuple(buf.shape):
-                raise ValueError(f"memory table {name}: shape {tuple(v.shape)}, expected {tuple(buf.shape)}")
-            buf.copy_(torch.from_numpy(v).to(dev, buf.dtype))
-        del idx, val, v
-    del counts
-    mem.pop.copy_(torch.from_numpy(pop).to(dev))
-
-
-def split_holdout(st: SessionTensors, fraction: float, seed: int) -> tuple[SessionTensors, SessionTensors]:
-    """(fit, held): a random `fraction` of the sessions held back (at least 1 when fraction > 0 and N >= 2)."""
-    n = len(st)
-    k = int(round(n * fraction)) if fraction > 0 else 0
-    if fraction > 0 and n >= 2:
-        k = min(max(k, 1), n - 1)
-    else:
-        k = 0
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return st.select(perm[k:].sort().values), st.select(perm[:k].sort().values)
 
 
 def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
@@ -389,50 +151,20 @@ def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
     )
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise RunError(
-            f"cannot write to the output folder {out} ({e.strerror or e}); choose another --out"
-        ) from e
-
-
-def _optimizer(model: SessionModel, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the dense parameters (`SessionModel.param_groups`): the network (lr,
-    weight_decay) and the item memory's gates (memory_lr, no decay)."""
-    dense, _ = model.param_groups()
-    params = list(dense.values())
-    mem_params = [p for n, p in dense.items() if n.startswith("item_memory.")]
-    mem_ids = {id(p) for p in mem_params}
-    groups = [
-        {
-            "params": [p for p in params if id(p) not in mem_ids],
-            "lr": cfg.lr,
-            "weight_decay": cfg.weight_decay,
-        }
-    ]
-    if mem_params:  # a handful of gate weights: their own (higher) learning rate, no decay
-        groups.append({"params": mem_params, "lr": cfg.memory_lr or cfg.lr, "weight_decay": 0.0})
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    # fused: one kernel for all parameters (measured 0.3 ms vs 2.1 ms per CPU step for the for-loop default)
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
-
-
-def _sparse_optimizer(model: SessionModel, cfg: TrainConfig) -> torch.optim.Optimizer | None:
-    """SparseAdam (lr, no weight decay: it has none) over the item table when its gradient is
-    sparse (loss == "sampled"), else None. Lazy Adam: only the rows a step touched move, but its
-    two moment buffers are dense, 2 x the table (512 MB at 1M x 64)."""
-    _, sparse = model.param_groups()
-    if not sparse:
-        return None
-    opt = torch.optim.SparseAdam(list(sparse.values()), lr=cfg.lr)
-    for g in opt.param_groups:
-        g["base_lr"] = g["lr"]
-    return opt
+def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:
+    """Fill the model's ItemMemory tables with the counts of `sessions`: `baselines.memory_tables`
+    of the same counts as the baselines, copied in one table at a time (`iter_memory_tables`
+    with release: at 1M items the tables and the sparse counts dominate the peak RSS)."""
+    mem = model.item_memory
+    assert mem is not None
+    counts = BaselineCounts(model.cfg.n_items, sessions=False)  # V-SKNN's session index: not needed
+    item = model.cfg.item_feature
+    for st in sessions:
+        if len(st):
+            counts.add_sessions(st.feats[item].numpy(), st.lengths.numpy())
+    for name, table in iter_memory_tables(counts, model.cfg.memory_k, release=True):
+        mem.set_table(name, torch.from_numpy(table))
+        del table  # before the next table is built
 
 
 @torch.no_grad()
@@ -470,31 +202,122 @@ class Trainer:
         self.out, self.data = Path(cfg.out), Path(cfg.data)
         self.schema = load_schema(self.data)
         self.vocab = Schema.of(self.schema)  # typed view: vocabulary sizes per window
-        full = ModelConfig.from_schema(self.schema, **cfg.model)  # resolves loss="auto" on the whole vocabulary
+        full = cfg.model.with_schema(self.schema)  # resolves loss="auto" on the whole vocabulary
+        check_model(full, cfg.label_smoothing)
         self.n_items_all = full.n_items  # the baselines' count tables span every id
-        # the tables start at the vocabulary known after the first window trained and grow window by window
-        self.mcfg = self._config_at(full, self.known_sizes(cfg.start_window))
         age = list_col(AGE_COL)
         # the item age derived by the workflow (real logs): 0 for an item the served workflow does not know
         self.age_feature = age if age in full.continuous and AGE_COL not in self.vocab.raw_inputs else None
-        if self.mcfg.loss == "sampled" and cfg.label_smoothing > 0.0:  # loss "auto" resolved by V
-            raise RunError(sampled_smoothing_message(cfg.label_smoothing))
         if d.main:
-            _check_writable(self.out)
+            check_writable(self.out)
             recover_checkpoint(self.out)
         barrier(d)
-
-        torch.manual_seed(cfg.seed)
-        self.model = SessionModel(self.mcfg).to(self.device)
-        self.optimizer = _optimizer(self.model, cfg, self.device)
-        self.sparse_optimizer = _sparse_optimizer(self.model, cfg)  # the item table, sampled loss only
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.scheduler_state: dict[str, Any] = {}  # the last window's LR schedule, saved to optim.pt
+        # the tables start at the vocabulary known after the first window trained and grow window by
+        # window; a resumed run starts at its checkpoint's
+        mcfg = self._config_at(full, self.known_sizes(cfg.start_window))
+        self.resume_meta = self._resume_point(mcfg)
+        if self.resume_meta is not None:
+            mcfg = replace(mcfg, categorical=self.resume_meta["model_config"]["categorical"])
         self.rows: list[dict] = []  # metrics row of every finished window
         self.first = cfg.start_window  # first window still to train
-        self.step_module: nn.Module = _TrainStep(self.model, cfg.label_smoothing)
+        self.scheduler_state: dict[str, Any] = {}  # the last window's LR schedule, saved to optim.pt
         self.counts: BaselineCounts | None = None
         self.writer: Any = None
+        torch.manual_seed(cfg.seed)
+        self._setup_model(mcfg)
+        self._setup_optimizers()
+
+    # --- set-up: shared by a fresh start and --resume ---------------------------------
+
+    def _setup_model(self, mcfg: ModelConfig) -> None:
+        """The model with `mcfg` on the device, and its training step (DDP wraps it in `run`)."""
+        self.mcfg = mcfg
+        self.model = SessionModel(mcfg).to(self.device)
+        self.step_module: nn.Module = _TrainStep(self.model, self.cfg.label_smoothing)
+
+    def _setup_optimizers(self) -> None:
+        """AdamW over the dense parameters (`SessionModel.param_groups`): the network (lr,
+        weight_decay) and the item memory's gates (memory_lr, no decay); SparseAdam over the item
+        table when its gradient is sparse (loss "sampled"; lr, no weight decay: it has none; its
+        two moment buffers are dense, 2 x the table: 512 MB at 1M x 64); the gradient scaler."""
+        cfg, model = self.cfg, self.model
+        dense, sparse = model.param_groups()
+        mem_params = [p for n, p in dense.items() if n.startswith("item_memory.")]
+        mem_ids = {id(p) for p in mem_params}
+        groups = [
+            {
+                "params": [p for p in dense.values() if id(p) not in mem_ids],
+                "lr": cfg.lr,
+                "weight_decay": cfg.weight_decay,
+            }
+        ]
+        if mem_params:  # a handful of gate weights: their own (higher) learning rate, no decay
+            groups.append({"params": mem_params, "lr": cfg.memory_lr or cfg.lr, "weight_decay": 0.0})
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        # fused: one kernel for all parameters (measured 0.3 ms vs 2.1 ms per CPU step for the for-loop default)
+        fused = self.device.type in ("cpu", "cuda")
+        self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+        self.sparse_optimizer: torch.optim.Optimizer | None = None
+        if sparse:
+            self.sparse_optimizer = torch.optim.SparseAdam(list(sparse.values()), lr=cfg.lr)
+            for g in self.sparse_optimizer.param_groups:
+                g["base_lr"] = g["lr"]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _resume_point(self, mcfg: ModelConfig) -> dict[str, Any] | None:
+        """meta.json of the checkpoint in `out` to continue (--resume), None for a fresh start.
+
+        A checkpoint without --resume is an error, and so is one whose model config differs from
+        `mcfg` other than by its tables' sizes (grown to a later window's vocabulary)."""
+        cfg, out = self.cfg, self.out
+        has_ckpt = (out / META_FILE).exists()
+        if has_ckpt and not cfg.resume:
+            raise RunError(
+                f"{out} already holds a checkpoint ({META_FILE}); pass --resume to continue it or choose another --out"
+            )
+        if not has_ckpt:
+            return None
+        meta = read_meta(out, recover=self.dist.main)
+        # as configs: a meta.json written before a field existed takes its default (from_dict)
+        saved = ModelConfig.from_dict(meta["model_config"])
+        mine = mcfg
+        if set(saved.categorical) == set(mcfg.categorical):
+            mine = replace(mcfg, categorical=saved.categorical)
+        if saved != mine:
+            raise RunError(
+                f"--resume: the model config in {out / META_FILE} differs from this run's "
+                f"({meta['model_config']} vs {mine.to_dict()}); use the same --data and model flags"
+            )
+        return meta
+
+    def restore(self) -> None:
+        """--resume: weights, optimizer state and metrics rows of the last finished window in `out`
+        (the model and optimizers were built at the checkpoint's size: `_resume_point`)."""
+        meta, out, main = self.resume_meta, self.out, self.dist.main
+        if meta is None:
+            if self.cfg.resume and main:
+                print(
+                    f"[train] --resume: no checkpoint in {out} yet, starting from window {self.first}",
+                    file=sys.stderr,
+                )
+            return
+        self.model.load_state_dict(torch.load(out / MODEL_FILE, map_location=self.device, weights_only=True))
+        ostate = torch.load(out / OPTIM_FILE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(ostate["optimizer"])
+        if self.sparse_optimizer is not None:
+            if "sparse_optimizer" not in ostate:
+                raise RunError(
+                    f"--resume: {out / OPTIM_FILE} has no SparseAdam state for the item table "
+                    "(written by a full-loss run?); use the same --loss as the run being resumed"
+                )
+            self.sparse_optimizer.load_state_dict(ostate["sparse_optimizer"])
+        if "scaler" in ostate and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ostate["scaler"])
+        self.rows = list(meta["metrics"]["windows"])
+        self.first = int(meta["window"]) + 1
+        if main:
+            print(f"[train] resuming {out} after window {meta['window']}", file=sys.stderr)
 
     # --- the vocabulary known after window t (issue 12) ------------------------------
 
@@ -508,7 +331,7 @@ class Trainer:
         no input holds while nothing is known: ModelConfig needs one)."""
         sizes = dict(sizes)
         sizes[cfg.item_feature] = max(sizes[cfg.item_feature], FIRST_REAL_ID + 1)
-        return ModelConfig.from_dict({**cfg.to_dict(), "categorical": sizes})
+        return replace(cfg, categorical=sizes)
 
     def grow(self, t: int) -> None:
         """Grow every categorical table (and the memory's tables) to the vocabulary known after
@@ -526,57 +349,7 @@ class Trainer:
             self.step_module = _TrainStep(self.model, self.cfg.label_smoothing)
             self._wrap_ddp()
 
-    # --- set-up ------------------------------------------------------------------
-
-    def restore(self) -> None:
-        """--resume: weights, optimizer state and metrics rows of the last finished window in `out`."""
-        cfg, d, out = self.cfg, self.dist, self.out
-        has_ckpt = (out / META_FILE).exists()
-        if has_ckpt and not cfg.resume:
-            raise RunError(
-                f"{out} already holds a checkpoint ({META_FILE}); pass --resume to continue it or choose another --out"
-            )
-        if has_ckpt and cfg.resume:
-            meta = read_meta(out, recover=d.main)
-            # as configs: a meta.json written before a field existed takes its default (from_dict)
-            saved = ModelConfig.from_dict(meta["model_config"])
-            if saved.categorical != self.mcfg.categorical and set(saved.categorical) == set(self.mcfg.categorical):
-                # tables grown to a later window's vocabulary: rebuild at the checkpoint's size
-                mine = ModelConfig.from_dict({**self.mcfg.to_dict(), "categorical": saved.categorical})
-                if saved == mine:
-                    self.mcfg = saved
-                    self.model = SessionModel(self.mcfg).to(self.device)
-                    self.optimizer = _optimizer(self.model, cfg, self.device)
-                    self.sparse_optimizer = _sparse_optimizer(self.model, cfg)
-                    self.step_module = _TrainStep(self.model, cfg.label_smoothing)
-            if saved != self.mcfg:
-                raise RunError(
-                    f"--resume: the model config in {out / META_FILE} differs from this run's "
-                    f"({meta['model_config']} vs {self.mcfg.to_dict()}); use the same --data and model flags"
-                )
-            self.model.load_state_dict(
-                torch.load(out / MODEL_FILE, map_location=self.device, weights_only=True)
-            )
-            ostate = torch.load(out / OPTIM_FILE, map_location=self.device, weights_only=True)
-            self.optimizer.load_state_dict(ostate["optimizer"])
-            if self.sparse_optimizer is not None:
-                if "sparse_optimizer" not in ostate:
-                    raise RunError(
-                        f"--resume: {out / OPTIM_FILE} has no SparseAdam state for the item table "
-                        "(written by a full-loss run?); use the same --loss as the run being resumed"
-                    )
-                self.sparse_optimizer.load_state_dict(ostate["sparse_optimizer"])
-            if "scaler" in ostate and self.scaler.is_enabled():
-                self.scaler.load_state_dict(ostate["scaler"])
-            self.rows = list(meta["metrics"]["windows"])
-            self.first = int(meta["window"]) + 1
-            if d.main:
-                print(f"[train] resuming {out} after window {meta['window']}", file=sys.stderr)
-        elif cfg.resume and d.main:
-            print(
-                f"[train] --resume: no checkpoint in {out} yet, starting from window {self.first}",
-                file=sys.stderr,
-            )
+    # --- the run -----------------------------------------------------------------
 
     def _wrap_ddp(self) -> None:
         if self.dist.world > 1:
@@ -610,8 +383,6 @@ class Trainer:
                 ) from e
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
 
-    # --- the run -----------------------------------------------------------------
-
     def run(self) -> dict[str, Any]:
         """Every window from the first unfinished one; returns the metrics.json content."""
         self.restore()
@@ -630,11 +401,11 @@ class Trainer:
             self.writer.close()
         result = self.result()
         if self.dist.main:
-            _print_table(self.rows)
+            print_table(self.rows)
         return result
 
     def result(self) -> dict[str, Any]:
-        return {"windows": self.rows, "summary": summarise(self.rows), "train_config": asdict(self.cfg)}
+        return {"windows": self.rows, "summary": summarise(self.rows), "train_config": self.cfg.to_dict()}
 
     def run_window(self, t: int) -> dict[str, Any]:
         """Train on window t (and, cumulative, the earlier ones), evaluate on t+1: the metrics row."""
@@ -662,9 +433,7 @@ class Trainer:
         fit_st, held_st = split_holdout(train_st, cfg.holdout, _seed(cfg.seed, t, 4))
         before = [w for w in available_windows(data, schema) if w < t]
         need_earlier = model.item_memory is not None or cfg.train_on == "cumulative"
-        earlier = (
-            {w: load_known(split_path(data, w, "train")) for w in before} if need_earlier else {}
-        )
+        earlier = {w: load_known(split_path(data, w, "train")) for w in before} if need_earlier else {}
         if model.item_memory is not None and len(train_st):
             # counts of every earlier window's training sessions + the sessions fitted now, not the
             # held-back ones (early stopping scores them as unseen sessions); after training the
@@ -774,7 +543,9 @@ class Trainer:
             bar.set_postfix(loss=f"{float(loss_sum) / max(1, epoch_steps):.3f}")
             if early:  # every rank scores the same held-back sessions: the same decision everywhere
                 assert held is not None
-                score, scale = self._score_held(held, select_head, held_no_head)
+                score, scale, without = score_held(model, held, device, cfg.eval_batch_size, select_head)
+                if without is not None:
+                    held_no_head.append(without)
                 model.train()
                 held_scores.append(score)
                 if score > best_score:
@@ -854,24 +625,6 @@ class Trainer:
         for sch in schedulers:
             sch.step()
 
-    def _score_held(
-        self, held: SessionTensors, select_head: bool, without_head: list[float]
-    ) -> tuple[float, float]:
-        """(held-back NDCG@20, head_scale): with select_head, the better of with / without the
-        head's own item logits (the gated counts only); appends the score without to `without_head`."""
-        model = self.model
-        score = evaluate_model(model, held, self.device, self.cfg.eval_batch_size)["ndcg@20"]
-        scale = 1.0
-        if select_head:  # the same weights without the head's own item logits (gated counts only)
-            assert model.item_memory is not None
-            model.item_memory.head_scale.fill_(0.0)
-            without = evaluate_model(model, held, self.device, self.cfg.eval_batch_size)["ndcg@20"]
-            model.item_memory.head_scale.fill_(1.0)
-            without_head.append(without)
-            if without > score:
-                score, scale = without, 0.0
-        return score, scale
-
     def evaluate(self, t: int, row: dict[str, Any]) -> None:
         """Model, baselines and count blend on window t+1's --eval-split, into `row`.
 
@@ -888,31 +641,19 @@ class Trainer:
                 f"window {t + 1}: {eval_path} has no sessions; window {t} is not evaluated", stacklevel=2
             )
             return
-        item = self.mcfg.item_feature
         known = self.known_sizes(t)
-        eval_st, miss = known_inputs(eval_st, known, item, self.age_feature)
-        row["unseen_targets"] = float(miss.float().mean())
-        t0 = time.perf_counter()
-        row.update(evaluate_model(self.model, eval_st, self.device, self.cfg.eval_batch_size, miss))
-        row["eval_seconds"] = time.perf_counter() - t0
-        if self.counts is not None:
-            feats, lengths, targets = eval_inputs_targets(eval_st, item)
-            row["baselines"] = evaluate_baselines(
-                self.counts, feats[item].numpy(), lengths.numpy(), targets.numpy()
+        row.update(
+            evaluate_sessions(
+                self.model,
+                eval_st,
+                known,
+                self.counts,
+                self.device,
+                self.cfg.eval_batch_size,
+                self.age_feature,
             )
-            mem = self.model.item_memory
-            if mem is not None:  # the model's own count tables
-                tables = {k: getattr(mem, k) for k in ("cooc_idx", "cooc_val", "succ_idx", "succ_val", "pop")}
-            else:  # the same counts, as the memory would hold them
-                tables = {k: torch.from_numpy(v) for k, v in memory_tables(self.counts, self.mcfg.memory_k).items()}
-            row["baselines"][COUNT_BLEND] = count_blend_metrics(
-                tables, self.mcfg, eval_st, self.device, self.cfg.eval_batch_size, known[item], miss
-            )
-        msg = " ".join(f"{k}={row[k]:.4f}" for k in ("ndcg@20", "recall@20", "mrr@20"))
-        msg += f" (items known {known[item]}, unseen targets {row['unseen_targets']:.3f})"
-        if "baselines" in row:
-            msg += " | " + " ".join(f"{b}:ndcg@20={row['baselines'][b]['ndcg@20']:.4f}" for b in REPORTED)
-        print(f"[train] window {t}->{t + 1} ({split}): {msg}", file=sys.stderr)
+        )
+        print(window_line(row), file=sys.stderr)
 
     def save(self, t: int, row: dict[str, Any]) -> None:
         """Checkpoint (model.pt, optim.pt, meta.json), metrics.json and metrics.png after window t."""
@@ -924,7 +665,7 @@ class Trainer:
             "vocabulary_sizes": dict(mcfg.categorical),  # the tables' rows after window t (they grow)
             "schema": self.schema,
             "workflow_sha256": self.schema.get("workflow_sha256", {}),
-            "train_config": asdict(cfg),
+            "train_config": cfg.to_dict(),
             "metrics": {"windows": self.rows},
         }
         ostate = {

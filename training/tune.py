@@ -23,7 +23,6 @@ from __future__ import annotations
 import training.runtime  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
 
 # isort: split
-import argparse
 import itertools
 import json
 import random
@@ -36,10 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from training import cli
 from training.checkpoint import RunError
-from training.config import MODEL_FIELDS, TrainConfig, add_flags
+from training.cli import help_meta
+from training.config import TrainConfig
 from training.data.splits import DataError, load_schema
 from training.integrity import atomic_write
+from training.model.config import MODEL_SETTINGS
 from training.recipes import resolve_settings
 from training.train import train
 
@@ -54,21 +56,21 @@ SPACE: dict[str, list[Any]] = {
     "label_smoothing": [0.0, 0.1],
     "train_on": ["cumulative", "window"],
 }
-MODEL_KEYS = MODEL_FIELDS  # the settable ModelConfig fields (training/config.py): "model" overrides
+MODEL_KEYS = MODEL_SETTINGS  # the settable ModelConfig fields: "model" settings of a --config file
 
 
 @dataclass
 class TuneConfig:
-    data: str = field(metadata={"help": "DATA folder written by `python -m training.prepare`"})
-    out: str = field(metadata={"help": "JSON file for the best settings (training.train --config)"})
-    trials: int = field(default=6, metadata={"help": "number of settings sampled from the search space"})
-    seed: int = field(default=0, metadata={"help": "seed of the sample and of every trial"})
-    start_window: int = field(default=1, metadata={"help": "first training window"})
-    end_window: int = field(default=8, metadata={"help": "train on windows start..END-1"})
-    holdout: float = field(default=0.1, metadata={"help": "held-back fraction of each training window"})
-    patience: int = field(default=2, metadata={"help": "early-stopping patience (epochs)"})
-    max_epochs: int = field(default=20, metadata={"help": "max epochs per window"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+    data: str = field(metadata=help_meta("DATA folder written by `python -m training.prepare`"))
+    out: str = field(metadata=help_meta("JSON file for the best settings (training.train --config)"))
+    trials: int = field(default=6, metadata=help_meta("number of settings sampled from the search space"))
+    seed: int = field(default=0, metadata=help_meta("seed of the sample and of every trial"))
+    start_window: int = field(default=1, metadata=help_meta("first training window"))
+    end_window: int = field(default=8, metadata=help_meta("train on windows start..END-1"))
+    holdout: float = field(default=0.1, metadata=help_meta("held-back fraction of each training window"))
+    patience: int = field(default=2, metadata=help_meta("early-stopping patience (epochs)"))
+    max_epochs: int = field(default=20, metadata=help_meta("max epochs per window"))
+    threads: int = field(default=0, metadata=help_meta("torch CPU threads (0 = all cores)"))
 
 
 def sample_trials(n: int, seed: int, space: dict[str, list[Any]] | None = None) -> list[dict[str, Any]]:
@@ -143,10 +145,8 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> TuneConfig:
-    p = argparse.ArgumentParser(prog="python -m training.tune", description=__doc__.split("\n\n")[0])
-    add_flags(p, TuneConfig)  # one flag per field, from its help text and default
-    return TuneConfig(**vars(p.parse_args(argv)))
+# one flag per TuneConfig field (training/cli.py); defaults < --config FILE < explicit flags
+parse_args = cli.command_line(TuneConfig, "python -m training.tune", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

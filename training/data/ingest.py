@@ -29,7 +29,10 @@ from training.cli import comma_list, help_meta
 from training.names import CATEGORY_COL, ITEM_COL, SESSION_COL, TIME_COL, WINDOW_COL
 
 TIME_UNITS = ("s", "ms", "date")
-WINDOW_SECONDS = {"day": 86_400, "hour": 3_600, "week": 604_800}
+# "month" is 30 days (a fixed length, counted from the epoch like the others): a sparse log such as
+# NowPlaying1M (~3.5k sessions a month over 18 months) needs windows of that size to hold a day's worth
+# of DIGINETICA
+WINDOW_SECONDS = {"day": 86_400, "hour": 3_600, "week": 604_800, "month": 2_592_000}
 _PARQUET_SUFFIXES = {".parquet", ".pq"}
 _SEP_BY_SUFFIX = {".tsv": "\t", ".tab": "\t", ".csv": ","}
 _COMPRESSION_SUFFIXES = {".gz", ".bz2", ".xz", ".zip", ".zst"}
@@ -297,6 +300,25 @@ def _all_null(series: pd.Series, name: str, flag: str, expected: str) -> None:
         )
 
 
+def _check_parsed(
+    series: pd.Series, parsed: pd.Series, name: str, flag: str, expected: str, *, unparsed: str, missing: str
+) -> None:
+    """IngestError naming the first row that `parsed` (series converted with errors="coerce") lost, then
+    the first row missing in `series` itself."""
+    bad = (parsed.isna() & series.notna()).to_numpy()
+    if bad.any():
+        i = _where(bad)
+        raise IngestError(
+            f"column {name!r} ({flag}) has {unparsed} {series.iloc[i]!r} at data row {i + 1}: expected {expected}"
+        )
+    lost = parsed.isna().to_numpy()
+    if lost.any():
+        i = _where(lost)
+        raise IngestError(
+            f"column {name!r} ({flag}) has {missing} at data row {i + 1}: expected {expected} in every row"
+        )
+
+
 def _as_numbers(series: pd.Series, name: str, flag: str, expected: str) -> pd.Series:
     """Numeric version of a column; IngestError on non-numeric text or missing values."""
     _all_null(series, name, flag, expected)
@@ -305,19 +327,7 @@ def _as_numbers(series: pd.Series, name: str, flag: str, expected: str) -> pd.Se
             f"column {name!r} ({flag}) holds booleans (e.g. {series.iloc[0]!r}): expected {expected}"
         )
     numeric = series if pd.api.types.is_numeric_dtype(series) else pd.to_numeric(series, errors="coerce")
-    bad = (numeric.isna() & series.notna()).to_numpy()
-    if bad.any():
-        i = _where(bad)
-        raise IngestError(
-            f"column {name!r} ({flag}) has non-numeric value {series.iloc[i]!r} at data row {i + 1}: expected {expected}"
-        )
-    missing = numeric.isna().to_numpy()
-    if missing.any():
-        i = _where(missing)
-        raise IngestError(
-            f"column {name!r} ({flag}) has a missing value (NaN) at data row {i + 1}: "
-            f"expected {expected} in every row"
-        )
+    _check_parsed(series, numeric, name, flag, expected, unparsed="non-numeric value", missing="a missing value (NaN)")
     values = numeric.to_numpy()
     if values.dtype.kind == "f":
         inf = ~np.isfinite(values)
@@ -365,19 +375,7 @@ def _timestamps(series: pd.Series, name: str, unit: str) -> np.ndarray:
                 "for epoch numbers pass --time-unit s or ms"
             )
         parsed = pd.to_datetime(series, errors="coerce", utc=True)
-        bad = (parsed.isna() & series.notna()).to_numpy()
-        if bad.any():
-            i = _where(bad)
-            raise IngestError(
-                f"column {name!r} ({flag}) has unparseable timestamp {series.iloc[i]!r} at data row {i + 1}: "
-                f"expected {expected}"
-            )
-        missing = parsed.isna().to_numpy()
-        if missing.any():
-            i = _where(missing)
-            raise IngestError(
-                f"column {name!r} ({flag}) has a missing timestamp at data row {i + 1}: expected {expected} in every row"
-            )
+        _check_parsed(series, parsed, name, flag, expected, unparsed="unparseable timestamp", missing="a missing timestamp")
         return parsed.to_numpy().astype("datetime64[s]").astype(np.int64)
 
     per_second = 1000 if unit == "ms" else 1

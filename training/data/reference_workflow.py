@@ -1,7 +1,7 @@
 """The reference notebook's ETL graph: Transformers4Rec getting-started 01-ETL, cell 15, stock NVTabular ops.
 
 Kept as the specification our workflow is tested against
-(tests/test_workflow.py: `training.data.workflow`'s graph gives the same sessions)
+(tests/training/data/test_workflow.py: `training.data.workflow`'s graph gives the same sessions)
 and as the comparison `python -m bench.prepare` times our data stage against.
 Not part of the pipeline: nothing in training/, export/ or clients/ runs it.
 """
@@ -16,7 +16,7 @@ def reference_etl_graph(out_path: Path):
 
     Returns the filtered node (session_id, day-first, item_id-count and the four
     lists); the notebook then selects columns and adds ValueCount. Used by
-    bench.prepare and by tests/test_workflow.py's parity test."""
+    bench.prepare and by tests/training/data/test_workflow.py's parity test."""
     from merlin.schema.tags import Tags
     from nvtabular import ops
 

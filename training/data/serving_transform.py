@@ -15,8 +15,8 @@ step: there is no second copy of the vocabulary nor of the code. It keeps
 sessions of length 1 (the Filter is for training data only) and right-pads lists
 to [S, max_len].
 
-Parity with `Workflow.transform` is tested in tests/test_workflow.py and
-tests/test_preprocess_properties.py; the contract is in docs/contracts.md.
+Parity with `Workflow.transform` is tested in tests/training/data/test_workflow.py and
+tests/training/data/test_preprocess_properties.py; the contract is in docs/contracts.md.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def known_prefix(compiled: Transform, sizes: Mapping[str, int], window: int | No
 
     sizes: categorical list feature -> known ids (special ids included; schema.known_sizes(t)).
     - Categorify: a raw value whose label is >= the known size of its feature (`list_col(column)`)
-      is dropped from the value/label table, so it encodes as OOV, as `training.trainer.known_inputs`
+      is dropped from the value/label table, so it encodes as OOV, as `training.evaluate.known_inputs`
       makes it offline. Columns without a size keep their table.
     - first-seen tables (item age): the raw items dropped above are dropped here too, so they get
       age 0 like any item the workflow never saw (`known_inputs` zeroes their age offline). Raw ids

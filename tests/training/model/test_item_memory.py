@@ -1,4 +1,4 @@
-"""ItemMemory (training/model.py) and its count tables (training/baselines.memory_tables).
+"""ItemMemory (training/model/item_memory.py) and its count tables (training/baselines.memory_tables).
 
 The property that matters most: during training every session is in the counts,
 and `packed_scores` must give exactly what inference gives when the session is
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from training.baselines import BaselineCounts, memory_tables
-from training.model import ItemMemory, ModelConfig, SessionModel, mask_positions, pack_sessions
+from training.model import ItemMemory, ModelConfig, PackedTargets, SessionModel, mask_positions, pack_sessions
 from training.names import FIRST_REAL_ID
 
 V = 14  # item vocabulary (ids 3..13 real)
@@ -116,7 +116,7 @@ def test_training_scores_leave_the_session_out(objective):
         where, ctx_ok = p.masked, ~p.masked
     tgt_r, tgt_p = where.nonzero(as_tuple=True)
     h = torch.randn(len(tgt_r), D, generator=torch.Generator().manual_seed(2))
-    got = full.packed_scores(h, it, seg, tgt_r, tgt_p, ctx_ok)
+    got = full.packed_scores(h, it, seg, PackedTargets(tgt_r, tgt_p, ctx_ok))
     assert len(tgt_r) > 20
     for m in range(len(tgt_r)):
         s = int(seg[tgt_r[m], tgt_p[m]]) - 1  # the batch's session index
@@ -150,7 +150,9 @@ def test_truncated_lists_never_go_negative():
     seg = p.segment
     where = torch.nn.functional.pad((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0), (1, 0))
     tgt_r, tgt_p = where.nonzero(as_tuple=True)
-    out = mem.packed_scores(torch.zeros(len(tgt_r), D), p.feats["item_id-list"], seg, tgt_r, tgt_p, seg > 0)
+    out = mem.packed_scores(
+        torch.zeros(len(tgt_r), D), p.feats["item_id-list"], seg, PackedTargets(tgt_r, tgt_p, seg > 0)
+    )
     assert torch.isfinite(out).all()
 
 
@@ -168,7 +170,9 @@ def test_set_tables_rejects_wrong_shapes():
 
 def make_model(objective: str = "clm") -> tuple[SessionModel, np.ndarray, np.ndarray]:
     items, lengths = random_sessions(40, seed=5, max_len=8)
-    cfg = ModelConfig(categorical={"item_id-list": V}, memory=True, memory_k=5, objective=objective, max_len=8)
+    cfg = ModelConfig(
+        categorical={"item_id-list": V}, memory=True, memory_k=5, objective=objective, max_len=8
+    )
     torch.manual_seed(0)
     m = SessionModel(cfg).eval()
     counts = BaselineCounts(V)
@@ -193,21 +197,34 @@ def test_model_with_memory_padding_invariance_and_trace(objective):
     lens = torch.from_numpy(lengths[:6]) - 1
     with torch.no_grad():
         batched = m.next_item_scores(feats, lens)
-        wider = m.next_item_scores({"item_id-list": torch.nn.functional.pad(feats["item_id-list"], (0, 12))}, lens)
+        wider = m.next_item_scores(
+            {"item_id-list": torch.nn.functional.pad(feats["item_id-list"], (0, 12))}, lens
+        )
         fin = torch.isfinite(batched)
         assert torch.allclose(batched[fin], wider[fin], atol=1e-5)
         for i in range(6):
             n = int(lens[i])
-            alone = m.next_item_scores({"item_id-list": feats["item_id-list"][i : i + 1, :n]}, lens[i : i + 1])
+            alone = m.next_item_scores(
+                {"item_id-list": feats["item_id-list"][i : i + 1, :n]}, lens[i : i + 1]
+            )
             assert torch.allclose(alone[0][fin[i]], batched[i][fin[i]], atol=1e-5)
         traced = torch.jit.trace(Ranker(m), (feats["item_id-list"], lens))
         other = torch.from_numpy(items[10:13])
         olen = torch.from_numpy(lengths[10:13])
         got = traced(torch.nn.functional.pad(other, (0, 4)), olen)
-        assert torch.allclose(got, m.next_item_scores({"item_id-list": other}, olen), atol=1e-5, equal_nan=True)
+        assert torch.allclose(
+            got, m.next_item_scores({"item_id-list": other}, olen), atol=1e-5, equal_nan=True
+        )
     # the memory changes the ranking: scores differ from the same model with empty tables
     empty = SessionModel(m.cfg).eval()
-    empty.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("item_memory.") or "w_" in k or "gate" in k}, strict=False)
+    empty.load_state_dict(
+        {
+            k: v
+            for k, v in m.state_dict().items()
+            if not k.startswith("item_memory.") or "w_" in k or "gate" in k
+        },
+        strict=False,
+    )
     with torch.no_grad():
         assert not torch.allclose(empty.next_item_scores(feats, lens)[fin], batched[fin])
 

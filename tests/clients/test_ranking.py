@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from clients import BACKOFF_CAP_S, UNAVAILABLE, RankError, rank_sessions
+from clients import BACKOFF_CAP_S, UNAVAILABLE, RankError, plan_requests, rank_sessions
 from clients.rank import main, parse_header
 from training.names import (
     ENSEMBLE_NAME,
@@ -501,3 +501,12 @@ def test_demo_and_replay_flags_keep_their_meaning():
     got = replay_args(["--data", "d", "--run", "r", "--repo", "m", "--out", "o.json", "--eval-split", "test",
                        "--batch-sessions", "8", "--background-sessions", "2", "--tolerance", "0.5"])  # fmt: skip
     assert got == ReplayConfig(Path("d"), Path("r"), Path("m"), Path("o.json"), "test", 8, 2, 0.5)
+
+
+# --- client request planning ---------------------------------------------------------
+def test_plan_requests_keeps_sessions_whole_and_ordered():
+    sid = np.array([7, 7, 3, 9, 3, 7, 1])
+    sessions, plan = plan_requests(sid, batch_sessions=2)
+    assert sessions.tolist() == [7, 3, 9, 1]
+    assert [sid[rows].tolist() for rows in plan] == [[7, 7, 7, 3, 3], [9, 1]]
+    assert plan[0].tolist() == [0, 1, 5, 2, 4]  # input order inside a session

@@ -5,7 +5,7 @@
   weights_only=True, np.load only with allow_pickle=False, no pickle/joblib/yaml/eval.
 - `python -m export` refuses a DATA whose workflow files were modified, a RUN
   trained on another workflow, and a model.pt that would unpickle code.
-- Nothing in an exported repository is a pickle (tests/test_export.py scans it);
+- Nothing in an exported repository is a pickle (tests/export/test_repository.py scans it);
   the workflow pickle is read only by `python -m export`, after its sha256 check.
 - A file changed after export makes its step refuse to load, with a message
   naming the file: each version folder checks itself against its own

@@ -16,30 +16,24 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import training.evaluate as evaluate_mod
 import training.integrity as integrity_mod
 import training.model as model_mod
 import training.train as train_mod
 import training.trainer as trainer_mod
+from tests.training.train_util import tiny_cfg
 from training.checkpoint import RunError, load_run, read_meta, save_checkpoint
-from training.config import TrainConfig
 from training.data.splits import DataError, eval_inputs_targets, load_schema, load_split, split_path
+from training.evaluate import evaluate_model, known_inputs
 from training.metrics import metric_keys
 from training.runtime import Dist
 from training.schema import Schema
 from training.train import main, train
-from training.trainer import cosine_lambda, evaluate_model, known_inputs
+from training.trainer import cosine_lambda
 
 DIST1 = Dist()  # rank 0 of 1
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        data=str(data), out=str(out), end_window=3, epochs=1, batch_size=16, threads=1, progress=False
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+REPO = Path(__file__).resolve().parents[2]  # tests/training/ -> the repository root
 
 
 def model_metrics(row: dict) -> dict:
@@ -133,18 +127,18 @@ SAMPLED_REAL_LIKE = {**REAL_LIKE, "model": {**REAL_LIKE["model"], **SAMPLED["mod
 def test_resume_after_crash_gives_identical_metrics(tiny_synthetic_data, tmp_path, monkeypatch, kw):
     full = train(tiny_cfg(tiny_synthetic_data, tmp_path / "full", end_window=4, **kw))
 
-    real_eval = trainer_mod.evaluate_model
+    real_eval = evaluate_mod.evaluate_model
 
     def crash_in_window_3(model, st, *a, **k):
         if st.source.endswith("4/valid.parquet"):  # after training window 3, before its checkpoint
             raise KeyboardInterrupt("simulated kill")
         return real_eval(model, st, *a, **k)
 
-    monkeypatch.setattr(trainer_mod, "evaluate_model", crash_in_window_3)
+    monkeypatch.setattr(evaluate_mod, "evaluate_model", crash_in_window_3)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg(tiny_synthetic_data, tmp_path / "crashed", end_window=4, **kw))
     assert read_meta(tmp_path / "crashed")["window"] == 2  # last good checkpoint
-    monkeypatch.setattr(trainer_mod, "evaluate_model", real_eval)
+    monkeypatch.setattr(evaluate_mod, "evaluate_model", real_eval)
 
     resumed = train(tiny_cfg(tiny_synthetic_data, tmp_path / "crashed", end_window=4, resume=True, **kw))
     assert [model_metrics(r) for r in resumed["windows"]] == [model_metrics(r) for r in full["windows"]]
@@ -180,13 +174,18 @@ def test_sampled_run_saves_and_restores_both_optimizers(tiny_synthetic_data, tmp
     assert trainer.first == 2
 
 
-def test_label_smoothing_is_rejected_with_the_sampled_loss(tiny_synthetic_data, tmp_path):
-    with pytest.raises(ValueError, match="label_smoothing=0.1 needs the full softmax"):
-        tiny_cfg(tiny_synthetic_data, tmp_path / "a", label_smoothing=0.1, model={"loss": "sampled"})
-    # "auto" resolves to sampled only once the catalogue size is known: refused before training
-    cfg = tiny_cfg(tiny_synthetic_data, tmp_path / "b", label_smoothing=0.1, **SAMPLED)
-    with pytest.raises(RunError, match="--label-smoothing 0, or --loss full"):
+@pytest.mark.parametrize(
+    "model", [{"loss": "sampled"}, SAMPLED["model"]], ids=["sampled", "auto-resolves-sampled"]
+)
+def test_label_smoothing_is_rejected_with_the_sampled_loss(tiny_synthetic_data, tmp_path, model):
+    # one check, where the loss is final ("auto" resolves to sampled only once the catalogue size is
+    # known): refused before training, nothing written
+    cfg = tiny_cfg(tiny_synthetic_data, tmp_path / "a", label_smoothing=0.1, model=model)
+    with pytest.raises(
+        RunError, match="label_smoothing=0.1 needs the full softmax.*--label-smoothing 0, or --loss full"
+    ):
         train(cfg)
+    assert not (tmp_path / "a" / "meta.json").exists()
 
 
 def test_resume_reads_an_older_meta_without_the_loss_fields(tiny_synthetic_data, tmp_path):
@@ -364,18 +363,18 @@ def test_chunked_evaluation_gives_the_same_ranks(finished_run, tiny_synthetic_da
     model, _ = load_run(out)
     st = load_split(split_path(tiny_synthetic_data, 3, "valid"), load_schema(tiny_synthetic_data))
     V = model.cfg.n_items
-    assert trainer_mod.eval_rows(V, 1024) == 1024  # small catalogues: the batch size, as before
-    assert trainer_mod.eval_rows(1_000_000, 1024) == 32  # 32M scores at once
-    assert trainer_mod.eval_rows(10**9, 1024) == 1
+    assert evaluate_mod.eval_rows(V, 1024) == 1024  # small catalogues: the batch size, as before
+    assert evaluate_mod.eval_rows(1_000_000, 1024) == 32  # 32M scores at once
+    assert evaluate_mod.eval_rows(10**9, 1024) == 1
     ranks = []
-    real = trainer_mod.pessimistic_ranks
+    real = evaluate_mod.pessimistic_ranks
 
     def keep(scores, targets):
         ranks.append((scores.shape[0], real(scores, targets)))
         return ranks[-1][1]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer_mod, "pessimistic_ranks", keep)
+        mp.setattr(evaluate_mod, "pessimistic_ranks", keep)
         whole = evaluate_model(model, st, torch.device("cpu"), 1024)
         n_whole = len(ranks)
         chunked = evaluate_model(model, st, torch.device("cpu"), 1024, max_scores=3 * V)
@@ -398,7 +397,7 @@ def test_cli_fills_the_config(capsys):
     cfg = train_mod.parse_args(
         ["--data", "D", "--out", "R", "--epochs", "2", "--no-baselines", "--objective", "clm"]
     )
-    assert (cfg.data, cfg.out, cfg.epochs, cfg.baselines, cfg.model["objective"]) == (
+    assert (cfg.data, cfg.out, cfg.epochs, cfg.baselines, cfg.model.objective) == (
         "D",
         "R",
         2,
@@ -416,7 +415,7 @@ def test_cli_sets_the_sampled_loss():
         ["--data", "D", "--out", "R", "--loss", "sampled", "--negatives", "512", "--sample-alpha", "0.5",
          "--sampled-min-items", "1000", "--max-steps", "7"]
     )  # fmt: skip
-    assert {k: cfg.model[k] for k in ("loss", "negatives", "sample_alpha", "sampled_min_items")} == {
+    assert {k: getattr(cfg.model, k) for k in ("loss", "negatives", "sample_alpha", "sampled_min_items")} == {
         "loss": "sampled",
         "negatives": 512,
         "sample_alpha": 0.5,
@@ -424,7 +423,7 @@ def test_cli_sets_the_sampled_loss():
     }
     assert cfg.max_steps == 7
     plain = train_mod.parse_args(["--data", "D", "--out", "R"])
-    assert "loss" not in plain.model and plain.max_steps == 0  # not given: the model's "auto"
+    assert plain.model.loss == "auto" and plain.max_steps == 0  # not given: the model's "auto"
 
 
 # --- scale: 2 processes (gloo) and GPU ---------------------------------------------------

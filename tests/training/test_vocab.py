@@ -18,16 +18,18 @@ import pytest
 import torch
 
 import training.trainer as trainer_mod
+from tests.training import train_util
 from training.baselines import BaselineCounts, evaluate_baselines, memory_tables
 from training.config import TrainConfig
 from training.data.prepare import prepare
 from training.data.splits import SessionTensors, eval_inputs_targets, load_schema, load_split, split_path
+from training.evaluate import count_blend_metrics, evaluate_model, known_inputs
 from training.model import ModelConfig, SessionModel
 from training.names import FIRST_REAL_ID, ITEM_LIST, OOV_ID, SESSION_COL, WINDOW_COL
 from training.prepare import config_from_args
 from training.schema import Schema
 from training.train import parse_args, train
-from training.trainer import count_blend_metrics, evaluate_model, known_inputs, pad_optimizer_state
+from training.trainer import pad_optimizer_state
 
 DAY = 86_400
 T0 = 1_600_000_000  # 2020-09-13 12:26:40 UTC
@@ -241,15 +243,15 @@ def test_unknown_inputs_become_oov_and_unknown_targets_miss_for_every_method():
 
 
 def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), end_window=4, epochs=1, batch_size=16, threads=1, progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    return train_util.tiny_cfg(data, out, **{"end_window": 4, **kw})
 
 
 def test_run_records_items_known_and_unseen_targets(grown_log, tmp_path):
     _, _, data = grown_log
     schema = Schema.load(data)
-    result = train(tiny_cfg(data, tmp_path / "run", model={"memory": True, "memory_k": 8, "objective": "clm"}))
+    result = train(
+        tiny_cfg(data, tmp_path / "run", model={"memory": True, "memory_k": 8, "objective": "clm"})
+    )
     inter = pd.read_parquet(data / "interactions.parquet")
     first_window = inter.groupby(SESSION_COL)[WINDOW_COL].transform("first")
     known = []
@@ -285,7 +287,9 @@ def test_eval_split_test_reads_test_parquet(tiny_synthetic_data, tmp_path, monke
     schema = load_schema(tiny_synthetic_data)
     for row in result["windows"]:
         assert row["eval_split"] == "test"
-        assert row["eval_sessions"] == len(load_split(split_path(tiny_synthetic_data, row["eval_window"], "test"), schema))
+        assert row["eval_sessions"] == len(
+            load_split(split_path(tiny_synthetic_data, row["eval_window"], "test"), schema)
+        )
     with pytest.raises(ValueError, match="eval_split"):
         tiny_cfg(tiny_synthetic_data, tmp_path / "x", eval_split="train")
 

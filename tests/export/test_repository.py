@@ -1,4 +1,6 @@
-"""export/: the traced inference module, the repository writer and the step functions (no server)."""
+"""export/repository.py and export/staging.py: the repository writer (and `python -m export`'s flags), its version
+folders and config.pbtxt (golden files), no server. The traced module is tests/export/test_inference.py, the step
+functions tests/export/test_sessrec_steps.py."""
 
 from __future__ import annotations
 
@@ -16,176 +18,29 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from clients import plan_requests
 from export.floor import FLOOR_ENSEMBLE, write_floor_repository
 from export.inference import (
-    TopKRanker,
-    baked_devices,
-    example_inputs,
     feature_order,
-    save_traced,
-    trace_ranker,
 )
 from export.pbtxt import Layout, ensemble_configs, ensemble_version, pin_ensemble, step_configs
 from export.repository import ExportConfig, add_ensemble_version, export_repository
-from export.sessrec_steps import (
-    RequestError,
-    check_raw_columns,
-    concat_requests,
-    preprocess,
-    split_rows,
-    to_raw_item_ids,
-)
 from export.staging import MANIFEST, RUN_RECORD, SHIPPED, STEP_MODULES
-from tests.triton_util import PROJECT_ROOT, served_config
+from tests.triton_util import PROJECT_ROOT, parse_config, served_config
 from tests.triton_util import K as SERVED_K
-from training.checkpoint import load_run
 from training.integrity import FOLDER_RECORD, verify_folder
 from training.names import (
     ENSEMBLE_NAME,
-    FIRST_REAL_ID,
-    ITEM_LIST,
     LENGTHS_TENSOR,
-    OOV_ID,
-    OUT_ENCODED_IDS,
     OUT_ITEM_IDS,
     OUT_SCORES,
     OUT_SESSION_ID,
     POSTPROCESS_MODEL,
     PREPROCESS_MODEL,
-    SESSION_COL,
     TORCH_MODEL,
 )
 from training.schema import Schema
 
 K = 10
-
-
-@pytest.fixture(scope="module")
-def ranker(artifacts, schema):
-    model, _ = load_run(artifacts[1])
-    return TopKRanker(model, feature_order(schema), K, schema["categorical"][ITEM_LIST],
-                      schema["categorical"], schema["max_sequence_length"])  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def traced_file(ranker, schema, tmp_path_factory):
-    traced = trace_ranker(ranker, example_inputs(schema, batch=8))
-    return save_traced(traced, tmp_path_factory.mktemp("traced") / "model.pt")
-
-
-def parse_config(path: Path) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-
-
-def sessions_of_every_length(schema: dict, repeat: int = 1) -> tuple[torch.Tensor, ...]:
-    """One session of each length 1..L (times `repeat`), real ids, zero padding."""
-    L = int(schema["max_sequence_length"])
-    x = example_inputs(schema, batch=L * repeat)
-    lengths = torch.tensor([1 + i % L for i in range(L * repeat)])
-    real = torch.arange(L)[None, :] < lengths[:, None]
-    feats = [torch.where(real, t, torch.zeros((), dtype=t.dtype)) for t in x[:-1]]
-    return (*feats, lengths)
-
-
-# --- inference module ------------------------------------------------------------
-def test_served_run_has_the_item_memory_in_its_trace(artifacts, traced_file):
-    """The serving artifacts are trained with the item memory (the real-data recipe's model):
-    its count tables are filled and travel inside the traced model."""
-    model, meta = load_run(artifacts[1])
-    assert meta["model_config"]["memory"] is True
-    assert model.item_memory.cooc_val.sum() > 0 and model.item_memory.pop.sum() > 0
-    traced = torch.jit.load(str(traced_file))
-    buffers = dict(traced.named_buffers())
-    name = next(k for k in buffers if k.endswith("item_memory.cooc_val"))
-    assert torch.equal(buffers[name], model.item_memory.cooc_val)
-
-
-@pytest.mark.parametrize("batch_repeat", [1, 3], ids=["20-sessions", "60-sessions"])
-def test_traced_matches_eager_for_every_length(ranker, traced_file, schema, batch_repeat):
-    traced = torch.jit.load(str(traced_file))
-    inputs = sessions_of_every_length(schema, batch_repeat)  # traced with batch 8: other batch sizes here
-    with torch.inference_mode():
-        want_scores, want_ids = ranker(*inputs)
-        got_scores, got_ids = traced(*inputs)
-    assert got_ids.dtype == torch.int64 and got_scores.dtype == torch.float32
-    assert got_ids.shape == got_scores.shape == (len(inputs[-1]), K)
-    assert torch.equal(got_ids, want_ids)
-    torch.testing.assert_close(got_scores, want_scores, atol=1e-5, rtol=0)
-    assert (got_ids >= FIRST_REAL_ID).all(), "a special id (pad/null/OOV) was ranked"
-    assert (got_ids < schema["categorical"][ITEM_LIST]).all()
-    assert (got_scores[:, :-1] >= got_scores[:, 1:]).all(), "scores are not sorted best first"
-
-
-def test_traced_single_session_equals_its_row_in_a_batch(traced_file, schema):
-    traced = torch.jit.load(str(traced_file))
-    inputs = sessions_of_every_length(schema)
-    with torch.inference_mode():
-        batch_scores, batch_ids = traced(*inputs)
-        for i in (0, 7, 19):
-            s, ids = traced(*[t[i : i + 1] for t in inputs])
-            assert torch.equal(ids[0], batch_ids[i])
-            torch.testing.assert_close(s[0], batch_scores[i], atol=1e-5, rtol=0)
-
-
-def test_padding_does_not_change_a_ranking(traced_file, schema):
-    traced = torch.jit.load(str(traced_file))
-    inputs = sessions_of_every_length(schema)
-    noisy = [t.clone() for t in inputs]
-    L = int(schema["max_sequence_length"])
-    pad = torch.arange(L)[None, :] >= inputs[-1][:, None]
-    for t in noisy[:-1]:
-        t[pad] = FIRST_REAL_ID if t.dtype == torch.int64 else 0.5
-    with torch.inference_mode():
-        a, b = traced(*inputs), traced(*noisy)
-    assert torch.equal(a[1], b[1])
-
-
-def test_traced_guard_clamps_out_of_range_inputs(artifacts, ranker, traced_file, schema):
-    """libtorch variant: ids outside [0, cardinality) and lengths outside [1, L] must not index out of
-    range in the traced graph (a device-side assert on a GPU). They are clamped (id -> OOV, length ->
-    [1, L]) inside the trace; valid inputs give exactly the unguarded model's scores."""
-    traced = torch.jit.load(str(traced_file))
-    model, _ = load_run(artifacts[1])
-    plain = TopKRanker(model, feature_order(schema), K, schema["categorical"][ITEM_LIST])  # no guard
-    inputs = sessions_of_every_length(schema)
-    with torch.inference_mode():
-        want_s, want_i = plain(*inputs)
-        got_s, got_i = traced(*inputs)
-    assert torch.equal(got_i, want_i) and torch.equal(got_s, want_s)
-    bad = [t.clone() for t in inputs]
-    cards = [schema["categorical"].get(n) for n in feature_order(schema)]
-    for t, card in zip(bad[:-1], cards):
-        if card:
-            t[0, 0], t[1, 0] = card + 1000, -5
-    bad[-1][2], bad[-1][3] = 0, 10_000
-    with torch.inference_mode():
-        s, ids = traced(*bad)
-        oov = [t.clone() for t in bad]
-        for t, card in zip(oov[:-1], cards):
-            if card:
-                t[0, 0], t[1, 0] = OOV_ID, OOV_ID
-        oov[-1][2], oov[-1][3] = 1, schema["max_sequence_length"]
-        s2, ids2 = plain(*oov)
-    assert torch.equal(ids, ids2) and torch.isfinite(s).all()
-
-
-@pytest.mark.parametrize("k", [0, -1, 10_000])
-def test_ranker_rejects_k_outside_the_real_items(artifacts, schema, k):
-    model, _ = load_run(artifacts[1])
-    with pytest.raises(ValueError, match="top-k must be in"):
-        TopKRanker(model, feature_order(schema), k, schema["categorical"][ITEM_LIST])
-
-
-def test_save_traced_is_a_function_of_the_module(traced_file, tmp_path):
-    module = torch.jit.load(str(traced_file))
-    paths = []
-    for sub in ("a", "b"):
-        (tmp_path / sub).mkdir()
-        paths.append(save_traced(module, tmp_path / sub / "model.pt"))
-    a, b = paths
-    assert a.read_bytes() == b.read_bytes()
-    torch.jit.load(str(a))  # still a valid archive after pinning serialization_id
 
 
 # --- repository ------------------------------------------------------------------
@@ -337,47 +192,6 @@ def test_libtorch_variant(artifacts, schema, tmp_path):
     assert len(traced.forward.schema.arguments) == 1 + len(names)  # self + features + lengths
 
 
-def test_cpu_trace_holds_only_cpu_device_constants(traced_file):
-    assert baked_devices(torch.jit.load(str(traced_file))) <= {"cpu"}
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
-def test_gpu_export_needs_cuda_to_trace(artifacts, tmp_path):
-    data, run = artifacts
-    cfg = ExportConfig(run=run, data=data, out=tmp_path / "repo", torch_backend="libtorch", instance_kind="gpu")
-    with pytest.raises(RuntimeError, match="traced on a GPU"):
-        export_repository(cfg)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_libtorch_export(artifacts, schema, traced_file, tmp_path):
-    data, run = artifacts
-    out = export_repository(
-        ExportConfig(run=run, data=data, out=tmp_path / "repo", top_k=K, torch_backend="libtorch", instance_kind="gpu")
-    )
-    cfg = parse_config(out / TORCH_MODEL / "config.pbtxt")
-    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
-    gpu = torch.jit.load(str(out / TORCH_MODEL / "1" / "model.pt"), map_location="cuda:0")
-    cpu = torch.jit.load(str(traced_file))
-    inputs = sessions_of_every_length(schema)
-    with torch.inference_mode():
-        want_s, want_i = cpu(*inputs)
-        got_s, got_i = gpu(*[t.cuda() for t in inputs])
-    assert torch.equal(got_i.cpu(), want_i)
-    torch.testing.assert_close(got_s.cpu(), want_s, atol=1e-4, rtol=0)
-    # ids out of range straight into the libtorch model: clamped in the graph, no device-side assert
-    bad = [t.clone().cuda() for t in inputs]
-    for t, name in zip(bad[:-1], feature_order(schema)):
-        if name in schema["categorical"]:
-            t[0, 0], t[1, 0] = schema["categorical"][name] + 10_000, -3
-    bad[-1][2] = 10_000
-    with torch.inference_mode():
-        s, _ = gpu(*bad)
-    torch.cuda.synchronize()
-    assert torch.isfinite(s).all()
-
-
 def test_export_is_deterministic(artifacts, tmp_path):
     """Two exports in fresh processes write byte-identical repositories."""
     data, run = artifacts
@@ -466,7 +280,7 @@ def golden_texts(schema: Schema) -> dict[str, str]:
 def test_configs_equal_the_golden_files(tiny_synthetic_data):
     """export/golden/<model>/config.pbtxt is what the serving tests' repository serves (synthetic DATA,
     --top-k 20 --max-request-rows 2000 --max-batch-sessions 64): the text a reader sees is the text written.
-    tests/test_serving.py checks the served repository's files against the same golden files."""
+    tests/export/test_serving.py checks the served repository's files against the same golden files."""
     texts = golden_texts(Schema.load(tiny_synthetic_data))
     assert sorted(texts) == sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
     for model, text in texts.items():
@@ -475,7 +289,7 @@ def test_configs_equal_the_golden_files(tiny_synthetic_data):
             path.write_text(text)
         assert text == path.read_text(), (
             f"export/pbtxt.py writes another {model}/config.pbtxt than {path}: if the change is meant, "
-            f"rewrite the golden files with {UPDATE_GOLDEN}=1 pytest tests/test_export.py -k golden"
+            f"rewrite the golden files with {UPDATE_GOLDEN}=1 pytest tests/export/test_repository.py -k golden"
         )
     text_format.Parse(texts[TORCH_MODEL], model_config_pb2.ModelConfig())  # and Triton's parser reads them
     assert f"dims: [ {SERVED_K} ]" in texts[TORCH_MODEL]
@@ -486,75 +300,6 @@ def test_floor_repository_configs(tmp_path, schema):
     ens = parse_config(out / FLOOR_ENSEMBLE / "config.pbtxt")
     assert [i.name for i in ens.input] == list(schema["raw_inputs"])
     assert len(ens.ensemble_scheduling.step) == 2
-
-
-# --- step functions -----------------------------------------------------------------
-def _columns(n_rows: int = 3) -> dict[str, np.ndarray]:
-    return {"session_id": np.array([5, 5, 9][:n_rows], dtype=np.int64), "item_id": np.arange(n_rows, dtype=np.int64)}
-
-
-@pytest.mark.parametrize(
-    "columns, match",
-    [
-        ({"session_id": np.zeros(0, np.int64), "item_id": np.zeros(0, np.int64)}, "'session_id' has 0 rows"),
-        ({"session_id": np.zeros(3, np.int64), "item_id": np.zeros(2, np.int64)}, "'item_id' has 2 rows"),
-        ({"session_id": np.zeros(11, np.int64), "item_id": np.zeros(11, np.int64)}, "maximum of 10"),
-    ],
-    ids=["zero-rows", "length-mismatch", "too-many-rows"],
-)
-def test_check_raw_columns_rejects(columns, match):
-    with pytest.raises(RequestError, match=match):
-        check_raw_columns(columns, list(columns), max_rows=10)
-
-
-STEP_NAMES = (SESSION_COL, OUT_SESSION_ID, LENGTHS_TENSOR)
-
-
-def _fake_transform(columns):
-    sessions, first = np.unique(columns["session_id"], return_index=True)
-    sessions = sessions[np.argsort(first)]
-    return {
-        SESSION_COL: sessions,
-        "item_id-list": np.ones((len(sessions), 4), np.int64),
-        LENGTHS_TENSOR: np.ones(len(sessions), np.int64),
-    }
-
-
-def test_preprocess_shapes_and_session_limit():
-    out = preprocess(_columns(), _fake_transform, ["item_id-list"], 10, 2, *STEP_NAMES)
-    assert out[OUT_SESSION_ID].tolist() == [5, 9]
-    assert out[LENGTHS_TENSOR].shape == (2, 1)
-    with pytest.raises(RequestError, match="'session_id' holds 2 sessions, more than .* maximum of 1"):
-        preprocess(_columns(), _fake_transform, ["item_id-list"], 10, 1, *STEP_NAMES)
-
-
-def test_concat_and_split_round_trip():
-    reqs = [[np.full((n, 3), n), np.arange(n)] for n in (1, 4, 2)]
-    batch, sizes = concat_requests(reqs)
-    assert sizes == [1, 4, 2] and batch[0].shape == (7, 3)
-    parts = split_rows(batch, sizes)
-    for req, part in zip(reqs, parts):
-        for a, b in zip(req, part):
-            np.testing.assert_array_equal(a, b)
-    single, _ = concat_requests(reqs[:1])
-    assert single[0].flags.writeable
-
-
-def test_to_raw_item_ids():
-    vocab = np.array([-1, -1, -1, 100, 200, 300])
-    np.testing.assert_array_equal(to_raw_item_ids(vocab, np.array([[5, 3]]), FIRST_REAL_ID, OUT_ENCODED_IDS), [[300, 100]])
-    for bad in (2, 6):
-        with pytest.raises(RequestError, match=f"input '{OUT_ENCODED_IDS}': encoded item ids must be in"):
-            to_raw_item_ids(vocab, np.array([[bad]]), FIRST_REAL_ID, OUT_ENCODED_IDS)
-
-
-# --- client request planning ---------------------------------------------------------
-def test_plan_requests_keeps_sessions_whole_and_ordered():
-    sid = np.array([7, 7, 3, 9, 3, 7, 1])
-    sessions, plan = plan_requests(sid, batch_sessions=2)
-    assert sessions.tolist() == [7, 3, 9, 1]
-    assert [sid[rows].tolist() for rows in plan] == [[7, 7, 7, 3, 3], [9, 1]]
-    assert plan[0].tolist() == [0, 1, 5, 2, 4]  # input order inside a session
 
 
 # --- command lines (flags derived from the config dataclasses; same flags, same meaning) ------------
@@ -583,22 +328,3 @@ def test_export_flags_keep_their_meaning(tmp_path):
     with pytest.raises(SystemExit) as e:
         parse_args([*base, "--torch-backend", "onnx"])
     assert e.value.code == 2
-
-
-def test_serve_flags_keep_their_meaning(monkeypatch):
-    from export.serve import parse_args
-
-    monkeypatch.delenv("SESSREC_ADMIN_KEY", raising=False)
-    cfg = parse_args(["--repo", "x"])
-    assert (cfg.repo, cfg.host, cfg.grpc_port, cfg.http_port, cfg.metrics_port) == (Path("x"), "127.0.0.1", 8001, 8000, 8002)
-    assert (cfg.ready_timeout_s, cfg.exit_timeout_s, cfg.model_control, cfg.watchdog_interval_s) == (300.0, 30, "explicit", 1.0)
-    assert (cfg.log_file, cfg.log_verbose, cfg.admin_key) == (None, 0, None)
-    argv = ["--repo", "x", "--host", "0.0.0.0", "--grpc-port", "0", "--http-port", "1", "--metrics-port", "2",
-            "--ready-timeout", "5", "--exit-timeout", "6", "--model-control", "none", "--watchdog-interval", "3",
-            "--log-file", "l.log", "--log-verbose", "1"]  # fmt: skip
-    monkeypatch.setenv("SESSREC_ADMIN_KEY", "k")
-    cfg = parse_args(argv)
-    assert (cfg.host, cfg.grpc_port, cfg.http_port, cfg.metrics_port) == ("0.0.0.0", 0, 1, 2)
-    assert (cfg.ready_timeout_s, cfg.exit_timeout_s, cfg.model_control) == (5.0, 6, "none")
-    assert cfg.watchdog_interval_s == 0.0, "no watchdog without explicit model control"
-    assert (cfg.log_file, cfg.log_verbose, cfg.admin_key) == (Path("l.log"), 1, "k")

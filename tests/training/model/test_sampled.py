@@ -1,4 +1,4 @@
-"""Sampled softmax (ModelConfig.loss == "sampled", training/model.py).
+"""Sampled softmax (ModelConfig.loss == "sampled", training/model/sampled.py).
 
 What must hold:
 * with every real item among the candidates the logQ correction is exactly 0 and the
@@ -24,7 +24,16 @@ from torch.profiler import ProfilerActivity, profile
 
 from tests.sessions_util import random_sessions
 from training.baselines import BaselineCounts, memory_tables
-from training.model import ItemMemory, ModelConfig, SessionModel, mask_positions, pack_sessions
+from training.model import (
+    HeadFactors,
+    ItemMemory,
+    ModelConfig,
+    PackedTargets,
+    SessionModel,
+    correct_logits,
+    mask_positions,
+    pack_sessions,
+)
 from training.names import FIRST_REAL_ID
 
 ITEM = "item_id-list"
@@ -125,14 +134,15 @@ def test_restricted_memory_scores_equal_full_scores_at_the_columns():
         g = torch.Generator().manual_seed(3)
         h = torch.randn(len(tgt_r), d, generator=g)
         base_h, table = torch.randn(len(tgt_r), 4, generator=g), torch.randn(n_items, 4, generator=g)
-        full = mem.packed_scores(h, it, seg, tgt_r, tgt_p, ctx_ok, base_h, table)  # (M, V)
+        tgt = PackedTargets(tgt_r, tgt_p, ctx_ok)
+        full = mem.packed_scores(h, it, seg, tgt, HeadFactors(base_h, table))  # (M, V)
         # candidates: all real items, then the targets and a few others (the id -> column map
         # kept between calls then holds stale entries beyond the smaller set)
         extra = torch.randperm(n_items - FIRST_REAL_ID, generator=g)[:9] + FIRST_REAL_ID
         small = torch.cat([it[tgt_r, tgt_p], extra]).unique()
         assert len(small) < n_items - FIRST_REAL_ID  # some items are not candidates
         for cols in (torch.arange(FIRST_REAL_ID, n_items), small):
-            got = mem.packed_scores(h, it, seg, tgt_r, tgt_p, ctx_ok, base_h, table[cols], cols=cols)
+            got = mem.packed_scores(h, it, seg, tgt, HeadFactors(base_h, table[cols]), cols=cols)
             assert got.shape == (len(tgt_r), len(cols))
             assert torch.allclose(got, full[:, cols], atol=1e-5), objective
 
@@ -163,10 +173,10 @@ def test_log_q_correction_hand_computed():
 
 
 def test_correction_spares_each_rows_own_target():
-    """Horvitz-Thompson: -log p_j on every column except the row's target (see _correct_logits)."""
+    """Horvitz-Thompson: -log p_j on every column except the row's target (see correct_logits)."""
     logits = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.25]])
     log_p = torch.tensor([-1.0, -2.0, -3.0])
-    got = SessionModel._correct_logits(logits, log_p, torch.tensor([0, 2]))
+    got = correct_logits(logits, log_p, torch.tensor([0, 2]))
     assert torch.equal(got, torch.tensor([[0.5, 2.0, 3.0], [1.0, 2.0, 0.25]]))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,9 +11,11 @@ import pytest
 
 from training.cli import (
     ConfigFileError,
+    add_flags,
     build_parser,
     comma_list,
     command_line,
+    given,
     help_meta,
     layered,
     parse,
@@ -92,6 +95,25 @@ def test_missing_required_setting_names_the_flag(capsys):
         parse(Stage, [], prog="x", description="d")
     assert e.value.code == 2
     assert "missing setting 'out': give --out" in capsys.readouterr().err
+
+
+@dataclass
+class Inner:
+    width: int = field(default=4, metadata=help_meta("width"))
+    on: bool = field(default=False, metadata=help_meta("switch"))
+
+
+def test_a_second_dataclass_under_a_prefix(capsys):
+    p = argparse.ArgumentParser(prog="x")
+    add_flags(p, Stage, defaults_text={"lr": " [from the recipe]"})
+    add_flags(p, Inner, prefix="inner.", group="inner settings")
+    ns = p.parse_args(["--out", "o", "--width", "8", "--on"])
+    assert given(ns) == {"out": "o"}
+    assert given(ns, "inner.") == {"width": 8, "on": True}
+    assert layered(Inner, given(ns, "inner.")) == Inner(width=8, on=True)
+    p.print_help()
+    text = capsys.readouterr().out
+    assert "inner settings:" in text and "[from the recipe]" in text and "width [4]" in text
 
 
 @pytest.mark.parametrize(

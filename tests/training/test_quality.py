@@ -11,32 +11,25 @@ import numpy as np
 import pytest
 import torch
 
+import training.evaluate as evaluate_mod
 import training.train as train_mod
 import training.trainer as trainer_mod
+from tests.training.train_util import tiny_cfg
 from training.baselines import BaselineCounts
 from training.config import TrainConfig
 from training.data.splits import eval_inputs_targets, load_schema, load_split, split_path
+from training.evaluate import split_holdout
 from training.names import OOV_ID
 from training.recipes import RECIPES, default_recipe, resolve_settings
 from training.train import train
-from training.trainer import split_holdout
 from training.tune import TuneConfig, sample_trials, tune
-
-
-def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        data=str(data), out=str(out), end_window=3, epochs=1, batch_size=16, threads=1, progress=False
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
 
 # --- evaluation protocol: the same sessions and targets for every method ------------------
 
 
 def test_model_and_baselines_see_the_same_sessions(tiny_synthetic_data, tmp_path, monkeypatch):
     seen: dict[str, list] = {"model": [], "baselines": []}
-    real_eval, real_base = trainer_mod.evaluate_model, trainer_mod.evaluate_baselines
+    real_eval, real_base = evaluate_mod.evaluate_model, evaluate_mod.evaluate_baselines
 
     def spy_model(model, st, device, batch_size, miss=None):
         seen["model"].append(eval_inputs_targets(st, model.cfg.item_feature)[2].numpy())
@@ -46,8 +39,8 @@ def test_model_and_baselines_see_the_same_sessions(tiny_synthetic_data, tmp_path
         seen["baselines"].append(np.asarray(targets))
         return real_base(counts, items, lengths, targets)
 
-    monkeypatch.setattr(trainer_mod, "evaluate_model", spy_model)
-    monkeypatch.setattr(trainer_mod, "evaluate_baselines", spy_base)
+    monkeypatch.setattr(evaluate_mod, "evaluate_model", spy_model)
+    monkeypatch.setattr(evaluate_mod, "evaluate_baselines", spy_base)
     result = train(tiny_cfg(tiny_synthetic_data, tmp_path / "run"))
     schema = load_schema(tiny_synthetic_data)
     assert len(seen["model"]) == len(seen["baselines"]) == len(result["windows"]) == 2
@@ -105,9 +98,9 @@ def test_real_recipe_values_and_precedence():
 
 def test_cli_defaults_follow_the_data(tiny_synthetic_data, tmp_path):
     cfg = train_mod.parse_args(["--data", str(tiny_synthetic_data), "--out", "R"])
-    assert (cfg.recipe, cfg.epochs, cfg.train_on, cfg.model["objective"]) == ("reference", 5, "window", "mlm")
+    assert (cfg.recipe, cfg.epochs, cfg.train_on, cfg.model.objective) == ("reference", 5, "window", "mlm")
     cfg = train_mod.parse_args(["--data", str(tiny_synthetic_data), "--out", "R", "--recipe", "real"])
-    assert (cfg.recipe, cfg.train_on, cfg.model["objective"]) == ("real", "cumulative", "clm")
+    assert (cfg.recipe, cfg.train_on, cfg.model.objective) == ("real", "cumulative", "clm")
     cfg = train_mod.parse_args(
         ["--data", str(tiny_synthetic_data), "--out", "R", "--recipe", "real", "--train-on", "window"]
     )
@@ -140,7 +133,7 @@ def test_early_stopping_selects_on_training_sessions(tiny_synthetic_data, tmp_pa
     }
     calls: list[set] = []
     read: list[str] = []
-    real_eval, real_load = trainer_mod.evaluate_model, trainer_mod.load_split
+    real_eval, real_load = evaluate_mod.evaluate_model, trainer_mod.load_split
 
     def spy_eval(model, st, device, batch_size, miss=None):
         calls.append(set(st.session_id.tolist()))
@@ -150,7 +143,7 @@ def test_early_stopping_selects_on_training_sessions(tiny_synthetic_data, tmp_pa
         read.append(Path(path).name)
         return real_load(path, schema)
 
-    monkeypatch.setattr(trainer_mod, "evaluate_model", spy_eval)
+    monkeypatch.setattr(evaluate_mod, "evaluate_model", spy_eval)
     monkeypatch.setattr(trainer_mod, "load_split", spy_load)
     result = train(
         tiny_cfg(
@@ -186,7 +179,7 @@ def test_tune_writes_settings_train_accepts(tiny_synthetic_data, tmp_path):
     )  # fmt: skip
     assert cfg.recipe == "real+config" and cfg.epochs == 1
     for k, v in saved["params"]["model"].items():
-        assert cfg.model[k] == v
+        assert getattr(cfg.model, k) == v
     result = train(cfg)
     assert result["summary"]["windows_evaluated"] == 2
     assert train_mod.main(["--data", str(tiny_synthetic_data), "--out", str(tmp_path / "r2"), "--config",
@@ -196,7 +189,9 @@ def test_tune_writes_settings_train_accepts(tiny_synthetic_data, tmp_path):
 # --- make bench-quality, end to end on a small click log ------------------------------------
 def _bench_quality(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`python -m bench.quality ARGS` run from the project root `cwd` (tests never import a benchmark)."""
-    proc = subprocess.run([sys.executable, "-m", "bench.quality", *args], capture_output=True, text=True, cwd=cwd)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.quality", *args], capture_output=True, text=True, cwd=cwd
+    )
     print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")  # shown by pytest when an assertion fails
     return proc
 
@@ -240,7 +235,9 @@ def test_bench_quality_end_to_end(tmp_path, repo_root):
 
 
 def test_bench_quality_missing_input_is_a_clear_error(tmp_path, repo_root):
-    proc = _bench_quality(["--out", str(tmp_path / "q.json"), "--input", str(tmp_path / "nope.tsv")], repo_root)
+    proc = _bench_quality(
+        ["--out", str(tmp_path / "q.json"), "--input", str(tmp_path / "nope.tsv")], repo_root
+    )
     assert proc.returncode == 2 and "nope.tsv does not exist" in proc.stderr
     assert not (tmp_path / "q.json").exists()
 

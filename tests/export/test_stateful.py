@@ -8,8 +8,8 @@ clicking through real sessions, interleaved over threads and spread over both in
 exactly the rankings of sending every prefix statelessly (no session's clicks reach another's
 ranking); and the client API's transparent resend.
 
-Faults (LRU cap, idle timeout, restart, version switch and rollback) are in test_stateful_faults.py;
-the DIGINETICA parity in test_stateful_parity.py.
+Faults (LRU cap, idle timeout, restart, version switch and rollback) are in tests/system/test_stateful_faults.py;
+the DIGINETICA parity in tests/system/test_stateful_parity.py.
 """
 
 from __future__ import annotations

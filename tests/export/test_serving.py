@@ -93,7 +93,7 @@ def assert_still_serving(client, good_request, good_answer):
 
 # --- health, metadata -----------------------------------------------------------------
 def test_served_configs_are_the_golden_files(server):
-    """What this server was given is what export/golden/ shows a reader (tests/test_export.py checks the
+    """What this server was given is what export/golden/ shows a reader (tests/export/test_repository.py checks the
     generator against the same files)."""
     for model in (ENSEMBLE_NAME, PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL):
         served = (Path(server.cfg.repo) / model / "config.pbtxt").read_text()

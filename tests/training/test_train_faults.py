@@ -1,6 +1,6 @@
 """Training under faults, through the public CLI (`python -m training.train`) and API (`train`).
 
-What tests/test_train.py already covers (not repeated here): an exception after
+What tests/training/test_train.py already covers (not repeated here): an exception after
 training a window and before its checkpoint, then `--resume`, gives identical
 metrics and weights (in-process); ENOSPC while `save_checkpoint` writes keeps
 the previous checkpoint; a crash between the renames rolls forward; a file in

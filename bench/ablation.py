@@ -1,0 +1,221 @@
+"""Ablation of the real recipe and its learning curve (issue 17), on held-out choices only.
+
+    python -m bench.ablation --data data/diginetica --out bench_results/ablation_dg.json
+    python -m bench.ablation --data data/np --out np.json --rows recipe head_off --seeds 0 1 2
+
+Every row is `python -m training.train` with the recipe the data selects plus the row's
+flags, for every seed (`--par` at once, one thread each), evaluated on the **valid** split of
+each window t+1 (`--eval-split valid`: the test split is read only by `bench.quality`), with the
+vocabulary known after t. A row's score is the mean over the evaluation windows that follow
+some training data; its spread is the standard deviation over seeds. The effect of a row is
+its difference to the `recipe` row, per seed (same seeds, same sessions: a paired
+difference), given as mean and standard deviation over seeds.
+
+The learning curve comes for free: window t is trained on every window <= t (the real
+recipe's `train_on: cumulative`), so the per-window rows of the `recipe` row give the model,
+its count blend and V-SKNN against the number of training sessions seen so far
+(`learning_curve` in the JSON, and a PNG next to it).
+
+Runs are kept under --work (default: next to --out) and reused when finished (same flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import PROJECT_ROOT
+
+METRICS = ("ndcg@20", "recall@20", "mrr@20")
+REFERENCE_ROW = "recipe"
+
+# name -> (flags on top of the data's recipe, what the row asks)
+ROWS: dict[str, tuple[list[str], str]] = {
+    "recipe": ([], "the real recipe as shipped"),
+    "no_stack": (["--stack", "0"], "no combiner fit on held-back sessions"),
+    "no_rerank": (["--no-rerank"], "the head scores the whole catalogue, not the memory's candidates"),
+    "no_head_gate": (["--no-head-gate"], "no per-session weight on the head's logits"),
+    "head_off": (["--no-head-logits"], "no network item logits at all: gated counts only"),
+    "frozen_net": (["--lr", "1e-12"], "network frozen at init: a learned count blend without a network"),
+    "mlm": (["--objective", "mlm", "--mask-prob", "0.3"], "masked LM (T4Rec's best masking 0.3)"),
+    "sampled": (["--loss", "sampled"], "sampled softmax, 2,048 negatives, logQ"),
+    "gbce": (["--loss", "sampled", "--loss-fn", "gbce"], "gBCE over the sampled negatives (t = 0.75)"),
+    "label_smoothing": (["--label-smoothing", "0.3"], "label smoothing 0.3 (T4Rec best 0.6 on YOOCHOOSE)"),
+    "dropout_0.3": (["--dropout", "0.3"], "dropout 0.3 instead of 0.5"),
+    "wide": (["--d-model", "128", "--d-inner", "512"], "width 128"),
+    "one_layer": (["--n-layer", "1"], "depth 1"),
+    "no_side": (["--no-side-features"], "continuous side features zeroed"),
+    "feature_norm": (["--feature-norm"], "LayerNorm per input feature before merging (T4Rec)"),
+}
+
+
+def run_seed(data: Path, run: Path, flags: list[str], seed: int, log: Path) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "training.train", "--data", str(data), "--out", str(run), "--no-progress",
+        "--threads", "1", "--seed", str(seed), "--eval-split", "valid", *flags,
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def finished(run: Path, flags: list[str]) -> bool:
+    path = run / "metrics.json"
+    if not path.is_file():
+        return False
+    done = json.loads(path.read_text())
+    return (
+        bool(done.get("windows")) and done.get("ablation_flags", flags) == flags and (run / "DONE").exists()
+    )
+
+
+def scored_windows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The windows that follow some training data and have evaluation sessions."""
+    rows, seen = [], 0
+    for r in result["windows"]:
+        seen += r.get("train_sessions", 0)
+        if r.get("eval_sessions", 0) and seen:
+            rows.append({**r, "trained_sessions": seen})
+    return rows
+
+
+def seed_scores(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    rows = scored_windows(result)
+    out = {"model": {m: float(np.mean([r[m] for r in rows])) for m in METRICS}}
+    for b in ("count_blend", "vsknn"):
+        out[b] = {m: float(np.mean([r["baselines"][b][m] for r in rows])) for m in METRICS}
+    return out
+
+
+def learning_curve(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per evaluation window, mean over seeds: training sessions so far and NDCG/Recall@20."""
+    per = [scored_windows(r) for r in results]
+    curve = []
+    for i, r in enumerate(per[0]):
+        point = {"eval_window": r["eval_window"], "trained_sessions": r["trained_sessions"]}
+        for k in ("model", "count_blend", "vsknn"):
+            for m in ("ndcg@20", "recall@20"):
+                vals = [(p[i][m] if k == "model" else p[i]["baselines"][k][m]) for p in per]
+                point[f"{k} {m}"] = float(np.mean(vals))
+        curve.append(point)
+    return curve
+
+
+def plot_curve(curve: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [p["trained_sessions"] for p in curve]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, m in zip(axes, ("ndcg@20", "recall@20")):
+        for k, style in (("model", "o-"), ("count_blend", "s--"), ("vsknn", "^:")):
+            ax.plot(x, [p[f"{k} {m}"] for p in curve], style, label=k)
+        ax.set_xscale("log")
+        ax.set_xlabel("training sessions seen (cumulative windows)")
+        ax.set_ylabel(m + " (valid, next window)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        "| row | what | model NDCG@20 | model Recall@20 | model MRR@20 | effect on NDCG@20 | effect on Recall@20 "
+        "| / blend NDCG, Recall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary["rows"].items():
+        m, e = row["mean"]["model"], row.get("effect", {})
+        blend = row["mean"]["count_blend"]
+        cells = [f"{m[k][0]:.4f} ± {m[k][1]:.4f}" for k in METRICS]
+        eff = [
+            f"{100 * e[k][0]:+.1f}% ± {100 * e[k][1]:.1f}" if k in e else "-"
+            for k in ("ndcg@20", "recall@20")
+        ]
+        ratio = (
+            f"{m['ndcg@20'][0] / blend['ndcg@20'][0]:.3f}x, {m['recall@20'][0] / blend['recall@20'][0]:.3f}x"
+        )
+        lines.append(f"| {name} | {row['what']} | " + " | ".join(cells + eff) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="a DATA folder prepared from a real click log")
+    p.add_argument("--out", type=Path, required=True, help="JSON to write (the PNG of the curve beside it)")
+    p.add_argument("--work", type=Path, default=None, help="where the runs go (default: OUT without .json)")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="rows to run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--par", type=int, default=2, help="training processes at once (one thread each)")
+    p.add_argument("--extra", default="", help="flags added to every row (e.g. '--end-window 9')")
+    a = p.parse_args(argv)
+    work = a.work or a.out.with_suffix("")
+    rows = [REFERENCE_ROW] + [r for r in a.rows if r != REFERENCE_ROW]
+    jobs = []
+    for name in rows:
+        flags = ROWS[name][0] + a.extra.split()
+        for seed in a.seeds:
+            run = work / name / f"s{seed}"
+            if not finished(run, flags):
+                jobs.append((name, seed, run, flags))
+    t0, running = time.time(), []
+    for name, seed, run, flags in jobs:
+        while len([j for j in running if j[0].poll() is None]) >= a.par:
+            time.sleep(2)
+        run.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[ablation] {name} seed {seed}: {' '.join(flags) or '(recipe)'}", file=sys.stderr)
+        running.append((run_seed(a.data, run, flags, seed, run.parent / f"s{seed}.log"), run, flags))
+    for proc, run, flags in running:
+        if proc.wait() != 0:
+            print(f"[ablation] failed: {run} (see {run.parent}/{run.name}.log)", file=sys.stderr)
+            return 1
+        result = json.loads((run / "metrics.json").read_text())
+        result["ablation_flags"] = flags
+        (run / "metrics.json").write_text(json.dumps(result))
+        (run / "DONE").write_text("")
+    summary: dict[str, Any] = {"data": str(a.data), "seeds": a.seeds, "split": "valid", "rows": {}}
+    ref = {
+        s: seed_scores(json.loads((work / REFERENCE_ROW / f"s{s}" / "metrics.json").read_text()))
+        for s in a.seeds
+    }
+    for name in rows:
+        results = [json.loads((work / name / f"s{s}" / "metrics.json").read_text()) for s in a.seeds]
+        per_seed = {s: seed_scores(r) for s, r in zip(a.seeds, results)}
+        mean = {
+            k: {m: (float(np.mean([per_seed[s][k][m] for s in a.seeds])), float(np.std([per_seed[s][k][m] for s in a.seeds]))) for m in METRICS}
+            for k in ("model", "count_blend", "vsknn")
+        }  # fmt: skip
+        row: dict[str, Any] = {
+            "what": ROWS[name][1],
+            "flags": ROWS[name][0],
+            "per_seed": per_seed,
+            "mean": mean,
+        }
+        if name != REFERENCE_ROW:
+            diffs = {
+                m: [per_seed[s]["model"][m] / ref[s]["model"][m] - 1.0 for s in a.seeds] for m in METRICS
+            }
+            row["effect"] = {m: (float(np.mean(v)), float(np.std(v))) for m, v in diffs.items()}
+        else:
+            row["learning_curve"] = learning_curve(results)
+            plot_curve(row["learning_curve"], a.out.with_suffix(".png"), f"{a.data.name}: learning curve")
+        summary["rows"][name] = row
+    summary["wall_s"] = time.time() - t0
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(summary, indent=1))
+    print(markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Evaluation: the model, the baselines and the count blend on one window's sessions.
+
+The protocol (training/train.py, docs/contracts.md): for each evaluation session the
+input is every item but the last and the target is the last item, ranked over the
+catalogue known after the training window (`known_inputs`: later ids are OOV in the
+inputs and a target unknown then is a miss for every method); pessimistic ties
+(training/metrics.py).
+
+    evaluate_model(model, st, device, batch_size, miss)   the model's metrics
+    count_blend_metrics(tables, cfg, st, ...)             the item memory untrained
+    evaluate_sessions(model, st, known, counts, ...)      all of them: a metrics row's entries
+    split_holdout(st, fraction, seed)                     early stopping's held-back sessions
+    score_held(model, held, ...)                          and their NDCG@20 after an epoch
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from training.baselines import BASELINES, BaselineCounts, evaluate_baselines, memory_tables
+from training.data.splits import SessionTensors, eval_inputs_targets
+from training.metrics import metrics_from_ranks, pessimistic_ranks
+from training.model import ItemMemory, ModelConfig, SessionModel
+from training.names import FIRST_REAL_ID, OOV_ID
+
+# what every evaluated row reports beside the model: the baselines of training/baselines.py and the
+# count blend (the item memory untrained: `count_blend_metrics`)
+COUNT_BLEND = "count_blend"
+REPORTED = (*BASELINES, COUNT_BLEND)
+
+# scores held at once by evaluation: rows x V floats (32M floats = 128 MB; 32 rows at 1M items)
+EVAL_MAX_SCORES = 32_000_000
+
+
+def eval_rows(n_items: int, batch_size: int, max_scores: int = EVAL_MAX_SCORES) -> int:
+    """Sessions scored at once: `batch_size`, fewer when batch_size x n_items passes `max_scores`."""
+    return max(1, min(batch_size, max_scores // max(1, n_items)))
+
+
+def _with_misses(ranks: Tensor, miss: Tensor | None) -> dict[str, float]:
+    """Metrics of (N,) ranks, a miss (rank inf) where `miss` (N,) is True."""
+    if miss is not None:
+        ranks = torch.where(miss, torch.tensor(float("inf"), dtype=ranks.dtype), ranks)
+    return metrics_from_ranks(ranks)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: SessionModel,
+    st: SessionTensors,
+    device: torch.device,
+    batch_size: int,
+    miss: Tensor | None = None,
+    max_scores: int = EVAL_MAX_SCORES,
+) -> dict[str, float]:
+    """Metrics of the model on every session of `st` (input: all but the last item).
+
+    Always in float32, also on a GPU: reduced-precision logits would create
+    ties, which the pessimistic ranking counts against the target. Scores the
+    full catalogue in chunks of `eval_rows(V, batch_size, max_scores)` sessions,
+    so a [sessions, V] matrix is never held for a large V (each session's rank
+    depends on its own row only).
+    miss (N,) bool: sessions whose target counts as a miss whatever the scores
+    (a target unknown after the training window, see `known_inputs`).
+    """
+    feats, lengths, targets = eval_inputs_targets(st, model.cfg.item_feature)
+    batch_size = eval_rows(model.cfg.n_items, batch_size, max_scores)
+    was_training = model.training
+    model.eval()
+    ranks = []
+    for i in range(0, len(targets), batch_size):
+        f = {k: v[i : i + batch_size].to(device) for k, v in feats.items()}
+        scores = model.next_item_scores(f, lengths[i : i + batch_size].to(device))
+        ranks.append(pessimistic_ranks(scores, targets[i : i + batch_size].to(device)).cpu())
+    model.train(was_training)
+    return _with_misses(torch.cat(ranks), miss)
+
+
+def known_inputs(
+    st: SessionTensors, sizes: dict[str, int], item_feature: str, age_feature: str | None = None
+) -> tuple[SessionTensors, Tensor]:
+    """Sessions as the served model after window t sees them, and which targets it cannot know.
+
+    sizes: categorical feature -> ids known after window t (schema.json's vocabulary_by_window;
+    ids follow first appearance, so the known ones are [0, size)). Every id >= size becomes
+    OOV; where the item is unknown, `age_feature` (the workflow's derived item age, None when
+    the data gives it) becomes 0, as the item_age_days op gives for an item unseen at fit.
+    Returns (sessions, unknown (N,) bool: the session's last item, the evaluation target, is unknown).
+    """
+    if item_feature not in sizes:
+        raise ValueError(f"known_inputs: sizes {sorted(sizes)} lack the item feature {item_feature!r}")
+    feats = dict(st.feats)
+    unknown = feats[item_feature] >= sizes[item_feature]  # (N, L)
+    for name, n in sizes.items():
+        if name in feats:
+            feats[name] = feats[name].masked_fill(feats[name] >= n, OOV_ID)
+    if age_feature is not None and age_feature in feats:
+        feats[age_feature] = feats[age_feature].masked_fill(unknown, 0.0)
+    rows = torch.arange(len(st))
+    last_unknown = unknown[rows, (st.lengths - 1).clamp(min=0)]  # (N,)
+    return SessionTensors(feats, st.lengths, st.session_id, st.source), last_unknown
+
+
+@torch.no_grad()
+def count_blend_metrics(
+    tables: dict[str, Tensor],
+    cfg: ModelConfig,
+    st: SessionTensors,
+    device: torch.device,
+    batch_size: int,
+    known: int | None = None,
+    miss: Tensor | None = None,
+) -> dict[str, float]:
+    """The count blend: a fresh ItemMemory (gates at their initial values, no network logits)
+    holding count `tables` (the model's item memory buffers, or `memory_tables` of the same
+    counts): what the counts alone give, on the model's sessions. Ids >= `known` are not ranked."""
+    V = int(tables["pop"].shape[0])
+    mem = ItemMemory(V, int(tables["cooc_idx"].shape[1]), cfg.max_len, cfg.d_model, cfg.memory_decay)
+    mem = mem.to(device).eval()
+    mem.set_tables(**{k: tables[k].to(device) for k in ItemMemory.TABLES})
+    feats, lengths, targets = eval_inputs_targets(st, cfg.item_feature)
+    ranks = []
+    for i in range(0, len(targets), batch_size):
+        items = feats[cfg.item_feature][i : i + batch_size].to(device)
+        lens = lengths[i : i + batch_size].to(device)
+        h = torch.zeros(len(lens), cfg.d_model, device=device)  # the gates' weights are 0: h is not read
+        scores = mem.next_item_scores(h, items, lens)  # (b, V)
+        scores[:, :FIRST_REAL_ID] = float("-inf")
+        if known is not None:
+            scores[:, known:] = float("-inf")
+        ranks.append(pessimistic_ranks(scores, targets[i : i + batch_size].to(device)).cpu())
+    return _with_misses(torch.cat(ranks), miss)
+
+
+def evaluate_sessions(
+    model: SessionModel,
+    st: SessionTensors,
+    known: dict[str, int],
+    counts: BaselineCounts | None,
+    device: torch.device,
+    batch_size: int,
+    age_feature: str | None = None,
+) -> dict[str, Any]:
+    """Model, baselines (with `counts`) and count blend on evaluation sessions `st`, with only
+    what was known (`known` sizes after the training window): a metrics row's entries
+    ("unseen_targets", the model's metrics, "eval_seconds", "baselines")."""
+    item = model.cfg.item_feature
+    st, miss = known_inputs(st, known, item, age_feature)
+    row: dict[str, Any] = {"unseen_targets": float(miss.float().mean())}
+    t0 = time.perf_counter()
+    row.update(evaluate_model(model, st, device, batch_size, miss))
+    row["eval_seconds"] = time.perf_counter() - t0
+    if counts is not None:
+        feats, lengths, targets = eval_inputs_targets(st, item)
+        row["baselines"] = evaluate_baselines(counts, feats[item].numpy(), lengths.numpy(), targets.numpy())
+        mem = model.item_memory
+        if mem is not None:  # the model's own count tables
+            tables = mem.tables()
+        else:  # the same counts, as the memory would hold them
+            tables = {k: torch.from_numpy(v) for k, v in memory_tables(counts, model.cfg.memory_k).items()}
+        row["baselines"][COUNT_BLEND] = count_blend_metrics(
+            tables, model.cfg, st, device, batch_size, known[item], miss
+        )
+    return row
+
+
+def split_holdout(st: SessionTensors, fraction: float, seed: int) -> tuple[SessionTensors, SessionTensors]:
+    """(fit, held): a random `fraction` of the sessions held back (at least 1 when fraction > 0 and N >= 2)."""
+    n = len(st)
+    k = int(round(n * fraction)) if fraction > 0 else 0
+    if fraction > 0 and n >= 2:
+        k = min(max(k, 1), n - 1)
+    else:
+        k = 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return st.select(perm[k:].sort().values), st.select(perm[:k].sort().values)
+
+
+class HeldScore(NamedTuple):
+    """Early stopping's score of an epoch on held-back training sessions."""
+
+    ndcg20: float  # the better of the two below (with select_head), else with the head
+    head_scale: float  # 1: the head's own item logits kept, 0: the gated counts only
+    without_head: float | None  # NDCG@20 without the head's logits (None: not scored)
+
+
+def score_held(
+    model: SessionModel, held: SessionTensors, device: torch.device, batch_size: int, select_head: bool
+) -> HeldScore:
+    """NDCG@20 of the model on held-back sessions; with `select_head` (the item memory's head
+    selection) also without the head's own item logits, keeping the better of the two."""
+    score = evaluate_model(model, held, device, batch_size)["ndcg@20"]
+    if not select_head:
+        return HeldScore(score, 1.0, None)
+    mem = model.item_memory
+    assert mem is not None
+    mem.head_scale.fill_(0.0)  # the same weights without the head's own item logits (gated counts only)
+    without = evaluate_model(model, held, device, batch_size)["ndcg@20"]
+    mem.head_scale.fill_(1.0)
+    if without > score:
+        return HeldScore(without, 0.0, without)
+    return HeldScore(score, 1.0, without)

@@ -1,0 +1,277 @@
+"""ModelConfig: every hyper-parameter of the session model, plus what it reads from the data schema.
+
+    cfg = ModelConfig(objective="clm", memory=True)       # settings only (no schema yet)
+    cfg = cfg.with_schema(schema)                         # + DATA/schema.json: a model can be built
+    cfg = dataclasses.replace(cfg, categorical=sizes)     # the tables grown to a later window
+    ModelConfig.from_dict(json.loads(meta_json))          # from a checkpoint, without pickle
+
+The fields own their defaults and, where a run may set them from the command
+line, their help text (`field(metadata={"help": ...})`): `python -m training.train`
+derives its model flags from them (training/config.py). Every check of a value
+is in `__post_init__`, so it runs wherever a config is built or replaced.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from training.names import FIRST_REAL_ID, ITEM_LIST
+from training.schema import Schema
+
+OBJECTIVES = ("mlm", "clm")
+LOSSES = ("full", "sampled")
+RANKINGS = ("exact", "two_stage")
+
+
+@dataclass
+class ModelConfig:
+    """Every hyper-parameter of the model, plus what it needs from the data schema.
+
+    Serialised to JSON in the checkpoint (meta.json) so that a model is rebuilt
+    without pickle: `ModelConfig.from_dict(json.load(...))`.
+
+    Without the schema fields (`categorical` empty) a config holds settings only:
+    the values are checked, but the choices that depend on the catalogue size
+    ("auto" loss and ranking, the memory_k cap) wait for `with_schema`, and no
+    model can be built from it. training.train keeps the run's model settings so
+    (TrainConfig.model) and adds the schema once the data is read.
+    """
+
+    # Fields with a "help" text have a command-line flag (training/config.py); every field but
+    # the SCHEMA_FIELDS may be set by a recipe or a --config file.
+    # --- from DATA/schema.json ------------------------------------------------
+    categorical: dict[str, int] = field(
+        default_factory=dict
+    )  # list feature -> cardinality (specials included)
+    continuous: list[str] = field(default_factory=list)  # continuous list features
+    item_feature: str = ITEM_LIST  # the categorical feature that is predicted
+    max_len: int = 20  # max_sequence_length of the data (the model accepts any L)
+    # --- input block (T4Rec defaults of the reference example) --------------
+    embedding_dim: int = field(  # embedding_dim_default=64 in T4Rec
+        default=64, metadata={"help": "embedding size of every categorical feature"}
+    )
+    embedding_init_std: float = 0.05  # T4Rec's default embedding initializer N(0, 0.05)
+    continuous_dim: int = 64  # continuous_projection=64
+    d_output: int = 100  # projection of the concatenated features
+    # --- transformer body ---------------------------------------------------
+    d_model: int = field(default=64, metadata={"help": "transformer width"})
+    n_head: int = field(default=4, metadata={"help": "attention heads (d_model must be a multiple)"})
+    n_layer: int = field(default=2, metadata={"help": "transformer layers"})
+    d_inner: int = field(  # 4 * d_model, as T4Rec's XLNetConfig.build
+        default=256, metadata={"help": "feed-forward width of a transformer layer"}
+    )
+    dropout: float = field(
+        default=0.3, metadata={"help": "dropout probability of the transformer (XLNetConfig.dropout)"}
+    )
+    layer_norm_eps: float = 0.03
+    initializer_range: float = 0.01
+    ff_activation: str = "gelu"
+    # --- objective -------------------------------------------------------------
+    objective: str = field(
+        default="mlm",
+        metadata={"help": "mlm: masked LM (the reference); clm: causal LM", "choices": OBJECTIVES},
+    )
+    mask_prob: float = field(
+        default=0.15, metadata={"help": "mlm: probability that a real position is masked"}
+    )
+    mask_init_std: float = 0.001  # trainable mask embedding ~ N(0, 0.001) as T4Rec
+    # --- item memory (off in the reference recipe; see ItemMemory) ---------------
+    memory: bool = field(
+        default=False,
+        metadata={
+            "help": "item memory: co-occurrence / successor / repeat / popularity counts of the training "
+            "sessions added to the logits through learned gates (ItemMemory)"
+        },
+    )
+    memory_k: int = field(
+        default=100, metadata={"help": "item memory: neighbours kept per item (top-k by count)"}
+    )
+    # Catalogues of >= memory_k_min_items ids keep min(memory_k, memory_k_large) neighbours per item:
+    # the tables are V x K x 16 B (1.45 GB at 908k ids and K = 100, 0.46 GB at K = 32), the bulk
+    # of a 1M-item training process and export. Resolved in __post_init__ (meta.json records the K
+    # used); below the threshold nothing changes. docs/scale.md measures it.
+    memory_k_large: int = field(
+        default=32,
+        metadata={
+            "help": "item memory: neighbours kept per item from memory_k_min_items ids (caps memory_k)"
+        },
+    )
+    memory_k_min_items: int = 200_000
+    memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
+    # --- training loss over the catalogue (see `SessionModel.sample_candidates`) ----------------
+    # "full": softmax over every item ((positions, V) logits, the reference); "sampled": softmax over
+    # the batch's targets + `negatives` shared popularity-sampled items with the logQ correction, so
+    # a step costs O(positions x (targets + negatives)) and the item table gets sparse gradients;
+    # "auto" (default): "sampled" when the catalogue has >= sampled_min_items ids, else "full".
+    # Resolved in __post_init__, so the config (meta.json) records the loss actually used.
+    loss: str = field(
+        default="auto",
+        metadata={
+            "help": "training loss: full softmax over every item, sampled softmax (targets + shared "
+            "popularity negatives, logQ-corrected, sparse item-table updates), or auto: sampled from "
+            "--sampled-min-items ids",
+            "choices": LOSSES + ("auto",),
+        },
+    )
+    sampled_min_items: int = field(  # full costs ~1 s/step at 200k
+        default=200_000, metadata={"help": "loss auto: use the sampled loss from this many item ids"}
+    )
+    negatives: int = field(  # drawn with replacement (GRU4Rec's n_sample default)
+        default=2048, metadata={"help": "sampled loss: shared negatives drawn per batch"}
+    )
+    # negatives ~ (count + 1)**sample_alpha over the real ids; GRU4Rec's tuned range is 0.2-0.75 with
+    # logq = 1 for cross-entropy; the upper end samples the popular items (which hold most of the
+    # softmax mass) often, and the logQ correction removes the bias this leaves
+    sample_alpha: float = field(
+        default=0.75,
+        metadata={"help": "sampled loss: negatives drawn with probability ~ (count + 1)^alpha (0 = uniform)"},
+    )
+    # --- serving top-k over the catalogue (see `SessionModel.next_item_topk`) ----------------------
+    # "exact": score every item, then topk (the reference; cost O(V) per session); "two_stage":
+    # candidates per session (its items, co-occurrence neighbours of its last `rank_context` items,
+    # successors of the last one, the `rank_popular` most popular items, the `ivf_keep` best items of
+    # an inverted-file index over the item table, `ivf_probe` lists of `ivf_list_size` items), scored
+    # exactly (network + item memory) on those only; "auto" (default): "two_stage" when the catalogue
+    # has >= two_stage_min_items ids. Resolved in __post_init__ (meta.json records the ranking used).
+    # docs/scale.md has the measurements behind the defaults.
+    rank: str = "auto"
+    two_stage_min_items: int = 200_000
+    rank_context: int = 5  # last items of a session whose co-occurrence lists are candidates
+    rank_popular: int = 128  # most popular items always among the candidates (stand in for the pop bonus)
+    ivf_list_size: int = 256  # items per inverted list row (lists are split to this size: static shapes)
+    ivf_probe: int = 4  # list rows probed per session (ivf_probe * ivf_list_size items scored)
+    ivf_keep: int = 64  # best items of the probed lists that become candidates
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.loss not in LOSSES + ("auto",):
+            raise ValueError(f"loss must be one of {LOSSES + ('auto',)}, got {self.loss!r}")
+        if self.sampled_min_items < 1:
+            raise ValueError(f"sampled_min_items must be >= 1, got {self.sampled_min_items}")
+        if self.negatives < 1:
+            raise ValueError(
+                f"negatives must be >= 1, got {self.negatives} (the sampled loss always draws shared negatives)"
+            )
+        if not 0.0 <= self.sample_alpha <= 1.0:
+            raise ValueError(f"sample_alpha must be in [0, 1], got {self.sample_alpha}")
+        if self.has_schema and self.item_feature not in self.categorical:
+            raise ValueError(
+                f"item_feature {self.item_feature!r} is not among the categorical features "
+                f"{sorted(self.categorical)}; the schema must give its cardinality"
+            )
+        if self.has_schema and self.categorical[self.item_feature] <= FIRST_REAL_ID:
+            raise ValueError(
+                f"item cardinality {self.categorical[self.item_feature]} leaves no real item "
+                f"(real ids start at {FIRST_REAL_ID})"
+            )
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
+        if self.memory and self.memory_k < 1:
+            raise ValueError(f"memory_k must be >= 1, got {self.memory_k}")
+        if self.memory_k_large < 1:
+            raise ValueError(f"memory_k_large must be >= 1, got {self.memory_k_large}")
+        if self.has_schema and self.n_items >= self.memory_k_min_items:
+            self.memory_k = min(self.memory_k, self.memory_k_large)
+        if self.memory and not 0.0 < self.memory_decay <= 1.0:
+            raise ValueError(f"memory_decay must be in (0, 1], got {self.memory_decay}")
+        if self.has_schema and self.loss == "auto":
+            self.loss = "sampled" if self.n_items >= self.sampled_min_items else "full"
+        if self.rank not in RANKINGS + ("auto",):
+            raise ValueError(f"rank must be one of {RANKINGS + ('auto',)}, got {self.rank!r}")
+        for name in ("two_stage_min_items", "rank_popular", "ivf_list_size", "ivf_probe", "ivf_keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rank_context < 0:
+            raise ValueError(f"rank_context must be >= 0, got {self.rank_context}")
+        if self.has_schema and self.rank == "auto":
+            self.rank = "two_stage" if self.n_items >= self.two_stage_min_items else "exact"
+
+    @property
+    def has_schema(self) -> bool:
+        """Whether the schema fields are filled (`with_schema`); without them, settings only."""
+        return bool(self.categorical)
+
+    @property
+    def n_items(self) -> int:
+        """Size of the item vocabulary V (encoded ids 0..V-1, specials included)."""
+        if not self.has_schema:
+            raise ValueError("this ModelConfig holds settings only: add the data's schema with `with_schema`")
+        return self.categorical[self.item_feature]
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Input tensors `next_item_scores` expects, in a fixed order."""
+        return list(self.categorical) + list(self.continuous)
+
+    @classmethod
+    def from_schema(cls, schema: Schema | Mapping[str, Any], **overrides: Any) -> ModelConfig:
+        """Build from DATA/schema.json (a `Schema` or its dict, see docs/contracts.md); overrides win."""
+        schema = Schema.of(schema)
+        kw: dict[str, Any] = dict(
+            categorical=dict(schema.categorical),
+            continuous=list(schema.continuous),
+            item_feature=schema.item_feature,
+            max_len=schema.max_len,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def with_schema(self, schema: Schema | Mapping[str, Any]) -> ModelConfig:
+        """These settings with the schema fields of DATA/schema.json (= `from_schema(schema, **settings)`)."""
+        schema = Schema.of(schema)
+        return replace(
+            self,
+            categorical=dict(schema.categorical),
+            continuous=list(schema.continuous),
+            item_feature=schema.item_feature,
+            max_len=schema.max_len,
+        )
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any], where: str = "model settings") -> ModelConfig:
+        """A settings-only config from {field: value} (a recipe's, a --config file's, the flags').
+
+        Names must be settable fields (MODEL_SETTINGS: not read from the schema); the values
+        are checked by `__post_init__`. Both raise ValueError naming the setting."""
+        unknown = sorted(set(values) - set(MODEL_SETTINGS))
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown model setting {unknown[0]!r}; expected one of {sorted(MODEL_SETTINGS)}"
+            )
+        return cls(**values)
+
+    def settings(self) -> dict[str, Any]:
+        """{field: value} of the settable fields (MODEL_SETTINGS), in field order."""
+        return {name: getattr(self, name) for name in MODEL_SETTINGS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown ModelConfig fields {unknown}; was this checkpoint written by a newer version?"
+            )
+        # a config written before `loss` existed was trained with the full softmax, whatever its size
+        # ... and kept memory_k neighbours per item whatever its size (its tables have that shape)
+        return cls(**{"loss": "full", "memory_k_large": d.get("memory_k", cls.memory_k), **d})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# the fields read from DATA/schema.json (`with_schema`); every other field is a setting
+SCHEMA_FIELDS: tuple[str, ...] = ("categorical", "continuous", "item_feature", "max_len")
+MODEL_SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(ModelConfig) if f.name not in SCHEMA_FIELDS)
+# the settings with a command-line flag (a help text)
+MODEL_FLAGS: tuple[str, ...] = tuple(f.name for f in fields(ModelConfig) if "help" in f.metadata)
+assert set(MODEL_FLAGS) <= set(MODEL_SETTINGS)

@@ -1,0 +1,346 @@
+"""ItemMemory: count-based item scores added to the transformer's logits through learned gates.
+
+Filled per window by `training.trainer.set_memory` (the counts of training/baselines.py);
+its tables are buffers, so they travel in the checkpoint and in the traced model. Three
+entry points share one scoring core (`ItemMemory._combine`), whose inputs come grouped:
+
+    TargetContext  what precedes each target (items, which are context, distances)
+    CountLists     the count-table rows of that context (co-occurrence, successor lists)
+    HeadFactors    the network's own item logits as factors h @ w^T (optional)
+
+    next_item_scores(h, items, lengths, ...)     inference: (B, V)
+    candidate_scores(h, items, lengths, cand, ...) two-stage serving: (B, C) at the candidates
+    packed_scores(h, items, segment, targets, ...) training: (M, V) or (M, U), own session left out
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training.model.ranking import take
+
+
+@dataclass
+class HeadFactors:
+    """The network's item logits as factors, logits = h @ w^T: they ride in one matmul with the
+    popularity term (see `ItemMemory._combine`)."""
+
+    h: Tensor  # (M, E) head inputs
+    w: Tensor  # (V, E) item vectors; (U, E) the candidate columns' rows; (B, C, E) per-session candidates
+
+
+@dataclass
+class TargetContext:
+    """What precedes each of M targets: the session so far (W positions per target)."""
+
+    items: Tensor  # (M, W) item ids
+    ctx: Tensor  # (M, W) bool, which positions are the target's context
+    dist: Tensor  # (M, W) distance to the last context position (0 = the last one)
+    has_last: Tensor  # (M,) bool, the target has a context item at all
+
+
+@dataclass
+class CountLists:
+    """The count-table rows that score M targets (gathered from ItemMemory's buffers)."""
+
+    cooc_idx: Tensor  # (M, W, K) co-occurrence lists of the context items, int64 ids
+    cooc_val: Tensor  # (M, W, K) their counts
+    succ_idx: Tensor  # (M, K) successor list of the last context item, int64 ids
+    succ_val: Tensor  # (M, K) its counts
+    # training only: (M, W) corrections added to log1p(pop) at the context items (own session left out)
+    pop_delta: Tensor | None = None
+
+
+@dataclass
+class PackedTargets:
+    """M training targets in packed rows (`training.model.packing.pack_sessions`), row-major."""
+
+    row: Tensor  # (M,) the row of each target
+    pos: Tensor  # (M,) its position in that row
+    ctx_ok: Tensor  # (R, W) bool, positions that may be context (clm: every real one; mlm: unmasked)
+
+
+def _inv_softplus(y: Tensor) -> Tensor:
+    return y + torch.log(-torch.expm1(-y))
+
+
+class ItemMemory(nn.Module):
+    """Count-based item scores added to the transformer's logits through learned gates.
+
+    On a real click log a day holds ~1.5k sessions against a ~21k-item catalogue:
+    most items are seen a handful of times, too few for their embeddings to learn
+    which items go together, while counting does (docs/quality.md measures both).
+    This block gives the model those counts as features and lets it learn how much
+    to trust them, per session. Tables (buffers: saved in the checkpoint and baked
+    into the traced model), built from the training sessions by `set_tables`
+    (`training.baselines.memory_tables`):
+
+        cooc_idx, cooc_val (V, K)  the K items found in most training sessions
+                                   together with item a (row a), and those counts;
+        succ_idx, succ_val (V, K)  the K most frequent direct successors of a;
+        pop (V,)                   occurrences of each item.
+
+    For a target whose context (the session so far) is x_1..x_n and a candidate c:
+
+        cooc   = sum_j w_cooc[n-j] * log1p(cooc[x_j, c])  (w init decay**(n-j), learned)
+        succ   = log1p(succ[x_n, c])
+        repeat = sum_j w_rep[n-j] * [x_j == c]             (re-visits: ~14% of real targets)
+        pop    = log1p(pop[c])
+
+    score = g . (cooc, succ, repeat, pop) with g = softplus(Linear(h)) >= 0 computed
+    from the transformer's hidden state h. During training every session is in
+    the counts, so its own contribution is subtracted first (`packed_scores`):
+    otherwise the gates would learn that the counts always hold the answer.
+    Pure tensor code, traceable; tables of zeros give scores of zero.
+    """
+
+    N_FEATURES = 4  # cooc, succ, repeat, pop
+
+    def __init__(self, n_items: int, k: int, max_len: int, d_model: int, decay: float):
+        super().__init__()
+        self.register_buffer("cooc_idx", torch.zeros(n_items, k, dtype=torch.int32))
+        self.register_buffer("cooc_val", torch.zeros(n_items, k))
+        self.register_buffer("succ_idx", torch.zeros(n_items, k, dtype=torch.int32))
+        self.register_buffer("succ_val", torch.zeros(n_items, k))
+        self.register_buffer("pop", torch.zeros(n_items))
+        # weight of the network's own item logits in the scores: 1, or 0 where training's
+        # head selection (`--head-selection`) found the gated counts better on held-back sessions
+        self.register_buffer("head_scale", torch.ones(()))
+        self._col_of: Tensor | None = None  # sampled loss: item id -> candidate column (`_column_map`)
+        dist = decay ** torch.arange(max(max_len, 1), dtype=torch.float32)
+        self.w_cooc = nn.Parameter(dist.clone())  # weight of a context item d positions before the last
+        self.w_rep = nn.Parameter(dist.clone())
+        self.gate = nn.Linear(d_model, self.N_FEATURES)
+        nn.init.zeros_(self.gate.weight)
+        with torch.no_grad():  # start as a fixed blend: counts at weight 1, popularity as a tie-breaker
+            self.gate.bias.copy_(_inv_softplus(torch.tensor([1.0, 1.0, 1.0, 0.1])))
+
+    TABLES = ("cooc_idx", "cooc_val", "succ_idx", "succ_val", "pop")  # the count buffers
+
+    @torch.no_grad()
+    def set_tables(
+        self, cooc_idx: Tensor, cooc_val: Tensor, succ_idx: Tensor, succ_val: Tensor, pop: Tensor
+    ) -> None:
+        """Copy new count tables in (shapes must match the buffers: (V, K) and (V,))."""
+        for name, v in dict(
+            cooc_idx=cooc_idx, cooc_val=cooc_val, succ_idx=succ_idx, succ_val=succ_val, pop=pop
+        ).items():
+            self.set_table(name, v)
+
+    @torch.no_grad()
+    def set_table(self, name: str, v: Tensor) -> None:
+        """Copy one count table in (`TABLES`; its shape must match the buffer's)."""
+        if name not in self.TABLES:
+            raise ValueError(f"memory table {name!r}: expected one of {self.TABLES}")
+        buf = getattr(self, name)
+        if tuple(v.shape) != tuple(buf.shape):
+            raise ValueError(f"memory table {name}: shape {tuple(v.shape)}, expected {tuple(buf.shape)}")
+        buf.copy_(v.to(buf.dtype))
+
+    @torch.no_grad()
+    def grow(self, n_items: int) -> None:
+        """Zero rows appended to the count tables up to `n_items` (a vocabulary that grows by window)."""
+        for name in self.TABLES:
+            t = getattr(self, name)
+            setattr(self, name, torch.cat([t, t.new_zeros((n_items - t.shape[0], *t.shape[1:]))]))
+        self._col_of = None  # sized for the old vocabulary
+
+    def tables(self) -> dict[str, Tensor]:
+        """The count buffers by name (`TABLES`)."""
+        return {name: getattr(self, name) for name in self.TABLES}
+
+    def _combine(
+        self,
+        h: Tensor,
+        context: TargetContext,
+        lists: CountLists,
+        head: HeadFactors | None = None,
+        cols: Tensor | None = None,
+    ) -> Tensor:
+        """M targets -> (M, V) float32 scores: head.h @ head.w^T + the count scores.
+
+        h (M, d) hidden states (the gates read them); `context` and `lists`: the targets'
+        sessions so far and their count-table rows; `head`: the network's item logits as
+        factors (None: none). The popularity term is a rank-1 (M, V) matrix: it rides in
+        the network's matmul as one more column, and the sparse terms are added in place.
+
+        cols (U,) sorted unique item ids (the sampled loss's candidates): only those
+        columns are scored, (M, U) out, and head.w holds their rows only (U, E).
+        An item id in the sparse lists is found among cols through `_column_map`;
+        ids that are not candidates are dropped. Nothing of size V is touched.
+        """
+        M = h.shape[0]
+        with torch.autocast(h.device.type, enabled=False):  # counts in float32, also under AMP
+            g = F.softplus(self.gate(h.float()))  # (M, 4)
+            n_cols = self.pop.shape[0] if cols is None else cols.shape[0]
+            if head is None:
+                base_h, base_w = h.new_zeros(M, 1), self.pop.new_zeros(n_cols, 1)
+            else:
+                base_h, base_w = head.h, head.w
+            lhs = torch.cat([base_h.float() * self.head_scale, g[:, 3:4]], 1)  # (M, E+1)
+            pop = self.pop if cols is None else self.pop[cols]  # (V,) or (U,)
+            rhs = torch.cat([base_w.float(), torch.log1p(pop)[:, None]], 1)  # (V or U, E+1)
+            out = lhs @ rhs.t()  # (M, V or U) network logits + g_pop * log1p(pop), fresh: added to in place
+
+        col_of = None if cols is None else self._column_map(cols)
+
+        def add(idx: Tensor, val: Tensor) -> None:  # out[m, idx[m, j]] += val[m, j]
+            if col_of is None:
+                out.scatter_add_(1, idx, val)
+                return
+            j = col_of[idx].long().clamp_(max=n_cols - 1)  # column of each id if it is a candidate, else any
+            out.scatter_add_(1, j, torch.where(cols[j] == idx, val, 0.0))
+
+        wc, wr, ws = self._gate_weights(g, context)
+        add(lists.cooc_idx.reshape(M, -1), (wc[:, :, None] * torch.log1p(lists.cooc_val)).reshape(M, -1))
+        add(lists.succ_idx, ws * torch.log1p(lists.succ_val))
+        add(context.items, wr)
+        if lists.pop_delta is not None:
+            add(context.items, g[:, 3:4] * lists.pop_delta)
+        return out
+
+    def _gate_weights(self, g: Tensor, context: TargetContext) -> tuple[Tensor, Tensor, Tensor]:
+        """(M, 4) gates -> weights of the cooc and repeat terms per context position (M, W) and of
+        the successor term (M, 1): learned position weights w[distance] times the gates."""
+        d = context.dist.clamp(0, self.w_cooc.shape[0] - 1)
+        zero = torch.zeros((), device=g.device)
+        wc = torch.where(context.ctx, self.w_cooc[d], zero) * g[:, 0:1]  # (M, W)
+        wr = torch.where(context.ctx, self.w_rep[d], zero) * g[:, 2:3]  # (M, W)
+        ws = torch.where(context.has_last, g[:, 1], zero)[:, None]  # (M, 1)
+        return wc, wr, ws
+
+    @staticmethod
+    def _session_context(items: Tensor, lengths: Tensor) -> tuple[TargetContext, Tensor]:
+        """(B, L) right-padded sessions, (B,) lengths -> the context of the item after each
+        session (all of it), and the session's last item (B,)."""
+        pos = torch.arange(items.shape[1], device=items.device)
+        ctx = pos[None, :] < lengths[:, None]  # (B, L)
+        dist = lengths[:, None] - 1 - pos[None, :]  # (B, L)
+        last = items.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
+        return TargetContext(items, ctx, dist, lengths > 0), last
+
+    def _column_map(self, cols: Tensor) -> Tensor:
+        """(V,) int32 map with map[cols[j]] = j, for ids -> candidate columns by one gather.
+
+        Kept between steps (one int per item, allocated on first use; training only,
+        not a buffer) and never cleared: entries of earlier steps' candidates are
+        stale, so every lookup j = map[id] is checked with cols[j] == id (cols are
+        unique). Setting it costs O(U); binary search over U cost ~25x more here.
+        """
+        if self._col_of is None or self._col_of.device != cols.device:
+            self._col_of = torch.zeros(self.pop.shape[0], dtype=torch.int32, device=cols.device)
+        self._col_of[cols] = torch.arange(cols.shape[0], dtype=torch.int32, device=cols.device)
+        return self._col_of
+
+    def next_item_scores(
+        self,
+        h: Tensor,
+        items: Tensor,
+        lengths: Tensor,
+        base_h: Tensor | None = None,
+        base_w: Tensor | None = None,
+    ) -> Tensor:
+        """Inference: (B, d) hidden states, (B, L) right-padded items, (B,) lengths -> (B, V).
+
+        base_h, base_w: the network's logits as factors (`HeadFactors`; None: none)."""
+        context, last = self._session_context(items, lengths)
+        lists = CountLists(
+            self.cooc_idx[items].long(), self.cooc_val[items], self.succ_idx[last].long(), self.succ_val[last]
+        )
+        head = None if base_h is None or base_w is None else HeadFactors(base_h, base_w)
+        return self._combine(h, context, lists, head)
+
+    def candidate_scores(
+        self, h: Tensor, items: Tensor, lengths: Tensor, cand: Tensor, base_h: Tensor, base_w: Tensor
+    ) -> Tensor:
+        """Inference on per-session candidates (two-stage ranking): the `next_item_scores` values at cand.
+
+        h (B, d); items (B, L) right-padded, lengths (B,); cand (B, C) item ids sorted along
+        dim 1 (repeats allowed: a repeated id gets its count terms at its first occurrence
+        only, the caller masks the others); base_h (B, E), base_w (B, C, E) the network's
+        item logits as factors (base_w = the item vectors of cand). -> (B, C) float32.
+        The same terms as `_combine` (tested against it); an id of a sparse list is found
+        in its session's candidates by binary search, ids that are not candidates are dropped.
+        """
+        B, C = cand.shape
+        context, last = self._session_context(items, lengths)
+        with torch.autocast(h.device.type, enabled=False):
+            g = F.softplus(self.gate(h.float()))  # (B, 4)
+            lhs = torch.cat([base_h.float() * self.head_scale, g[:, 3:4]], 1)  # (B, E+1)
+            rhs = torch.cat([base_w.float(), torch.log1p(take(self.pop, cand))[:, :, None]], 2)  # (B, C, E+1)
+            out = torch.bmm(rhs, lhs[:, :, None]).squeeze(2)  # (B, C) network logits + g_pop * log1p(pop)
+
+        def add(idx: Tensor, val: Tensor) -> None:  # out[b, column of idx[b, j]] += val[b, j]
+            j = torch.searchsorted(cand, idx).clamp_(max=C - 1)  # (B, N) first position of idx, if present
+            out.scatter_add_(1, j, torch.where(cand.gather(1, j) == idx, val, 0.0))
+
+        wc, wr, ws = self._gate_weights(g, context)  # (B, L), (B, L), (B, 1)
+        add(
+            take(self.cooc_idx, items).long().reshape(B, -1),
+            (wc[:, :, None] * torch.log1p(take(self.cooc_val, items))).reshape(B, -1),
+        )
+        add(take(self.succ_idx, last).long(), ws * torch.log1p(take(self.succ_val, last)))
+        add(items, wr)
+        return out
+
+    def packed_scores(
+        self,
+        h: Tensor,
+        items: Tensor,
+        segment: Tensor,
+        targets: PackedTargets,
+        head: HeadFactors | None = None,
+        cols: Tensor | None = None,
+    ) -> Tensor:
+        """Training: scores of M targets in packed rows, each session's own counts left out.
+
+        h (M, d); items, segment (R, W) packed rows; target m sits at row targets.row[m],
+        position targets.pos[m]; its context is the earlier positions of its session where
+        targets.ctx_ok is True (clm: every real position; mlm: the unmasked ones).
+        (M, V) scores, or (M, U) for the sorted candidate ids `cols` (U,) with head.w
+        their rows (U, E): the same values at those columns (tested).
+        """
+        tgt_r, tgt_p = targets.row, targets.pos
+        R, W = items.shape
+        pos = torch.arange(W, device=items.device)
+        real = segment > 0
+        same = (segment[:, :, None] == segment[:, None, :]) & real[:, :, None]  # (R, W, W) same session
+        eq = (items[:, :, None] == items[:, None, :]) & same  # (R, W, W) same item, same session
+        cnt = eq.sum(-1)  # (R, W) occurrences of the item in its session
+        # co-occurrence: this session added 1 to cooc[a, c] for every other item c in it,
+        # and 1 to cooc[a, a] if a occurs twice or more
+        c_idx = self.cooc_idx[items].long()  # (R, W, K)
+        in_sess = ((c_idx[..., None] == items[:, None, None, :]) & same[:, :, None, :]).any(-1)  # (R, W, K)
+        own = torch.where(c_idx == items[..., None], (cnt >= 2)[..., None], in_sess)
+        c_val = (self.cooc_val[items] - own.float()).clamp(min=0.0)
+        # successors: this session added one per a -> c step in it
+        s_idx = self.succ_idx[items].long()  # (R, W, K)
+        step = (segment[:, 1:] == segment[:, :-1]) & real[:, 1:]  # (R, W-1) q -> q+1 inside a session
+        from_a = eq[:, :, :-1] & step[:, None, :]  # (R, W, W-1) steps leaving an occurrence of a
+        to_c = s_idx[..., None] == items[:, None, None, 1:]  # (R, W, K, W-1)
+        s_val = (self.succ_val[items] - (to_c & from_a[:, :, None, :]).sum(-1).float()).clamp(min=0.0)
+        # popularity: minus the session's own occurrences (spread over them, scatter adds them up)
+        p = self.pop[items]
+        pop_delta = torch.where(
+            real, (torch.log1p((p - cnt).clamp(min=0.0)) - torch.log1p(p)) / cnt.clamp(min=1), 0.0
+        )  # (R, W)
+        # per target
+        seg_t = segment[tgt_r, tgt_p]  # (M,)
+        row_seg = segment[tgt_r]  # (M, W)
+        in_own = row_seg == seg_t[:, None]  # (M, W) the target's session
+        ctx = in_own & (pos[None, :] < tgt_p[:, None]) & targets.ctx_ok[tgt_r]  # (M, W)
+        last_q = torch.where(ctx, pos[None, :], -1).max(1).values  # (M,)
+        lq = last_q.clamp(min=0)
+        context = TargetContext(items[tgt_r], ctx, tgt_p[:, None] - 1 - pos[None, :], last_q >= 0)
+        lists = CountLists(
+            c_idx[tgt_r],
+            c_val[tgt_r],
+            s_idx[tgt_r, lq],
+            s_val[tgt_r, lq],
+            pop_delta=torch.where(in_own, pop_delta[tgt_r], 0.0),
+        )
+        return self._combine(h, context, lists, head, cols)

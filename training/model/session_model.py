@@ -1,0 +1,583 @@
+"""SessionModel: what the network is. Per-position features -> XLNet -> tied item head.
+
+nanoGPT style: this file says what the network is; its pieces live next door in
+training/model/ (config: ModelConfig; packing: masking and packed rows; xlnet: the
+transformer body; item_memory: the count scores; ranking: serving top-k; sampled:
+the sampled softmax). The architecture follows the Transformers4Rec
+getting-started example (notebook 02, see docs/contracts.md and
+the Transformers4Rec reference notes, sections 1.2, 1.5, 2.2):
+
+    item_id-list   [B, L] -> Embedding(V_item, 64)  \
+    category-list  [B, L] -> Embedding(V_cat, 64)    > concat [B, L, 192]
+    continuous     [B, L, C] -> Linear(C, 64)+ReLU  /
+    -> Linear(192, d_output=100)+ReLU                 (masking happens here)
+    -> Linear(100, 64)+ReLU
+    -> XLNetModel(d_model 64, 4 heads, 2 layers, bidirectional, inputs_embeds,
+                  WITH an attention mask hiding padding; the reference passes none)
+    -> logits = h @ E_item^T (weight tying), special ids 0/1/2 -> -inf
+
+Training objective (default "mlm", masked LM as the reference): each real
+position is replaced by a trainable mask vector with probability `mask_prob`,
+at least one per session and never all of them; the loss is the cross-entropy
+on the masked positions only (`mask_positions`, `training_loss`).
+
+Prediction (`next_item_scores`, used by evaluation AND by the exported
+TorchScript model): a mask slot is appended at position `lengths` (right after
+the last real item; the sequence inside the model is L+1 long so that a full
+session still gets one) and the hidden state there scores every item.
+
+The optional "clm" objective trains a causal model (causal attention mask):
+the hidden state at position t predicts the item at t+1; `next_item_scores`
+then reads the hidden state of the last real item.
+
+Speed (CPU training is ~3x the reference's sessions/s: `make bench-train`, bench/train.py):
+* training packs several sessions into each row (`pack_sessions`): XLNet only
+  uses relative positions, so with attention restricted to each session the
+  result equals the padded computation (tested) on ~2.5x fewer positions;
+* `_XLNet` computes the relative position encodings once per batch instead of
+  once per row (identical in eval mode);
+* `FastDropout` replaces XLNet's nn.Dropout on the CPU (torch's CPU Bernoulli
+  sampling cost more than all the matmuls).
+
+Item memory (`ItemMemory`, off by default, on in the real-data recipe of
+training/recipes.py): count tables of the training sessions (co-occurrence,
+successor, popularity, top-k per item) and the session's own items (repeats)
+give per-candidate scores that are added to the logits above, weighted by
+gates computed from XLNet's hidden state (item_memory.py). Filled per window by
+`training.trainer.set_memory`; buffers, so they travel in the checkpoint and in
+the traced model. During training each session's own counts are left out.
+
+Large catalogues (`ModelConfig.loss`, "auto" picks "sampled" from 200k ids): the
+full softmax builds (positions, V) logits, ~5 GB per step at 1M items. The sampled
+loss scores only U = unique(batch targets + `negatives` items drawn per batch from
+(count + 1)^alpha), subtracts log P(j in U) from every column (sampled.py),
+asks the item memory for those columns only, and reads the item table through
+sparse lookups (`param_groups`: SparseAdam/Adagrad for the table, AdamW for the rest).
+Its step cost does not depend on V (tests/training/model/test_sampled.py); evaluation and the
+exported model still rank the full catalogue.
+
+Serving top-k (`next_item_topk`): "exact" scores every item; "two_stage" scores a
+fixed number of candidates per session (ranking.py), the index built by
+`prepare_ranking` before tracing.
+
+Checkpoint I/O (`save_checkpoint`, `load_run`) lives in `training.checkpoint`.
+Imports only torch, transformers and the standard library (no numpy inside
+anything that is traced).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import XLNetConfig
+
+import training.model.ranking as ranking  # modules of functions over tensors, used by name
+import training.model.sampled as sampled
+from training.model.config import ModelConfig
+from training.model.item_memory import HeadFactors, ItemMemory, PackedTargets
+from training.model.packing import MaskedPositions, PackedSessions, mask_positions
+from training.model.ranking import take
+from training.model.xlnet import _use_fast_dropout, _XLNet
+from training.names import FIRST_REAL_ID, OOV_ID, PAD_ID
+
+
+class SessionModel(nn.Module):
+    """The network of the module docstring; `cfg` must hold the data's schema (`ModelConfig.with_schema`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not cfg.has_schema:
+            raise ValueError(
+                "SessionModel needs a ModelConfig with the data's schema (categorical features and their "
+                "cardinalities): build it with ModelConfig.from_schema(schema, ...) or cfg.with_schema(schema)"
+            )
+        self.cfg = cfg
+        # --- input block ------------------------------------------------------
+        # sampled loss: every read of the (tied) item table is a sparse lookup, so its gradient
+        # holds only the rows a step touched (SparseAdam/Adagrad, see `param_groups`)
+        sparse_item = cfg.loss == "sampled"
+        self.embeddings = nn.ModuleDict(
+            {
+                name: nn.Embedding(
+                    card,
+                    cfg.embedding_dim,
+                    padding_idx=PAD_ID,
+                    sparse=sparse_item and name == cfg.item_feature,
+                )
+                for name, card in cfg.categorical.items()
+            }
+        )
+        in_dim = cfg.embedding_dim * len(cfg.categorical)
+        if cfg.continuous:
+            self.continuous_proj = nn.Linear(len(cfg.continuous), cfg.continuous_dim)
+            in_dim += cfg.continuous_dim
+        else:
+            self.continuous_proj = None
+        self.input_proj = nn.Linear(in_dim, cfg.d_output)  # + ReLU
+        self.mask_emb = nn.Parameter(torch.randn(cfg.d_output) * cfg.mask_init_std)  # replaces masked inputs
+        self.mlp = nn.Linear(cfg.d_output, cfg.d_model)  # + ReLU (T4Rec's MLPBlock([64]))
+        # --- body ---------------------------------------------------------------
+        xcfg = XLNetConfig(
+            vocab_size=1,  # items come in through inputs_embeds
+            d_model=cfg.d_model,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            d_inner=cfg.d_inner,
+            ff_activation=cfg.ff_activation,
+            dropout=cfg.dropout,
+            layer_norm_eps=cfg.layer_norm_eps,
+            initializer_range=cfg.initializer_range,
+            attn_type="bi",  # clm: the causal mask is built in `encode`
+            mem_len=None,
+            use_mems_train=False,
+            use_mems_eval=False,
+            pad_token_id=None,  # token ids are meaningless with inputs_embeds
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        self.transformer = _XLNet(xcfg)
+        _use_fast_dropout(self.transformer)
+        # XLNet's own word embedding (vocab 1) and two-stream mask_emb are never
+        # used with inputs_embeds: freeze them so DDP sees no unused trainable
+        # parameters (they stay in the state_dict, harmless).
+        self.transformer.word_embedding.weight.requires_grad_(False)
+        self.transformer.mask_emb.requires_grad_(False)
+        for layer in self.transformer.layer:  # segment embeddings: no token_type_ids here
+            layer.rel_attn.seg_embed.requires_grad_(False)
+            layer.rel_attn.r_s_bias.requires_grad_(False)
+        if cfg.objective == "clm":
+            self.mask_emb.requires_grad_(False)  # clm never masks inputs
+        # --- head: logits = h @ E_item^T --------------------------------------
+        self.head_proj = (
+            nn.Linear(cfg.d_model, cfg.embedding_dim) if cfg.d_model != cfg.embedding_dim else None
+        )
+        self.item_memory = (
+            ItemMemory(cfg.n_items, cfg.memory_k, cfg.max_len, cfg.d_model, cfg.memory_decay)
+            if cfg.memory
+            else None
+        )
+        special = torch.zeros(cfg.n_items, dtype=torch.bool)
+        special[:FIRST_REAL_ID] = True  # pad, null, OOV are never ranked
+        self.register_buffer("special_ids", special, persistent=False)
+        if cfg.loss == "sampled" and self.item_memory is None:
+            # item counts of the training sessions for the negative sampler (with the memory on,
+            # its `pop` table serves); training-only input set per window, so not in the state_dict
+            self.register_buffer("sample_counts", torch.zeros(cfg.n_items), persistent=False)
+        if cfg.rank == "two_stage":
+            # two-stage ranking's index (`prepare_ranking`): derived from the item table and the
+            # counts, so not in the state_dict; filled before serving, baked into the traced model
+            self.register_buffer("rank_pop_ids", torch.zeros(0, dtype=torch.int64), persistent=False)
+            self.register_buffer("ivf_centroids", torch.zeros(0, cfg.embedding_dim), persistent=False)
+            self.register_buffer(
+                "ivf_members", torch.zeros(0, cfg.ivf_list_size, dtype=torch.int64), persistent=False
+            )
+        self._rank_key: tuple | None = None  # which table/counts the ranking index was built from
+        self._rank_sizes = (0, 0, 0)  # (popular, probed lists, kept IVF items) of the index
+        self._sampler_key: tuple | None = None  # which counts `_sampler` was computed from
+        self._sampler: sampled.SamplerTables | None = None
+        for emb in self.embeddings.values():
+            nn.init.normal_(emb.weight, 0.0, cfg.embedding_init_std)
+            with torch.no_grad():
+                emb.weight[PAD_ID].zero_()
+
+    # --- a vocabulary that grows window by window (issue 12) ---------------------------
+
+    @torch.no_grad()
+    def grow(self, sizes: Mapping[str, int], generator: torch.Generator | None = None) -> dict[str, int]:
+        """Grow the categorical tables to `sizes` rows (feature -> rows; ids are append-only).
+
+        Old rows are kept; new rows of every embedding table are drawn from
+        N(0, embedding_init_std) with `generator` (CPU; 0 std gives zeros); the item
+        memory's count tables and the sampler's counts get zero rows (the trainer fills
+        them per window). Parameters change size in place (`param.data` is replaced),
+        so an optimizer keeps its keys: pad its state with `pad_optimizer_state`.
+        Returns the sizes before. A table never shrinks.
+        """
+        before = dict(self.cfg.categorical)
+        for name, n in sizes.items():
+            if name not in before:
+                raise ValueError(
+                    f"grow: unknown categorical feature {name!r}; expected one of {sorted(before)}"
+                )
+            if n < before[name]:
+                raise ValueError(
+                    f"grow: {name} has {before[name]} rows, cannot shrink to {n} (ids are append-only)"
+                )
+        for name in sorted(sizes):  # sorted: the generator's draws do not depend on dict order
+            old, n = before[name], int(sizes[name])
+            if n == old:
+                continue
+            emb = self.embeddings[name]
+            new = torch.randn(n - old, emb.weight.shape[1], generator=generator) * self.cfg.embedding_init_std
+            emb.weight.data = torch.cat([emb.weight.data, new.to(emb.weight.device, emb.weight.dtype)])
+            emb.weight.grad = None  # a gradient of the old shape cannot be accumulated into
+            emb.num_embeddings = n
+        self.cfg = replace(self.cfg, categorical={**before, **sizes})
+        V, old_v = self.cfg.n_items, before[self.cfg.item_feature]
+        if V != old_v:
+
+            def rows(t: Tensor) -> Tensor:  # (old_v, ...) -> (V, ...), zero rows appended
+                return torch.cat([t, t.new_zeros((V - old_v, *t.shape[1:]))])
+
+            self.special_ids = rows(self.special_ids)  # new ids are real items
+            if hasattr(self, "sample_counts"):
+                self.sample_counts = rows(self.sample_counts)
+            if self.item_memory is not None:
+                self.item_memory.grow(V)
+            self._sampler, self._sampler_key = None, None
+        return before
+
+    def unknown_to_oov(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Ids beyond a categorical table (values the model's vocabulary does not know yet) -> OOV.
+
+        A workflow fitted on a longer log than the model's windows encodes later values with
+        ids >= the table size; the model reads them as OOV instead of indexing out of range.
+        Traceable (the sizes are constants of the model)."""
+        out = dict(feats)
+        for name, n in self.cfg.categorical.items():
+            if name in out:
+                out[name] = torch.where(out[name] >= n, torch.full_like(out[name], OOV_ID), out[name])
+        return out
+
+    # --- building blocks ---------------------------------------------------------
+
+    def embed(self, feats: dict[str, Tensor]) -> Tensor:
+        """Per-position input vectors before masking: (B, L) tensors -> (B, L, d_output)."""
+        # sorted names: the concatenation order must not depend on dict order (e.g. of a JSON file)
+        cats, conts = sorted(self.cfg.categorical), sorted(self.cfg.continuous)
+        parts = [self.embeddings[name](feats[name]) for name in cats]  # each (B, L, E)
+        if self.continuous_proj is not None:
+            cont = torch.stack([feats[name].float() for name in conts], dim=-1)  # (B, L, C)
+            parts.append(F.relu(self.continuous_proj(cont)))  # (B, L, continuous_dim)
+        return F.relu(self.input_proj(torch.cat(parts, dim=-1)))  # (B, L, d_output)
+
+    def encode(self, x: Tensor, segment: Tensor) -> Tensor:
+        """(B, L, d_output) inputs, (B, L) segment ids -> (B, L, d_model) hidden states.
+
+        segment: 0 = padding, positions with the same id > 0 belong to the same
+        session (several sessions may share a row, see `pack_sessions`). A query
+        attends only to keys of its own session (and, for clm, not after itself),
+        passed to XLNet as perm_mask (1 = may not attend). XLNet's own causal
+        mode (attn_type "uni") cannot be combined with a per-row mask in HF's
+        implementation, so the causal part is built here.
+        """
+        x = F.relu(self.mlp(x))  # (B, L, d_model)
+        pos = torch.arange(x.shape[1], device=x.device)
+        blocked = (segment[:, :, None] != segment[:, None, :]) | (segment[:, None, :] == 0)  # (B, Lq, Lk)
+        if self.cfg.objective == "clm":
+            blocked = blocked | (pos[None, None, :] > pos[None, :, None])  # key after query
+        out = self.transformer(inputs_embeds=x, perm_mask=blocked.to(x.dtype), return_dict=True)
+        return out.last_hidden_state  # (B, L, d_model)
+
+    def _head_input(self, h: Tensor) -> Tensor:
+        return self.head_proj(h) if self.head_proj is not None else h
+
+    def item_logits(self, h: Tensor) -> Tensor:
+        """(..., d_model) hidden states -> (..., V) logits of the network alone, special ids at -inf."""
+        logits = (self._head_input(h) @ self.embeddings[self.cfg.item_feature].weight.t()).float()  # (..., V)
+        return logits.masked_fill(self.special_ids, float("-inf"))
+
+    # --- inference ------------------------------------------------------------------
+
+    def next_item_scores(self, feats: dict[str, Tensor], lengths: Tensor) -> Tensor:
+        """Scores of the item that follows each session: (B, L) feats, (B,) lengths -> (B, V).
+
+        feats hold right-padded sessions (pad 0) with `lengths` real items each.
+        A mask slot is appended at position `lengths` (the model sees L+1
+        positions) and the hidden state there ranks the catalogue. Padding
+        never changes a session's scores (the attention mask hides it).
+        Traceable with torch.jit.trace: no data-dependent Python control flow.
+        """
+        feats = self.unknown_to_oov(feats)  # ids the tables do not hold yet (issue 12) -> OOV
+        h_next = self.next_hidden(feats, lengths)  # (B, d_model)
+        if self.item_memory is None:
+            return self.item_logits(h_next)  # (B, V)
+        table = self.embeddings[self.cfg.item_feature].weight
+        logits = self.item_memory.next_item_scores(
+            h_next, feats[self.cfg.item_feature], lengths, self._head_input(h_next), table
+        )  # (B, V) network logits + count scores, a fresh tensor
+        return logits.masked_fill_(self.special_ids, float("-inf"))
+
+    def next_hidden(self, feats: dict[str, Tensor], lengths: Tensor) -> Tensor:
+        """(B, L) feats, (B,) lengths -> (B, d_model): the hidden state that scores the next item.
+
+        feats must hold ids the tables have (`unknown_to_oov` first)."""
+        x = self.embed(feats)  # (B, L, d_output)
+        x = F.pad(x, (0, 0, 0, 1))  # (B, L+1, d_output): room for the mask slot of a full session
+        pos = torch.arange(x.shape[1], device=x.device)  # (L+1,)
+        slot = pos[None, :] == lengths[:, None]  # (B, L+1) the position right after the last item
+        if self.cfg.objective == "mlm":
+            x = torch.where(slot[:, :, None], self.mask_emb.to(x.dtype), x)
+            read = lengths  # read the mask slot
+        else:
+            read = (lengths - 1).clamp(min=0)  # clm: the last real item predicts the next one
+        segment = (pos[None, :] <= lengths[:, None]).long()  # (B, L+1) 1 = real items + the slot, 0 = pad
+        h = self.encode(x, segment)  # (B, L+1, d_model)
+        idx = read.view(-1, 1, 1).expand(-1, 1, self.cfg.d_model)  # (B, 1, d_model)
+        return h.gather(1, idx).squeeze(1)  # (B, d_model)
+
+    def forward(self, feats: dict[str, Tensor], lengths: Tensor) -> Tensor:
+        """Same as `next_item_scores` (so that the module itself can be traced)."""
+        return self.next_item_scores(feats, lengths)
+
+    # --- serving top-k (ranking.py) ------------------------------------------------------
+
+    def next_item_topk(self, feats: dict[str, Tensor], lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-k next items: (B, L) feats, (B,) lengths -> (scores (B, k) float32, ids (B, k) int64), best first.
+
+        rank "exact": `next_item_scores` + topk (scores every item). rank "two_stage": the
+        same scores computed on a fixed number C of candidates per session only
+        (`rank_candidates`), so the cost does not grow with V (apart from the index's
+        list heads). Special ids are never returned; scores are those `next_item_scores`
+        gives the returned ids. Traceable (call `prepare_ranking` first).
+        """
+        if self.cfg.rank == "exact":
+            return ranking.exact_top_k(self.next_item_scores(feats, lengths), k)
+        self._check_ranking()
+        n_pop = self._rank_sizes[0]
+        if not 1 <= k <= n_pop:
+            raise ValueError(
+                f"two-stage top-k: k={k} must be in [1, {n_pop}] (the popular "
+                "candidates guarantee k real items; raise rank_popular)"
+            )
+        feats = self.unknown_to_oov(feats)  # ids the tables do not hold yet (issue 12) -> OOV
+        items = feats[self.cfg.item_feature]  # (B, L)
+        h = self.next_hidden(feats, lengths)  # (B, d_model)
+        q = self._head_input(h)  # (B, E)
+        cand = self.rank_candidates(items, lengths, q)  # (B, C) sorted, with repeats and specials
+        w = take(self.embeddings[self.cfg.item_feature].weight, cand)  # (B, C, E)
+        if self.item_memory is None:
+            scores = torch.bmm(w, q[:, :, None]).squeeze(2).float()  # (B, C)
+        else:
+            scores = self.item_memory.candidate_scores(h, items, lengths, cand, q, w)  # (B, C)
+        return ranking.candidate_top_k(scores, cand, self.special_ids, k)
+
+    def rank_candidates(self, items: Tensor, lengths: Tensor, q: Tensor) -> Tensor:
+        """Two-stage candidates (`ranking.candidates`): (B, L) items, (B,) lengths, (B, E) head
+        inputs -> (B, C) ids sorted per row; C = L + rank_context*K + K + rank_popular + ivf_keep
+        (K = memory_k; the neighbour lists only with the item memory)."""
+        mem = self.item_memory
+        neighbours = (
+            None if mem is None else ranking.Neighbours(mem.cooc_idx, mem.succ_idx, self.cfg.rank_context)
+        )
+        table = self.embeddings[self.cfg.item_feature].weight
+        return ranking.candidates(items, lengths, q, table, self._rank_index(), neighbours)
+
+    def _rank_index(self) -> ranking.RankIndex:
+        """The index `prepare_ranking` built: buffers, and sizes that are constants in a trace."""
+        _, probe, keep = self._rank_sizes
+        return ranking.RankIndex(self.rank_pop_ids, self.ivf_centroids, self.ivf_members, probe, keep)
+
+    def _rank_sources(self) -> tuple:
+        """What the ranking index depends on (storage and in-place version of the table and counts)."""
+        table = self.embeddings[self.cfg.item_feature].weight
+        key: tuple = (table.data_ptr(), table._version)
+        counts = self._popularity()
+        if counts is not None:
+            key += (counts.data_ptr(), counts._version)
+        return key
+
+    def _popularity(self) -> Tensor | None:
+        """Item counts for the popular candidates: the item memory's pop, else the sampler's counts, else None."""
+        if self.item_memory is not None:
+            return self.item_memory.pop
+        counts = getattr(self, "sample_counts", None)
+        return counts if counts is not None and bool(counts.any()) else None
+
+    def _check_ranking(self) -> None:
+        if self._rank_key == self._rank_sources():
+            return
+        if torch.jit.is_tracing():
+            raise RuntimeError(
+                "two-stage ranking: the index is missing or older than the item table/counts; call "
+                "model.prepare_ranking() before torch.jit.trace (TopKRanker does)"
+            )
+        self.prepare_ranking()
+
+    @torch.no_grad()
+    def prepare_ranking(self) -> None:
+        """Build the two-stage ranking's index from the current item table and counts (no-op for "exact").
+
+        `ranking.build_index`: the rank_popular real ids with the highest counts (item memory's
+        pop; without the memory the sampled loss's counts, `set_sample_counts`; with neither,
+        the largest item-vector norms) and the inverted-file index of the real items' vectors.
+        Called by TopKRanker before tracing, and lazily by `next_item_topk` in eager mode
+        when the table or counts changed (training steps, set_tables).
+        """
+        if self.cfg.rank != "two_stage":
+            return
+        table = self.embeddings[self.cfg.item_feature].weight.detach()
+        index = ranking.build_index(table, self._popularity(), self.cfg)
+        self.rank_pop_ids, self.ivf_centroids, self.ivf_members = (
+            index.pop_ids,
+            index.centroids,
+            index.members,
+        )
+        self._rank_sizes = (int(index.pop_ids.shape[0]), index.probe, index.keep)
+        self._rank_key = self._rank_sources()
+
+    # --- training ---------------------------------------------------------------------
+
+    def param_groups(self) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
+        """Trainable parameters as (dense, sparse), by name.
+
+        sparse: the item table when loss == "sampled" (its gradient is a sparse
+        tensor: give it torch.optim.SparseAdam or Adagrad, and leave it out of
+        clip_grad_norm_, which raises on sparse gradients); empty otherwise.
+        dense: everything else (AdamW, clipping).
+        """
+        sparse_name = f"embeddings.{self.cfg.item_feature}.weight" if self.cfg.loss == "sampled" else None
+        dense, sparse = {}, {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (sparse if name == sparse_name else dense)[name] = p
+        return dense, sparse
+
+    @torch.no_grad()
+    def set_sample_counts(self, counts: Tensor) -> None:
+        """Item counts (V,) of the training sessions for the sampled loss's negative sampler.
+
+        Without the item memory the trainer calls this per window; with it, the
+        memory's `pop` table (set by `ItemMemory.set_tables`) is used instead.
+        """
+        if self.cfg.loss != "sampled":
+            raise ValueError(
+                f"set_sample_counts: loss is {self.cfg.loss!r}; the counts serve loss='sampled' only"
+            )
+        if self.item_memory is not None:
+            raise ValueError(
+                "set_sample_counts: with memory=True the sampler uses the item memory's pop table "
+                "(ItemMemory.set_tables); there is nothing else to set"
+            )
+        if tuple(counts.shape) != (self.cfg.n_items,):
+            raise ValueError(f"sample counts: shape {tuple(counts.shape)}, expected ({self.cfg.n_items},)")
+        self.sample_counts.copy_(counts.to(self.sample_counts.dtype))
+
+    def _sampler_tables(self) -> sampled.SamplerTables:
+        """`sampled.sampler_tables` of the current counts (the item memory's pop, else the
+        sample counts), recomputed only when the counts change."""
+        counts = self.item_memory.pop if self.item_memory is not None else self.sample_counts
+        key = (counts.data_ptr(), counts._version, counts.device, self.cfg.sample_alpha)
+        if self._sampler is None or self._sampler_key != key:
+            self._sampler = sampled.sampler_tables(counts, self.cfg.sample_alpha)
+            self._sampler_key = key
+        return self._sampler
+
+    def sample_candidates(
+        self, targets: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Candidate columns (U,) of one sampled-softmax step and their log P(j in U) (U,):
+        `sampled.sample_candidates` with cfg.negatives shared negatives drawn with `generator`."""
+        return sampled.sample_candidates(self._sampler_tables(), targets, self.cfg.negatives, generator)
+
+    def training_loss(
+        self,
+        feats: dict[str, Tensor],
+        lengths: Tensor,
+        generator: torch.Generator | None = None,
+        masking: MaskedPositions | None = None,
+    ) -> Tensor:
+        """Mean cross-entropy over the predicted positions of a padded batch (scalar).
+
+        feats (B, L), lengths (B,). mlm: positions chosen by `mask_positions`
+        (or given as `masking`); clm: every position t whose next position t+1
+        holds a real item of the same session. A batch with nothing to predict
+        returns 0 (still connected to the graph). Same value as
+        `packed_loss(pack_sessions(...))`, which the training loop uses.
+        """
+        items = feats[self.cfg.item_feature]  # (B, L)
+        B, L = items.shape
+        rows = torch.arange(1, B + 1, device=items.device)[:, None]  # (B, 1)
+        segment = torch.where(
+            torch.arange(L, device=items.device)[None, :] < lengths[:, None], rows, 0
+        )  # (B, L)
+        masked = None
+        if self.cfg.objective == "mlm":
+            m = (
+                masking
+                if masking is not None
+                else mask_positions(items, lengths, self.cfg.mask_prob, generator)
+            )
+            masked = m.masked
+        return self.packed_loss(PackedSessions(feats, segment, masked), generator=generator)
+
+    def packed_loss(
+        self, p: PackedSessions, label_smoothing: float = 0.0, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Mean cross-entropy over the predicted positions of packed rows (see `pack_sessions`).
+
+        label_smoothing eps: (1 - eps) * CE + eps * mean over the real items of -log p
+        (special ids, at -inf, are left out of the uniform part). Full loss only.
+        loss == "sampled": the softmax runs over `sample_candidates` (drawn with
+        `generator`), logits h . w_j (+ the item memory's scores of those columns)
+        - log P(j in U) (not on the row's own target); nothing of size V is built.
+        """
+        is_sampled = self.cfg.loss == "sampled"
+        if is_sampled and label_smoothing > 0.0:
+            raise ValueError(
+                f"label_smoothing={label_smoothing} needs the full softmax (its uniform part spans the whole "
+                "catalogue); use label_smoothing=0 with loss='sampled', or loss='full'"
+            )
+        items = p.feats[self.cfg.item_feature]  # (R, W)
+        x = self.embed(p.feats)  # (R, W, d_output)
+        if self.cfg.objective == "mlm":
+            assert p.masked is not None, "mlm needs masked positions"
+            x = torch.where(p.masked[:, :, None], self.mask_emb.to(x.dtype), x)
+        seg = p.segment
+        h = self.encode(x, seg)  # (R, W, d_model)
+        if self.cfg.objective == "mlm":
+            h_sel, targets = h[p.masked], items[p.masked]  # (M, d_model), (M,)
+            where = p.masked
+            ctx_ok = ~p.masked
+        else:  # causal: position t predicts t+1 of the same session
+            nxt = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & (items[:, 1:] >= FIRST_REAL_ID)  # (R, W-1)
+            h_sel, targets = h[:, :-1][nxt], items[:, 1:][nxt]
+            where = F.pad(nxt, (1, 0))  # (R, W) the target positions t+1
+            ctx_ok = seg > 0
+        # the item memory's view of the targets: row-major, the order of h_sel
+        tgt = None if self.item_memory is None else PackedTargets(*where.nonzero(as_tuple=True), ctx_ok)
+        if is_sampled:
+            return self._sampled_loss(p, h_sel, targets, tgt, generator)
+        if self.item_memory is None:
+            logits = self.item_logits(h_sel)  # (M, V)
+        else:
+            assert tgt is not None
+            table = self.embeddings[self.cfg.item_feature].weight
+            logits = self.item_memory.packed_scores(
+                h_sel, items, seg, tgt, HeadFactors(self._head_input(h_sel), table)
+            ).masked_fill_(self.special_ids, float("-inf"))  # (M, V)
+        denom = max(int(targets.numel()), 1)
+        if label_smoothing <= 0.0:
+            return F.cross_entropy(logits, targets, reduction="sum") / denom
+        logp = F.log_softmax(logits, dim=-1)  # (M, V)
+        nll = -logp.gather(1, targets[:, None]).squeeze(1)  # (M,)
+        uniform = -logp[:, FIRST_REAL_ID:].mean(1)  # (M,)
+        return ((1.0 - label_smoothing) * nll + label_smoothing * uniform).sum() / denom
+
+    def _sampled_loss(
+        self,
+        p: PackedSessions,
+        h_sel: Tensor,
+        targets: Tensor,
+        tgt: PackedTargets | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Sampled-softmax part of `packed_loss`: (M, d_model) hidden states, (M,) targets -> scalar
+        (`tgt`: where the targets sit, for the item memory)."""
+        cols, log_p = self.sample_candidates(targets, generator)  # (U,), (U,)
+        emb = self.embeddings[self.cfg.item_feature]
+        w_cols = F.embedding(
+            cols, emb.weight, sparse=emb.sparse
+        )  # (U, E): sparse exactly when the input lookup is
+        if self.item_memory is None:
+            logits = (self._head_input(h_sel) @ w_cols.t()).float()  # (M, U)
+        else:
+            assert tgt is not None
+            items = p.feats[self.cfg.item_feature]
+            head = HeadFactors(self._head_input(h_sel), w_cols)
+            logits = self.item_memory.packed_scores(h_sel, items, p.segment, tgt, head, cols=cols)  # (M, U)
+        return sampled.sampled_cross_entropy(logits, log_p, cols, targets)

@@ -1,0 +1,62 @@
+"""The transformer body: HF XLNetModel with the position encodings computed once per batch,
+and a cheaper CPU dropout (the two speed-ups of training; see SessionModel)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import XLNetModel
+
+
+class FastDropout(nn.Module):
+    """Drop-in for XLNet's nn.Dropout with a cheaper random source on the CPU.
+
+    torch's CPU dropout draws one Bernoulli per element from MT19937 and, for
+    this small model, costs more than all its matmuls together (measured here:
+    ~25 ns per element, a quarter of a training step). Here one 64-bit draw
+    gives three 16-bit uniforms u and an element is kept iff u >= round(p * 2^16),
+    so the drop probability is p to within 1e-5. Same default generator (seeded
+    by torch.manual_seed), same scaling by 1/(1-p). On other devices it is
+    F.dropout; in eval mode the identity (nothing is traced).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n = x.numel()
+        r = torch.empty((n + 2) // 3, 4, dtype=torch.int16)  # (k, 4)
+        r.view(torch.int64).random_()  # 63 random bits per row: int16 columns 0..2 are uniform
+        u = r[:, :3].reshape(-1)[:n].view(x.shape)
+        keep = u >= (round(self.p * 65536) - 32768)
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _XLNet(XLNetModel):
+    """HF XLNetModel, computing the relative position encodings once per batch.
+
+    The stock model expands them to (2L, B, d) before dropout and projects all
+    B copies in every layer; they only differ by their dropout mask. Here they
+    stay (2L, 1, d) and broadcast: in eval mode the result is identical, in
+    training the position-encoding dropout mask is shared by the batch's rows.
+    Saves a (2L*B, d) x (d, d) projection per layer.
+    """
+
+    def relative_positional_encoding(self, qlen, klen, bsz=None, device=None):
+        return super().relative_positional_encoding(qlen, klen, bsz=None, device=device)
+
+
+def _use_fast_dropout(module: nn.Module) -> None:
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                setattr(parent, name, FastDropout(child.p))
