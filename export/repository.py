@@ -1,4 +1,4 @@
-"""Write the native Triton ensemble `session_ranker` for a training run.
+"""Write the native Triton ensembles `session_ranker` and `session_ranker_stateful` for a training run.
 
     model_repository/
       session_ranker/config.pbtxt     platform "ensemble": preprocess -> model -> postprocess
@@ -21,6 +21,11 @@
       model/warmup/*                  warm-up tensors (raw little-endian bytes)
       postprocess/config.pbtxt        Python backend: encoded ids -> raw item ids
       postprocess/1/model.py, sessrec_steps.py, sessrec_integrity.py, item_vocabulary.npy, sessrec_files.json
+      preprocess_stateful/config.pbtxt    Python backend with a sequence batcher (oldest): keeps each session
+      preprocess_stateful/1/...       model.py, sessrec_sessions.py (export/sessrec_sessions.py, verbatim) and what
+                                      preprocess/1/ holds (the same compiled workflow)
+      session_ranker_stateful/config.pbtxt, 1/sessrec_run.json   platform "ensemble": preprocess_stateful -> model
+                                      -> postprocess (the same models as session_ranker's); one session per request
       sessrec_export.json             the exporter's bookkeeping (models, options, versions); no step reads it
 
 Each model folder stands alone: its model.py imports only the standard library,
