@@ -459,7 +459,7 @@ def test_serve_restarts_a_killed_stub(schema, tmp_path):
         stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, cwd=PROJECT_ROOT,
     )  # fmt: skip
     serve = ServeProcess.__new__(ServeProcess)
-    serve.proc, serve.log, serve.grpc_url = proc, log, None
+    serve.proc, serve.log, serve.grpc_url, serve.metrics_url = proc, log, None, None
     try:
         url = serve.wait_ready()
         cols = {n: np.arange(3).astype(dt) for n, dt in schema["raw_inputs"].items()}
