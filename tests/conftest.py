@@ -9,6 +9,7 @@
   when absent); a few seconds to build.
 - `diginetica_run`: a 1-epoch `real`-recipe RUN on it (windows 2..3).
 
+- `exported_repo`: `artifacts` exported with the default options, once (read-only).
 - `artifacts`: (DATA, RUN) of a 30,000-row synthetic log and a 1-epoch run, made once
   per pytest process (tests/triton_util.trained_artifacts); `schema` and
   `interactions` are its schema.json and interactions.parquet. Used by the serving,
@@ -94,6 +95,16 @@ def artifacts(tmp_path_factory) -> tuple[Path, Path]:
     from tests.triton_util import trained_artifacts
 
     return trained_artifacts(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def exported_repo(artifacts, tmp_path_factory) -> Path:
+    """`artifacts` exported with the default options (top-k 20), once per pytest process: read it, or
+    copy a folder before changing it (test_security, test_artifact_records)."""
+    from export.repository import ExportConfig, export_repository
+
+    data, run = artifacts
+    return export_repository(ExportConfig(run=run, data=data, out=tmp_path_factory.mktemp("exported") / "model_repository"))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from export.repository import ExportConfig, export_repository
 from export.staging import MODELS
 from training.integrity import FOLDER_RECORD, MODEL_FILES, IntegrityError, verify_folder
 from training.names import ENSEMBLE_NAME, POSTPROCESS_MODEL, PREPROCESS_MODEL, TORCH_MODEL
@@ -27,9 +26,8 @@ STEPS = [m for m in MODELS if m != ENSEMBLE_NAME and not m.startswith(ENSEMBLE_N
 
 
 @pytest.fixture(scope="module")
-def repo(artifacts, tmp_path_factory) -> Path:
-    data, run = artifacts
-    return export_repository(ExportConfig(run=run, data=data, out=tmp_path_factory.mktemp("records") / "repo"))
+def repo(exported_repo) -> Path:
+    return exported_repo  # read-only: the tamper tests copy folders first
 
 
 def _copy(repo: Path, step: str, tmp_path: Path) -> Path:
