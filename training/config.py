@@ -130,6 +130,13 @@ class TrainConfig:
         default="window",
         metadata=help_meta("window: window t only; cumulative: every window <= t", choices=TRAIN_ON),
     )
+    train_budget: int = field(
+        default=0,
+        metadata=help_meta(
+            "cumulative: train window t on at most this many sessions, the newest (window t's always "
+            "whole, then earlier windows newest first; the counts keep every window; 0 = every window <= t)"
+        ),
+    )
     holdout: float = field(
         default=0.0,
         metadata=help_meta("fraction of window t's training sessions held back for early stopping"),
@@ -173,6 +180,8 @@ class TrainConfig:
             raise ValueError(f"eval_split must be one of {EVAL_SPLITS}, got {self.eval_split!r}")
         if self.train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
+        if self.train_budget < 0:
+            raise ValueError(f"train_budget must be >= 0 (0 = no cap), got {self.train_budget}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.patience < 0:

@@ -22,6 +22,7 @@ _RECIPES: dict[str, dict[str, Any]] = {
         "lr": (5e-4, _REFERENCE_REASON),
         "cycles_per_epoch": (1.5, _REFERENCE_REASON + ": cosine restarts, 1.5 cycles per epoch"),
         "train_on": ("window", _REFERENCE_REASON + ": window t only"),
+        "train_budget": (0, "window t only: nothing to cap"),
         "holdout": (0.0, "no early stopping, so nothing held back"),
         "patience": (0, "no early stopping: every window runs all its epochs"),
         "label_smoothing": (0.0, _REFERENCE_REASON),
@@ -42,6 +43,12 @@ _RECIPES: dict[str, dict[str, Any]] = {
             "every window <= t: a real log's windows are small (~1.5k sessions a day here) and the item "
             "vocabulary is large, so forgetting earlier windows throws away most item evidence (the "
             "baselines count over windows <= t as well)",
+        ),
+        "train_budget": (
+            20_000,
+            "a window trains on at most the newest 20k sessions (the model carries what it learnt from "
+            "older ones, the counts keep them all): bounds a window's cost on large logs such as "
+            "NowPlaying1M as a whole (50k training sessions); DIGINETICA's 7 days (10k) never reach it",
         ),
         "holdout": (
             0.1,

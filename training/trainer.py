@@ -135,6 +135,22 @@ def _batch(st: SessionTensors, idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
     return {k: v[idx, :width] for k, v in st.feats.items()}, lengths
 
 
+def newest(parts: list[SessionTensors], budget: int) -> list[SessionTensors]:
+    """The newest sessions of `parts` (oldest window first, the last one whole), at most `budget`
+    in all unless the last part alone holds more (0 = all): earlier windows are taken newest
+    first, and of the oldest one taken only its last rows (a split's rows are in session-id order,
+    which follows time in the logs seen here)."""
+    if budget <= 0 or not parts:
+        return parts
+    out, left = [parts[-1]], budget - len(parts[-1])
+    for p in reversed(parts[:-1]):
+        if left <= 0:
+            break
+        out.insert(0, p if len(p) <= left else p.select(torch.arange(len(p) - left, len(p))))
+        left -= len(p)
+    return out
+
+
 def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
     """Sessions of several splits in one SessionTensors (padded to the widest)."""
     parts = [p for p in parts if len(p)]
@@ -440,7 +456,8 @@ class Trainer:
             # held-back ones are counted too (below)
             set_memory(model, [*earlier.values(), fit_st])
         if cfg.train_on == "cumulative" and len(fit_st):
-            fit_st = concat_sessions([*(earlier[w] for w in before if w >= cfg.start_window), fit_st])
+            parts = [*(earlier[w] for w in before if w >= cfg.start_window), fit_st]
+            fit_st = concat_sessions(newest(parts, cfg.train_budget))
         row.update(fit_sessions=len(fit_st), holdout_sessions=len(held_st))
         set_sample_counts(model, fit_st)
 
