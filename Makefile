@@ -2,8 +2,9 @@
 # first, so each is one command on a fresh machine.
 SHELL := /bin/bash
 PY := .venv/bin/python
-DATA ?= data/synthetic
-RUN ?= runs/synthetic
+# make demo: the topic-structured synthetic log (training/data/topics.py), prepared and trained here
+DATA ?= data/topics
+RUN ?= runs/topics
 REPO ?= model_repository
 SEED ?= 0
 # A Python with transformers4rec 23.12 (see ../shared/bench/t4rec_reference.py) to time the reference side by side
@@ -14,7 +15,7 @@ REFERENCE_PYTHON ?=
 # on 2 CPU cores) and --keep-windows; prepared/trained once under $(REPLAY_WORK).
 REPLAY_WORK ?= replay_work
 
-.PHONY: replay setup demo test test-fast lint bench-data bench-train bench-choice bench-serving bench-quality bench-quality-nowplaying bench-scale soak clean
+.PHONY: replay setup demo test test-fast lint bench-data bench-train bench-choice bench-serving bench-stateful bench-quality bench-quality-nowplaying bench-scale soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -44,6 +45,10 @@ bench-choice: setup
 
 bench-serving: setup
 	$(PY) -m bench.serving --out bench_results/serving
+
+# Stateful vs stateless under load (1,000 live sessions, 8 threads) and memory per live session (100,000)
+bench-stateful: setup
+	$(PY) -m bench.stateful --out bench_results/stateful.json
 
 bench-quality: setup
 	$(PY) -m bench.quality --out bench_results/quality.json

@@ -37,7 +37,6 @@ import re
 import statistics
 import subprocess
 import sys
-import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,14 +63,11 @@ class BenchConfig:
 
 # --- inputs ---------------------------------------------------------------------------
 def perf_analyzer_binary() -> tuple[Path, dict[str, str]]:
-    """The bundled perf_analyzer and the environment it needs (libcudart from the pip package)."""
-    binary = Path(sys.executable).parent / "perf_analyzer"
-    if not binary.is_file():
-        raise FileNotFoundError(f"{binary} missing: install tritonclient[all]==2.51.0 (it bundles perf_analyzer)")
-    cudart = Path(sysconfig.get_paths()["purelib"]) / "nvidia" / "cuda_runtime" / "lib"
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(cudart), env.get("LD_LIBRARY_PATH", "")) if p)
-    return binary, env
+    """The bundled perf_analyzer and the environment it needs (clients/perf_analyzer.py)."""
+    from clients.perf_analyzer import perf_analyzer_binary as binary
+    from clients.perf_analyzer import perf_analyzer_env
+
+    return binary(), perf_analyzer_env()
 
 
 def write_input_json(requests: list[dict[str, np.ndarray]], path: Path) -> Path:

@@ -64,7 +64,7 @@ import numpy as np
 from training.data.grouping import group_by_first_appearance
 from training.names import ENSEMBLE_NAME, OUT_ITEM_IDS, OUT_SCORES, OUT_SESSION_ID, SESSION_COL
 
-__all__ = ["BACKOFF_CAP_S", "UNAVAILABLE", "RankError", "Rankings", "plan_requests", "rank_sessions"]
+__all__ = ["BACKOFF_CAP_S", "UNAVAILABLE", "RankError", "Rankings", "plan_requests", "infer_inputs", "rank_sessions", "same_ranking"]
 
 # InferenceServerException.status() of a gRPC UNAVAILABLE answer: tritonclient.grpc
 # (2.51, grpc/_utils.py get_error_grpc) stores str(rpc_error.code()), i.e. "StatusCode.UNAVAILABLE".
@@ -98,6 +98,37 @@ class Rankings:
                 "item_ids": self.item_ids[i].tolist(),
                 "scores": [float(s) for s in self.scores[i]],
             }
+
+
+def infer_inputs(columns: Mapping[str, np.ndarray]) -> list:
+    """tritonclient.grpc InferInputs of 1-D columns (one value per row), named and typed by them."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    out = []
+    for name, values in columns.items():
+        values = np.ascontiguousarray(values)
+        inp = grpcclient.InferInput(name, [len(values)], np_to_triton_dtype(values.dtype))
+        inp.set_data_from_numpy(values)
+        out.append(inp)
+    return out
+
+
+def same_ranking(ids_a, scores_a, ids_b, scores_b, atol: float = 1e-5) -> bool:
+    """Two top-k answers for the same session are the same ranking: scores within `atol` position by
+    position, and wherever the item ids differ, the items are swapped among near-tied scores (within
+    `atol`). A session's scores move in the last bits with the other sessions the model step batched
+    it with (another GEMM shape), which can swap two items whose scores tie to ~1e-7."""
+    ids_a, ids_b = np.asarray(ids_a), np.asarray(ids_b)
+    scores_a, scores_b = np.asarray(scores_a), np.asarray(scores_b)
+    if ids_a.shape != ids_b.shape or not np.allclose(scores_a, scores_b, atol=atol, rtol=0):
+        return False
+    for i in np.flatnonzero(ids_a != ids_b):
+        moved = (ids_b == ids_a[i]) & (np.abs(scores_b - scores_a[i]) <= atol)  # swapped within a tie
+        at_cutoff = abs(scores_a[i] - scores_a[-1]) <= atol  # tied with the last item: may fall out of the top-k
+        if not moved.any() and not at_cutoff:
+            return False
+    return True
 
 
 def _columns(interactions, names: list[str]) -> dict[str, np.ndarray]:

@@ -22,10 +22,14 @@ For every trained window t (RUN/metrics.json rows, in order):
 
 A background thread keeps sending requests (a fixed set of sessions) during the whole
 replay, swaps included, and counts every failed request (no retries anywhere: a failure is
-a failure). REPLAY.json:
+a failure). A second one clicks through the same sessions on the stateful ensemble
+(clients.SessionRanker, issue 18) and compares every answer with the stateless answer of the
+same prefix from the same version: a switch mid-session must cost no failed click and no wrong
+ranking (the ranker resends the session to the new version). REPLAY.json:
 {"windows": [{"train_window", "eval_window", "version", "items_known", "sessions", "ndcg@20",
 "recall@20", "mrr@20", "offline": {...}, "max_abs_diff", "items_seen", "failed_requests", "swap_seconds"}],
-"skipped_windows": [t: trained nothing or knows < k items], "swaps": n, "background_requests": n, "background_failed_requests": n}.
+"skipped_windows": [t: trained nothing or knows < k items], "swaps": n, "background_requests": n, "background_failed_requests": n,
+"stateful_background": {"clicks", "failed", "wrong", "compared", "requests", "resent_not_held", ...}}.
 Exit status 1 when served != offline (beyond --tolerance) or any request failed.
 """
 
@@ -111,10 +115,11 @@ def eval_requests(
     return pd.concat(parts), np.asarray(targets, dtype=np.int64)
 
 
-def infer(client, frame, raw_inputs: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def infer(client, frame, raw_inputs: dict[str, str], with_version: bool = False) -> tuple:
     """One request of raw rows to the ensemble (no readiness probe, no retry: the server's answer
     as it is; strict readiness is false while a version loads, yet the ensemble serves).
-    Returns (session ids, item ids [S, k], scores [S, k]); raises on any error."""
+    Returns (session ids, item ids [S, k], scores [S, k]) (+ the ensemble version that answered
+    with `with_version`); raises on any error."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
@@ -131,7 +136,8 @@ def infer(client, frame, raw_inputs: dict[str, str]) -> tuple[np.ndarray, np.nda
     want = frame[SESSION_COL].drop_duplicates().to_numpy()
     if not np.array_equal(sids, want):
         raise RuntimeError(f"answer holds sessions {sids[:5]}..., the request {want[:5]}...")
-    return sids, res.as_numpy(OUT_ITEM_IDS), res.as_numpy(OUT_SCORES)
+    out = (sids, res.as_numpy(OUT_ITEM_IDS), res.as_numpy(OUT_SCORES))
+    return (*out, res.get_response().model_version) if with_version else out
 
 
 class Background:
@@ -164,6 +170,57 @@ class Background:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class StatefulBackground(Background):
+    """Shoppers clicking through the stateful ensemble during the whole replay, swaps included: each
+    session of `frame` click by click through clients.SessionRanker (a fresh session id per round, END
+    on its last click), and after every click the same prefix sent whole to session_ranker. An answer
+    counts as wrong when both came from the same ensemble version and differ (other item ids, or scores
+    further than 1e-5 apart); a click that raises counts as failed. A switch makes the next click of a
+    live session go to the new version, which does not hold it: the ranker resends (stats)."""
+
+    def __init__(self, url: str, frame, raw_inputs: dict[str, str]):
+        super().__init__(url, frame, raw_inputs)
+        self.clicks = self.compared = self.wrong = 0
+        self.stats: dict[str, int] = {}
+
+    def _run(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        from clients.sessions import SessionRanker
+
+        client = grpcclient.InferenceServerClient(self.url)
+        cols = [c for c in self.raw_inputs if c != SESSION_COL]
+        groups = [g for _, g in self.frame.groupby(SESSION_COL, sort=False)]
+        with SessionRanker(self.url) as ranker:
+            rounds = 0
+            while not self._stop.is_set():
+                rounds += 1
+                for n, g in enumerate(groups):
+                    key = rounds * 1_000_000 + n + 1
+                    for j in range(len(g)):
+                        if self._stop.wait(0.005):  # a shopper's pause, short: keeps the CPU for the replay
+                            break
+                        self._click(ranker, client, key, g, j, cols)
+            self.stats = dict(ranker.stats)
+        client.close()
+
+    def _click(self, ranker, client, key: int, g, j: int, cols: list[str]) -> None:
+        self.clicks += 1
+        try:
+            got = ranker.click(key, {c: g[c].to_numpy()[j] for c in cols}, end=j == len(g) - 1)
+            whole = infer(client, g.iloc[: j + 1], self.raw_inputs, with_version=True)
+        except Exception as e:  # noqa: BLE001  every failure is counted and reported
+            self.failed += 1
+            self.errors.append(f"{type(e).__name__}: {str(e)[:300]}")
+            return
+        _, ids, scores, version = whole
+        if version == got.version:
+            self.compared += 1
+            if not (np.array_equal(ids[0], got.item_ids) and np.allclose(scores[0], got.scores, atol=1e-5, rtol=0)):
+                self.wrong += 1
+                self.errors.append(f"session {key} click {j + 1} on version {version}: stateful != stateless")
 
 
 def replay(cfg: ReplayConfig, log=print) -> dict:
@@ -217,7 +274,8 @@ def replay(cfg: ReplayConfig, log=print) -> dict:
     import tritonclient.grpc as grpcclient
 
     raw = dict(schema.raw_inputs)
-    with server, Background(server.grpc_url, first_window, raw) as bg:
+    with server, Background(server.grpc_url, first_window, raw) as bg, \
+            StatefulBackground(server.grpc_url, first_window, raw) as sbg:  # fmt: skip
         client = grpcclient.InferenceServerClient(server.grpc_url)
         for r in rows:
             t = r["train_window"]
@@ -274,6 +332,10 @@ def replay(cfg: ReplayConfig, log=print) -> dict:
         "background_requests": bg.sent,
         "background_failed_requests": bg.failed,
         "background_errors": bg.errors[:5],
+        "stateful_background": {
+            "clicks": sbg.clicks, "failed": sbg.failed, "wrong": sbg.wrong, "compared": sbg.compared,
+            **{k: v for k, v in sbg.stats.items()}, "errors": sbg.errors[:5],
+        },  # fmt: skip
     }
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -296,6 +358,12 @@ def print_table(result: dict) -> None:
         f"swaps {result['swaps']}, background requests {result['background_requests']}, "
         f"failed {result['background_failed_requests']}"
     )
+    st = result.get("stateful_background", {})
+    print(
+        f"stateful background: {st.get('clicks')} clicks, failed {st.get('failed')}, wrong {st.get('wrong')} "
+        f"of {st.get('compared')} compared with the stateless answer of the same version, "
+        f"resent {st.get('resent_not_held', 0)} (not held) / {st.get('resent_mismatch', 0)} (mismatch)"
+    )
 
 
 def check(result: dict, tolerance: float) -> list[str]:
@@ -314,6 +382,12 @@ def check(result: dict, tolerance: float) -> list[str]:
         if w["items_known"] < prev:
             bad.append(f"window {w['train_window']}: items_known shrank ({prev} -> {w['items_known']})")
         prev = w["items_known"]
+    stateful = result.get("stateful_background", {})
+    if stateful.get("failed") or stateful.get("wrong") or not stateful.get("compared"):
+        bad.append(
+            f"stateful background: {stateful.get('failed')} failed, {stateful.get('wrong')} wrong of "
+            f"{stateful.get('compared')} compared clicks: {stateful.get('errors')}"
+        )
     if result["background_failed_requests"]:
         bad.append(
             f"{result['background_failed_requests']} background requests failed: {result['background_errors']}"

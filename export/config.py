@@ -2,9 +2,10 @@
 
 The fields own their defaults and help; `python -m export`'s flags are derived
 from them (training/cli.py: defaults < --config file < explicit flags). The
-export options recorded in the repository (`session_ranker/<v>/sessrec_run.json`,
-`sessrec_export.json`) are `ExportConfig.options()`: every field but the paths
-and the window, which change from version to version.
+export options recorded in the repository (`sessrec_export.json`,
+`session_ranker_stateful/<v>/sessrec_run.json`) are `ExportConfig.options()`: every field but the
+paths and the window, which change from version to version; `session_ranker/<v>/sessrec_run.json`
+holds them without the stateful ensemble's own (`STATEFUL_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class ExportError(RuntimeError):
 
 # Fields that are not export options: where things are read and written, and which window is served.
 NOT_OPTIONS = ("run", "data", "out", "window")
+# Options of the stateful ensemble alone (session_ranker_stateful): not in session_ranker's run record.
+STATEFUL_OPTIONS = ("session_idle_timeout_s", "max_live_sessions", "session_instances")
 
 
 @dataclass
@@ -69,6 +72,26 @@ class ExportConfig:
             "microseconds a request may wait in a step's queue before it is answered UNAVAILABLE (0: no limit)"
         ),
     )
+    # The stateful ensemble session_ranker_stateful (issue 18): the server holds each live session's last
+    # clicks (export/sessrec_sessions.py). Serenade treats sessions idle for 20 minutes as empty and keeps
+    # them 30 minutes; Triton's own default idle time (1 s) is far too short for shoppers.
+    session_idle_timeout_s: int = field(
+        default=1800,
+        metadata=help_meta(
+            "stateful ensemble: seconds a session may stay idle before the server forgets it (Triton's "
+            "max_sequence_idle_microseconds and the step's own eviction; Triton sends no END on timeout)"
+        ),
+    )
+    max_live_sessions: int = field(
+        default=100_000,
+        metadata=help_meta(
+            "stateful ensemble: sessions each instance of preprocess_stateful holds (beyond it the least "
+            "recently used is forgotten; Triton tracks twice as many sequences: max_candidate_sequences)"
+        ),
+    )
+    session_instances: int = field(
+        default=1, metadata=help_meta("stateful ensemble: preprocess_stateful instance count")
+    )
     # Serve the state after window t (issue 12): the model of RUN/windows/<t>/ (train with
     # --keep-windows; or RUN itself when its last window is t) and only the vocabulary known
     # after t (training.data.serving_transform.known_prefix). None: RUN and the whole vocabulary.
@@ -91,6 +114,9 @@ class ExportConfig:
             "max_request_rows",
             "model_instances",
             "preprocess_instances",
+            "session_idle_timeout_s",
+            "max_live_sessions",
+            "session_instances",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -103,6 +129,12 @@ class ExportConfig:
         """The export options, in field order (what a repository records and a new version reuses)."""
         return [f.name for f in fields(ExportConfig) if f.name not in NOT_OPTIONS]
 
-    def options(self) -> dict[str, Any]:
-        """{option: value} of this export (fields of ExportConfig only, also for a subclass)."""
-        return {name: getattr(self, name) for name in self.option_names()}
+    def options(self, stateful: bool = True) -> dict[str, Any]:
+        """{option: value} of this export (fields of ExportConfig only, also for a subclass). With
+        stateful=False, without the stateful ensemble's own options: what `session_ranker`'s run record
+        holds (the same as before the stateful ensemble existed)."""
+        return {
+            name: getattr(self, name)
+            for name in self.option_names()
+            if stateful or name not in STATEFUL_OPTIONS
+        }

@@ -151,16 +151,49 @@ def baked_devices(traced: torch.jit.ScriptModule) -> set[str]:
     return found
 
 
+DEBUG_RECORD_SUFFIX = ".debug_pkl"  # TorchScript source ranges: the exporting machine's file paths and lines
+
+
+def without_debug_records(path: Path) -> Path:
+    """Rewrite the TorchScript archive `path` without its `code/**.py.debug_pkl` records.
+
+    Those records hold the source ranges of the traced graph: the absolute paths (and line
+    numbers) of the export machine's checkout and site-packages, which have no place in a
+    served artifact and made model.pt depend on where and from which line the export ran.
+    libtorch reads them only for error messages and loads an archive without them
+    (`torch.jit.load` checks for each record before reading it). The other records are
+    copied unchanged, in order, through torch's own archive writer (PyTorchFileWriter: the
+    archive's top folder is the file's stem, records aligned as torch writes them); it adds
+    a new random `.data/serialization_id`, which `save_traced` then pins."""
+    path = Path(path)
+    with zipfile.ZipFile(path) as z:
+        records = [(i.filename.split("/", 1)[1], z.read(i)) for i in z.infolist()]
+    writer = torch._C.PyTorchFileWriter(str(path))
+    for name, data in records:
+        if name.endswith(DEBUG_RECORD_SUFFIX) or name == ".data/serialization_id":
+            continue
+        writer.write_record(name, data, len(data))
+    writer.write_end_of_file()
+    del writer
+    with zipfile.ZipFile(path) as z:
+        names = [i.filename for i in z.infolist()]
+    if len(names) != len(set(names)) or any(n.endswith(DEBUG_RECORD_SUFFIX) for n in names):
+        raise RuntimeError(f"{path}: rewriting the archive without debug records failed ({names[:5]}...)")
+    return path
+
+
 def save_traced(traced: torch.jit.ScriptModule, path: Path) -> Path:
     """torch.jit.save, then make the archive a function of the model only.
 
-    TorchScript archives carry `<name>/.data/serialization_id`, 40 random
-    digits per save. It is replaced in place (same length, stored uncompressed)
+    The debug records (source ranges naming the export machine's files) are dropped
+    (`without_debug_records`). TorchScript archives carry `<name>/.data/serialization_id`,
+    40 random digits per save. It is replaced in place (same length, stored uncompressed)
     by digits derived from the other records' CRCs, and its CRC-32 is fixed in
     the local header, data descriptor and central directory. The archive's top
     folder is the file's stem, so save under the same file name (model.pt)."""
     path = Path(path)
     torch.jit.save(traced, str(path))
+    without_debug_records(path)
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as z:
         infos = z.infolist()

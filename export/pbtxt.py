@@ -33,10 +33,13 @@ from training.names import (
     OUT_ENCODED_IDS,
     OUT_ITEM_IDS,
     OUT_SCORES,
+    OUT_SESSION_CLICKS,
     OUT_SESSION_ID,
     POSTPROCESS_MODEL,
     PREPROCESS_MODEL,
     SESSION_COL,
+    STATEFUL_ENSEMBLE_NAME,
+    STATEFUL_PREPROCESS_MODEL,
     TORCH_MODEL,
 )
 from training.schema import Schema
@@ -274,26 +277,18 @@ def ensemble_step(
     return "\n".join(lines) + " }"
 
 
-def ensemble_config(layout: Layout, cfg: ExportConfig, version: int = 1) -> str:
-    """The ensemble serving whole-repository version `version`: its own version folder only
-    (`specific`) and every step pinned to that version (never -1: with -1 a request could mix
-    preprocess N+1 with model N while the steps load one by one). `pin_ensemble` re-pins it."""
-    k = layout.k
-    inputs = [tensor(n, triton_dtype(dt), [-1]) for n, dt in layout.raw_inputs.items()]
-    outputs = [
-        tensor(OUT_SESSION_ID, "TYPE_INT64", [-1]),
-        tensor(OUT_ITEM_IDS, layout.item_dtype, [-1, k]),
-        tensor(OUT_SCORES, "TYPE_FP32", [-1, k]),
-    ]
+def _ensemble(
+    name: str, layout: Layout, cfg: ExportConfig, version: int, first: tuple[str, list[str], dict[str, str]],
+    outputs: list[str],
+) -> str:
+    """An ensemble `first step -> model -> postprocess` pinned to `version`. first = (its model, the
+    ensemble inputs it takes by their own names, its output_map besides the model's inputs)."""
     model_ins, model_outs = model_io_names(layout, cfg.torch_backend)
     tensors = [*layout.features, LENGTHS_TENSOR]
+    step, step_inputs, extra_outputs = first
+    inputs = [tensor(n, triton_dtype(layout.raw_inputs[n]), [-1]) for n in step_inputs]
     steps = [
-        ensemble_step(
-            PREPROCESS_MODEL,
-            {n: n for n in layout.raw_inputs},
-            {n: n for n in [OUT_SESSION_ID, *tensors]},
-            version,
-        ),
+        ensemble_step(step, {n: n for n in step_inputs}, {**extra_outputs, **{n: n for n in tensors}}, version),
         ensemble_step(
             TORCH_MODEL,
             dict(zip(model_ins, tensors)),
@@ -305,9 +300,7 @@ def ensemble_config(layout: Layout, cfg: ExportConfig, version: int = 1) -> str:
         ),
     ]
     return (
-        header("ensemble")
-        + f'name: {quote(ENSEMBLE_NAME)}\nplatform: "ensemble"\n'
-        + "# 0: requests carry any number of interaction rows; the model step batches over sessions\n"
+        f'name: {quote(name)}\nplatform: "ensemble"\n'
         + "max_batch_size: 0\n"
         + f"version_policy: {{ specific: {{ versions: [ {int(version)} ] }} }}\n"
         + io_block("input", inputs)
@@ -316,6 +309,106 @@ def ensemble_config(layout: Layout, cfg: ExportConfig, version: int = 1) -> str:
         + ",\n".join(steps)
         + "\n  ]\n}\n"
     )
+
+
+def ensemble_config(layout: Layout, cfg: ExportConfig, version: int = 1) -> str:
+    """The ensemble serving whole-repository version `version`: its own version folder only
+    (`specific`) and every step pinned to that version (never -1: with -1 a request could mix
+    preprocess N+1 with model N while the steps load one by one). `pin_ensemble` re-pins it."""
+    k = layout.k
+    outputs = [
+        tensor(OUT_SESSION_ID, "TYPE_INT64", [-1]),
+        tensor(OUT_ITEM_IDS, layout.item_dtype, [-1, k]),
+        tensor(OUT_SCORES, "TYPE_FP32", [-1, k]),
+    ]
+    first = (PREPROCESS_MODEL, list(layout.raw_inputs), {OUT_SESSION_ID: OUT_SESSION_ID})
+    text = _ensemble(ENSEMBLE_NAME, layout, cfg, version, first, outputs)
+    head, rest = text.split("max_batch_size: 0\n", 1)
+    return (
+        header("ensemble")
+        + head
+        + "# 0: requests carry any number of interaction rows; the model step batches over sessions\n"
+        + "max_batch_size: 0\n"
+        + rest
+    )
+
+
+# Triton sequence slots per session the step's store holds (see stateful_preprocess_config).
+SEQUENCE_SLOTS_PER_SESSION = 2
+
+
+def stateful_inputs(layout: Layout) -> list[str]:
+    """The stateful ensemble's inputs: the raw columns of a click but the session id (the session is
+    the request's correlation id)."""
+    return [n for n in layout.raw_inputs if n != SESSION_COL]
+
+
+def stateful_preprocess_config(layout: Layout, cfg: ExportConfig) -> str:
+    """The sequence-batched first step of `session_ranker_stateful` (see
+    export/triton_models/preprocess_stateful/model.py): the oldest strategy (one request in flight per
+    session, sessions batched dynamically), a session forgotten after `session_idle_timeout_s` without
+    a request (Triton frees its slot; the step reads the same number from this block and evicts its
+    own copy). The step's store holds `max_live_sessions` sessions per instance (LRU beyond); Triton
+    tracks SEQUENCE_SLOTS_PER_SESSION times as many sequences per instance (`max_candidate_sequences`:
+    a slot stays taken until END or the idle timeout, ~0.7 KB each, allocated at load), so that at the
+    store's cap a new session replaces the least recently used one instead of waiting in Triton's
+    backlog for a free slot. No queue policy: Triton takes none next to a sequence batcher (the model
+    step's still applies)."""
+    L = layout.max_len
+    inputs = [tensor(n, triton_dtype(layout.raw_inputs[n]), [-1]) for n in stateful_inputs(layout)]
+    outputs = [tensor(f, layout.feature_dtypes[f], [-1, L]) for f in layout.features]
+    outputs += [tensor(LENGTHS_TENSOR, "TYPE_INT64", [-1, 1]), tensor(OUT_SESSION_CLICKS, "TYPE_INT64", [1])]
+    return (
+        header("stateful preprocess step")
+        + f'name: {quote(STATEFUL_PREPROCESS_MODEL)}\nbackend: "python"\nmax_batch_size: 0\n'
+        + STEP_VERSION_POLICY
+        + io_block("input", inputs)
+        + io_block("output", outputs)
+        + "sequence_batching {\n"
+        + f"  max_sequence_idle_microseconds: {int(cfg.session_idle_timeout_s) * 1_000_000}\n"
+        + f"  oldest {{ max_candidate_sequences: {SEQUENCE_SLOTS_PER_SESSION * cfg.max_live_sessions} "
+        + "max_queue_delay_microseconds: 0 }\n"
+        + "}\n"
+        + f"instance_group [ {{ count: {cfg.session_instances} kind: KIND_CPU }} ]\n"
+        + parameters(
+            {
+                "feature_names": json.dumps(layout.features),
+                "clicks_output": OUT_SESSION_CLICKS,
+                "max_request_rows": str(cfg.max_request_rows),
+                "max_live_sessions": str(cfg.max_live_sessions),
+            }
+        )
+    )
+
+
+def stateful_ensemble_config(layout: Layout, cfg: ExportConfig, version: int = 1) -> str:
+    """`session_ranker_stateful`: a request is the newest click(s) of ONE session, its correlation id
+    the session; the server holds the rest (preprocess_stateful), then the same model and postprocess
+    steps as `session_ranker`, pinned to the same version."""
+    k = layout.k
+    outputs = [
+        tensor(OUT_ITEM_IDS, layout.item_dtype, [-1, k]),
+        tensor(OUT_SCORES, "TYPE_FP32", [-1, k]),
+        tensor(OUT_SESSION_CLICKS, "TYPE_INT64", [1]),
+    ]
+    first = (STATEFUL_PREPROCESS_MODEL, stateful_inputs(layout), {OUT_SESSION_CLICKS: OUT_SESSION_CLICKS})
+    text = _ensemble(STATEFUL_ENSEMBLE_NAME, layout, cfg, version, first, outputs)
+    head, rest = text.split("max_batch_size: 0\n", 1)
+    return (
+        header("stateful ensemble")
+        + head
+        + "# every request carries a correlation id (the session) and the sequence START/END flags\n"
+        + "max_batch_size: 0\n"
+        + rest
+    )
+
+
+def ensemble_configs(layout: Layout, cfg: ExportConfig, version: int = 1) -> dict[str, str]:
+    """{ensemble: config.pbtxt text} of both ensembles, pinned to `version`."""
+    return {
+        ENSEMBLE_NAME: ensemble_config(layout, cfg, version),
+        STATEFUL_ENSEMBLE_NAME: stateful_ensemble_config(layout, cfg, version),
+    }
 
 
 _PINS = (
@@ -347,4 +440,5 @@ def step_configs(layout: Layout, cfg: ExportConfig) -> dict[str, str]:
         PREPROCESS_MODEL: preprocess_config(layout, cfg),
         TORCH_MODEL: model_config(layout, cfg),
         POSTPROCESS_MODEL: postprocess_config(layout, cfg),
+        STATEFUL_PREPROCESS_MODEL: stateful_preprocess_config(layout, cfg),
     }

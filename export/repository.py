@@ -1,4 +1,4 @@
-"""Write the native Triton ensemble `session_ranker` for a training run.
+"""Write the native Triton ensembles `session_ranker` and `session_ranker_stateful` for a training run.
 
     model_repository/
       session_ranker/config.pbtxt     platform "ensemble": preprocess -> model -> postprocess
@@ -21,6 +21,11 @@
       model/warmup/*                  warm-up tensors (raw little-endian bytes)
       postprocess/config.pbtxt        Python backend: encoded ids -> raw item ids
       postprocess/1/model.py, sessrec_steps.py, sessrec_integrity.py, item_vocabulary.npy, sessrec_files.json
+      preprocess_stateful/config.pbtxt    Python backend with a sequence batcher (oldest): keeps each session
+      preprocess_stateful/1/...       model.py, sessrec_sessions.py (export/sessrec_sessions.py, verbatim) and what
+                                      preprocess/1/ holds (the same compiled workflow)
+      session_ranker_stateful/config.pbtxt, 1/sessrec_run.json   platform "ensemble": preprocess_stateful -> model
+                                      -> postprocess (the same models as session_ranker's); one session per request
       sessrec_export.json             the exporter's bookkeeping (models, options, versions); no step reads it
 
 Each model folder stands alone: its model.py imports only the standard library,
@@ -61,8 +66,9 @@ import shutil
 from pathlib import Path
 
 from export.config import ExportConfig, ExportError
-from export.pbtxt import Layout, ensemble_config, step_configs, warmup_data
+from export.pbtxt import Layout, ensemble_configs, step_configs, warmup_data
 from export.staging import (
+    ENSEMBLES,
     MANIFEST,
     MODELS,
     read_manifest,
@@ -113,10 +119,12 @@ def export_repository(cfg: ExportConfig) -> Path:
     for name, blob in warmup_data(layout, cfg).items():
         write_file(out / TORCH_MODEL / "warmup" / name, blob)
     record = write_version(out, 1, served, layout, cfg, schema)
-    write_file(out / ENSEMBLE_NAME / "config.pbtxt", ensemble_config(layout, cfg, 1))
+    for name, text in ensemble_configs(layout, cfg, 1).items():
+        write_file(out / name / "config.pbtxt", text)
     manifest = {
         "models": list(MODELS),
         "ensemble": ENSEMBLE_NAME,
+        "ensembles": list(ENSEMBLES),
         "inputs": layout.raw_inputs,
         "options": cfg.options(),
         "workflow_sha256": schema.workflow_sha256,
@@ -152,6 +160,11 @@ def add_ensemble_version(cfg: ExportConfig) -> int:
     full.check()
     layout = Layout.from_schema(schema, full.top_k)
     for name, text in step_configs(layout, full).items():
+        if not (out / name / "config.pbtxt").is_file():
+            raise FileNotFoundError(
+                f"{out / name / 'config.pbtxt'} is missing: the repository was exported by an earlier version of "
+                "`python -m export` (before the stateful ensemble); re-export it"
+            )
         if (out / name / "config.pbtxt").read_text() != text:
             raise ValueError(
                 f"{out / name / 'config.pbtxt'} differs from what these options write: the repository was "

@@ -13,7 +13,10 @@ first, the ensemble's folder last. What goes into each folder:
     model/<v>/         model.pt (traced TopKRanker), sessrec_model.json (per-request bounds, window),
                        model.py + sessrec_integrity.py, sessrec_steps.py (Python backend only)
     postprocess/<v>/   model.py + sessrec_integrity.py, sessrec_steps.py, item_vocabulary.npy
-    session_ranker/<v>/ sessrec_run.json (version, window, items_known, options, the run's record)
+    preprocess_stateful/<v>/  model.py + sessrec_integrity.py, sessrec_steps.py, sessrec_transform.py,
+                       sessrec_sessions.py (verbatim), workflow.json + workflow_arrays/*.npy (as preprocess/<v>/)
+    session_ranker/<v>/, session_ranker_stateful/<v>/  sessrec_run.json (version, window, items_known,
+                       options, the run's record)
 
 The shipped `sessrec_*.py` are byte-identical copies of their one source in the project (`SHIPPED`).
 """
@@ -29,16 +32,19 @@ from pathlib import Path
 import numpy as np
 
 from export.config import ExportConfig
-from export.pbtxt import TRACED_FILE, Layout, model_io_names
+from export.pbtxt import TRACED_FILE, Layout, model_io_names, stateful_inputs
 from export.tracing import Served
-from training.integrity import atomic_write, write_folder_record
+from training.integrity import atomic_write, model_level_sha256, write_folder_record
 from training.names import (
     ENSEMBLE_NAME,
     OUT_ITEM_IDS,
     OUT_SCORES,
+    OUT_SESSION_CLICKS,
     OUT_SESSION_ID,
     POSTPROCESS_MODEL,
     PREPROCESS_MODEL,
+    STATEFUL_ENSEMBLE_NAME,
+    STATEFUL_PREPROCESS_MODEL,
     TORCH_MODEL,
 )
 from training.schema import Schema
@@ -55,13 +61,17 @@ SHIPPED = {
     "sessrec_integrity.py": _ROOT / "training" / "integrity.py",
     "sessrec_steps.py": _ROOT / "export" / "sessrec_steps.py",
     "sessrec_transform.py": _ROOT / "training" / "data" / "sessrec_transform.py",
+    "sessrec_sessions.py": _ROOT / "export" / "sessrec_sessions.py",
 }
 STEP_MODULES = {  # what each Python-backend step's folder carries besides model.py
     PREPROCESS_MODEL: ("sessrec_integrity.py", "sessrec_steps.py", "sessrec_transform.py"),
     TORCH_MODEL: ("sessrec_integrity.py", "sessrec_steps.py"),
     POSTPROCESS_MODEL: ("sessrec_integrity.py", "sessrec_steps.py"),
+    STATEFUL_PREPROCESS_MODEL: ("sessrec_integrity.py", "sessrec_steps.py", "sessrec_transform.py", "sessrec_sessions.py"),
 }
-MODELS = (ENSEMBLE_NAME, PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL)
+ENSEMBLES = (ENSEMBLE_NAME, STATEFUL_ENSEMBLE_NAME)
+STEPS = (PREPROCESS_MODEL, STATEFUL_PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL)  # the order a swap loads them
+MODELS = (ENSEMBLE_NAME, PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL, STATEFUL_PREPROCESS_MODEL, STATEFUL_ENSEMBLE_NAME)
 
 
 def write_file(path: Path, data: str | bytes) -> None:
@@ -80,15 +90,20 @@ def write_step_code(version_dir: Path, step: str) -> None:
 
 
 @contextmanager
-def staged(folder: Path, record: dict | None = None) -> Iterator[Path]:
+def staged(folder: Path, record: dict | None = None, step: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of version folder `folder` (not numeric: Triton ignores it); when
-    the block is done, write its sessrec_files.json (with `record`'s fields) and rename it into place."""
+    the block is done, write its sessrec_files.json (with `record`'s fields) and rename it into place.
+
+    A step's record also lists its model folder's config.pbtxt and warm-up files (written before
+    its versions, the same for all of them), which the step checks before it loads anything. An
+    ensemble's (`step=False`) does not: its config.pbtxt is re-pinned at every version switch, and
+    no code of the ensemble runs to check it (Triton validates it against the steps)."""
     tmp = folder.parent / f".{folder.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     yield tmp
-    write_folder_record(tmp, record)
+    write_folder_record(tmp, record, model_level_sha256(folder.parent) if step else None)
     tmp.rename(folder)
 
 
@@ -119,6 +134,9 @@ def write_version(
     with staged(out / POSTPROCESS_MODEL / v) as tmp:
         write_step_code(tmp, POSTPROCESS_MODEL)
         np.save(tmp / VOCAB_FILE, served.vocab, allow_pickle=False)
+    with staged(out / STATEFUL_PREPROCESS_MODEL / v) as tmp:  # the same compiled workflow, its own copy
+        write_step_code(tmp, STATEFUL_PREPROCESS_MODEL)
+        served.transform.save(tmp)
     record = {  # the ensemble's folder: the version's identity
         "ensemble": ENSEMBLE_NAME,
         "version": version,
@@ -130,12 +148,20 @@ def write_version(
             OUT_ITEM_IDS: f"[S, {cfg.top_k}]",
             OUT_SCORES: f"[S, {cfg.top_k}]",
         },
-        "options": cfg.options(),
+        "options": cfg.options(stateful=False),
         "workflow_sha256": schema.workflow_sha256,
         "run": run_record(served.run),
     }
-    with staged(out / ENSEMBLE_NAME / v) as tmp:
-        write_file(tmp / RUN_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    stateful = dict(  # the same version, served one session at a time (correlation id = session)
+        record,
+        ensemble=STATEFUL_ENSEMBLE_NAME,
+        inputs={n: layout.raw_inputs[n] for n in stateful_inputs(layout)},
+        outputs={OUT_ITEM_IDS: f"[1, {cfg.top_k}]", OUT_SCORES: f"[1, {cfg.top_k}]", OUT_SESSION_CLICKS: "[1]"},
+        options=cfg.options(),
+    )
+    for name, rec in ((ENSEMBLE_NAME, record), (STATEFUL_ENSEMBLE_NAME, stateful)):
+        with staged(out / name / v, step=False) as tmp:
+            write_file(tmp / RUN_RECORD, json.dumps(rec, indent=2, sort_keys=True) + "\n")
     return record
 
 

@@ -367,14 +367,18 @@ class TritonServer:
             time.sleep(0.2)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
+    def model_config(self, name: str) -> dict:
+        """GET /v2/models/<name>/config (the config Triton serves, as JSON)."""
+        with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{name}/config", timeout=5.0) as r:
+            return json.load(r)
+
     def ensembles(self) -> list[str]:
         """READY models whose config says platform "ensemble"."""
-        out = []
-        for name in self.ready_models():
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{name}/config", timeout=5.0) as r:
-                if json.load(r).get("platform") == "ensemble":
-                    out.append(name)
-        return out
+        return [name for name in self.ready_models() if self.model_config(name).get("platform") == "ensemble"]
+
+    def sequence_models(self) -> list[str]:
+        """READY models with a sequence batcher (the stateful step)."""
+        return [name for name in self.ready_models() if "sequence_batching" in self.model_config(name)]
 
     def model_states(self) -> dict[str, str]:
         """model -> state from the repository index (READY, UNLOADING, UNAVAILABLE, ...)."""
@@ -389,19 +393,27 @@ class TritonServer:
         inference requests" (checked: 8 of 8 in-flight requests failed). Unloading
         the ensembles first keeps their steps serving: Triton finishes the
         in-flight requests and answers new ones NOT_FOUND ("... has no available
-        versions"). Returns True when every ensemble finished within timeout_s."""
+        versions"). Then the models with a sequence batcher (preprocess_stateful) are unloaded
+        too: tritonserver counts every live sequence (a stateful session not ended yet) as an
+        in-flight inference, so its shutdown would wait --exit-timeout-secs for sessions that may
+        never end and exit 1 (checked on 2.51); an unload drops them at once (their clients resend
+        to the next server, see clients/sessions.py). Returns True when every ensemble and
+        sequence model was gone within timeout_s."""
         if self.cfg.model_control != "explicit" or self.proc is None or self.proc.poll() is not None:
             return False
-        ensembles = self.ensembles()
-        for name in ensembles:
-            self.unload_model(name)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            states = self.model_states()
-            if all(states.get(n) not in ("READY", "UNLOADING", "LOADING") for n in ensembles):
-                return True
-            time.sleep(0.05)
-        return False
+        for kind in (self.ensembles, self.sequence_models):
+            names = kind()
+            for name in names:
+                self.unload_model(name)
+            while True:
+                states = self.model_states()
+                if all(states.get(n) not in ("READY", "UNLOADING", "LOADING") for n in names):
+                    break
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+        return True
 
     def stop(self, timeout_s: float | None = None, keep_log: bool = False, drain: bool = True) -> int | None:
         """Drain (explicit model control, see `drain`), SIGINT, wait, then SIGKILL the process group.

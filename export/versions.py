@@ -10,22 +10,29 @@ The "Daily swap" of ../shared/notes/triton-deploy.md section 4, in this order:
 
 1. every version folder of M exists and holds its sessrec_files.json (staged completely
    by `export.repository.add_ensemble_version`, renamed into place);
-2. for each step (preprocess, model, postprocess): POST load, then wait until
+2. for each step (preprocess, preprocess_stateful, model, postprocess): POST load, then wait until
    `/v2/models/<step>/versions/<M>/ready`. The steps keep `latest { num_versions: 2 }`:
    the load adds M and keeps the served N (Triton does not reload an unchanged version).
    If a step's M is not READY the swap stops here and the ensemble is untouched: a failed
    ensemble check would *unload* the serving ensemble, not roll it back;
-3. session_ranker/config.pbtxt is replaced atomically (tmp + rename) by the same text
-   pinned to M (its own version folder and every step's model_version), then the
-   ensemble is loaded: Triton builds ensemble M in the background and swaps it in.
-   In-flight requests finish on N (each holds its ensemble and step handles), new ones
-   run on M; no request mixes two versions' steps. If the ensemble does not come up READY
-   on M, the previous config.pbtxt is put back and loaded again.
+3. for each ensemble (session_ranker, then session_ranker_stateful): its config.pbtxt is
+   replaced atomically (tmp + rename) by the same text pinned to M (its own version folder
+   and every step's model_version), then the ensemble is loaded: Triton builds ensemble M in
+   the background and swaps it in. In-flight requests finish on N (each holds its ensemble
+   and step handles), new ones run on M; no request mixes two versions' steps. If an
+   ensemble does not come up READY on M, its previous config.pbtxt is put back and loaded
+   again. The two ensembles switch one after the other, each atomically.
+
+A live stateful session does not move with the switch: the sessions are held by
+preprocess_stateful version N (and Triton's sequence batcher of N). Its next click goes to
+M, which does not know it: Triton answers INVALID_ARGUMENT "... must specify the START flag
+...", and the client resends the session's clicks with START (clients.sessions does that by
+itself), so the answer covers the whole session again.
 
 N stays loaded (rollback: `swap_to(..., N)` while N is still one of the two kept
 versions). Only the server's restricted model-repository API is used: pass the admin
 key headers (`TritonServer.admin_headers`, or `sessrec-admin-key: $SESSREC_ADMIN_KEY`).
-Imports only the standard library, export.pbtxt's pins and export.tritonserver's admin POST.
+Imports the standard library, export.pbtxt's pins, export.staging's model names and export.tritonserver's admin POST.
 """
 
 from __future__ import annotations
@@ -40,12 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.pbtxt import ensemble_version, pin_ensemble
+from export.staging import ENSEMBLES, STEPS
 from export.tritonserver import ADMIN_HEADER, ADMIN_KEY_ENV, ServerError, repository_post
 from training.cli import command_line, help_meta
 from training.integrity import FOLDER_RECORD, atomic_write
-from training.names import ENSEMBLE_NAME, POSTPROCESS_MODEL, PREPROCESS_MODEL, TORCH_MODEL
-
-STEPS = (PREPROCESS_MODEL, TORCH_MODEL, POSTPROCESS_MODEL)
+from training.names import ENSEMBLE_NAME
 
 
 class SwapError(RuntimeError):
@@ -80,6 +86,25 @@ def _wait_ready(http_url: str, model: str, version: int, timeout_s: float) -> bo
     return False
 
 
+def _repin(http_url: str, repo: Path, ensemble: str, version: int, admin_headers, timeout_s: float) -> None:
+    """Step 3 for one ensemble: its config.pbtxt pinned to `version` (atomic), loaded; put back on failure."""
+    config = repo / ensemble / "config.pbtxt"
+    before = config.read_text()
+    atomic_write(config, pin_ensemble(before, version).encode())
+    try:
+        _load(http_url, ensemble, admin_headers, timeout_s)
+        ok = _wait_ready(http_url, ensemble, version, 30.0)
+    except SwapError:
+        ok = False
+    if not ok:
+        atomic_write(config, before.encode())
+        _load(http_url, ensemble, admin_headers, timeout_s)
+        raise SwapError(
+            f"{ensemble} did not come up on version {version}; {config} pins version "
+            f"{ensemble_version(before)} again"
+        )
+
+
 def swap_to(
     http_url: str,
     repo: str | os.PathLike,
@@ -90,33 +115,24 @@ def swap_to(
     """Serve whole-repository `version` of `repo` (see the module docstring); returns the seconds it took."""
     t0 = time.monotonic()
     repo, version = Path(repo), int(version)
-    for name in (*STEPS, ENSEMBLE_NAME):
+    for name in (*STEPS, *ENSEMBLES):
         if not (repo / name / str(version) / FOLDER_RECORD).is_file():
             raise SwapError(
                 f"{repo / name / str(version)} is missing or unfinished (no {FOLDER_RECORD}): stage it first"
             )
-    for step in STEPS:  # 2. load M of every step next to N; the ensemble still pins N
+    for step in STEPS:  # 2. load M of every step next to N; the ensembles still pin N
         _load(http_url, step, admin_headers, timeout_s)
         if not _wait_ready(http_url, step, version, 30.0):
             raise SwapError(
-                f"step {step!r} version {version} is not READY after its load: the ensemble was left on its "
+                f"step {step!r} version {version} is not READY after its load: the ensembles were left on their "
                 "current version (see the server log)"
             )
-    config = repo / ENSEMBLE_NAME / "config.pbtxt"  # 3. re-pin the ensemble, atomically, then load it
-    before = config.read_text()
-    atomic_write(config, pin_ensemble(before, version).encode())
-    try:
-        _load(http_url, ENSEMBLE_NAME, admin_headers, timeout_s)
-        ok = _wait_ready(http_url, ENSEMBLE_NAME, version, 30.0)
-    except SwapError:
-        ok = False
-    if not ok:
-        atomic_write(config, before.encode())
-        _load(http_url, ENSEMBLE_NAME, admin_headers, timeout_s)
-        raise SwapError(
-            f"{ENSEMBLE_NAME} did not come up on version {version}; {config} pins version "
-            f"{ensemble_version(before)} again"
-        )
+    for i, ensemble in enumerate(ENSEMBLES):  # 3. re-pin each ensemble, atomically, then load it
+        try:
+            _repin(http_url, repo, ensemble, version, admin_headers, timeout_s)
+        except SwapError as e:
+            done = ", ".join(ENSEMBLES[:i])
+            raise SwapError(f"{e}{f' ({done} serves version {version} already)' if done else ''}") from e
     return time.monotonic() - t0
 
 

@@ -7,7 +7,9 @@
   (seed 0, ~580 sessions over days 1..9); about a second to build.
 - `diginetica_data`: DATA folder prepared from diginetica-views-7days.tsv (skipped
   when absent); a few seconds to build.
+- `diginetica_run`: a 1-epoch `real`-recipe RUN on it (windows 2..3).
 
+- `exported_repo`: `artifacts` exported with the default options, once (read-only).
 - `artifacts`: (DATA, RUN) of a 30,000-row synthetic log and a 1-epoch run, made once
   per pytest process (tests/triton_util.trained_artifacts); `schema` and
   `interactions` are its schema.json and interactions.parquet. Used by the serving,
@@ -71,10 +73,38 @@ def diginetica_data(tmp_path_factory, diginetica_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def diginetica_run(tmp_path_factory, diginetica_data) -> Path:
+    """RUN of the `real` recipe (clm objective, item memory) on `diginetica_data`, windows 2..3, 1 epoch
+    (window 1's training split is empty under the growing-vocabulary protocol: nothing is known after
+    it). Made once per pytest process (test_standalone, test_stateful_parity)."""
+    import subprocess
+    import sys
+
+    run = tmp_path_factory.mktemp("diginetica_run") / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.train", "--data", str(diginetica_data), "--out", str(run), "--recipe", "real",
+         "--start-window", "2", "--end-window", "3", "--epochs", "1", "--no-progress"],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run
+
+
+@pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> tuple[Path, Path]:
     from tests.triton_util import trained_artifacts
 
     return trained_artifacts(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def exported_repo(artifacts, tmp_path_factory) -> Path:
+    """`artifacts` exported with the default options (top-k 20), once per pytest process: read it, or
+    copy a folder before changing it (test_security, test_artifact_records)."""
+    from export.repository import ExportConfig, export_repository
+
+    data, run = artifacts
+    return export_repository(ExportConfig(run=run, data=data, out=tmp_path_factory.mktemp("exported") / "model_repository"))
 
 
 @pytest.fixture(scope="session")

@@ -38,11 +38,14 @@ def served_config(run: Path, data: Path, out: Path) -> ExportConfig:
     return ExportConfig(run=run, data=data, out=out, top_k=K, max_request_rows=MAX_ROWS, max_batch_sessions=MAX_SESSIONS)
 
 
-def start_server(repo: Path, attempts: int = 3, ready_timeout_s: float = 300.0) -> TritonServer:
+def start_server(repo: Path, attempts: int = 3, ready_timeout_s: float = 300.0, **settings) -> TritonServer:
+    """A started TritonServer on free loopback ports; `settings`: other ServerConfig fields (e.g.
+    model_control="explicit", which a server with live stateful sessions needs to stop with exit 0)."""
     last: ServerError | None = None
     for _ in range(attempts):
         server = TritonServer(
-            ServerConfig(repo=Path(repo), grpc_port=0, http_port=0, metrics_port=0, ready_timeout_s=ready_timeout_s)
+            ServerConfig(repo=Path(repo), grpc_port=0, http_port=0, metrics_port=0, ready_timeout_s=ready_timeout_s,
+                         **settings)  # fmt: skip
         )
         try:
             return server.start()

@@ -80,6 +80,14 @@ class TrainConfig:
             "held-back training sessions score better with them than with the gated counts alone"
         ),
     )
+    stack: int = field(
+        default=0,
+        metadata=help_meta(
+            "item memory + early stopping (no-op without): after a window's fit, train only the item memory's "
+            "combiner (count gates, head gate, position weights) for N epochs on the held-back "
+            "sessions, which neither the network nor the counts saw (stacking; 0 = off)"
+        ),
+    )
     cycles_per_epoch: float = field(
         default=1.5,
         metadata=help_meta("cosine LR cycles per epoch (num_cycles = this * epochs), 0 = constant LR"),
@@ -130,6 +138,13 @@ class TrainConfig:
         default="window",
         metadata=help_meta("window: window t only; cumulative: every window <= t", choices=TRAIN_ON),
     )
+    train_budget: int = field(
+        default=0,
+        metadata=help_meta(
+            "cumulative: train window t on at most this many sessions, the newest (window t's always "
+            "whole, then earlier windows newest first; the counts keep every window; 0 = every window <= t)"
+        ),
+    )
     holdout: float = field(
         default=0.0,
         metadata=help_meta("fraction of window t's training sessions held back for early stopping"),
@@ -173,6 +188,8 @@ class TrainConfig:
                 "head_selection needs early stopping (patience > 0, holdout > 0) and the item memory "
                 "(--memory): it chooses on the held-back sessions whether the head's own logits help"
             )
+        if self.stack < 0:
+            raise ValueError(f"stack must be >= 0 epochs (0 = off), got {self.stack}")
         if self.memory_lr < 0 or self.weight_decay < 0:
             raise ValueError(
                 f"memory_lr and weight_decay must be >= 0, got {self.memory_lr} and {self.weight_decay}"
@@ -181,6 +198,8 @@ class TrainConfig:
             raise ValueError(f"eval_split must be one of {EVAL_SPLITS}, got {self.eval_split!r}")
         if self.train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
+        if self.train_budget < 0:
+            raise ValueError(f"train_budget must be >= 0 (0 = no cap), got {self.train_budget}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.patience < 0:

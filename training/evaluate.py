@@ -56,6 +56,13 @@ def served_ranking(model: SessionModel) -> bool:
     return model.cfg.rank == "two_stage"
 
 
+def differs_from_exact(model: SessionModel) -> bool:
+    """Whether the served top-k can differ from the exact one: two stages over an index's
+    candidates. Under re-ranking the memory's candidates are the only items the exact scores
+    leave finite, so the two agree and only the cheaper (served) ranking is evaluated."""
+    return served_ranking(model) and not (model.cfg.rerank and model.item_memory is not None)
+
+
 @torch.no_grad()
 def evaluate_model(
     model: SessionModel,
@@ -216,7 +223,7 @@ def evaluate_sessions(
     st, miss = known_inputs(st, known, item, age_feature)
     row: dict[str, Any] = {"unseen_targets": float(miss.float().mean())}
     t0 = time.perf_counter()
-    if served_ranking(model) and model.cfg.n_items <= exact_max_items:
+    if differs_from_exact(model) and model.cfg.n_items <= exact_max_items:
         row.update(evaluate_both(model, st, device, batch_size, miss))
     else:
         row.update(evaluate_model(model, st, device, batch_size, miss))

@@ -4,8 +4,10 @@
     atomic_write(path, data)      # readers see the old or the new bytes, never a torn file
     file_sha256(path)             # hex digest, read in 1 MiB chunks
 
-    write_folder_record(folder)   # folder/sessrec_files.json: sha256 of every other file
-    verify_folder(folder)         # IntegrityError naming the file unless the folder matches it
+    write_folder_record(folder, model_files=model_level_sha256(folder.parent))
+                                  # folder/sessrec_files.json: sha256 of every other file of the version
+                                  # folder, and of the model folder's own files (config.pbtxt, warmup/)
+    verify_folder(folder)         # IntegrityError naming the file unless both match
 
 Imports only the standard library, Python 3.10 syntax: `python -m export` copies
 this file verbatim into every Python-backend version folder as
@@ -61,6 +63,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 # --- per-folder records (each Triton model version folder verifies on its own) -------------
 FOLDER_RECORD = "sessrec_files.json"  # <model>/<version>/sessrec_files.json, written last by `python -m export`
+MODEL_FILES = "model_files_sha256"  # its key for the model folder's config.pbtxt and warmup/ files
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -72,21 +75,74 @@ def _folder_files(folder: Path) -> list[Path]:
     )
 
 
-def write_folder_record(folder: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Record the sha256 of every file of `folder` in folder/sessrec_files.json (atomic; write it last)."""
+def model_level_files(model_dir: Path) -> list[Path]:
+    """Files of a Triton model folder outside its version folders: config.pbtxt, warmup/* (what Triton
+    reads besides <version>/). Version folders (numeric names), staged ones (hidden: `.<v>.tmp`) and
+    __pycache__ are not part of it."""
+    out = []
+    for p in Path(model_dir).rglob("*"):
+        parts = p.relative_to(model_dir).parts
+        if not p.is_file() or "__pycache__" in parts or parts[0].isdigit() or parts[0].startswith("."):
+            continue
+        out.append(p)
+    return sorted(out)
+
+
+def model_level_sha256(model_dir: str | os.PathLike) -> dict[str, str]:
+    """{path relative to the model folder: sha256} of `model_level_files`."""
+    model_dir = Path(model_dir)
+    return {p.relative_to(model_dir).as_posix(): file_sha256(p) for p in model_level_files(model_dir)}
+
+
+def write_folder_record(
+    folder: str | os.PathLike, extra: dict | None = None, model_files: dict[str, str] | None = None
+) -> Path:
+    """Record the sha256 of every file of `folder` in folder/sessrec_files.json (atomic; write it last).
+
+    `model_files` ({path relative to the model folder (folder's parent): sha256}, e.g.
+    `model_level_sha256(folder.parent)`): the model folder's config.pbtxt and warm-up files, which
+    Triton reads for this version too; verify_folder then checks them and refuses unlisted ones."""
     folder = Path(folder)
     record = dict(extra or {})
     record["files_sha256"] = {p.relative_to(folder).as_posix(): file_sha256(p) for p in _folder_files(folder)}
+    if model_files is not None:
+        record[MODEL_FILES] = dict(sorted(model_files.items()))
     path = folder / FOLDER_RECORD
     atomic_write(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     return path
+
+
+def _check_listed(base: Path, expected: dict, present: list[Path], record_path: Path, where: str) -> None:
+    """Every file listed in `expected` (relative to `base`) exists with its sha256; no file of `present`
+    is unlisted. IntegrityError naming the file otherwise."""
+    for rel, want in sorted(expected.items()):
+        file = base / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise IntegrityError(f"{record_path} lists {rel!r}, outside its folder: refusing to load")
+        if not file.is_file():
+            raise IntegrityError(f"{file} is missing (its sha256 is recorded in {FOLDER_RECORD}): re-export the repository")
+        got = file_sha256(file)
+        if got != want:
+            raise IntegrityError(
+                f"{file} has sha256 {got}, but {FOLDER_RECORD} records {want} (written by `python -m export`): "
+                "the file was modified after export; refusing to load it (re-export the repository)"
+            )
+    for file in present:
+        if file.relative_to(base).as_posix() not in expected:
+            raise IntegrityError(
+                f"{file} is not listed in {FOLDER_RECORD}{where}: refusing to load a folder holding "
+                "files that `python -m export` did not write"
+            )
 
 
 def verify_folder(folder: str | os.PathLike) -> dict:
     """Check `folder` against its sessrec_files.json before anything there is loaded; returns the record.
 
     Every listed file must exist with its recorded sha256, and no other file may be
-    there (`__pycache__` aside). Raises IntegrityError naming the file otherwise."""
+    there (`__pycache__` aside). When the record lists the model folder's own files
+    (`model_files_sha256`: config.pbtxt, warmup/*), those are checked the same way,
+    relative to the model folder (the parent of `folder`). Raises IntegrityError
+    naming the file otherwise."""
     folder = Path(folder)
     path = folder / FOLDER_RECORD
     try:
@@ -101,22 +157,11 @@ def verify_folder(folder: str | os.PathLike) -> dict:
     expected = record.get("files_sha256")
     if not isinstance(expected, dict) or not expected:
         raise IntegrityError(f"{path} records no files: re-export the repository")
-    for rel, want in sorted(expected.items()):
-        file = folder / rel
-        if ".." in Path(rel).parts or Path(rel).is_absolute():
-            raise IntegrityError(f"{path} lists {rel!r}, outside its folder: refusing to load")
-        if not file.is_file():
-            raise IntegrityError(f"{file} is missing (its sha256 is recorded in {FOLDER_RECORD}): re-export the repository")
-        got = file_sha256(file)
-        if got != want:
-            raise IntegrityError(
-                f"{file} has sha256 {got}, but {FOLDER_RECORD} records {want} (written by `python -m export`): "
-                "the file was modified after export; refusing to load it (re-export the repository)"
-            )
-    for file in _folder_files(folder):
-        if file.relative_to(folder).as_posix() not in expected:
-            raise IntegrityError(
-                f"{file} is not listed in {FOLDER_RECORD}: refusing to load a folder holding "
-                "files that `python -m export` did not write"
-            )
+    _check_listed(folder, expected, _folder_files(folder), path, "")
+    model_files = record.get(MODEL_FILES)
+    if model_files is not None:
+        if not isinstance(model_files, dict):
+            raise IntegrityError(f"{path}: {MODEL_FILES} is not a mapping: re-export the repository")
+        model_dir = folder.parent
+        _check_listed(model_dir, model_files, model_level_files(model_dir), path, f" ({MODEL_FILES})")
     return record

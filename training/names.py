@@ -60,9 +60,17 @@ ENSEMBLE_NAME = "session_ranker"
 PREPROCESS_MODEL = "preprocess"
 TORCH_MODEL = "model"
 POSTPROCESS_MODEL = "postprocess"
+# The stateful path (issue 18): the server holds each session, a request carries its newest click(s)
+STATEFUL_ENSEMBLE_NAME = "session_ranker_stateful"  # requests carry a correlation id (the session) + START/END
+STATEFUL_PREPROCESS_MODEL = "preprocess_stateful"  # the sequence-batched first step: keeps the sessions
 
 LENGTHS_TENSOR = "lengths"  # [S] number of real items per padded session
 OUT_SESSION_ID = "session_ids"  # [S]; not "session_id": an ensemble output named like an ensemble input makes tritonserver 2.51 loop the step forever
 OUT_ITEM_IDS = "item_ids"  # [S, k] raw item ids
 OUT_SCORES = "scores"  # [S, k]
 OUT_ENCODED_IDS = "encoded_item_ids"  # [S, k] intermediate: encoded ids from the model step
+OUT_SESSION_CLICKS = "session_clicks"  # [1] stateful ensemble: clicks the server received since the session's START
+# In the message of the status a stateful request gets when the server does not hold its session
+# (INVALID_ARGUMENT; Triton's own: "... must specify the START flag on the first request of the
+# sequence"; the step's: "... resend its clicks with the START flag ..."): resend with START.
+RESEND_WITH_START = "START flag"

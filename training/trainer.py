@@ -24,7 +24,7 @@ on (`set_sample_counts`; the item memory's `pop` table when it is on).
     restore()        --resume: weights, optimizer and rows of the last finished window
     run_window(t)    grow the tables to window t's vocabulary, load window t, fill the item memory,
                      fit, evaluate on t+1 -> metrics row
-    fit(t, st, held) the epoch loop (early stopping on `held`, head selection)
+    fit(t, st, held) the epoch loop (early stopping on `held`, head selection, stacking: stacking.py)
     evaluate(t, row) model, baselines and the count blend on window t+1's --eval-split (valid),
                      with only what was known after window t (training/evaluate.py)
     save(t, row)     checkpoint + metrics.json after window t (metrics.png once, at the end of `run`)
@@ -59,7 +59,7 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig, check_model
 from training.data.splits import SessionTensors, available_windows, load_schema, load_split, split_path
-from training.evaluate import evaluate_sessions, score_held, served_ranking, split_holdout
+from training.evaluate import differs_from_exact, evaluate_sessions, score_held, split_holdout
 from training.history import WindowHistory, set_memory, set_sample_counts  # noqa: F401 (set_memory: tests)
 from training.integrity import atomic_write
 from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
@@ -68,6 +68,7 @@ from training.names import AGE_COL, FIRST_REAL_ID, list_col
 from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise, window_line
 from training.runtime import Dist, amp_dtype, barrier, check_replicas_in_sync, resolve_device, set_threads
 from training.schema import Schema
+from training.stacking import stack_memory
 
 # -----------------------------------------------------------------------------
 # Training pieces
@@ -122,19 +123,20 @@ def pad_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> N
                 state[k] = torch.cat([v, v.new_zeros((p.shape[0] - v.shape[0], *v.shape[1:]))])
 
 
-def _to_device(p: PackedSessions, device: torch.device) -> PackedSessions:
-    return PackedSessions(
-        {k: v.to(device, non_blocking=True) for k, v in p.feats.items()},
-        p.segment.to(device, non_blocking=True),
-        None if p.masked is None else p.masked.to(device, non_blocking=True),
-    )
-
-
-def _batch(st: SessionTensors, idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-    """Rows `idx`, trimmed to their longest session (padding never changes the result)."""
-    lengths = st.lengths[idx]
-    width = int(lengths.max())
-    return {k: v[idx, :width] for k, v in st.feats.items()}, lengths
+def newest(parts: list[SessionTensors], budget: int) -> list[SessionTensors]:
+    """The newest sessions of `parts` (oldest window first, the last one whole), at most `budget`
+    in all unless the last part alone holds more (0 = all): earlier windows are taken newest
+    first, and of the oldest one taken only its last rows (a split's rows are in session-id order,
+    which follows time in the logs seen here)."""
+    if budget <= 0 or not parts:
+        return parts
+    out, left = [parts[-1]], budget - len(parts[-1])
+    for p in reversed(parts[:-1]):
+        if left <= 0:
+            break
+        out.insert(0, p if len(p) <= left else p.select(torch.arange(len(p) - left, len(p))))
+        left -= len(p)
+    return out
 
 
 def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
@@ -418,7 +420,7 @@ class Trainer:
             history.fill_memory(model, t, before, known, fit_st)
         if cfg.train_on == "cumulative" and len(fit_st):
             earlier = history.sessions([w for w in before if w >= cfg.start_window], known)
-            fit_st = concat_sessions([*earlier.values(), fit_st])
+            fit_st = concat_sessions(newest([*earlier.values(), fit_st], cfg.train_budget))
         row.update(fit_sessions=len(fit_st), holdout_sessions=len(held_st))
         set_sample_counts(model, fit_st)
 
@@ -495,7 +497,7 @@ class Trainer:
         # a model served in two stages scores the held-back sessions as served; where both can run,
         # also exactly, to record which epoch exact ranking would have kept
         held_exact: list[float] | None = (
-            [] if early and served_ranking(model) and model.cfg.n_items <= cfg.exact_eval_max_items else None
+            [] if early and differs_from_exact(model) and model.cfg.n_items <= cfg.exact_eval_max_items else None
         )
         epochs_run = steps_run = sessions_run = 0
         t0 = time.perf_counter()
@@ -508,14 +510,14 @@ class Trainer:
                 if cfg.max_steps > 0 and steps_run >= cfg.max_steps:
                     break
                 idx = perm[bounds[b] : bounds[b + 1]][d.rank :: d.world]
-                feats, lengths = _batch(st, idx)  # CPU, (b, max length in the batch)
+                feats, lengths = st.batch(idx)  # CPU, (b, max length in the batch)
                 masked = None
                 if mlm:  # drawn on the CPU generator: the same on any device, exact on resume
                     masked = mask_positions(feats[item], lengths, model.cfg.mask_prob, mask_gen).masked
                 # several sessions per row, no compute on padding
                 packed = pack_sessions(feats, lengths, masked)
                 if device.type != "cpu":
-                    packed = _to_device(packed, device)
+                    packed = packed.to(device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss = self.step_module(packed, neg_gen)
                 self._step(loss, optimizers, schedulers, params)
@@ -549,6 +551,10 @@ class Trainer:
             if select_head:
                 assert model.item_memory is not None
                 model.item_memory.head_scale.fill_(best_scale)
+        stacked = {}
+        if early and cfg.stack > 0 and model.item_memory is not None:  # the combiner on held-back sessions
+            assert held is not None
+            stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
@@ -572,7 +578,7 @@ class Trainer:
             out.update(best_epoch_exact=best_exact + 1, holdout_ndcg20_exact_per_epoch=held_exact)
         if select_head:
             out.update(head_scale=best_scale, holdout_ndcg20_without_head_per_epoch=held_no_head)
-        return out
+        return {**out, **stacked}
 
     # --- optimizer step (dense AdamW + the item table's SparseAdam under the sampled loss) ------------
 

@@ -493,8 +493,8 @@ def test_demo_and_replay_flags_keep_their_meaning():
     def demo(*argv):
         return demo_args(list(argv))
 
-    assert demo() == DemoConfig(Path("data/synthetic"), Path("runs/synthetic"), Path("model_repository"), 0,
-                                "--synthetic", "", 5, 10)  # fmt: skip
+    assert demo() == DemoConfig(Path("data/topics"), Path("runs/topics"), Path("model_repository"), 0,
+                                "", "--epochs 4", 5, 10)  # fmt: skip
     got = demo("--data", "d", "--run", "r", "--repo", "m", "--seed", "3", "--prepare-args=--input x.csv",
                "--train-args", "--epochs 1", "--sessions", "2", "--top-k", "4")  # fmt: skip
     assert got == DemoConfig(Path("d"), Path("r"), Path("m"), 3, "--input x.csv", "--epochs 1", 2, 4)

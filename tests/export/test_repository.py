@@ -22,7 +22,7 @@ from export.floor import FLOOR_ENSEMBLE, write_floor_repository
 from export.inference import (
     feature_order,
 )
-from export.pbtxt import Layout, ensemble_config, ensemble_version, pin_ensemble, step_configs
+from export.pbtxt import Layout, ensemble_configs, ensemble_version, pin_ensemble, step_configs
 from export.repository import ExportConfig, add_ensemble_version, export_repository
 from export.staging import MANIFEST, RUN_RECORD, SHIPPED, STEP_MODULES
 from tests.triton_util import PROJECT_ROOT, parse_config, served_config
@@ -274,7 +274,7 @@ def golden_texts(schema: Schema) -> dict[str, str]:
     """{model: config.pbtxt} of the serving tests' export (tests/triton_util.served_config), version 1."""
     cfg = served_config(Path("RUN"), Path("DATA"), Path("REPO"))
     layout = Layout.from_schema(schema, cfg.top_k)
-    return {ENSEMBLE_NAME: ensemble_config(layout, cfg, 1), **step_configs(layout, cfg)}
+    return {**ensemble_configs(layout, cfg, 1), **step_configs(layout, cfg)}
 
 
 def test_configs_equal_the_golden_files(tiny_synthetic_data):

@@ -37,6 +37,7 @@ from clients.load import LoadConfig, build_requests, soak_server
 from export.floor import FLOOR_ENSEMBLE, FLOOR_STEPS, write_floor_repository
 from export.repository import ExportConfig, add_ensemble_version, export_repository
 from export.tritonserver import ServerConfig, ServerError, StubWatchdog, TritonServer
+from tests.gate_util import GATED, add_gated_ensemble, open_gate, wait_arrived
 from tests.triton_util import PROJECT_ROOT
 from training.names import (
     ENSEMBLE_NAME,
@@ -57,12 +58,14 @@ A_EXIT_TIMEOUT_S = 5  # A ends with an instance tritonserver cannot unload: it w
 # --- fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def repos(artifacts, tmp_path_factory):
-    """(repository for A, a copy for B), default export options."""
+    """(repository for A, a copy for B with a gated copy of the ensemble: tests/gate_util.py), default
+    export options."""
     data, run = artifacts
     root = tmp_path_factory.mktemp("reliability")
     a = export_repository(ExportConfig(run=run, data=data, out=root / "repo_a"))
     b = root / "repo_b"
     shutil.copytree(a, b)
+    add_gated_ensemble(b, root / "gate")
     return a, b
 
 
@@ -78,18 +81,22 @@ class ServeProcess:
             stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, cwd=PROJECT_ROOT, env=env,
         )  # fmt: skip
         self.grpc_url = None
+        self.metrics_url = None
 
     def wait_ready(self, timeout_s: float = 300) -> str:
+        """The gRPC endpoint, once serve printed its endpoints (grpc, http, then metrics)."""
         deadline = time.monotonic() + timeout_s
         lines = []
-        while self.grpc_url is None and time.monotonic() < deadline:
+        while self.metrics_url is None and time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
                 break
             lines.append(line)
             if line.strip().startswith("grpc"):
                 self.grpc_url = line.split()[-1]
-        assert self.grpc_url, "".join(lines) + self.log.read_text()[-3000:]
+            elif line.strip().startswith("metrics"):
+                self.metrics_url = line.split()[-1]
+        assert self.grpc_url and self.metrics_url, "".join(lines) + self.log.read_text()[-3000:]
         return self.grpc_url
 
     def stop(self) -> None:
@@ -144,9 +151,9 @@ def _inputs(cols: dict[str, np.ndarray]) -> list:
     return out
 
 
-def _infer(client, cols) -> dict[str, np.ndarray] | InferenceServerException:
+def _infer(client, cols, model: str = ENSEMBLE_NAME) -> dict[str, np.ndarray] | InferenceServerException:
     try:
-        res = client.infer(ENSEMBLE_NAME, _inputs(cols), client_timeout=60)
+        res = client.infer(model, _inputs(cols), client_timeout=60)
     except InferenceServerException as e:
         return e
     return {n: res.as_numpy(n) for n in (OUT_SESSION_ID, OUT_ITEM_IDS, OUT_SCORES)}
@@ -376,25 +383,50 @@ def test_flood_is_answered_unavailable_never_hangs(server_b, requests_):
 
 
 # --- B: graceful shutdown --------------------------------------------------------------------------------
-def test_sigterm_during_load(server_b, requests_):
+def test_sigterm_during_load(server_b, repos, requests_):
     """SIGTERM to `python -m export.serve` while 8 clients send 64-session requests: requests in flight
     complete, later ones are refused (NOT_FOUND while the ensemble drains, UNAVAILABLE once tritonserver
     stops, CANCELLED for a call that reached its gRPC server while it closed), none hangs, and the process
-    exits 0 within 2 x --exit-timeout."""
+    exits 0 within 2 x --exit-timeout.
+
+    In flight by construction (was: a request that happened to last > 0.1 s across the SIGTERM, which a
+    fast machine did not give): two 64-session requests go to `gated_ranker` (tests/gate_util.py: a gate
+    step in front of the served preprocess -> model -> postprocess), which holds them until the test
+    opens it. SIGTERM is sent once a request is held there, the gate opens 1 s later, while the ensembles
+    drain: both requests must still run all three real steps and be answered."""
     url = server_b.wait_ready()
+    gate_dir = repos[1].parent / "gate"
     reqs = requests_[64][:4]
+    gated: list = []
+
+    def send_gated(k: int) -> None:
+        client = grpcclient.InferenceServerClient(url)
+        t0 = time.monotonic()
+        out = _infer(client, reqs[k], model=GATED)
+        gated.append((t0, time.monotonic(), k, out))
+        client.close()
+
     with Clients(url, reqs, 8, pause_after_error_s=0.02) as clients:
-        time.sleep(2.0)
+        time.sleep(1.0)  # answered normally meanwhile
+        held = [threading.Thread(target=send_gated, args=(k,)) for k in range(2)]
+        for t in held:
+            t.start()
+        assert wait_arrived(gate_dir), "no request reached the gate"
         t_term = time.monotonic()
         server_b.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # the drain has begun: new requests are refused, the held ones are waited for
+        open_gate(gate_dir)
         code = server_b.proc.wait(timeout=2 * EXIT_TIMEOUT_S + 30)
         exited = time.monotonic()
+        for t in held:
+            t.join(timeout=60)
         time.sleep(0.5)
     assert code == 0, server_b.log.read_text()[-3000:]
     assert exited - t_term < 2 * EXIT_TIMEOUT_S + 10
-    # in flight: sent well before SIGTERM, answered after it
-    in_flight = [e for e in clients.log if e[0] < t_term - 0.1 and e[1] > t_term]
-    assert in_flight, "no request was in flight at SIGTERM"
+    # in flight: the held requests (sent before SIGTERM, answered after it through all three steps), and
+    # any request of the clients that was under way across the SIGTERM
+    in_flight = gated + [e for e in clients.log if e[0] < t_term and e[1] > t_term]
+    assert len(gated) == 2 and all(e[0] < t_term < e[1] for e in gated), gated
     for _s, _e, k, out in in_flight:
         assert not isinstance(out, Exception), out
         sids, first = np.unique(reqs[k]["session_id"], return_index=True)
@@ -408,8 +440,8 @@ def test_sigterm_during_load(server_b, requests_):
         assert (r.status() == "StatusCode.NOT_FOUND" and "has no available versions" in r.message()) or (
             r.status() in ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED")
         ), f"{r.status()}: {r.message()}"
-    print(f"SIGTERM: {len(in_flight)} in-flight requests completed, {len(refused)} refused {dict(kinds)}, "
-          f"exit 0 after {exited - t_term:.1f} s")
+    print(f"SIGTERM: {len(in_flight)} in-flight requests completed ({len(gated)} held in the gate), "
+          f"{len(refused)} refused {dict(kinds)}, exit 0 after {exited - t_term:.1f} s")
 
 
 # --- python -m export.serve's own watchdog (small repository: the benchmark's floor ensemble) ---------------
@@ -427,7 +459,7 @@ def test_serve_restarts_a_killed_stub(schema, tmp_path):
         stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, cwd=PROJECT_ROOT,
     )  # fmt: skip
     serve = ServeProcess.__new__(ServeProcess)
-    serve.proc, serve.log, serve.grpc_url = proc, log, None
+    serve.proc, serve.log, serve.grpc_url, serve.metrics_url = proc, log, None, None
     try:
         url = serve.wait_ready()
         cols = {n: np.arange(3).astype(dt) for n, dt in schema["raw_inputs"].items()}

@@ -165,7 +165,9 @@ def test_served_ranks_tie_rule():
 def test_replay_served_equals_offline(replay_run, tmp_path):
     """One server, version 1 for window 1 and a swap per later window, a background client all along:
     served metrics = offline ones per window, 0 failed requests, items_known grows and never exceeds the
-    items seen so far, REPLAY.json as specified."""
+    items seen so far, REPLAY.json as specified. A stateful background client (version switch
+    mid-session, issue 18): no failed click, and every answer equals the stateless answer of the same
+    prefix from the same version."""
     from clients.replay import METRICS, ReplayConfig, check, replay
 
     data, run = replay_run
@@ -175,6 +177,9 @@ def test_replay_served_equals_offline(replay_run, tmp_path):
     assert check(result, 1e-6) == []
     assert result["swaps"] == len(WINDOWS) - 1 and result["background_requests"] > 0
     assert result["background_failed_requests"] == 0
+    stateful = result["stateful_background"]  # issue 18: clicks through the stateful ensemble across the swaps
+    assert stateful["failed"] == 0 and stateful["wrong"] == 0 and stateful["compared"] > 0, stateful
+    print(f"stateful background: {stateful}")
     assert [w["train_window"] for w in result["windows"]] == list(WINDOWS)
     assert [w["version"] for w in result["windows"]] == list(range(1, len(WINDOWS) + 1))
     known = [w["items_known"] for w in result["windows"]]

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from export.__main__ import main as export_main
-from export.repository import ExportConfig, add_ensemble_version, export_repository
+from export.repository import ExportConfig, add_ensemble_version
 from export.tritonserver import ServerConfig, ServerError, TritonServer
 from tests.triton_util import PROJECT_ROOT
 from training.integrity import FOLDER_RECORD, IntegrityError, verify_folder
@@ -43,9 +43,8 @@ from training.names import (
 
 
 @pytest.fixture(scope="module")
-def repo(artifacts, tmp_path_factory):
-    data, run = artifacts
-    return export_repository(ExportConfig(run=run, data=data, out=tmp_path_factory.mktemp("sec") / "repo"))
+def repo(exported_repo):
+    return exported_repo  # the default export, shared (read-only: the tamper tests copy folders first)
 
 
 # --- static: what can unpickle ---------------------------------------------------------------------

@@ -20,8 +20,6 @@ sessions' raw rows through the ensemble.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,17 +108,12 @@ def test_synthetic_run_on_a_bare_stub(artifacts, bare_home, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.diginetica
-def test_real_click_log_run_on_a_bare_stub(diginetica_data, bare_home, tmp_path):
+def test_real_click_log_run_on_a_bare_stub(diginetica_data, diginetica_run, bare_home, tmp_path):
     """DIGINETICA views: timestamp-derived features (weekday_sin, age_days via ItemFirstSeen), the real
     recipe (clm objective, item memory), trained on window 2 (window 1's training split is empty under the
-    growing-vocabulary protocol: nothing is known after it, so there is nothing to rank top-k from)."""
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "training.train", "--data", str(diginetica_data), "--out", str(run), "--recipe", "real",
-         "--start-window", "2", "--end-window", "3", "--epochs", "1", "--no-progress"],
-        capture_output=True, text=True, cwd=PROJECT_ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    growing-vocabulary protocol: nothing is known after it, so there is nothing to rank top-k from):
+    conftest's `diginetica_run`."""
+    run = diginetica_run
     _, meta = load_run(run)
     cfg = meta["model_config"]
     assert cfg["memory"] is True and cfg["objective"] == "clm", cfg

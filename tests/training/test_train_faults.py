@@ -40,11 +40,24 @@ CLI_FLAGS = ["--epochs", "2", "--batch-size", "16", "--threads", "1", "--no-prog
 
 
 def cli(data: Path, out: Path, *extra: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "training.train", "--data", str(data), "--out", str(out),
-           "--end-window", str(END_WINDOW), *CLI_FLAGS, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--end-window",
+        str(END_WINDOW),
+        *CLI_FLAGS,
+        *extra,
+    ]
     if wait:
         return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=PROJECT_ROOT)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=PROJECT_ROOT
+    )
 
 
 def window_of(out: Path) -> int | None:
@@ -58,7 +71,9 @@ def window_of(out: Path) -> int | None:
 def wait_for_window(proc: subprocess.Popen, out: Path, window: int, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while window_of(out) != window:
-        assert proc.poll() is None, f"training exited ({proc.returncode}) before window {window}: {proc.stderr.read()}"
+        assert proc.poll() is None, (
+            f"training exited ({proc.returncode}) before window {window}: {proc.stderr.read()}"
+        )
         assert time.monotonic() < deadline, f"no window {window} after {timeout_s} s"
         time.sleep(0.01)
 
@@ -100,8 +115,9 @@ def test_sigkill_mid_window_then_resume_gives_the_same_metrics(tiny_synthetic_da
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str):
     path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
     try:
@@ -125,8 +141,9 @@ def fill(path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_full_disk_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_synthetic_data, uninterrupted,
-                                                                         tmp_path):
+def test_full_disk_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
+    tiny_synthetic_data, uninterrupted, tmp_path
+):
     with tmpfs(tmp_path / "disk", "32m") as disk:
         out = disk / "run"
         proc = cli(tiny_synthetic_data, out, wait=False)
@@ -140,12 +157,18 @@ def test_full_disk_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_s
                 proc.wait()
         assert proc.returncode != 0, "training finished on a full disk?"
         assert "No space left on device" in stderr, stderr[-3000:]
-        meta = read_meta(out)  # recovers (drops a partial checkpoint *.tmp) and checks model.pt/optim.pt's sha256
+        meta = read_meta(
+            out
+        )  # recovers (drops a partial checkpoint *.tmp) and checks model.pt/optim.pt's sha256
         assert meta["window"] == 1
         load_run(out)
-        assert not [p for p in out.glob("*.tmp") if p.name.split(".tmp")[0] in ("model.pt", "optim.pt", "meta.json")]
+        assert not [
+            p for p in out.glob("*.tmp") if p.name.split(".tmp")[0] in ("model.pt", "optim.pt", "meta.json")
+        ]
         last = stderr.strip().splitlines()[-1]
-        assert proc.returncode == 2 and last.startswith("error:") and "Traceback" not in stderr, stderr[-3000:]
+        assert proc.returncode == 2 and last.startswith("error:") and "Traceback" not in stderr, stderr[
+            -3000:
+        ]
         assert "--resume" in last, last
         assert not sorted(p.name for p in out.glob("*.tmp")), "partial files left behind on the full disk"
         filler.unlink()
@@ -158,8 +181,16 @@ def test_full_disk_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_s
 def _tiny_cfg(data: Path, out: Path, **kw):
     from training.config import TrainConfig
 
-    base = dict(data=str(data), out=str(out), end_window=2, epochs=1, batch_size=16, threads=1, progress=False,
-                baselines=False)
+    base = dict(
+        data=str(data),
+        out=str(out),
+        end_window=2,
+        epochs=1,
+        batch_size=16,
+        threads=1,
+        progress=False,
+        baselines=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 

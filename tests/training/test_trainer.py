@@ -73,3 +73,32 @@ def test_run_records_the_train_config(tiny_synthetic_data, tmp_path):
     saved = json.loads((out / "metrics.json").read_text())["train_config"]
     assert saved == result["train_config"] and saved["model"]["dropout"] == 0.1
     assert read_meta(out)["train_config"] == saved
+
+
+def _sessions(n: int, first_id: int):
+    import torch
+
+    from training.data.splits import SessionTensors
+
+    return SessionTensors({"item_id-list": torch.ones(n, 3, dtype=torch.long)}, torch.full((n,), 2),
+                          torch.arange(first_id, first_id + n))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "sizes, budget, expected_ids",
+    [
+        ((3, 4, 5), 0, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]),  # no cap: every window
+        ((3, 4, 5), 100, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]),
+        ((3, 4, 5), 9, [3, 4, 5, 6, 7, 8, 9, 10, 11]),  # the oldest window dropped
+        ((3, 4, 5), 7, [5, 6, 7, 8, 9, 10, 11]),  # the next one cut from its old end
+        ((3, 4, 5), 2, [7, 8, 9, 10, 11]),  # window t stays whole
+    ],
+)
+def test_newest_keeps_the_newest_sessions_within_the_budget(sizes, budget, expected_ids):
+    from training.trainer import concat_sessions, newest
+
+    parts, start = [], 0
+    for n in sizes:
+        parts.append(_sessions(n, start))
+        start += n
+    assert concat_sessions(newest(parts, budget)).session_id.tolist() == expected_ids

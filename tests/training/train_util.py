@@ -1,7 +1,7 @@
 """What the training tests share.
 
-    from tests.training.train_util import tiny_cfg
-    cfg = tiny_cfg(tiny_synthetic_data, tmp_path / "run", epochs=2)
+from tests.training.train_util import tiny_cfg
+cfg = tiny_cfg(tiny_synthetic_data, tmp_path / "run", epochs=2)
 """
 
 from __future__ import annotations

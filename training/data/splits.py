@@ -78,6 +78,13 @@ class SessionTensors:
             {k: v[idx] for k, v in self.feats.items()}, self.lengths[idx], self.session_id[idx], self.source
         )
 
+    def batch(self, idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """A training batch: rows `idx` trimmed to their longest session (padding never changes
+        the result): (feats {name: (b, width)}, lengths (b,))."""
+        lengths = self.lengths[idx]
+        width = int(lengths.max())
+        return {k: v[idx, :width] for k, v in self.feats.items()}, lengths
+
 
 def _list_column(table: pa.Table, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A list column -> (offsets (N+1,) starting at 0, flat values)."""

@@ -5,8 +5,9 @@
     packing.py        masked-LM masking, several sessions per training row
     xlnet.py          the transformer body (position encodings once per batch, cheap CPU dropout)
     item_memory.py    ItemMemory: count scores added to the logits through learned gates
-    ranking.py        serving top-k: exact, IVF index, two-stage candidates (functions over tensors)
+    ranking.py        serving top-k: exact, IVF index, two-stage and re-ranking candidates (functions)
     sampled.py        the sampled softmax of large catalogues (functions over tensors)
+    losses.py         softmax cross-entropy and gSASRec's gBCE over a set of columns (functions)
 
 `from training.model import SessionModel, ModelConfig, ...` imports the public names.
 Imports only torch, transformers and the standard library (no numpy inside anything
@@ -14,6 +15,7 @@ that is traced). Checkpoint I/O (`save_checkpoint`, `load_run`) is training.chec
 """
 
 from training.model.config import (
+    LOSS_FNS,
     LOSSES,
     MODEL_FLAGS,
     MODEL_SETTINGS,
@@ -30,6 +32,7 @@ from training.model.session_model import SessionModel
 from training.model.xlnet import FastDropout
 
 __all__ = [
+    "LOSS_FNS",
     "LOSSES",
     "MODEL_FLAGS",
     "MODEL_SETTINGS",

@@ -55,6 +55,8 @@ def auto_loss(cfg: Any) -> str:
 
 
 def auto_rank(cfg: Any) -> str:
+    if cfg.rerank and cfg.memory:  # only the memory's candidates are ranked: their exact top-k
+        return "two_stage"
     return "two_stage" if cfg.n_items >= two_stage_threshold(cfg) else "exact"
 
 
@@ -71,6 +73,8 @@ def _loss_reason(cfg: Any) -> str:
 
 
 def _rank_reason(cfg: Any) -> str:
+    if cfg.rerank and cfg.memory:
+        return "re-ranking: only the item memory's candidates are ranked, two_stage scores just those"
     at = two_stage_threshold(cfg)
     rule = (
         f"two_stage_min_items = {at:,}"

@@ -24,6 +24,7 @@ from training.schema import Schema
 
 OBJECTIVES = ("mlm", "clm")
 LOSSES = ("full", "sampled")
+LOSS_FNS = ("ce", "gbce")
 RANKINGS = ("exact", "two_stage")
 
 
@@ -101,6 +102,36 @@ class ModelConfig:
         },
     )
     memory_k_min_items: int = 200_000
+    # --- how the network and the counts are combined (item memory; defaults: the network's item
+    # logits are added to the gated counts over the whole catalogue) -----------------------------
+    rerank: bool = field(
+        default=False,
+        metadata={
+            "help": "item memory (no-op without): the network re-ranks the memory's candidates (the context items, "
+            "their co-occurrence lists, the last item's successors, the rank_popular most popular "
+            "items) instead of scoring the whole catalogue; trained against those candidates only "
+            "(hard negatives from the counts); every other item is never ranked"
+        },
+    )
+    head_gate: bool = field(
+        default=False,
+        metadata={
+            "help": "item memory (no-op without): a per-session learned weight softplus(Linear(h)) >= 0 on the "
+            "network's own item logits, beside the count gates (starts at 1)"
+        },
+    )
+    head_logits: bool = field(
+        default=True,
+        metadata={"help": "the network's own item logits (h . item vector); off: the gated counts only"},
+    )
+    # --- input block switches (ablations) ---------------------------------------------------------
+    feature_norm: bool = field(
+        default=False,
+        metadata={"help": "a LayerNorm per input feature before merging (Transformers4Rec's side features)"},
+    )
+    side_features: bool = field(
+        default=True, metadata={"help": "read the continuous features (off: they are zeroed)"}
+    )
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
     # --- training loss over the catalogue (see `SessionModel.sample_candidates`) ----------------
     # "full": softmax over every item ((positions, V) logits, the reference); "sampled": softmax over
@@ -132,6 +163,20 @@ class ModelConfig:
         default=0.75,
         metadata={"help": "sampled loss: negatives drawn with probability ~ (count + 1)^alpha (0 = uniform)"},
     )
+    # "ce": softmax cross-entropy over the loss's columns (every item, the sampled ones, or the
+    # re-ranked candidates); "gbce": gSASRec's generalised binary cross-entropy over the same columns
+    # (Petrov & Macdonald, RecSys'23; training/model/losses.py), calibrated by gbce_t
+    loss_fn: str = field(
+        default="ce",
+        metadata={
+            "help": "ce: softmax cross-entropy; gbce: generalised binary cross-entropy (gSASRec) over "
+            "the same columns (every item, the sampled ones or the re-ranked candidates)",
+            "choices": LOSS_FNS,
+        },
+    )
+    gbce_t: float = field(
+        default=0.75, metadata={"help": "gbce: calibration t in [0, 1] (gSASRec's default 0.75; 0 = BCE)"}
+    )
     # --- serving top-k over the catalogue (see `SessionModel.next_item_topk`) ----------------------
     # "exact": score every item, then topk (the reference; cost O(V) per session); "two_stage":
     # candidates per session (its items, co-occurrence neighbours of its last `rank_context` items,
@@ -141,6 +186,10 @@ class ModelConfig:
     # costs less than "exact" (training/model/choice.py: from 25 x the candidates per session, or
     # from two_stage_min_items when set). Resolved in __post_init__ (meta.json records the ranking
     # used and why). docs/scale.md and docs/throughput.md have the measurements behind the defaults.
+    # Under `rerank` (with the memory), "two_stage" scores the memory's own candidates (no IVF index)
+    # and "auto" resolves to it at any catalogue size, since nothing else is ranked; "exact" scores
+    # every item and masks the rest (faster at large batches on small catalogues, docs/quality.md).
+    # Both give the same top-k.
     rank: str = "auto"
     two_stage_min_items: int | None = None
     rank_context: int = 5  # last items of a session whose co-occurrence lists are candidates
@@ -182,6 +231,16 @@ class ModelConfig:
             raise ValueError(f"memory_k_large must be >= 1, got {self.memory_k_large}")
         if self.has_schema and self.n_items >= self.memory_k_min_items:
             self.memory_k = min(self.memory_k, self.memory_k_large)
+        # rerank and head_gate combine the network with the item memory: without it they do nothing
+        # (so a recipe that sets them still runs with --no-memory); the head's logits are all there is
+        if not self.head_logits and not self.memory:
+            raise ValueError(
+                "head_logits=False needs the item memory (memory=True): nothing else scores items"
+            )
+        if self.loss_fn not in LOSS_FNS:
+            raise ValueError(f"loss_fn must be one of {LOSS_FNS}, got {self.loss_fn!r}")
+        if not 0.0 <= self.gbce_t <= 1.0:
+            raise ValueError(f"gbce_t must be in [0, 1], got {self.gbce_t}")
         if self.memory and not 0.0 < self.memory_decay <= 1.0:
             raise ValueError(f"memory_decay must be in (0, 1], got {self.memory_decay}")
         if self.has_schema and self.loss == "auto":

@@ -2,15 +2,21 @@
 
 Filled per window by `training.trainer.set_memory` (the counts of training/baselines.py);
 its tables are buffers, so they travel in the checkpoint and in the traced model. Three
-entry points share one scoring core (`ItemMemory._combine`), whose inputs come grouped:
+entry points share one scoring core (`ItemMemory.combine`), whose inputs come grouped:
 
     TargetContext  what precedes each target (items, which are context, distances)
     CountLists     the count-table rows of that context (co-occurrence, successor lists)
     HeadFactors    the network's own item logits as factors h @ w^T (optional)
 
-    next_item_scores(h, items, lengths, ...)     inference: (B, V)
-    candidate_scores(h, items, lengths, cand, ...) two-stage serving: (B, C) at the candidates
-    packed_scores(h, items, segment, targets, ...) training: (M, V) or (M, U), own session left out
+    next_item_scores(h, items, lengths, head)      inference: (B, V)
+    candidate_scores(h, items, lengths, cand, head) serving on candidates: (B, C)
+    packed_scores(h, items, segment, targets, ...)  training: (M, V) or (M, U), own session left out
+
+Re-ranking (ModelConfig.rerank, `rerank_popular` > 0): only the memory's own candidates
+are ranked (`candidates`: the context items, their co-occurrence lists, the last item's
+successors, the most popular ids); training scores them on the union of the batch's
+candidates (`packed_view` + `candidate_columns` + `combine(cols=...)`), serving on each
+session's own (`session_candidates` + `candidate_scores`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import training.model.ranking as ranking
 from training.model.ranking import take
+from training.names import FIRST_REAL_ID
 
 
 @dataclass
@@ -92,15 +100,28 @@ class ItemMemory(nn.Module):
         pop    = log1p(pop[c])
 
     score = g . (cooc, succ, repeat, pop) with g = softplus(Linear(h)) >= 0 computed
-    from the transformer's hidden state h. During training every session is in
-    the counts, so its own contribution is subtracted first (`packed_scores`):
-    otherwise the gates would learn that the counts always hold the answer.
-    Pure tensor code, traceable; tables of zeros give scores of zero.
+    from the transformer's hidden state h, plus the network's own item logits
+    (times `head_scale`, and with `head_gate` times a per-session weight
+    softplus(Linear(h)) >= 0 that learns how far the network is worth trusting on a
+    session). During training every session is in the counts, so its own
+    contribution is subtracted first (`packed_view`): otherwise the gates would learn
+    that the counts always hold the answer. Pure tensor code, traceable; tables of
+    zeros give scores of zero.
     """
 
     N_FEATURES = 4  # cooc, succ, repeat, pop
 
-    def __init__(self, n_items: int, k: int, max_len: int, d_model: int, decay: float):
+    def __init__(
+        self,
+        n_items: int,
+        k: int,
+        max_len: int,
+        d_model: int,
+        decay: float,
+        *,
+        head_gate: bool = False,
+        rerank_popular: int = 0,
+    ):
         super().__init__()
         self.register_buffer("cooc_idx", torch.zeros(n_items, k, dtype=torch.int32))
         self.register_buffer("cooc_val", torch.zeros(n_items, k))
@@ -111,6 +132,11 @@ class ItemMemory(nn.Module):
         # head selection (`--head-selection`) found the gated counts better on held-back sessions
         self.register_buffer("head_scale", torch.ones(()))
         self._col_of: Tensor | None = None  # sampled loss: item id -> candidate column (`_column_map`)
+        # re-ranking (ModelConfig.rerank): > 0 = only the memory's candidates are ranked, this many
+        # popular ids among them (`popular_ids`: derived from pop, so not in the state_dict)
+        self.rerank_popular = rerank_popular
+        self.register_buffer("popular", torch.zeros(0, dtype=torch.int64), persistent=False)
+        self._popular_key: tuple | None = None  # which pop table `popular` was computed from
         dist = decay ** torch.arange(max(max_len, 1), dtype=torch.float32)
         self.w_cooc = nn.Parameter(dist.clone())  # weight of a context item d positions before the last
         self.w_rep = nn.Parameter(dist.clone())
@@ -118,6 +144,14 @@ class ItemMemory(nn.Module):
         nn.init.zeros_(self.gate.weight)
         with torch.no_grad():  # start as a fixed blend: counts at weight 1, popularity as a tie-breaker
             self.gate.bias.copy_(_inv_softplus(torch.tensor([1.0, 1.0, 1.0, 0.1])))
+        # ModelConfig.head_gate: how much the network's own item logits count, per session (>= 0);
+        # starts at 1 for every session (weight 0), as without the gate
+        self.head_gate: nn.Linear | None = None
+        if head_gate:
+            self.head_gate = nn.Linear(d_model, 1)
+            nn.init.zeros_(self.head_gate.weight)
+            with torch.no_grad():
+                self.head_gate.bias.copy_(_inv_softplus(torch.tensor([1.0])))
 
     TABLES = ("cooc_idx", "cooc_val", "succ_idx", "succ_val", "pop")  # the count buffers
 
@@ -148,12 +182,15 @@ class ItemMemory(nn.Module):
             t = getattr(self, name)
             setattr(self, name, torch.cat([t, t.new_zeros((n_items - t.shape[0], *t.shape[1:]))]))
         self._col_of = None  # sized for the old vocabulary
+        self._popular_key = None
 
     def tables(self) -> dict[str, Tensor]:
         """The count buffers by name (`TABLES`)."""
         return {name: getattr(self, name) for name in self.TABLES}
 
-    def _combine(
+    # --- the scores ------------------------------------------------------------------
+
+    def combine(
         self,
         h: Tensor,
         context: TargetContext,
@@ -161,15 +198,15 @@ class ItemMemory(nn.Module):
         head: HeadFactors | None = None,
         cols: Tensor | None = None,
     ) -> Tensor:
-        """M targets -> (M, V) float32 scores: head.h @ head.w^T + the count scores.
+        """M targets -> (M, V) float32 scores: the network's item logits (head) + the count scores.
 
         h (M, d) hidden states (the gates read them); `context` and `lists`: the targets'
         sessions so far and their count-table rows; `head`: the network's item logits as
         factors (None: none). The popularity term is a rank-1 (M, V) matrix: it rides in
         the network's matmul as one more column, and the sparse terms are added in place.
 
-        cols (U,) sorted unique item ids (the sampled loss's candidates): only those
-        columns are scored, (M, U) out, and head.w holds their rows only (U, E).
+        cols (U,) sorted unique item ids (the sampled loss's or re-ranking's columns): only
+        those columns are scored, (M, U) out, and head.w holds their rows only (U, E).
         An item id in the sparse lists is found among cols through `_column_map`;
         ids that are not candidates are dropped. Nothing of size V is touched.
         """
@@ -181,27 +218,51 @@ class ItemMemory(nn.Module):
                 base_h, base_w = h.new_zeros(M, 1), self.pop.new_zeros(n_cols, 1)
             else:
                 base_h, base_w = head.h, head.w
-            lhs = torch.cat([base_h.float() * self.head_scale, g[:, 3:4]], 1)  # (M, E+1)
+            lhs = torch.cat([self._head_lhs(h, base_h), g[:, 3:4]], 1)  # (M, E+1)
             pop = self.pop if cols is None else self.pop[cols]  # (V,) or (U,)
             rhs = torch.cat([base_w.float(), torch.log1p(pop)[:, None]], 1)  # (V or U, E+1)
             out = lhs @ rhs.t()  # (M, V or U) network logits + g_pop * log1p(pop), fresh: added to in place
 
         col_of = None if cols is None else self._column_map(cols)
-
-        def add(idx: Tensor, val: Tensor) -> None:  # out[m, idx[m, j]] += val[m, j]
+        for idx, val in self._count_terms(g, context, lists):  # out[m, idx[m, j]] += val[m, j]
             if col_of is None:
                 out.scatter_add_(1, idx, val)
-                return
+                continue
             j = col_of[idx].long().clamp_(max=n_cols - 1)  # column of each id if it is a candidate, else any
             out.scatter_add_(1, j, torch.where(cols[j] == idx, val, 0.0))
-
-        wc, wr, ws = self._gate_weights(g, context)
-        add(lists.cooc_idx.reshape(M, -1), (wc[:, :, None] * torch.log1p(lists.cooc_val)).reshape(M, -1))
-        add(lists.succ_idx, ws * torch.log1p(lists.succ_val))
-        add(context.items, wr)
-        if lists.pop_delta is not None:
-            add(context.items, g[:, 3:4] * lists.pop_delta)
         return out
+
+    def _head_lhs(self, h: Tensor, base_h: Tensor) -> Tensor:
+        """(M, E) head inputs -> the left factor of the network's item logits in float32: times
+        head_scale and, with the head gate, times each session's weight `head_weight(h)`."""
+        lhs = base_h.float() * self.head_scale
+        if self.head_gate is not None:
+            lhs = lhs * self.head_weight(h)
+        return lhs
+
+    def head_weight(self, h: Tensor) -> Tensor:
+        """(M, d) hidden states -> (M, 1) the head gate's weight of the network's own item logits,
+        softplus(Linear(h)) >= 0 (ModelConfig.head_gate); a tensor of ones without the gate."""
+        if self.head_gate is None:
+            return h.new_ones(h.shape[0], 1, dtype=torch.float32)
+        return F.softplus(self.head_gate(h.float()))
+
+    def _count_terms(
+        self, g: Tensor, context: TargetContext, lists: CountLists
+    ) -> list[tuple[Tensor, Tensor]]:
+        """The sparse count scores of M targets as (ids (M, N), values (M, N)) pairs, added to
+        the scores at those ids: co-occurrence, successor, repeat (and the training-only
+        popularity correction). (M, 4) gates g."""
+        M = g.shape[0]
+        wc, wr, ws = self._gate_weights(g, context)  # (M, W), (M, W), (M, 1)
+        terms = [
+            (lists.cooc_idx.reshape(M, -1), (wc[:, :, None] * torch.log1p(lists.cooc_val)).reshape(M, -1)),
+            (lists.succ_idx, ws * torch.log1p(lists.succ_val)),
+            (context.items, wr),
+        ]
+        if lists.pop_delta is not None:
+            terms.append((context.items, g[:, 3:4] * lists.pop_delta))
+        return terms
 
     def _gate_weights(self, g: Tensor, context: TargetContext) -> tuple[Tensor, Tensor, Tensor]:
         """(M, 4) gates -> weights of the cooc and repeat terms per context position (M, W) and of
@@ -213,15 +274,20 @@ class ItemMemory(nn.Module):
         ws = torch.where(context.has_last, g[:, 1], zero)[:, None]  # (M, 1)
         return wc, wr, ws
 
-    @staticmethod
-    def _session_context(items: Tensor, lengths: Tensor) -> tuple[TargetContext, Tensor]:
-        """(B, L) right-padded sessions, (B,) lengths -> the context of the item after each
-        session (all of it), and the session's last item (B,)."""
+    def _session_view(self, items: Tensor, lengths: Tensor) -> tuple[TargetContext, CountLists]:
+        """Inference: (B, L) right-padded sessions, (B,) lengths -> the context of the item after
+        each session (all of it) and its count-table rows (gathered by `take`)."""
         pos = torch.arange(items.shape[1], device=items.device)
         ctx = pos[None, :] < lengths[:, None]  # (B, L)
         dist = lengths[:, None] - 1 - pos[None, :]  # (B, L)
-        last = items.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
-        return TargetContext(items, ctx, dist, lengths > 0), last
+        last = items.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,) the last item
+        lists = CountLists(
+            take(self.cooc_idx, items).long(),  # (B, L, K)
+            take(self.cooc_val, items),
+            take(self.succ_idx, last).long(),  # (B, K)
+            take(self.succ_val, last),
+        )
+        return TargetContext(items, ctx, dist, lengths > 0), lists
 
     def _column_map(self, cols: Tensor) -> Tensor:
         """(V,) int32 map with map[cols[j]] = j, for ids -> candidate columns by one gather.
@@ -236,55 +302,89 @@ class ItemMemory(nn.Module):
         self._col_of[cols] = torch.arange(cols.shape[0], dtype=torch.int32, device=cols.device)
         return self._col_of
 
+    # --- re-ranking's candidates (ModelConfig.rerank) --------------------------------------
+
+    def popular_ids(self) -> Tensor:
+        """(P,) the rerank_popular real ids with the highest `pop` (P = min(rerank_popular, real ids)).
+
+        Recomputed when the pop table changes (set_tables, load_state_dict, grow, .to); a trace
+        reads the buffer, so compute it before tracing (SessionModel.prepare_ranking does)."""
+        key = (self.pop.data_ptr(), self.pop._version, self.pop.device, self.rerank_popular)
+        if self._popular_key != key:
+            if torch.jit.is_tracing():
+                raise RuntimeError(
+                    "re-ranking: the popular candidates are older than the pop table; call "
+                    "model.prepare_ranking() before torch.jit.trace (TopKRanker does)"
+                )
+            with torch.no_grad():
+                real = self.pop[FIRST_REAL_ID:]
+                self.popular = real.topk(min(self.rerank_popular, real.shape[0])).indices + FIRST_REAL_ID
+            self._popular_key = key
+        return self.popular
+
+    def candidates(self, context: TargetContext, lists: CountLists) -> Tensor:
+        """Re-ranking's candidates of M targets: (M, N) ids, PAD_ID where an entry is none
+        (`ranking.memory_candidates` with `popular_ids`)."""
+        return ranking.memory_candidates(context, lists, self.popular_ids())
+
+    def session_candidates(self, items: Tensor, lengths: Tensor) -> Tensor:
+        """Serving under re-ranking: (B, L) sessions, (B,) lengths -> (B, L + L*K + K + P) candidate
+        ids sorted per row (repeats and PAD_ID left in: `ranking.candidate_top_k` masks them)."""
+        return self.candidates(*self._session_view(items, lengths)).sort(1).values
+
+    def candidate_columns(self, cand: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Training under re-ranking: (M, N) candidate ids (PAD_ID: none), (M,) targets ->
+        cols (U,) the sorted unique real ids among every row's candidates and the targets, and
+        member (M, U) bool, column j is a candidate of row m. Nothing of size M x V is built."""
+        valid = cand >= FIRST_REAL_ID  # (M, N)
+        cols = torch.cat([cand[valid], targets]).unique()  # (U,) sorted
+        U = cols.shape[0]
+        j = torch.where(valid, self._column_map(cols)[cand].long(), U)  # (M, N) column, U = none
+        member = torch.zeros(cand.shape[0], U + 1, dtype=torch.bool, device=cand.device)
+        return cols, member.scatter_(1, j, True)[:, :U]
+
+    # --- the three entry points --------------------------------------------------------
+
     def next_item_scores(
-        self,
-        h: Tensor,
-        items: Tensor,
-        lengths: Tensor,
-        base_h: Tensor | None = None,
-        base_w: Tensor | None = None,
+        self, h: Tensor, items: Tensor, lengths: Tensor, head: HeadFactors | None = None
     ) -> Tensor:
         """Inference: (B, d) hidden states, (B, L) right-padded items, (B,) lengths -> (B, V).
 
-        base_h, base_w: the network's logits as factors (`HeadFactors`; None: none)."""
-        context, last = self._session_context(items, lengths)
-        lists = CountLists(
-            self.cooc_idx[items].long(), self.cooc_val[items], self.succ_idx[last].long(), self.succ_val[last]
-        )
-        head = None if base_h is None or base_w is None else HeadFactors(base_h, base_w)
-        return self._combine(h, context, lists, head)
+        head: the network's logits as factors (None: none). Re-ranking: every item that is not
+        one of the session's candidates (`candidates`) scores -inf, as do the special ids."""
+        context, lists = self._session_view(items, lengths)
+        out = self.combine(h, context, lists, head)  # (B, V)
+        if self.rerank_popular > 0:
+            keep = torch.zeros_like(out, dtype=torch.bool).scatter_(1, self.candidates(context, lists), True)
+            keep[:, :FIRST_REAL_ID] = False  # PAD_ID marked the entries that are none
+            out = out.masked_fill_(~keep, float("-inf"))
+        return out
 
     def candidate_scores(
-        self, h: Tensor, items: Tensor, lengths: Tensor, cand: Tensor, base_h: Tensor, base_w: Tensor
+        self, h: Tensor, items: Tensor, lengths: Tensor, cand: Tensor, head: HeadFactors | None
     ) -> Tensor:
-        """Inference on per-session candidates (two-stage ranking): the `next_item_scores` values at cand.
+        """Inference on per-session candidates (two-stage ranking, re-ranking): the
+        `next_item_scores` values at cand, before any -inf.
 
         h (B, d); items (B, L) right-padded, lengths (B,); cand (B, C) item ids sorted along
         dim 1 (repeats allowed: a repeated id gets its count terms at its first occurrence
-        only, the caller masks the others); base_h (B, E), base_w (B, C, E) the network's
-        item logits as factors (base_w = the item vectors of cand). -> (B, C) float32.
-        The same terms as `_combine` (tested against it); an id of a sparse list is found
+        only, the caller masks the others); head: the network's item logits as factors,
+        h (B, E) and w (B, C, E) the item vectors of cand (None: none). -> (B, C) float32.
+        The same terms as `combine` (tested against it); an id of a sparse list is found
         in its session's candidates by binary search, ids that are not candidates are dropped.
         """
         B, C = cand.shape
-        context, last = self._session_context(items, lengths)
+        context, lists = self._session_view(items, lengths)
         with torch.autocast(h.device.type, enabled=False):
             g = F.softplus(self.gate(h.float()))  # (B, 4)
-            lhs = torch.cat([base_h.float() * self.head_scale, g[:, 3:4]], 1)  # (B, E+1)
-            rhs = torch.cat([base_w.float(), torch.log1p(take(self.pop, cand))[:, :, None]], 2)  # (B, C, E+1)
-            out = torch.bmm(rhs, lhs[:, :, None]).squeeze(2)  # (B, C) network logits + g_pop * log1p(pop)
+            out = torch.log1p(take(self.pop, cand)) * g[:, 3:4]  # (B, C) g_pop * log1p(pop)
+            if head is not None:  # + the network's logits; (B, C, E) is large: no concatenation to it
+                lhs = self._head_lhs(h, head.h)  # (B, E)
+                out = out + torch.bmm(head.w.float(), lhs[:, :, None]).squeeze(2)  # (B, C)
 
-        def add(idx: Tensor, val: Tensor) -> None:  # out[b, column of idx[b, j]] += val[b, j]
+        for idx, val in self._count_terms(g, context, lists):  # out[b, column of idx[b, j]] += val[b, j]
             j = torch.searchsorted(cand, idx).clamp_(max=C - 1)  # (B, N) first position of idx, if present
             out.scatter_add_(1, j, torch.where(cand.gather(1, j) == idx, val, 0.0))
-
-        wc, wr, ws = self._gate_weights(g, context)  # (B, L), (B, L), (B, 1)
-        add(
-            take(self.cooc_idx, items).long().reshape(B, -1),
-            (wc[:, :, None] * torch.log1p(take(self.cooc_val, items))).reshape(B, -1),
-        )
-        add(take(self.succ_idx, last).long(), ws * torch.log1p(take(self.succ_val, last)))
-        add(items, wr)
         return out
 
     def packed_scores(
@@ -295,39 +395,58 @@ class ItemMemory(nn.Module):
         targets: PackedTargets,
         head: HeadFactors | None = None,
         cols: Tensor | None = None,
+        *,
+        leave_out: bool = True,
     ) -> Tensor:
         """Training: scores of M targets in packed rows, each session's own counts left out.
 
-        h (M, d); items, segment (R, W) packed rows; target m sits at row targets.row[m],
-        position targets.pos[m]; its context is the earlier positions of its session where
-        targets.ctx_ok is True (clm: every real position; mlm: the unmasked ones).
+        h (M, d); items, segment (R, W) packed rows; targets: where they sit (`packed_view`).
         (M, V) scores, or (M, U) for the sorted candidate ids `cols` (U,) with head.w
-        their rows (U, E): the same values at those columns (tested).
+        their rows (U, E): the same values at those columns (tested). leave_out=False:
+        sessions that are not in the counts (stacking on held-back sessions).
+        """
+        context, lists = self.packed_view(items, segment, targets, leave_out=leave_out)
+        return self.combine(h, context, lists, head, cols)
+
+    def packed_view(
+        self, items: Tensor, segment: Tensor, targets: PackedTargets, *, leave_out: bool = True
+    ) -> tuple[TargetContext, CountLists]:
+        """Training: the context and count-table rows of M targets in packed rows.
+
+        items, segment (R, W) packed rows; target m sits at row targets.row[m], position
+        targets.pos[m]; its context is the earlier positions of its session where
+        targets.ctx_ok is True (clm: every real position; mlm: the unmasked ones).
+        leave_out: the sessions are in the counts, so each one's own contribution is
+        subtracted from its lists and popularity (tested against tables rebuilt without it);
+        False for sessions that are not in the counts.
         """
         tgt_r, tgt_p = targets.row, targets.pos
         R, W = items.shape
         pos = torch.arange(W, device=items.device)
-        real = segment > 0
-        same = (segment[:, :, None] == segment[:, None, :]) & real[:, :, None]  # (R, W, W) same session
-        eq = (items[:, :, None] == items[:, None, :]) & same  # (R, W, W) same item, same session
-        cnt = eq.sum(-1)  # (R, W) occurrences of the item in its session
-        # co-occurrence: this session added 1 to cooc[a, c] for every other item c in it,
-        # and 1 to cooc[a, a] if a occurs twice or more
         c_idx = self.cooc_idx[items].long()  # (R, W, K)
-        in_sess = ((c_idx[..., None] == items[:, None, None, :]) & same[:, :, None, :]).any(-1)  # (R, W, K)
-        own = torch.where(c_idx == items[..., None], (cnt >= 2)[..., None], in_sess)
-        c_val = (self.cooc_val[items] - own.float()).clamp(min=0.0)
-        # successors: this session added one per a -> c step in it
         s_idx = self.succ_idx[items].long()  # (R, W, K)
-        step = (segment[:, 1:] == segment[:, :-1]) & real[:, 1:]  # (R, W-1) q -> q+1 inside a session
-        from_a = eq[:, :, :-1] & step[:, None, :]  # (R, W, W-1) steps leaving an occurrence of a
-        to_c = s_idx[..., None] == items[:, None, None, 1:]  # (R, W, K, W-1)
-        s_val = (self.succ_val[items] - (to_c & from_a[:, :, None, :]).sum(-1).float()).clamp(min=0.0)
-        # popularity: minus the session's own occurrences (spread over them, scatter adds them up)
-        p = self.pop[items]
-        pop_delta = torch.where(
-            real, (torch.log1p((p - cnt).clamp(min=0.0)) - torch.log1p(p)) / cnt.clamp(min=1), 0.0
-        )  # (R, W)
+        c_val, s_val, pop_delta = self.cooc_val[items], self.succ_val[items], None
+        if leave_out:
+            real = segment > 0
+            same = (segment[:, :, None] == segment[:, None, :]) & real[:, :, None]  # (R, W, W) same session
+            eq = (items[:, :, None] == items[:, None, :]) & same  # (R, W, W) same item, same session
+            cnt = eq.sum(-1)  # (R, W) occurrences of the item in its session
+            # co-occurrence: this session added 1 to cooc[a, c] for every other item c in it,
+            # and 1 to cooc[a, a] if a occurs twice or more
+            in_sess = (c_idx[..., None] == items[:, None, None, :]) & same[:, :, None, :]  # (R, W, K, W)
+            in_sess = in_sess.any(-1)  # (R, W, K) c is an item of a's session
+            own = torch.where(c_idx == items[..., None], (cnt >= 2)[..., None], in_sess)
+            c_val = (c_val - own.float()).clamp(min=0.0)
+            # successors: this session added one per a -> c step in it
+            step = (segment[:, 1:] == segment[:, :-1]) & real[:, 1:]  # (R, W-1) q -> q+1 inside a session
+            from_a = eq[:, :, :-1] & step[:, None, :]  # (R, W, W-1) steps leaving an occurrence of a
+            to_c = s_idx[..., None] == items[:, None, None, 1:]  # (R, W, K, W-1)
+            s_val = (s_val - (to_c & from_a[:, :, None, :]).sum(-1).float()).clamp(min=0.0)
+            # popularity: minus the session's own occurrences (spread over them, scatter adds them up)
+            p = self.pop[items]
+            pop_delta = torch.where(
+                real, (torch.log1p((p - cnt).clamp(min=0.0)) - torch.log1p(p)) / cnt.clamp(min=1), 0.0
+            )  # (R, W)
         # per target
         seg_t = segment[tgt_r, tgt_p]  # (M,)
         row_seg = segment[tgt_r]  # (M, W)
@@ -341,6 +460,6 @@ class ItemMemory(nn.Module):
             c_val[tgt_r],
             s_idx[tgt_r, lq],
             s_val[tgt_r, lq],
-            pop_delta=torch.where(in_own, pop_delta[tgt_r], 0.0),
+            pop_delta=None if pop_delta is None else torch.where(in_own, pop_delta[tgt_r], 0.0),
         )
-        return self._combine(h, context, lists, head, cols)
+        return context, lists

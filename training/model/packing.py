@@ -78,6 +78,14 @@ class PackedSessions:
     segment: Tensor
     masked: Tensor | None
 
+    def to(self, device: torch.device) -> PackedSessions:
+        """The same rows on `device` (copies overlap with compute where the memory is pinned)."""
+        return PackedSessions(
+            {k: v.to(device, non_blocking=True) for k, v in self.feats.items()},
+            self.segment.to(device, non_blocking=True),
+            None if self.masked is None else self.masked.to(device, non_blocking=True),
+        )
+
 
 def pack_sessions(feats: dict[str, Tensor], lengths: Tensor, masked: Tensor | None = None) -> PackedSessions:
     """Pack right-padded sessions (B, L) into rows of width max(lengths) (CPU tensors).

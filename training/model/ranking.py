@@ -6,6 +6,9 @@
   of an inverted-file index over the item table, `build_index` / `ivf_search`), scored
   exactly on those only, then `candidate_top_k`. The cost does not grow with V apart
   from the index's list heads (docs/scale.md measures it).
+* re-ranking (ModelConfig.rerank): the item memory's candidates only (`memory_candidates`),
+  which are also the only items the model ranks at all, so top-k on them is the exact
+  top-k; no index needed.
 
 Everything here is traceable given the index (built before tracing: no data-dependent
 Python control flow, static shapes); `build_index` itself runs eagerly.
@@ -14,6 +17,7 @@ Python control flow, static shapes); `build_index` itself runs eagerly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +25,9 @@ from torch import Tensor
 
 from training.model.config import ModelConfig
 from training.names import FIRST_REAL_ID, PAD_ID
+
+if TYPE_CHECKING:  # item_memory imports this module
+    from training.model.item_memory import CountLists, TargetContext
 
 
 def take(table: Tensor, idx: Tensor) -> Tensor:
@@ -151,6 +158,23 @@ def candidates(
     parts.append(index.pop_ids[None, :].expand(B, -1))  # (B, P)
     parts.append(ivf_search(q, table, index))  # (B, keep)
     return torch.cat(parts, 1).sort(1).values  # (B, C)
+
+
+def memory_candidates(context: TargetContext, lists: CountLists, popular: Tensor) -> Tensor:
+    """Re-ranking's candidates of M targets: (M, W + W*K + K + P) ids, PAD_ID where an entry is none.
+
+    For a target whose context is x_1..x_n: the context items x_j, the co-occurrence-list
+    entries of every x_j with a count > 0, the successor-list entries of x_n with a count > 0
+    (the counts as given: in training each session's own are left out first, so what only
+    the session itself put there is not a candidate), and the P ids of `popular` (P,).
+    Repeats are left in. Everything else is never ranked: the network re-ranks what the
+    counts propose instead of competing with them over the whole catalogue.
+    """
+    M = context.items.shape[0]
+    items = torch.where(context.ctx, context.items, PAD_ID)  # (M, W)
+    cooc = torch.where(context.ctx[:, :, None] & (lists.cooc_val > 0), lists.cooc_idx, PAD_ID)  # (M, W, K)
+    succ = torch.where(context.has_last[:, None] & (lists.succ_val > 0), lists.succ_idx, PAD_ID)  # (M, K)
+    return torch.cat([items, cooc.reshape(M, -1), succ, popular[None, :].expand(M, -1)], 1)
 
 
 def mask_candidates(scores: Tensor, cand: Tensor, special: Tensor) -> Tensor:

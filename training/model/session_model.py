@@ -46,6 +46,10 @@ give per-candidate scores that are added to the logits above, weighted by
 gates computed from XLNet's hidden state (item_memory.py). Filled per window by
 `training.trainer.set_memory`; buffers, so they travel in the checkpoint and in
 the traced model. During training each session's own counts are left out.
+Options (docs/quality.md measures them): `head_gate`, a per-session weight on the
+network's own item logits; `rerank`, the network re-ranks only the memory's
+candidates (training: softmax over each target's candidates, `_rerank_loss`;
+serving: exact top-k over the same candidates); `head_logits` off, the gates only.
 
 Large catalogues (`ModelConfig.loss`, "auto" picks "sampled" from 200k ids): the
 full softmax builds (positions, V) logits, ~5 GB per step at 1M items. The sampled
@@ -75,7 +79,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import XLNetConfig
 
-import training.model.ranking as ranking  # modules of functions over tensors, used by name
+import training.model.losses as losses  # modules of functions over tensors, used by name
+import training.model.ranking as ranking
 import training.model.sampled as sampled
 from training.model.config import ModelConfig
 from training.model.item_memory import HeadFactors, ItemMemory, PackedTargets
@@ -117,6 +122,17 @@ class SessionModel(nn.Module):
             in_dim += cfg.continuous_dim
         else:
             self.continuous_proj = None
+        # cfg.feature_norm: a LayerNorm per input feature (categorical embeddings in sorted name order,
+        # then the continuous projection) before they are merged; Transformers4Rec found side features
+        # helped only so (+4.7% NDCG on REES46), their scales differ from the item embedding's
+        self.feature_norms = (
+            nn.ModuleList(
+                [nn.LayerNorm(cfg.embedding_dim) for _ in cfg.categorical]
+                + ([nn.LayerNorm(cfg.continuous_dim)] if cfg.continuous else [])
+            )
+            if cfg.feature_norm
+            else None
+        )
         self.input_proj = nn.Linear(in_dim, cfg.d_output)  # + ReLU
         self.mask_emb = nn.Parameter(torch.randn(cfg.d_output) * cfg.mask_init_std)  # replaces masked inputs
         self.mlp = nn.Linear(cfg.d_output, cfg.d_model)  # + ReLU (T4Rec's MLPBlock([64]))
@@ -155,8 +171,18 @@ class SessionModel(nn.Module):
         self.head_proj = (
             nn.Linear(cfg.d_model, cfg.embedding_dim) if cfg.d_model != cfg.embedding_dim else None
         )
+        if self.head_proj is not None and not cfg.head_logits:
+            self.head_proj.requires_grad_(False)  # never read: DDP wants no unused trainable parameter
         self.item_memory = (
-            ItemMemory(cfg.n_items, cfg.memory_k, cfg.max_len, cfg.d_model, cfg.memory_decay)
+            ItemMemory(
+                cfg.n_items,
+                cfg.memory_k,
+                cfg.max_len,
+                cfg.d_model,
+                cfg.memory_decay,
+                head_gate=cfg.head_gate,
+                rerank_popular=cfg.rank_popular if cfg.rerank else 0,
+            )
             if cfg.memory
             else None
         )
@@ -253,7 +279,11 @@ class SessionModel(nn.Module):
         parts = [self.embeddings[name](feats[name]) for name in cats]  # each (B, L, E)
         if self.continuous_proj is not None:
             cont = torch.stack([feats[name].float() for name in conts], dim=-1)  # (B, L, C)
+            if not self.cfg.side_features:  # ablation: the continuous features carry nothing
+                cont = torch.zeros_like(cont)
             parts.append(F.relu(self.continuous_proj(cont)))  # (B, L, continuous_dim)
+        if self.feature_norms is not None:
+            parts = [norm(x) for norm, x in zip(self.feature_norms, parts)]
         return F.relu(self.input_proj(torch.cat(parts, dim=-1)))  # (B, L, d_output)
 
     def encode(self, x: Tensor, segment: Tensor) -> Tensor:
@@ -277,6 +307,16 @@ class SessionModel(nn.Module):
     def _head_input(self, h: Tensor) -> Tensor:
         return self.head_proj(h) if self.head_proj is not None else h
 
+    def _head_factors(self, h: Tensor, cols: Tensor | None = None) -> HeadFactors | None:
+        """The network's item logits as factors for the item memory (None: cfg.head_logits off):
+        head inputs (M, E) and the item vectors (V, E), or the rows of the columns `cols` (U,)
+        read by a lookup that is sparse exactly when the input lookup is (loss "sampled")."""
+        if not self.cfg.head_logits:
+            return None
+        emb = self.embeddings[self.cfg.item_feature]
+        w = emb.weight if cols is None else F.embedding(cols, emb.weight, sparse=emb.sparse)  # (V or U, E)
+        return HeadFactors(self._head_input(h), w)
+
     def item_logits(self, h: Tensor) -> Tensor:
         """(..., d_model) hidden states -> (..., V) logits of the network alone, special ids at -inf."""
         logits = (self._head_input(h) @ self.embeddings[self.cfg.item_feature].weight.t()).float()  # (..., V)
@@ -297,10 +337,9 @@ class SessionModel(nn.Module):
         h_next = self.next_hidden(feats, lengths)  # (B, d_model)
         if self.item_memory is None:
             return self.item_logits(h_next)  # (B, V)
-        table = self.embeddings[self.cfg.item_feature].weight
         logits = self.item_memory.next_item_scores(
-            h_next, feats[self.cfg.item_feature], lengths, self._head_input(h_next), table
-        )  # (B, V) network logits + count scores, a fresh tensor
+            h_next, feats[self.cfg.item_feature], lengths, self._head_factors(h_next)
+        )  # (B, V) network logits + count scores (re-ranking: -inf but at the candidates), a fresh tensor
         return logits.masked_fill_(self.special_ids, float("-inf"))
 
     def next_hidden(self, feats: dict[str, Tensor], lengths: Tensor) -> Tensor:
@@ -333,16 +372,23 @@ class SessionModel(nn.Module):
         rank "exact": `next_item_scores` + topk (scores every item). rank "two_stage": the
         same scores computed on a fixed number C of candidates per session only
         (`rank_candidates`), so the cost does not grow with V (apart from the index's
-        list heads). Special ids are never returned; scores are those `next_item_scores`
-        gives the returned ids. Traceable (call `prepare_ranking` first).
+        list heads); under re-ranking (cfg.rerank) the candidates are the item memory's
+        (`ItemMemory.session_candidates`), the only items `next_item_scores` does not set
+        to -inf, so this is its exact top-k at O(candidates) per session, no index.
+        Special ids are never returned; scores are those `next_item_scores` gives the
+        returned ids. Traceable (call `prepare_ranking` first).
         """
+        rerank = self.item_memory is not None and self.cfg.rerank
         if self.cfg.rank == "exact":
             return ranking.exact_top_k(self.next_item_scores(feats, lengths), k)
-        self._check_ranking()
-        n_pop = self._rank_sizes[0]
+        if rerank:  # ItemMemory.popular_ids: a constant number of real ids
+            n_pop = min(self.cfg.rank_popular, self.cfg.n_items - FIRST_REAL_ID)
+        else:
+            self._check_ranking()
+            n_pop = self._rank_sizes[0]
         if not 1 <= k <= n_pop:
             raise ValueError(
-                f"two-stage top-k: k={k} must be in [1, {n_pop}] (the popular "
+                f"{'re-ranking' if rerank else 'two-stage'} top-k: k={k} must be in [1, {n_pop}] (the popular "
                 "candidates guarantee k real items; raise rank_popular)"
             )
         return ranking.candidate_top_k(*self.candidate_scores(feats, lengths), k)
@@ -352,17 +398,24 @@ class SessionModel(nn.Module):
         (scores (B, C) float32, candidates (B, C) ids sorted per row); a repeated id and the
         special ids score -inf (`ranking.mask_candidates`), every other candidate the value
         `next_item_scores` gives it. What the served model ranks (evaluation reads it too)."""
-        self._check_ranking()
+        rerank = self.item_memory is not None and self.cfg.rerank
+        if not rerank:
+            self._check_ranking()
         feats = self.unknown_to_oov(feats)  # ids the tables do not hold yet (issue 12) -> OOV
         items = feats[self.cfg.item_feature]  # (B, L)
         h = self.next_hidden(feats, lengths)  # (B, d_model)
         q = self._head_input(h)  # (B, E)
-        cand = self.rank_candidates(items, lengths, q)  # (B, C) sorted, with repeats and specials
-        w = take(self.embeddings[self.cfg.item_feature].weight, cand)  # (B, C, E)
-        if self.item_memory is None:
-            scores = torch.bmm(w, q[:, :, None]).squeeze(2).float()  # (B, C)
+        if rerank:
+            cand = self.item_memory.session_candidates(items, lengths)  # (B, C) sorted, repeats and pads
         else:
-            scores = self.item_memory.candidate_scores(h, items, lengths, cand, q, w)  # (B, C)
+            cand = self.rank_candidates(items, lengths, q)  # (B, C) sorted, with repeats and specials
+        table = self.embeddings[self.cfg.item_feature].weight
+        head = HeadFactors(q, take(table, cand)) if self.cfg.head_logits else None  # w: (B, C, E)
+        if self.item_memory is None:
+            assert head is not None  # ModelConfig: no head logits needs the memory
+            scores = torch.bmm(head.w, q[:, :, None]).squeeze(2).float()  # (B, C)
+        else:
+            scores = self.item_memory.candidate_scores(h, items, lengths, cand, head)  # (B, C)
         return ranking.mask_candidates(scores, cand, self.special_ids), cand
 
     def rank_candidates(self, items: Tensor, lengths: Tensor, q: Tensor) -> Tensor:
@@ -425,8 +478,12 @@ class SessionModel(nn.Module):
         pop; without the memory the sampled loss's counts, `set_sample_counts`; with neither,
         the largest item-vector norms) and the inverted-file index of the real items' vectors.
         Called by TopKRanker before tracing, and lazily by `next_item_topk` in eager mode
-        when the table or counts changed (training steps, set_tables).
+        when the table or counts changed (training steps, set_tables). Re-ranking needs no
+        index: its popular candidates (`ItemMemory.popular_ids`) are computed instead.
         """
+        if self.item_memory is not None and self.cfg.rerank:
+            self.item_memory.popular_ids()
+            return
         if self.cfg.rank != "two_stage":
             return
         table = self.embeddings[self.cfg.item_feature].weight.detach()
@@ -527,21 +584,35 @@ class SessionModel(nn.Module):
         return self.packed_loss(PackedSessions(feats, segment, masked), generator=generator)
 
     def packed_loss(
-        self, p: PackedSessions, label_smoothing: float = 0.0, generator: torch.Generator | None = None
+        self,
+        p: PackedSessions,
+        label_smoothing: float = 0.0,
+        generator: torch.Generator | None = None,
+        *,
+        leave_out: bool = True,
     ) -> Tensor:
-        """Mean cross-entropy over the predicted positions of packed rows (see `pack_sessions`).
+        """Mean loss over the predicted positions of packed rows (see `pack_sessions`).
 
-        label_smoothing eps: (1 - eps) * CE + eps * mean over the real items of -log p
-        (special ids, at -inf, are left out of the uniform part). Full loss only.
-        loss == "sampled": the softmax runs over `sample_candidates` (drawn with
-        `generator`), logits h . w_j (+ the item memory's scores of those columns)
-        - log P(j in U) (not on the row's own target); nothing of size V is built.
+        cfg.loss_fn "ce": cross-entropy, label_smoothing eps: (1 - eps) * CE + eps * mean over
+        the row's columns of -log p (special ids, at -inf, are left out); "gbce": gSASRec's
+        generalised BCE over the same columns (losses.py). The columns:
+        * loss "full": every item;
+        * loss "sampled": `sample_candidates` (drawn with `generator`), logits h . w_j (+ the
+          item memory's scores of those columns), for "ce" - log P(j in U) (not on the row's
+          own target); nothing of size V is built;
+        * re-ranking (cfg.rerank, either loss): each target's own candidates (`_rerank_loss`).
+        leave_out: the item memory subtracts each session's own counts (the sessions trained on
+        are in the counts); False for sessions that are not (stacking on held-back sessions).
         """
         is_sampled = self.cfg.loss == "sampled"
         if is_sampled and label_smoothing > 0.0:
             raise ValueError(
                 f"label_smoothing={label_smoothing} needs the full softmax (its uniform part spans the whole "
                 "catalogue); use label_smoothing=0 with loss='sampled', or loss='full'"
+            )
+        if self.cfg.loss_fn == "gbce" and label_smoothing > 0.0:
+            raise ValueError(
+                f"label_smoothing={label_smoothing} is a softmax notion: use loss_fn='ce' for it"
             )
         items = p.feats[self.cfg.item_feature]  # (R, W)
         x = self.embed(p.feats)  # (R, W, d_output)
@@ -561,26 +632,28 @@ class SessionModel(nn.Module):
             ctx_ok = seg > 0
         # the item memory's view of the targets: row-major, the order of h_sel
         tgt = None if self.item_memory is None else PackedTargets(*where.nonzero(as_tuple=True), ctx_ok)
+        if self.item_memory is not None and self.cfg.rerank:
+            return self._rerank_loss(p, h_sel, targets, tgt, label_smoothing, leave_out=leave_out)
         if is_sampled:
-            return self._sampled_loss(p, h_sel, targets, tgt, generator)
+            return self._sampled_loss(p, h_sel, targets, tgt, generator, leave_out=leave_out)
         table = self.embeddings[self.cfg.item_feature].weight
         if self.item_memory is None:
             logits = (self._head_input(h_sel) @ table.t()).float()  # (M, V)
         else:
             assert tgt is not None
             logits = self.item_memory.packed_scores(
-                h_sel, items, seg, tgt, HeadFactors(self._head_input(h_sel), table)
+                h_sel, items, seg, tgt, self._head_factors(h_sel), leave_out=leave_out
             )  # (M, V)
         # special ids never win: -inf written into their 3 columns of the fresh scores, the values
         # (and gradients) of masked_fill(special_ids) without its (M, V) pass and (M, V) backward
         logits[:, :FIRST_REAL_ID] = float("-inf")
-        denom = max(int(targets.numel()), 1)
-        if label_smoothing <= 0.0:
-            return F.cross_entropy(logits, targets, reduction="sum") / denom
-        logp = F.log_softmax(logits, dim=-1)  # (M, V)
-        nll = -logp.gather(1, targets[:, None]).squeeze(1)  # (M,)
-        uniform = -logp[:, FIRST_REAL_ID:].mean(1)  # (M,)
-        return ((1.0 - label_smoothing) * nll + label_smoothing * uniform).sum() / denom
+        return self._loss(logits, targets, label_smoothing)
+
+    def _loss(self, logits: Tensor, target_col: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """cfg.loss_fn of (M, N) logits (-inf: not one of the row's columns) and the targets' columns (M,)."""
+        if self.cfg.loss_fn == "gbce":
+            return losses.gbce_loss(logits, target_col, self.cfg.n_items - FIRST_REAL_ID, self.cfg.gbce_t)
+        return losses.softmax_loss(logits, target_col, label_smoothing)
 
     def _sampled_loss(
         self,
@@ -589,19 +662,52 @@ class SessionModel(nn.Module):
         targets: Tensor,
         tgt: PackedTargets | None,
         generator: torch.Generator | None,
+        *,
+        leave_out: bool = True,
     ) -> Tensor:
-        """Sampled-softmax part of `packed_loss`: (M, d_model) hidden states, (M,) targets -> scalar
-        (`tgt`: where the targets sit, for the item memory)."""
+        """Sampled part of `packed_loss`: (M, d_model) hidden states, (M,) targets -> scalar
+        (`tgt`: where the targets sit, for the item memory). "gbce" reads the same columns
+        without the logQ correction (gSASRec's negatives are not importance-weighted)."""
         cols, log_p = self.sample_candidates(targets, generator)  # (U,), (U,)
-        emb = self.embeddings[self.cfg.item_feature]
-        w_cols = F.embedding(
-            cols, emb.weight, sparse=emb.sparse
-        )  # (U, E): sparse exactly when the input lookup is
+        head = self._head_factors(h_sel, cols)  # (U, E) item rows: sparse exactly when the input lookup is
         if self.item_memory is None:
-            logits = (self._head_input(h_sel) @ w_cols.t()).float()  # (M, U)
+            assert head is not None  # ModelConfig: no head logits needs the memory
+            logits = (head.h @ head.w.t()).float()  # (M, U)
         else:
             assert tgt is not None
             items = p.feats[self.cfg.item_feature]
-            head = HeadFactors(self._head_input(h_sel), w_cols)
-            logits = self.item_memory.packed_scores(h_sel, items, p.segment, tgt, head, cols=cols)  # (M, U)
+            logits = self.item_memory.packed_scores(
+                h_sel, items, p.segment, tgt, head, cols=cols, leave_out=leave_out
+            )  # (M, U)
+        if self.cfg.loss_fn == "gbce":
+            return self._loss(logits, torch.searchsorted(cols, targets))
         return sampled.sampled_cross_entropy(logits, log_p, cols, targets)
+
+    def _rerank_loss(
+        self,
+        p: PackedSessions,
+        h_sel: Tensor,
+        targets: Tensor,
+        tgt: PackedTargets | None,
+        label_smoothing: float,
+        *,
+        leave_out: bool = True,
+    ) -> Tensor:
+        """Re-ranking part of `packed_loss` (cfg.rerank): each target against its own candidates
+        (`ItemMemory.candidates`: hard negatives from the counts) -> scalar.
+
+        Scored on the union U of the batch's candidates and targets (`candidate_columns`), with
+        a per-row mask: the same loss as (M, V) scores masked to each row's candidates (tested),
+        at O(M x U). The sets are deterministic, so no logQ correction. A target outside its
+        own candidates is one the model can never rank: it is dropped from the loss.
+        """
+        mem = self.item_memory
+        assert mem is not None and tgt is not None
+        items = p.feats[self.cfg.item_feature]  # (R, W)
+        context, lists = mem.packed_view(items, p.segment, tgt, leave_out=leave_out)
+        cols, member = mem.candidate_columns(mem.candidates(context, lists), targets)  # (U,), (M, U)
+        logits = mem.combine(h_sel, context, lists, self._head_factors(h_sel, cols), cols)  # (M, U)
+        logits = logits.masked_fill(~member, float("-inf"))
+        tgt_col = torch.searchsorted(cols, targets)  # (M,) every target is a column
+        keep = member.gather(1, tgt_col[:, None]).squeeze(1)  # (M,) targets among their own candidates
+        return self._loss(logits[keep], tgt_col[keep], label_smoothing)

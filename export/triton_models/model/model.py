@@ -15,8 +15,10 @@ config.pbtxt, which all versions share). Each request is checked on its own befo
 the batch runs (a client may call this step directly: a bad request gets
 INVALID_ARG and the requests batched with it are still answered).
 
-`model.pt` is loaded only after every file of this version folder matched its
-sha256 in sessrec_files.json (sessrec_integrity.verify_folder). Imports only the
+Nothing of this folder is imported or loaded (sessrec_steps.py, model.pt) before
+every file of this version folder, and the model folder's config.pbtxt and
+warm-up files, matched their sha256 in sessrec_files.json
+(sessrec_integrity.verify_folder). Imports only the
 standard library, numpy, torch, triton_python_backend_utils and the files of
 this folder (sessrec_steps.py, sessrec_integrity.py): torch is the one package a
 stock tritonserver image lacks for this step (see export/README.md).
@@ -29,26 +31,29 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from sessrec_integrity import verify_folder
-from sessrec_steps import (
-    RequestError,
-    check_model_inputs,
-    concat_requests,
-    default_torch_threads,
-    json_parameter,
-    split_rows,
-    string_parameters,
-)
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        verify_folder(version_dir)  # before anything of this folder is imported or read (model.pt, sessrec_steps.py)
+        from sessrec_steps import (
+            RequestError,
+            check_model_inputs,
+            concat_requests,
+            default_torch_threads,
+            json_parameter,
+            split_rows,
+            string_parameters,
+        )
+
+        self.RequestError, self.check_model_inputs = RequestError, check_model_inputs
+        self.concat_requests, self.split_rows = concat_requests, split_rows
         config = json.loads(args["model_config"])
         params = string_parameters(config)
         threads = int(params.get("torch_threads", "0")) or default_torch_threads()
         torch.set_num_threads(threads)
         torch.set_num_interop_threads(1)  # one forward at a time per instance
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        verify_folder(version_dir)  # before torch.jit.load
         self.device = torch.device("cuda", int(args["model_instance_device_id"])) if args["model_instance_kind"] == "GPU" else torch.device("cpu")
         self.model = torch.jit.load(str(version_dir / "model.pt"), map_location=self.device).eval()
         self.inputs = json_parameter(params, "input_order", "model")
@@ -67,8 +72,8 @@ class TritonPythonModel:
             arrays = [pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs]
             if self.max_len is not None:
                 try:
-                    check_model_inputs(arrays, self.inputs, self.cardinalities, self.max_len)
-                except RequestError as e:
+                    self.check_model_inputs(arrays, self.inputs, self.cardinalities, self.max_len)
+                except self.RequestError as e:
                     responses[i] = pb_utils.InferenceResponse(
                         error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
                     )
@@ -78,7 +83,7 @@ class TritonPythonModel:
         if not good:
             return responses
         try:
-            batch, sizes = concat_requests(per_request)
+            batch, sizes = self.concat_requests(per_request)
             with torch.inference_mode():
                 outs = self.model(*[torch.from_numpy(a).to(self.device) for a in batch])
             arrays = [np.ascontiguousarray(o.cpu().numpy()) for o in outs]
@@ -88,6 +93,6 @@ class TritonPythonModel:
             for i in good:
                 responses[i] = pb_utils.InferenceResponse(error=err)
             return responses
-        for i, parts in zip(good, split_rows(arrays, sizes)):
+        for i, parts in zip(good, self.split_rows(arrays, sizes)):
             responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in zip(self.outputs, parts)])
         return responses

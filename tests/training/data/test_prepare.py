@@ -47,7 +47,9 @@ def read_splits(data: Path) -> pd.DataFrame:
 
 
 def split_files(data: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(data)): p.read_bytes() for p in sorted((data / SESSIONS_DIR).rglob("*.parquet"))}
+    return {
+        str(p.relative_to(data)): p.read_bytes() for p in sorted((data / SESSIONS_DIR).rglob("*.parquet"))
+    }
 
 
 # --------------------------------------------------------------------------- #
@@ -202,7 +204,9 @@ def test_diginetica_tsv(diginetica_data, diginetica_dir):
     assert 14_000 < summary["sessions_kept"] <= 15_963
     sessions = read_splits(diginetica_data)
     # time order: the lists follow (Time, timeframe) of the raw file
-    raw = pd.read_csv(diginetica_dir / DIGINETICA_TSV, sep="\t").sort_values(["sessionId", "Time", "timeframe"])
+    raw = pd.read_csv(diginetica_dir / DIGINETICA_TSV, sep="\t").sort_values(
+        ["sessionId", "Time", "timeframe"]
+    )
     from training.data.serving_transform import ServingTransform
 
     vocab = ServingTransform.load(diginetica_data).item_vocabulary()
@@ -216,7 +220,19 @@ def test_diginetica_tsv(diginetica_data, diginetica_dir):
 @pytest.mark.diginetica
 def test_diginetica_raw_csv(diginetica_dir, tmp_path):
     out = tmp_path / "raw"
-    assert main(["--input", str(diginetica_dir / DIGINETICA_CSV), *DIGINETICA_CSV_FLAGS, "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--input",
+                str(diginetica_dir / DIGINETICA_CSV),
+                *DIGINETICA_CSV_FLAGS,
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     schema = json.loads((out / SCHEMA_FILE).read_text())
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["input"]["rows_read"] == 12_391
@@ -248,7 +264,20 @@ def test_bad_input_exit_code_2_and_no_output(tmp_path, capsys, content, fragment
     src = tmp_path / "clicks.csv"
     src.write_text(content)
     out = tmp_path / "out" / "data"
-    code = main(["--input", str(src), "--session-col", "sess", "--item-col", "item", "--time-col", "t", "--out", str(out)])
+    code = main(
+        [
+            "--input",
+            str(src),
+            "--session-col",
+            "sess",
+            "--item-col",
+            "item",
+            "--time-col",
+            "t",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ")
@@ -325,14 +354,19 @@ def test_every_flag_keeps_its_meaning(args, name, value):
 
     cfg = config_from_args([*args, "--out", "d"])
     assert getattr(cfg, name) == value and cfg.out == Path("d")
-    assert {k: getattr(cfg, k) for k in DEFAULTS if k != name} == {k: v for k, v in DEFAULTS.items() if k != name}
+    assert {k: getattr(cfg, k) for k in DEFAULTS if k != name} == {
+        k: v for k, v in DEFAULTS.items() if k != name
+    }
 
 
 @pytest.mark.parametrize(
     "args, fragment",
     [
         (["--synthetic"], "give --out"),
-        (["--synthetic", "--out", "d", "--num-rows", "many"], "argument --num-rows: invalid int value: 'many'"),
+        (
+            ["--synthetic", "--out", "d", "--num-rows", "many"],
+            "argument --num-rows: invalid int value: 'many'",
+        ),
         (["--input", "c.csv", "--out", "d", "--time-unit", "h"], "argument --time-unit: invalid choice: 'h'"),
         (["--synthetic", "--out", "d", "--nope"], "unrecognized arguments: --nope"),
     ],
@@ -348,9 +382,17 @@ def test_config_file_then_flags(tmp_path):
     from training.prepare import config_from_args
 
     path = tmp_path / "prepare.json"
-    path.write_text(json.dumps({"path": "c.csv", "time_col": "t", "continuous_cols": ["a"], "max_len": 5, "out": "x"}))
+    path.write_text(
+        json.dumps({"path": "c.csv", "time_col": "t", "continuous_cols": ["a"], "max_len": 5, "out": "x"})
+    )
     cfg = config_from_args(["--config", str(path), "--max-len", "7", "--out", "d"])
-    assert (cfg.path, cfg.time_col, cfg.continuous_cols, cfg.max_len, cfg.out) == (Path("c.csv"), "t", ("a",), 7, Path("d"))
+    assert (cfg.path, cfg.time_col, cfg.continuous_cols, cfg.max_len, cfg.out) == (
+        Path("c.csv"),
+        "t",
+        ("a",),
+        7,
+        Path("d"),
+    )
 
 
 def test_cli_process_exit_code_and_help(tmp_path, repo_root):

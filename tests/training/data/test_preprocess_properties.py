@@ -55,7 +55,9 @@ ids = st.one_of(
     st.integers(0, INT64_MAX),
     st.sampled_from([0, 1, 2, 3, INT64_MAX, INT64_MAX - 1]),
 )
-finite_floats = st.floats(min_value=-(2.0**100), max_value=2.0**100, allow_nan=False, allow_infinity=False, width=32)
+finite_floats = st.floats(
+    min_value=-(2.0**100), max_value=2.0**100, allow_nan=False, allow_infinity=False, width=32
+)
 
 
 @st.composite
@@ -163,7 +165,9 @@ def reference(cols: dict[str, np.ndarray], known: np.ndarray, vocab: np.ndarray,
     return order, {s: min(len(r), max_len) for s, r in rows.items()}, items, rows
 
 
-def assert_contract(out: dict, cols: dict, transform: ServingTransform, lengths_key: str = LENGTHS_TENSOR) -> None:
+def assert_contract(
+    out: dict, cols: dict, transform: ServingTransform, lengths_key: str = LENGTHS_TENSOR
+) -> None:
     L = transform.max_len
     vocab = transform.item_vocabulary()
     order, lengths, items, rows = reference(cols, None, vocab, L)
@@ -191,7 +195,9 @@ def assert_contract(out: dict, cols: dict, transform: ServingTransform, lengths_
         for name in transform.continuous:
             want = cols[raw_col[name]][rows[s][-L:]].astype(np.float32)
             np.testing.assert_array_equal(out[name][i, :n], want, err_msg=f"session {s}: {name}")
-        assert (out[ITEM_LIST][i, :n] >= FIRST_REAL_ID).sum() == sum(1 for x in items[s] if x >= FIRST_REAL_ID)
+        assert (out[ITEM_LIST][i, :n] >= FIRST_REAL_ID).sum() == sum(
+            1 for x in items[s] if x >= FIRST_REAL_ID
+        )
 
 
 # --- ServingTransform ------------------------------------------------------------------------
@@ -233,8 +239,10 @@ def test_any_batch_transforms_or_raises_input_error(transform, known_items, data
     except InputError as e:
         assert re.search(r"'(session_id|item_id|category|age_days|weekday_sin)'", str(e)), str(e)
         return
-    flat = {k: (v.reshape(-1) if isinstance(v, np.ndarray) and v.ndim == 2 and v.shape[1] == 1 else v)
-            for k, v in cols.items()}
+    flat = {
+        k: (v.reshape(-1) if isinstance(v, np.ndarray) and v.ndim == 2 and v.shape[1] == 1 else v)
+        for k, v in cols.items()
+    }
     assert_contract(out, {k: np.asarray(v) for k, v in flat.items()}, transform)
 
 
@@ -245,15 +253,32 @@ def test_preprocess_step_contract_or_request_error(transform, known_items, data,
     """Triton delivers the declared dtypes and rank; values and sizes are the client's."""
     cols = data.draw(batches_with_known_items(known_items))
     if data.draw(st.booleans()):
-        name, _, edit = data.draw(st.sampled_from([d for d in DEFECTS if d[0] in {
-            "negative item id", "negative category", "negative session id", "NaN continuous",
-            "+inf continuous", "-inf continuous", "column of another length"}]))
+        name, _, edit = data.draw(
+            st.sampled_from(
+                [
+                    d
+                    for d in DEFECTS
+                    if d[0]
+                    in {
+                        "negative item id",
+                        "negative category",
+                        "negative session id",
+                        "NaN continuous",
+                        "+inf continuous",
+                        "-inf continuous",
+                        "column of another length",
+                    }
+                ]
+            )
+        )
         cols = edit(cols, data.draw(st.integers(0, 1000)))
     if data.draw(st.integers(0, 9)) == 0:
         cols = {k: v[:0] for k, v in cols.items()}  # 0 rows
     features = [*transform.categorical, *transform.continuous]
     try:
-        out = preprocess(cols, transform, features, max_rows, max_sessions, SESSION_COL, OUT_SESSION_ID, LENGTHS_TENSOR)
+        out = preprocess(
+            cols, transform, features, max_rows, max_sessions, SESSION_COL, OUT_SESSION_ID, LENGTHS_TENSOR
+        )
     except (RequestError, InputError) as e:
         assert re.search(r"'(session_id|item_id|category|age_days|weekday_sin)'", str(e)), str(e)
         n = {len(v) for v in cols.values()}

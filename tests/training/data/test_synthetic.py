@@ -94,7 +94,9 @@ def test_sessions_are_contiguous_in_generation_order():
     items = np.clip(rs.lognormal(3.0, 1.0, 5_000).astype(np.int32), 1, 50_000)
     sessions = rs.randint(70_000, 71_000, 5_000)
     for s in np.unique(sessions)[:50]:
-        np.testing.assert_array_equal(log.loc[log[SESSION_COL] == s, ITEM_COL].to_numpy(), items[sessions == s])
+        np.testing.assert_array_equal(
+            log.loc[log[SESSION_COL] == s, ITEM_COL].to_numpy(), items[sessions == s]
+        )
 
 
 def test_seeded():

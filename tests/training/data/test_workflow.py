@@ -225,7 +225,9 @@ def test_derived_timestamp_features(tmp_path):
     np.testing.assert_allclose(rows[2]["age_days-list"], [0.0, 2.5 + 60 / DAY], rtol=1e-6)
     assert rows[2]["age_days-list"].dtype == np.float32
     # at serving, an item unseen at fit time has age 0
-    later = pd.DataFrame({SESSION_COL: [9, 9], ITEM_COL: [1, 777], TIME_COL: [MONDAY + 7 * DAY] * 2, WINDOW_COL: 1})
+    later = pd.DataFrame(
+        {SESSION_COL: [9, 9], ITEM_COL: [1, 777], TIME_COL: [MONDAY + 7 * DAY] * 2, WINDOW_COL: 1}
+    )
     got = workflow.transform(later)
     np.testing.assert_allclose(got["age_days-list"][0], [7.0, 0.0], rtol=1e-6)
 
@@ -236,12 +238,16 @@ def test_weekday_and_age_functions_on_arrays_and_series():
     np.testing.assert_allclose(workflow_ops.weekday_sin(ts), expected)
     s = workflow_ops.weekday_sin(pd.Series(ts, index=[5, 6, 7]))
     assert list(s.index) == [5, 6, 7] and s.dtype == np.float32
-    age = workflow_ops.item_age_days(np.array([MONDAY, np.nan, MONDAY + DAY]), {TIME_COL: np.array([MONDAY + DAY] * 3)})
+    age = workflow_ops.item_age_days(
+        np.array([MONDAY, np.nan, MONDAY + DAY]), {TIME_COL: np.array([MONDAY + DAY] * 3)}
+    )
     np.testing.assert_allclose(age, [1.0, 0.0, 0.0])
 
 
 def test_output_schema_tags(tmp_path):
-    workflow, _ = fit_transform(synthetic.generate(1_000, 0)[SYNTH_SPEC.input_columns()], SYNTH_SPEC, tmp_path)
+    workflow, _ = fit_transform(
+        synthetic.generate(1_000, 0)[SYNTH_SPEC.input_columns()], SYNTH_SPEC, tmp_path
+    )
     schema = workflow.output_schema
     assert {Tags.ITEM, Tags.ID, Tags.CATEGORICAL, Tags.LIST} <= set(schema[ITEM_LIST].tags)
     assert {Tags.CATEGORICAL, Tags.LIST} <= set(schema[CATEGORY_LIST].tags)
@@ -451,14 +457,18 @@ def test_serving_parity_random_requests(serving, data):
     n = data.draw(st.integers(1, 60), label="rows")
     sessions = data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n), label="sessions")
     items = data.draw(
-        st.lists(st.one_of(st.sampled_from(vocab.tolist()), st.integers(100_000, 100_010)), min_size=n, max_size=n),
+        st.lists(
+            st.one_of(st.sampled_from(vocab.tolist()), st.integers(100_000, 100_010)), min_size=n, max_size=n
+        ),
         label="items",
     )
     rows = pd.DataFrame(
         {
             SESSION_COL: np.asarray(sessions, dtype=np.int64) + 70_000,
             ITEM_COL: np.asarray(items, dtype=np.int64),
-            "category": np.asarray(data.draw(st.lists(st.integers(1, 400), min_size=n, max_size=n)), dtype=np.int64),
+            "category": np.asarray(
+                data.draw(st.lists(st.integers(1, 400), min_size=n, max_size=n)), dtype=np.int64
+            ),
             "age_days": np.linspace(0, 1, n, dtype=np.float32),
             "weekday_sin": np.linspace(1, 0, n, dtype=np.float32),
             WINDOW_COL: 1,

@@ -1,0 +1,255 @@
+"""How the network and the counts are combined: head gate, the ablation switches, gBCE.
+
+What must hold:
+* head gate (ModelConfig.head_gate): starts at weight 1 (the scores of the model without it) and
+  multiplies the network's own item logits only, per session, in every scoring path (exact,
+  candidates, packed, packed on columns);
+* head_logits off == the head's weight 0; it needs the item memory;
+* leave_out=False scores sessions as they are in the counts (no correction; stacking uses it,
+  tests/training/test_stacking.py);
+* side_features off: the continuous features change nothing; feature_norm: a LayerNorm per
+  feature (a feature's scale no longer matters);
+* gBCE: gSASRec's formula (hand computed), plain BCE over every item, and the sampled gBCE
+  with every item drawn equals the full one;
+* the flags and the real recipe.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.sessions_util import random_sessions
+from training.baselines import BaselineCounts, memory_tables
+from training.model import HeadFactors, ModelConfig, PackedTargets, SessionModel, pack_sessions, take
+from training.model.losses import gbce_loss
+from training.names import FIRST_REAL_ID, ITEM_LIST
+from training.recipes import RECIPES
+
+ITEM = ITEM_LIST
+CAT = "category-list"
+CONT = "weekday_sin-list"
+V = 50
+L = 6
+K = 5
+D = 8
+
+
+def make_model(**kw) -> SessionModel:
+    settings = dict(
+        categorical={ITEM: V, CAT: 7}, continuous=[CONT], max_len=L, embedding_dim=D, d_output=D, d_model=D,
+        n_head=2, n_layer=1, d_inner=16, dropout=0.0, objective="clm", memory=True, memory_k=K,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    m = SessionModel(ModelConfig(**{**settings, **kw}))
+    if m.item_memory is not None:
+        items, lengths = random_sessions(80, V, seed=1, max_len=L, min_len=2)
+        counts = BaselineCounts(V)
+        counts.add_sessions(items, lengths)
+        m.item_memory.set_tables(**{k: torch.from_numpy(v) for k, v in memory_tables(counts, K).items()})
+        with torch.no_grad():
+            m.item_memory.gate.weight.normal_(0, 0.3)
+    return m.eval()
+
+
+def batch(n: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    items, lengths = random_sessions(n, V, seed=seed, max_len=L, min_len=2)
+    it = torch.from_numpy(items)
+    real = it > 0
+    cont = torch.rand(it.shape, generator=torch.Generator().manual_seed(seed)) * real
+    return {ITEM: it, CAT: (it % 4 + FIRST_REAL_ID) * real, CONT: cont}, torch.from_numpy(lengths)
+
+
+def every_path(mem, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The item memory's scores of the same random sessions and head factors in every scoring path,
+    with the hidden states the gates read: exact (B, V), candidates (B, C), packed (M, V),
+    packed on columns (M, U)."""
+    g = torch.Generator().manual_seed(seed)
+    feats, lengths = batch(6, seed=5)
+    items = feats[ITEM]
+    h, bh, table = (
+        torch.randn(6, D, generator=g),
+        torch.randn(6, D, generator=g),
+        torch.randn(V, D, generator=g),
+    )
+    cand = torch.randint(FIRST_REAL_ID, V, (6, 12), generator=g).sort(1).values
+    p = pack_sessions({ITEM: items}, lengths)
+    seg = p.segment
+    where = F.pad((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0), (1, 0))
+    tgt = PackedTargets(*where.nonzero(as_tuple=True), seg > 0)
+    M = len(tgt.row)
+    hm, bhm = torch.randn(M, D, generator=g), torch.randn(M, D, generator=g)
+    cols = torch.arange(FIRST_REAL_ID, V, 3)
+    with torch.no_grad():
+        return [
+            (mem.next_item_scores(h, items, lengths, HeadFactors(bh, table)), h),
+            (mem.candidate_scores(h, items, lengths, cand, HeadFactors(bh, take(table, cand))), h),
+            (mem.packed_scores(hm, p.feats[ITEM], seg, tgt, HeadFactors(bhm, table)), hm),
+            (mem.packed_scores(hm, p.feats[ITEM], seg, tgt, HeadFactors(bhm, table[cols]), cols=cols), hm),
+        ]
+
+
+# --- head gate ------------------------------------------------------------------------
+
+
+def test_head_gate_starts_at_one_and_scales_only_the_head_per_session():
+    gated = make_model(head_gate=True).item_memory
+    plain = make_model().item_memory
+    plain.load_state_dict(gated.state_dict(), strict=False)  # the same counts and count gates
+    for (a, _), (b, _) in zip(every_path(gated), every_path(plain)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)  # softplus(bias) = 1 at the start
+    with torch.no_grad():
+        gated.head_gate.weight.normal_(0, 1.0)  # a different weight per session
+    one = every_path(plain)  # head weight 1
+    plain.head_scale.fill_(0.0)
+    off = every_path(plain)  # no head
+    for (got, h), (a, _), (b, _) in zip(every_path(gated), one, off):
+        w = gated.head_weight(h).detach()  # (n, 1)
+        assert float(w.std()) > 0.1
+        assert torch.allclose(got - b, w * (a - b), rtol=1e-4, atol=1e-5)
+
+
+def test_head_gate_is_an_item_memory_parameter():
+    m = make_model(head_gate=True)
+    names = {n for n, _ in m.named_parameters()}
+    assert {"item_memory.head_gate.weight", "item_memory.head_gate.bias"} <= names  # memory_lr, no decay
+    assert "item_memory.head_gate.weight" not in {n for n, _ in make_model().named_parameters()}
+
+
+def test_without_head_logits_the_scores_are_the_gated_counts():
+    m = make_model(head_logits=False, rerank=True, rank_popular=8)
+    ref = make_model(rerank=True, rank_popular=8)
+    ref.load_state_dict(m.state_dict())
+    ref.item_memory.head_scale.fill_(0.0)
+    feats, lengths = batch(16, seed=3)
+    with torch.no_grad():
+        assert torch.allclose(
+            m.next_item_scores(feats, lengths), ref.next_item_scores(feats, lengths), atol=1e-6
+        )
+        got, want = m.next_item_topk(feats, lengths, 8), ref.next_item_topk(feats, lengths, 8)
+    assert torch.allclose(got[0], want[0], atol=1e-6)
+    with pytest.raises(ValueError, match="head_logits=False needs the item memory"):
+        ModelConfig(memory=False, head_logits=False)
+
+
+# --- leave-one-out switch ----------------------------------------------------
+
+
+def test_leave_out_false_scores_sessions_as_the_counts_hold_them():
+    mem = make_model().item_memory
+    feats, lengths = batch(5, seed=7)
+    items = feats[ITEM]
+    p = pack_sessions({ITEM: items}, lengths)
+    seg = p.segment
+    where = F.pad((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0), (1, 0))
+    tgt = PackedTargets(*where.nonzero(as_tuple=True), seg > 0)
+    h = torch.randn(len(tgt.row), D, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = mem.packed_scores(h, p.feats[ITEM], seg, tgt, leave_out=False)
+        for m, (r, q) in enumerate(zip(tgt.row.tolist(), tgt.pos.tolist())):
+            ctx = p.feats[ITEM][r, :q][seg[r, :q] == seg[r, q]]
+            want = mem.next_item_scores(h[m : m + 1], F.pad(ctx, (0, 1))[None], torch.tensor([len(ctx)]))
+            assert torch.allclose(got[m], want[0], atol=1e-5)
+
+
+# --- input switches -----------------------------------------------------------------------
+
+
+def test_side_features_off_reads_no_continuous_feature():
+    feats, lengths = batch(8, seed=2)
+    other = {**feats, CONT: feats[CONT] * 7.0 + 1.0}
+    for side, same in ((False, True), (True, False)):
+        m = make_model(side_features=side)
+        with torch.no_grad():
+            a, b = m.next_item_scores(feats, lengths), m.next_item_scores(other, lengths)
+        assert torch.allclose(a, b, atol=1e-6) == same
+
+
+def test_feature_norm_makes_each_features_scale_irrelevant():
+    feats, lengths = batch(8, seed=2)
+    for norm in (True, False):
+        m = make_model(feature_norm=norm)
+        assert (
+            m.feature_norms is not None and len(m.feature_norms) == 3
+        ) == norm  # item, category, continuous
+        with torch.no_grad():
+            a = m.next_item_scores(feats, lengths)
+            m.embeddings[CAT].weight.mul_(25.0)
+            b = m.next_item_scores(feats, lengths)
+        diff = float((a - b)[torch.isfinite(a)].abs().max())
+        assert diff < 5e-3 if norm else diff > 0.05, diff  # (LayerNorm's eps keeps a trace of the scale)
+
+
+# --- gBCE -------------------------------------------------------------------------------
+
+
+def test_gbce_hand_computed():
+    """gSASRec's own formulation: the positive's probability raised to beta through a transformed logit."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, float("-inf")], [0.1, 0.3, -2.0, 1.0]])
+    target = torch.tensor([0, 3])
+    n_items, t = 11, 0.75
+    want = 0.0
+    for row, y in zip(logits.double(), target.tolist()):
+        ok = torch.isfinite(row)
+        alpha = (int(ok.sum()) - 1) / (n_items - 1)
+        beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)
+        p = torch.sigmoid(row[y])
+        z = torch.log(1.0 / (p ** (-beta) - 1.0))  # sigmoid(z) = p ** beta
+        neg = row[ok & (torch.arange(len(row)) != y)]
+        labels = torch.cat([torch.ones(1), torch.zeros(len(neg))]).double()
+        want += float(F.binary_cross_entropy_with_logits(torch.cat([z[None], neg]), labels, reduction="sum"))
+    assert gbce_loss(logits, target, n_items, t).item() == pytest.approx(want / 2, rel=1e-5)
+
+
+def test_gbce_over_every_item_is_bce():
+    logits = torch.randn(5, 9, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 3, 8, 2, 2])
+    bce = F.binary_cross_entropy_with_logits(logits, F.one_hot(target, 9).float(), reduction="sum") / 5
+    assert gbce_loss(logits, target, 9, 0.75).item() == pytest.approx(bce.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_sampled_gbce_with_every_item_drawn_is_the_full_gbce(memory):
+    kw = dict(memory=memory, loss_fn="gbce", categorical={ITEM: V, CAT: 7})
+    s, f = make_model(loss="sampled", negatives=50_000, **kw), make_model(loss="full", **kw)
+    f.load_state_dict(s.state_dict())
+    if not memory:
+        s.set_sample_counts(torch.ones(V))
+    feats, lengths = batch(16, seed=4)
+    p = pack_sessions(feats, lengths)
+    got = s.packed_loss(p, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(got, f.packed_loss(p), rtol=1e-5)
+    with pytest.raises(ValueError, match="softmax notion"):
+        f.packed_loss(p, label_smoothing=0.1)
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+def test_flags_recipes_and_old_configs():
+    from training.config import build_parser
+
+    parser = build_parser("train", "")
+    ns = parser.parse_args(
+        ["--data", "d", "--out", "o", "--rerank", "--head-gate", "--stack", "3", "--loss-fn", "gbce",
+         "--gbce-t", "0.5", "--feature-norm", "--no-side-features", "--no-head-logits"]
+    )  # fmt: skip
+    got = vars(ns)
+    assert (
+        got["stack"] == 3
+        and got["model.rerank"]
+        and got["model.head_gate"]
+        and got["model.loss_fn"] == "gbce"
+    )
+    assert got["model.gbce_t"] == 0.5 and got["model.feature_norm"] and not got["model.side_features"]
+    assert not got["model.head_logits"]
+    real, ref = RECIPES["real"], RECIPES["reference"]
+    assert real["stack"] == 5 and real["model"]["rerank"] and real["model"]["head_gate"]
+    assert ref["stack"] == 0 and "rerank" not in ref["model"]
+    old = ModelConfig().to_dict()
+    for k in ("rerank", "head_gate", "head_logits", "feature_norm", "side_features", "loss_fn", "gbce_t"):
+        old.pop(k)
+    assert ModelConfig.from_dict(old) == ModelConfig()  # a checkpoint from before: today's behaviour
+    with pytest.raises(ValueError, match="loss_fn"):
+        ModelConfig(loss_fn="bpr")

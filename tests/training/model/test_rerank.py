@@ -1,0 +1,332 @@
+"""Re-ranking the item memory's candidates (ModelConfig.rerank).
+
+What must hold:
+* the candidates of a target are exactly: its context items, the co-occurrence-list entries
+  of every context item with a count > 0, the last item's successor-list entries with a
+  count > 0 (in training after leaving the session's own counts out), the rank_popular
+  most popular ids; checked against a plain-Python loop, for inference and for training
+  (clm and mlm), with truncated lists;
+* `next_item_scores` gives -inf to every other item;
+* the training loss on the union of the batch's candidates (no (M, V) anything) equals the
+  loss of (M, V) scores masked to each row's candidates, targets outside them dropped
+  (ce, gbce, label smoothing; full and sampled loss modes; clm and mlm);
+* the served top-k (candidate path) equals the exact masked top-k, eager and traced, and its
+  candidate count does not depend on the catalogue size;
+* a run trained with rerank exports and its traced model ranks as the eager one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from export.inference import TopKRanker, example_inputs, trace_ranker
+from tests.sessions_util import random_sessions
+from training.baselines import BaselineCounts, memory_tables
+from training.model import (
+    HeadFactors,
+    ModelConfig,
+    PackedTargets,
+    SessionModel,
+    mask_positions,
+    pack_sessions,
+)
+from training.names import FIRST_REAL_ID, ITEM_LIST
+
+ITEM = ITEM_LIST
+V = 120
+K = 4  # truncated lists: most items have more neighbours than this
+L = 6
+POP = 5
+
+
+def make_model(**kw) -> SessionModel:
+    """A rerank model with random item vectors and gates that depend on h (no ties by construction)."""
+    settings = dict(
+        categorical={ITEM: V}, max_len=L, embedding_dim=16, d_output=16, d_model=16, n_head=2, n_layer=1,
+        d_inner=32, dropout=0.0, objective="clm", memory=True, memory_k=K, rerank=True, head_gate=True,
+        rank_popular=POP,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    m = SessionModel(ModelConfig(**{**settings, **kw}))
+    items, lengths = random_sessions(60, V, seed=1, max_len=L, min_len=2)
+    counts = BaselineCounts(m.cfg.n_items)
+    counts.add_sessions(items, lengths)
+    m.item_memory.set_tables(**{k: torch.from_numpy(v) for k, v in memory_tables(counts, K).items()})
+    with torch.no_grad():
+        m.item_memory.gate.weight.normal_(0, 0.3)
+        if m.item_memory.head_gate is not None:
+            m.item_memory.head_gate.weight.normal_(0, 0.3)
+    return m.eval()
+
+
+def loop_candidates(mem, ctx: list[int], own: list[int] | None = None) -> set[int]:
+    """The candidate set by the definition, in plain Python. ctx: the context items in order;
+    own: the whole session when it is in the counts (training), whose contribution is left out."""
+    cooc_idx, cooc_val = mem.cooc_idx.tolist(), mem.cooc_val.tolist()
+    succ_idx, succ_val = mem.succ_idx.tolist(), mem.succ_val.tolist()
+
+    def own_cooc(a: int, c: int) -> int:
+        if own is None:
+            return 0
+        return int(own.count(a) >= 2) if a == c else int(a in own and c in own)
+
+    def own_succ(a: int, c: int) -> int:
+        return 0 if own is None else sum(1 for x, y in zip(own, own[1:]) if (x, y) == (a, c))
+
+    out = set(ctx) | set(mem.popular_ids().tolist())
+    for a in ctx:
+        out |= {c for c, n in zip(cooc_idx[a], cooc_val[a]) if n - own_cooc(a, c) > 0}
+    if ctx:
+        a = ctx[-1]
+        out |= {c for c, n in zip(succ_idx[a], succ_val[a]) if n - own_succ(a, c) > 0}
+    return {c for c in out if c >= FIRST_REAL_ID}
+
+
+def packed(items: np.ndarray, lengths: np.ndarray, objective: str):
+    """Packed rows and where the targets sit (as SessionModel.packed_loss finds them)."""
+    it, lens = torch.from_numpy(items), torch.from_numpy(lengths)
+    masked = None
+    if objective == "mlm":
+        masked = mask_positions(it, lens, 0.4, torch.Generator().manual_seed(0)).masked
+    p = pack_sessions({ITEM: it}, lens, masked)
+    seg = p.segment
+    if objective == "clm":
+        where = F.pad((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0), (1, 0))
+        ctx_ok = seg > 0
+    else:
+        where, ctx_ok = p.masked, ~p.masked
+    return p, PackedTargets(*where.nonzero(as_tuple=True), ctx_ok)
+
+
+def training_loop_sets(mem, p, tgt: PackedTargets, items: np.ndarray, lengths: np.ndarray) -> list[set[int]]:
+    """loop_candidates of every packed target, from the original sessions."""
+    seg = p.segment
+    out = []
+    for r, q in zip(tgt.row.tolist(), tgt.pos.tolist()):
+        s = int(seg[r, q]) - 1
+        start = int((seg[r] == s + 1).nonzero()[0])
+        session = items[s, : lengths[s]].tolist()
+        ctx = [session[j] for j in range(q - start) if bool(tgt.ctx_ok[r, start + j])]
+        out.append(loop_candidates(mem, ctx, own=session))
+    return out
+
+
+def as_sets(cand: torch.Tensor) -> list[set[int]]:
+    return [{c for c in row if c >= FIRST_REAL_ID} for row in cand.tolist()]
+
+
+# --- the candidate sets ------------------------------------------------------------
+
+
+def test_popular_ids_are_the_most_counted_real_ids():
+    m = make_model()
+    mem = m.item_memory
+    pop = mem.pop[FIRST_REAL_ID:]
+    ids = mem.popular_ids()
+    assert ids.shape == (POP,) and bool((ids >= FIRST_REAL_ID).all())
+    assert torch.equal(mem.pop[ids].sort(descending=True).values, pop.sort(descending=True).values[:POP])
+    mem.set_table("pop", torch.arange(V, dtype=torch.float32))  # new counts: recomputed
+    assert set(mem.popular_ids().tolist()) == set(range(V - POP, V))
+
+
+def test_inference_candidates_and_masking_match_a_loop():
+    m = make_model()
+    items, lengths = random_sessions(40, V, seed=2, max_len=L, min_len=1)
+    lengths[:3] = 0  # empty sessions: the popular ids only
+    it, lens = torch.from_numpy(items), torch.from_numpy(lengths)
+    with torch.no_grad():
+        scores = m.next_item_scores({ITEM: it}, lens)  # (B, V)
+        served = m.item_memory.session_candidates(it, lens)  # (B, C)
+    assert served.shape[1] == L + L * K + K + POP
+    for b in range(len(lengths)):
+        want = loop_candidates(m.item_memory, items[b, : lengths[b]].tolist())
+        assert set(torch.isfinite(scores[b]).nonzero().flatten().tolist()) == want, b
+        assert as_sets(served[b : b + 1])[0] == want, b
+    assert bool((served[:, 1:] >= served[:, :-1]).all())  # sorted per row
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_training_candidates_leave_the_session_out_and_match_a_loop(objective):
+    m = make_model(objective=objective)
+    mem = m.item_memory
+    items, lengths = random_sessions(60, V, seed=1, max_len=L, min_len=2)  # the sessions in the counts
+    p, tgt = packed(items, lengths, objective)
+    context, lists = mem.packed_view(p.feats[ITEM], p.segment, tgt)
+    got = as_sets(mem.candidates(context, lists))
+    want = training_loop_sets(mem, p, tgt, items, lengths)
+    assert len(got) == len(want) > 100
+    assert got == want
+    # leaving the session out matters here: some pairs exist only through the session itself
+    kept = as_sets(mem.candidates(*mem.packed_view(p.feats[ITEM], p.segment, tgt, leave_out=False)))
+    assert any(a != b for a, b in zip(got, kept)) and all(a <= b for a, b in zip(got, kept))
+
+
+def test_candidate_columns_are_the_union_and_mark_each_row():
+    m = make_model()
+    mem = m.item_memory
+    cand = torch.tensor([[0, 5, 7, 7, 1], [9, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    targets = torch.tensor([7, 11, 3])
+    cols, member = mem.candidate_columns(cand, targets)
+    assert cols.tolist() == [3, 5, 7, 9, 11]
+    assert member.tolist() == [[0, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0]]
+
+
+# --- the training loss --------------------------------------------------------------
+
+
+def dense_reference(m: SessionModel, p, tgt: PackedTargets, sets: list[set[int]], h: torch.Tensor, **loss):
+    """The loss over (M, V) scores masked to each row's candidates, targets outside them dropped."""
+    items = p.feats[ITEM]
+    table = m.embeddings[ITEM].weight
+    logits = m.item_memory.packed_scores(h, items, p.segment, tgt, HeadFactors(m._head_input(h), table))
+    member = torch.zeros_like(logits, dtype=torch.bool)
+    for r, s in enumerate(sets):
+        member[r, sorted(s)] = True
+    logits = logits.masked_fill(~member, float("-inf"))
+    targets = items[tgt.row, tgt.pos]
+    keep = member[torch.arange(len(targets)), targets]
+    assert 0 < int(keep.sum()) < len(keep)  # some targets are outside their candidates
+    return m._loss(logits[keep], targets[keep], **loss)
+
+
+@pytest.mark.parametrize(
+    "objective, kw, smoothing",
+    [
+        ("clm", {}, 0.0),
+        ("mlm", {}, 0.0),
+        ("clm", {"loss_fn": "gbce"}, 0.0),
+        ("clm", {}, 0.2),
+        ("clm", {"loss": "sampled", "negatives": 3}, 0.0),  # re-ranking ignores the sampled columns
+        ("clm", {"head_gate": False, "head_logits": False}, 0.0),
+    ],
+)
+def test_union_column_loss_equals_the_dense_masked_loss(objective, kw, smoothing, monkeypatch):
+    m = make_model(objective=objective, **kw)
+    mem = m.item_memory
+    items, lengths = random_sessions(60, V, seed=1, max_len=L, min_len=2)  # the sessions in the counts
+    items, lengths = items[:12], lengths[:12]
+    p, tgt = packed(items, lengths, objective)
+    seen = {}
+    real_combine = mem.combine
+
+    def spy(h, context, lists, head=None, cols=None):  # the hidden states of the targets
+        seen["h"], seen["cols"] = h, cols
+        return real_combine(h, context, lists, head, cols)
+
+    monkeypatch.setattr(mem, "combine", spy)
+    got = m.packed_loss(p, smoothing, torch.Generator().manual_seed(0))
+    assert seen["cols"] is not None and seen["cols"].shape[0] < V - FIRST_REAL_ID  # not every item
+    sets = training_loop_sets(mem, p, tgt, items, lengths)
+    if not m.cfg.head_logits:
+        m.cfg.head_logits = True  # the reference reads the head; zero it instead
+        m.item_memory.head_scale.fill_(0.0)
+    want = dense_reference(m, p, tgt, sets, seen["h"], label_smoothing=smoothing)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got.item(), want.item())
+    got.backward()  # and it trains the network and the combiner
+    assert mem.gate.weight.grad is not None and m.transformer.layer[0].ff.layer_1.weight.grad is not None
+
+
+def test_loss_without_any_target_among_its_candidates_is_zero_and_connected():
+    m = make_model(rank_popular=1)
+    tables = {k: torch.zeros_like(v) for k, v in m.item_memory.tables().items()}
+    tables["pop"][10] = 1.0  # the one popular id, not a target below
+    m.item_memory.set_tables(**tables)
+    p, _ = packed(np.array([[5, 6, 7]]), np.array([3]), "clm")
+    loss = m.packed_loss(p)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+
+
+# --- serving ---------------------------------------------------------------------------
+
+
+def assert_same_top_k(
+    got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """Equal scores; equal ids wherever a score is not tied (within round-off) with a neighbour."""
+    (gs, gi), (ws, wi) = got, want
+    assert torch.allclose(gs, ws, rtol=0, atol=1e-5)
+    gap = (ws[:, 1:] - ws[:, :-1]).abs() > 1e-4  # (B, k-1)
+    clear = F.pad(gap, (0, 1), value=True) & F.pad(gap, (1, 0), value=True)
+    assert torch.equal(gi[clear], wi[clear].long())
+
+
+def test_served_top_k_is_the_exact_masked_top_k(monkeypatch):
+    m = make_model()
+    assert m.cfg.rank == "two_stage"  # "auto" under rerank: the memory's candidates at any catalogue size
+    items, lengths = random_sessions(64, V, seed=3, max_len=L, min_len=1)
+    feats, lens = {ITEM: torch.from_numpy(items)}, torch.from_numpy(lengths)
+    with torch.no_grad():
+        want = torch.topk(m.next_item_scores(feats, lens), POP, dim=1)
+        with monkeypatch.context() as mp:  # the candidate path never scores the whole catalogue
+            mp.setattr(m.item_memory, "combine", None)
+            got = m.next_item_topk(feats, lens, POP)
+    assert_same_top_k(got, want)
+    assert bool((got[1] >= FIRST_REAL_ID).all()) and bool(torch.isfinite(got[0][:, 0]).all())
+    with pytest.raises(ValueError, match="re-ranking top-k"):
+        m.next_item_topk(feats, lens, POP + 1)
+    m.cfg.rank = "exact"  # scores every item and masks: the same top-k, bit for bit the masked scores'
+    with torch.no_grad():
+        exact = m.next_item_topk(feats, lens, POP)
+    assert torch.equal(exact[0], want[0]) and torch.equal(exact[1], want[1])
+
+
+def test_candidate_count_does_not_grow_with_the_catalogue():
+    small, large = make_model(), make_model(categorical={ITEM: 20_000})
+    items, lengths = random_sessions(8, V, seed=3, max_len=L, min_len=1)
+    it, lens = torch.from_numpy(items), torch.from_numpy(lengths)
+    assert (
+        small.item_memory.session_candidates(it, lens).shape
+        == large.item_memory.session_candidates(it, lens).shape
+    )
+
+
+def test_traced_ranker_equals_eager_under_rerank():
+    m = make_model()
+    ranker = TopKRanker(m, [ITEM], POP, V, {ITEM: V}, L)
+    schema = {"categorical": {ITEM: V}, "max_sequence_length": L}
+    traced = trace_ranker(ranker, example_inputs(schema, batch=8))  # checks two batch sizes itself
+    items, lengths = random_sessions(32, V, seed=4, max_len=L, min_len=1)
+    it, lens = torch.from_numpy(items), torch.from_numpy(lengths)
+    with torch.no_grad():
+        got = traced(it, lens)
+        eager = ranker(it, lens)
+        exact = torch.topk(m.next_item_scores({ITEM: it}, lens), POP, dim=1)
+    assert torch.equal(got[1], eager[1]) and torch.allclose(got[0], eager[0], atol=1e-6)
+    assert_same_top_k(got, exact)
+    m.item_memory.set_table("pop", m.item_memory.pop.flip(0))  # the popular ids are now stale in a trace
+    with pytest.raises(RuntimeError, match="prepare_ranking"):
+        torch.jit.trace(ranker, (it, lens), check_trace=False)
+
+
+@pytest.mark.slow
+def test_a_rerank_run_exports_and_serves_its_eager_ranking(tiny_synthetic_data, tmp_path):
+    """The real recipe's re-ranking, trained by the Trainer, through export's trace (export/tracing.py)."""
+    from export.repository import ExportConfig
+    from export.tracing import trace_run
+    from training.checkpoint import load_run
+    from training.config import TrainConfig
+    from training.schema import Schema
+    from training.train import train
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(
+        data=str(tiny_synthetic_data), out=str(run), end_window=2, epochs=2, holdout=0.2, patience=1,
+        stack=1, threads=1, progress=False, batch_size=32,
+        model=dict(objective="clm", memory=True, memory_k=8, rerank=True, head_gate=True, rank_popular=20),
+    )  # fmt: skip
+    row = train(cfg)["windows"][0]
+    assert {"holdout_ndcg20_before_stack", "holdout_ndcg20_after_stack", "holdout_head_gate"} <= set(row)
+    schema = Schema.load(tiny_synthetic_data)
+    traced, cards = trace_run(run, tiny_synthetic_data, schema, ExportConfig(run=run, data=tiny_synthetic_data,
+                                                                             out=tmp_path / "repo", top_k=10))  # fmt: skip
+    model, _ = load_run(run)
+    inputs = example_inputs(schema, batch=16)
+    feats = dict(zip(schema.features, inputs[:-1]))
+    with torch.no_grad():
+        got = traced(*inputs)
+        want = torch.topk(model.eval().next_item_scores(feats, inputs[-1]), 10, dim=1)
+    assert_same_top_k(got, want)

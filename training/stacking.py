@@ -1,0 +1,111 @@
+"""Stacking (TrainConfig.stack): after a window's fit, the item memory's combiner learns on held-back sessions.
+
+Why: the network was fitted on the window's training sessions (early stopping chose
+its epoch on the held-back slice), and the counts hold the fitted sessions but not the
+held-back ones. On its own training sessions the network's item logits look better
+than they are (it memorised them), so the combiner trained beside it learns to trust
+them too much. The held-back sessions look to the model as new sessions do after
+deployment: the network never trained on them and the counts lack them. Fitting only
+the combiner there (count gates, head gate, position weights; the network frozen, in
+eval mode) teaches it how far to trust the network's logits and each count on sessions
+it did not memorise: stacked generalisation (Wolpert 1992). The held-back sessions are
+not in the counts, so no leave-one-out correction (`packed_loss(leave_out=False)`).
+
+    row.update(stack_memory(model, held, cfg, seed, device))   # per window, after the fit
+
+Then the held-back sessions go into the counts with the rest of the window (trainer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.config import TrainConfig
+from training.data.splits import SessionTensors, eval_inputs_targets
+from training.evaluate import evaluate_model
+from training.model import SessionModel, mask_positions, pack_sessions
+
+
+def combiner_parameters(model: SessionModel) -> list[nn.Parameter]:
+    """The item memory's trainable parameters: count gates, head gate, position weights."""
+    assert model.item_memory is not None, "stacking needs the item memory"
+    return [p for p in model.item_memory.parameters() if p.requires_grad]
+
+
+def stack_memory(
+    model: SessionModel,
+    held: SessionTensors,
+    cfg: TrainConfig,
+    seed: int,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Train the combiner for cfg.stack epochs on `held` (Adam at memory_lr, or lr; batches of
+    cfg.batch_size shuffled, and masked for mlm, by a generator seeded with `seed`); the rest of
+    the model is frozen and in eval mode (no dropout), and left as it was.
+
+    Returns the metrics row's entries: the held-back NDCG@20 before and after stacking and,
+    with the head gate, its mean weight on the held-back sessions after it (how much the
+    network's own logits are used; recorded per window, so it shows how that grows with the data).
+    """
+    params = combiner_parameters(model)
+    mine = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
+    out: dict[str, Any] = {
+        "holdout_ndcg20_before_stack": evaluate_model(model, held, device, cfg.eval_batch_size)["ndcg@20"]
+    }
+    opt = torch.optim.Adam(params, lr=cfg.memory_lr or cfg.lr)
+    gen = torch.Generator().manual_seed(seed)  # shuffling, masking, sampled negatives: on the CPU
+    item, mlm = model.cfg.item_feature, model.cfg.objective == "mlm"
+    was_training = model.training
+    model.eval()  # the network is fixed: no dropout
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for _ in range(cfg.stack):
+            perm = torch.randperm(len(held), generator=gen)
+            for i in range(0, len(held), cfg.batch_size):
+                feats, lengths = held.batch(perm[i : i + cfg.batch_size])  # (b, width), (b,)
+                masked = (
+                    mask_positions(feats[item], lengths, model.cfg.mask_prob, gen).masked if mlm else None
+                )
+                packed = pack_sessions(feats, lengths, masked).to(device)
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    # held-back sessions are not in the counts: nothing of theirs to leave out
+                    loss = model.packed_loss(packed, cfg.label_smoothing, gen, leave_out=False)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with torch.no_grad():  # every rank ran the same steps; rank 0's result rules (GPU round-off)
+            for p in params:
+                torch.distributed.broadcast(p.data, 0)
+    out["holdout_ndcg20_after_stack"] = evaluate_model(model, held, device, cfg.eval_batch_size)["ndcg@20"]
+    if model.item_memory is not None and model.item_memory.head_gate is not None:
+        out["holdout_head_gate"] = mean_head_weight(model, held, device, cfg.eval_batch_size)
+    return out
+
+
+@torch.no_grad()
+def mean_head_weight(model: SessionModel, st: SessionTensors, device: torch.device, batch_size: int) -> float:
+    """Mean of the head gate's weight (`ItemMemory.head_weight`) over the sessions of `st`,
+    each read as the evaluation reads it (every item but the last)."""
+    mem = model.item_memory
+    assert mem is not None
+    feats, lengths, _ = eval_inputs_targets(st, model.cfg.item_feature)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, len(lengths), batch_size):
+        f = model.unknown_to_oov({k: v[i : i + batch_size].to(device) for k, v in feats.items()})
+        h = model.next_hidden(f, lengths[i : i + batch_size].to(device))  # (b, d_model)
+        total += float(mem.head_weight(h).sum())
+    model.train(was_training)
+    return total / max(1, len(lengths))
