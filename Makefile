@@ -15,7 +15,7 @@ REFERENCE_PYTHON ?=
 # on 2 CPU cores) and --keep-windows; prepared/trained once under $(REPLAY_WORK).
 REPLAY_WORK ?= replay_work
 
-.PHONY: replay setup demo test test-fast lint bench-data bench-train bench-serving bench-stateful bench-quality bench-quality-nowplaying bench-scale soak clean
+.PHONY: replay setup demo test test-fast lint bench-data bench-train bench-choice bench-serving bench-stateful bench-quality bench-quality-nowplaying bench-scale soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -38,6 +38,11 @@ bench-data: setup
 bench-train: setup
 	$(PY) -m bench.train --out bench_results/train.json $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON))
 
+# The cost behind loss / rank "auto" (docs/throughput.md): a step and a request by catalogue size
+bench-choice: setup
+	$(PY) -m bench.choice --out bench_results/choice.json
+	$(PY) -m bench.choice --recipe reference --out bench_results/choice_reference.json
+
 bench-serving: setup
 	$(PY) -m bench.serving --out bench_results/serving
 
@@ -57,9 +62,10 @@ bench-quality-nowplaying: setup
 		--prepare-args "--session-col session_id --item-col item_id --time-col timestamp --time-unit s --window week" \
 		--seeds $(or $(SEEDS),0 1 2)
 
-# Cost against catalogue size (docs/scale.md): 20k / 200k / 1M items, 5M clicks each; ~1 h on 2 busy cores
+# Cost against catalogue size (docs/scale.md): 20k / 50k / 100k / 200k / 500k / 1M items, 5M clicks each,
+# served through Triton; ~2 h on 2 busy cores (SCALE_ARGS="--max-steps 50" bounds the training further)
 bench-scale: setup
-	$(PY) -m bench.scale --out bench_results/scale.json
+	$(PY) -m bench.scale --out bench_results/scale.json --triton $(SCALE_ARGS)
 
 soak: setup
 	$(PY) -m bench.soak --seconds 60

@@ -12,7 +12,7 @@ from `os.wait4`:
   --time-unit s --out DATA --quiet` (+ `--workers N` with --prepare-workers):
   wall time and peak RSS (with workers: the largest single process);
 * train: the real recipe (`python -m training.train`, the recipe the data
-  selects; loss "auto", i.e. sampled from 200k ids) on ONE late window
+  selects; loss and rank "auto": training/model/choice.py) on ONE late window
   (--start-window W --end-window W+1, W = the second-to-last window), 1 epoch
   capped at --max-steps optimizer steps, so every size does the same work;
   without early stopping / hold-out (their held-back scoring would count as
@@ -54,7 +54,7 @@ from typing import Any
 from bench.common import PROJECT_ROOT
 from training.integrity import atomic_write
 
-DEFAULT_ITEMS = (20_000, 200_000, 1_000_000)
+DEFAULT_ITEMS = (20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000)
 TOP_K = 20
 MIB = 1024 * 1024
 
@@ -186,6 +186,8 @@ def one_size(items: int, args: argparse.Namespace, work: Path) -> dict[str, Any]
     meta = json.loads((run / "meta.json").read_text())
     res["train"].update(
         loss=meta["model_config"]["loss"],
+        rank=meta["model_config"]["rank"],
+        choices=meta.get("choices"),
         memory=meta["model_config"]["memory"],
         memory_k=meta["model_config"]["memory_k"],
         steps=row["steps"],
@@ -229,6 +231,7 @@ COLUMNS = (  # (header, path in a size's result, format)
     ("prep s", "prepare.seconds", "{:.0f}"),
     ("prep RSS MiB", "prepare.peak_rss_mib", "{:.0f}"),
     ("loss", "train.loss", "{}"),
+    ("rank", "train.rank", "{}"),
     ("train sess/s", "train.sessions_per_s", "{:.0f}"),
     ("train RSS MiB", "train.peak_rss_mib", "{:.0f}"),
     ("p50 1-sess ms*", "serve_in_process.p50_ms_1_session", "{:.2f}"),

@@ -165,6 +165,14 @@ class TrainConfig:
             choices=EVAL_SPLITS,
         ),
     )
+    exact_eval_max_items: int = field(
+        default=200_000,
+        metadata=help_meta(
+            "a model served in two stages is evaluated as served (its candidates); up to this many "
+            'item ids also exactly over the catalogue (window metrics under "exact", the agreement, '
+            "early stopping's held-back scores and choice), 0 = never"
+        ),
+    )
     evaluate: bool = field(
         default=True,
         metadata=help_meta(
@@ -200,6 +208,8 @@ class TrainConfig:
             raise ValueError("early stopping (patience > 0) needs a held-back slice: set holdout > 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.exact_eval_max_items < 0:
+            raise ValueError(f"exact_eval_max_items must be >= 0, got {self.exact_eval_max_items}")
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0 (0 = no cap), got {self.max_steps}")
 

@@ -21,9 +21,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+import training.model.ranking as ranking
 from training.baselines import BASELINES, BaselineCounts, evaluate_baselines, memory_tables
 from training.data.splits import SessionTensors, eval_inputs_targets
-from training.metrics import metrics_from_ranks, pessimistic_ranks
+from training.metrics import KS, metrics_from_ranks, pessimistic_ranks
 from training.model import ItemMemory, ModelConfig, SessionModel
 from training.names import FIRST_REAL_ID, OOV_ID
 
@@ -34,6 +35,7 @@ REPORTED = (*BASELINES, COUNT_BLEND)
 
 # scores held at once by evaluation: rows x V floats (32M floats = 128 MB; 32 rows at 1M items)
 EVAL_MAX_SCORES = 32_000_000
+TOP_AGREE = 20  # the served and the exact top-k compared by `evaluate_both`
 
 
 def eval_rows(n_items: int, batch_size: int, max_scores: int = EVAL_MAX_SCORES) -> int:
@@ -48,6 +50,19 @@ def _with_misses(ranks: Tensor, miss: Tensor | None) -> dict[str, float]:
     return metrics_from_ranks(ranks)
 
 
+def served_ranking(model: SessionModel) -> bool:
+    """Whether the served model ranks in two stages (its top-k then comes from a fixed number of
+    candidates per session, and evaluation ranks what it serves: `evaluate_model`)."""
+    return model.cfg.rank == "two_stage"
+
+
+def differs_from_exact(model: SessionModel) -> bool:
+    """Whether the served top-k can differ from the exact one: two stages over an index's
+    candidates. Under re-ranking the memory's candidates are the only items the exact scores
+    leave finite, so the two agree and only the cheaper (served) ranking is evaluated."""
+    return served_ranking(model) and not (model.cfg.rerank and model.item_memory is not None)
+
+
 @torch.no_grad()
 def evaluate_model(
     model: SessionModel,
@@ -56,28 +71,81 @@ def evaluate_model(
     batch_size: int,
     miss: Tensor | None = None,
     max_scores: int = EVAL_MAX_SCORES,
+    exact: bool | None = None,
 ) -> dict[str, float]:
     """Metrics of the model on every session of `st` (input: all but the last item).
 
-    Always in float32, also on a GPU: reduced-precision logits would create
-    ties, which the pessimistic ranking counts against the target. Scores the
-    full catalogue in chunks of `eval_rows(V, batch_size, max_scores)` sessions,
-    so a [sessions, V] matrix is never held for a large V (each session's rank
-    depends on its own row only).
+    exact (None: unless the model is served in two stages, `served_ranking`): rank the target
+    over the full catalogue (`next_item_scores`, O(V) per session), in chunks of
+    `eval_rows(V, batch_size, max_scores)` sessions, so a [sessions, V] matrix is never held
+    for a large V. Otherwise rank it among the session's two-stage candidates, as the served
+    model does (`SessionModel.candidate_scores`, `ranking.candidate_ranks`: not a candidate is a
+    miss), O(candidates) per session. Always in float32, also on a GPU: reduced-precision
+    logits would create ties, which the pessimistic ranking counts against the target.
     miss (N,) bool: sessions whose target counts as a miss whatever the scores
     (a target unknown after the training window, see `known_inputs`).
     """
+    return _with_misses(_ranks(model, st, device, batch_size, max_scores, exact), miss)
+
+
+def _ranks(
+    model: SessionModel,
+    st: SessionTensors,
+    device: torch.device,
+    batch_size: int,
+    max_scores: int = EVAL_MAX_SCORES,
+    exact: bool | None = None,
+    top: list[Tensor] | None = None,
+) -> Tensor:
+    """(N,) target ranks of `evaluate_model`; `top`: the top-TOP_AGREE ids of each chunk appended."""
+    exact = not served_ranking(model) if exact is None else exact
     feats, lengths, targets = eval_inputs_targets(st, model.cfg.item_feature)
-    batch_size = eval_rows(model.cfg.n_items, batch_size, max_scores)
+    if exact:
+        batch_size = eval_rows(model.cfg.n_items, batch_size, max_scores)
     was_training = model.training
     model.eval()
     ranks = []
     for i in range(0, len(targets), batch_size):
         f = {k: v[i : i + batch_size].to(device) for k, v in feats.items()}
-        scores = model.next_item_scores(f, lengths[i : i + batch_size].to(device))
-        ranks.append(pessimistic_ranks(scores, targets[i : i + batch_size].to(device)).cpu())
+        n, t = lengths[i : i + batch_size].to(device), targets[i : i + batch_size].to(device)
+        if exact:
+            scores = model.next_item_scores(f, n)
+            ranks.append(pessimistic_ranks(scores, t).cpu())
+            if top is not None:
+                top.append(scores.topk(TOP_AGREE, dim=1).indices.cpu())
+        else:
+            scores, cand = model.candidate_scores(f, n)
+            ranks.append(ranking.candidate_ranks(scores, cand, t).cpu())
+            if top is not None:
+                top.append(ranking.candidate_top_k(scores, cand, TOP_AGREE)[1].cpu())
     model.train(was_training)
-    return _with_misses(torch.cat(ranks), miss)
+    return torch.cat(ranks)
+
+
+def evaluate_both(
+    model: SessionModel,
+    st: SessionTensors,
+    device: torch.device,
+    batch_size: int,
+    miss: Tensor | None = None,
+) -> dict[str, Any]:
+    """A two-stage model's served metrics (`evaluate_model`), its exact metrics under "exact" and
+    how the two agree under "served_agreement": "top20_overlap", the mean share of the exact
+    top 20 that the served top 20 holds; "same_rank", the share of sessions whose target gets
+    the same rank from both (a miss counts as the same only if both miss it within 40)."""
+    tops: dict[bool, list[Tensor]] = {True: [], False: []}
+    ranks = {e: _ranks(model, st, device, batch_size, exact=e, top=tops[e]) for e in (False, True)}
+    out: dict[str, Any] = dict(_with_misses(ranks[False], miss))
+    out["exact"] = _with_misses(ranks[True], miss)
+    a, b = torch.cat(tops[True]), torch.cat(tops[False])  # (N, 20) each
+    overlap = (a[:, :, None] == b[:, None, :]).any(2).float().mean(1)  # (N,)
+    cut = max(KS)
+    same = torch.where(ranks[True] > cut, ranks[False] > cut, ranks[True] == ranks[False])
+    out["served_agreement"] = {
+        "top20_overlap": float(overlap.mean()),
+        "same_rank": float(same.float().mean()),
+    }
+    return out
 
 
 def known_inputs(
@@ -144,15 +212,21 @@ def evaluate_sessions(
     device: torch.device,
     batch_size: int,
     age_feature: str | None = None,
+    exact_max_items: int = 0,
 ) -> dict[str, Any]:
     """Model, baselines (with `counts`) and count blend on evaluation sessions `st`, with only
     what was known (`known` sizes after the training window): a metrics row's entries
-    ("unseen_targets", the model's metrics, "eval_seconds", "baselines")."""
+    ("unseen_targets", the model's metrics, "eval_seconds", "baselines"). A model served in two
+    stages reports its served metrics, and up to `exact_max_items` item ids also the exact
+    ones and their agreement (`evaluate_both`)."""
     item = model.cfg.item_feature
     st, miss = known_inputs(st, known, item, age_feature)
     row: dict[str, Any] = {"unseen_targets": float(miss.float().mean())}
     t0 = time.perf_counter()
-    row.update(evaluate_model(model, st, device, batch_size, miss))
+    if differs_from_exact(model) and model.cfg.n_items <= exact_max_items:
+        row.update(evaluate_both(model, st, device, batch_size, miss))
+    else:
+        row.update(evaluate_model(model, st, device, batch_size, miss))
     row["eval_seconds"] = time.perf_counter() - t0
     if counts is not None:
         feats, lengths, targets = eval_inputs_targets(st, item)
@@ -189,17 +263,23 @@ class HeldScore(NamedTuple):
 
 
 def score_held(
-    model: SessionModel, held: SessionTensors, device: torch.device, batch_size: int, select_head: bool
+    model: SessionModel,
+    held: SessionTensors,
+    device: torch.device,
+    batch_size: int,
+    select_head: bool,
+    exact: bool | None = None,
 ) -> HeldScore:
-    """NDCG@20 of the model on held-back sessions; with `select_head` (the item memory's head
-    selection) also without the head's own item logits, keeping the better of the two."""
-    score = evaluate_model(model, held, device, batch_size)["ndcg@20"]
+    """NDCG@20 of the model on held-back sessions, ranked as served (`evaluate_model`; exact:
+    over the whole catalogue whatever the served ranking); with `select_head` (the item memory's
+    head selection) also without the head's own item logits, keeping the better of the two."""
+    score = evaluate_model(model, held, device, batch_size, exact=exact)["ndcg@20"]
     if not select_head:
         return HeldScore(score, 1.0, None)
     mem = model.item_memory
     assert mem is not None
     mem.head_scale.fill_(0.0)  # the same weights without the head's own item logits (gated counts only)
-    without = evaluate_model(model, held, device, batch_size)["ndcg@20"]
+    without = evaluate_model(model, held, device, batch_size, exact=exact)["ndcg@20"]
     mem.head_scale.fill_(1.0)
     if without > score:
         return HeldScore(without, 0.0, without)

@@ -34,6 +34,15 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
             out.setdefault("baselines", {})[name] = {
                 k: float(np.mean([b[k] for b in with_b])) for k in with_b[0]
             }
+    for name in ("exact", "served_agreement"):  # a model served in two stages (training/evaluate.py)
+        with_e = [r[name] for r in done if name in r]
+        if with_e:
+            out[name] = {k: float(np.mean([e[k] for e in with_e])) for k in with_e[0]}
+    chose = [r for r in rows if "best_epoch_exact" in r]
+    if chose:  # early stopping on the served ranking vs the exact one
+        out["best_epoch_same_as_exact"] = sum(r["best_epoch"] == r["best_epoch_exact"] for r in chose) / len(
+            chose
+        )
     with_known = [r for r in done if "unseen_targets" in r]
     if with_known:  # issue 12: share of evaluation targets unknown after the training window
         out["unseen_targets"] = float(np.mean([r["unseen_targets"] for r in with_known]))

@@ -27,7 +27,7 @@ on (`set_sample_counts`; the item memory's `pop` table when it is on).
     fit(t, st, held) the epoch loop (early stopping on `held`, head selection, stacking: stacking.py)
     evaluate(t, row) model, baselines and the count blend on window t+1's --eval-split (valid),
                      with only what was known after window t (training/evaluate.py)
-    save(t, row)     checkpoint + metrics.json + metrics.png after window t
+    save(t, row)     checkpoint + metrics.json after window t (metrics.png once, at the end of `run`)
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.baselines import BaselineCounts, iter_memory_tables
+from training.baselines import BaselineCounts
 from training.checkpoint import (
     META_FILE,
     MODEL_FILE,
@@ -59,9 +59,11 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig, check_model
 from training.data.splits import SessionTensors, available_windows, load_schema, load_split, split_path
-from training.evaluate import evaluate_sessions, known_inputs, score_held, split_holdout
+from training.evaluate import differs_from_exact, evaluate_sessions, score_held, split_holdout
+from training.history import WindowHistory, set_memory, set_sample_counts  # noqa: F401 (set_memory: tests)
 from training.integrity import atomic_write
 from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
+from training.model.choice import explain
 from training.names import AGE_COL, FIRST_REAL_ID, list_col
 from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise, window_line
 from training.runtime import Dist, amp_dtype, barrier, check_replicas_in_sync, resolve_device, set_threads
@@ -153,37 +155,6 @@ def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
     )
 
 
-def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:
-    """Fill the model's ItemMemory tables with the counts of `sessions`: `baselines.memory_tables`
-    of the same counts as the baselines, copied in one table at a time (`iter_memory_tables`
-    with release: at 1M items the tables and the sparse counts dominate the peak RSS)."""
-    mem = model.item_memory
-    assert mem is not None
-    counts = BaselineCounts(model.cfg.n_items, sessions=False)  # V-SKNN's session index: not needed
-    item = model.cfg.item_feature
-    for st in sessions:
-        if len(st):
-            counts.add_sessions(st.feats[item].numpy(), st.lengths.numpy())
-    for name, table in iter_memory_tables(counts, model.cfg.memory_k, release=True):
-        mem.set_table(name, torch.from_numpy(table))
-        del table  # before the next table is built
-
-
-@torch.no_grad()
-def item_counts(st: SessionTensors, item: str, n_items: int) -> Tensor:
-    """(V,) float: how often each item id occurs in the sessions of `st` (padding excluded)."""
-    items = st.feats[item]  # (N, L)
-    real = torch.arange(items.shape[1])[None, :] < st.lengths[:, None]  # (N, L)
-    return torch.bincount(items[real].long(), minlength=n_items).float()
-
-
-def set_sample_counts(model: SessionModel, st: SessionTensors) -> None:
-    """The sampled loss without the item memory: the negative sampler's counts = items of `st`
-    (the sessions trained on; with the memory, its `pop` table serves, see `set_memory`)."""
-    if model.cfg.loss == "sampled" and model.item_memory is None and len(st):
-        model.set_sample_counts(item_counts(st, model.cfg.item_feature, model.cfg.n_items))
-
-
 # -----------------------------------------------------------------------------
 # The run
 # -----------------------------------------------------------------------------
@@ -206,6 +177,7 @@ class Trainer:
         self.vocab = Schema.of(self.schema)  # typed view: vocabulary sizes per window
         full = cfg.model.with_schema(self.schema)  # resolves loss="auto" on the whole vocabulary
         check_model(full, cfg.label_smoothing)
+        self.choices = explain(cfg.model, full)  # loss / rank "auto": what was picked and why (meta.json)
         self.n_items_all = full.n_items  # the baselines' count tables span every id
         age = list_col(AGE_COL)
         # the item age derived by the workflow (real logs): 0 for an item the served workflow does not know
@@ -224,6 +196,11 @@ class Trainer:
         self.first = cfg.start_window  # first window still to train
         self.scheduler_state: dict[str, Any] = {}  # the last window's LR schedule, saved to optim.pt
         self.counts: BaselineCounts | None = None
+        # earlier windows' training splits, read once, and the item memory's running counts
+        keep = full.memory or cfg.train_on == "cumulative"
+        self.history = WindowHistory(
+            self.data, self.schema, full.item_feature, self.age_feature, full.n_items, keep
+        )
         self.writer: Any = None
         torch.manual_seed(cfg.seed)
         self._setup_model(mcfg)
@@ -371,7 +348,7 @@ class Trainer:
             return
         self.counts = BaselineCounts(self.n_items_all)
         for w in [w for w in available_windows(self.data, self.schema) if w < self.first]:
-            st = load_split(split_path(self.data, w, "train"), self.schema)
+            st = self.history.raw(w)
             if len(st):
                 self.counts.add_sessions(st.feats[self.mcfg.item_feature].numpy(), st.lengths.numpy())
 
@@ -388,6 +365,9 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Every window from the first unfinished one; returns the metrics.json content."""
         self.restore()
+        if self.dist.main:
+            for name, c in self.choices.items():
+                print(f"[train] {name} {c['value']}: {c['reason']}", file=sys.stderr)
         self._wrap_ddp()
         self._count_earlier_windows()
         self._open_writer()
@@ -403,6 +383,8 @@ class Trainer:
             self.writer.close()
         result = self.result()
         if self.dist.main:
+            # once per run, not per window (matplotlib: ~1 s to import, 0.3-0.5 s per figure)
+            plot_metrics(self.rows, self.out / PLOT_FILE)
             print_table(self.rows)
         return result
 
@@ -417,13 +399,10 @@ class Trainer:
         train_path = split_path(data, t, "train")
         known = self.known_sizes(t)
         item_f = model.cfg.item_feature
-
-        def load_known(path: Path) -> SessionTensors:
-            # ids follow first appearance, so window <= t sessions hold known ids only; values that
-            # reach --freq-threshold later are OOV until then (no-op without a threshold)
-            return known_inputs(load_split(path, schema), known, item_f, self.age_feature)[0]
-
-        train_st = load_known(train_path)
+        history = self.history
+        # ids follow first appearance, so window <= t sessions hold known ids only; values that
+        # reach --freq-threshold later are OOV until then (no-op without a threshold)
+        train_st = history.known(history.raw(t), known)
         row: dict[str, Any] = {
             "train_window": t,
             "eval_window": t + 1,
@@ -434,16 +413,14 @@ class Trainer:
         item = model.cfg.item_feature
         fit_st, held_st = split_holdout(train_st, cfg.holdout, _seed(cfg.seed, t, 4))
         before = [w for w in available_windows(data, schema) if w < t]
-        need_earlier = model.item_memory is not None or cfg.train_on == "cumulative"
-        earlier = {w: load_known(split_path(data, w, "train")) for w in before} if need_earlier else {}
         if model.item_memory is not None and len(train_st):
             # counts of every earlier window's training sessions + the sessions fitted now, not the
             # held-back ones (early stopping scores them as unseen sessions); after training the
             # held-back ones are counted too (below)
-            set_memory(model, [*earlier.values(), fit_st])
+            history.fill_memory(model, t, before, known, fit_st)
         if cfg.train_on == "cumulative" and len(fit_st):
-            parts = [*(earlier[w] for w in before if w >= cfg.start_window), fit_st]
-            fit_st = concat_sessions(newest(parts, cfg.train_budget))
+            earlier = history.sessions([w for w in before if w >= cfg.start_window], known)
+            fit_st = concat_sessions(newest([*earlier.values(), fit_st], cfg.train_budget))
         row.update(fit_sessions=len(fit_st), holdout_sessions=len(held_st))
         set_sample_counts(model, fit_st)
 
@@ -457,7 +434,8 @@ class Trainer:
         if self.counts is not None and len(train_st):
             self.counts.add_sessions(train_st.feats[item].numpy(), train_st.lengths.numpy())
         if model.item_memory is not None and len(train_st):
-            set_memory(model, [*earlier.values(), train_st])  # every training session of windows <= t
+            history.fill_memory(model, t, before, known, held_st)  # every training session of windows <= t
+        history.close_window(t)
 
         if self.dist.main and cfg.evaluate:
             self.evaluate(t, row)
@@ -516,8 +494,14 @@ class Trainer:
         if model.item_memory is not None:
             model.item_memory.head_scale.fill_(1.0)  # training always uses the head; chosen again below
         held_scores: list[float] = []
+        # a model served in two stages scores the held-back sessions as served; where both can run,
+        # also exactly, to record which epoch exact ranking would have kept
+        held_exact: list[float] | None = (
+            [] if early and differs_from_exact(model) and model.cfg.n_items <= cfg.exact_eval_max_items else None
+        )
         epochs_run = steps_run = sessions_run = 0
         t0 = time.perf_counter()
+        model.hold_ranking_index(True)  # a two-stage index: built once per window by early stopping
         for epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=shuffle_gen)
             loss_sum.zero_()
@@ -549,6 +533,9 @@ class Trainer:
                 score, scale, without = score_held(model, held, device, cfg.eval_batch_size, select_head)
                 if without is not None:
                     held_no_head.append(without)
+                if held_exact is not None:
+                    exact = score_held(model, held, device, cfg.eval_batch_size, select_head, exact=True)
+                    held_exact.append(exact.ndcg20)
                 model.train()
                 held_scores.append(score)
                 if score > best_score:
@@ -558,6 +545,7 @@ class Trainer:
                     break
             if cfg.max_steps > 0 and steps_run >= cfg.max_steps:
                 break
+        model.hold_ranking_index(False)
         if early and best_state is not None:
             model.load_state_dict(best_state)
             if select_head:
@@ -585,6 +573,9 @@ class Trainer:
         }
         if early:
             out.update(best_epoch=best_epoch + 1, holdout_ndcg20_per_epoch=held_scores)
+        if held_exact:
+            best_exact = max(range(len(held_exact)), key=held_exact.__getitem__)  # the first best
+            out.update(best_epoch_exact=best_exact + 1, holdout_ndcg20_exact_per_epoch=held_exact)
         if select_head:
             out.update(head_scale=best_scale, holdout_ndcg20_without_head_per_epoch=held_no_head)
         return {**out, **stacked}
@@ -658,12 +649,13 @@ class Trainer:
                 self.device,
                 self.cfg.eval_batch_size,
                 self.age_feature,
+                self.cfg.exact_eval_max_items,
             )
         )
         print(window_line(row), file=sys.stderr)
 
     def save(self, t: int, row: dict[str, Any]) -> None:
-        """Checkpoint (model.pt, optim.pt, meta.json), metrics.json and metrics.png after window t."""
+        """Checkpoint (model.pt, optim.pt, meta.json) and metrics.json after window t."""
         cfg, out, mcfg = self.cfg, self.out, self.mcfg
         result = self.result()
         meta = {
@@ -673,6 +665,7 @@ class Trainer:
             "schema": self.schema,
             "workflow_sha256": self.schema.get("workflow_sha256", {}),
             "train_config": cfg.to_dict(),
+            "choices": self.choices,
             "metrics": {"windows": self.rows},
         }
         ostate = {
@@ -694,7 +687,6 @@ class Trainer:
             (out / WINDOWS_DIR / str(t)).mkdir(parents=True, exist_ok=True)
             save_checkpoint(out / WINDOWS_DIR / str(t), self.model.state_dict(), {}, meta)
         atomic_write(out / METRICS_FILE, json.dumps(result, indent=2).encode())
-        plot_metrics(self.rows, out / PLOT_FILE)
         if self.writer is not None:
             for k, v in row.items():
                 if isinstance(v, float):

@@ -135,9 +135,9 @@ def test_early_stopping_selects_on_training_sessions(tiny_synthetic_data, tmp_pa
     read: list[str] = []
     real_eval, real_load = evaluate_mod.evaluate_model, trainer_mod.load_split
 
-    def spy_eval(model, st, device, batch_size, miss=None):
+    def spy_eval(model, st, device, batch_size, miss=None, **kw):
         calls.append(set(st.session_id.tolist()))
-        return real_eval(model, st, device, batch_size, miss)
+        return real_eval(model, st, device, batch_size, miss, **kw)
 
     def spy_load(path, schema):
         read.append(Path(path).name)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+import training.model.choice as choice
 from training.names import FIRST_REAL_ID, ITEM_LIST
 from training.schema import Schema
 
@@ -136,19 +137,21 @@ class ModelConfig:
     # "full": softmax over every item ((positions, V) logits, the reference); "sampled": softmax over
     # the batch's targets + `negatives` shared popularity-sampled items with the logQ correction, so
     # a step costs O(positions x (targets + negatives)) and the item table gets sparse gradients;
-    # "auto" (default): "sampled" when the catalogue has >= sampled_min_items ids, else "full".
-    # Resolved in __post_init__, so the config (meta.json) records the loss actually used.
+    # "auto" (default): "sampled" where it costs clearly less than "full" (training/model/choice.py:
+    # from 2 x negatives ids, or from sampled_min_items when set), else "full". Resolved in
+    # __post_init__, so the config (meta.json) records the loss actually used, and "choices" why.
     loss: str = field(
         default="auto",
         metadata={
             "help": "training loss: full softmax over every item, sampled softmax (targets + shared "
-            "popularity negatives, logQ-corrected, sparse item-table updates), or auto: sampled from "
-            "--sampled-min-items ids",
+            "popularity negatives, logQ-corrected, sparse item-table updates), or auto: sampled where "
+            "it costs clearly less (from 2 x --negatives ids, or --sampled-min-items)",
             "choices": LOSSES + ("auto",),
         },
     )
-    sampled_min_items: int = field(  # full costs ~1 s/step at 200k
-        default=200_000, metadata={"help": "loss auto: use the sampled loss from this many item ids"}
+    sampled_min_items: int | None = field(
+        default=None,
+        metadata={"help": "loss auto: the sampled loss from this many item ids (default: 2 x --negatives)"},
     )
     negatives: int = field(  # drawn with replacement (GRU4Rec's n_sample default)
         default=2048, metadata={"help": "sampled loss: shared negatives drawn per batch"}
@@ -179,14 +182,16 @@ class ModelConfig:
     # candidates per session (its items, co-occurrence neighbours of its last `rank_context` items,
     # successors of the last one, the `rank_popular` most popular items, the `ivf_keep` best items of
     # an inverted-file index over the item table, `ivf_probe` lists of `ivf_list_size` items), scored
-    # exactly (network + item memory) on those only; "auto" (default): "two_stage" when the catalogue
-    # has >= two_stage_min_items ids. Resolved in __post_init__ (meta.json records the ranking used).
-    # docs/scale.md has the measurements behind the defaults. Under `rerank` (with the memory),
-    # "two_stage" scores the memory's own candidates (no IVF index) and "auto" resolves to it at any
-    # catalogue size, since nothing else is ranked; "exact" scores every item and masks the rest
-    # (faster at large batches on small catalogues, docs/quality.md). Both give the same top-k.
+    # exactly (network + item memory) on those only; "auto" (default): "two_stage" where a request
+    # costs less than "exact" (training/model/choice.py: from 25 x the candidates per session, or
+    # from two_stage_min_items when set). Resolved in __post_init__ (meta.json records the ranking
+    # used and why). docs/scale.md and docs/throughput.md have the measurements behind the defaults.
+    # Under `rerank` (with the memory), "two_stage" scores the memory's own candidates (no IVF index)
+    # and "auto" resolves to it at any catalogue size, since nothing else is ranked; "exact" scores
+    # every item and masks the rest (faster at large batches on small catalogues, docs/quality.md).
+    # Both give the same top-k.
     rank: str = "auto"
-    two_stage_min_items: int = 200_000
+    two_stage_min_items: int | None = None
     rank_context: int = 5  # last items of a session whose co-occurrence lists are candidates
     rank_popular: int = 128  # most popular items always among the candidates (stand in for the pop bonus)
     ivf_list_size: int = 256  # items per inverted list row (lists are split to this size: static shapes)
@@ -198,7 +203,7 @@ class ModelConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.loss not in LOSSES + ("auto",):
             raise ValueError(f"loss must be one of {LOSSES + ('auto',)}, got {self.loss!r}")
-        if self.sampled_min_items < 1:
+        if self.sampled_min_items is not None and self.sampled_min_items < 1:
             raise ValueError(f"sampled_min_items must be >= 1, got {self.sampled_min_items}")
         if self.negatives < 1:
             raise ValueError(
@@ -239,17 +244,16 @@ class ModelConfig:
         if self.memory and not 0.0 < self.memory_decay <= 1.0:
             raise ValueError(f"memory_decay must be in (0, 1], got {self.memory_decay}")
         if self.has_schema and self.loss == "auto":
-            self.loss = "sampled" if self.n_items >= self.sampled_min_items else "full"
+            self.loss = choice.auto_loss(self)
         if self.rank not in RANKINGS + ("auto",):
             raise ValueError(f"rank must be one of {RANKINGS + ('auto',)}, got {self.rank!r}")
         for name in ("two_stage_min_items", "rank_popular", "ivf_list_size", "ivf_probe", "ivf_keep"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rank_context < 0:
             raise ValueError(f"rank_context must be >= 0, got {self.rank_context}")
         if self.has_schema and self.rank == "auto":
-            large = self.n_items >= self.two_stage_min_items
-            self.rank = "two_stage" if large or (self.rerank and self.memory) else "exact"
+            self.rank = choice.auto_rank(self)
 
     @property
     def has_schema(self) -> bool:

@@ -141,7 +141,7 @@ def candidates(
     session's items, the co-occurrence lists of its last `context` items, the successors
     of its last item, the popular ids (they stand in for the popularity bonus every item
     gets), and `ivf_search`'s best items. Repeats and pads (0) are left in; the caller
-    masks them (`candidate_top_k`).
+    masks them (`mask_candidates`).
     """
     B, L = items.shape
     dev = items.device
@@ -177,15 +177,29 @@ def memory_candidates(context: TargetContext, lists: CountLists, popular: Tensor
     return torch.cat([items, cooc.reshape(M, -1), succ, popular[None, :].expand(M, -1)], 1)
 
 
-def candidate_top_k(scores: Tensor, cand: Tensor, special: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(B, C) scores of the sorted candidates `cand` -> (top (B, k), ids (B, k)), best first.
-
-    Repeated ids count once (all but the first of equal ids are masked) and the `special`
-    (V,) bool ids never come out."""
+def mask_candidates(scores: Tensor, cand: Tensor, special: Tensor) -> Tensor:
+    """(B, C) scores of the sorted candidates `cand` -> the same with -inf at every repeated id
+    (all but the first of equal ids) and at the `special` (V,) bool ids: they never come out."""
     repeat = F.pad(cand[:, 1:] == cand[:, :-1], (1, 0))  # (B, C) all but the first of equal ids
-    scores = scores.masked_fill(repeat | take(special, cand), float("-inf"))
+    return scores.masked_fill(repeat | take(special, cand), float("-inf"))
+
+
+def candidate_top_k(scores: Tensor, cand: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(B, C) masked scores of the candidates `cand` (`mask_candidates`) -> (top (B, k), ids (B, k)),
+    best first."""
     top, col = torch.topk(scores, k, dim=1)  # (B, k)
     return top, cand.gather(1, col)
+
+
+def candidate_ranks(scores: Tensor, cand: Tensor, targets: Tensor) -> Tensor:
+    """(B, C) masked scores of the candidates `cand`, (B,) target ids -> (B,) float64 pessimistic
+    ranks of the targets among the candidates (1 + the other candidates scoring >= the target,
+    as `training.metrics.pessimistic_ranks` over the catalogue), +inf where the target is not a
+    candidate (or scores -inf): what the served two-stage model's top-k gives each target."""
+    at = (cand == targets[:, None]) & (scores > float("-inf"))  # (B, C) its first, unmasked occurrence
+    ts = torch.where(at, scores, float("-inf")).max(1).values  # (B,)
+    ranks = (scores >= ts[:, None]).sum(1).to(torch.float64)  # the target itself included: 1 + others
+    return torch.where(at.any(1), ranks, float("inf"))
 
 
 def exact_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:

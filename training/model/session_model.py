@@ -202,6 +202,7 @@ class SessionModel(nn.Module):
                 "ivf_members", torch.zeros(0, cfg.ivf_list_size, dtype=torch.int64), persistent=False
             )
         self._rank_key: tuple | None = None  # which table/counts the ranking index was built from
+        self._rank_hold: bool | None = None  # `hold_ranking_index`: None off, else whether built since
         self._rank_sizes = (0, 0, 0)  # (popular, probed lists, kept IVF items) of the index
         self._sampler_key: tuple | None = None  # which counts `_sampler` was computed from
         self._sampler: sampled.SamplerTables | None = None
@@ -390,6 +391,16 @@ class SessionModel(nn.Module):
                 f"{'re-ranking' if rerank else 'two-stage'} top-k: k={k} must be in [1, {n_pop}] (the popular "
                 "candidates guarantee k real items; raise rank_popular)"
             )
+        return ranking.candidate_top_k(*self.candidate_scores(feats, lengths), k)
+
+    def candidate_scores(self, feats: dict[str, Tensor], lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Two-stage ranking's first stage and its scores: (B, L) feats, (B,) lengths ->
+        (scores (B, C) float32, candidates (B, C) ids sorted per row); a repeated id and the
+        special ids score -inf (`ranking.mask_candidates`), every other candidate the value
+        `next_item_scores` gives it. What the served model ranks (evaluation reads it too)."""
+        rerank = self.item_memory is not None and self.cfg.rerank
+        if not rerank:
+            self._check_ranking()
         feats = self.unknown_to_oov(feats)  # ids the tables do not hold yet (issue 12) -> OOV
         items = feats[self.cfg.item_feature]  # (B, L)
         h = self.next_hidden(feats, lengths)  # (B, d_model)
@@ -405,7 +416,7 @@ class SessionModel(nn.Module):
             scores = torch.bmm(head.w, q[:, :, None]).squeeze(2).float()  # (B, C)
         else:
             scores = self.item_memory.candidate_scores(h, items, lengths, cand, head)  # (B, C)
-        return ranking.candidate_top_k(scores, cand, self.special_ids, k)
+        return ranking.mask_candidates(scores, cand, self.special_ids), cand
 
     def rank_candidates(self, items: Tensor, lengths: Tensor, q: Tensor) -> Tensor:
         """Two-stage candidates (`ranking.candidates`): (B, L) items, (B,) lengths, (B, E) head
@@ -439,8 +450,18 @@ class SessionModel(nn.Module):
         counts = getattr(self, "sample_counts", None)
         return counts if counts is not None and bool(counts.any()) else None
 
+    def hold_ranking_index(self, hold: bool) -> None:
+        """hold: from now on the two-stage index, once built, is kept while the item table changes;
+        False: rebuilt again whenever the table or the counts changed (the default).
+
+        Early stopping scores every epoch of a window as served; rebuilding the index from the
+        table after each epoch would cost O(V) per epoch (k-means over every item vector), so
+        the window's later epochs keep the index built for its first scored one (their own
+        vectors score the candidates). The served model's index is built from its final table."""
+        self._rank_hold = False if hold else None
+
     def _check_ranking(self) -> None:
-        if self._rank_key == self._rank_sources():
+        if self._rank_key == self._rank_sources() or self._rank_hold:
             return
         if torch.jit.is_tracing():
             raise RuntimeError(
@@ -474,6 +495,8 @@ class SessionModel(nn.Module):
         )
         self._rank_sizes = (int(index.pop_ids.shape[0]), index.probe, index.keep)
         self._rank_key = self._rank_sources()
+        if self._rank_hold is not None:
+            self._rank_hold = True
 
     # --- training ---------------------------------------------------------------------
 
@@ -613,13 +636,17 @@ class SessionModel(nn.Module):
             return self._rerank_loss(p, h_sel, targets, tgt, label_smoothing, leave_out=leave_out)
         if is_sampled:
             return self._sampled_loss(p, h_sel, targets, tgt, generator, leave_out=leave_out)
+        table = self.embeddings[self.cfg.item_feature].weight
         if self.item_memory is None:
-            logits = self.item_logits(h_sel)  # (M, V)
+            logits = (self._head_input(h_sel) @ table.t()).float()  # (M, V)
         else:
             assert tgt is not None
             logits = self.item_memory.packed_scores(
                 h_sel, items, seg, tgt, self._head_factors(h_sel), leave_out=leave_out
-            ).masked_fill_(self.special_ids, float("-inf"))  # (M, V)
+            )  # (M, V)
+        # special ids never win: -inf written into their 3 columns of the fresh scores, the values
+        # (and gradients) of masked_fill(special_ids) without its (M, V) pass and (M, V) backward
+        logits[:, :FIRST_REAL_ID] = float("-inf")
         return self._loss(logits, targets, label_smoothing)
 
     def _loss(self, logits: Tensor, target_col: Tensor, label_smoothing: float = 0.0) -> Tensor:

@@ -33,9 +33,11 @@ class FastDropout(nn.Module):
         n = x.numel()
         r = torch.empty((n + 2) // 3, 4, dtype=torch.int16)  # (k, 4)
         r.view(torch.int64).random_()  # 63 random bits per row: int16 columns 0..2 are uniform
-        u = r[:, :3].reshape(-1)[:n].view(x.shape)
-        keep = u >= (round(self.p * 65536) - 32768)
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        # the keep mask straight from the strided int16 view into x's dtype (no int16 copy, no bool
+        # cast): the same draws and values as (u >= thr).to(dtype), 1.3x cheaper (docs/throughput.md)
+        keep = torch.empty((n + 2) // 3, 3, dtype=x.dtype)
+        torch.ge(r[:, :3], round(self.p * 65536) - 32768, out=keep)
+        return x * keep.view(-1)[:n].view(x.shape).mul_(1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -253,9 +253,12 @@ def test_config_rejects(kw, match):
 
 
 def test_auto_loss_by_catalogue_size_is_recorded():
-    small = ModelConfig(categorical={ITEM: 199_999})
-    big = ModelConfig(categorical={ITEM: 200_000})
+    """auto: sampled from 2 x negatives ids (training/model/choice.py), or a fixed sampled_min_items."""
+    small = ModelConfig(categorical={ITEM: 4_095})
+    big = ModelConfig(categorical={ITEM: 4_096})
     assert (small.loss, big.loss) == ("full", "sampled")
+    assert ModelConfig(categorical={ITEM: 4_095}, negatives=1000).loss == "sampled"
+    assert ModelConfig(categorical={ITEM: 4_096}, sampled_min_items=200_000).loss == "full"
     assert big.to_dict()["loss"] == "sampled" and ModelConfig.from_dict(big.to_dict()) == big
     old = small.to_dict()
     for k in ("loss", "negatives", "sample_alpha", "sampled_min_items"):

@@ -1,0 +1,98 @@
+"""Evaluation of a model served in two stages (training/evaluate.py, issue 19 item 5).
+
+* the target's rank among the candidates (`ranking.candidate_ranks`) is the exact pessimistic
+  rank when every item is a candidate, and a miss for a target that is not a candidate;
+* `evaluate_model` ranks as served (O(candidates) per session, never a (B, V) score matrix),
+  `evaluate_both` also exactly, with the agreement of the two;
+* a training run of a two-stage model reports served and exact metrics, their agreement and the
+  epoch early stopping would have kept with exact ranking.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.training.model.test_ranking import COVER, SMALL, batch, make_model
+from training.data.splits import SessionTensors
+from training.evaluate import evaluate_both, evaluate_model
+from training.metrics import pessimistic_ranks
+from training.model import ranking
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_candidate_ranks_cover_is_exact(memory):
+    m = make_model(memory, "two_stage", **COVER)
+    feats, lengths = batch(48)
+    targets = torch.randint(3, 300, (48,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = pessimistic_ranks(m.next_item_scores(feats, lengths), targets)
+        served = ranking.candidate_ranks(*m.candidate_scores(feats, lengths), targets)
+    assert torch.equal(served, exact)
+
+
+def test_candidate_ranks_miss_outside_the_candidates():
+    scores = torch.tensor([[1.0, 3.0, float("-inf"), 2.0]])
+    cand = torch.tensor([[4, 5, 5, 9]])  # the second 5 is a masked repeat
+    ranks = ranking.candidate_ranks(scores.expand(3, -1), cand.expand(3, -1), torch.tensor([5, 4, 7]))
+    assert ranks.tolist() == [1.0, 3.0, float("inf")]
+
+
+def _sessions(n: int) -> SessionTensors:
+    feats, lengths = batch(n, seed=5)
+    keep = lengths >= 2  # a target and an input
+    return SessionTensors(
+        {k: v[keep] for k, v in feats.items()}, lengths[keep], torch.arange(int(keep.sum()))
+    )
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_evaluate_served_and_both(memory, monkeypatch):
+    m = make_model(memory, "two_stage", **SMALL)
+    st = _sessions(64)
+    dev = torch.device("cpu")
+    # served: never a score over the whole catalogue
+    monkeypatch.setattr(type(m), "next_item_scores", lambda *a, **k: pytest.fail("O(V) scoring"))
+    served = evaluate_model(m, st, dev, 16)
+    monkeypatch.undo()
+    both = evaluate_both(m, st, dev, 16)
+    assert {k: both[k] for k in served} == served
+    assert both["exact"] == evaluate_model(m, st, dev, 16, exact=True)
+    agree = both["served_agreement"]
+    assert 0.0 <= agree["top20_overlap"] <= 1.0 and 0.0 <= agree["same_rank"] <= 1.0
+    # every item a candidate: the served metrics are the exact ones
+    cover = make_model(memory, "two_stage", **COVER)
+    both = evaluate_both(cover, st, dev, 16)
+    assert {k: both[k] for k in both["exact"]} == both["exact"]
+    assert both["served_agreement"] == {"top20_overlap": 1.0, "same_rank": 1.0}
+
+
+def test_training_run_reports_served_exact_and_the_choice(tiny_synthetic_data, tmp_path):
+    from training.config import TrainConfig
+    from training.train import train
+
+    model = dict(rank="two_stage", rank_popular=30, ivf_list_size=16, ivf_probe=2, ivf_keep=10)
+    cfg = TrainConfig(
+        data=str(tiny_synthetic_data),
+        out=str(tmp_path / "run"),
+        start_window=2,
+        end_window=4,
+        epochs=3,
+        holdout=0.2,
+        patience=1,
+        threads=1,
+        baselines=False,
+        progress=False,
+        model=model,
+    )
+    train(cfg)
+    result = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for row in result["windows"]:
+        assert set(row["exact"]) >= {"ndcg@20", "recall@20"}
+        assert set(row["served_agreement"]) == {"top20_overlap", "same_rank"}
+        assert len(row["holdout_ndcg20_exact_per_epoch"]) == len(row["holdout_ndcg20_per_epoch"])
+        assert 1 <= row["best_epoch_exact"] <= row["epochs_run"]
+    assert 0.0 <= result["summary"]["best_epoch_same_as_exact"] <= 1.0
+    assert "served_agreement" in result["summary"] and "exact" in result["summary"]

@@ -1,0 +1,149 @@
+"""The earlier windows of a run: their training sessions read once, and the item memory's counts
+kept running, instead of re-reading every earlier split and recounting it twice per window;
+and the per-window counts a model is given (`set_memory`, `set_sample_counts`).
+
+    history = WindowHistory(data, schema, item_feature, age_feature, n_items)
+    earlier = history.sessions(before, known)      # {window: SessionTensors} as known after window t
+    history.fill_memory(model, t, before, known, fit)   # counts of windows < t + fit -> the item memory
+    ...fit...
+    history.fill_memory(model, t, before, known, held)  # + the held-back ones: every session <= t
+    history.close_window(t)                         # the counts now cover windows <= t
+
+Counting is exact integer addition (training/baselines.py), so counts accumulated window by
+window equal a recount of the same sessions and give the same tables (tested). A recount
+only happens when the sessions already counted would read differently now: a value that
+reached --freq-threshold after its window was counted was OOV then and is an id now
+(`known_inputs`); without a threshold ids follow first appearance and that never happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from training.baselines import BaselineCounts, iter_memory_tables
+from training.data.splits import SessionTensors, load_split, split_path
+from training.evaluate import known_inputs
+from training.model import SessionModel
+
+
+class WindowHistory:
+    """Training splits of earlier windows (read once) and the item memory's running counts."""
+
+    def __init__(
+        self,
+        data: Path,
+        schema: Mapping[str, Any],
+        item_feature: str,
+        age_feature: str | None,
+        n_items: int,
+        keep: bool = True,
+    ):
+        """keep: hold every split read (a run that reads earlier windows: item memory, cumulative)."""
+        self.data, self.schema, self.keep = data, schema, keep
+        self.item, self.age = item_feature, age_feature
+        self.n_items = n_items  # the whole vocabulary: tables are sliced to the model's rows
+        self._raw: dict[int, SessionTensors] = {}  # window -> its training split as stored
+        self._counts: BaselineCounts | None = None  # sessions of `_counted` windows (+ the open window's)
+        self._counted: list[int] = []  # windows whose every training session is in _counts
+        self._open: list[SessionTensors] = []  # window t's sessions counted so far
+        self._counted_known = 0  # item ids known when _counts was last added to
+        self._oov_counted = False  # some counted session held an id that was then OOV
+
+    def raw(self, w: int) -> SessionTensors:
+        """Window w's training split as stored (read once)."""
+        if w in self._raw:
+            return self._raw[w]
+        st = load_split(split_path(self.data, w, "train"), self.schema)
+        if self.keep:
+            self._raw[w] = st
+        return st
+
+    def known(self, st: SessionTensors, known: dict[str, int]) -> SessionTensors:
+        """`st` as the model after a window with `known` ids sees it (`known_inputs`)."""
+        return known_inputs(st, known, self.item, self.age)[0]
+
+    def sessions(self, windows: list[int], known: dict[str, int]) -> dict[int, SessionTensors]:
+        """{w: window w's training sessions with only `known` ids} for `windows`."""
+        return {w: self.known(self.raw(w), known) for w in windows}
+
+    def _add(self, st: SessionTensors) -> None:
+        assert self._counts is not None
+        if len(st):
+            self._counts.add_sessions(st.feats[self.item].numpy(), st.lengths.numpy())
+
+    def _oov(self, w: int, known: dict[str, int]) -> bool:
+        """Whether window w's stored sessions hold ids that are OOV with `known` ids."""
+        st = self.raw(w)
+        return bool(len(st)) and bool((st.feats[self.item] >= known[self.item]).any())
+
+    def fill_memory(
+        self, model: SessionModel, t: int, before: list[int], known: dict[str, int], new: SessionTensors
+    ) -> None:
+        """Fill the model's item memory with the counts of windows `before` and of window t's
+        sessions passed so far, `new` (window t's sessions as known after t) included."""
+        stale = self._oov_counted and known[self.item] != self._counted_known
+        if self._counts is None or set(self._counted) != set(before) or stale:  # (re)count windows < t
+            assert not self._open, "a window's sessions are counted with one vocabulary"
+            self._counts = BaselineCounts(self.n_items, sessions=False)  # no V-SKNN index needed
+            self._counted, self._oov_counted = list(before), False
+            for w in before:
+                self._add(self.known(self.raw(w), known))
+                self._oov_counted |= self._oov(w, known)
+        elif not len(new) and self._open:
+            return  # nothing new: the tables are those of the last call
+        if not self._open:
+            self._oov_counted |= self._oov(t, known)
+        self._counted_known = known[self.item]
+        self._open.append(new)
+        self._add(new)
+        set_memory_counts(model, self._counts)
+
+    def close_window(self, t: int) -> None:
+        """Window t is done: every one of its training sessions was passed to `fill_memory` (or
+        it has none), so the counts now cover windows <= t."""
+        if self._counts is not None:
+            self._counted.append(t)
+        self._open = []
+
+
+def set_memory_counts(model: SessionModel, counts: BaselineCounts, release: bool = False) -> None:
+    """Copy the item memory tables of `counts` (`baselines.iter_memory_tables`) into the model,
+    one table at a time (at 1M items the tables dominate the peak RSS), rows beyond the model's
+    vocabulary left out (no id known to the model reaches them). release: `counts` are spent."""
+    mem = model.item_memory
+    assert mem is not None
+    V = model.cfg.n_items
+    for name, table in iter_memory_tables(counts, model.cfg.memory_k, release=release):
+        mem.set_table(name, torch.from_numpy(table[:V]))
+        del table  # before the next table is built
+
+
+def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:
+    """Fill the model's ItemMemory tables with the counts of `sessions`: `baselines.memory_tables`
+    of the same counts as the baselines (a run keeps them running: training/history.py)."""
+    counts = BaselineCounts(model.cfg.n_items, sessions=False)  # V-SKNN's session index: not needed
+    item = model.cfg.item_feature
+    for st in sessions:
+        if len(st):
+            counts.add_sessions(st.feats[item].numpy(), st.lengths.numpy())
+    set_memory_counts(model, counts, release=True)
+
+
+@torch.no_grad()
+def item_counts(st: SessionTensors, item: str, n_items: int) -> Tensor:
+    """(V,) float: how often each item id occurs in the sessions of `st` (padding excluded)."""
+    items = st.feats[item]  # (N, L)
+    real = torch.arange(items.shape[1])[None, :] < st.lengths[:, None]  # (N, L)
+    return torch.bincount(items[real].long(), minlength=n_items).float()
+
+
+def set_sample_counts(model: SessionModel, st: SessionTensors) -> None:
+    """The sampled loss without the item memory: the negative sampler's counts = items of `st`
+    (the sessions trained on; with the memory, its `pop` table serves, see `set_memory`)."""
+    if model.cfg.loss == "sampled" and model.item_memory is None and len(st):
+        model.set_sample_counts(item_counts(st, model.cfg.item_feature, model.cfg.n_items))
