@@ -45,8 +45,16 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "head_off": (["--no-head-logits"], "no network item logits at all: gated counts only"),
     "frozen_net": (["--lr", "1e-12"], "network frozen at init: a learned count blend without a network"),
     "mlm": (["--objective", "mlm", "--mask-prob", "0.3"], "masked LM (T4Rec's best masking 0.3)"),
-    "sampled": (["--loss", "sampled"], "sampled softmax, 2,048 negatives, logQ"),
-    "gbce": (["--loss", "sampled", "--loss-fn", "gbce"], "gBCE over the sampled negatives (t = 0.75)"),
+    "dense_table": (
+        ["--loss", "full"],
+        "dense item table (AdamW) instead of the sparse one (SparseAdam) that loss auto picks from 4,096 ids; "
+        "under re-ranking the softmax runs over the candidates either way",
+    ),
+    "sampled_catalogue": (
+        ["--no-rerank", "--loss", "sampled"],
+        "no re-ranking: sampled softmax over the catalogue, 2,048 negatives, logQ",
+    ),
+    "gbce": (["--loss-fn", "gbce"], "gBCE over the re-ranked candidates (t = 0.75) instead of the softmax"),
     "label_smoothing": (["--label-smoothing", "0.3"], "label smoothing 0.3 (T4Rec best 0.6 on YOOCHOOSE)"),
     "dropout_0.3": (["--dropout", "0.3"], "dropout 0.3 instead of 0.5"),
     "wide": (["--d-model", "128", "--d-inner", "512"], "width 128"),
@@ -106,7 +114,7 @@ def learning_curve(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return curve
 
 
-def plot_curve(curve: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot_curve(curve: list[dict[str, Any]], path: Path, title: str, split: str = "valid") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +127,7 @@ def plot_curve(curve: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.plot(x, [p[f"{k} {m}"] for p in curve], style, label=k)
         ax.set_xscale("log")
         ax.set_xlabel("training sessions seen (cumulative windows)")
-        ax.set_ylabel(m + " (valid, next window)")
+        ax.set_ylabel(f"{m} ({split}, next window)")
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(title)
