@@ -88,6 +88,15 @@ class TrainConfig:
             "sessions, which neither the network nor the counts saw (stacking; 0 = off)"
         ),
     )
+    blend_guard: bool = field(
+        default=False,
+        metadata=help_meta(
+            "item memory + early stopping (no-op without): after a window's fit (and stacking), score the "
+            "held-back sessions with the model and with its count blend (the combiner at its initial "
+            "values, no network logits); where the blend is better on NDCG@20 or on Recall@20, the "
+            "window's model ranks as the blend (its network keeps training in the next window)"
+        ),
+    )
     cycles_per_epoch: float = field(
         default=1.5,
         metadata=help_meta("cosine LR cycles per epoch (num_cycles = this * epochs), 0 = constant LR"),

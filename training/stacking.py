@@ -12,8 +12,15 @@ it did not memorise: stacked generalisation (Wolpert 1992). The held-back sessio
 not in the counts, so no leave-one-out correction (`packed_loss(leave_out=False)`).
 
     row.update(stack_memory(model, held, cfg, seed, device))   # per window, after the fit
+    row.update(blend_guard(model, held, device, batch_size))  # --blend-guard, after stacking
 
 Then the held-back sessions go into the counts with the rest of the window (trainer).
+
+The blend guard (TrainConfig.blend_guard) is the floor under all of it: where the held-back
+sessions score the untrained count blend better than the model on NDCG@20 or on Recall@20
+(a small window, a network still learning), the window's model ranks as that blend
+(`ItemMemory.reset_to_blend`). Its comparison reads the held-back sessions that stacking
+fitted the combiner on (a few hundred weights), so it leans slightly towards the model.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from torch import nn
 
 from training.config import TrainConfig
 from training.data.splits import SessionTensors, eval_inputs_targets
-from training.evaluate import evaluate_model
-from training.model import SessionModel, mask_positions, pack_sessions
+from training.evaluate import count_blend_metrics, evaluate_model
+from training.model import ItemMemory, SessionModel, mask_positions, pack_sessions
+
+GUARD_METRICS = ("ndcg@20", "recall@20")
 
 
 def combiner_parameters(model: SessionModel) -> list[nn.Parameter]:
@@ -109,3 +118,25 @@ def mean_head_weight(model: SessionModel, st: SessionTensors, device: torch.devi
         total += float(mem.head_weight(h).sum())
     model.train(was_training)
     return total / max(1, len(lengths))
+
+
+def blend_guard(model: SessionModel, held: SessionTensors, device: torch.device, batch_size: int) -> dict[str, Any]:
+    """Score `held` with the model (as served) and with its count blend (the same count tables,
+    the combiner at its initial values, no network logits); where the blend scores better on
+    NDCG@20 or Recall@20, reset the model to it (`ItemMemory.reset_to_blend`).
+
+    Returns the metrics row's entries: both scores and "blend_fallback" (True: the window's
+    model ranks as the count blend)."""
+    mem = model.item_memory
+    assert mem is not None, "the blend guard needs the item memory"
+    ours = evaluate_model(model, held, device, batch_size)
+    tables = {k: getattr(mem, k) for k in ItemMemory.TABLES}
+    blend = count_blend_metrics(tables, model.cfg, held, device, batch_size)
+    fallback = any(ours[m] < blend[m] - 1e-9 for m in GUARD_METRICS)  # not on rounding-level ties
+    if fallback:
+        mem.reset_to_blend()
+    return {
+        "holdout_guard_model": {m: float(ours[m]) for m in GUARD_METRICS},
+        "holdout_guard_blend": {m: float(blend[m]) for m in GUARD_METRICS},
+        "blend_fallback": fallback,
+    }

@@ -68,7 +68,7 @@ from training.names import AGE_COL, FIRST_REAL_ID, list_col
 from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise, window_line
 from training.runtime import Dist, amp_dtype, barrier, check_replicas_in_sync, resolve_device, set_threads
 from training.schema import Schema
-from training.stacking import stack_memory
+from training.stacking import blend_guard, stack_memory
 
 # -----------------------------------------------------------------------------
 # Training pieces
@@ -555,6 +555,9 @@ class Trainer:
         if early and cfg.stack > 0 and model.item_memory is not None:  # the combiner on held-back sessions
             assert held is not None
             stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp)
+        if early and cfg.blend_guard and model.item_memory is not None:  # the count blend as a floor
+            assert held is not None
+            stacked.update(blend_guard(model, held, device, cfg.eval_batch_size))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0

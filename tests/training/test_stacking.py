@@ -70,3 +70,72 @@ def test_stacking_is_reproducible_and_seeded():
 def test_stack_epochs_must_not_be_negative():
     with pytest.raises(ValueError, match="stack must be >= 0"):
         stack_cfg(stack=-1)
+
+
+# --- the blend guard (TrainConfig.blend_guard) ------------------------------------------------------
+
+
+def test_reset_to_blend_ranks_exactly_as_the_count_blend():
+    from training.evaluate import count_blend_metrics, evaluate_model
+    from training.model import ItemMemory
+
+    dev = torch.device("cpu")
+    # re-ranking ranks the memory's candidates only; with >= 20 popular ones among them, every item of
+    # the blend's top 20 is a candidate (an item outside scores its popularity term alone), so the
+    # metrics at 20 agree (beyond 20 the candidates run out: not compared)
+    for rerank in (False, True):
+        m = make_model(head_gate=True, rerank=rerank, rank_popular=20)
+        stack_memory(m, held_sessions(40, seed=11), stack_cfg(stack=3), seed=3, device=dev)  # combiner moved
+        held = held_sessions(60, seed=12)
+        mem = m.item_memory
+        blend = count_blend_metrics({k: getattr(mem, k) for k in ItemMemory.TABLES}, m.cfg, held, dev, 16)
+        at20 = ("ndcg@20", "recall@20", "mrr@20")
+        ours = evaluate_model(m, held, dev, 16)
+        assert [ours[k] for k in at20] != [blend[k] for k in at20]  # trained combiner + network logits
+        mem.reset_to_blend()
+        assert float(mem.head_scale) == 0.0
+        ours = evaluate_model(m, held, dev, 16)
+        assert [ours[k] for k in at20] == pytest.approx([blend[k] for k in at20], abs=1e-12)
+
+
+def test_blend_guard_falls_back_only_where_the_blend_scores_better():
+    from training.stacking import blend_guard
+
+    dev = torch.device("cpu")
+    m = make_model(head_gate=True, rerank=True, rank_popular=20)
+    held = held_sessions(60, seed=12)
+    with torch.no_grad():  # a combiner that ignores the counts: the network's untrained logits only
+        m.item_memory.gate.bias.fill_(-30.0)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    out = blend_guard(m, held, dev, 16)
+    assert out["blend_fallback"] is True
+    assert out["holdout_guard_blend"]["recall@20"] > out["holdout_guard_model"]["recall@20"]
+    changed = {k for k in before if not torch.equal(before[k], m.state_dict()[k])}
+    assert changed and all(k.startswith("item_memory.") for k in changed)  # the network is untouched
+    again = blend_guard(m, held, dev, 16)  # now the blend itself: nothing below it, nothing to change
+    assert again["blend_fallback"] is False
+    assert again["holdout_guard_model"] == pytest.approx(again["holdout_guard_blend"], abs=1e-12)
+
+
+def test_trainer_runs_the_blend_guard_after_stacking(tiny_synthetic_data, tmp_path, monkeypatch):
+    import training.trainer as trainer_mod
+    from tests.training.train_util import tiny_cfg
+    from training.train import train
+
+    calls = []
+    real = trainer_mod.blend_guard
+
+    def spy(model, held, device, batch_size):
+        calls.append(len(held))
+        return real(model, held, device, batch_size)
+
+    monkeypatch.setattr(trainer_mod, "blend_guard", spy)
+    cfg = tiny_cfg(
+        tiny_synthetic_data, tmp_path / "run", epochs=2, holdout=0.2, patience=1, stack=1, blend_guard=True,
+        model={"memory": True}, evaluate=False, baselines=False,
+    )  # fmt: skip
+    rows = [r for r in train(cfg)["windows"] if r.get("sessions_trained")]
+    assert rows and len(calls) == len(rows) and all(n == r["holdout_sessions"] for n, r in zip(calls, rows))
+    for r in rows:
+        assert isinstance(r["blend_fallback"], bool) and "holdout_ndcg20_after_stack" in r
+        assert set(r["holdout_guard_model"]) == set(r["holdout_guard_blend"]) == {"ndcg@20", "recall@20"}

@@ -137,21 +137,35 @@ class ItemMemory(nn.Module):
         self.rerank_popular = rerank_popular
         self.register_buffer("popular", torch.zeros(0, dtype=torch.int64), persistent=False)
         self._popular_key: tuple | None = None  # which pop table `popular` was computed from
-        dist = decay ** torch.arange(max(max_len, 1), dtype=torch.float32)
-        self.w_cooc = nn.Parameter(dist.clone())  # weight of a context item d positions before the last
-        self.w_rep = nn.Parameter(dist.clone())
+        self.decay = decay
+        self.w_cooc = nn.Parameter(torch.empty(max(max_len, 1)))  # weight of a context item d positions before the last
+        self.w_rep = nn.Parameter(torch.empty(max(max_len, 1)))
         self.gate = nn.Linear(d_model, self.N_FEATURES)
-        nn.init.zeros_(self.gate.weight)
-        with torch.no_grad():  # start as a fixed blend: counts at weight 1, popularity as a tie-breaker
-            self.gate.bias.copy_(_inv_softplus(torch.tensor([1.0, 1.0, 1.0, 0.1])))
-        # ModelConfig.head_gate: how much the network's own item logits count, per session (>= 0);
-        # starts at 1 for every session (weight 0), as without the gate
-        self.head_gate: nn.Linear | None = None
-        if head_gate:
-            self.head_gate = nn.Linear(d_model, 1)
-            nn.init.zeros_(self.head_gate.weight)
-            with torch.no_grad():
-                self.head_gate.bias.copy_(_inv_softplus(torch.tensor([1.0])))
+        # ModelConfig.head_gate: how much the network's own item logits count, per session (>= 0)
+        self.head_gate: nn.Linear | None = nn.Linear(d_model, 1) if head_gate else None
+        self._init_combiner()
+
+    @torch.no_grad()
+    def _init_combiner(self) -> None:
+        """The combiner's initial values (no random draw): a fixed blend, counts at weight 1 and
+        popularity as a tie-breaker, context weights decaying with distance, and the head gate at 1
+        for every session (weight 0), as without the gate."""
+        dist = self.decay ** torch.arange(self.w_cooc.numel(), dtype=torch.float32)
+        self.w_cooc.copy_(dist)
+        self.w_rep.copy_(dist)
+        self.gate.weight.zero_()
+        self.gate.bias.copy_(_inv_softplus(torch.tensor([1.0, 1.0, 1.0, 0.1])))
+        if self.head_gate is not None:
+            self.head_gate.weight.zero_()
+            self.head_gate.bias.copy_(_inv_softplus(torch.tensor([1.0])))
+
+    @torch.no_grad()
+    def reset_to_blend(self) -> None:
+        """The count blend (`training.evaluate.count_blend_metrics`): the combiner back at its
+        initial values and no network logits (head_scale 0). `--blend-guard` calls it when the
+        held-back sessions score the blend better; the next window's fit sets head_scale to 1."""
+        self._init_combiner()
+        self.head_scale.fill_(0.0)
 
     TABLES = ("cooc_idx", "cooc_val", "succ_idx", "succ_val", "pop")  # the count buffers
 
