@@ -43,6 +43,7 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "no_rerank": (["--no-rerank"], "the head scores the whole catalogue, not the memory's candidates"),
     "no_head_gate": (["--no-head-gate"], "no per-session weight on the head's logits"),
     "head_off": (["--no-head-logits"], "no network item logits at all: gated counts only"),
+    "patience_1": (["--patience", "1"], "early stopping after 1 epoch without a better held-back score (2 in the recipe)"),
     "frozen_net": (["--lr", "1e-12"], "network frozen at init: a learned count blend without a network"),
     "mlm": (["--objective", "mlm", "--mask-prob", "0.3"], "masked LM (T4Rec's best masking 0.3)"),
     "dense_table": (
