@@ -165,6 +165,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not (data / "schema.json").is_file():
         prepare(Path(args.input), data, args.prepare_args.split() if args.prepare_args else None)
     schema = load_schema(data)
+    if not args.end_window:  # every window of the data: the last one is only evaluated
+        args.end_window = max(schema["windows"])
     # load_params: model fields at the top level or under "model", as training.train --config reads them
     settings = resolve_settings(schema, args.recipe, load_params(args.config) if args.config else None)
     per_seed, all_rows = [], []
@@ -263,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--recipe", default="auto", help="auto | reference | real")
     p.add_argument("--config", default=None, help="settings JSON (training.tune output) on top of the recipe")
-    p.add_argument("--end-window", type=int, default=8, help="train on windows 1..END-1")
+    p.add_argument(
+        "--end-window",
+        type=int,
+        default=0,
+        help="train on windows 1..END-1, evaluating each t on t+1 (default 0: through the data's last window)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
     p.add_argument(
         "--reuse-runs",

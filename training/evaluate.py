@@ -19,6 +19,7 @@ import time
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import training.model.ranking as ranking
@@ -112,14 +113,21 @@ def _ranks(
             scores = model.next_item_scores(f, n)
             ranks.append(pessimistic_ranks(scores, t).cpu())
             if top is not None:
-                top.append(scores.topk(TOP_AGREE, dim=1).indices.cpu())
+                top.append(_finite_top(*scores.topk(min(TOP_AGREE, scores.shape[1]), dim=1)))
         else:
             scores, cand = model.candidate_scores(f, n)
             ranks.append(ranking.candidate_ranks(scores, cand, t).cpu())
             if top is not None:
-                top.append(ranking.candidate_top_k(scores, cand, TOP_AGREE)[1].cpu())
+                top.append(_finite_top(*ranking.candidate_top_k(scores, cand, min(TOP_AGREE, cand.shape[1]))))
     model.train(was_training)
     return torch.cat(ranks)
+
+
+def _finite_top(top: Tensor, ids: Tensor) -> Tensor:
+    """(B, k) best scores and their ids -> (B, TOP_AGREE) ids, -1 where a score is -inf (a special
+    or masked id) and past k (a catalogue or candidate set smaller than TOP_AGREE: early windows)."""
+    ids = torch.where(torch.isfinite(top), ids, -1)
+    return F.pad(ids, (0, TOP_AGREE - ids.shape[1]), value=-1).cpu()
 
 
 def evaluate_both(
@@ -137,8 +145,10 @@ def evaluate_both(
     ranks = {e: _ranks(model, st, device, batch_size, exact=e, top=tops[e]) for e in (False, True)}
     out: dict[str, Any] = dict(_with_misses(ranks[False], miss))
     out["exact"] = _with_misses(ranks[True], miss)
-    a, b = torch.cat(tops[True]), torch.cat(tops[False])  # (N, 20) each
-    overlap = (a[:, :, None] == b[:, None, :]).any(2).float().mean(1)  # (N,)
+    a, b = torch.cat(tops[True]), torch.cat(tops[False])  # (N, 20) each, -1: no item
+    held = a >= 0  # (N, 20) the exact top's real entries
+    shared = ((a[:, :, None] == b[:, None, :]) & held[:, :, None]).any(2).sum(1)  # (N,)
+    overlap = shared / held.sum(1).clamp(min=1)  # (N,) share of the exact top the served top holds
     cut = max(KS)
     same = torch.where(ranks[True] > cut, ranks[False] > cut, ranks[True] == ranks[False])
     out["served_agreement"] = {

@@ -96,3 +96,32 @@ def test_training_run_reports_served_exact_and_the_choice(tiny_synthetic_data, t
         assert 1 <= row["best_epoch_exact"] <= row["epochs_run"]
     assert 0.0 <= result["summary"]["best_epoch_same_as_exact"] <= 1.0
     assert "served_agreement" in result["summary"] and "exact" in result["summary"]
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_evaluate_both_on_a_catalogue_smaller_than_the_top(memory):
+    """An early window of a growing vocabulary: a two-stage model whose tables hold fewer ids than the
+    20 compared (DIGINETICA's window 1 knows 4 items); every real item is a candidate there."""
+    from training.baselines import BaselineCounts, memory_tables
+    from training.model import ModelConfig, SessionModel
+    from training.names import FIRST_REAL_ID
+
+    V = 12
+    cfg = ModelConfig(
+        categorical={"item_id-list": V}, objective="clm", memory=memory, memory_k=4, max_len=6,
+        rank="two_stage", rank_popular=V - FIRST_REAL_ID, ivf_list_size=4, ivf_probe=1, ivf_keep=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    m = SessionModel(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    items = torch.randint(FIRST_REAL_ID, V, (40, 6), generator=g)
+    lengths = torch.randint(2, 7, (40,), generator=g)
+    items = items * (torch.arange(6)[None, :] < lengths[:, None])
+    if memory:
+        counts = BaselineCounts(V)
+        counts.add_sessions(items.numpy(), lengths.numpy())
+        m.item_memory.set_tables(**{k: torch.from_numpy(v) for k, v in memory_tables(counts, 4).items()})
+    st = SessionTensors({"item_id-list": items}, lengths, torch.arange(40))
+    both = evaluate_both(m, st, torch.device("cpu"), 16)
+    assert {k: both[k] for k in both["exact"]} == both["exact"]
+    assert both["served_agreement"] == {"top20_overlap": 1.0, "same_rank": 1.0}
