@@ -231,8 +231,9 @@ class TrainConfig:
 
 def check_model(model: ModelConfig, label_smoothing: float) -> None:
     """The one check of the settings that needs the model's final config (`with_schema`: the
-    loss "auto" resolves by the catalogue size): label smoothing needs the full softmax."""
-    if label_smoothing > 0.0 and model.loss == "sampled":
+    loss "auto" resolves by the catalogue size): label smoothing needs the full softmax, or
+    re-ranking's softmax over each target's candidates (its uniform part spans them)."""
+    if label_smoothing > 0.0 and model.loss == "sampled" and not (model.rerank and model.memory):
         raise RunError(
             f"label_smoothing={label_smoothing} needs the full softmax (its uniform part spans the whole "
             "catalogue) and the loss is sampled; pass --label-smoothing 0, or --loss full"

@@ -4,6 +4,7 @@ equivalence, atomic checkpoints, bad input, empty windows, 2-process DDP, GPU.""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -186,6 +187,19 @@ def test_label_smoothing_is_rejected_with_the_sampled_loss(tiny_synthetic_data, 
     ):
         train(cfg)
     assert not (tmp_path / "a" / "meta.json").exists()
+
+
+def test_label_smoothing_is_accepted_under_re_ranking_with_the_sparse_table(tiny_synthetic_data, tmp_path):
+    # re-ranking's softmax runs over each target's candidates whatever the loss setting: its uniform
+    # part spans them, so label smoothing is defined (and changes what is learnt)
+    model = {"loss": "sampled", "memory": True, "rerank": True, "rank_popular": 16}
+    losses = []
+    for eps in (0.0, 0.3):
+        result = train(tiny_cfg(tiny_synthetic_data, tmp_path / f"ls{eps}", label_smoothing=eps, model=model))
+        rows = [r for r in result["windows"] if r.get("sessions_trained")]
+        assert rows and all(math.isfinite(r["train_loss_last_epoch"]) for r in rows)
+        losses.append([r["train_loss_last_epoch"] for r in rows])
+    assert losses[0] != losses[1]
 
 
 def test_resume_reads_an_older_meta_without_the_loss_fields(tiny_synthetic_data, tmp_path):

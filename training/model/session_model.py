@@ -605,7 +605,8 @@ class SessionModel(nn.Module):
         are in the counts); False for sessions that are not (stacking on held-back sessions).
         """
         is_sampled = self.cfg.loss == "sampled"
-        if is_sampled and label_smoothing > 0.0:
+        reranked = self.item_memory is not None and self.cfg.rerank  # a softmax over the candidates
+        if is_sampled and not reranked and label_smoothing > 0.0:
             raise ValueError(
                 f"label_smoothing={label_smoothing} needs the full softmax (its uniform part spans the whole "
                 "catalogue); use label_smoothing=0 with loss='sampled', or loss='full'"
