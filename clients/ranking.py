@@ -303,18 +303,17 @@ def _describe(conn: _Connection) -> _ServedModel:
     return _ServedModel(inputs, int(outputs[OUT_ITEM_IDS]["shape"][-1]), max_sessions)
 
 
-class _Sender:
-    """One gRPC client per thread; sends one request (again on UNAVAILABLE) and checks its answer."""
+class ThreadClients:
+    """One gRPC client of `conn` per calling thread (tritonclient's clients are not thread-safe),
+    opened on first use; `close` closes every one of them."""
 
-    def __init__(self, conn: _Connection, inputs: list[tuple[str, str]], backoff: _Backoff):
+    def __init__(self, conn: _Connection):
         self.conn = conn
-        self.inputs = inputs  # (name, triton datatype) in the server's order
-        self.backoff = backoff
         self._local = threading.local()
-        self._clients = []
+        self._clients: list = []
         self._lock = threading.Lock()
 
-    def client(self):
+    def get(self):
         if not hasattr(self._local, "client"):
             self._local.client = self.conn.open()
             with self._lock:
@@ -326,6 +325,22 @@ class _Sender:
             for c in self._clients:
                 c.close()
             self._clients.clear()
+
+
+class _Sender:
+    """One gRPC client per thread; sends one request (again on UNAVAILABLE) and checks its answer."""
+
+    def __init__(self, conn: _Connection, inputs: list[tuple[str, str]], backoff: _Backoff):
+        self.conn = conn
+        self.inputs = inputs  # (name, triton datatype) in the server's order
+        self.backoff = backoff
+        self._threads = ThreadClients(conn)
+
+    def client(self):
+        return self._threads.get()
+
+    def close(self) -> None:
+        self._threads.close()
 
     def __call__(self, columns: dict[str, np.ndarray], expected_sessions: np.ndarray):
         import tritonclient.grpc as grpcclient

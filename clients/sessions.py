@@ -48,6 +48,7 @@ import numpy as np
 from clients.ranking import (
     UNAVAILABLE,
     RankError,
+    ThreadClients,
     _Backoff,
     _check_ready,
     _coerce,
@@ -196,23 +197,15 @@ class SessionRanker:
         self.max_sessions, self.clock = max_sessions, clock
         self.sessions: OrderedDict[Hashable, _Session] = OrderedDict()
         self.stats = {"requests": 0, "resent_not_held": 0, "resent_unavailable": 0, "resent_mismatch": 0}
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._clients: list = []
+        self._lock = threading.Lock()  # the session table and the stats
+        self._threads = ThreadClients(self.conn)
 
     # --- connections -------------------------------------------------------------------------
     def _client(self):
-        if not hasattr(self._local, "client"):
-            self._local.client = self.conn.open()
-            with self._lock:
-                self._clients.append(self._local.client)
-        return self._local.client
+        return self._threads.get()
 
     def close(self) -> None:
-        with self._lock:
-            for c in self._clients:
-                c.close()
-            self._clients.clear()
+        self._threads.close()
 
     def __enter__(self) -> SessionRanker:
         return self
