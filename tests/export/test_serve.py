@@ -14,12 +14,12 @@ def test_serve_flags_keep_their_meaning(monkeypatch):
     assert (cfg.repo, cfg.host, cfg.grpc_port, cfg.http_port, cfg.metrics_port) == (Path("x"), "127.0.0.1", 8001, 8000, 8002)
     assert (cfg.ready_timeout_s, cfg.exit_timeout_s, cfg.model_control, cfg.watchdog_interval_s) == (300.0, 30, "explicit", 1.0)
     assert (cfg.log_file, cfg.log_verbose, cfg.admin_key) == (None, 0, None)
-    argv = ["--repo", "x", "--host", "0.0.0.0", "--grpc-port", "0", "--http-port", "1", "--metrics-port", "2",
+    argv = ["--repo", "x", "--host", "127.0.0.2", "--grpc-port", "0", "--http-port", "1", "--metrics-port", "2",
             "--ready-timeout", "5", "--exit-timeout", "6", "--model-control", "none", "--watchdog-interval", "3",
             "--log-file", "l.log", "--log-verbose", "1"]  # fmt: skip
     monkeypatch.setenv("SESSREC_ADMIN_KEY", "k")
     cfg = parse_args(argv)
-    assert (cfg.host, cfg.grpc_port, cfg.http_port, cfg.metrics_port) == ("0.0.0.0", 0, 1, 2)
+    assert (cfg.host, cfg.grpc_port, cfg.http_port, cfg.metrics_port) == ("127.0.0.2", 0, 1, 2)
     assert (cfg.ready_timeout_s, cfg.exit_timeout_s, cfg.model_control) == (5.0, 6, "none")
     assert cfg.watchdog_interval_s == 0.0, "no watchdog without explicit model control"
     assert (cfg.log_file, cfg.log_verbose, cfg.admin_key) == (Path("l.log"), 1, "k")

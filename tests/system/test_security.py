@@ -116,14 +116,9 @@ def test_export_refuses_a_tampered_workflow(artifacts, tmp_path, capsys):
 
 
 def _evil_pickle(marker: Path) -> bytes:
-    """A pickle that runs `touch marker` when loaded."""
-    import pickle
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    return pickle.dumps(Evil())
+    """Hostile input, written as bytes (nothing is persisted with pickle): pickle protocol 0 that
+    calls os.system("touch marker") when loaded (GLOBAL os.system, a one-string tuple, REDUCE)."""
+    return ("cos\nsystem\n(S" + repr(f"touch {marker}") + "\ntR.").encode()
 
 
 def test_export_refuses_a_run_trained_on_another_workflow(artifacts, tmp_path, capsys):
