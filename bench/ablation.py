@@ -43,7 +43,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "no_rerank": (["--no-rerank"], "the head scores the whole catalogue, not the memory's candidates"),
     "no_head_gate": (["--no-head-gate"], "no per-session weight on the head's logits"),
     "head_off": (["--no-head-logits"], "no network item logits at all: gated counts only"),
-    "patience_1": (["--patience", "1"], "early stopping after 1 epoch without a better held-back score (2 in the recipe)"),
+    "patience_1": (
+        ["--patience", "1"],
+        "early stopping after 1 epoch without a better held-back score (2 in the recipe)",
+    ),
     "frozen_net": (["--lr", "1e-12"], "network frozen at init: a learned count blend without a network"),
     "mlm": (["--objective", "mlm", "--mask-prob", "0.3"], "masked LM (T4Rec's best masking 0.3)"),
     "dense_table": (
@@ -62,6 +65,16 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "one_layer": (["--n-layer", "1"], "depth 1"),
     "no_side": (["--no-side-features"], "continuous side features zeroed"),
     "feature_norm": (["--feature-norm"], "LayerNorm per input feature before merging (T4Rec)"),
+    "holdout_0.2": (
+        ["--holdout", "0.2"],
+        "20% of window t held back for early stopping and stacking (10% in the recipe)",
+    ),
+    "stack_pool": (
+        ["--stack-pool", "2000"],
+        "earlier windows' held-back slices kept out of the network for good; stacking reads the newest 2,000 "
+        "of them too (their own counts left out), not window t's slice alone",
+    ),
+    "stack_10": (["--stack", "10"], "10 epochs of the combiner on the held-back sessions (5 in the recipe)"),
 }
 
 

@@ -88,6 +88,14 @@ class TrainConfig:
             "sessions, which neither the network nor the counts saw (stacking; 0 = off)"
         ),
     )
+    stack_pool: int = field(
+        default=0,
+        metadata=help_meta(
+            "stacking (no-op without --stack): each earlier window's held-back slice stays out of the "
+            "network's training for good (it is in the counts), and stacking also reads the newest N "
+            "of those sessions, their own counts left out, beside window t's (0 = window t's only)"
+        ),
+    )
     blend_guard: bool = field(
         default=False,
         metadata=help_meta(
@@ -209,6 +217,8 @@ class TrainConfig:
             raise ValueError(f"train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
         if self.train_budget < 0:
             raise ValueError(f"train_budget must be >= 0 (0 = no cap), got {self.train_budget}")
+        if self.stack_pool < 0:
+            raise ValueError(f"stack_pool must be >= 0, got {self.stack_pool}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.patience < 0:

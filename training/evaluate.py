@@ -10,6 +10,7 @@ inputs and a target unknown then is a miss for every method); pessimistic ties
     count_blend_metrics(tables, cfg, st, ...)             the item memory untrained
     evaluate_sessions(model, st, known, counts, ...)      all of them: a metrics row's entries
     split_holdout(st, fraction, seed)                     early stopping's held-back sessions
+    holdout_indices(n, fraction, seed)                    the same rows as indices
     score_held(model, held, ...)                          and their NDCG@20 after an epoch
 """
 
@@ -252,16 +253,22 @@ def evaluate_sessions(
     return row
 
 
-def split_holdout(st: SessionTensors, fraction: float, seed: int) -> tuple[SessionTensors, SessionTensors]:
-    """(fit, held): a random `fraction` of the sessions held back (at least 1 when fraction > 0 and N >= 2)."""
-    n = len(st)
+def holdout_indices(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(fit, held) sorted row indices of n sessions: a random `fraction` held back (at least 1
+    when fraction > 0 and n >= 2); the same n, fraction and seed give the same rows."""
     k = int(round(n * fraction)) if fraction > 0 else 0
     if fraction > 0 and n >= 2:
         k = min(max(k, 1), n - 1)
     else:
         k = 0
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return st.select(perm[k:].sort().values), st.select(perm[:k].sort().values)
+    return perm[k:].sort().values, perm[:k].sort().values
+
+
+def split_holdout(st: SessionTensors, fraction: float, seed: int) -> tuple[SessionTensors, SessionTensors]:
+    """(fit, held): a random `fraction` of the sessions held back (`holdout_indices`)."""
+    fit, held = holdout_indices(len(st), fraction, seed)
+    return st.select(fit), st.select(held)
 
 
 class HeldScore(NamedTuple):

@@ -11,7 +11,7 @@ eval mode) teaches it how far to trust the network's logits and each count on se
 it did not memorise: stacked generalisation (Wolpert 1992). The held-back sessions are
 not in the counts, so no leave-one-out correction (`packed_loss(leave_out=False)`).
 
-    row.update(stack_memory(model, held, cfg, seed, device))   # per window, after the fit
+    row.update(stack_memory(model, held, cfg, seed, device, pool=pool))   # per window, after the fit
     row.update(blend_guard(model, held, device, batch_size))  # --blend-guard, after stacking
 
 Then the held-back sessions go into the counts with the rest of the window (trainer).
@@ -51,10 +51,15 @@ def stack_memory(
     seed: int,
     device: torch.device,
     amp: torch.dtype | None = None,
+    pool: SessionTensors | None = None,
 ) -> dict[str, Any]:
     """Train the combiner for cfg.stack epochs on `held` (Adam at memory_lr, or lr; batches of
     cfg.batch_size shuffled, and masked for mlm, by a generator seeded with `seed`); the rest of
     the model is frozen and in eval mode (no dropout), and left as it was.
+
+    pool (TrainConfig.stack_pool): earlier windows' held-back sessions, which the network never
+    trained on but the counts hold: their batches join every epoch's (in shuffled order), each
+    session's own counts left out (`packed_loss(leave_out=True)`). None: `held` only.
 
     Returns the metrics row's entries: the held-back NDCG@20 before and after stacking and,
     with the head gate, its mean weight on the held-back sessions after it (how much the
@@ -76,15 +81,24 @@ def stack_memory(
     try:
         for _ in range(cfg.stack):
             perm = torch.randperm(len(held), generator=gen)
-            for i in range(0, len(held), cfg.batch_size):
-                feats, lengths = held.batch(perm[i : i + cfg.batch_size])  # (b, width), (b,)
+            # (sessions, rows, leave_out): window t's held-back sessions are not in the counts
+            batches = [
+                (held, perm[i : i + cfg.batch_size], False) for i in range(0, len(held), cfg.batch_size)
+            ]
+            if pool is not None and len(pool):
+                pperm = torch.randperm(len(pool), generator=gen)
+                batches += [
+                    (pool, pperm[i : i + cfg.batch_size], True) for i in range(0, len(pool), cfg.batch_size)
+                ]
+                batches = [batches[int(j)] for j in torch.randperm(len(batches), generator=gen)]
+            for st, rows, leave_out in batches:
+                feats, lengths = st.batch(rows)  # (b, width), (b,)
                 masked = (
                     mask_positions(feats[item], lengths, model.cfg.mask_prob, gen).masked if mlm else None
                 )
                 packed = pack_sessions(feats, lengths, masked).to(device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    # held-back sessions are not in the counts: nothing of theirs to leave out
-                    loss = model.packed_loss(packed, cfg.label_smoothing, gen, leave_out=False)
+                    loss = model.packed_loss(packed, cfg.label_smoothing, gen, leave_out=leave_out)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -120,7 +134,9 @@ def mean_head_weight(model: SessionModel, st: SessionTensors, device: torch.devi
     return total / max(1, len(lengths))
 
 
-def blend_guard(model: SessionModel, held: SessionTensors, device: torch.device, batch_size: int) -> dict[str, Any]:
+def blend_guard(
+    model: SessionModel, held: SessionTensors, device: torch.device, batch_size: int
+) -> dict[str, Any]:
     """Score `held` with the model (as served) and with its count blend (the same count tables,
     the combiner at its initial values, no network logits); where the blend scores better on
     NDCG@20 or Recall@20, reset the model to it (`ItemMemory.reset_to_blend`).

@@ -59,7 +59,13 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig, check_model
 from training.data.splits import SessionTensors, available_windows, load_schema, load_split, split_path
-from training.evaluate import differs_from_exact, evaluate_sessions, score_held, split_holdout
+from training.evaluate import (
+    differs_from_exact,
+    evaluate_sessions,
+    holdout_indices,
+    score_held,
+    split_holdout,
+)
 from training.history import WindowHistory, set_memory, set_sample_counts  # noqa: F401 (set_memory: tests)
 from training.integrity import atomic_write
 from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
@@ -418,9 +424,17 @@ class Trainer:
             # held-back ones (early stopping scores them as unseen sessions); after training the
             # held-back ones are counted too (below)
             history.fill_memory(model, t, before, known, fit_st)
+        pool = None
+        if cfg.stack_pool > 0 and cfg.stack > 0 and cfg.holdout > 0:
+            earlier_fit, pool = self._split_earlier(before, known)
+            row["stack_pool_sessions"] = len(pool)
         if cfg.train_on == "cumulative" and len(fit_st):
-            earlier = history.sessions([w for w in before if w >= cfg.start_window], known)
-            fit_st = concat_sessions(newest([*earlier.values(), fit_st], cfg.train_budget))
+            earlier = (
+                earlier_fit
+                if pool is not None
+                else list(history.sessions([w for w in before if w >= cfg.start_window], known).values())
+            )
+            fit_st = concat_sessions(newest([*earlier, fit_st], cfg.train_budget))
         row.update(fit_sessions=len(fit_st), holdout_sessions=len(held_st))
         set_sample_counts(model, fit_st)
 
@@ -430,7 +444,7 @@ class Trainer:
             )
             row.update(sessions_trained=0, train_seconds=0.0, skipped=f"no sessions in {train_path}")
         else:
-            row.update(self.fit(t, fit_st, held_st))
+            row.update(self.fit(t, fit_st, held_st, pool))
         if self.counts is not None and len(train_st):
             self.counts.add_sessions(train_st.feats[item].numpy(), train_st.lengths.numpy())
         if model.item_memory is not None and len(train_st):
@@ -441,7 +455,37 @@ class Trainer:
             self.evaluate(t, row)
         return row
 
-    def fit(self, t: int, st: SessionTensors, held: SessionTensors | None = None) -> dict[str, Any]:
+    def _split_earlier(
+        self, before: list[int], known: dict[str, int]
+    ) -> tuple[list[SessionTensors], SessionTensors]:
+        """TrainConfig.stack_pool: every earlier window's training sessions (from start_window)
+        split as when it was trained (the same rows held back: `holdout_indices` with that
+        window's seed) -> (their fitted parts, oldest window first; the newest stack_pool of
+        their held-back parts in one SessionTensors)."""
+        cfg = self.cfg
+        earlier = self.history.sessions([w for w in before if w >= cfg.start_window], known)
+        fits, helds = [], []
+        for w, st in earlier.items():
+            fit_idx, held_idx = holdout_indices(len(st), cfg.holdout, _seed(cfg.seed, w, 4))
+            fits.append(st.select(fit_idx))
+            helds.append(st.select(held_idx))
+        helds = [h for h in helds if len(h)]
+        if not helds:
+            return fits, SessionTensors(
+                {}, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+            )
+        pool = concat_sessions(helds)
+        if len(pool) > cfg.stack_pool:  # the newest ones (a split's rows follow time, see `newest`)
+            pool = pool.select(torch.arange(len(pool) - cfg.stack_pool, len(pool)))
+        return fits, pool
+
+    def fit(
+        self,
+        t: int,
+        st: SessionTensors,
+        held: SessionTensors | None = None,
+        pool: SessionTensors | None = None,
+    ) -> dict[str, Any]:
         """Train on `st` for cfg.epochs epochs, or fewer with early stopping on `held`.
 
         With cfg.patience > 0 and a non-empty `held` (sessions of the training window
@@ -497,7 +541,9 @@ class Trainer:
         # a model served in two stages scores the held-back sessions as served; where both can run,
         # also exactly, to record which epoch exact ranking would have kept
         held_exact: list[float] | None = (
-            [] if early and differs_from_exact(model) and model.cfg.n_items <= cfg.exact_eval_max_items else None
+            []
+            if early and differs_from_exact(model) and model.cfg.n_items <= cfg.exact_eval_max_items
+            else None
         )
         epochs_run = steps_run = sessions_run = 0
         t0 = time.perf_counter()
@@ -554,7 +600,7 @@ class Trainer:
         stacked = {}
         if early and cfg.stack > 0 and model.item_memory is not None:  # the combiner on held-back sessions
             assert held is not None
-            stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp)
+            stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool)
         if early and cfg.blend_guard and model.item_memory is not None:  # the count blend as a floor
             assert held is not None
             stacked.update(blend_guard(model, held, device, cfg.eval_batch_size))

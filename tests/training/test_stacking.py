@@ -139,3 +139,52 @@ def test_trainer_runs_the_blend_guard_after_stacking(tiny_synthetic_data, tmp_pa
     for r in rows:
         assert isinstance(r["blend_fallback"], bool) and "holdout_ndcg20_after_stack" in r
         assert set(r["holdout_guard_model"]) == set(r["holdout_guard_blend"]) == {"ndcg@20", "recall@20"}
+
+
+def test_stacking_reads_the_pool_with_its_own_counts_left_out(monkeypatch):
+    m = make_model(head_gate=True, rerank=True, rank_popular=8)
+    seen = []
+    real_view = m.item_memory.packed_view
+
+    def spy(*args, **kw):
+        seen.append(kw.get("leave_out", True))
+        return real_view(*args, **kw)
+
+    monkeypatch.setattr(m.item_memory, "packed_view", spy)
+    held, pool = held_sessions(20, seed=11), held_sessions(40, seed=12)
+    stack_memory(m, held, stack_cfg(stack=2), seed=3, device=torch.device("cpu"), pool=pool)
+    # every epoch: ceil(20/16) batches of window t's held-back sessions (not in the counts) and
+    # ceil(40/16) of the pool's (in the counts: their own counts left out), in shuffled order
+    assert sorted(seen) == sorted([False] * 2 * 2 + [True] * 2 * 3)
+    assert seen != [False, False, True, True, True] * 2  # shuffled, not held first then the pool
+
+
+def test_trainer_keeps_earlier_held_back_sessions_out_of_the_network_for_stacking(
+    tiny_synthetic_data, tmp_path, monkeypatch
+):
+    import training.trainer as trainer_mod
+    from tests.training.train_util import tiny_cfg
+    from training.train import train
+
+    calls = []
+    real = trainer_mod.Trainer.fit
+
+    def spy(self, t, st, held=None, pool=None):
+        calls.append((t, set(st.session_id.tolist()), set(held.session_id.tolist()), pool))
+        return real(self, t, st, held, pool)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "fit", spy)
+    cfg = tiny_cfg(
+        tiny_synthetic_data, tmp_path / "run", epochs=1, holdout=0.2, patience=1, stack=1, stack_pool=10_000,
+        model={"memory": True}, evaluate=False, baselines=False,
+    )  # fmt: skip
+    rows = [r for r in train(cfg)["windows"] if r.get("sessions_trained")]
+    assert len(calls) == len(rows) >= 2
+    held_so_far: set[int] = set()
+    for i, (t, fit_ids, held_ids, pool) in enumerate(calls):
+        pool_ids = set(pool.session_id.tolist()) if pool is not None else set()
+        assert pool_ids == held_so_far  # every earlier window's held-back slice, the same sessions
+        assert not (fit_ids & (held_ids | pool_ids))  # the network never trains on any of them
+        assert rows[i].get("stack_pool_sessions", 0) == len(pool_ids)
+        held_so_far |= held_ids
+    assert held_so_far and calls[-1][3] is not None and len(calls[-1][3]) > 0
