@@ -88,6 +88,14 @@ class TrainConfig:
             "sessions, which neither the network nor the counts saw (stacking; 0 = off)"
         ),
     )
+    guard_split: str = field(
+        default="held",
+        metadata=help_meta(
+            "the sessions the blend guard scores: held = the held-back training sessions (the ones early "
+            "stopping chose on and stacking fitted on); valid = window t's own valid split (never trained, "
+            "fitted or counted; sessions of the training window's time, not of the evaluation window)"
+        ),
+    )
     stack_pool: int = field(
         default=0,
         metadata=help_meta(
@@ -217,6 +225,8 @@ class TrainConfig:
             raise ValueError(f"train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
         if self.train_budget < 0:
             raise ValueError(f"train_budget must be >= 0 (0 = no cap), got {self.train_budget}")
+        if self.guard_split not in ("held", "valid"):
+            raise ValueError(f"guard_split must be 'held' or 'valid', got {self.guard_split!r}")
         if self.stack_pool < 0:
             raise ValueError(f"stack_pool must be >= 0, got {self.stack_pool}")
         if not 0.0 <= self.holdout < 1.0:

@@ -18,7 +18,7 @@ reached --freq-threshold after its window was counted was OOV then and is an id 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from training.baselines import BaselineCounts, iter_memory_tables
 from training.data.splits import SessionTensors, load_split, split_path
-from training.evaluate import known_inputs
+from training.evaluate import holdout_indices, known_inputs
 from training.model import SessionModel
 
 
@@ -70,6 +70,18 @@ class WindowHistory:
     def sessions(self, windows: list[int], known: dict[str, int]) -> dict[int, SessionTensors]:
         """{w: window w's training sessions with only `known` ids} for `windows`."""
         return {w: self.known(self.raw(w), known) for w in windows}
+
+    def held_apart(
+        self, windows: list[int], known: dict[str, int], fraction: float, seed_of: Callable[[int], int]
+    ) -> tuple[list[SessionTensors], list[SessionTensors]]:
+        """`windows`' training sessions split as when each was trained (`holdout_indices` with
+        seed_of(w): the same rows, whatever ids are known now) -> (fitted parts, held-back parts)."""
+        fits, helds = [], []
+        for w, st in self.sessions(windows, known).items():
+            fit, held = holdout_indices(len(st), fraction, seed_of(w))
+            fits.append(st.select(fit))
+            helds.append(st.select(held))
+        return fits, helds
 
     def _add(self, st: SessionTensors) -> None:
         assert self._counts is not None

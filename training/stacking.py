@@ -135,19 +135,26 @@ def mean_head_weight(model: SessionModel, st: SessionTensors, device: torch.devi
 
 
 def blend_guard(
-    model: SessionModel, held: SessionTensors, device: torch.device, batch_size: int
+    model: SessionModel,
+    held: SessionTensors,
+    device: torch.device,
+    batch_size: int,
+    miss: torch.Tensor | None = None,
+    known: int | None = None,
 ) -> dict[str, Any]:
     """Score `held` with the model (as served) and with its count blend (the same count tables,
     the combiner at its initial values, no network logits); where the blend scores better on
-    NDCG@20 or Recall@20, reset the model to it (`ItemMemory.reset_to_blend`).
+    NDCG@20 or Recall@20, reset the model to it (`ItemMemory.reset_to_blend`). miss (N,) / known:
+    sessions whose target the model cannot know, and the ids known (`known_inputs`; TrainConfig.
+    guard_split "valid" scores window t's valid split, which may hold items first seen there).
 
     Returns the metrics row's entries: both scores and "blend_fallback" (True: the window's
     model ranks as the count blend)."""
     mem = model.item_memory
     assert mem is not None, "the blend guard needs the item memory"
-    ours = evaluate_model(model, held, device, batch_size)
+    ours = evaluate_model(model, held, device, batch_size, miss)
     tables = {k: getattr(mem, k) for k in ItemMemory.TABLES}
-    blend = count_blend_metrics(tables, model.cfg, held, device, batch_size)
+    blend = count_blend_metrics(tables, model.cfg, held, device, batch_size, known, miss)
     fallback = any(ours[m] < blend[m] - 1e-9 for m in GUARD_METRICS)  # not on rounding-level ties
     if fallback:
         mem.reset_to_blend()
@@ -155,4 +162,5 @@ def blend_guard(
         "holdout_guard_model": {m: float(ours[m]) for m in GUARD_METRICS},
         "holdout_guard_blend": {m: float(blend[m]) for m in GUARD_METRICS},
         "blend_fallback": fallback,
+        "guard_sessions": len(held),
     }

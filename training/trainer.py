@@ -62,7 +62,7 @@ from training.data.splits import SessionTensors, available_windows, load_schema,
 from training.evaluate import (
     differs_from_exact,
     evaluate_sessions,
-    holdout_indices,
+    known_inputs,
     score_held,
     split_holdout,
 )
@@ -424,16 +424,13 @@ class Trainer:
             # held-back ones (early stopping scores them as unseen sessions); after training the
             # held-back ones are counted too (below)
             history.fill_memory(model, t, before, known, fit_st)
-        pool = None
-        if cfg.stack_pool > 0 and cfg.stack > 0 and cfg.holdout > 0:
+        pool, pooled = None, cfg.stack_pool > 0 and cfg.stack > 0 and cfg.holdout > 0
+        if pooled:  # earlier windows' held-back slices stay out of the network
             earlier_fit, pool = self._split_earlier(before, known)
-            row["stack_pool_sessions"] = len(pool)
+            row["stack_pool_sessions"] = 0 if pool is None else len(pool)
         if cfg.train_on == "cumulative" and len(fit_st):
-            earlier = (
-                earlier_fit
-                if pool is not None
-                else list(history.sessions([w for w in before if w >= cfg.start_window], known).values())
-            )
+            windows = [w for w in before if w >= cfg.start_window]
+            earlier = earlier_fit if pooled else list(history.sessions(windows, known).values())
             fit_st = concat_sessions(newest([*earlier, fit_st], cfg.train_budget))
         row.update(fit_sessions=len(fit_st), holdout_sessions=len(held_st))
         set_sample_counts(model, fit_st)
@@ -455,25 +452,31 @@ class Trainer:
             self.evaluate(t, row)
         return row
 
+    def _guard_sessions(
+        self, t: int, held: SessionTensors
+    ) -> tuple[SessionTensors, Tensor | None, int | None]:
+        """The blend guard's sessions, which of their targets are unknown, the ids known
+        (`blend_guard`): the held-back ones, or window t's valid split (TrainConfig.guard_split)."""
+        if self.cfg.guard_split == "held":
+            return held, None, None
+        known = self.known_sizes(t)
+        item = self.model.cfg.item_feature
+        st, miss = known_inputs(
+            load_split(split_path(self.data, t, "valid"), self.schema), known, item, self.age_feature
+        )
+        return st, miss, known[item]
+
     def _split_earlier(
         self, before: list[int], known: dict[str, int]
-    ) -> tuple[list[SessionTensors], SessionTensors]:
-        """TrainConfig.stack_pool: every earlier window's training sessions (from start_window)
-        split as when it was trained (the same rows held back: `holdout_indices` with that
-        window's seed) -> (their fitted parts, oldest window first; the newest stack_pool of
-        their held-back parts in one SessionTensors)."""
+    ) -> tuple[list[SessionTensors], SessionTensors | None]:
+        """TrainConfig.stack_pool: the earlier windows' (from start_window) fitted parts, oldest
+        first, and the newest stack_pool of their held-back parts (`WindowHistory.held_apart`)."""
         cfg = self.cfg
-        earlier = self.history.sessions([w for w in before if w >= cfg.start_window], known)
-        fits, helds = [], []
-        for w, st in earlier.items():
-            fit_idx, held_idx = holdout_indices(len(st), cfg.holdout, _seed(cfg.seed, w, 4))
-            fits.append(st.select(fit_idx))
-            helds.append(st.select(held_idx))
+        windows = [w for w in before if w >= cfg.start_window]
+        fits, helds = self.history.held_apart(windows, known, cfg.holdout, lambda w: _seed(cfg.seed, w, 4))
         helds = [h for h in helds if len(h)]
-        if not helds:
-            return fits, SessionTensors(
-                {}, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-            )
+        if not helds:  # no earlier window held any session back
+            return fits, None
         pool = concat_sessions(helds)
         if len(pool) > cfg.stack_pool:  # the newest ones (a split's rows follow time, see `newest`)
             pool = pool.select(torch.arange(len(pool) - cfg.stack_pool, len(pool)))
@@ -603,7 +606,8 @@ class Trainer:
             stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool)
         if early and cfg.blend_guard and model.item_memory is not None:  # the count blend as a floor
             assert held is not None
-            stacked.update(blend_guard(model, held, device, cfg.eval_batch_size))
+            guard_st, miss, known = self._guard_sessions(t, held)
+            stacked.update(blend_guard(model, guard_st, device, cfg.eval_batch_size, miss, known))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0

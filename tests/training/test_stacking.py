@@ -125,9 +125,9 @@ def test_trainer_runs_the_blend_guard_after_stacking(tiny_synthetic_data, tmp_pa
     calls = []
     real = trainer_mod.blend_guard
 
-    def spy(model, held, device, batch_size):
+    def spy(model, held, device, batch_size, *rest):
         calls.append(len(held))
-        return real(model, held, device, batch_size)
+        return real(model, held, device, batch_size, *rest)
 
     monkeypatch.setattr(trainer_mod, "blend_guard", spy)
     cfg = tiny_cfg(
@@ -176,7 +176,7 @@ def test_trainer_keeps_earlier_held_back_sessions_out_of_the_network_for_stackin
     monkeypatch.setattr(trainer_mod.Trainer, "fit", spy)
     cfg = tiny_cfg(
         tiny_synthetic_data, tmp_path / "run", epochs=1, holdout=0.2, patience=1, stack=1, stack_pool=10_000,
-        model={"memory": True}, evaluate=False, baselines=False,
+        train_on="cumulative", model={"memory": True}, evaluate=False, baselines=False,
     )  # fmt: skip
     rows = [r for r in train(cfg)["windows"] if r.get("sessions_trained")]
     assert len(calls) == len(rows) >= 2
@@ -185,6 +185,38 @@ def test_trainer_keeps_earlier_held_back_sessions_out_of_the_network_for_stackin
         pool_ids = set(pool.session_id.tolist()) if pool is not None else set()
         assert pool_ids == held_so_far  # every earlier window's held-back slice, the same sessions
         assert not (fit_ids & (held_ids | pool_ids))  # the network never trains on any of them
+        if i:  # cumulative: the earlier windows' other sessions are trained on again
+            assert fit_ids & calls[i - 1][1]
         assert rows[i].get("stack_pool_sessions", 0) == len(pool_ids)
         held_so_far |= held_ids
     assert held_so_far and calls[-1][3] is not None and len(calls[-1][3]) > 0
+
+
+def test_blend_guard_can_score_the_training_windows_valid_split(tiny_synthetic_data, tmp_path, monkeypatch):
+    import training.trainer as trainer_mod
+    from tests.training.train_util import tiny_cfg
+    from training.data.splits import load_schema, load_split, split_path
+    from training.train import train
+
+    calls = []
+    real = trainer_mod.blend_guard
+
+    def spy(model, st, device, batch_size, miss=None, known=None):
+        calls.append((set(st.session_id.tolist()), miss, known))
+        return real(model, st, device, batch_size, miss, known)
+
+    monkeypatch.setattr(trainer_mod, "blend_guard", spy)
+    cfg = tiny_cfg(
+        tiny_synthetic_data, tmp_path / "run", epochs=1, holdout=0.2, patience=1, stack=1, blend_guard=True,
+        guard_split="valid", model={"memory": True}, evaluate=False, baselines=False,
+    )  # fmt: skip
+    rows = [r for r in train(cfg)["windows"] if r.get("sessions_trained")]
+    schema = load_schema(tiny_synthetic_data)
+    assert rows and len(calls) == len(rows)
+    for (ids, miss, known), r in zip(calls, rows):
+        valid = load_split(split_path(tiny_synthetic_data, r["train_window"], "valid"), schema)
+        assert ids == set(valid.session_id.tolist())  # window t's valid split, not its held-back slice
+        assert miss is not None and miss.shape == (len(valid),) and known == r["items_known"]
+        assert r["guard_sessions"] == len(valid)
+    with pytest.raises(ValueError, match="guard_split must be 'held' or 'valid', got 'test'"):
+        TrainConfig(data="-", out="-", guard_split="test")
