@@ -74,6 +74,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "earlier windows' held-back slices kept out of the network for good; stacking reads the newest 2,000 "
         "of them too (their own counts left out), not window t's slice alone",
     ),
+    "guard_valid": (
+        ["--blend-guard", "--guard-split", "valid"],
+        "the blend guard on, scoring window t's valid split (never trained, fitted or counted)",
+    ),
+    "p1_stack_10": (["--patience", "1", "--stack", "10"], "patience 1 and 10 stacking epochs together"),
     "stack_10": (["--stack", "10"], "10 epochs of the combiner on the held-back sessions (5 in the recipe)"),
 }
 
