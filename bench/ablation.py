@@ -79,6 +79,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "the blend guard on, scoring window t's valid split (never trained, fitted or counted)",
     ),
     "p1_stack_10": (["--patience", "1", "--stack", "10"], "patience 1 and 10 stacking epochs together"),
+    "p1_budget_5k": (
+        ["--patience", "1", "--train-budget", "5000"],
+        "patience 1 and a window trains on at most the newest 5,000 sessions (20,000 in the recipe)",
+    ),
     "stack_10": (["--stack", "10"], "10 epochs of the combiner on the held-back sessions (5 in the recipe)"),
 }
 
