@@ -30,12 +30,9 @@ def stack_cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_stacking_trains_the_combiner_only_without_leave_one_out(monkeypatch):
-    m = make_model(head_gate=True, rerank=True, rank_popular=8, dropout=0.3)
-    m.train()
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    grad_flags = {n: p.requires_grad for n, p in m.named_parameters()}
-    seen = []
+def spy_leave_out(monkeypatch, m) -> list[bool]:
+    """Record the leave_out flag of every `packed_view` call of m's item memory (one per step)."""
+    seen: list[bool] = []
     real_view = m.item_memory.packed_view
 
     def spy(*args, **kw):
@@ -43,6 +40,15 @@ def test_stacking_trains_the_combiner_only_without_leave_one_out(monkeypatch):
         return real_view(*args, **kw)
 
     monkeypatch.setattr(m.item_memory, "packed_view", spy)
+    return seen
+
+
+def test_stacking_trains_the_combiner_only_without_leave_one_out(monkeypatch):
+    m = make_model(head_gate=True, rerank=True, rank_popular=8, dropout=0.3)
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    grad_flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    seen = spy_leave_out(monkeypatch, m)
     held = held_sessions(40, seed=11)
     out = stack_memory(m, held, stack_cfg(), seed=3, device=torch.device("cpu"))
     assert seen and not any(seen)  # held-back sessions: nothing left out, every step
@@ -143,14 +149,7 @@ def test_trainer_runs_the_blend_guard_after_stacking(tiny_synthetic_data, tmp_pa
 
 def test_stacking_reads_the_pool_with_its_own_counts_left_out(monkeypatch):
     m = make_model(head_gate=True, rerank=True, rank_popular=8)
-    seen = []
-    real_view = m.item_memory.packed_view
-
-    def spy(*args, **kw):
-        seen.append(kw.get("leave_out", True))
-        return real_view(*args, **kw)
-
-    monkeypatch.setattr(m.item_memory, "packed_view", spy)
+    seen = spy_leave_out(monkeypatch, m)
     held, pool = held_sessions(20, seed=11), held_sessions(40, seed=12)
     stack_memory(m, held, stack_cfg(stack=2), seed=3, device=torch.device("cpu"), pool=pool)
     # every epoch: ceil(20/16) batches of window t's held-back sessions (not in the counts) and
@@ -181,7 +180,7 @@ def test_trainer_keeps_earlier_held_back_sessions_out_of_the_network_for_stackin
     rows = [r for r in train(cfg)["windows"] if r.get("sessions_trained")]
     assert len(calls) == len(rows) >= 2
     held_so_far: set[int] = set()
-    for i, (t, fit_ids, held_ids, pool) in enumerate(calls):
+    for i, (_t, fit_ids, held_ids, pool) in enumerate(calls):
         pool_ids = set(pool.session_id.tolist()) if pool is not None else set()
         assert pool_ids == held_so_far  # every earlier window's held-back slice, the same sessions
         assert not (fit_ids & (held_ids | pool_ids))  # the network never trains on any of them
