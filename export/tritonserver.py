@@ -154,11 +154,19 @@ def repository_post(http_url: str, path: str, headers: Mapping[str, str], timeou
         raise ServerError(f"POST {url} failed ({e.code}): {e.read().decode(errors='replace')}") from e
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free on `host` a moment ago (bind to 0, read, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports that were free on `host` a moment ago: all bound to 0 at once, read, closed.
+    (One socket at a time can be handed the same port twice, and tritonserver refuses to start
+    when its gRPC and HTTP ports are the same.)"""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            socks.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            socks[-1].bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 MODEL_CONTROL_HELP = help_meta(
@@ -270,10 +278,15 @@ class TritonServer:
         repo = Path(self.cfg.repo)
         if not repo.is_dir():
             raise ServerError(f"model repository {repo} does not exist; run `python -m export` first")
-        host = self.cfg.host
-        self.grpc_port = self.cfg.grpc_port or free_port(host)
-        self.http_port = self.cfg.http_port or free_port(host)
-        self.metrics_port = self.cfg.metrics_port or free_port(host)
+        host, cfg = self.cfg.host, self.cfg
+        given = {cfg.grpc_port, cfg.http_port, cfg.metrics_port} - {None, 0}
+        picked = iter(p for p in free_ports(6, host) if p not in given)
+        self.grpc_port = cfg.grpc_port or next(picked)
+        self.http_port = cfg.http_port or next(picked)
+        self.metrics_port = cfg.metrics_port or next(picked)
+        ports = {"grpc_port": self.grpc_port, "http_port": self.http_port, "metrics_port": self.metrics_port}
+        if len(set(ports.values())) < 3:
+            raise ServerError(f"ports {ports}: expected three different ports (tritonserver listens on each)")
         self._tmp = tempfile.TemporaryDirectory(prefix="tritonserver-")
         backend_dir = prepare_backend_dir(Path(self._tmp.name) / "backends")
         self.log_path = Path(self.cfg.log_file) if self.cfg.log_file else Path(self._tmp.name) / "server.log"
