@@ -456,14 +456,18 @@ class Trainer:
         self, t: int, held: SessionTensors
     ) -> tuple[SessionTensors, Tensor | None, int | None]:
         """The blend guard's sessions, which of their targets are unknown, the ids known
-        (`blend_guard`): the held-back ones, or window t's valid split (TrainConfig.guard_split)."""
-        if self.cfg.guard_split == "held":
+        (`blend_guard`): the held-back ones, or window t's valid split (TrainConfig.guard_split;
+        the held-back ones where that split is empty)."""
+        valid = (
+            load_split(split_path(self.data, t, "valid"), self.schema)
+            if self.cfg.guard_split == "valid"
+            else None
+        )
+        if valid is None or len(valid) == 0:
             return held, None, None
         known = self.known_sizes(t)
         item = self.model.cfg.item_feature
-        st, miss = known_inputs(
-            load_split(split_path(self.data, t, "valid"), self.schema), known, item, self.age_feature
-        )
+        st, miss = known_inputs(valid, known, item, self.age_feature)
         return st, miss, known[item]
 
     def _split_earlier(
