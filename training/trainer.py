@@ -424,12 +424,12 @@ class Trainer:
             # held-back ones (early stopping scores them as unseen sessions); after training the
             # held-back ones are counted too (below)
             history.fill_memory(model, t, before, known, fit_st)
+        windows = [w for w in before if w >= cfg.start_window]
         pool, pooled = None, cfg.stack_pool > 0 and cfg.stack > 0 and cfg.holdout > 0
         if pooled:  # earlier windows' held-back slices stay out of the network
-            earlier_fit, pool = self._split_earlier(before, known)
+            earlier_fit, pool = self._split_earlier(windows, known)
             row["stack_pool_sessions"] = 0 if pool is None else len(pool)
         if cfg.train_on == "cumulative" and len(fit_st):
-            windows = [w for w in before if w >= cfg.start_window]
             earlier = earlier_fit if pooled else list(history.sessions(windows, known).values())
             fit_st = concat_sessions(newest([*earlier, fit_st], cfg.train_budget))
         row.update(fit_sessions=len(fit_st), holdout_sessions=len(held_st))
@@ -471,12 +471,11 @@ class Trainer:
         return st, miss, known[item]
 
     def _split_earlier(
-        self, before: list[int], known: dict[str, int]
+        self, windows: list[int], known: dict[str, int]
     ) -> tuple[list[SessionTensors], SessionTensors | None]:
-        """TrainConfig.stack_pool: the earlier windows' (from start_window) fitted parts, oldest
-        first, and the newest stack_pool of their held-back parts (`WindowHistory.held_apart`)."""
+        """TrainConfig.stack_pool: the earlier `windows`' fitted parts, oldest first, and the
+        newest stack_pool of their held-back parts (`WindowHistory.held_apart`)."""
         cfg = self.cfg
-        windows = [w for w in before if w >= cfg.start_window]
         fits, helds = self.history.held_apart(windows, known, cfg.holdout, lambda w: _seed(cfg.seed, w, 4))
         helds = [h for h in helds if len(h)]
         if not helds:  # no earlier window held any session back
