@@ -31,15 +31,16 @@ def stack_cfg(**kw) -> TrainConfig:
 
 
 def spy_leave_out(monkeypatch, m) -> list[bool]:
-    """Record the leave_out flag of every `packed_view` call of m's item memory (one per step)."""
+    """Record the leave_out flag of every training view of m's item memory (one per step: packed_view
+    and rerank_view both build their lists with `_packed_lists`)."""
     seen: list[bool] = []
-    real_view = m.item_memory.packed_view
+    real_lists = m.item_memory._packed_lists
 
-    def spy(*args, **kw):
-        seen.append(kw.get("leave_out", True))
-        return real_view(*args, **kw)
+    def spy(items, segment, leave_out):
+        seen.append(leave_out)
+        return real_lists(items, segment, leave_out)
 
-    monkeypatch.setattr(m.item_memory, "packed_view", spy)
+    monkeypatch.setattr(m.item_memory, "_packed_lists", spy)
     return seen
 
 

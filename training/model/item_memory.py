@@ -15,8 +15,9 @@ entry points share one scoring core (`ItemMemory.combine`), whose inputs come gr
 Re-ranking (ModelConfig.rerank, `rerank_popular` > 0): only the memory's own candidates
 are ranked (`candidates`: the context items, their co-occurrence lists, the last item's
 successors, the most popular ids); training scores them on the union of the batch's
-candidates (`packed_view` + `candidate_columns` + `combine(cols=...)`), serving on each
-session's own (`session_candidates` + `candidate_scores`).
+candidates (`rerank_view` + `rerank_columns` + `rerank_scores`: flat entries, the values
+of `packed_view` + `combine(cols=...)` without their zeros), serving on each session's own
+(`session_candidates` + `candidate_scores`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,36 @@ class PackedTargets:
     row: Tensor  # (M,) the row of each target
     pos: Tensor  # (M,) its position in that row
     ctx_ok: Tensor  # (R, W) bool, positions that may be context (clm: every real one; mlm: unmasked)
+
+
+@dataclass
+class RerankEntries:
+    """Re-ranking's training view of M targets (`ItemMemory.rerank_view`): their candidates and
+    count terms as flat entries, only where a term can be nonzero or an id is a candidate.
+
+    A target's context holds ~2.5 of a packed row's W = 20 positions on a real log, so the
+    (M, W, K) lists of `packed_view` are ~90 % zeros; these hold the rest. Entries are in
+    row-major order (target, position, list slot), the order `combine` adds them in."""
+
+    context: TargetContext  # (M, W): the gates' position weights read ctx and dist
+    pm: Tensor  # (P,) target of each context pair (target, position)
+    pw: Tensor  # (P,) its position; the item there is a candidate and gets the repeat term
+    ctx_ids: Tensor  # (P,) that item
+    cooc_p: Tensor  # (Nc,) the context pair of each co-occurrence entry with a count > 0
+    cooc_ids: Tensor  # (Nc,) its id
+    cooc_log: Tensor  # (Nc,) log1p(count)
+    succ_m: Tensor  # (Ns,) the target of each successor entry (last context item) with a count > 0
+    succ_ids: Tensor  # (Ns,)
+    succ_log: Tensor  # (Ns,) log1p(count)
+    # training with leave_out: the popularity corrections at the items of the target's session
+    own: tuple[Tensor, Tensor, Tensor] | None = None  # (No,) target, id, correction
+
+
+def _is_in(keys: Tensor, q: Tensor) -> Tensor:
+    """q's entries that are among the sorted `keys` (bool, q's shape)."""
+    if keys.numel() == 0:
+        return torch.zeros_like(q, dtype=torch.bool)
+    return keys[torch.searchsorted(keys, q).clamp_(max=keys.numel() - 1)] == q
 
 
 def _inv_softplus(y: Tensor) -> Tensor:
@@ -311,9 +342,14 @@ class ItemMemory(nn.Module):
         stale, so every lookup j = map[id] is checked with cols[j] == id (cols are
         unique). Setting it costs O(U); binary search over U cost ~25x more here.
         """
-        if self._col_of is None or self._col_of.device != cols.device:
-            self._col_of = torch.zeros(self.pop.shape[0], dtype=torch.int32, device=cols.device)
-        self._col_of[cols] = torch.arange(cols.shape[0], dtype=torch.int32, device=cols.device)
+        col_of = self._id_map(cols.device)
+        col_of[cols] = torch.arange(cols.shape[0], dtype=torch.int32, device=cols.device)
+        return col_of
+
+    def _id_map(self, device: torch.device) -> Tensor:
+        """The (V,) int32 map behind `_column_map` (allocated on first use, stale entries and all)."""
+        if self._col_of is None or self._col_of.device != device:
+            self._col_of = torch.zeros(self.pop.shape[0], dtype=torch.int32, device=device)
         return self._col_of
 
     # --- re-ranking's candidates (ModelConfig.rerank) --------------------------------------
@@ -345,17 +381,6 @@ class ItemMemory(nn.Module):
         """Serving under re-ranking: (B, L) sessions, (B,) lengths -> (B, L + L*K + K + P) candidate
         ids sorted per row (repeats and PAD_ID left in: `ranking.candidate_top_k` masks them)."""
         return self.candidates(*self._session_view(items, lengths)).sort(1).values
-
-    def candidate_columns(self, cand: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Training under re-ranking: (M, N) candidate ids (PAD_ID: none), (M,) targets ->
-        cols (U,) the sorted unique real ids among every row's candidates and the targets, and
-        member (M, U) bool, column j is a candidate of row m. Nothing of size M x V is built."""
-        valid = cand >= FIRST_REAL_ID  # (M, N)
-        cols = torch.cat([cand[valid], targets]).unique()  # (U,) sorted
-        U = cols.shape[0]
-        j = torch.where(valid, self._column_map(cols)[cand].long(), U)  # (M, N) column, U = none
-        member = torch.zeros(cand.shape[0], U + 1, dtype=torch.bool, device=cand.device)
-        return cols, member.scatter_(1, j, True)[:, :U]
 
     # --- the three entry points --------------------------------------------------------
 
@@ -434,41 +459,9 @@ class ItemMemory(nn.Module):
         subtracted from its lists and popularity (tested against tables rebuilt without it);
         False for sessions that are not in the counts.
         """
-        tgt_r, tgt_p = targets.row, targets.pos
-        R, W = items.shape
-        pos = torch.arange(W, device=items.device)
-        c_idx = self.cooc_idx[items].long()  # (R, W, K)
-        s_idx = self.succ_idx[items].long()  # (R, W, K)
-        c_val, s_val, pop_delta = self.cooc_val[items], self.succ_val[items], None
-        if leave_out:
-            real = segment > 0
-            same = (segment[:, :, None] == segment[:, None, :]) & real[:, :, None]  # (R, W, W) same session
-            eq = (items[:, :, None] == items[:, None, :]) & same  # (R, W, W) same item, same session
-            cnt = eq.sum(-1)  # (R, W) occurrences of the item in its session
-            # co-occurrence: this session added 1 to cooc[a, c] for every other item c in it,
-            # and 1 to cooc[a, a] if a occurs twice or more
-            in_sess = (c_idx[..., None] == items[:, None, None, :]) & same[:, :, None, :]  # (R, W, K, W)
-            in_sess = in_sess.any(-1)  # (R, W, K) c is an item of a's session
-            own = torch.where(c_idx == items[..., None], (cnt >= 2)[..., None], in_sess)
-            c_val = (c_val - own.float()).clamp(min=0.0)
-            # successors: this session added one per a -> c step in it
-            step = (segment[:, 1:] == segment[:, :-1]) & real[:, 1:]  # (R, W-1) q -> q+1 inside a session
-            from_a = eq[:, :, :-1] & step[:, None, :]  # (R, W, W-1) steps leaving an occurrence of a
-            to_c = s_idx[..., None] == items[:, None, None, 1:]  # (R, W, K, W-1)
-            s_val = (s_val - (to_c & from_a[:, :, None, :]).sum(-1).float()).clamp(min=0.0)
-            # popularity: minus the session's own occurrences (spread over them, scatter adds them up)
-            p = self.pop[items]
-            pop_delta = torch.where(
-                real, (torch.log1p((p - cnt).clamp(min=0.0)) - torch.log1p(p)) / cnt.clamp(min=1), 0.0
-            )  # (R, W)
-        # per target
-        seg_t = segment[tgt_r, tgt_p]  # (M,)
-        row_seg = segment[tgt_r]  # (M, W)
-        in_own = row_seg == seg_t[:, None]  # (M, W) the target's session
-        ctx = in_own & (pos[None, :] < tgt_p[:, None]) & targets.ctx_ok[tgt_r]  # (M, W)
-        last_q = torch.where(ctx, pos[None, :], -1).max(1).values  # (M,)
-        lq = last_q.clamp(min=0)
-        context = TargetContext(items[tgt_r], ctx, tgt_p[:, None] - 1 - pos[None, :], last_q >= 0)
+        c_idx, c_val, s_idx, s_val, pop_delta = self._packed_lists(items, segment, leave_out)
+        context, in_own, lq = self._targets(items, segment, targets)
+        tgt_r = targets.row
         lists = CountLists(
             c_idx[tgt_r],
             c_val[tgt_r],
@@ -477,3 +470,152 @@ class ItemMemory(nn.Module):
             pop_delta=None if pop_delta is None else torch.where(in_own, pop_delta[tgt_r], 0.0),
         )
         return context, lists
+
+    def _packed_lists(
+        self, items: Tensor, segment: Tensor, leave_out: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """(R, W) packed rows -> the count lists of every position: co-occurrence ids and counts,
+        successor ids and counts (R, W, K; ids int64), and with leave_out each session's own
+        contribution subtracted, plus the popularity corrections pop_delta (R, W) (else None)."""
+        R, W = items.shape
+        c_idx = self.cooc_idx[items].long()  # (R, W, K)
+        s_idx = self.succ_idx[items].long()  # (R, W, K)
+        c_val, s_val, pop_delta = self.cooc_val[items], self.succ_val[items], None
+        if leave_out:
+            real = segment > 0
+            same = (segment[:, :, None] == segment[:, None, :]) & real[:, :, None]  # (R, W, W) same session
+            eq = (items[:, :, None] == items[:, None, :]) & same  # (R, W, W) same item, same session
+            cnt = eq.sum(-1)  # (R, W) occurrences of the item in its session
+            # membership and step counts by sorted keys, not (R, W, K, W) comparisons: the keys of
+            # (session, item) pairs, session = (row, segment), ranked among the batch's own pairs
+            V = self.pop.shape[0]
+            n_seg = int(segment.max()) + 1 if segment.numel() else 1
+            sess = torch.arange(R, device=items.device)[:, None] * n_seg + segment  # (R, W) session key
+            pairs = (sess * V + items)[real].unique()  # (T,) sorted (session, item) of the real positions
+            # co-occurrence: this session added 1 to cooc[a, c] for every other item c in it,
+            # and 1 to cooc[a, a] if a occurs twice or more
+            in_sess = _is_in(pairs, sess[..., None] * V + c_idx) & real[..., None]  # (R, W, K) c in a's session
+            own = torch.where(c_idx == items[..., None], (cnt >= 2)[..., None], in_sess)
+            c_val = (c_val - own.float()).clamp(min=0.0)
+            # successors: this session added one per a -> c step in it; a step's key: (pair of a, c)
+            step = (segment[:, 1:] == segment[:, :-1]) & real[:, 1:]  # (R, W-1) q -> q+1 inside a session
+            rank_a = torch.searchsorted(pairs, sess * V + items)  # (R, W) a's pair among `pairs` (real ones)
+            steps, n = (rank_a[:, :-1] * V + items[:, 1:])[step].unique(return_counts=True)  # (S,) sorted
+            if steps.numel():
+                q = rank_a[..., None] * V + s_idx  # (R, W, K)
+                at = torch.searchsorted(steps, q).clamp_(max=steps.numel() - 1)
+                n_steps = torch.where((steps[at] == q) & real[..., None], n[at], 0)  # (R, W, K)
+                s_val = (s_val - n_steps.float()).clamp(min=0.0)
+            # popularity: minus the session's own occurrences (spread over them, scatter adds them up)
+            p = self.pop[items]
+            pop_delta = torch.where(
+                real, (torch.log1p((p - cnt).clamp(min=0.0)) - torch.log1p(p)) / cnt.clamp(min=1), 0.0
+            )  # (R, W)
+        return c_idx, c_val, s_idx, s_val, pop_delta
+
+    def _targets(
+        self, items: Tensor, segment: Tensor, targets: PackedTargets
+    ) -> tuple[TargetContext, Tensor, Tensor]:
+        """M targets in packed rows -> their context (M, W), which positions hold their own session
+        (M, W) bool, and the position of their last context item (M,) (0 where none)."""
+        tgt_r, tgt_p = targets.row, targets.pos
+        pos = torch.arange(items.shape[1], device=items.device)
+        seg_t = segment[tgt_r, tgt_p]  # (M,)
+        in_own = segment[tgt_r] == seg_t[:, None]  # (M, W) the target's session
+        ctx = in_own & (pos[None, :] < tgt_p[:, None]) & targets.ctx_ok[tgt_r]  # (M, W)
+        last_q = torch.where(ctx, pos[None, :], -1).max(1).values  # (M,)
+        context = TargetContext(items[tgt_r], ctx, tgt_p[:, None] - 1 - pos[None, :], last_q >= 0)
+        return context, in_own, last_q.clamp(min=0)
+
+    # --- re-ranking in training: flat entries instead of (M, W, K) lists --------------------
+
+    def rerank_view(
+        self, items: Tensor, segment: Tensor, targets: PackedTargets, *, leave_out: bool = True
+    ) -> RerankEntries:
+        """Training under re-ranking: the candidates and count terms of M targets in packed rows
+        as flat entries (`RerankEntries`): the same terms as `packed_view`'s lists, without
+        their zeros (a zero count adds nothing and proposes no candidate)."""
+        c_idx, c_val, s_idx, s_val, pop_delta = self._packed_lists(items, segment, leave_out)
+        context, in_own, lq = self._targets(items, segment, targets)
+        tgt_r = targets.row
+        pm, pw = context.ctx.nonzero(as_tuple=True)  # (P,) row-major
+        pr = tgt_r[pm]
+        cv = c_val[pr, pw]  # (P, K)
+        pi, ki = (cv > 0).nonzero(as_tuple=True)
+        sv = s_val[tgt_r, lq]  # (M, K) the last context item's successors
+        sm, sk = ((sv > 0) & context.has_last[:, None]).nonzero(as_tuple=True)
+        own = None
+        if pop_delta is not None:
+            om, ow = in_own.nonzero(as_tuple=True)
+            orow = tgt_r[om]
+            own = (om, items[orow, ow].long(), pop_delta[orow, ow])
+        return RerankEntries(
+            context,
+            pm,
+            pw,
+            items[pr, pw].long(),
+            pi,
+            c_idx[pr[pi], pw[pi], ki],
+            torch.log1p(cv[pi, ki]),
+            sm,
+            s_idx[tgt_r[sm], lq[sm], sk],
+            torch.log1p(sv[sm, sk]),
+            own,
+        )
+
+    def rerank_columns(self, view: RerankEntries, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Training under re-ranking: cols (U,) the sorted ids of every target's candidates
+        (`memory_candidates`: context items, co-occurrence and successor entries, the popular
+        ids) and of the targets, and member (M, U) bool, column j is a candidate of target m.
+        O(entries + U): the ids are deduplicated through the (V,) column map, not sorted."""
+        popular = self.popular_ids()
+        cm = view.pm[view.cooc_p]
+        ids = torch.cat([view.ctx_ids, view.cooc_ids, view.succ_ids])
+        rows = torch.cat([view.pm, cm, view.succ_m])
+        real = ids >= FIRST_REAL_ID
+        ids, rows = ids[real], rows[real]
+        every = torch.cat([popular, ids, targets])
+        # one representative per id: whichever write of the scatter lands is read back by its own slot
+        first = torch.arange(every.shape[0], dtype=torch.int32, device=every.device)
+        seen = self._id_map(every.device)
+        seen[every] = first
+        cols = every[seen[every] == first].sort().values  # (U,)
+        col_of = self._column_map(cols)
+        member = torch.zeros(targets.shape[0], cols.shape[0], dtype=torch.bool, device=targets.device)
+        member[:, col_of[popular].long()] = True
+        member[rows, col_of[ids].long()] = True
+        return cols, member
+
+    def rerank_scores(
+        self, h: Tensor, view: RerankEntries, head: HeadFactors | None, cols: Tensor, member: Tensor
+    ) -> Tensor:
+        """Training under re-ranking: (M, U) scores of the columns `cols`, -inf where `member`
+        (`rerank_columns`) is False: at every candidate the value of
+        `combine(h, *packed_view(...), head, cols)` (tested), the same terms added to the same
+        cells in the same order, from the entries that are not zero."""
+        M, U = h.shape[0], cols.shape[0]
+        with torch.autocast(h.device.type, enabled=False):
+            g = F.softplus(self.gate(h.float()))  # (M, 4)
+            base_h, base_w = (h.new_zeros(M, 1), self.pop.new_zeros(U, 1)) if head is None else (head.h, head.w)
+            lhs = torch.cat([self._head_lhs(h, base_h), g[:, 3:4]], 1)  # (M, E+1)
+            rhs = torch.cat([base_w.float(), torch.log1p(self.pop[cols])[:, None]], 1)  # (U, E+1)
+            # -inf off the candidates by an added constant: its backward copies nothing (a masked_fill's would)
+            off = torch.zeros(M, U, device=h.device).masked_fill_(~member, float("-inf"))
+            # (M * U,): fresh and flat, so the terms are added in place without a view (whose
+            # in-place backward copies the whole gradient)
+            out = (lhs @ rhs.t()).view(-1) + off.view(-1)
+        wc, wr, ws = self._gate_weights(g, view.context)
+        col_of = self._column_map(cols)
+        terms = [
+            (view.pm[view.cooc_p], view.cooc_ids, wc[view.pm, view.pw][view.cooc_p] * view.cooc_log),
+            (view.succ_m, view.succ_ids, ws[view.succ_m, 0] * view.succ_log),
+            (view.pm, view.ctx_ids, wr[view.pm, view.pw]),
+        ]
+        if view.own is not None:
+            om, oid, delta = view.own
+            terms.append((om, oid, g[om, 3] * delta))
+        m, ids, val = (torch.cat(x) for x in zip(*terms))  # one pass, in the order of combine's terms
+        j = col_of[ids].long().clamp_(max=U - 1)
+        # out[m, column of ids] += val where the id is a column (flat: serial, in order, on the CPU)
+        out.index_add_(0, m * U + j, torch.where(cols[j] == ids, val, 0.0))
+        return out.view(M, U)

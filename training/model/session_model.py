@@ -697,18 +697,23 @@ class SessionModel(nn.Module):
         """Re-ranking part of `packed_loss` (cfg.rerank): each target against its own candidates
         (`ItemMemory.candidates`: hard negatives from the counts) -> scalar.
 
-        Scored on the union U of the batch's candidates and targets (`candidate_columns`), with
+        Scored on the union U of the batch's candidates and targets (`rerank_columns`), with
         a per-row mask: the same loss as (M, V) scores masked to each row's candidates (tested),
-        at O(M x U). The sets are deterministic, so no logQ correction. A target outside its
-        own candidates is one the model can never rank: it is dropped from the loss.
+        at O(M x U); the count terms come as flat entries (`rerank_view`), not (M, W, K) lists.
+        The sets are deterministic, so no logQ correction. A target outside its own candidates
+        is one the model can never rank: it is dropped from the loss.
         """
         mem = self.item_memory
         assert mem is not None and tgt is not None
         items = p.feats[self.cfg.item_feature]  # (R, W)
-        context, lists = mem.packed_view(items, p.segment, tgt, leave_out=leave_out)
-        cols, member = mem.candidate_columns(mem.candidates(context, lists), targets)  # (U,), (M, U)
-        logits = mem.combine(h_sel, context, lists, self._head_factors(h_sel, cols), cols)  # (M, U)
-        logits = logits.masked_fill(~member, float("-inf"))
+        view = mem.rerank_view(items, p.segment, tgt, leave_out=leave_out)
+        cols, member = mem.rerank_columns(view, targets)  # (U,), (M, U)
+        logits = mem.rerank_scores(h_sel, view, self._head_factors(h_sel, cols), cols, member)  # (M, U)
         tgt_col = torch.searchsorted(cols, targets)  # (M,) every target is a column
         keep = member.gather(1, tgt_col[:, None]).squeeze(1)  # (M,) targets among their own candidates
+        if self.cfg.loss_fn == "ce" and label_smoothing <= 0.0 and mem.popular_ids().numel() > 0:
+            # every row has a candidate (the popular ids), so no row is all -inf: the rows whose target
+            # is not among theirs are ignored where they are, not copied out (same sum, same order)
+            n = max(int(keep.sum()), 1)
+            return F.cross_entropy(logits, tgt_col.masked_fill(~keep, -100), reduction="sum") / n
         return self._loss(logits[keep], tgt_col[keep], label_smoothing)

@@ -162,16 +162,47 @@ def test_training_candidates_leave_the_session_out_and_match_a_loop(objective):
     # leaving the session out matters here: some pairs exist only through the session itself
     kept = as_sets(mem.candidates(*mem.packed_view(p.feats[ITEM], p.segment, tgt, leave_out=False)))
     assert any(a != b for a, b in zip(got, kept)) and all(a <= b for a, b in zip(got, kept))
+    # the training path's flat entries: the same sets, as the union columns and a per-row mark
+    for leave_out, sets in ((True, want), (False, kept)):
+        view = mem.rerank_view(p.feats[ITEM], p.segment, tgt, leave_out=leave_out)
+        targets = p.feats[ITEM][tgt.row, tgt.pos]
+        cols, member = mem.rerank_columns(view, targets)
+        assert cols.tolist() == sorted(set().union(*sets) | set(targets.tolist()))
+        assert [set(cols[row].tolist()) for row in member] == sets
 
 
-def test_candidate_columns_are_the_union_and_mark_each_row():
-    m = make_model()
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+@pytest.mark.parametrize("leave_out", [True, False])
+def test_flat_entry_scores_equal_the_list_scores_and_their_gradients(objective, leave_out):
+    """rerank_scores (flat entries, training) = combine over packed_view's (M, W, K) lists at every
+    candidate, -inf elsewhere; the gradients of the gates, the position weights and h agree."""
+    m = make_model(objective=objective)
     mem = m.item_memory
-    cand = torch.tensor([[0, 5, 7, 7, 1], [9, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
-    targets = torch.tensor([7, 11, 3])
-    cols, member = mem.candidate_columns(cand, targets)
-    assert cols.tolist() == [3, 5, 7, 9, 11]
-    assert member.tolist() == [[0, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0]]
+    items, lengths = random_sessions(60, V, seed=2, max_len=L, min_len=2)
+    p, tgt = packed(items, lengths, objective)
+    it = p.feats[ITEM]
+    view = mem.rerank_view(it, p.segment, tgt, leave_out=leave_out)
+    cols, member = mem.rerank_columns(view, it[tgt.row, tgt.pos])
+    assert member.any(1).all() and not member.all()
+    h = torch.randn(len(tgt.row), 16, requires_grad=True)
+    w = torch.randn(len(cols), 16, requires_grad=True)
+    weights = torch.randn(len(tgt.row), len(cols))
+
+    def run(scores_fn):
+        for t in (h, w, mem.w_cooc, mem.w_rep, mem.gate.weight):
+            t.grad = None
+        out = scores_fn()
+        torch.where(member, out, 0.0).mul(weights).sum().backward()
+        return out.detach(), [t.grad.clone() for t in (h, w, mem.w_cooc, mem.w_rep, mem.gate.weight)]
+
+    got, got_g = run(lambda: mem.rerank_scores(h, view, HeadFactors(h, w), cols, member))
+    want, want_g = run(
+        lambda: mem.combine(h, *mem.packed_view(it, p.segment, tgt, leave_out=leave_out), HeadFactors(h, w), cols)
+    )
+    assert torch.equal(torch.isinf(got), ~member)
+    assert torch.equal(got[member], want[member])  # the same additions in the same order
+    for a, b in zip(got_g, want_g):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 # --- the training loss --------------------------------------------------------------
@@ -210,13 +241,13 @@ def test_union_column_loss_equals_the_dense_masked_loss(objective, kw, smoothing
     items, lengths = items[:12], lengths[:12]
     p, tgt = packed(items, lengths, objective)
     seen = {}
-    real_combine = mem.combine
+    real_scores = mem.rerank_scores
 
-    def spy(h, context, lists, head=None, cols=None):  # the hidden states of the targets
+    def spy(h, view, head, cols, member):  # the hidden states of the targets
         seen["h"], seen["cols"] = h, cols
-        return real_combine(h, context, lists, head, cols)
+        return real_scores(h, view, head, cols, member)
 
-    monkeypatch.setattr(mem, "combine", spy)
+    monkeypatch.setattr(mem, "rerank_scores", spy)
     got = m.packed_loss(p, smoothing, torch.Generator().manual_seed(0))
     assert seen["cols"] is not None and seen["cols"].shape[0] < V - FIRST_REAL_ID  # not every item
     sets = training_loop_sets(mem, p, tgt, items, lengths)
