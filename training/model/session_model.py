@@ -707,13 +707,12 @@ class SessionModel(nn.Module):
         assert mem is not None and tgt is not None
         items = p.feats[self.cfg.item_feature]  # (R, W)
         view = mem.rerank_view(items, p.segment, tgt, leave_out=leave_out)
-        cols, member = mem.rerank_columns(view, targets)  # (U,), (M, U)
-        logits = mem.rerank_scores(h_sel, view, self._head_factors(h_sel, cols), cols, member)  # (M, U)
+        cols, sets = mem.rerank_columns(view, targets)  # (U,), each target's candidates among them
+        head = self._head_factors(h_sel, cols)
+        if self.cfg.loss_fn == "ce" and label_smoothing <= 0.0:  # over the candidates only
+            return mem.rerank_ce(h_sel, view, head, cols, sets, targets)
+        member = mem.member(sets, targets.shape[0], cols.shape[0])  # (M, U)
+        logits = mem.rerank_scores(h_sel, view, head, cols, member)  # (M, U), -inf off the candidates
         tgt_col = torch.searchsorted(cols, targets)  # (M,) every target is a column
         keep = member.gather(1, tgt_col[:, None]).squeeze(1)  # (M,) targets among their own candidates
-        if self.cfg.loss_fn == "ce" and label_smoothing <= 0.0 and mem.popular_ids().numel() > 0:
-            # every row has a candidate (the popular ids), so no row is all -inf: the rows whose target
-            # is not among theirs are ignored where they are, not copied out (same sum, same order)
-            n = max(int(keep.sum()), 1)
-            return F.cross_entropy(logits, tgt_col.masked_fill(~keep, -100), reduction="sum") / n
         return self._loss(logits[keep], tgt_col[keep], label_smoothing)

@@ -166,9 +166,14 @@ def test_training_candidates_leave_the_session_out_and_match_a_loop(objective):
     for leave_out, sets in ((True, want), (False, kept)):
         view = mem.rerank_view(p.feats[ITEM], p.segment, tgt, leave_out=leave_out)
         targets = p.feats[ITEM][tgt.row, tgt.pos]
-        cols, member = mem.rerank_columns(view, targets)
+        cols, found = mem.rerank_columns(view, targets)
         assert cols.tolist() == sorted(set().union(*sets) | set(targets.tolist()))
+        member = mem.member(found, len(targets), len(cols))
         assert [set(cols[row].tolist()) for row in member] == sets
+        assert found.target_ok.tolist() == [t in c for t, c in zip(targets.tolist(), sets)]
+        pairs = found.pair_m * len(cols) + found.pair_col  # each pair once, in CSR order
+        assert bool((pairs[1:] > pairs[:-1]).all())
+        assert found.crow.tolist() == [0, *torch.bincount(found.pair_m, minlength=len(targets)).cumsum(0).tolist()]
 
 
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
@@ -182,7 +187,8 @@ def test_flat_entry_scores_equal_the_list_scores_and_their_gradients(objective, 
     p, tgt = packed(items, lengths, objective)
     it = p.feats[ITEM]
     view = mem.rerank_view(it, p.segment, tgt, leave_out=leave_out)
-    cols, member = mem.rerank_columns(view, it[tgt.row, tgt.pos])
+    cols, found = mem.rerank_columns(view, it[tgt.row, tgt.pos])
+    member = mem.member(found, len(tgt.row), len(cols))
     assert member.any(1).all() and not member.all()
     h = torch.randn(len(tgt.row), 16, requires_grad=True)
     w = torch.randn(len(cols), 16, requires_grad=True)
@@ -203,6 +209,45 @@ def test_flat_entry_scores_equal_the_list_scores_and_their_gradients(objective, 
     assert torch.equal(got[member], want[member])  # the same additions in the same order
     for a, b in zip(got_g, want_g):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+@pytest.mark.parametrize("leave_out", [True, False])
+def test_candidate_only_cross_entropy_equals_the_masked_dense_one(objective, leave_out):
+    """rerank_ce (the popular block + one dot product per other candidate pair, no (M, U) tensor)
+    = cross-entropy of rerank_scores' (M, U) masked scores over the targets among their
+    candidates; and the same gradients for h, the item vectors, the gates and position weights."""
+    m = make_model(objective=objective)
+    mem = m.item_memory
+    items, lengths = random_sessions(60, V, seed=2, max_len=L, min_len=2)
+    p, tgt = packed(items, lengths, objective)
+    it = p.feats[ITEM]
+    targets = it[tgt.row, tgt.pos]
+    view = mem.rerank_view(it, p.segment, tgt, leave_out=leave_out)
+    cols, found = mem.rerank_columns(view, targets)
+    member = mem.member(found, len(targets), len(cols))
+    keep = member[torch.arange(len(targets)), torch.searchsorted(cols, targets)]
+    assert 0 < int(keep.sum()) < len(keep) and int(found.pair_m.numel()) > 0
+    h = torch.randn(len(targets), 16, requires_grad=True)
+    w = torch.randn(len(cols), 16, requires_grad=True)
+    params = (h, w, mem.w_cooc, mem.w_rep, mem.gate.weight, mem.gate.bias)
+
+    def run(loss_fn):
+        for t in params:
+            t.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), [t.grad.clone() for t in params]
+
+    def dense():
+        logits = mem.rerank_scores(h, view, HeadFactors(h, w), cols, member)
+        return F.cross_entropy(logits[keep], torch.searchsorted(cols, targets)[keep])
+
+    got, got_g = run(lambda: mem.rerank_ce(h, view, HeadFactors(h, w), cols, found, targets))
+    want, want_g = run(dense)
+    assert torch.allclose(got, want, rtol=1e-5), (got.item(), want.item())
+    for a, b in zip(got_g, want_g):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 # --- the training loss --------------------------------------------------------------
@@ -241,13 +286,18 @@ def test_union_column_loss_equals_the_dense_masked_loss(objective, kw, smoothing
     items, lengths = items[:12], lengths[:12]
     p, tgt = packed(items, lengths, objective)
     seen = {}
-    real_scores = mem.rerank_scores
+    real_scores, real_ce = mem.rerank_scores, mem.rerank_ce
 
-    def spy(h, view, head, cols, member):  # the hidden states of the targets
+    def spy_scores(h, view, head, cols, member):  # the dense path (gbce, label smoothing)
         seen["h"], seen["cols"] = h, cols
         return real_scores(h, view, head, cols, member)
 
-    monkeypatch.setattr(mem, "rerank_scores", spy)
+    def spy_ce(h, view, head, cols, sets, targets):  # cross-entropy over the candidates only
+        seen["h"], seen["cols"] = h, cols
+        return real_ce(h, view, head, cols, sets, targets)
+
+    monkeypatch.setattr(mem, "rerank_scores", spy_scores)
+    monkeypatch.setattr(mem, "rerank_ce", spy_ce)
     got = m.packed_loss(p, smoothing, torch.Generator().manual_seed(0))
     assert seen["cols"] is not None and seen["cols"].shape[0] < V - FIRST_REAL_ID  # not every item
     sets = training_loop_sets(mem, p, tgt, items, lengths)
