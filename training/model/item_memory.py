@@ -107,8 +107,9 @@ class RerankSets:
     pair_m: Tensor  # (S,) every other (target, column) candidate pair, once, sorted: the target
     pair_col: Tensor  # (S,) and the column
     crow: Tensor  # (M + 1,) where each target's pairs start (CSR row pointers)
-    term_at: Tensor  # (N,) the score each of `_terms`' entries adds to (0 where term_ok is False)
-    term_ok: Tensor  # (N,) bool: its cell is a candidate (the others are dropped)
+    # (N,) the score each of `_terms`' entries adds to; M * P + S (a sink after the pairs, never
+    # read) where its cell is not a candidate: such terms are dropped
+    term_at: Tensor
     target_at: Tensor  # (M,) the score of each target
     target_ok: Tensor  # (M,) bool: the target is among its candidates
 
@@ -658,15 +659,15 @@ class ItemMemory(nn.Module):
         pair_at[paired] = inv
         other = ~paired & (pos < 0) & in_cols  # popularity corrections: their cell may be a candidate
         pair_at[other], has_pair[other] = _find(pairs, key[other])
-        term_ok = (pos >= 0) | has_pair
-        term_at = torch.where(pos >= 0, tm * P + pos, torch.where(has_pair, M * P + pair_at, 0))
+        sink = M * P + pairs.shape[0]
+        term_at = torch.where(pos >= 0, tm * P + pos, torch.where(has_pair, M * P + pair_at, sink))
         t_col = torch.searchsorted(cols, targets)  # every target is a column
         t_pos = pop_pos[t_col]
         rows = torch.arange(M, device=dev)
         t_at, t_found = _find(pairs, rows * U + t_col)
         target_ok = (t_pos >= 0) | t_found
         target_at = torch.where(t_pos >= 0, rows * P + t_pos, torch.where(t_found, M * P + t_at, 0))
-        return cols, RerankSets(pop_cols, pm, pairs % U, crow, term_at, term_ok, target_at, target_ok)
+        return cols, RerankSets(pop_cols, pm, pairs % U, crow, term_at, target_at, target_ok)
 
     def member(self, sets: RerankSets, M: int, U: int) -> Tensor:
         """(M, U) bool: column j is a candidate of target m (`RerankSets` as a dense mask)."""
@@ -698,11 +699,12 @@ class ItemMemory(nn.Module):
             rhs = torch.cat([base_w.float(), torch.log1p(self.pop[cols])[:, None]], 1)  # (U, E+1)
             block = lhs @ rhs[sets.pop_cols].t()  # (M, P)
             pair = _pair_dots(lhs, rhs, sets)  # (S,)
-            z = torch.cat([block.reshape(-1), pair])  # (M * P + S,) every candidate's score, fresh
+            # (M * P + S + 1,) every candidate's score, fresh, and the sink of the terms of no candidate
+            z = torch.cat([block.reshape(-1), pair, pair.new_zeros(1)])
         wc, wr, ws = self._gate_weights(g, view.context)
         _, _, val = _terms(view, g, wc, wr, ws)
-        z.index_add_(0, sets.term_at, torch.where(sets.term_ok, val, 0.0))  # the count terms
-        block, pair = z[: M * P].view(M, P), z[M * P :]
+        z.index_add_(0, sets.term_at, val)  # the count terms
+        block, pair = z[: M * P].view(M, P), z[M * P : -1]
         # log-sum-exp per target over its block row and its pairs (the max only steadies it)
         top = block.detach().max(1).values if P else torch.full((M,), float("-inf"), device=h.device)
         top = top.scatter_reduce(0, pm, pair.detach(), "amax")

@@ -33,6 +33,7 @@ from training.model import (
     mask_positions,
     pack_sessions,
 )
+from training.model.item_memory import _term_index
 from training.names import FIRST_REAL_ID, ITEM_LIST
 
 ITEM = ITEM_LIST
@@ -171,6 +172,12 @@ def test_training_candidates_leave_the_session_out_and_match_a_loop(objective):
         member = mem.member(found, len(targets), len(cols))
         assert [set(cols[row].tolist()) for row in member] == sets
         assert found.target_ok.tolist() == [t in c for t, c in zip(targets.tolist(), sets)]
+        # a count term lands on its cell exactly where that cell is a candidate (popularity
+        # corrections also name the session's later items, which need not be)
+        tm, tids, _ = _term_index(view)
+        ok = [i in sets[m] for m, i in zip(tm.tolist(), tids.tolist())]
+        sink = len(targets) * POP + len(found.pair_m)
+        assert (found.term_at != sink).tolist() == ok and (leave_out is False or not all(ok))
         pairs = found.pair_m * len(cols) + found.pair_col  # each pair once, in CSR order
         assert bool((pairs[1:] > pairs[:-1]).all())
         assert found.crow.tolist() == [0, *torch.bincount(found.pair_m, minlength=len(targets)).cumsum(0).tolist()]
@@ -219,13 +226,15 @@ def test_candidate_only_cross_entropy_equals_the_masked_dense_one(objective, lea
     candidates; and the same gradients for h, the item vectors, the gates and position weights."""
     m = make_model(objective=objective)
     mem = m.item_memory
-    items, lengths = random_sessions(60, V, seed=2, max_len=L, min_len=2)
+    items, lengths = random_sessions(60, V, seed=1, max_len=L, min_len=2)  # the sessions in the counts
     p, tgt = packed(items, lengths, objective)
     it = p.feats[ITEM]
     targets = it[tgt.row, tgt.pos]
     view = mem.rerank_view(it, p.segment, tgt, leave_out=leave_out)
     cols, found = mem.rerank_columns(view, targets)
     member = mem.member(found, len(targets), len(cols))
+    sink = len(targets) * POP + len(found.pair_m)
+    assert leave_out is False or bool((found.term_at == sink).any())  # some terms name no candidate
     keep = member[torch.arange(len(targets)), torch.searchsorted(cols, targets)]
     assert 0 < int(keep.sum()) < len(keep) and int(found.pair_m.numel()) > 0
     h = torch.randn(len(targets), 16, requires_grad=True)
