@@ -107,7 +107,7 @@ class RerankSets:
     pair_m: Tensor  # (S,) every other (target, column) candidate pair, once, sorted: the target
     pair_col: Tensor  # (S,) and the column
     crow: Tensor  # (M + 1,) where each target's pairs start (CSR row pointers)
-    # (N,) the score each of `_terms`' entries adds to; M * P + S (a sink after the pairs, never
+    # (N,) the score each of `_term_index`'s entries adds to; M * P + S (a sink after the pairs, never
     # read) where its cell is not a candidate: such terms are dropped
     term_at: Tensor
     target_at: Tensor  # (M,) the score of each target
@@ -127,12 +127,9 @@ def _term_index(view: RerankEntries) -> tuple[Tensor, Tensor, int]:
     return torch.cat(m), torch.cat(ids), n_cand
 
 
-def _terms(
-    view: RerankEntries, g: Tensor, wc: Tensor, wr: Tensor, ws: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The count terms of re-ranking's flat entries as (target, id, value) (N,) (`_term_index`'s
-    order). (M, 4) gates g; (M, W) cooc and repeat weights wc, wr; (M, 1) successor weight ws."""
-    m, ids, _ = _term_index(view)
+def _term_values(view: RerankEntries, g: Tensor, wc: Tensor, wr: Tensor, ws: Tensor) -> Tensor:
+    """The values (N,) of re-ranking's count terms, in `_term_index`'s order. (M, 4) gates g;
+    (M, W) cooc and repeat weights wc, wr; (M, 1) successor weight ws."""
     val = [
         wc[view.pm, view.pw][view.cooc_p] * view.cooc_log,
         ws[view.succ_m, 0] * view.succ_log,
@@ -140,7 +137,7 @@ def _terms(
     ]
     if view.own is not None:
         val.append(g[view.own[0], 3] * view.own[2])
-    return m, ids, torch.cat(val)
+    return torch.cat(val)
 
 
 def _pair_dots(lhs: Tensor, rhs: Tensor, sets: RerankSets) -> Tensor:
@@ -317,18 +314,10 @@ class ItemMemory(nn.Module):
         An item id in the sparse lists is found among cols through `_column_map`;
         ids that are not candidates are dropped. Nothing of size V is touched.
         """
-        M = h.shape[0]
         with torch.autocast(h.device.type, enabled=False):  # counts in float32, also under AMP
-            g = F.softplus(self.gate(h.float()))  # (M, 4)
-            n_cols = self.pop.shape[0] if cols is None else cols.shape[0]
-            if head is None:
-                base_h, base_w = h.new_zeros(M, 1), self.pop.new_zeros(n_cols, 1)
-            else:
-                base_h, base_w = head.h, head.w
-            lhs = torch.cat([self._head_lhs(h, base_h), g[:, 3:4]], 1)  # (M, E+1)
-            pop = self.pop if cols is None else self.pop[cols]  # (V,) or (U,)
-            rhs = torch.cat([base_w.float(), torch.log1p(pop)[:, None]], 1)  # (V or U, E+1)
+            g, lhs, rhs = self._factors(h, head, cols)  # (M, 4), (M, E+1), (V or U, E+1)
             out = lhs @ rhs.t()  # (M, V or U) network logits + g_pop * log1p(pop), fresh: added to in place
+        n_cols = out.shape[1]
 
         col_of = None if cols is None else self._column_map(cols)
         for idx, val in self._count_terms(g, context, lists):  # out[m, idx[m, j]] += val[m, j]
@@ -338,6 +327,23 @@ class ItemMemory(nn.Module):
             j = col_of[idx].long().clamp_(max=n_cols - 1)  # column of each id if it is a candidate, else any
             out.scatter_add_(1, j, torch.where(cols[j] == idx, val, 0.0))
         return out
+
+    def _factors(
+        self, h: Tensor, head: HeadFactors | None, cols: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(M, d) hidden states -> the (M, 4) gates and the two float32 factors whose product is the
+        network's item logits + g_pop * log1p(pop): lhs (M, E+1) and rhs (V, E+1), or (U, E+1) for
+        the columns `cols` (head: the network's logits as factors, None: none). Call it with
+        autocast off."""
+        g = F.softplus(self.gate(h.float()))  # (M, 4)
+        n_cols = self.pop.shape[0] if cols is None else cols.shape[0]
+        if head is None:
+            base_h, base_w = h.new_zeros(h.shape[0], 1), self.pop.new_zeros(n_cols, 1)
+        else:
+            base_h, base_w = head.h, head.w
+        lhs = torch.cat([self._head_lhs(h, base_h), g[:, 3:4]], 1)
+        pop = self.pop if cols is None else self.pop[cols]
+        return g, lhs, torch.cat([base_w.float(), torch.log1p(pop)[:, None]], 1)
 
     def _head_lhs(self, h: Tensor, base_h: Tensor) -> Tensor:
         """(M, E) head inputs -> the left factor of the network's item logits in float32: times
@@ -690,19 +696,16 @@ class ItemMemory(nn.Module):
         to the graph, where none is). The values of `rerank_scores` over the
         candidates only: the P popular columns as an (M, P) block, every other candidate as a
         (target, column) pair, its score a dot product; no (M, U) tensor (tested against it)."""
-        M, U, P = h.shape[0], cols.shape[0], sets.pop_cols.shape[0]
+        M, P = h.shape[0], sets.pop_cols.shape[0]
         pm = sets.pair_m
         with torch.autocast(h.device.type, enabled=False):
-            g = F.softplus(self.gate(h.float()))  # (M, 4)
-            base_h, base_w = (h.new_zeros(M, 1), self.pop.new_zeros(U, 1)) if head is None else (head.h, head.w)
-            lhs = torch.cat([self._head_lhs(h, base_h), g[:, 3:4]], 1)  # (M, E+1)
-            rhs = torch.cat([base_w.float(), torch.log1p(self.pop[cols])[:, None]], 1)  # (U, E+1)
+            g, lhs, rhs = self._factors(h, head, cols)  # (M, 4), (M, E+1), (U, E+1)
             block = lhs @ rhs[sets.pop_cols].t()  # (M, P)
             pair = _pair_dots(lhs, rhs, sets)  # (S,)
             # (M * P + S + 1,) every candidate's score, fresh, and the sink of the terms of no candidate
             z = torch.cat([block.reshape(-1), pair, pair.new_zeros(1)])
         wc, wr, ws = self._gate_weights(g, view.context)
-        _, _, val = _terms(view, g, wc, wr, ws)
+        val = _term_values(view, g, wc, wr, ws)
         z.index_add_(0, sets.term_at, val)  # the count terms
         block, pair = z[: M * P].view(M, P), z[M * P : -1]
         # log-sum-exp per target over its block row and its pairs (the max only steadies it)
@@ -724,17 +727,15 @@ class ItemMemory(nn.Module):
         cells in the same order, from the entries that are not zero."""
         M, U = h.shape[0], cols.shape[0]
         with torch.autocast(h.device.type, enabled=False):
-            g = F.softplus(self.gate(h.float()))  # (M, 4)
-            base_h, base_w = (h.new_zeros(M, 1), self.pop.new_zeros(U, 1)) if head is None else (head.h, head.w)
-            lhs = torch.cat([self._head_lhs(h, base_h), g[:, 3:4]], 1)  # (M, E+1)
-            rhs = torch.cat([base_w.float(), torch.log1p(self.pop[cols])[:, None]], 1)  # (U, E+1)
+            g, lhs, rhs = self._factors(h, head, cols)  # (M, 4), (M, E+1), (U, E+1)
             # -inf off the candidates by an added constant: its backward copies nothing (a masked_fill's would)
             off = torch.zeros(M, U, device=h.device).masked_fill_(~member, float("-inf"))
             # (M * U,): fresh and flat, so the terms are added in place without a view (whose
             # in-place backward copies the whole gradient)
             out = (lhs @ rhs.t()).view(-1) + off.view(-1)
         wc, wr, ws = self._gate_weights(g, view.context)
-        m, ids, val = _terms(view, g, wc, wr, ws)  # one pass, in the order of combine's terms
+        m, ids, _ = _term_index(view)
+        val = _term_values(view, g, wc, wr, ws)  # one pass, in the order of combine's terms
         j = self._column_map(cols)[ids].long().clamp_(max=U - 1)
         # out[m, column of ids] += val where the id is a column (flat: serial, in order, on the CPU)
         out.index_add_(0, m * U + j, torch.where(cols[j] == ids, val, 0.0))

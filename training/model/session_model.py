@@ -697,9 +697,10 @@ class SessionModel(nn.Module):
         """Re-ranking part of `packed_loss` (cfg.rerank): each target against its own candidates
         (`ItemMemory.candidates`: hard negatives from the counts) -> scalar.
 
-        Scored on the union U of the batch's candidates and targets (`rerank_columns`), with
-        a per-row mask: the same loss as (M, V) scores masked to each row's candidates (tested),
-        at O(M x U); the count terms come as flat entries (`rerank_view`), not (M, W, K) lists.
+        The same loss as (M, V) scores masked to each row's candidates (tested): the count terms
+        come as flat entries (`rerank_view`), the columns are the union U of the batch's
+        candidates and targets (`rerank_columns`); cross-entropy reads each target's candidates
+        only (`rerank_ce`), gbce and label smoothing the (M, U) masked scores (`rerank_scores`).
         The sets are deterministic, so no logQ correction. A target outside its own candidates
         is one the model can never rank: it is dropped from the loss.
         """
