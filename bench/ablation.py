@@ -84,6 +84,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "patience 1 and a window trains on at most the newest 5,000 sessions (20,000 in the recipe)",
     ),
     "stack_10": (["--stack", "10"], "10 epochs of the combiner on the held-back sessions (5 in the recipe)"),
+    "batch_256": (["--batch-size", "256"], "batch 256 instead of 128 (fewer, larger steps)"),
+    "batch_384": (["--batch-size", "384"], "batch 384 instead of 128 (T4Rec's best on YOOCHOOSE)"),
+    "mlm_0.15": (["--objective", "mlm", "--mask-prob", "0.15"], "masked LM, masking 0.15"),
+    "mlm_0.5": (["--objective", "mlm", "--mask-prob", "0.5"], "masked LM, masking 0.5"),
 }
 
 

@@ -38,6 +38,11 @@ REPORTED = (*BASELINES, COUNT_BLEND)
 # scores held at once by evaluation: rows x V floats (32M floats = 128 MB; 32 rows at 1M items)
 EVAL_MAX_SCORES = 32_000_000
 TOP_AGREE = 20  # the served and the exact top-k compared by `evaluate_both`
+# up to this many items, candidate scores of a batch of sessions read the network's logits from one
+# (B, V) product instead of gathering (B, C, E) item vectors (`SessionModel.candidate_scores`):
+# at C = 2,248 candidates, 64 sessions, 1 thread, 100k items 22 vs 56 ms, 200k 52 vs 50 ms
+# (docs/throughput.md section 3c); the served model (batch 1 and up) gathers
+EVAL_PRODUCT_ITEMS = 100_000
 
 
 def eval_rows(n_items: int, batch_size: int, max_scores: int = EVAL_MAX_SCORES) -> int:
@@ -102,7 +107,8 @@ def _ranks(
     """(N,) target ranks of `evaluate_model`; `top`: the top-TOP_AGREE ids of each chunk appended."""
     exact = not served_ranking(model) if exact is None else exact
     feats, lengths, targets = eval_inputs_targets(st, model.cfg.item_feature)
-    if exact:
+    product = not exact and model.item_memory is not None and model.cfg.n_items <= EVAL_PRODUCT_ITEMS
+    if exact or product:
         batch_size = eval_rows(model.cfg.n_items, batch_size, max_scores)
     was_training = model.training
     model.eval()
@@ -116,7 +122,7 @@ def _ranks(
             if top is not None:
                 top.append(_finite_top(*scores.topk(min(TOP_AGREE, scores.shape[1]), dim=1)))
         else:
-            scores, cand = model.candidate_scores(f, n)
+            scores, cand = model.candidate_scores(f, n, product)
             ranks.append(ranking.candidate_ranks(scores, cand, t).cpu())
             if top is not None:
                 top.append(_finite_top(*ranking.candidate_top_k(scores, cand, min(TOP_AGREE, cand.shape[1]))))

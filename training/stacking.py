@@ -52,6 +52,7 @@ def stack_memory(
     device: torch.device,
     amp: torch.dtype | None = None,
     pool: SessionTensors | None = None,
+    before: float | None = None,
 ) -> dict[str, Any]:
     """Train the combiner for cfg.stack epochs on `held` (Adam at memory_lr, or lr; batches of
     cfg.batch_size shuffled, and masked for mlm, by a generator seeded with `seed`); the rest of
@@ -61,6 +62,9 @@ def stack_memory(
     trained on but the counts hold: their batches join every epoch's (in shuffled order), each
     session's own counts left out (`packed_loss(leave_out=True)`). None: `held` only.
 
+    before: the model's held-back NDCG@20 as it stands (early stopping's best score, which
+    scored these weights on `held`); None: scored here.
+
     Returns the metrics row's entries: the held-back NDCG@20 before and after stacking and,
     with the head gate, its mean weight on the held-back sessions after it (how much the
     network's own logits are used; recorded per window, so it shows how that grows with the data).
@@ -68,9 +72,9 @@ def stack_memory(
     params = combiner_parameters(model)
     mine = {id(p) for p in params}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
-    out: dict[str, Any] = {
-        "holdout_ndcg20_before_stack": evaluate_model(model, held, device, cfg.eval_batch_size)["ndcg@20"]
-    }
+    if before is None:
+        before = evaluate_model(model, held, device, cfg.eval_batch_size)["ndcg@20"]
+    out: dict[str, Any] = {"holdout_ndcg20_before_stack": before}
     opt = torch.optim.Adam(params, lr=cfg.memory_lr or cfg.lr)
     gen = torch.Generator().manual_seed(seed)  # shuffling, masking, sampled negatives: on the CPU
     item, mlm = model.cfg.item_feature, model.cfg.objective == "mlm"
@@ -147,6 +151,9 @@ def blend_guard(
     NDCG@20 or Recall@20, reset the model to it (`ItemMemory.reset_to_blend`). miss (N,) / known:
     sessions whose target the model cannot know, and the ids known (`known_inputs`; TrainConfig.
     guard_split "valid" scores window t's valid split, which may hold items first seen there).
+
+    before: the model's held-back NDCG@20 as it stands (early stopping's best score, which
+    scored these weights on `held`); None: scored here.
 
     Returns the metrics row's entries: both scores and "blend_fallback" (True: the window's
     model ranks as the count blend)."""

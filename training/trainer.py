@@ -71,6 +71,7 @@ from training.integrity import atomic_write
 from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
 from training.model.choice import explain
 from training.names import AGE_COL, FIRST_REAL_ID, list_col
+from training.optim import RowSparseAdam
 from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise, window_line
 from training.runtime import Dist, amp_dtype, barrier, check_replicas_in_sync, resolve_device, set_threads
 from training.schema import Schema
@@ -245,7 +246,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
         self.sparse_optimizer: torch.optim.Optimizer | None = None
         if sparse:
-            self.sparse_optimizer = torch.optim.SparseAdam(list(sparse.values()), lr=cfg.lr)
+            self.sparse_optimizer = RowSparseAdam(list(sparse.values()), lr=cfg.lr)  # SparseAdam on rows
             for g in self.sparse_optimizer.param_groups:
                 g["base_lr"] = g["lr"]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -606,7 +607,7 @@ class Trainer:
         stacked = {}
         if early and cfg.stack > 0 and model.item_memory is not None:  # the combiner on held-back sessions
             assert held is not None
-            stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool)
+            stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool, best_score)
         if early and cfg.blend_guard and model.item_memory is not None:  # the count blend as a floor
             assert held is not None
             guard_st, miss, known = self._guard_sessions(t, held)

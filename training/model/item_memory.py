@@ -22,7 +22,6 @@ of `packed_view` + `combine(cols=...)` without their zeros), serving on each ses
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 import training.model.ranking as ranking
 from training.model.ranking import take
+from training.model.rerank import RerankEntries, RerankSets, _find, _pair_dots, _term_index, _term_values
 from training.names import FIRST_REAL_ID
 
 
@@ -41,6 +41,7 @@ class HeadFactors:
 
     h: Tensor  # (M, E) head inputs
     w: Tensor  # (V, E) item vectors; (U, E) the candidate columns' rows; (B, C, E) per-session candidates
+    # (candidate_scores also takes the (V, E) table: a (B, V) product read at the candidates)
 
 
 @dataclass
@@ -72,94 +73,6 @@ class PackedTargets:
     row: Tensor  # (M,) the row of each target
     pos: Tensor  # (M,) its position in that row
     ctx_ok: Tensor  # (R, W) bool, positions that may be context (clm: every real one; mlm: unmasked)
-
-
-@dataclass
-class RerankEntries:
-    """Re-ranking's training view of M targets (`ItemMemory.rerank_view`): their candidates and
-    count terms as flat entries, only where a term can be nonzero or an id is a candidate.
-
-    A target's context holds ~2.5 of a packed row's W = 20 positions on a real log, so the
-    (M, W, K) lists of `packed_view` are ~90 % zeros; these hold the rest. Entries are in
-    row-major order (target, position, list slot), the order `combine` adds them in."""
-
-    context: TargetContext  # (M, W): the gates' position weights read ctx and dist
-    pm: Tensor  # (P,) target of each context pair (target, position)
-    pw: Tensor  # (P,) its position; the item there is a candidate and gets the repeat term
-    ctx_ids: Tensor  # (P,) that item
-    cooc_p: Tensor  # (Nc,) the context pair of each co-occurrence entry with a count > 0
-    cooc_ids: Tensor  # (Nc,) its id
-    cooc_log: Tensor  # (Nc,) log1p(count)
-    succ_m: Tensor  # (Ns,) the target of each successor entry (last context item) with a count > 0
-    succ_ids: Tensor  # (Ns,)
-    succ_log: Tensor  # (Ns,) log1p(count)
-    # training with leave_out: the popularity corrections at the items of the target's session
-    own: tuple[Tensor, Tensor, Tensor] | None = None  # (No,) target, id, correction
-
-
-@dataclass
-class RerankSets:
-    """Each training target's candidates among the union columns (`ItemMemory.rerank_columns`),
-    and where `rerank_ce` finds each score: the (M, P) block of the popular columns (every
-    target's), flat, then the S other (target, column) pairs."""
-
-    pop_cols: Tensor  # (P,) the popular ids' columns
-    pair_m: Tensor  # (S,) every other (target, column) candidate pair, once, sorted: the target
-    pair_col: Tensor  # (S,) and the column
-    crow: Tensor  # (M + 1,) where each target's pairs start (CSR row pointers)
-    # (N,) the score each of `_term_index`'s entries adds to; M * P + S (a sink after the pairs, never
-    # read) where its cell is not a candidate: such terms are dropped
-    term_at: Tensor
-    target_at: Tensor  # (M,) the score of each target
-    target_ok: Tensor  # (M,) bool: the target is among its candidates
-
-
-def _term_index(view: RerankEntries) -> tuple[Tensor, Tensor, int]:
-    """The (target, id) of each count term of re-ranking's flat entries (N,), in the order
-    `ItemMemory.combine` adds them: co-occurrence, successor, repeat, popularity correction;
-    and how many lead the list that propose candidates (all but the popularity corrections)."""
-    m = [view.pm[view.cooc_p], view.succ_m, view.pm]
-    ids = [view.cooc_ids, view.succ_ids, view.ctx_ids]
-    n_cand = sum(x.shape[0] for x in m)
-    if view.own is not None:
-        m.append(view.own[0])
-        ids.append(view.own[1])
-    return torch.cat(m), torch.cat(ids), n_cand
-
-
-def _term_values(view: RerankEntries, g: Tensor, wc: Tensor, wr: Tensor, ws: Tensor) -> Tensor:
-    """The values (N,) of re-ranking's count terms, in `_term_index`'s order. (M, 4) gates g;
-    (M, W) cooc and repeat weights wc, wr; (M, 1) successor weight ws."""
-    val = [
-        wc[view.pm, view.pw][view.cooc_p] * view.cooc_log,
-        ws[view.succ_m, 0] * view.succ_log,
-        wr[view.pm, view.pw],
-    ]
-    if view.own is not None:
-        val.append(g[view.own[0], 3] * view.own[2])
-    return torch.cat(val)
-
-
-def _pair_dots(lhs: Tensor, rhs: Tensor, sets: RerankSets) -> Tensor:
-    """(S,) lhs[pair_m] . rhs[pair_col] of (M, E) and (U, E) factors: one sampled matrix product
-    over the pairs' CSR pattern (no (S, E) gathers: 3x less time at 200k pairs than gathering)."""
-    M, U = lhs.shape[0], rhs.shape[0]
-    if sets.pair_m.numel() == 0:
-        return lhs.new_zeros(0) + 0.0 * (lhs.sum() + rhs.sum())  # connected, like the others
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product is tested here
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(
-            sets.crow, sets.pair_col, lhs.new_zeros(sets.pair_m.shape[0]), (M, U)
-        )
-        return torch.sparse.sampled_addmm(pattern, lhs, rhs.t()).values()
-
-
-def _find(keys: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
-    """Places of q's entries among the sorted `keys` and whether they are there (q's shape)."""
-    if keys.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(q, dtype=torch.bool)
-    at = torch.searchsorted(keys, q).clamp_(max=keys.numel() - 1)
-    return at, keys[at] == q
 
 
 def _inv_softplus(y: Tensor) -> Tensor:
@@ -476,7 +389,9 @@ class ItemMemory(nn.Module):
         h (B, d); items (B, L) right-padded, lengths (B,); cand (B, C) item ids sorted along
         dim 1 (repeats allowed: a repeated id gets its count terms at its first occurrence
         only, the caller masks the others); head: the network's item logits as factors,
-        h (B, E) and w (B, C, E) the item vectors of cand (None: none). -> (B, C) float32.
+        h (B, E) and w (B, C, E) the item vectors of cand, or w (V, E) the whole item table
+        (one (B, V) product read at cand: cheaper for a batch of sessions when V is not much larger
+        than C; the same dot products); None: none. -> (B, C) float32.
         The same terms as `combine` (tested against it); an id of a sparse list is found
         in its session's candidates by binary search, ids that are not candidates are dropped.
         """
@@ -487,7 +402,10 @@ class ItemMemory(nn.Module):
             out = torch.log1p(take(self.pop, cand)) * g[:, 3:4]  # (B, C) g_pop * log1p(pop)
             if head is not None:  # + the network's logits; (B, C, E) is large: no concatenation to it
                 lhs = self._head_lhs(h, head.h)  # (B, E)
-                out = out + torch.bmm(head.w.float(), lhs[:, :, None]).squeeze(2)  # (B, C)
+                if head.w.dim() == 2:  # (V, E) the whole table: one (B, V) product, read at cand
+                    out = out + (lhs @ head.w.float().T).gather(1, cand)
+                else:
+                    out = out + torch.bmm(head.w.float(), lhs[:, :, None]).squeeze(2)  # (B, C)
 
         for idx, val in self._count_terms(g, context, lists):  # out[b, column of idx[b, j]] += val[b, j]
             j = torch.searchsorted(cand, idx).clamp_(max=C - 1)  # (B, N) first position of idx, if present

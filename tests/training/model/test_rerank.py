@@ -420,3 +420,34 @@ def test_a_rerank_run_exports_and_serves_its_eager_ranking(tiny_synthetic_data, 
         got = traced(*inputs)
         want = torch.topk(model.eval().next_item_scores(feats, inputs[-1]), 10, dim=1)
     assert_same_top_k(got, want)
+
+
+def test_pair_dot_products_and_their_backward():
+    """`_pair_dots` (sampled product, own backward): values and gradients of the plain gathered
+    dot products; d lhs as torch's sampled_addmm backward gives it, bit for bit; gradcheck in
+    float64. A pair set with empty targets and columns and a column shared by several targets."""
+    from training.model.rerank import RerankSets, _pair_dots
+
+    gen = torch.Generator().manual_seed(3)
+    M, U, E = 7, 11, 5
+    keys = torch.unique(torch.randint(0, M * U, (30,), generator=gen))
+    keys = keys[keys // U != 2]  # target 2 has no pair
+    pm, col = keys // U, keys % U
+    crow = torch.zeros(M + 1, dtype=torch.int64)
+    crow[1:] = torch.bincount(pm, minlength=M).cumsum(0)
+    empty = torch.zeros(0, dtype=torch.int64)
+    sets = RerankSets(empty, pm, col, crow, empty, empty, empty)
+    lhs = torch.randn(M, E, generator=gen, dtype=torch.float64, requires_grad=True)
+    rhs = torch.randn(U, E, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(len(pm), generator=gen, dtype=torch.float64)
+    got = _pair_dots(lhs, rhs, sets)
+    plain = (lhs[pm] * rhs[col]).sum(1)
+    torch.testing.assert_close(got, plain)
+    d_got = torch.autograd.grad((got * w).sum(), (lhs, rhs))
+    d_plain = torch.autograd.grad((plain * w).sum(), (lhs, rhs))
+    torch.testing.assert_close(d_got, d_plain)
+    assert d_got[1].abs().sum() > 0 and d_got[0].abs().sum() > 0
+    torch.autograd.gradcheck(lambda a, b: _pair_dots(a, b, sets), (lhs, rhs))
+    pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(len(pm), dtype=torch.float64), (M, U))
+    ref = torch.sparse.sampled_addmm(pattern, lhs, rhs.t()).values()
+    assert torch.equal(torch.autograd.grad((ref * w).sum(), lhs)[0], d_got[0])
