@@ -16,7 +16,8 @@ class FastDropout(nn.Module):
     this small model, costs more than all its matmuls together (measured here:
     ~25 ns per element, a quarter of a training step). Here one 64-bit draw
     gives three 16-bit uniforms u and an element is kept iff u >= round(p * 2^16),
-    so the drop probability is p to within 1e-5. Same default generator (seeded
+    so the drop probability is p to within 1e-5; where p is a multiple of 1/256 (the real
+    recipe's 0.5) one draw gives seven bytes u and an element is kept iff u >= p * 256: exactly p. Same default generator (seeded
     by torch.manual_seed), same scaling by 1/(1-p). On other devices it is
     F.dropout; in eval mode the identity (nothing is traced).
     """
@@ -31,6 +32,12 @@ class FastDropout(nn.Module):
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
         n = x.numel()
+        if (self.p * 256).is_integer():  # p a multiple of 1/256 (0.5, 0.25): bytes are exact, 2.3x fewer draws
+            r8 = torch.empty((n + 6) // 7, 8, dtype=torch.uint8)  # (k, 8)
+            r8.view(torch.int64).random_()  # 63 random bits per row: bytes 0..6 are uniform (little end)
+            keep = torch.empty((n + 6) // 7, 7, dtype=x.dtype)
+            torch.ge(r8[:, :7], int(self.p * 256), out=keep)
+            return x * keep.view(-1)[:n].view(x.shape).mul_(1.0 / (1.0 - self.p))
         r = torch.empty((n + 2) // 3, 4, dtype=torch.int16)  # (k, 4)
         r.view(torch.int64).random_()  # 63 random bits per row: int16 columns 0..2 are uniform
         # the keep mask straight from the strided int16 view into x's dtype (no int16 copy, no bool

@@ -280,3 +280,17 @@ def test_reference_architecture_sizes(model):
     assert (c.d_model, c.n_head, c.n_layer, c.d_inner, c.attn_type) == (64, 4, 2, 256, "bi")
     assert (c.dropout, c.layer_norm_eps, c.initializer_range) == (0.3, 0.03, 0.01)
     assert model.mask_emb.shape == (100,)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.25])
+def test_fast_dropout_bytes_path(p):
+    """p a multiple of 1/256: one 64-bit draw makes seven byte uniforms; the drop rate is p."""
+    torch.manual_seed(0)
+    d = FastDropout(p).train()
+    x = torch.ones(700_001)  # not a multiple of 7
+    y = d(x)
+    assert abs((y == 0).float().mean().item() - p) < 0.003
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+    # every byte column used is uniform: the kept share of each of the 7 columns is 1 - p
+    kept = (y[:700_000] != 0).view(-1, 7).float().mean(0)
+    assert torch.all((kept - (1 - p)).abs() < 0.01), kept
