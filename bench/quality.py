@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 
 from bench.common import PROJECT_ROOT
+from bench.paired import PairedError, paired
+from bench.paired import markdown as paired_markdown
 from training.baselines import BASELINES
 from training.checkpoint import RunError
 from training.config import TrainConfig, load_params
@@ -185,6 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "threads": args.threads,
                     "progress": False,
                     "eval_split": args.eval_split,
+                    "save_ranks": True,  # per-session ranks: the paired bootstrap below
                 }
             )
         )
@@ -241,7 +244,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train_seconds_per_seed": float(np.mean([s["train_seconds"] for s in per_seed])),
         "per_seed": per_seed,
     }
+    runs = [work / f"run-seed{seed}" for seed in args.seeds]
+    try:  # model against the count blend and against V-SKNN, session by session (bench/paired.py)
+        summary["paired"] = {b: paired(runs, b) for b in (COUNT_BLEND, "vsknn")}
+    except PairedError as e:  # reused runs trained before --save-ranks
+        summary["paired"] = {"skipped": str(e)}
     summary["markdown"] = markdown(summary)
+    if "skipped" not in summary["paired"]:
+        summary["markdown"] += "\n\n" + "\n\n".join(paired_markdown(r) for r in summary["paired"].values())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(summary, indent=2).encode())

@@ -316,12 +316,20 @@ def last_input_items(items: np.ndarray, input_lengths: np.ndarray) -> np.ndarray
 
 
 def evaluate_baselines(
-    counts: BaselineCounts, input_items: np.ndarray, input_lengths: np.ndarray, targets: np.ndarray
+    counts: BaselineCounts,
+    input_items: np.ndarray,
+    input_lengths: np.ndarray,
+    targets: np.ndarray,
+    ranks_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of every baseline on the evaluation sessions (inputs = all but the last item)."""
+    """Metrics of every baseline on the evaluation sessions (inputs = all but the last item);
+    ranks_out: filled with each baseline's (N,) target ranks too."""
     last = last_input_items(input_items, input_lengths)
     inputs = (np.asarray(input_items, dtype=np.int64), np.asarray(input_lengths, dtype=np.int64))
-    return {name: metrics_from_ranks(counts.ranks(name, last, targets, inputs=inputs)) for name in BASELINES}
+    ranks = {name: counts.ranks(name, last, targets, inputs=inputs) for name in BASELINES}
+    if ranks_out is not None:
+        ranks_out.update(ranks)
+    return {name: metrics_from_ranks(r) for name, r in ranks.items()}
 
 
 def _top_k_rows(mat: sp.csr_matrix, k: int, tie: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -133,6 +133,13 @@ class TrainConfig:
     baselines: bool = field(
         default=True, metadata=help_meta("evaluate the popular / kNN baselines and the count blend too")
     )
+    save_ranks: bool = field(
+        default=False,
+        metadata=help_meta(
+            "write every method's per-session target ranks of each evaluated window to "
+            "OUT/ranks/window_T.npz (T the evaluation window; inf = a miss), for `python -m bench.paired`"
+        ),
+    )
     keep_windows: bool = field(
         default=False,
         metadata=help_meta(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -52,9 +53,14 @@ def eval_rows(n_items: int, batch_size: int, max_scores: int = EVAL_MAX_SCORES) 
 
 def _with_misses(ranks: Tensor, miss: Tensor | None) -> dict[str, float]:
     """Metrics of (N,) ranks, a miss (rank inf) where `miss` (N,) is True."""
+    return metrics_from_ranks(_missed(ranks, miss))
+
+
+def _missed(ranks: Tensor, miss: Tensor | None) -> Tensor:
+    """(N,) ranks, inf where `miss` (N,) is True."""
     if miss is not None:
         ranks = torch.where(miss, torch.tensor(float("inf"), dtype=ranks.dtype), ranks)
-    return metrics_from_ranks(ranks)
+    return ranks
 
 
 def served_ranking(model: SessionModel) -> bool:
@@ -203,6 +209,20 @@ def count_blend_metrics(
     """The count blend: a fresh ItemMemory (gates at their initial values, no network logits)
     holding count `tables` (the model's item memory buffers, or `memory_tables` of the same
     counts): what the counts alone give, on the model's sessions. Ids >= `known` are not ranked."""
+    return metrics_from_ranks(count_blend_ranks(tables, cfg, st, device, batch_size, known, miss))
+
+
+@torch.no_grad()
+def count_blend_ranks(
+    tables: dict[str, Tensor],
+    cfg: ModelConfig,
+    st: SessionTensors,
+    device: torch.device,
+    batch_size: int,
+    known: int | None = None,
+    miss: Tensor | None = None,
+) -> Tensor:
+    """(N,) the count blend's target ranks (`count_blend_metrics`), inf for a miss."""
     V = int(tables["pop"].shape[0])
     mem = ItemMemory(V, int(tables["cooc_idx"].shape[1]), cfg.max_len, cfg.d_model, cfg.memory_decay)
     mem = mem.to(device).eval()
@@ -218,7 +238,7 @@ def count_blend_metrics(
         if known is not None:
             scores[:, known:] = float("-inf")
         ranks.append(pessimistic_ranks(scores, targets[i : i + batch_size].to(device)).cpu())
-    return _with_misses(torch.cat(ranks), miss)
+    return _missed(torch.cat(ranks), miss)
 
 
 def evaluate_sessions(
@@ -230,32 +250,41 @@ def evaluate_sessions(
     batch_size: int,
     age_feature: str | None = None,
     exact_max_items: int = 0,
+    ranks_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Model, baselines (with `counts`) and count blend on evaluation sessions `st`, with only
     what was known (`known` sizes after the training window): a metrics row's entries
     ("unseen_targets", the model's metrics, "eval_seconds", "baselines"). A model served in two
     stages reports its served metrics, and up to `exact_max_items` item ids also the exact
-    ones and their agreement (`evaluate_both`)."""
+    ones and their agreement (`evaluate_both`). ranks_out: filled with every method's (N,)
+    target ranks (float64, inf = a miss; "model", the baselines, "count_blend"), the metrics'
+    per-session source (TrainConfig.save_ranks, `bench.paired`)."""
     item = model.cfg.item_feature
     st, miss = known_inputs(st, known, item, age_feature)
     row: dict[str, Any] = {"unseen_targets": float(miss.float().mean())}
     t0 = time.perf_counter()
     if differs_from_exact(model) and model.cfg.n_items <= exact_max_items:
         row.update(evaluate_both(model, st, device, batch_size, miss))
+    elif ranks_out is not None:
+        ranks_out["model"] = _missed(_ranks(model, st, device, batch_size), miss).double().numpy()
+        row.update(metrics_from_ranks(ranks_out["model"]))
     else:
         row.update(evaluate_model(model, st, device, batch_size, miss))
     row["eval_seconds"] = time.perf_counter() - t0
     if counts is not None:
         feats, lengths, targets = eval_inputs_targets(st, item)
-        row["baselines"] = evaluate_baselines(counts, feats[item].numpy(), lengths.numpy(), targets.numpy())
+        row["baselines"] = evaluate_baselines(
+            counts, feats[item].numpy(), lengths.numpy(), targets.numpy(), ranks_out
+        )
         mem = model.item_memory
         if mem is not None:  # the model's own count tables
             tables = mem.tables()
         else:  # the same counts, as the memory would hold them
             tables = {k: torch.from_numpy(v) for k, v in memory_tables(counts, model.cfg.memory_k).items()}
-        row["baselines"][COUNT_BLEND] = count_blend_metrics(
-            tables, model.cfg, st, device, batch_size, known[item], miss
-        )
+        blend = count_blend_ranks(tables, model.cfg, st, device, batch_size, known[item], miss)
+        row["baselines"][COUNT_BLEND] = metrics_from_ranks(blend)
+        if ranks_out is not None:
+            ranks_out[COUNT_BLEND] = blend.double().numpy()
     return row
 
 

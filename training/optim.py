@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class RowSparseAdam(torch.optim.SparseAdam):
@@ -69,3 +69,19 @@ def _row_update(
     denom = sq_update.add_(old_sq).sqrt_().add_(eps)
     step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
     param.index_add_(0, rows, -step_size * numer.div_(denom))
+
+
+def pad_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """After `SessionModel.grow`: zero rows appended to every per-parameter state tensor
+    (AdamW's exp_avg / exp_avg_sq, ...) whose parameter gained rows; scalars (step) kept."""
+    for p in model.parameters():
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.dim() == p.dim() and v.dim() > 0 and v.shape != p.shape:
+                if v.shape[1:] != p.shape[1:] or v.shape[0] > p.shape[0]:
+                    raise RuntimeError(
+                        f"optimizer state {k} {tuple(v.shape)} cannot follow parameter {tuple(p.shape)}"
+                    )
+                state[k] = torch.cat([v, v.new_zeros((p.shape[0] - v.shape[0], *v.shape[1:]))])

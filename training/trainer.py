@@ -32,6 +32,7 @@ on (`set_sample_counts`; the item memory's `pop` table when it is on).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -58,7 +59,15 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.config import TrainConfig, check_model
-from training.data.splits import SessionTensors, available_windows, load_schema, load_split, split_path
+from training.data.splits import (
+    SessionTensors,
+    available_windows,
+    concat_sessions,
+    load_schema,
+    load_split,
+    newest,
+    split_path,
+)
 from training.evaluate import (
     differs_from_exact,
     evaluate_sessions,
@@ -71,7 +80,7 @@ from training.integrity import atomic_write
 from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
 from training.model.choice import explain
 from training.names import AGE_COL, FIRST_REAL_ID, list_col
-from training.optim import RowSparseAdam
+from training.optim import RowSparseAdam, pad_optimizer_state
 from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise, window_line
 from training.runtime import Dist, amp_dtype, barrier, check_replicas_in_sync, resolve_device, set_threads
 from training.schema import Schema
@@ -114,52 +123,7 @@ class _TrainStep(nn.Module):
         return self.model.packed_loss(packed, self.label_smoothing, generator)
 
 
-def pad_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    """After `SessionModel.grow`: zero rows appended to every per-parameter state tensor
-    (AdamW's exp_avg / exp_avg_sq, ...) whose parameter gained rows; scalars (step) kept."""
-    for p in model.parameters():
-        state = optimizer.state.get(p)
-        if not state:
-            continue
-        for k, v in state.items():
-            if torch.is_tensor(v) and v.dim() == p.dim() and v.dim() > 0 and v.shape != p.shape:
-                if v.shape[1:] != p.shape[1:] or v.shape[0] > p.shape[0]:
-                    raise RuntimeError(
-                        f"optimizer state {k} {tuple(v.shape)} cannot follow parameter {tuple(p.shape)}"
-                    )
-                state[k] = torch.cat([v, v.new_zeros((p.shape[0] - v.shape[0], *v.shape[1:]))])
-
-
-def newest(parts: list[SessionTensors], budget: int) -> list[SessionTensors]:
-    """The newest sessions of `parts` (oldest window first, the last one whole), at most `budget`
-    in all unless the last part alone holds more (0 = all): earlier windows are taken newest
-    first, and of the oldest one taken only its last rows (a split's rows are in session-id order,
-    which follows time in the logs seen here)."""
-    if budget <= 0 or not parts:
-        return parts
-    out, left = [parts[-1]], budget - len(parts[-1])
-    for p in reversed(parts[:-1]):
-        if left <= 0:
-            break
-        out.insert(0, p if len(p) <= left else p.select(torch.arange(len(p) - left, len(p))))
-        left -= len(p)
-    return out
-
-
-def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
-    """Sessions of several splits in one SessionTensors (padded to the widest)."""
-    parts = [p for p in parts if len(p)]
-    width = max(next(iter(p.feats.values())).shape[1] for p in parts)
-
-    def pad(v: Tensor) -> Tensor:
-        return nn.functional.pad(v, (0, width - v.shape[1]))
-
-    return SessionTensors(
-        {k: torch.cat([pad(p.feats[k]) for p in parts]) for k in parts[0].feats},
-        torch.cat([p.lengths for p in parts]),
-        torch.cat([p.session_id for p in parts]),
-        parts[-1].source,
-    )
+RANKS_DIR = "ranks"  # OUT/ranks/window_T.npz: per-session ranks (TrainConfig.save_ranks)
 
 
 # -----------------------------------------------------------------------------
@@ -697,6 +661,7 @@ class Trainer:
             )
             return
         known = self.known_sizes(t)
+        ranks: dict[str, np.ndarray] | None = {} if self.cfg.save_ranks else None
         row.update(
             evaluate_sessions(
                 self.model,
@@ -707,8 +672,14 @@ class Trainer:
                 self.cfg.eval_batch_size,
                 self.age_feature,
                 self.cfg.exact_eval_max_items,
+                ranks,
             )
         )
+        if ranks:  # per-session ranks beside the metrics (bench.paired); written whole or not at all
+            (self.out / RANKS_DIR).mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            np.savez(buf, session_id=eval_st.session_id.numpy(), **ranks)
+            atomic_write(self.out / RANKS_DIR / f"window_{t + 1}.npz", buf.getvalue())
         print(window_line(row), file=sys.stderr)
 
     def save(self, t: int, row: dict[str, Any]) -> None:

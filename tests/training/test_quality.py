@@ -230,6 +230,14 @@ def test_bench_quality_end_to_end(tmp_path, repo_root):
     best = max(q["mean"][b]["recall@20"] for b in ("popular", "cooc_knn", "successor_knn"))
     assert q["ratio_to_best_baseline"]["recall@20"] == pytest.approx(q["mean"]["model"]["recall@20"] / best)
     assert "| **mean** |" in q["markdown"] and "count blend" in q["markdown"]
+    # the paired bootstrap over the saved per-session ranks: the same point estimate as the protocol
+    for b, ratio in (("count_blend", q["ratio_to_count_blend"]["ndcg@20"]), ("vsknn", None)):
+        res = q["paired"][b]["metrics"]["ndcg@20"]["window_mean"]
+        assert res["model"] == pytest.approx(q["mean"]["model"]["ndcg@20"])
+        assert res[b] == pytest.approx(q["mean"][b]["ndcg@20"])
+        if ratio is not None:
+            assert res["ratio"] == pytest.approx(ratio)
+    assert "Paired bootstrap, model against count_blend" in q["markdown"]
     # the pattern (item + 3 follows item) is in the counts: kNN and the blend find it
     assert q["mean"]["successor_knn"]["recall@20"] > 0.5 and q["mean"]["count_blend"]["recall@20"] > 0.5
 

@@ -202,3 +202,35 @@ def eval_inputs_targets(
     keep = torch.arange(L)[None, :] < last[:, None]  # (N, L)
     feats = {k: v * keep.to(v.dtype) for k, v in st.feats.items()}
     return feats, last.clone(), targets
+
+
+def newest(parts: list[SessionTensors], budget: int) -> list[SessionTensors]:
+    """The newest sessions of `parts` (oldest window first, the last one whole), at most `budget`
+    in all unless the last part alone holds more (0 = all): earlier windows are taken newest
+    first, and of the oldest one taken only its last rows (a split's rows are in session-id order,
+    which follows time in the logs seen here)."""
+    if budget <= 0 or not parts:
+        return parts
+    out, left = [parts[-1]], budget - len(parts[-1])
+    for p in reversed(parts[:-1]):
+        if left <= 0:
+            break
+        out.insert(0, p if len(p) <= left else p.select(torch.arange(len(p) - left, len(p))))
+        left -= len(p)
+    return out
+
+
+def concat_sessions(parts: list[SessionTensors]) -> SessionTensors:
+    """Sessions of several splits in one SessionTensors (padded to the widest)."""
+    parts = [p for p in parts if len(p)]
+    width = max(next(iter(p.feats.values())).shape[1] for p in parts)
+
+    def pad(v: Tensor) -> Tensor:
+        return torch.nn.functional.pad(v, (0, width - v.shape[1]))
+
+    return SessionTensors(
+        {k: torch.cat([pad(p.feats[k]) for p in parts]) for k in parts[0].feats},
+        torch.cat([p.lengths for p in parts]),
+        torch.cat([p.session_id for p in parts]),
+        parts[-1].source,
+    )

@@ -1,0 +1,167 @@
+"""Paired bootstrap of the model against a baseline, session by session, over runs trained with
+`--save-ranks` (their OUT/ranks/window_T.npz; `make bench-quality` writes them).
+
+The statistic is the protocol's (docs/quality.md): per seed, each evaluation window's mean metric,
+averaged over the windows; then the mean over seeds. Also the pooled one (every session weighted
+alike). A resample draws each window's sessions with replacement, the same draw for the model and
+the baseline and for every seed (the seeds score the same sessions), and recomputes both: the
+intervals of model / baseline and model - baseline are percentiles of the resamples, and
+`p_below` is the share of resamples in which the model scores below the baseline.
+
+    python -m bench.paired RUN [RUN ...] [--against count_blend] [--out X.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.integrity import atomic_write
+
+RANKS_DIR = "ranks"
+DEFAULT_METRICS = ("ndcg@20", "recall@20", "mrr@20")
+
+
+class PairedError(ValueError):
+    pass
+
+
+def per_session(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """(N,) the metric of each session from its 1-based target rank (inf = a miss), as
+    `training.metrics.metrics_from_ranks` averages it."""
+    name, k = metric.split("@")
+    r = np.asarray(ranks, dtype=np.float64)
+    hit = r <= int(k)
+    safe = np.where(hit, r, 1.0)
+    if name == "ndcg":
+        return np.where(hit, 1.0 / np.log2(safe + 1.0), 0.0)
+    if name == "recall":
+        return hit.astype(np.float64)
+    if name == "mrr":
+        return np.where(hit, 1.0 / safe, 0.0)
+    raise PairedError(f"metric {metric!r}: expected ndcg@K, recall@K or mrr@K")
+
+
+def load_windows(run: Path) -> dict[int, dict[str, np.ndarray]]:
+    """{evaluation window: {method: (N,) ranks, "session_id": (N,)}} of one run."""
+    files = sorted((run / RANKS_DIR).glob("window_*.npz"))
+    if not files:
+        raise PairedError(f"{run}: no {RANKS_DIR}/window_*.npz (train with --save-ranks)")
+    out = {}
+    for f in files:
+        with np.load(f) as z:
+            out[int(f.stem.split("_")[1])] = {k: z[k] for k in z.files}
+    return out
+
+
+def paired(
+    runs: list[Path],
+    against: str = "count_blend",
+    metrics: tuple[str, ...] = DEFAULT_METRICS,
+    resamples: int = 2000,
+    seed: int = 0,
+    windows: list[int] | None = None,
+) -> dict[str, Any]:
+    """The paired bootstrap of `runs` (one per seed, the same evaluation sessions) for each metric."""
+    loaded = [load_windows(Path(r)) for r in runs]
+    common = sorted(set.intersection(*(set(w) for w in loaded)))
+    if windows is not None:
+        common = [w for w in common if w in set(windows)]
+    if not common:
+        raise PairedError(f"no evaluation window common to {len(runs)} runs")
+    for w in common:
+        ids = loaded[0][w]["session_id"]
+        for run, wins in zip(runs, loaded):
+            if against not in wins[w]:
+                raise PairedError(f"{run}: window {w} has no ranks of {against!r} (have {sorted(wins[w])})")
+            if not np.array_equal(wins[w]["session_id"], ids):
+                raise PairedError(f"{run}: window {w} scores other sessions than {runs[0]}")
+    gen = np.random.default_rng(seed)
+    draws = {w: gen.integers(0, len(loaded[0][w]["session_id"]), (resamples, len(loaded[0][w]["session_id"]))) for w in common}
+    sizes = np.array([len(loaded[0][w]["session_id"]) for w in common], dtype=np.float64)
+    out: dict[str, Any] = {
+        "runs": [str(r) for r in runs],
+        "against": against,
+        "windows": common,
+        "sessions": int(sizes.sum()),
+        "resamples": resamples,
+        "metrics": {},
+    }
+    for m in metrics:
+        # (seeds, windows) point means and (seeds, windows, resamples) resampled ones, both methods
+        point = {k: np.zeros((len(runs), len(common))) for k in ("model", against)}
+        boot = {k: np.zeros((len(runs), len(common), resamples)) for k in ("model", against)}
+        for j, w in enumerate(common):
+            for i, wins in enumerate(loaded):
+                for k in point:
+                    v = per_session(wins[w][k], m)
+                    point[k][i, j] = v.mean()
+                    boot[k][i, j] = v[draws[w]].mean(1)
+        res = {}
+        for name, weights in (("window_mean", np.ones_like(sizes)), ("pooled", sizes)):
+            wt = weights / weights.sum()
+            est = {k: float((point[k] @ wt).mean()) for k in point}  # over windows, then seeds
+            bs = {k: np.einsum("swr,w->r", boot[k], wt) / len(runs) for k in boot}
+            ratio, diff = bs["model"] / bs[against], bs["model"] - bs[against]
+            res[name] = {
+                "model": est["model"],
+                against: est[against],
+                "ratio": est["model"] / est[against] if est[against] > 0 else None,
+                "ratio_ci95": [float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))],
+                "diff": est["model"] - est[against],
+                "diff_ci95": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))],
+                "p_below": float((diff < 0).mean()),
+            }
+        out["metrics"][m] = res
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    b = result["against"]
+    lines = [
+        f"Paired bootstrap, model against {b}: {len(result['runs'])} run(s), windows {result['windows'][0]}.."
+        f"{result['windows'][-1]}, {result['sessions']} sessions, {result['resamples']} resamples",
+        "",
+        "| metric | statistic | model | " + b + " | model / " + b + " (95% interval) | P(model below) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, res in result["metrics"].items():
+        for name, r in res.items():
+            lo, hi = r["ratio_ci95"]
+            ratio = f"{r['ratio']:.3f}x ({lo:.3f}-{hi:.3f})" if r["ratio"] is not None else "-"
+            lines.append(f"| {m} | {name} | {r['model']:.4f} | {r[b]:.4f} | {ratio} | {r['p_below']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.paired", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="run folders trained with --save-ranks, one per seed")
+    p.add_argument("--against", default="count_blend", help="the baseline (count_blend, vsknn, cooc_knn, ...)")
+    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
+    p.add_argument("--resamples", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--windows", type=int, nargs="+", default=None, help="evaluation windows (default: all common)")
+    p.add_argument("--out", type=Path, default=None, help="JSON to write")
+    a = p.parse_args(argv)
+    if a.resamples < 1:
+        p.error(f"--resamples {a.resamples}: expected >= 1")
+    try:
+        result = paired(a.runs, a.against, tuple(a.metrics), a.resamples, a.seed, a.windows)
+    except PairedError as e:
+        print(f"bench.paired: {e}", file=sys.stderr)
+        return 2
+    result["markdown"] = markdown(result)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(a.out, json.dumps(result, indent=2).encode())
+    print(result["markdown"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

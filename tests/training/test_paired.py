@@ -1,0 +1,119 @@
+"""Per-session ranks (--save-ranks) and the paired bootstrap over them (bench/paired.py).
+
+What must hold:
+* a run trained with save_ranks writes OUT/ranks/window_T.npz for every evaluated window, and the
+  per-session metrics averaged give exactly the metrics row's values, for the model, every baseline
+  and the count blend;
+* the bootstrap's point estimates are the protocol's (mean over windows, then seeds), a model that
+  is better session by session is found better with a tight interval, one equal to its baseline
+  gets ratio 1 with an interval around it, and runs that scored other sessions are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.training.train_util import tiny_cfg
+from training.metrics import metrics_from_ranks
+from training.train import train
+
+METRICS = ("ndcg@20", "recall@20", "mrr@20")
+
+
+@pytest.fixture(scope="module")
+def ranked_runs(tiny_synthetic_data, tmp_path_factory):
+    base = tmp_path_factory.mktemp("ranked")
+    runs = []
+    for seed in (0, 1):
+        out = base / f"s{seed}"
+        train(tiny_cfg(tiny_synthetic_data, out, seed=seed, save_ranks=True))
+        runs.append(out)
+    return runs
+
+
+def test_saved_ranks_reproduce_the_metrics_rows(ranked_runs):
+    result = json.loads((ranked_runs[0] / "metrics.json").read_text())
+    rows = [r for r in result["windows"] if r.get("eval_sessions")]
+    assert rows
+    for r in rows:
+        with np.load(ranked_runs[0] / "ranks" / f"window_{r['eval_window']}.npz") as z:
+            ranks = {k: z[k] for k in z.files}
+        assert len(ranks["session_id"]) == r["eval_sessions"]
+        assert {"model", "count_blend", "vsknn", "popular"} <= set(ranks)
+        for m in METRICS:
+            assert metrics_from_ranks(ranks["model"])[m] == r[m]
+            for b, metrics in r["baselines"].items():
+                assert metrics_from_ranks(ranks[b])[m] == metrics[m], (b, m)
+
+
+def _paired(runs, *args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """`python -m bench.paired RUNS ARGS --out X` from the project root (tests never import a benchmark)."""
+    out = Path(runs[0]).parent / "paired.json"
+    out.unlink(missing_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.paired", *map(str, runs), *args, "--out", str(out)],
+        capture_output=True, text=True, cwd=cwd,
+    )  # fmt: skip
+    return proc, json.loads(out.read_text()) if out.is_file() else None
+
+
+def test_bootstrap_point_estimate_is_the_protocol(ranked_runs, repo_root):
+    proc, out = _paired(ranked_runs, "--resamples", "200", cwd=repo_root)
+    assert proc.returncode == 0, proc.stderr
+    assert "| ndcg@20 | window_mean |" in proc.stdout
+    rows = [
+        [r for r in json.loads((run / "metrics.json").read_text())["windows"] if r["eval_window"] in out["windows"]]
+        for run in ranked_runs
+    ]
+    for m in METRICS:
+        model = np.mean([np.mean([r[m] for r in rs]) for rs in rows])
+        blend = np.mean([np.mean([r["baselines"]["count_blend"][m] for r in rs]) for rs in rows])
+        res = out["metrics"][m]["window_mean"]
+        assert res["model"] == pytest.approx(model, abs=1e-12)
+        assert res["count_blend"] == pytest.approx(blend, abs=1e-12)
+        lo, hi = res["diff_ci95"]
+        assert lo <= res["diff"] <= hi
+
+
+def _fake_run(path, model_ranks, base_ranks, ids):
+    (path / "ranks").mkdir(parents=True)
+    for w, (m, b) in enumerate(zip(model_ranks, base_ranks), start=2):
+        np.savez(path / "ranks" / f"window_{w}.npz", session_id=ids[w - 2], model=m, count_blend=b)
+    return path
+
+
+def test_better_model_is_found_better_and_equal_one_level(tmp_path, repo_root):
+    gen = np.random.default_rng(0)
+    base = [gen.integers(1, 60, 300).astype(float) for _ in range(3)]
+    better = [np.maximum(1.0, b - 3) for b in base]  # every session ranks its target higher or equal
+    ids = [np.arange(300) + 1000 * w for w in range(3)]
+    run = _fake_run(tmp_path / "better", better, base, ids)
+    res = _paired([run], cwd=repo_root)[1]["metrics"]["ndcg@20"]["window_mean"]
+    assert res["ratio"] > 1.05 and res["ratio_ci95"][0] > 1.0 and res["p_below"] == 0.0
+    same = _fake_run(tmp_path / "same", base, base, ids)
+    res = _paired([same], cwd=repo_root)[1]["metrics"]["recall@20"]["pooled"]
+    assert res["ratio"] == pytest.approx(1.0) and res["ratio_ci95"] == pytest.approx([1.0, 1.0])
+    noisy = [b + gen.choice([-2.0, 2.0], 300) for b in base]  # as often better as worse
+    run = _fake_run(tmp_path / "noisy", [np.maximum(1.0, n) for n in noisy], base, ids)
+    res = _paired([run], cwd=repo_root)[1]["metrics"]["ndcg@20"]["window_mean"]
+    assert res["ratio_ci95"][0] < 1.0 < res["ratio_ci95"][1] or abs(res["ratio"] - 1) < 0.02
+
+
+def test_runs_of_other_sessions_are_refused(tmp_path, repo_root):
+    gen = np.random.default_rng(1)
+    r = [gen.integers(1, 60, 50).astype(float)]
+    a = _fake_run(tmp_path / "a", r, r, [np.arange(50)])
+    b = _fake_run(tmp_path / "b", r, r, [np.arange(50) + 1])
+    for runs, args, said in (
+        ([a, b], [], "scores other sessions"),
+        ([a], ["--against", "vsknn"], "no ranks of 'vsknn'"),
+        ([tmp_path], [], "--save-ranks"),
+    ):
+        proc, out = _paired(runs, *args, cwd=repo_root)
+        assert proc.returncode == 2 and said in proc.stderr and out is None
