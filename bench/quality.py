@@ -246,7 +246,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     runs = [work / f"run-seed{seed}" for seed in args.seeds]
     try:  # model against the count blend and against V-SKNN, session by session (bench/paired.py)
-        summary["paired"] = {b: paired(runs, b) for b in (COUNT_BLEND, "vsknn")}
+        scored = [w["eval_window"] for w in windows]  # the protocol's windows (something trained before)
+        summary["paired"] = {b: paired(runs, b, windows=scored) for b in (COUNT_BLEND, "vsknn")}
     except PairedError as e:  # reused runs trained before --save-ranks
         summary["paired"] = {"skipped": str(e)}
     summary["markdown"] = markdown(summary)

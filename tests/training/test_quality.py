@@ -35,9 +35,9 @@ def test_model_and_baselines_see_the_same_sessions(tiny_synthetic_data, tmp_path
         seen["model"].append(eval_inputs_targets(st, model.cfg.item_feature)[2].numpy())
         return real_eval(model, st, device, batch_size, miss)
 
-    def spy_base(counts, items, lengths, targets):
+    def spy_base(counts, items, lengths, targets, ranks_out=None):
         seen["baselines"].append(np.asarray(targets))
-        return real_base(counts, items, lengths, targets)
+        return real_base(counts, items, lengths, targets, ranks_out)
 
     monkeypatch.setattr(evaluate_mod, "evaluate_model", spy_model)
     monkeypatch.setattr(evaluate_mod, "evaluate_baselines", spy_base)
@@ -237,6 +237,7 @@ def test_bench_quality_end_to_end(tmp_path, repo_root):
         assert res[b] == pytest.approx(q["mean"][b]["ndcg@20"])
         if ratio is not None:
             assert res["ratio"] == pytest.approx(ratio)
+    assert q["paired"]["count_blend"]["windows"] == [w["eval_window"] for w in q["windows"]]
     assert "Paired bootstrap, model against count_blend" in q["markdown"]
     # the pattern (item + 3 follows item) is in the counts: kNN and the blend find it
     assert q["mean"]["successor_knn"]["recall@20"] > 0.5 and q["mean"]["count_blend"]["recall@20"] > 0.5
