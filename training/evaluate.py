@@ -149,6 +149,7 @@ def evaluate_both(
     device: torch.device,
     batch_size: int,
     miss: Tensor | None = None,
+    ranks_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """A two-stage model's served metrics (`evaluate_model`), its exact metrics under "exact" and
     how the two agree under "served_agreement": "top20_overlap", the mean share of the exact
@@ -156,6 +157,8 @@ def evaluate_both(
     the same rank from both (a miss counts as the same only if both miss it within 40)."""
     tops: dict[bool, list[Tensor]] = {True: [], False: []}
     ranks = {e: _ranks(model, st, device, batch_size, exact=e, top=tops[e]) for e in (False, True)}
+    if ranks_out is not None:  # the served ranks (`evaluate_sessions`)
+        ranks_out["model"] = _missed(ranks[False], miss).double().numpy()
     out: dict[str, Any] = dict(_with_misses(ranks[False], miss))
     out["exact"] = _with_misses(ranks[True], miss)
     a, b = torch.cat(tops[True]), torch.cat(tops[False])  # (N, 20) each, -1: no item
@@ -196,20 +199,9 @@ def known_inputs(
     return SessionTensors(feats, st.lengths, st.session_id, st.source), last_unknown
 
 
-@torch.no_grad()
-def count_blend_metrics(
-    tables: dict[str, Tensor],
-    cfg: ModelConfig,
-    st: SessionTensors,
-    device: torch.device,
-    batch_size: int,
-    known: int | None = None,
-    miss: Tensor | None = None,
-) -> dict[str, float]:
-    """The count blend: a fresh ItemMemory (gates at their initial values, no network logits)
-    holding count `tables` (the model's item memory buffers, or `memory_tables` of the same
-    counts): what the counts alone give, on the model's sessions. Ids >= `known` are not ranked."""
-    return metrics_from_ranks(count_blend_ranks(tables, cfg, st, device, batch_size, known, miss))
+def count_blend_metrics(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """The count blend's metrics: `count_blend_ranks` (same arguments) averaged."""
+    return metrics_from_ranks(count_blend_ranks(*args, **kwargs))
 
 
 @torch.no_grad()
@@ -222,7 +214,10 @@ def count_blend_ranks(
     known: int | None = None,
     miss: Tensor | None = None,
 ) -> Tensor:
-    """(N,) the count blend's target ranks (`count_blend_metrics`), inf for a miss."""
+    """The count blend: a fresh ItemMemory (gates at their initial values, no network logits)
+    holding count `tables` (the model's item memory buffers, or `memory_tables` of the same
+    counts): what the counts alone give, on the model's sessions. Ids >= `known` are not ranked.
+    -> (N,) target ranks, inf for a miss."""
     V = int(tables["pop"].shape[0])
     mem = ItemMemory(V, int(tables["cooc_idx"].shape[1]), cfg.max_len, cfg.d_model, cfg.memory_decay)
     mem = mem.to(device).eval()
@@ -264,7 +259,7 @@ def evaluate_sessions(
     row: dict[str, Any] = {"unseen_targets": float(miss.float().mean())}
     t0 = time.perf_counter()
     if differs_from_exact(model) and model.cfg.n_items <= exact_max_items:
-        row.update(evaluate_both(model, st, device, batch_size, miss))
+        row.update(evaluate_both(model, st, device, batch_size, miss, ranks_out))
     elif ranks_out is not None:
         ranks_out["model"] = _missed(_ranks(model, st, device, batch_size), miss).double().numpy()
         row.update(metrics_from_ranks(ranks_out["model"]))

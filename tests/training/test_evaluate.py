@@ -18,7 +18,7 @@ import torch
 from tests.training.model.test_ranking import COVER, SMALL, batch, make_model
 from training.data.splits import SessionTensors
 from training.evaluate import evaluate_both, evaluate_model
-from training.metrics import pessimistic_ranks
+from training.metrics import metrics_from_ranks, pessimistic_ranks
 from training.model import ranking
 
 
@@ -57,8 +57,10 @@ def test_evaluate_served_and_both(memory, monkeypatch):
     monkeypatch.setattr(type(m), "next_item_scores", lambda *a, **k: pytest.fail("O(V) scoring"))
     served = evaluate_model(m, st, dev, 16)
     monkeypatch.undo()
-    both = evaluate_both(m, st, dev, 16)
+    ranks: dict = {}
+    both = evaluate_both(m, st, dev, 16, ranks_out=ranks)
     assert {k: both[k] for k in served} == served
+    assert {k: metrics_from_ranks(ranks["model"])[k] for k in served} == served  # --save-ranks: the served ranks
     assert both["exact"] == evaluate_model(m, st, dev, 16, exact=True)
     agree = both["served_agreement"]
     assert 0.0 <= agree["top20_overlap"] <= 1.0 and 0.0 <= agree["same_rank"] <= 1.0
