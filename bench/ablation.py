@@ -88,6 +88,7 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "batch_384": (["--batch-size", "384"], "batch 384 instead of 128 (T4Rec's best on YOOCHOOSE)"),
     "mlm_0.15": (["--objective", "mlm", "--mask-prob", "0.15"], "masked LM, masking 0.15"),
     "mlm_0.5": (["--objective", "mlm", "--mask-prob", "0.5"], "masked LM, masking 0.5"),
+    "stack_last": (["--stack-last"], "stacking fits the held-back sessions' last items only (the evaluation's task)"),
 }
 
 

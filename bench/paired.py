@@ -8,7 +8,10 @@ the baseline and for every seed (the seeds score the same sessions), and recompu
 intervals of model / baseline and model - baseline are percentiles of the resamples, and
 `p_below` is the share of resamples in which the model scores below the baseline.
 
-    python -m bench.paired RUN [RUN ...] [--against count_blend] [--out X.json]
+    python -m bench.paired RUN [RUN ...] [--against count_blend] [--out X.json] [--by-repeat DATA]
+
+--by-repeat DATA also splits the sessions by whether the target repeats an item of its session
+(repeat consumption), pooled: where model and baseline differ.
 """
 
 from __future__ import annotations
@@ -56,6 +59,55 @@ def load_windows(run: Path) -> dict[int, dict[str, np.ndarray]]:
     for f in files:
         with np.load(f) as z:
             out[int(f.stem.split("_")[1])] = {k: z[k] for k in z.files}
+    return out
+
+
+def repeat_targets(data: Path, split: str, window: int, session_id: np.ndarray) -> np.ndarray:
+    """(N,) bool, in `session_id`'s order: the session's target (its last item) is an item that
+    occurs earlier in the same session (repeat consumption), from DATA's `split` of `window`."""
+    from training.data.splits import load_schema, load_split, split_path
+
+    schema = load_schema(data)
+    st = load_split(split_path(data, window, split), schema)
+    items, lengths = st.feats[schema["item_list"]].numpy(), st.lengths.numpy()
+    if not np.array_equal(st.session_id.numpy(), session_id):
+        raise PairedError(f"{split_path(data, window, split)} holds other sessions than the saved ranks")
+    last = items[np.arange(len(lengths)), lengths - 1]
+    before = np.arange(items.shape[1])[None, :] < (lengths - 1)[:, None]
+    return ((items == last[:, None]) & before).any(1)
+
+
+def by_repeat(
+    runs: list[Path],
+    data: Path,
+    split: str,
+    against: str = "count_blend",
+    metric: str = "recall@20",
+    windows: list[int] | None = None,
+) -> dict[str, Any]:
+    """Model and baseline pooled over the sessions whose target repeats an item of the session
+    and over the others (the runs' common windows, or `windows`): where the two differ."""
+    loaded = [load_windows(Path(r)) for r in runs]
+    common = sorted(set.intersection(*(set(w) for w in loaded)))
+    if windows is not None:
+        common = [w for w in common if w in set(windows)]
+    sums = {g: {"sessions": 0, "model": 0.0, against: 0.0} for g in ("repeat", "new")}
+    for w in common:
+        rep = repeat_targets(data, split, w, loaded[0][w]["session_id"])
+        for wins in loaded:
+            for g, mask in (("repeat", rep), ("new", ~rep)):
+                sums[g]["sessions"] += int(mask.sum())
+                for k in ("model", against):
+                    sums[g][k] += float(per_session(wins[w][k], metric)[mask].sum())
+    out: dict[str, Any] = {"metric": metric, "against": against, "windows": common, "runs": len(runs)}
+    for g, v in sums.items():
+        n = max(1, v["sessions"])
+        out[g] = {
+            "share": v["sessions"] / max(1, sum(x["sessions"] for x in sums.values())),
+            "model": v["model"] / n,
+            against: v[against] / n,
+            "ratio": v["model"] / v[against] if v[against] > 0 else None,
+        }
     return out
 
 
@@ -147,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--windows", type=int, nargs="+", default=None, help="evaluation windows (default: all common)")
     p.add_argument("--out", type=Path, default=None, help="JSON to write")
+    p.add_argument(
+        "--by-repeat",
+        type=Path,
+        default=None,
+        metavar="DATA",
+        help="also split each metric by whether the target repeats an item of its session, pooled "
+        "(DATA: the runs' prepared data; the runs' eval split is read)",
+    )
     a = p.parse_args(argv)
     if a.resamples < 1:
         p.error(f"--resamples {a.resamples}: expected >= 1")
@@ -156,6 +216,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.paired: {e}", file=sys.stderr)
         return 2
     result["markdown"] = markdown(result)
+    if a.by_repeat is not None:
+        split = json.loads((a.runs[0] / "metrics.json").read_text())["train_config"]["eval_split"]
+        try:
+            reps = [by_repeat(a.runs, a.by_repeat, split, a.against, m, result["windows"]) for m in a.metrics]
+        except (PairedError, OSError, ValueError) as e:
+            print(f"bench.paired: --by-repeat: {e}", file=sys.stderr)
+            return 2
+        result["by_repeat"] = {r["metric"]: r for r in reps}
+        result["markdown"] += "\n\n" + "\n".join(
+            f"{g} targets ({rep[g]['share']:.1%} of sessions): model {rep['metric']} {rep[g]['model']:.4f}, "
+            f"{a.against} {rep[g][a.against]:.4f} ({rep[g]['ratio']:.3f}x)"
+            for rep in reps
+            for g in ("repeat", "new")
+            if rep[g]["ratio"] is not None
+        )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(a.out, json.dumps(result, indent=2).encode())

@@ -88,6 +88,13 @@ class TrainConfig:
             "sessions, which neither the network nor the counts saw (stacking; 0 = off)"
         ),
     )
+    stack_last: bool = field(
+        default=False,
+        metadata=help_meta(
+            "clm: stacking fits each held-back session's last item only (the evaluation's target) "
+            "instead of every next item"
+        ),
+    )
     guard_split: str = field(
         default="held",
         metadata=help_meta(

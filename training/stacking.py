@@ -102,7 +102,9 @@ def stack_memory(
                 )
                 packed = pack_sessions(feats, lengths, masked).to(device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = model.packed_loss(packed, cfg.label_smoothing, gen, leave_out=leave_out)
+                    loss = model.packed_loss(
+                        packed, cfg.label_smoothing, gen, leave_out=leave_out, last_only=cfg.stack_last
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

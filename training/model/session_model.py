@@ -597,6 +597,7 @@ class SessionModel(nn.Module):
         generator: torch.Generator | None = None,
         *,
         leave_out: bool = True,
+        last_only: bool = False,
     ) -> Tensor:
         """Mean loss over the predicted positions of packed rows (see `pack_sessions`).
 
@@ -610,6 +611,8 @@ class SessionModel(nn.Module):
         * re-ranking (cfg.rerank, either loss): each target's own candidates (`_rerank_loss`).
         leave_out: the item memory subtracts each session's own counts (the sessions trained on
         are in the counts); False for sessions that are not (stacking on held-back sessions).
+        last_only (clm): only each session's last item is a target, the evaluation's task
+        (TrainConfig.stack_last), not every next item.
         """
         is_sampled = self.cfg.loss == "sampled"
         reranked = self.item_memory is not None and self.cfg.rerank  # a softmax over the candidates
@@ -624,6 +627,8 @@ class SessionModel(nn.Module):
             )
         items = p.feats[self.cfg.item_feature]  # (R, W)
         x = self.embed(p.feats)  # (R, W, d_output)
+        if last_only and self.cfg.objective == "mlm":
+            raise ValueError("last_only: the last item as the only target is a causal (clm) notion")
         if self.cfg.objective == "mlm":
             assert p.masked is not None, "mlm needs masked positions"
             x = torch.where(p.masked[:, :, None], self.mask_emb.to(x.dtype), x)
@@ -635,6 +640,8 @@ class SessionModel(nn.Module):
             ctx_ok = ~p.masked
         else:  # causal: position t predicts t+1 of the same session
             nxt = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & (items[:, 1:] >= FIRST_REAL_ID)  # (R, W-1)
+            if last_only:  # t+1 ends its session: the next position is another session's, or none
+                nxt &= F.pad(seg[:, 2:] != seg[:, 1:-1], (0, 1), value=True)
             h_sel, targets = h[:, :-1][nxt], items[:, 1:][nxt]
             where = F.pad(nxt, (1, 0))  # (R, W) the target positions t+1
             ctx_ok = seg > 0

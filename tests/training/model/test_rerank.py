@@ -451,3 +451,22 @@ def test_pair_dot_products_and_their_backward():
     pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(len(pm), dtype=torch.float64), (M, U))
     ref = torch.sparse.sampled_addmm(pattern, lhs, rhs.t()).values()
     assert torch.equal(torch.autograd.grad((ref * w).sum(), lhs)[0], d_got[0])
+
+
+def test_last_only_targets_are_each_sessions_last_item(monkeypatch):
+    """packed_loss(last_only=True) (stacking on the evaluation's task, TrainConfig.stack_last):
+    one target per session, its last item, whatever the packing; every next item without it."""
+    m = make_model()
+    items, lengths = random_sessions(60, V, seed=4, max_len=L, min_len=2)
+    items, lengths = items[:15], lengths[:15]
+    p, _ = packed(items, lengths, "clm")
+    assert int(p.segment.max()) >= 2  # several sessions share a row: the case to get right
+    seen = []
+    real = m._rerank_loss
+    monkeypatch.setattr(m, "_rerank_loss", lambda p_, h, t, *a, **k: seen.append(t) or real(p_, h, t, *a, **k))
+    m.packed_loss(p)
+    m.packed_loss(p, last_only=True)
+    assert len(seen[0]) == int((lengths - 1).sum())
+    assert sorted(seen[1].tolist()) == sorted(items[np.arange(15), lengths - 1].tolist())
+    with pytest.raises(ValueError, match="clm"):
+        make_model(objective="mlm").packed_loss(packed(items, lengths, "mlm")[0], last_only=True)
