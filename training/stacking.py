@@ -154,9 +154,6 @@ def blend_guard(
     sessions whose target the model cannot know, and the ids known (`known_inputs`; TrainConfig.
     guard_split "valid" scores window t's valid split, which may hold items first seen there).
 
-    before: the model's held-back NDCG@20 as it stands (early stopping's best score, which
-    scored these weights on `held`); None: scored here.
-
     Returns the metrics row's entries: both scores and "blend_fallback" (True: the window's
     model ranks as the count blend)."""
     mem = model.item_memory
