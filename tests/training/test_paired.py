@@ -117,3 +117,33 @@ def test_runs_of_other_sessions_are_refused(tmp_path, repo_root):
     ):
         proc, out = _paired(runs, *args, cwd=repo_root)
         assert proc.returncode == 2 and said in proc.stderr and out is None
+
+
+def test_by_repeat_splits_the_sessions_by_their_target(ranked_runs, tiny_synthetic_data, repo_root):
+    """--by-repeat: pooled metrics of the sessions whose target repeats an item of the session and
+    of the others, each equal to a direct count over the eval split and the saved ranks."""
+    from training.data.splits import load_schema, load_split, split_path
+
+    proc, out = _paired(ranked_runs, "--metrics", "recall@20", "--by-repeat", str(tiny_synthetic_data), cwd=repo_root)
+    assert proc.returncode == 0, proc.stderr
+    rep = out["by_repeat"]["recall@20"]
+    schema = load_schema(tiny_synthetic_data)
+    hits = {True: [0.0, 0.0, 0], False: [0.0, 0.0, 0]}  # model hits, blend hits, sessions
+    for run in ranked_runs:
+        for w in rep["windows"]:
+            st = load_split(split_path(tiny_synthetic_data, w, "valid"), schema)
+            items, lengths = st.feats[schema["item_list"]].numpy(), st.lengths.numpy()
+            with np.load(run / "ranks" / f"window_{w}.npz") as z:
+                model, blend = z["model"], z["count_blend"]
+            for i, n in enumerate(lengths):
+                g = bool(items[i, n - 1] in set(items[i, : n - 1].tolist()))
+                hits[g][0] += model[i] <= 20
+                hits[g][1] += blend[i] <= 20
+                hits[g][2] += 1
+    total = hits[True][2] + hits[False][2]
+    for g, name in ((True, "repeat"), (False, "new")):
+        assert rep[name]["share"] == pytest.approx(hits[g][2] / total)
+        if hits[g][2]:
+            assert rep[name]["model"] == pytest.approx(hits[g][0] / hits[g][2])
+            assert rep[name]["count_blend"] == pytest.approx(hits[g][1] / hits[g][2])
+    assert hits[False][2] > 0
