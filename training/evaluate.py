@@ -245,6 +245,7 @@ def evaluate_sessions(
     batch_size: int,
     age_feature: str | None = None,
     exact_max_items: int = 0,
+    *,
     ranks_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Model, baselines (with `counts`) and count blend on evaluation sessions `st`, with only

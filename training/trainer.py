@@ -672,7 +672,7 @@ class Trainer:
                 self.cfg.eval_batch_size,
                 self.age_feature,
                 self.cfg.exact_eval_max_items,
-                ranks,
+                ranks_out=ranks,
             )
         )
         if ranks:  # per-session ranks beside the metrics (bench.paired); written whole or not at all
