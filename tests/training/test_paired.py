@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from tests.training.train_util import tiny_cfg
+from training.data.splits import load_schema, load_split, split_path
 from training.metrics import metrics_from_ranks
 from training.train import train
 
@@ -32,7 +33,7 @@ def ranked_runs(tiny_synthetic_data, tmp_path_factory):
     runs = []
     for seed in (0, 1):
         out = base / f"s{seed}"
-        train(tiny_cfg(tiny_synthetic_data, out, seed=seed, save_ranks=True))
+        train(tiny_cfg(tiny_synthetic_data, out, seed=seed, save_ranks=True, model={"memory": True}))
         runs.append(out)
     return runs
 
@@ -50,6 +51,36 @@ def test_saved_ranks_reproduce_the_metrics_rows(ranked_runs):
             assert metrics_from_ranks(ranks["model"])[m] == r[m]
             for b, metrics in r["baselines"].items():
                 assert metrics_from_ranks(ranks[b])[m] == metrics[m], (b, m)
+
+
+def test_saved_model_ranks_are_the_sessions_own(ranked_runs, tiny_synthetic_data):
+    """Session by session, not only on average: the last window's saved model and count-blend
+    ranks equal the final model's (and its count tables') ranks of the eval split's sessions, in
+    their order, each session scored alone through the metrics path."""
+    import torch
+
+    from training.checkpoint import load_run
+    from training.evaluate import count_blend_metrics, evaluate_sessions, known_inputs
+
+    result = json.loads((ranked_runs[0] / "metrics.json").read_text())
+    last = result["windows"][-1]
+    model, meta = load_run(ranked_runs[0])
+    st = load_split(split_path(tiny_synthetic_data, last["eval_window"], "valid"), load_schema(tiny_synthetic_data))
+    known = {k: v[str(last["train_window"])] for k, v in load_schema(tiny_synthetic_data)["vocabulary_by_window"].items()}
+    with np.load(ranked_runs[0] / "ranks" / f"window_{last['eval_window']}.npz") as z:
+        saved, blend, ids = z["model"], z["count_blend"], z["session_id"]
+    assert np.array_equal(ids, st.session_id.numpy())
+    assert len(np.unique(np.minimum(saved, 41))) > 1 and len(np.unique(np.minimum(blend, 41))) > 1
+    item, cpu, tables = model.cfg.item_feature, torch.device("cpu"), model.item_memory.tables()
+
+    def rank(metrics: dict) -> float:  # exact up to 40
+        return min(1.0 / metrics["mrr@40"] if metrics["mrr@40"] > 0 else np.inf, 41)
+
+    for i in range(min(len(st), 150)):  # each session alone
+        one = st.select(torch.tensor([i]))
+        assert min(saved[i], 41) == pytest.approx(rank(evaluate_sessions(model, one, known, None, cpu, 64))), i
+        seen, miss = known_inputs(one, known, item)
+        assert min(blend[i], 41) == pytest.approx(rank(count_blend_metrics(tables, model.cfg, seen, cpu, 64, known[item], miss))), i
 
 
 def _paired(runs, *args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, dict | None]:
@@ -122,8 +153,6 @@ def test_runs_of_other_sessions_are_refused(tmp_path, repo_root):
 def test_by_repeat_splits_the_sessions_by_their_target(ranked_runs, tiny_synthetic_data, repo_root):
     """--by-repeat: pooled metrics of the sessions whose target repeats an item of the session and
     of the others, each equal to a direct count over the eval split and the saved ranks."""
-    from training.data.splits import load_schema, load_split, split_path
-
     proc, out = _paired(ranked_runs, "--metrics", "recall@20", "--by-repeat", str(tiny_synthetic_data), cwd=repo_root)
     assert proc.returncode == 0, proc.stderr
     rep = out["by_repeat"]["recall@20"]

@@ -146,6 +146,8 @@ def test_trainer_runs_the_blend_guard_after_stacking(tiny_synthetic_data, tmp_pa
     for r in rows:
         assert isinstance(r["blend_fallback"], bool) and "holdout_ndcg20_after_stack" in r
         assert set(r["holdout_guard_model"]) == set(r["holdout_guard_blend"]) == {"ndcg@20", "recall@20"}
+        # stacking starts from the best epoch's weights: its "before" score is early stopping's best
+        assert r["holdout_ndcg20_before_stack"] == max(r["holdout_ndcg20_per_epoch"])
 
 
 def test_stacking_reads_the_pool_with_its_own_counts_left_out(monkeypatch):
