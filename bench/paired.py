@@ -25,29 +25,14 @@ from typing import Any
 import numpy as np
 
 from training.integrity import atomic_write
+from training.metrics import per_session
+from training.names import RANKS_DIR
 
-RANKS_DIR = "ranks"
 DEFAULT_METRICS = ("ndcg@20", "recall@20", "mrr@20")
 
 
 class PairedError(ValueError):
     pass
-
-
-def per_session(ranks: np.ndarray, metric: str) -> np.ndarray:
-    """(N,) the metric of each session from its 1-based target rank (inf = a miss), as
-    `training.metrics.metrics_from_ranks` averages it."""
-    name, k = metric.split("@")
-    r = np.asarray(ranks, dtype=np.float64)
-    hit = r <= int(k)
-    safe = np.where(hit, r, 1.0)
-    if name == "ndcg":
-        return np.where(hit, 1.0 / np.log2(safe + 1.0), 0.0)
-    if name == "recall":
-        return hit.astype(np.float64)
-    if name == "mrr":
-        return np.where(hit, 1.0 / safe, 0.0)
-    raise PairedError(f"metric {metric!r}: expected ndcg@K, recall@K or mrr@K")
 
 
 def load_windows(run: Path) -> dict[int, dict[str, np.ndarray]]:
@@ -60,6 +45,19 @@ def load_windows(run: Path) -> dict[int, dict[str, np.ndarray]]:
         with np.load(f) as z:
             out[int(f.stem.split("_")[1])] = {k: z[k] for k in z.files}
     return out
+
+
+def _common(loaded: list[dict[int, Any]], runs: list[Path], windows: list[int] | None) -> list[int]:
+    """The evaluation windows every run has; `windows` (None: all of them) must all be there."""
+    common = sorted(set.intersection(*(set(w) for w in loaded)))
+    if windows is not None:
+        missing = sorted(set(windows) - set(common))
+        if missing:
+            raise PairedError(f"windows {missing} asked for are not in every run's ranks ({[str(r) for r in runs]})")
+        common = [w for w in common if w in set(windows)]
+    if not common:
+        raise PairedError(f"no evaluation window common to {len(runs)} runs")
+    return common
 
 
 def repeat_targets(data: Path, split: str, window: int, session_id: np.ndarray) -> np.ndarray:
@@ -82,32 +80,37 @@ def by_repeat(
     data: Path,
     split: str,
     against: str = "count_blend",
-    metric: str = "recall@20",
+    metrics: tuple[str, ...] = DEFAULT_METRICS,
     windows: list[int] | None = None,
-) -> dict[str, Any]:
-    """Model and baseline pooled over the sessions whose target repeats an item of the session
-    and over the others (the runs' common windows, or `windows`): where the two differ."""
+) -> dict[str, dict[str, Any]]:
+    """Per metric, model and baseline pooled over the sessions whose target repeats an item of
+    the session and over the others (the runs' common windows, or `windows`): where they differ."""
     loaded = [load_windows(Path(r)) for r in runs]
-    common = sorted(set.intersection(*(set(w) for w in loaded)))
-    if windows is not None:
-        common = [w for w in common if w in set(windows)]
-    sums = {g: {"sessions": 0, "model": 0.0, against: 0.0} for g in ("repeat", "new")}
+    common = _common(loaded, runs, windows)
+    zero = {g: {"sessions": 0, "model": 0.0, against: 0.0} for g in ("repeat", "new")}
+    sums = {m: {g: dict(v) for g, v in zero.items()} for m in metrics}
     for w in common:
         rep = repeat_targets(data, split, w, loaded[0][w]["session_id"])
         for wins in loaded:
-            for g, mask in (("repeat", rep), ("new", ~rep)):
-                sums[g]["sessions"] += int(mask.sum())
-                for k in ("model", against):
-                    sums[g][k] += float(per_session(wins[w][k], metric)[mask].sum())
-    out: dict[str, Any] = {"metric": metric, "against": against, "windows": common, "runs": len(runs)}
-    for g, v in sums.items():
-        n = max(1, v["sessions"])
-        out[g] = {
-            "share": v["sessions"] / max(1, sum(x["sessions"] for x in sums.values())),
-            "model": v["model"] / n,
-            against: v[against] / n,
-            "ratio": v["model"] / v[against] if v[against] > 0 else None,
-        }
+            for m in metrics:
+                vals = {k: per_session(wins[w][k], m) for k in ("model", against)}
+                for g, mask in (("repeat", rep), ("new", ~rep)):
+                    sums[m][g]["sessions"] += int(mask.sum())
+                    for k, v in vals.items():
+                        sums[m][g][k] += float(v[mask].sum())
+    out = {}
+    for m in metrics:
+        total = max(1, sum(x["sessions"] for x in sums[m].values()))
+        res: dict[str, Any] = {"metric": m, "against": against, "windows": common, "runs": len(runs)}
+        for g, v in sums[m].items():
+            n = max(1, v["sessions"])
+            res[g] = {
+                "share": v["sessions"] / total,
+                "model": v["model"] / n,
+                against: v[against] / n,
+                "ratio": v["model"] / v[against] if v[against] > 0 else None,
+            }
+        out[m] = res
     return out
 
 
@@ -121,11 +124,7 @@ def paired(
 ) -> dict[str, Any]:
     """The paired bootstrap of `runs` (one per seed, the same evaluation sessions) for each metric."""
     loaded = [load_windows(Path(r)) for r in runs]
-    common = sorted(set.intersection(*(set(w) for w in loaded)))
-    if windows is not None:
-        common = [w for w in common if w in set(windows)]
-    if not common:
-        raise PairedError(f"no evaluation window common to {len(runs)} runs")
+    common = _common(loaded, runs, windows)
     for w in common:
         ids = loaded[0][w]["session_id"]
         for run, wins in zip(runs, loaded):
@@ -133,8 +132,6 @@ def paired(
                 raise PairedError(f"{run}: window {w} has no ranks of {against!r} (have {sorted(wins[w])})")
             if not np.array_equal(wins[w]["session_id"], ids):
                 raise PairedError(f"{run}: window {w} scores other sessions than {runs[0]}")
-    gen = np.random.default_rng(seed)
-    draws = {w: gen.integers(0, len(loaded[0][w]["session_id"]), (resamples, len(loaded[0][w]["session_id"]))) for w in common}
     sizes = np.array([len(loaded[0][w]["session_id"]) for w in common], dtype=np.float64)
     out: dict[str, Any] = {
         "runs": [str(r) for r in runs],
@@ -144,21 +141,30 @@ def paired(
         "resamples": resamples,
         "metrics": {},
     }
-    for m in metrics:
-        # (seeds, windows) point means and (seeds, windows, resamples) resampled ones, both methods
-        point = {k: np.zeros((len(runs), len(common))) for k in ("model", against)}
-        boot = {k: np.zeros((len(runs), len(common), resamples)) for k in ("model", against)}
-        for j, w in enumerate(common):
-            for i, wins in enumerate(loaded):
-                for k in point:
+    methods = ("model", against)
+    # (metric, method) -> (seeds, windows) point means and (seeds, windows, resamples) resampled ones;
+    # one window's draws at a time (resamples x its sessions), the same for every run, method and metric
+    point = {(m, k): np.zeros((len(runs), len(common))) for m in metrics for k in methods}
+    boot = {(m, k): np.zeros((len(runs), len(common), resamples)) for m in metrics for k in methods}
+    gen = np.random.default_rng(seed)
+    for j, w in enumerate(common):
+        n = len(loaded[0][w]["session_id"])
+        draw = gen.integers(0, n, (resamples, n))  # (resamples, n) session indices
+        flat = (np.arange(resamples)[:, None] * n + draw).ravel()
+        counts = np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)  # draws of each
+        del draw, flat
+        for i, wins in enumerate(loaded):
+            for m in metrics:
+                for k in methods:
                     v = per_session(wins[w][k], m)
-                    point[k][i, j] = v.mean()
-                    boot[k][i, j] = v[draws[w]].mean(1)
+                    point[m, k][i, j] = v.mean()
+                    boot[m, k][i, j] = counts @ v / n
+    for m in metrics:
         res = {}
         for name, weights in (("window_mean", np.ones_like(sizes)), ("pooled", sizes)):
             wt = weights / weights.sum()
-            est = {k: float((point[k] @ wt).mean()) for k in point}  # over windows, then seeds
-            bs = {k: np.einsum("swr,w->r", boot[k], wt) / len(runs) for k in boot}
+            est = {k: float((point[m, k] @ wt).mean()) for k in methods}  # over windows, then seeds
+            bs = {k: np.einsum("swr,w->r", boot[m, k], wt) / len(runs) for k in methods}
             ratio, diff = bs["model"] / bs[against], bs["model"] - bs[against]
             res[name] = {
                 "model": est["model"],
@@ -217,13 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result["markdown"] = markdown(result)
     if a.by_repeat is not None:
-        split = json.loads((a.runs[0] / "metrics.json").read_text())["train_config"]["eval_split"]
         try:
-            reps = [by_repeat(a.runs, a.by_repeat, split, a.against, m, result["windows"]) for m in a.metrics]
-        except (PairedError, OSError, ValueError) as e:
+            split = json.loads((a.runs[0] / "metrics.json").read_text())["train_config"]["eval_split"]
+            result["by_repeat"] = by_repeat(a.runs, a.by_repeat, split, a.against, tuple(a.metrics), result["windows"])
+        except (PairedError, OSError, ValueError, KeyError) as e:
             print(f"bench.paired: --by-repeat: {e}", file=sys.stderr)
             return 2
-        result["by_repeat"] = {r["metric"]: r for r in reps}
+        reps = list(result["by_repeat"].values())
         result["markdown"] += "\n\n" + "\n".join(
             f"{g} targets ({rep[g]['share']:.1%} of sessions): model {rep['metric']} {rep[g]['model']:.4f}, "
             f"{a.against} {rep[g][a.against]:.4f} ({rep[g]['ratio']:.3f}x)"

@@ -42,7 +42,7 @@ TOP_AGREE = 20  # the served and the exact top-k compared by `evaluate_both`
 # up to this many items, candidate scores of a batch of sessions read the network's logits from one
 # (B, V) product instead of gathering (B, C, E) item vectors (`SessionModel.candidate_scores`):
 # at C = 2,248 candidates, 64 sessions, 1 thread, 100k items 22 vs 56 ms, 200k 52 vs 50 ms
-# (docs/throughput.md section 3c); the served model (batch 1 and up) gathers
+# (docs/throughput.md section 3c); the served model (batch 1 and up) gathers; CPU only (same bits there)
 EVAL_PRODUCT_ITEMS = 100_000
 
 
@@ -113,7 +113,10 @@ def _ranks(
     """(N,) target ranks of `evaluate_model`; `top`: the top-TOP_AGREE ids of each chunk appended."""
     exact = not served_ranking(model) if exact is None else exact
     feats, lengths, targets = eval_inputs_targets(st, model.cfg.item_feature)
-    product = not exact and model.item_memory is not None and model.cfg.n_items <= EVAL_PRODUCT_ITEMS
+    # on the CPU the product and the gather give the same bits; a GPU's kernels round differently
+    product = (
+        not exact and device.type == "cpu" and model.item_memory is not None and model.cfg.n_items <= EVAL_PRODUCT_ITEMS
+    )
     if exact or product:
         batch_size = eval_rows(model.cfg.n_items, batch_size, max_scores)
     was_training = model.training

@@ -48,6 +48,23 @@ def pessimistic_ranks_np(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return (1 + ge.sum(1)).astype(np.float64)
 
 
+def per_session(ranks: np.ndarray | Tensor, metric: str) -> np.ndarray:
+    """(N,) one metric ("ndcg@K", "recall@K" or "mrr@K") of each session from its 1-based target
+    rank (+inf = a miss): what `metrics_from_ranks` averages."""
+    r = ranks.detach().cpu().numpy() if isinstance(ranks, Tensor) else np.asarray(ranks)
+    r = r.astype(np.float64)
+    name, k = metric.split("@")
+    hit = r <= int(k)
+    safe = np.where(hit, r, 1.0)
+    if name == "ndcg":
+        return np.where(hit, 1.0 / np.log2(safe + 1.0), 0.0)
+    if name == "recall":
+        return hit.astype(np.float64)
+    if name == "mrr":
+        return np.where(hit, 1.0 / safe, 0.0)
+    raise ValueError(f"metric {metric!r}: expected ndcg@K, recall@K or mrr@K")
+
+
 def metrics_from_ranks(ranks: np.ndarray | Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """Mean NDCG@k, Recall@k, MRR@k over sessions from their (1-based) target ranks."""
     r = ranks.detach().cpu().numpy() if isinstance(ranks, Tensor) else np.asarray(ranks)
@@ -56,15 +73,6 @@ def metrics_from_ranks(ranks: np.ndarray | Tensor, ks: tuple[int, ...] = KS) -> 
         raise ValueError("no evaluation sessions: metrics are undefined")
     if np.isnan(r).any() or (r < 1).any():
         raise ValueError("ranks must be >= 1 (use +inf for a miss)")
-    out: dict[str, float] = {}
-    with np.errstate(divide="ignore"):
-        for k in ks:
-            hit = r <= k
-            out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(np.where(hit, r, 1.0) + 1.0), 0.0).mean())
-    for k in ks:
-        out[f"recall@{k}"] = float((r <= k).mean())
-    for k in ks:
-        hit = r <= k
-        out[f"mrr@{k}"] = float(np.where(hit, 1.0 / np.where(hit, r, 1.0), 0.0).mean())
+    out = {f"{m}@{k}": float(per_session(r, f"{m}@{k}").mean()) for m in ("ndcg", "recall", "mrr") for k in ks}
     assert all(math.isfinite(v) for v in out.values())
     return out

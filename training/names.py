@@ -49,6 +49,7 @@ DEFAULT_MAX_LEN = 20  # keep the LAST N items of a session
 DEFAULT_MIN_LEN = 2  # drop sessions shorter than this
 
 SPLITS = ("train", "valid", "test")
+RANKS_DIR = "ranks"  # OUT/<this>/window_T.npz: per-session ranks (TrainConfig.save_ranks, bench.paired)
 SESSIONS_DIR = "sessions_by_day"  # DATA/<this>/<window>/{train,valid,test}.parquet, any window unit (see WINDOW_COL)
 WORKFLOW_DIR = "workflow"
 SCHEMA_FILE = "schema.json"

@@ -79,7 +79,7 @@ from training.history import WindowHistory, set_memory, set_sample_counts  # noq
 from training.integrity import atomic_write
 from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
 from training.model.choice import explain
-from training.names import AGE_COL, FIRST_REAL_ID, list_col
+from training.names import AGE_COL, FIRST_REAL_ID, RANKS_DIR, list_col
 from training.optim import RowSparseAdam, pad_optimizer_state
 from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise, window_line
 from training.runtime import Dist, amp_dtype, barrier, check_replicas_in_sync, resolve_device, set_threads
@@ -123,9 +123,6 @@ class _TrainStep(nn.Module):
         return self.model.packed_loss(packed, self.label_smoothing, generator)
 
 
-RANKS_DIR = "ranks"  # OUT/ranks/window_T.npz: per-session ranks (TrainConfig.save_ranks)
-
-
 # -----------------------------------------------------------------------------
 # The run
 # -----------------------------------------------------------------------------
@@ -147,7 +144,7 @@ class Trainer:
         self.schema = load_schema(self.data)
         self.vocab = Schema.of(self.schema)  # typed view: vocabulary sizes per window
         full = cfg.model.with_schema(self.schema)  # resolves loss="auto" on the whole vocabulary
-        check_model(full, cfg.label_smoothing)
+        check_model(full, cfg.label_smoothing, cfg.stack_last)
         self.choices = explain(cfg.model, full)  # loss / rank "auto": what was picked and why (meta.json)
         self.n_items_all = full.n_items  # the baselines' count tables span every id
         age = list_col(AGE_COL)
@@ -571,7 +568,9 @@ class Trainer:
         stacked = {}
         if early and cfg.stack > 0 and model.item_memory is not None:  # the combiner on held-back sessions
             assert held is not None
-            stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool, best_score)
+            # early stopping's best score is these weights' score unless a two-stage index changed since
+            before = best_score if best_state is not None and not differs_from_exact(model) else None
+            stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool, before)
         if early and cfg.blend_guard and model.item_memory is not None:  # the count blend as a floor
             assert held is not None
             guard_st, miss, known = self._guard_sessions(t, held)

@@ -145,6 +145,7 @@ def test_runs_of_other_sessions_are_refused(tmp_path, repo_root):
         ([a, b], [], "scores other sessions"),
         ([a], ["--against", "vsknn"], "no ranks of 'vsknn'"),
         ([tmp_path], [], "--save-ranks"),
+        ([a], ["--windows", "2", "5"], "windows [5] asked for are not in every run's ranks"),
     ):
         proc, out = _paired(runs, *args, cwd=repo_root)
         assert proc.returncode == 2 and said in proc.stderr and out is None

@@ -625,10 +625,10 @@ class SessionModel(nn.Module):
             raise ValueError(
                 f"label_smoothing={label_smoothing} is a softmax notion: use loss_fn='ce' for it"
             )
-        items = p.feats[self.cfg.item_feature]  # (R, W)
-        x = self.embed(p.feats)  # (R, W, d_output)
         if last_only and self.cfg.objective == "mlm":
             raise ValueError("last_only: the last item as the only target is a causal (clm) notion")
+        items = p.feats[self.cfg.item_feature]  # (R, W)
+        x = self.embed(p.feats)  # (R, W, d_output)
         if self.cfg.objective == "mlm":
             assert p.masked is not None, "mlm needs masked positions"
             x = torch.where(p.masked[:, :, None], self.mask_emb.to(x.dtype), x)
