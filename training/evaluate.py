@@ -85,8 +85,11 @@ def evaluate_model(
     miss: Tensor | None = None,
     max_scores: int = EVAL_MAX_SCORES,
     exact: bool | None = None,
+    *,
+    ranks_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Metrics of the model on every session of `st` (input: all but the last item).
+    """Metrics of the model on every session of `st` (input: all but the last item);
+    ranks_out: its (N,) target ranks kept under "model" too (float64, inf = a miss).
 
     exact (None: unless the model is served in two stages, `served_ranking`): rank the target
     over the full catalogue (`next_item_scores`, O(V) per session), in chunks of
@@ -98,7 +101,10 @@ def evaluate_model(
     miss (N,) bool: sessions whose target counts as a miss whatever the scores
     (a target unknown after the training window, see `known_inputs`).
     """
-    return _with_misses(_ranks(model, st, device, batch_size, max_scores, exact), miss)
+    ranks = _missed(_ranks(model, st, device, batch_size, max_scores, exact), miss)
+    if ranks_out is not None:
+        ranks_out["model"] = ranks.double().numpy()
+    return metrics_from_ranks(ranks)
 
 
 def _ranks(
@@ -264,11 +270,8 @@ def evaluate_sessions(
     t0 = time.perf_counter()
     if differs_from_exact(model) and model.cfg.n_items <= exact_max_items:
         row.update(evaluate_both(model, st, device, batch_size, miss, ranks_out))
-    elif ranks_out is not None:
-        ranks_out["model"] = _missed(_ranks(model, st, device, batch_size), miss).double().numpy()
-        row.update(metrics_from_ranks(ranks_out["model"]))
     else:
-        row.update(evaluate_model(model, st, device, batch_size, miss))
+        row.update(evaluate_model(model, st, device, batch_size, miss, ranks_out=ranks_out))
     row["eval_seconds"] = time.perf_counter() - t0
     if counts is not None:
         feats, lengths, targets = eval_inputs_targets(st, item)

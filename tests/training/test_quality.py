@@ -31,9 +31,9 @@ def test_model_and_baselines_see_the_same_sessions(tiny_synthetic_data, tmp_path
     seen: dict[str, list] = {"model": [], "baselines": []}
     real_eval, real_base = evaluate_mod.evaluate_model, evaluate_mod.evaluate_baselines
 
-    def spy_model(model, st, device, batch_size, miss=None):
+    def spy_model(model, st, device, batch_size, miss=None, ranks_out=None):
         seen["model"].append(eval_inputs_targets(st, model.cfg.item_feature)[2].numpy())
-        return real_eval(model, st, device, batch_size, miss)
+        return real_eval(model, st, device, batch_size, miss, ranks_out=ranks_out)
 
     def spy_base(counts, items, lengths, targets, ranks_out=None):
         seen["baselines"].append(np.asarray(targets))
