@@ -88,6 +88,14 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "batch_384": (["--batch-size", "384"], "batch 384 instead of 128 (T4Rec's best on YOOCHOOSE)"),
     "mlm_0.15": (["--objective", "mlm", "--mask-prob", "0.15"], "masked LM, masking 0.15"),
     "mlm_0.5": (["--objective", "mlm", "--mask-prob", "0.5"], "masked LM, masking 0.5"),
+    "hop2_0.3": (
+        ["--memory-hop2", "0.3"],
+        "co-occurrence rows with free slots filled with two-hop items, pseudo-count up to 0.3",
+    ),
+    "hop2_0.6": (
+        ["--memory-hop2", "0.6"],
+        "co-occurrence rows with free slots filled with two-hop items, pseudo-count up to 0.6",
+    ),
     "stack_last": (["--stack-last"], "stacking fits the held-back sessions' last items only (the evaluation's task)"),
 }
 

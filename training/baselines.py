@@ -64,6 +64,9 @@ from training.names import FIRST_REAL_ID, PAD_ID
 BASELINES = ("popular", "cooc_knn", "successor_knn", "vsknn")
 VSKNN_K = 100  # neighbours kept (session-rec VMContextKNN docstring default)
 VSKNN_SAMPLE_SIZE = 500  # most recent candidate sessions (idem)
+HOP2_BRIDGE = 5  # two-hop fill: the bridging item's strongest co-occurrences followed (`two_hop_fill`)
+HOP2_MOST = 10  # two-hop fill: two-hop items per row at most
+HOP2_CHUNK = 8192  # two-hop fill: rows per sparse product
 
 
 def _valid(items: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -353,18 +356,19 @@ def _top_k_rows(mat: sp.csr_matrix, k: int, tie: np.ndarray) -> tuple[np.ndarray
     return idx, val
 
 
-def memory_tables(counts: BaselineCounts, k: int) -> dict[str, np.ndarray]:
+def memory_tables(counts: BaselineCounts, k: int, hop2: float = 0.0) -> dict[str, np.ndarray]:
     """The count tables of the model's ItemMemory (training/model/item_memory.py) from the training counts.
 
     cooc_idx/cooc_val: per item the k items co-occurring in most training sessions
     (same definition as cooc_knn), succ_idx/succ_val: the k most frequent direct
     successors (successor_knn), pop: occurrences (popular); ties by popularity.
+    hop2 > 0: a co-occurrence row with free slots is filled with two-hop items (`two_hop_fill`).
     """
-    return dict(iter_memory_tables(counts, k))
+    return dict(iter_memory_tables(counts, k, hop2=hop2))
 
 
 def iter_memory_tables(
-    counts: BaselineCounts, k: int, release: bool = False
+    counts: BaselineCounts, k: int, release: bool = False, hop2: float = 0.0
 ) -> Iterator[tuple[str, np.ndarray]]:
     """`memory_tables` one (name, table) at a time, in the same order.
 
@@ -378,7 +382,67 @@ def iter_memory_tables(
         tables = _top_k_rows(getattr(counts, name), k, tie)
         if release:
             setattr(counts, name, None)
+        if name == "cooc" and hop2 > 0:
+            tables = two_hop_fill(*tables, hop2, tie)
         yield f"{name}_idx", tables[0]
         yield f"{name}_val", tables[1]
         del tables
     yield "pop", pop
+
+
+def two_hop_fill(
+    idx: np.ndarray,
+    val: np.ndarray,
+    weight: float,
+    tie: np.ndarray,
+    bridge: int = HOP2_BRIDGE,
+    most: int = HOP2_MOST,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Co-occurrence table (V, K) ids and counts (`_top_k_rows`, count-descending rows) -> the same
+    with each row's free slots (a row holds all of its item's co-occurring items when it has
+    fewer than K) filled with up to `most` of the item's best **two-hop** items: items z that
+    never occur in a training session with item a but with an item y that does, scored
+    s(z) = sum_y log1p(cooc[a, y]) * log1p(cooc[y, z]) over a's co-occurring y and each y's
+    `bridge` strongest z (its first table entries), best first (ties by popularity `tie`). Their pseudo-count is
+    weight * s(z) / max_z s(z), in (0, weight]: with weight <= 1 never more than one real
+    co-occurrence, so every two-hop item ranks below the item's own co-occurring ones on the
+    co-occurrence term. Self and the special ids are never filled in. New arrays; the inputs
+    are not changed. Cost: one sparse product per HOP2_CHUNK rows."""
+    V, K = idx.shape
+    filled = val > 0
+    n = filled.sum(1)  # (V,) real entries per row, all at its front
+    r, c = np.nonzero(filled)
+    ids = idx[r, c].astype(np.int64)
+    w = np.log1p(val[r, c].astype(np.float64))
+    other = ids != r  # an item's count with itself (it occurred twice in a session) bridges nothing
+    first = sp.csr_matrix((w[other], (r[other], ids[other])), shape=(V, V))
+    near = other & (c < bridge)
+    second = sp.csr_matrix((w[near], (r[near], ids[near])), shape=(V, V))
+    idx, val = idx.copy(), val.copy()
+    todo = np.nonzero((n > 0) & (n < K))[0]
+    big = float(np.abs(first.data).sum() * max(first.data.max(initial=0.0), 1.0) + 1.0) if first.nnz else 1.0
+    for s in range(0, todo.size, HOP2_CHUNK):
+        rows = todo[s : s + HOP2_CHUNK]
+        b = rows.size
+        hop = first[rows] @ second  # (b, V): two-hop scores (one-hop and self among them)
+        one = first[rows].copy()
+        one.data[:] = big
+        own = sp.csr_matrix((np.full(b, big), (np.arange(b), rows)), shape=(b, V))
+        hop = (hop - one - own).tocsr()  # one-hop items and self go negative
+        hop.sum_duplicates()
+        hr = np.repeat(np.arange(b), np.diff(hop.indptr))
+        keep = (hop.data > 0) & (hop.indices >= FIRST_REAL_ID)
+        # rounded: equal scores summed in another order must tie (then popularity decides)
+        hr, hc, hv = hr[keep], hop.indices[keep].astype(np.int64), np.round(hop.data[keep], 9)
+        order = np.lexsort((-tie[hc], -hv, hr))  # by row, then score desc, then popularity desc
+        hr, hc, hv = hr[order], hc[order], hv[order]
+        rank = np.arange(hr.size) - np.searchsorted(hr, hr)  # place within its row
+        a = rows[hr]
+        room = np.minimum(K - n[a], most)
+        sel = rank < room
+        hr, hc, hv, rank, a = hr[sel], hc[sel], hv[sel], rank[sel], a[sel]
+        top = np.zeros(b)
+        np.maximum.at(top, hr, hv)
+        idx[a, n[a] + rank] = hc
+        val[a, n[a] + rank] = weight * hv / top[hr]
+    return idx, val

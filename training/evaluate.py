@@ -121,7 +121,10 @@ def _ranks(
     feats, lengths, targets = eval_inputs_targets(st, model.cfg.item_feature)
     # on the CPU the product and the gather give the same bits; a GPU's kernels round differently
     product = (
-        not exact and device.type == "cpu" and model.item_memory is not None and model.cfg.n_items <= EVAL_PRODUCT_ITEMS
+        not exact
+        and device.type == "cpu"
+        and model.item_memory is not None
+        and model.cfg.n_items <= EVAL_PRODUCT_ITEMS
     )
     if exact or product:
         batch_size = eval_rows(model.cfg.n_items, batch_size, max_scores)
@@ -282,7 +285,10 @@ def evaluate_sessions(
         if mem is not None:  # the model's own count tables
             tables = mem.tables()
         else:  # the same counts, as the memory would hold them
-            tables = {k: torch.from_numpy(v) for k, v in memory_tables(counts, model.cfg.memory_k).items()}
+            tables = {
+                k: torch.from_numpy(v)
+                for k, v in memory_tables(counts, model.cfg.memory_k, model.cfg.memory_hop2).items()
+            }
         blend = count_blend_ranks(tables, model.cfg, st, device, batch_size, known[item], miss)
         row["baselines"][COUNT_BLEND] = metrics_from_ranks(blend)
         if ranks_out is not None:

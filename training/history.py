@@ -130,7 +130,9 @@ def set_memory_counts(model: SessionModel, counts: BaselineCounts, release: bool
     mem = model.item_memory
     assert mem is not None
     V = model.cfg.n_items
-    for name, table in iter_memory_tables(counts, model.cfg.memory_k, release=release):
+    for name, table in iter_memory_tables(
+        counts, model.cfg.memory_k, release=release, hop2=model.cfg.memory_hop2
+    ):
         mem.set_table(name, torch.from_numpy(table[:V]))
         del table  # before the next table is built
 

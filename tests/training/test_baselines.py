@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.baselines import BASELINES, BaselineCounts, evaluate_baselines, last_input_items
+from training.baselines import BASELINES, BaselineCounts, evaluate_baselines, last_input_items, memory_tables
 
 INF = float("inf")
 V = 10  # ids 0..2 special, 3..9 real; 9 never appears in training
@@ -228,3 +228,73 @@ def test_vsknn_matches_a_plain_loop_version(k, sample_size):
         for item, score in _vsknn_loop(train, inp, k, sample_size).items():
             expect[item] = score
         assert got[row] == pytest.approx(expect, abs=1e-12), (inp, row)
+
+
+# --- two-hop fill of the item memory's co-occurrence rows (memory_tables(..., hop2=w)) ---------
+
+
+def test_two_hop_fill_hand_computed(counts):
+    """TRAIN's co-occurrences (off the diagonal): 3: {4: 1, 5: 2}, 4: {3: 1, 5: 2, 6: 1},
+    5: {3: 2, 4: 2}, 6: {4: 1}, 7: {2: 1}. A row is filled after its own entries with the items
+    reached through one of them and never seen with it, s(z) = sum_y log1p(c[a,y]) log1p(c[y,z])."""
+    plain = memory_tables(counts, k=5)
+    t = memory_tables(counts, k=5, hop2=0.5)
+    ln2, ln3 = np.log(2.0), np.log(3.0)
+    # 6 -> 4 -> {5 (count 2), 3 (count 1)}: s(5) = ln2 * ln3, s(3) = ln2 * ln2, scaled to the best
+    assert t["cooc_idx"][6].tolist() == [4, 5, 3, 0, 0]
+    assert t["cooc_val"][6] == pytest.approx([1.0, 0.5, 0.5 * ln2 / ln3, 0.0, 0.0])
+    # 3 -> 4 -> 6 (5 is seen with 3, 3 is itself); 5 -> 4 -> 6 too (5's count with itself bridges nothing)
+    n3, n5 = int((plain["cooc_val"][3] > 0).sum()), int((plain["cooc_val"][5] > 0).sum())
+    assert t["cooc_idx"][3, n3] == 6 and t["cooc_val"][3, n3] == pytest.approx(0.5)
+    assert t["cooc_idx"][5, n5] == 6 and t["cooc_val"][5, n5] == pytest.approx(0.5)
+    assert (t["cooc_val"][3, n3 + 1 :] == 0).all() and (t["cooc_val"][5, n5 + 1 :] == 0).all()
+    # 4 reaches nothing new; 7 reaches only itself (through the OOV id 2): both unchanged
+    for a in (4, 7):
+        assert np.array_equal(t["cooc_idx"][a], plain["cooc_idx"][a])
+        assert np.array_equal(t["cooc_val"][a], plain["cooc_val"][a])
+    # the other tables and a full row are untouched; hop2 = 0 is the plain tables
+    for name in ("succ_idx", "succ_val", "pop"):
+        assert np.array_equal(t[name], plain[name])
+    full = memory_tables(counts, k=2, hop2=0.5)
+    assert np.array_equal(full["cooc_idx"][4], memory_tables(counts, k=2)["cooc_idx"][4])
+    for name, table in memory_tables(counts, k=5, hop2=0.0).items():
+        assert np.array_equal(table, plain[name])
+
+
+def test_two_hop_fill_matches_a_plain_loop_version():
+    rng = np.random.default_rng(3)
+    V2, K = 40, 12
+    train = [rng.integers(2, V2, size=rng.integers(2, 7)).tolist() for _ in range(60)]
+    c = BaselineCounts(V2, sessions=False)
+    c.add_sessions(*pad(train, width=6))
+    plain, t = memory_tables(c, K), memory_tables(c, K, hop2=0.7)
+    C = c.cooc.toarray()
+    filled_rows = 0
+    for a in range(V2):
+        n = int((plain["cooc_val"][a] > 0).sum())
+        assert np.array_equal(t["cooc_idx"][a, :n], plain["cooc_idx"][a, :n])
+        s = np.zeros(V2)
+        if 0 < n < K:
+            for y in plain["cooc_idx"][a, :n]:
+                bridge = [z for z, v in zip(plain["cooc_idx"][y, :5], plain["cooc_val"][y, :5]) if v > 0]
+                # y's 5 strongest entries (HOP2_BRIDGE); its count with itself bridges nothing
+                for z in bridge:
+                    if y != a and z != y and C[a, z] == 0 and z != a and z >= 3:
+                        s[z] += np.log1p(C[a, y]) * np.log1p(C[y, z])
+        s = np.round(s, 9)  # equal scores tie, then popularity decides, then the lower id
+        best = sorted(np.nonzero(s)[0], key=lambda z: (-s[z], -c.pop[z]))[: min(K - n, 10)]  # HOP2_MOST
+        assert t["cooc_idx"][a, n : n + len(best)].tolist() == best, a
+        if best:
+            filled_rows += 1
+            assert t["cooc_val"][a, n : n + len(best)] == pytest.approx(
+                0.7 * s[best] / s[best].max(), rel=1e-6
+            )
+        assert (t["cooc_val"][a, n + len(best) :] == 0).all()
+    assert filled_rows >= 5  # the check is not vacuous (9 rows are filled here)
+
+
+def test_memory_hop2_must_be_a_pseudo_count():
+    from training.model.config import ModelConfig
+
+    with pytest.raises(ValueError, match=r"memory_hop2 must be in \[0, 1\].*got 1.5"):
+        ModelConfig(memory_hop2=1.5)

@@ -102,6 +102,14 @@ class ModelConfig:
         },
     )
     memory_k_min_items: int = 200_000
+    memory_hop2: float = field(
+        default=0.0,
+        metadata={
+            "help": "item memory: an item's co-occurrence row with free slots is filled with its two-hop "
+            "items (never seen with it, seen with an item that is), pseudo-count up to this (0 = off, "
+            "<= 1: below one real co-occurrence; training.baselines.two_hop_fill)"
+        },
+    )
     # --- how the network and the counts are combined (item memory; defaults: the network's item
     # logits are added to the gated counts over the whole catalogue) -----------------------------
     rerank: bool = field(
@@ -227,6 +235,8 @@ class ModelConfig:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
         if self.memory and self.memory_k < 1:
             raise ValueError(f"memory_k must be >= 1, got {self.memory_k}")
+        if not 0.0 <= self.memory_hop2 <= 1.0:
+            raise ValueError(f"memory_hop2 must be in [0, 1] (0 = off), got {self.memory_hop2}")
         if self.memory_k_large < 1:
             raise ValueError(f"memory_k_large must be >= 1, got {self.memory_k_large}")
         if self.has_schema and self.n_items >= self.memory_k_min_items:
