@@ -12,6 +12,10 @@ intervals of model / baseline and model - baseline are percentiles of the resamp
 
 --by-repeat DATA also splits the sessions by whether the target repeats an item of its session
 (repeat consumption), pooled: where model and baseline differ.
+
+--reach K [K ...] also gives every saved method's Recall@K at each cutoff, pooled over windows and
+runs, and the share of targets it ranks at all (a finite rank): how far down each method's list
+the targets are, and the ceiling a re-ranking model's candidates put on its recall.
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ def _common(loaded: list[dict[int, Any]], runs: list[Path], windows: list[int] |
     if windows is not None:
         missing = sorted(set(windows) - set(common))
         if missing:
-            raise PairedError(f"windows {missing} asked for are not in every run's ranks ({[str(r) for r in runs]})")
+            raise PairedError(
+                f"windows {missing} asked for are not in every run's ranks ({[str(r) for r in runs]})"
+            )
         common = [w for w in common if w in set(windows)]
     if not common:
         raise PairedError(f"no evaluation window common to {len(runs)} runs")
@@ -114,6 +120,26 @@ def by_repeat(
     return out
 
 
+def reach(runs: list[Path], cutoffs: list[int], windows: list[int]) -> dict[str, dict[str, float]]:
+    """{method: {"recall@K": share of targets ranked <= K, ..., "ranked": share with a finite rank}}
+    pooled over `windows` and `runs`, for every method the ranks files hold."""
+    ranks: dict[str, list[np.ndarray]] = {}
+    for run in runs:
+        wins = load_windows(Path(run))
+        for w in windows:
+            for k, v in wins[w].items():
+                if k != "session_id":
+                    ranks.setdefault(k, []).append(v)
+    out = {}
+    for k, parts in ranks.items():
+        r = np.concatenate(parts)
+        out[k] = {
+            **{f"recall@{c}": float((r <= c).mean()) for c in cutoffs},
+            "ranked": float(np.isfinite(r).mean()),
+        }
+    return out
+
+
 def paired(
     runs: list[Path],
     against: str = "count_blend",
@@ -151,7 +177,9 @@ def paired(
         n = len(loaded[0][w]["session_id"])
         draw = gen.integers(0, n, (resamples, n))  # (resamples, n) session indices
         flat = (np.arange(resamples)[:, None] * n + draw).ravel()
-        counts = np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)  # draws of each
+        counts = (
+            np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)
+        )  # draws of each
         del draw, flat
         for i, wins in enumerate(loaded):
             for m in metrics:
@@ -199,11 +227,15 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.paired", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run folders trained with --save-ranks, one per seed")
-    p.add_argument("--against", default="count_blend", help="the baseline (count_blend, vsknn, cooc_knn, ...)")
+    p.add_argument(
+        "--against", default="count_blend", help="the baseline (count_blend, vsknn, cooc_knn, ...)"
+    )
     p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
     p.add_argument("--resamples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--windows", type=int, nargs="+", default=None, help="evaluation windows (default: all common)")
+    p.add_argument(
+        "--windows", type=int, nargs="+", default=None, help="evaluation windows (default: all common)"
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON to write")
     p.add_argument(
         "--by-repeat",
@@ -213,9 +245,19 @@ def main(argv: list[str] | None = None) -> int:
         help="also split each metric by whether the target repeats an item of its session, pooled "
         "(DATA: the runs' prepared data; the runs' eval split is read)",
     )
+    p.add_argument(
+        "--reach",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="K",
+        help="also every method's Recall@K at these cutoffs and its share of ranked targets, pooled",
+    )
     a = p.parse_args(argv)
     if a.resamples < 1:
         p.error(f"--resamples {a.resamples}: expected >= 1")
+    if a.reach is not None and min(a.reach) < 1:
+        p.error(f"--reach {a.reach}: expected cutoffs >= 1")
     try:
         result = paired(a.runs, a.against, tuple(a.metrics), a.resamples, a.seed, a.windows)
     except PairedError as e:
@@ -225,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.by_repeat is not None:
         try:
             split = json.loads((a.runs[0] / "metrics.json").read_text())["train_config"]["eval_split"]
-            result["by_repeat"] = by_repeat(a.runs, a.by_repeat, split, a.against, tuple(a.metrics), result["windows"])
+            result["by_repeat"] = by_repeat(
+                a.runs, a.by_repeat, split, a.against, tuple(a.metrics), result["windows"]
+            )
         except (PairedError, OSError, ValueError, KeyError) as e:
             print(f"bench.paired: --by-repeat: {e}", file=sys.stderr)
             return 2
@@ -236,6 +280,16 @@ def main(argv: list[str] | None = None) -> int:
             for rep in reps
             for g in ("repeat", "new")
             if rep[g]["ratio"] is not None
+        )
+    if a.reach is not None:
+        result["reach"] = reach(a.runs, sorted(set(a.reach)), result["windows"])
+        cols = [f"recall@{c}" for c in sorted(set(a.reach))] + ["ranked"]
+        result["markdown"] += "\n\n" + "\n".join(
+            ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            + [
+                f"| {k} | " + " | ".join(f"{v[c]:.4f}" for c in cols) + " |"
+                for k, v in result["reach"].items()
+            ]
         )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

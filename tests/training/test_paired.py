@@ -65,8 +65,13 @@ def test_saved_model_ranks_are_the_sessions_own(ranked_runs, tiny_synthetic_data
     result = json.loads((ranked_runs[0] / "metrics.json").read_text())
     last = result["windows"][-1]
     model, meta = load_run(ranked_runs[0])
-    st = load_split(split_path(tiny_synthetic_data, last["eval_window"], "valid"), load_schema(tiny_synthetic_data))
-    known = {k: v[str(last["train_window"])] for k, v in load_schema(tiny_synthetic_data)["vocabulary_by_window"].items()}
+    st = load_split(
+        split_path(tiny_synthetic_data, last["eval_window"], "valid"), load_schema(tiny_synthetic_data)
+    )
+    known = {
+        k: v[str(last["train_window"])]
+        for k, v in load_schema(tiny_synthetic_data)["vocabulary_by_window"].items()
+    }
     with np.load(ranked_runs[0] / "ranks" / f"window_{last['eval_window']}.npz") as z:
         saved, blend, ids = z["model"], z["count_blend"], z["session_id"]
     assert np.array_equal(ids, st.session_id.numpy())
@@ -78,9 +83,13 @@ def test_saved_model_ranks_are_the_sessions_own(ranked_runs, tiny_synthetic_data
 
     for i in range(min(len(st), 150)):  # each session alone
         one = st.select(torch.tensor([i]))
-        assert min(saved[i], 41) == pytest.approx(rank(evaluate_sessions(model, one, known, None, cpu, 64))), i
+        assert min(saved[i], 41) == pytest.approx(
+            rank(evaluate_sessions(model, one, known, None, cpu, 64))
+        ), i
         seen, miss = known_inputs(one, known, item)
-        assert min(blend[i], 41) == pytest.approx(rank(count_blend_metrics(tables, model.cfg, seen, cpu, 64, known[item], miss))), i
+        assert min(blend[i], 41) == pytest.approx(
+            rank(count_blend_metrics(tables, model.cfg, seen, cpu, 64, known[item], miss))
+        ), i
 
 
 def _paired(runs, *args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, dict | None]:
@@ -99,7 +108,11 @@ def test_bootstrap_point_estimate_is_the_protocol(ranked_runs, repo_root):
     assert proc.returncode == 0, proc.stderr
     assert "| ndcg@20 | window_mean |" in proc.stdout
     rows = [
-        [r for r in json.loads((run / "metrics.json").read_text())["windows"] if r["eval_window"] in out["windows"]]
+        [
+            r
+            for r in json.loads((run / "metrics.json").read_text())["windows"]
+            if r["eval_window"] in out["windows"]
+        ]
         for run in ranked_runs
     ]
     for m in METRICS:
@@ -154,7 +167,9 @@ def test_runs_of_other_sessions_are_refused(tmp_path, repo_root):
 def test_by_repeat_splits_the_sessions_by_their_target(ranked_runs, tiny_synthetic_data, repo_root):
     """--by-repeat: pooled metrics of the sessions whose target repeats an item of the session and
     of the others, each equal to a direct count over the eval split and the saved ranks."""
-    proc, out = _paired(ranked_runs, "--metrics", "recall@20", "--by-repeat", str(tiny_synthetic_data), cwd=repo_root)
+    proc, out = _paired(
+        ranked_runs, "--metrics", "recall@20", "--by-repeat", str(tiny_synthetic_data), cwd=repo_root
+    )
     assert proc.returncode == 0, proc.stderr
     rep = out["by_repeat"]["recall@20"]
     schema = load_schema(tiny_synthetic_data)
@@ -177,3 +192,21 @@ def test_by_repeat_splits_the_sessions_by_their_target(ranked_runs, tiny_synthet
             assert rep[name]["model"] == pytest.approx(hits[g][0] / hits[g][2])
             assert rep[name]["count_blend"] == pytest.approx(hits[g][1] / hits[g][2])
     assert hits[False][2] > 0
+
+
+def test_reach_is_recall_at_each_cutoff_and_the_ranked_share(tmp_path, repo_root):
+    inf = float("inf")
+    model = [np.array([1.0, 5.0, inf, 30.0]), np.array([2.0, inf])]
+    blend = [np.array([3.0, 25.0, 40.0, 1000.0]), np.array([inf, 19.0])]
+    run = _fake_run(tmp_path / "r", model, blend, [np.arange(4), np.arange(2)])
+    proc, out = _paired([run], "--reach", "20", "5", "50", cwd=repo_root)
+    assert proc.returncode == 0, proc.stderr
+    assert out["reach"]["model"] == pytest.approx(
+        {"recall@5": 3 / 6, "recall@20": 3 / 6, "recall@50": 4 / 6, "ranked": 4 / 6}
+    )
+    assert out["reach"]["count_blend"] == pytest.approx(
+        {"recall@5": 1 / 6, "recall@20": 2 / 6, "recall@50": 4 / 6, "ranked": 5 / 6}
+    )
+    assert "| model | 0.5000 | 0.5000 | 0.6667 | 0.6667 |" in proc.stdout
+    proc, out = _paired([run], "--reach", "0", cwd=repo_root)
+    assert proc.returncode == 2 and "--reach [0]: expected cutoffs >= 1" in proc.stderr
