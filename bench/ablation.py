@@ -96,6 +96,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--memory-hop2", "0.6"],
         "co-occurrence rows with free slots filled with two-hop items, pseudo-count up to 0.6",
     ),
+    "mlm_hop2_0.6": (
+        ["--objective", "mlm", "--mask-prob", "0.3", "--memory-hop2", "0.6"],
+        "masked LM (masking 0.3) and the two-hop fill up to 0.6 together",
+    ),
     "stack_last": (["--stack-last"], "stacking fits the held-back sessions' last items only (the evaluation's task)"),
 }
 
