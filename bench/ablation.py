@@ -100,16 +100,37 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--objective", "mlm", "--mask-prob", "0.3", "--memory-hop2", "0.6"],
         "masked LM (masking 0.3) and the two-hop fill up to 0.6 together",
     ),
-    "stack_last": (["--stack-last"], "stacking fits the held-back sessions' last items only (the evaluation's task)"),
+    "stack_last": (
+        ["--stack-last"],
+        "stacking fits the held-back sessions' last items only (the evaluation's task)",
+    ),
 }
 
 
 def run_seed(data: Path, run: Path, flags: list[str], seed: int, log: Path) -> subprocess.Popen:
+    """Start one row's seed; a run an earlier, interrupted ablation left behind is resumed after its
+    last finished window (`--resume`: the same metrics as an uninterrupted run)."""
+    resume = ["--resume"] if (run / "meta.json").is_file() else []
     cmd = [
         sys.executable, "-m", "training.train", "--data", str(data), "--out", str(run), "--no-progress",
-        "--threads", "1", "--seed", str(seed), "--eval-split", "valid", *flags,
+        "--threads", "1", "--seed", str(seed), "--eval-split", "valid", *flags, *resume,
     ]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        cmd, cwd=PROJECT_ROOT, stdout=log.open("a" if resume else "w"), stderr=subprocess.STDOUT
+    )
+
+
+def settle(proc: subprocess.Popen, run: Path, flags: list[str]) -> bool:
+    """A finished run is marked DONE at once (with its flags), so that an ablation stopped later
+    reuses it; False: it failed."""
+    if proc.returncode != 0:
+        print(f"[ablation] failed: {run} (see {run.parent}/{run.name}.log)", file=sys.stderr)
+        return False
+    result = json.loads((run / "metrics.json").read_text())
+    result["ablation_flags"] = flags
+    (run / "metrics.json").write_text(json.dumps(result))
+    (run / "DONE").write_text("")
+    return True
 
 
 def finished(run: Path, flags: list[str]) -> bool:
@@ -216,21 +237,22 @@ def main(argv: list[str] | None = None) -> int:
             run = work / name / f"s{seed}"
             if not finished(run, flags):
                 jobs.append((name, seed, run, flags))
-    t0, running = time.time(), []
+    t0, running, ok = time.time(), [], True
     for name, seed, run, flags in jobs:
-        while len([j for j in running if j[0].poll() is None]) >= a.par:
+        while True:
+            ok &= all([settle(*j) for j in running if j[0].poll() is not None])  # every one settled
+            running = [j for j in running if j[0].returncode is None]
+            if len(running) < a.par:
+                break
             time.sleep(2)
         run.parent.mkdir(parents=True, exist_ok=True)
         print(f"[ablation] {name} seed {seed}: {' '.join(flags) or '(recipe)'}", file=sys.stderr)
         running.append((run_seed(a.data, run, flags, seed, run.parent / f"s{seed}.log"), run, flags))
     for proc, run, flags in running:
-        if proc.wait() != 0:
-            print(f"[ablation] failed: {run} (see {run.parent}/{run.name}.log)", file=sys.stderr)
-            return 1
-        result = json.loads((run / "metrics.json").read_text())
-        result["ablation_flags"] = flags
-        (run / "metrics.json").write_text(json.dumps(result))
-        (run / "DONE").write_text("")
+        proc.wait()
+        ok &= settle(proc, run, flags)
+    if not ok:
+        return 1
     summary: dict[str, Any] = {"data": str(a.data), "seeds": a.seeds, "split": "valid", "rows": {}}
     ref = {
         s: seed_scores(json.loads((work / REFERENCE_ROW / f"s{s}" / "metrics.json").read_text()))
