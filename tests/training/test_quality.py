@@ -87,8 +87,9 @@ def test_recipe_switch(source, recipe, expected):
 def test_real_recipe_values_and_precedence():
     s = resolve_settings({"source": "log.csv"}, "auto")
     assert (s["train_on"], s["model"]["objective"], s["patience"] > 0, s["holdout"] > 0) == (
-        "cumulative", "clm", True, True,
+        "cumulative", "mlm", True, True,
     )  # fmt: skip
+    assert (s["model"]["mask_prob"], s["model"]["memory_hop2"]) == (0.3, 0.6)
     # config file over the recipe, explicit flags over the config file
     s = resolve_settings(
         {"source": "log.csv"}, "auto", {"lr": 0.1, "model": {"dropout": 0.2}}, {"lr": 0.5, "epochs": None}
@@ -100,7 +101,12 @@ def test_cli_defaults_follow_the_data(tiny_synthetic_data, tmp_path):
     cfg = train_mod.parse_args(["--data", str(tiny_synthetic_data), "--out", "R"])
     assert (cfg.recipe, cfg.epochs, cfg.train_on, cfg.model.objective) == ("reference", 5, "window", "mlm")
     cfg = train_mod.parse_args(["--data", str(tiny_synthetic_data), "--out", "R", "--recipe", "real"])
-    assert (cfg.recipe, cfg.train_on, cfg.model.objective) == ("real", "cumulative", "clm")
+    assert (cfg.recipe, cfg.train_on, cfg.model.objective, cfg.model.memory_hop2) == (
+        "real",
+        "cumulative",
+        "mlm",
+        0.6,
+    )
     cfg = train_mod.parse_args(
         ["--data", str(tiny_synthetic_data), "--out", "R", "--recipe", "real", "--train-on", "window"]
     )
