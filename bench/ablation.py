@@ -100,6 +100,8 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--objective", "mlm", "--mask-prob", "0.3", "--memory-hop2", "0.6"],
         "masked LM (masking 0.3) and the two-hop fill up to 0.6 together",
     ),
+    "clm": (["--objective", "clm"], "causal LM: a loss on every next item (the objective until 2026-12-05)"),
+    "no_hop2": (["--memory-hop2", "0"], "no two-hop fill of the co-occurrence rows"),
     "stack_last": (
         ["--stack-last"],
         "stacking fits the held-back sessions' last items only (the evaluation's task)",

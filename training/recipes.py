@@ -107,8 +107,8 @@ _RECIPES: dict[str, dict[str, Any]] = {
                 "mlm",
                 "masked LM (Transformers4Rec's best objective). Valid split, 3 seeds, against clm (the "
                 "objective until 2026-12-05): with the two-hop fill DIGINETICA +3.1% +/- 2.6 NDCG@20, "
-                "+5.3% +/- 2.1 Recall@20 (the fill alone +2.0% / +4.7%), NowPlaying1M as a whole +2.0% / "
-                "+3.0% (mlm alone +1.9% / +1.9%), and 1.5-2x less training there (docs/quality.md)",
+                "+5.3% +/- 2.1 Recall@20 (the fill alone +2.0% / +4.7%), NowPlaying1M as a whole +0.9% +/- "
+                "1.3 / +2.8% +/- 0.4 (mlm alone +1.9% / +1.9%), and ~2x less training there (docs/quality.md)",
             ),
             "mask_prob": (
                 0.3,
