@@ -38,7 +38,16 @@ DIGINETICA_TSV_FLAGS = [
     "--session-col", "sessionId", "--item-col", "itemId", "--time-col", "Time",
     "--order-col", "timeframe", "--time-unit", "s",
 ]  # fmt: skip
-DIGINETICA_CSV_FLAGS = ["--sep", ";", "--time-col", "eventdate", "--time-unit", "date", "--order-col", "timeframe"]
+DIGINETICA_CSV_FLAGS = [
+    "--sep",
+    ";",
+    "--time-col",
+    "eventdate",
+    "--time-unit",
+    "date",
+    "--order-col",
+    "timeframe",
+]
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +58,9 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def diginetica_dir() -> Path:
     if not (DIGINETICA_DIR / DIGINETICA_TSV).is_file() or not (DIGINETICA_DIR / DIGINETICA_CSV).is_file():
-        pytest.skip(f"DIGINETICA extracts not found in {DIGINETICA_DIR} (../shared/data/diginetica is absent)")
+        pytest.skip(
+            f"DIGINETICA extracts not found in {DIGINETICA_DIR} (../shared/data/diginetica is absent)"
+        )
     return DIGINETICA_DIR
 
 
@@ -68,13 +79,17 @@ def diginetica_data(tmp_path_factory, diginetica_dir) -> Path:
     from training.prepare import config_from_args
 
     out = tmp_path_factory.mktemp("diginetica") / "data"
-    prepare(config_from_args(["--input", str(diginetica_dir / DIGINETICA_TSV), *DIGINETICA_TSV_FLAGS, "--out", str(out)]))
+    prepare(
+        config_from_args(
+            ["--input", str(diginetica_dir / DIGINETICA_TSV), *DIGINETICA_TSV_FLAGS, "--out", str(out)]
+        )
+    )
     return out
 
 
 @pytest.fixture(scope="session")
 def diginetica_run(tmp_path_factory, diginetica_data) -> Path:
-    """RUN of the `real` recipe (clm objective, item memory) on `diginetica_data`, windows 2..3, 1 epoch
+    """RUN of the `real` recipe (masked LM, item memory with the two-hop fill) on `diginetica_data`, windows 2..3, 1 epoch
     (window 1's training split is empty under the growing-vocabulary protocol: nothing is known after
     it). Made once per pytest process (test_standalone, test_stateful_parity)."""
     import subprocess
@@ -104,7 +119,9 @@ def exported_repo(artifacts, tmp_path_factory) -> Path:
     from export.repository import ExportConfig, export_repository
 
     data, run = artifacts
-    return export_repository(ExportConfig(run=run, data=data, out=tmp_path_factory.mktemp("exported") / "model_repository"))
+    return export_repository(
+        ExportConfig(run=run, data=data, out=tmp_path_factory.mktemp("exported") / "model_repository")
+    )
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ online on >= 500 sessions, for
 - the synthetic serving artifacts (tests/conftest.py `artifacts`: category + raw
   continuous columns, item memory);
 - a run prepared from the DIGINETICA click log (timestamp-derived weekday_sin and
-  age_days, the `real` recipe: clm objective + item memory), skipped without the data.
+  age_days, the `real` recipe: masked LM + item memory with the two-hop fill), skipped without the data.
 
 Offline: the workflow-encoded sessions of DATA/sessions_by_day (what
 Workflow.transform wrote) through the eager in-process model; online: the same
@@ -58,7 +58,9 @@ def bare_home(tmp_path_factory) -> Path:
 def held_out_sessions(data: Path, limit: int) -> tuple[np.ndarray, tuple[torch.Tensor, ...]]:
     """Valid then test sessions of every window (at most `limit`): ids and the ranker's padded inputs."""
     schema = Schema.load(data)
-    paths = sorted((data / SESSIONS_DIR).glob("*/valid.parquet")) + sorted((data / SESSIONS_DIR).glob("*/test.parquet"))
+    paths = sorted((data / SESSIONS_DIR).glob("*/valid.parquet")) + sorted(
+        (data / SESSIONS_DIR).glob("*/test.parquet")
+    )
     frames = [f for f in (pd.read_parquet(p) for p in paths) if len(f)]
     held = pd.concat(frames, ignore_index=True).drop_duplicates(SESSION_COL).head(limit)
     return ranker_inputs(held, schema.features, schema.categorical, schema.max_len)
@@ -86,7 +88,10 @@ def assert_offline_equals_online_on_bare_stub(data: Path, run: Path, out: Path, 
             env = dict(
                 kv.split("=", 1) for kv in Path(f"/proc/{p.pid}/environ").read_text().split("\0") if "=" in kv
             )
-            assert env["PATH"].split(":")[0] == str(home / "bin") and "PYTHONPATH" not in env, (p.cmdline, env["PATH"])
+            assert env["PATH"].split(":")[0] == str(home / "bin") and "PYTHONPATH" not in env, (
+                p.cmdline,
+                env["PATH"],
+            )
             assert Path(f"/proc/{p.pid}/cwd").resolve() != PROJECT_ROOT
         ranked = rank_sessions(server.grpc_url, rows, batch_sessions=64, concurrency=2)
         log = server.log_tail(200_000)
@@ -95,7 +100,9 @@ def assert_offline_equals_online_on_bare_stub(data: Path, run: Path, out: Path, 
     order = pd.Index(ranked.session_id).get_indexer(sids)
     got_ids, got_scores = ranked.item_ids[order], ranked.scores[order]
     mismatched = np.flatnonzero((got_ids != want_ids).any(axis=1))
-    assert mismatched.size == 0, f"{mismatched.size} of {len(sids)} sessions ranked differently, e.g. {sids[mismatched[:5]]}"
+    assert mismatched.size == 0, (
+        f"{mismatched.size} of {len(sids)} sessions ranked differently, e.g. {sids[mismatched[:5]]}"
+    )
     np.testing.assert_allclose(got_scores, want_scores.numpy(), atol=1e-5, rtol=0)
     return len(sids)
 
@@ -110,14 +117,16 @@ def test_synthetic_run_on_a_bare_stub(artifacts, bare_home, tmp_path):
 @pytest.mark.diginetica
 def test_real_click_log_run_on_a_bare_stub(diginetica_data, diginetica_run, bare_home, tmp_path):
     """DIGINETICA views: timestamp-derived features (weekday_sin, age_days via ItemFirstSeen), the real
-    recipe (clm objective, item memory), trained on window 2 (window 1's training split is empty under the
+    recipe (masked LM, item memory with the two-hop fill), trained on window 2 (window 1's training split is empty under the
     growing-vocabulary protocol: nothing is known after it, so there is nothing to rank top-k from):
     conftest's `diginetica_run`."""
     run = diginetica_run
     _, meta = load_run(run)
     cfg = meta["model_config"]
-    assert cfg["memory"] is True and cfg["objective"] == "clm", cfg
+    assert cfg["memory"] is True and cfg["objective"] == "mlm" and cfg["memory_hop2"] > 0, cfg
     schema = Schema.load(diginetica_data)
-    assert set(schema.continuous) == {"age_days-list", "weekday_sin-list"} and "timestamp" in schema.raw_inputs
+    assert (
+        set(schema.continuous) == {"age_days-list", "weekday_sin-list"} and "timestamp" in schema.raw_inputs
+    )
     n = assert_offline_equals_online_on_bare_stub(diginetica_data, run, tmp_path / "repo", bare_home)
     print(f"diginetica: offline = online on {n} sessions, stub Python = numpy + torch only")
