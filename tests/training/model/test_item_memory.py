@@ -310,14 +310,19 @@ def test_memory_k_resolved_by_catalogue_size():
         ModelConfig(categorical={"item_id-list": V}, memory_k_large=0)
 
 
-def test_set_memory_equals_memory_tables():
-    """The trainer's table-at-a-time fill gives exactly memory_tables' tables."""
+@pytest.mark.parametrize("hop2", [0.0, 0.5])
+def test_set_memory_equals_memory_tables(hop2: float):
+    """The trainer's table-at-a-time fill gives exactly memory_tables' tables (with the model's
+    two-hop fill, ModelConfig.memory_hop2, when it has one)."""
     from training.data.splits import SessionTensors
     from training.trainer import set_memory
 
-    items, lengths = random_sessions(40, seed=3)
-    k = 5
-    cfg = ModelConfig(categorical={"item_id-list": V}, memory=True, memory_k=k, max_len=items.shape[1])
+    # the fill needs rows with room and items two hops away: fewer sessions, K = 8 for it
+    items, lengths = random_sessions(40 if hop2 == 0 else 8, seed=3)
+    k = 5 if hop2 == 0 else 8
+    cfg = ModelConfig(
+        categorical={"item_id-list": V}, memory=True, memory_k=k, max_len=items.shape[1], memory_hop2=hop2
+    )
     model = SessionModel(cfg)
     st = SessionTensors(
         {"item_id-list": torch.from_numpy(items)},
@@ -328,7 +333,10 @@ def test_set_memory_equals_memory_tables():
     set_memory(model, [st])
     counts = BaselineCounts(V)
     counts.add_sessions(items, lengths)
-    for name, v in memory_tables(counts, k).items():
+    tables = memory_tables(counts, k, hop2)
+    filled = (tables["cooc_val"] > 0).sum() - (memory_tables(counts, k)["cooc_val"] > 0).sum()
+    assert (filled > 0) == (hop2 > 0)  # the fill has rows with room to fill here
+    for name, v in tables.items():
         buf = getattr(model.item_memory, name)
         assert buf.dtype == (torch.int32 if name.endswith("_idx") else torch.float32)
         assert torch.equal(buf, torch.from_numpy(v).to(buf.dtype)), name
