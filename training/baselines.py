@@ -403,8 +403,8 @@ def two_hop_fill(
     fewer than K) filled with up to `most` of the item's best **two-hop** items: items z that
     never occur in a training session with item a but with an item y that does, scored
     s(z) = sum_y log1p(cooc[a, y]) * log1p(cooc[y, z]) over a's co-occurring y and each y's
-    `bridge` strongest z (its first table entries), best first (ties by popularity `tie`). Their pseudo-count is
-    weight * s(z) / max_z s(z), in (0, weight]: with weight <= 1 never more than one real
+    `bridge` strongest z (its first table entries), best first (ties by popularity `tie`). Their
+    pseudo-count is weight * s(z) / max_z s(z), in (0, weight]: with weight <= 1 never more than one real
     co-occurrence, so every two-hop item ranks below the item's own co-occurring ones on the
     co-occurrence term. Self and the special ids are never filled in. New arrays; the inputs
     are not changed. Cost: one sparse product per HOP2_CHUNK rows."""
