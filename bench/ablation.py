@@ -83,6 +83,14 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--patience", "1", "--train-budget", "5000"],
         "patience 1 and a window trains on at most the newest 5,000 sessions (20,000 in the recipe)",
     ),
+    "budget_20k": (
+        ["--train-budget", "20000"],
+        "a window trains on up to its newest 20,000 sessions (5,000 in the recipe): more data for the network",
+    ),
+    "cooc_init": (
+        ["--item-init", "cooc"],
+        "new item rows start from the co-occurrence counts' singular vectors, not noise",
+    ),
     "stack_10": (["--stack", "10"], "10 epochs of the combiner on the held-back sessions (5 in the recipe)"),
     "batch_256": (["--batch-size", "256"], "batch 256 instead of 128 (fewer, larger steps)"),
     "batch_384": (["--batch-size", "384"], "batch 384 instead of 128 (T4Rec's best on YOOCHOOSE)"),

@@ -30,6 +30,7 @@ from training.recipes import RECIPE_FIELDS, RECIPES, resolve_settings
 
 TRAIN_ON = ("window", "cumulative")
 EVAL_SPLITS = ("valid", "test")
+ITEM_INITS = ("random", "cooc")
 MODEL_PREFIX = "model."  # argparse destinations of the model flags (cli.given(ns, MODEL_PREFIX))
 
 
@@ -109,6 +110,15 @@ class TrainConfig:
             "stacking (no-op without --stack): each earlier window's held-back slice stays out of the "
             "network's training for good (it is in the counts), and stacking also reads the newest N "
             "of those sessions, their own counts left out, beside window t's (0 = window t's only)"
+        ),
+    )
+    item_init: str = field(
+        default="random",
+        metadata=help_meta(
+            "item memory (no-op without): how a window's new item rows start. random: N(0, "
+            "embedding_init_std); cooc: from the co-occurrence counts (their top singular vectors, "
+            "mapped onto the trained rows by least squares; training/item_init.py)",
+            choices=ITEM_INITS,
         ),
     )
     blend_guard: bool = field(
@@ -239,6 +249,8 @@ class TrainConfig:
             raise ValueError(f"train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
         if self.train_budget < 0:
             raise ValueError(f"train_budget must be >= 0 (0 = no cap), got {self.train_budget}")
+        if self.item_init not in ITEM_INITS:
+            raise ValueError(f"item_init must be one of {ITEM_INITS}, got {self.item_init!r}")
         if self.guard_split not in ("held", "valid"):
             raise ValueError(f"guard_split must be 'held' or 'valid', got {self.guard_split!r}")
         if self.stack_pool < 0:

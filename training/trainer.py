@@ -77,6 +77,7 @@ from training.evaluate import (
 )
 from training.history import WindowHistory, set_memory, set_sample_counts  # noqa: F401 (set_memory: tests)
 from training.integrity import atomic_write
+from training.item_init import cooc_vectors, init_new_rows
 from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
 from training.model.choice import explain
 from training.names import AGE_COL, FIRST_REAL_ID, RANKS_DIR, list_col
@@ -361,6 +362,9 @@ class Trainer:
 
     def run_window(self, t: int) -> dict[str, Any]:
         """Train on window t (and, cumulative, the earlier ones), evaluate on t+1: the metrics row."""
+        # the item rows trained before this window (cfg.item_init starts the others); none before the first
+        trained = any(r.get("sessions_trained") for r in self.rows)
+        old_items = self.mcfg.n_items if trained else FIRST_REAL_ID
         self.grow(t)  # the tables hold the vocabulary known after window t
         cfg, data, schema, model = self.cfg, self.data, self.schema, self.model
         self.scheduler_state = {}
@@ -386,6 +390,8 @@ class Trainer:
             # held-back ones (early stopping scores them as unseen sessions); after training the
             # held-back ones are counted too (below)
             history.fill_memory(model, t, before, known, fit_st)
+            if cfg.item_init == "cooc":
+                row["item_rows_from_counts"] = self._init_item_rows(t, old_items)
         windows = [w for w in before if w >= cfg.start_window]
         pool, pooled = None, cfg.stack_pool > 0 and cfg.stack > 0 and cfg.holdout > 0
         if pooled:  # earlier windows' held-back slices stay out of the network
@@ -413,6 +419,17 @@ class Trainer:
         if self.dist.main and cfg.evaluate:
             self.evaluate(t, row)
         return row
+
+    def _init_item_rows(self, t: int, old_items: int) -> int:
+        """TrainConfig.item_init "cooc": the item rows window t added start from the memory's
+        co-occurrence counts (`training.item_init`); how many rows were set."""
+        model, item = self.model, self.model.cfg.item_feature
+        mem = model.item_memory
+        assert mem is not None
+        emb = model.embeddings[item]
+        dim, seed = emb.weight.shape[1], _seed(self.cfg.seed, t, 7)
+        x = cooc_vectors(mem.cooc_idx.cpu(), mem.cooc_val.cpu(), dim, seed)
+        return init_new_rows(emb.weight.data, x, old_items, model.cfg.embedding_init_std)
 
     def _guard_sessions(
         self, t: int, held: SessionTensors
