@@ -34,9 +34,9 @@ def test_effects_are_paired_per_seed_renamed_filtered_and_first_file_wins(tmp_pa
     b.write_text(json.dumps(_summary({
         "old": {0: (0.05, 0.05)},
         "mlm_hop2_0.6": {0: (0.10, 0.20), 1: (0.20, 0.40)},
+        "clm": {0: (0.90, 0.90), 1: (0.90, 0.90)},  # the name hop2_0.6 takes: never read
         "hop2_0.6": {0: (0.09, 0.20), 1: (0.18, 0.40)},  # -10 % both seeds: the table's "clm"
         "wide": {0: (0.50, 0.50), 1: (0.50, 0.50)},  # a.json has it first
-        "clm": {0: (0.90, 0.90), 1: (0.90, 0.90)},  # the name hop2_0.6 takes: never read
     })))  # fmt: skip
     order, table, refs = build([["LOG", str(a), f"{b}:ref=mlm_hop2_0.6:rows=clm,wide:clm=hop2_0.6"]])
     assert order == ["wide", "clm"]  # "old" is not asked for
