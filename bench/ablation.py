@@ -171,6 +171,18 @@ def seed_scores(result: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def paired_effect(
+    row: dict[Any, Any], ref: dict[Any, Any], seeds: list[Any], metrics: tuple[str, ...]
+) -> dict[str, tuple[float, float]]:
+    """A row's effect: its per-seed difference to the reference row's model score (seed -> {"model":
+    {metric: score}}, same seeds, same sessions), as (mean, standard deviation) over `seeds`."""
+    out = {}
+    for m in metrics:
+        d = [row[s]["model"][m] / ref[s]["model"][m] - 1.0 for s in seeds]
+        out[m] = (float(np.mean(d)), float(np.std(d)))
+    return out
+
+
 def learning_curve(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per evaluation window, mean over seeds: training sessions so far and NDCG/Recall@20."""
     per = [scored_windows(r) for r in results]
@@ -282,10 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             "mean": mean,
         }
         if name != REFERENCE_ROW:
-            diffs = {
-                m: [per_seed[s]["model"][m] / ref[s]["model"][m] - 1.0 for s in a.seeds] for m in METRICS
-            }
-            row["effect"] = {m: (float(np.mean(v)), float(np.std(v))) for m, v in diffs.items()}
+            row["effect"] = paired_effect(per_seed, ref, a.seeds, METRICS)
         else:
             row["learning_curve"] = learning_curve(results)
             plot_curve(row["learning_curve"], a.out.with_suffix(".png"), f"{a.data.name}: learning curve")

@@ -23,9 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from bench.ablation import REFERENCE_ROW, ROWS
+from bench.ablation import REFERENCE_ROW, ROWS, paired_effect
 
 SHOWN = ("ndcg@20", "recall@20")
 
@@ -60,11 +58,7 @@ def effects(summary: dict[str, Any], row: str, ref: str) -> dict[str, tuple[floa
     seeds = sorted(set(a) & set(b))
     if not seeds:
         raise SystemExit(f"ablation_table: rows {row!r} and {ref!r} share no seed")
-    out = {}
-    for m in SHOWN:
-        d = [a[s]["model"][m] / b[s]["model"][m] - 1.0 for s in seeds]
-        out[m] = (float(np.mean(d)), float(np.std(d)), len(seeds))
-    return out
+    return {m: (*e, len(seeds)) for m, e in paired_effect(a, b, seeds, SHOWN).items()}
 
 
 def build(logs: list[list[str]]) -> tuple[list[str], dict[str, dict[str, Any]], dict[str, list[str]]]:
