@@ -65,6 +65,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "one_layer": (["--n-layer", "1"], "depth 1"),
     "no_side": (["--no-side-features"], "continuous side features zeroed"),
     "feature_norm": (["--feature-norm"], "LayerNorm per input feature before merging (T4Rec)"),
+    "side_norm": (
+        ["--feature-norm", "--no-item-norm"],
+        "LayerNorm on the side features only (the item embedding unnormalised)",
+    ),
     "holdout_0.2": (
         ["--holdout", "0.2"],
         "20% of window t held back for early stopping and stacking (10% in the recipe)",

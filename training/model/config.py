@@ -137,6 +137,13 @@ class ModelConfig:
         default=False,
         metadata={"help": "a LayerNorm per input feature before merging (Transformers4Rec's side features)"},
     )
+    item_norm: bool = field(
+        default=True,
+        metadata={
+            "help": "feature_norm (no-op without): the item embedding gets its LayerNorm too; off: only the "
+            "side features (other categorical embeddings, the continuous projection)"
+        },
+    )
     side_features: bool = field(
         default=True, metadata={"help": "read the continuous features (off: they are zeroed)"}
     )

@@ -125,9 +125,15 @@ class SessionModel(nn.Module):
         # cfg.feature_norm: a LayerNorm per input feature (categorical embeddings in sorted name order,
         # then the continuous projection) before they are merged; Transformers4Rec found side features
         # helped only so (+4.7% NDCG on REES46), their scales differ from the item embedding's
+        # (cfg.item_norm off: the item embedding passes unnormalised, an Identity keeps the indices)
         self.feature_norms = (
             nn.ModuleList(
-                [nn.LayerNorm(cfg.embedding_dim) for _ in cfg.categorical]
+                [
+                    nn.Identity()
+                    if name == cfg.item_feature and not cfg.item_norm
+                    else nn.LayerNorm(cfg.embedding_dim)
+                    for name in sorted(cfg.categorical)
+                ]
                 + ([nn.LayerNorm(cfg.continuous_dim)] if cfg.continuous else [])
             )
             if cfg.feature_norm
