@@ -65,6 +65,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "one_layer": (["--n-layer", "1"], "depth 1"),
     "no_side": (["--no-side-features"], "continuous side features zeroed"),
     "feature_norm": (["--feature-norm"], "LayerNorm per input feature before merging (T4Rec)"),
+    "fn_cont_log": (
+        ["--feature-norm", "--continuous-log"],
+        "LayerNorm per feature, continuous inputs as sign(x) log1p(|x|)",
+    ),
+    "fn_no_side": (["--feature-norm", "--no-side-features"], "LayerNorm per feature, side features zeroed"),
     "side_norm": (
         ["--feature-norm", "--no-item-norm"],
         "LayerNorm on the side features only (the item embedding unnormalised)",

@@ -83,13 +83,17 @@ def planted_data(tmp_path_factory) -> Path:
 
 
 # The real recipe (cumulative, early stopping on 10% held back, AdamW with weight
-# decay, constant LR, clipping; with the item memory: head gate, stacking, rerank), with a model of the
-# pattern's size and settings that learn it in a few hundred steps: lr 1e-2 with weight decay 0.01 (the
-# recipe's lr x decay), no dropout, random item vectors (the recipe's zero init and dropout 0.5 need
-# several times the steps here).
+# decay, constant LR, clipping, a LayerNorm per input feature; with the item memory: head gate, stacking,
+# rerank), with a model of the pattern's size and settings that learn it in a few hundred steps: lr 3e-3
+# with weight decay 0.033 (the recipe's lr x decay), no dropout, random item vectors (the recipe's zero
+# init and dropout 0.5 need several times the steps here).
+# Not lr 1e-2 (used until the LayerNorm joined the recipe): the LayerNorm reads only the direction of an
+# item vector, so an Adam step of ~lr on vectors of std 0.05 turns the normalised input by ~20 % per step;
+# at 1e-2 the real variant never left the counts' plateau (MRR@20 0.78, docs/quality.md); at 3e-3
+# every variant learned it by epoch 2 (real and sampled: epoch 1), seeds 0-4 (real) and 0-2 (full, sampled).
 # patience 2 (the recipe's is 1): in 3 short epochs one held-back score a little below the last (the
 # sampled softmax's noise) must not end the run before the pattern is learnt.
-SMALL = dict(epochs=3, batch_size=64, lr=1e-2, weight_decay=0.01, patience=2)
+SMALL = dict(epochs=3, batch_size=64, lr=3e-3, weight_decay=0.033, patience=2)
 # Objective clm (the recipe's until 2026-12-05; it is masked LM 0.3 since): this order-only pattern is
 # learnt by clm's loss on every next item within 3 epochs; masked LM reached MRR@20 0.50-0.74 in 3
 # epochs here (full, sampled, real), short of the 0.95 the test asks.

@@ -147,6 +147,13 @@ class ModelConfig:
     side_features: bool = field(
         default=True, metadata={"help": "read the continuous features (off: they are zeroed)"}
     )
+    continuous_log: bool = field(
+        default=False,
+        metadata={
+            "help": "each continuous input x enters as sign(x) log1p(|x|) (an item's age of hundreds of days "
+            "would otherwise swamp the item embedding; Transformers4Rec's example log-transforms its recency)"
+        },
+    )
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
     # --- training loss over the catalogue (see `SessionModel.sample_candidates`) ----------------
     # "full": softmax over every item ((positions, V) logits, the reference); "sampled": softmax over

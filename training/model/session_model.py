@@ -287,6 +287,8 @@ class SessionModel(nn.Module):
             cont = torch.stack([feats[name].float() for name in conts], dim=-1)  # (B, L, C)
             if not self.cfg.side_features:  # ablation: the continuous features carry nothing
                 cont = torch.zeros_like(cont)
+            if self.cfg.continuous_log:
+                cont = torch.sign(cont) * torch.log1p(cont.abs())
             parts.append(F.relu(self.continuous_proj(cont)))  # (B, L, continuous_dim)
         if self.feature_norms is not None:
             parts = [norm(x) for norm, x in zip(self.feature_norms, parts)]

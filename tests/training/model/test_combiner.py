@@ -181,6 +181,45 @@ def test_feature_norm_makes_each_features_scale_irrelevant():
         assert diff < 5e-3 if norm else diff > 0.05, diff  # (LayerNorm's eps keeps a trace of the scale)
 
 
+def test_item_norm_off_normalises_the_side_features_only():
+    """--no-item-norm: the item embedding enters unnormalised (its scale reaches the input), the category
+    embedding and the continuous projection keep their LayerNorm; on (the default) every feature's scale is
+    irrelevant to the input block."""
+    feats, lengths = batch(8, seed=2)
+    for item_norm in (True, False):
+        m = make_model(feature_norm=True, item_norm=item_norm)
+        kinds = [type(n).__name__ for n in m.feature_norms]  # sorted names: category, item; then continuous
+        assert kinds == ["LayerNorm", "LayerNorm" if item_norm else "Identity", "LayerNorm"], kinds
+        with torch.no_grad():
+            for emb in m.embeddings.values():  # vectors well above LayerNorm's eps, so only the scale can move
+                emb.weight.mul_(10.0)
+            x = m.embed(feats)
+            for name, factor in ((CAT, 25.0), (ITEM, 25.0)):
+                m.embeddings[name].weight.mul_(factor)
+                y = m.embed(feats)
+                m.embeddings[name].weight.div_(factor)
+                moved = float((x - y).abs().max())
+                if name == CAT or item_norm:
+                    assert moved < 1e-3, (name, item_norm, moved)
+                else:
+                    assert moved > 0.05, (name, item_norm, moved)
+
+
+def test_continuous_log_reads_sign_log1p_of_each_continuous_input():
+    """--continuous-log: the model with raw inputs x scores as the model without it on sign(x) log1p(|x|)."""
+    feats, lengths = batch(8, seed=2)
+    raw = {**feats, CONT: (feats[CONT] - 0.5) * 600.0}  # ages of hundreds of days, some negative
+    logged = {**feats, CONT: torch.sign(raw[CONT]) * torch.log1p(raw[CONT].abs())}
+    with torch.no_grad():
+        on = make_model(continuous_log=True).next_item_scores(raw, lengths)
+        off = make_model().next_item_scores(logged, lengths)
+        off_raw = make_model().next_item_scores(raw, lengths)
+    ok = torch.isfinite(on)
+    assert torch.equal(ok, torch.isfinite(off))
+    assert torch.allclose(on[ok], off[ok], atol=1e-5)
+    assert float((on - off_raw)[ok].abs().max()) > 0.05  # and it is not a no-op
+
+
 # --- gBCE -------------------------------------------------------------------------------
 
 
