@@ -117,13 +117,14 @@ def test_synthetic_run_on_a_bare_stub(artifacts, bare_home, tmp_path):
 @pytest.mark.diginetica
 def test_real_click_log_run_on_a_bare_stub(diginetica_data, diginetica_run, bare_home, tmp_path):
     """DIGINETICA views: timestamp-derived features (weekday_sin, age_days via ItemFirstSeen), the real
-    recipe (masked LM, item memory with the two-hop fill), trained on window 2 (window 1's training split is empty under the
+    recipe (masked LM, item memory with the two-hop fill, a LayerNorm per input feature), trained on window 2 (window 1's training split is empty under the
     growing-vocabulary protocol: nothing is known after it, so there is nothing to rank top-k from):
     conftest's `diginetica_run`."""
     run = diginetica_run
     _, meta = load_run(run)
     cfg = meta["model_config"]
     assert cfg["memory"] is True and cfg["objective"] == "mlm" and cfg["memory_hop2"] > 0, cfg
+    assert cfg["feature_norm"] is True, cfg
     schema = Schema.load(diginetica_data)
     assert (
         set(schema.continuous) == {"age_days-list", "weekday_sin-list"} and "timestamp" in schema.raw_inputs

@@ -89,7 +89,7 @@ def test_real_recipe_values_and_precedence():
     assert (s["train_on"], s["model"]["objective"], s["patience"] > 0, s["holdout"] > 0) == (
         "cumulative", "mlm", True, True,
     )  # fmt: skip
-    assert (s["model"]["mask_prob"], s["model"]["memory_hop2"]) == (0.3, 0.6)
+    assert (s["model"]["mask_prob"], s["model"]["memory_hop2"], s["model"]["feature_norm"]) == (0.3, 0.6, True)
     # config file over the recipe, explicit flags over the config file
     s = resolve_settings(
         {"source": "log.csv"}, "auto", {"lr": 0.1, "model": {"dropout": 0.2}}, {"lr": 0.5, "epochs": None}
