@@ -48,6 +48,8 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "early stopping after 1 epoch without a better held-back score (2 in the recipe)",
     ),
     "frozen_net": (["--lr", "1e-12"], "network frozen at init: a learned count blend without a network"),
+    "lr_5e-4": (["--lr", "5e-4"], "learning rate 5e-4 instead of 1e-3"),
+    "lr_2e-3": (["--lr", "2e-3"], "learning rate 2e-3 instead of 1e-3"),
     "mlm": (["--objective", "mlm", "--mask-prob", "0.3"], "masked LM (T4Rec's best masking 0.3)"),
     "dense_table": (
         ["--loss", "full"],
