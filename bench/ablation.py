@@ -60,6 +60,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--no-rerank", "--loss", "sampled"],
         "no re-ranking: sampled softmax over the catalogue, 2,048 negatives, logQ",
     ),
+    "full_catalogue": (
+        ["--no-rerank", "--loss", "full"],
+        "no re-ranking: the full softmax over the whole catalogue (SASRec's full cross-entropy)",
+    ),
     "gbce": (["--loss-fn", "gbce"], "gBCE over the re-ranked candidates (t = 0.75) instead of the softmax"),
     "label_smoothing": (["--label-smoothing", "0.3"], "label smoothing 0.3 (T4Rec best 0.6 on YOOCHOOSE)"),
     "dropout_0.3": (["--dropout", "0.3"], "dropout 0.3 instead of 0.5"),
