@@ -42,6 +42,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "no_stack": (["--stack", "0"], "no combiner fit on held-back sessions"),
     "no_rerank": (["--no-rerank"], "the head scores the whole catalogue, not the memory's candidates"),
     "no_head_gate": (["--no-head-gate"], "no per-session weight on the head's logits"),
+    "no_head_repeats": (
+        ["--no-head-repeats"],
+        "the network's logits left out at the session's own items: re-visits scored by the counts alone",
+    ),
     "head_off": (["--no-head-logits"], "no network item logits at all: gated counts only"),
     "patience_1": (
         ["--patience", "1"],

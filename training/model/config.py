@@ -132,6 +132,15 @@ class ModelConfig:
         default=True,
         metadata={"help": "the network's own item logits (h . item vector); off: the gated counts only"},
     )
+    head_repeats: bool = field(
+        default=True,
+        metadata={
+            "help": "item memory (no-op without): the network's own item logits score the session's own items "
+            "too; off: a re-visit is scored by the memory's terms alone (its head logit left out), so the "
+            "network ranks the new items and the repeat term decides re-visits (RepeatNet's repeat / "
+            "explore split)"
+        },
+    )
     # --- input block switches (ablations) ---------------------------------------------------------
     feature_norm: bool = field(
         default=False,

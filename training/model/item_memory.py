@@ -79,6 +79,14 @@ def _inv_softplus(y: Tensor) -> Tensor:
     return y + torch.log(-torch.expm1(-y))
 
 
+def _seen_before(context: TargetContext) -> Tensor:
+    """(M, W) bool: the item at this position is also at an earlier position of the target's context."""
+    ids, ctx = context.items, context.ctx
+    W = ids.shape[1]
+    before = torch.ones(W, W, dtype=torch.bool, device=ids.device).tril(-1)  # [j, i]: i < j
+    return ((ids[:, :, None] == ids[:, None, :]) & ctx[:, None, :] & before).any(2)
+
+
 class ItemMemory(nn.Module):
     """Count-based item scores added to the transformer's logits through learned gates.
 
@@ -124,8 +132,12 @@ class ItemMemory(nn.Module):
         *,
         head_gate: bool = False,
         rerank_popular: int = 0,
+        head_repeats: bool = True,
     ):
         super().__init__()
+        # ModelConfig.head_repeats: False = the network's own logit is left out of the score of every
+        # item of the target's context (`_repeat_cells`), which the count terms alone score
+        self.head_repeats = head_repeats
         self.register_buffer("cooc_idx", torch.zeros(n_items, k, dtype=torch.int32))
         self.register_buffer("cooc_val", torch.zeros(n_items, k))
         self.register_buffer("succ_idx", torch.zeros(n_items, k, dtype=torch.int32))
@@ -239,7 +251,26 @@ class ItemMemory(nn.Module):
                 continue
             j = col_of[idx].long().clamp_(max=n_cols - 1)  # column of each id if it is a candidate, else any
             out.scatter_add_(1, j, torch.where(cols[j] == idx, val, 0.0))
+        if not self.head_repeats and head is not None:
+            m, ids = self._repeat_cells(context)
+            j = ids if col_of is None else col_of[ids].long().clamp_(max=n_cols - 1)
+            val = self._repeat_head(lhs, rhs, m, j)
+            ok = val.new_ones((), dtype=torch.bool) if cols is None else cols[j] == ids
+            out.view(-1).index_add_(0, m * n_cols + j, torch.where(ok, val, 0.0))
         return out
+
+    def _repeat_cells(self, context: TargetContext) -> tuple[Tensor, Tensor]:
+        """(head_repeats off) the cells whose head logit is left out: each distinct item of each
+        target's context, once (its first context position), as (target (N,), item id (N,)),
+        row-major."""
+        m, w = (context.ctx & ~_seen_before(context)).nonzero(as_tuple=True)
+        return m, context.items[m, w].long()
+
+    @staticmethod
+    def _repeat_head(lhs: Tensor, rhs: Tensor, m: Tensor, col: Tensor) -> Tensor:
+        """(N,) minus the network's logit at the cells (m, col) of `_factors`' (M, E+1) and
+        (cols, E+1) factors (their last column is the popularity term, not the network's)."""
+        return -(lhs[m, :-1] * rhs[col, :-1]).sum(1)
 
     def _factors(
         self, h: Tensor, head: HeadFactors | None, cols: Tensor | None
@@ -403,9 +434,13 @@ class ItemMemory(nn.Module):
             if head is not None:  # + the network's logits; (B, C, E) is large: no concatenation to it
                 lhs = self._head_lhs(h, head.h)  # (B, E)
                 if head.w.dim() == 2:  # (V, E) the whole table: one (B, V) product, read at cand
-                    out = out + (lhs @ head.w.float().T).gather(1, cand)
+                    hl = (lhs @ head.w.float().T).gather(1, cand)
                 else:
-                    out = out + torch.bmm(head.w.float(), lhs[:, :, None]).squeeze(2)  # (B, C)
+                    hl = torch.bmm(head.w.float(), lhs[:, :, None]).squeeze(2)  # (B, C)
+                if not self.head_repeats:  # no network logit at the session's own items
+                    own = torch.where(context.ctx, context.items, -1)  # (B, L)
+                    hl = hl.masked_fill((cand[:, :, None] == own[:, None, :]).any(2), 0.0)
+                out = out + hl
 
         for idx, val in self._count_terms(g, context, lists):  # out[b, column of idx[b, j]] += val[b, j]
             j = torch.searchsorted(cand, idx).clamp_(max=C - 1)  # (B, N) first position of idx, if present
@@ -625,6 +660,12 @@ class ItemMemory(nn.Module):
         wc, wr, ws = self._gate_weights(g, view.context)
         val = _term_values(view, g, wc, wr, ws)
         z.index_add_(0, sets.term_at, val)  # the count terms
+        if not self.head_repeats and head is not None:
+            # the context entries lead with the cells of `_repeat_cells`, in its order: their first positions
+            first = self._first_positions(view)
+            rep_at = sets.term_at[view.cooc_p.shape[0] + view.succ_m.shape[0] :][: view.pm.shape[0]][first]
+            j = torch.searchsorted(cols, view.ctx_ids[first])
+            z.index_add_(0, rep_at, self._repeat_head(lhs, rhs, view.pm[first], j))
         block, pair = z[: M * P].view(M, P), z[M * P : -1]
         # log-sum-exp per target over its block row and its pairs (the max only steadies it)
         top = block.detach().max(1).values if P else torch.full((M,), float("-inf"), device=h.device)
@@ -657,4 +698,13 @@ class ItemMemory(nn.Module):
         j = self._column_map(cols)[ids].long().clamp_(max=U - 1)
         # out[m, column of ids] += val where the id is a column (flat: serial, in order, on the CPU)
         out.index_add_(0, m * U + j, torch.where(cols[j] == ids, val, 0.0))
+        if not self.head_repeats and head is not None:
+            rm, rids = self._repeat_cells(view.context)
+            rj = self._column_map(cols)[rids].long().clamp_(max=U - 1)
+            out.index_add_(0, rm * U + rj, torch.where(cols[rj] == rids, self._repeat_head(lhs, rhs, rm, rj), 0.0))
         return out.view(M, U)
+
+    def _first_positions(self, view: RerankEntries) -> Tensor:
+        """(P,) bool over the context entries (view.pm, view.pw): the item's first position in its
+        target's context (`_repeat_cells`' cells, in the same row-major order)."""
+        return ~_seen_before(view.context)[view.pm, view.pw]

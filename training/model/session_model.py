@@ -188,6 +188,7 @@ class SessionModel(nn.Module):
                 cfg.memory_decay,
                 head_gate=cfg.head_gate,
                 rerank_popular=cfg.rank_popular if cfg.rerank else 0,
+                head_repeats=cfg.head_repeats,
             )
             if cfg.memory
             else None

@@ -185,10 +185,12 @@ def test_training_candidates_leave_the_session_out_and_match_a_loop(objective):
 
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 @pytest.mark.parametrize("leave_out", [True, False])
-def test_flat_entry_scores_equal_the_list_scores_and_their_gradients(objective, leave_out):
+@pytest.mark.parametrize("head_repeats", [True, False])
+def test_flat_entry_scores_equal_the_list_scores_and_their_gradients(objective, leave_out, head_repeats):
     """rerank_scores (flat entries, training) = combine over packed_view's (M, W, K) lists at every
-    candidate, -inf elsewhere; the gradients of the gates, the position weights and h agree."""
-    m = make_model(objective=objective)
+    candidate, -inf elsewhere; the gradients of the gates, the position weights and h agree (also
+    with the head's logit left out at the context items, head_repeats off)."""
+    m = make_model(objective=objective, head_repeats=head_repeats)
     mem = m.item_memory
     items, lengths = random_sessions(60, V, seed=2, max_len=L, min_len=2)
     p, tgt = packed(items, lengths, objective)
@@ -220,11 +222,12 @@ def test_flat_entry_scores_equal_the_list_scores_and_their_gradients(objective, 
 
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 @pytest.mark.parametrize("leave_out", [True, False])
-def test_candidate_only_cross_entropy_equals_the_masked_dense_one(objective, leave_out):
+@pytest.mark.parametrize("head_repeats", [True, False])
+def test_candidate_only_cross_entropy_equals_the_masked_dense_one(objective, leave_out, head_repeats):
     """rerank_ce (the popular block + one dot product per other candidate pair, no (M, U) tensor)
     = cross-entropy of rerank_scores' (M, U) masked scores over the targets among their
     candidates; and the same gradients for h, the item vectors, the gates and position weights."""
-    m = make_model(objective=objective)
+    m = make_model(objective=objective, head_repeats=head_repeats)
     mem = m.item_memory
     items, lengths = random_sessions(60, V, seed=1, max_len=L, min_len=2)  # the sessions in the counts
     p, tgt = packed(items, lengths, objective)
@@ -286,6 +289,8 @@ def dense_reference(m: SessionModel, p, tgt: PackedTargets, sets: list[set[int]]
         ("clm", {}, 0.2),
         ("clm", {"loss": "sampled", "negatives": 3}, 0.0),  # re-ranking ignores the sampled columns
         ("clm", {"head_gate": False, "head_logits": False}, 0.0),
+        ("mlm", {"head_repeats": False}, 0.0),
+        ("clm", {"head_repeats": False}, 0.2),
     ],
 )
 def test_union_column_loss_equals_the_dense_masked_loss(objective, kw, smoothing, monkeypatch):
@@ -330,6 +335,25 @@ def test_loss_without_any_target_among_its_candidates_is_zero_and_connected():
     loss.backward()
 
 
+def test_head_repeats_off_scores_the_context_items_by_the_counts_alone():
+    """head_repeats off: at the items of a session the score is the count terms' alone (the network's
+    logit left out, once per item however often the session holds it); every other item's score is
+    the same as with the head's logits, bit for bit."""
+    on, off, counts = make_model(), make_model(head_repeats=False), make_model()
+    counts.item_memory.head_scale.fill_(0.0)  # no network logits anywhere
+    items, lengths = random_sessions(64, V, seed=5, max_len=L, min_len=1)
+    items[0, :4], lengths[0] = [7, 9, 7, 7], 4  # an item the session holds three times
+    feats, lens = {ITEM: torch.from_numpy(items)}, torch.from_numpy(lengths)
+    with torch.no_grad():
+        s_on, s_off, s_counts = (m.next_item_scores(feats, lens) for m in (on, off, counts))
+    own = torch.zeros_like(s_on, dtype=torch.bool)
+    for b, n in enumerate(lengths.tolist()):
+        own[b, items[b, :n].tolist()] = True
+    assert torch.equal(s_off[~own], s_on[~own])
+    assert torch.allclose(s_off[own], s_counts[own], rtol=0, atol=1e-5)
+    assert (s_on[own] - s_counts[own]).abs().max() > 0.1  # the network's logits are there with the flag on
+
+
 # --- serving ---------------------------------------------------------------------------
 
 
@@ -344,8 +368,9 @@ def assert_same_top_k(
     assert torch.equal(gi[clear], wi[clear].long())
 
 
-def test_served_top_k_is_the_exact_masked_top_k(monkeypatch):
-    m = make_model()
+@pytest.mark.parametrize("head_repeats", [True, False])
+def test_served_top_k_is_the_exact_masked_top_k(monkeypatch, head_repeats):
+    m = make_model(head_repeats=head_repeats)
     assert m.cfg.rank == "two_stage"  # "auto" under rerank: the memory's candidates at any catalogue size
     items, lengths = random_sessions(64, V, seed=3, max_len=L, min_len=1)
     feats, lens = {ITEM: torch.from_numpy(items)}, torch.from_numpy(lengths)
@@ -374,8 +399,9 @@ def test_candidate_count_does_not_grow_with_the_catalogue():
     )
 
 
-def test_traced_ranker_equals_eager_under_rerank():
-    m = make_model()
+@pytest.mark.parametrize("head_repeats", [True, False])
+def test_traced_ranker_equals_eager_under_rerank(head_repeats):
+    m = make_model(head_repeats=head_repeats)
     ranker = TopKRanker(m, [ITEM], POP, V, {ITEM: V}, L)
     schema = {"categorical": {ITEM: V}, "max_sequence_length": L}
     traced = trace_ranker(ranker, example_inputs(schema, batch=8))  # checks two batch sizes itself
