@@ -115,6 +115,14 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "batch_384": (["--batch-size", "384"], "batch 384 instead of 128 (T4Rec's best on YOOCHOOSE)"),
     "mlm_0.15": (["--objective", "mlm", "--mask-prob", "0.15"], "masked LM, masking 0.15"),
     "mlm_0.5": (["--objective", "mlm", "--mask-prob", "0.5"], "masked LM, masking 0.5"),
+    "mask_last_0.25": (
+        ["--mask-last", "0.25"],
+        "a quarter of each batch's sessions masked at their last item only (BERT4Rec's next-item samples)",
+    ),
+    "mask_last_0.5": (
+        ["--mask-last", "0.5"],
+        "half of each batch's sessions masked at their last item only (BERT4Rec's next-item samples)",
+    ),
     "hop2_0.3": (
         ["--memory-hop2", "0.3"],
         "co-occurrence rows with free slots filled with two-hop items, pseudo-count up to 0.3",

@@ -98,7 +98,9 @@ def stack_memory(
             for st, rows, leave_out in batches:
                 feats, lengths = st.batch(rows)  # (b, width), (b,)
                 masked = (
-                    mask_positions(feats[item], lengths, model.cfg.mask_prob, gen).masked if mlm else None
+                    mask_positions(feats[item], lengths, model.cfg.mask_prob, gen, last=model.cfg.mask_last).masked
+                    if mlm
+                    else None
                 )
                 packed = pack_sessions(feats, lengths, masked).to(device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):

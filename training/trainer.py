@@ -544,7 +544,9 @@ class Trainer:
                 feats, lengths = st.batch(idx)  # CPU, (b, max length in the batch)
                 masked = None
                 if mlm:  # drawn on the CPU generator: the same on any device, exact on resume
-                    masked = mask_positions(feats[item], lengths, model.cfg.mask_prob, mask_gen).masked
+                    masked = mask_positions(
+                        feats[item], lengths, model.cfg.mask_prob, mask_gen, last=model.cfg.mask_last
+                    ).masked
                 # several sessions per row, no compute on padding
                 packed = pack_sessions(feats, lengths, masked)
                 if device.type != "cpu":

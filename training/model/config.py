@@ -79,6 +79,13 @@ class ModelConfig:
     mask_prob: float = field(
         default=0.15, metadata={"help": "mlm: probability that a real position is masked"}
     )
+    mask_last: float = field(
+        default=0.0,
+        metadata={
+            "help": "mlm: share of the sessions of a batch whose only masked position is their last item "
+            "(BERT4Rec's extra samples that match the next-item task); the others are masked at mask_prob"
+        },
+    )
     mask_init_std: float = 0.001  # trainable mask embedding ~ N(0, 0.001) as T4Rec
     # --- item memory (off in the reference recipe; see ItemMemory) ---------------
     memory: bool = field(
@@ -254,6 +261,8 @@ class ModelConfig:
             )
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+        if not 0.0 <= self.mask_last <= 1.0:
+            raise ValueError(f"mask_last must be in [0, 1], got {self.mask_last}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
         if self.memory and self.memory_k < 1:

@@ -35,7 +35,12 @@ class MaskedPositions:
 
 
 def mask_positions(
-    items: Tensor, lengths: Tensor, prob: float, generator: torch.Generator | None = None
+    items: Tensor,
+    lengths: Tensor,
+    prob: float,
+    generator: torch.Generator | None = None,
+    *,
+    last: float = 0.0,
 ) -> MaskedPositions:
     """Bernoulli(prob) masking with >= 1 masked and never all masked per session.
 
@@ -43,6 +48,10 @@ def mask_positions(
     uniformly chosen position, then unmask one uniformly chosen position in
     sessions where everything ended up masked. Pure tensor code, no loops.
     Random numbers come from `generator` (its device), so a run is reproducible.
+
+    last > 0: each session with >= 2 maskable positions is, with probability `last`, masked at
+    its last maskable position only (BERT4Rec, Sun et al. 2019, section 3.6: samples that mask the
+    last item match the next-item task); drawn after the others, so last = 0 draws what it did.
     """
     B, L = items.shape
     dev = generator.device if generator is not None else items.device
@@ -58,6 +67,10 @@ def mask_positions(
     all_masked = masked.sum(1) == n_maskable  # (B,)
     unmask = torch.where(maskable, r[2], -1.0).argmax(1)  # (B,)
     masked = masked & ~(F.one_hot(unmask, L).bool() & all_masked[:, None])
+    if last > 0:
+        pick = (torch.rand(B, generator=generator, device=dev).to(items.device) < last) & (n_maskable >= 2)
+        final = torch.where(maskable, pos[None, :], -1).max(1).values.clamp(min=0)  # (B,)
+        masked = torch.where(pick[:, None], F.one_hot(final, L).bool() & maskable, masked)
     return MaskedPositions(masked=masked, targets=items[masked])
 
 

@@ -594,7 +594,7 @@ class SessionModel(nn.Module):
             m = (
                 masking
                 if masking is not None
-                else mask_positions(items, lengths, self.cfg.mask_prob, generator)
+                else mask_positions(items, lengths, self.cfg.mask_prob, generator, last=self.cfg.mask_last)
             )
             masked = m.masked
         return self.packed_loss(PackedSessions(feats, segment, masked), generator=generator)

@@ -124,6 +124,35 @@ def test_masking_rate_and_determinism():
     assert 0.15 < rate < 0.2  # Bernoulli(0.15) plus one forced position per session
 
 
+def test_masking_the_last_item_only():
+    """last = p: a share p of the sessions is masked at its last maskable position only (BERT4Rec's
+    next-item samples), the rest as before; last = 0 draws exactly the masks of the plain call."""
+    g = torch.Generator().manual_seed(2)
+    B, L = 4000, 12
+    lengths = torch.randint(0, L + 1, (B,), generator=g)
+    items = torch.randint(FIRST_REAL_ID, ITEMS, (B, L), generator=g)
+    items[torch.rand(B, L, generator=g) < 0.1] = 2  # OOV items: never masked, may end a session
+    items[torch.arange(L)[None, :] >= lengths[:, None]] = 0
+    maskable = (torch.arange(L)[None, :] < lengths[:, None]) & (items >= FIRST_REAL_ID)
+    two = maskable.sum(1) >= 2
+    final = torch.where(maskable, torch.arange(L)[None, :], -1).max(1).values  # last maskable position
+    only_final = torch.zeros(B, L, dtype=torch.bool)
+    only_final[two, final[two]] = True
+
+    plain = mask_positions(items, lengths, 0.3, torch.Generator().manual_seed(7)).masked
+    zero = mask_positions(items, lengths, 0.3, torch.Generator().manual_seed(7), last=0.0).masked
+    assert torch.equal(plain, zero)
+    every = mask_positions(items, lengths, 0.3, torch.Generator().manual_seed(7), last=1.0).masked
+    assert torch.equal(every[two], only_final[two]) and not every[~two].any()
+    some = mask_positions(items, lengths, 0.3, torch.Generator().manual_seed(7), last=0.4).masked
+    assert not (some & ~maskable).any() and (some[two].sum(1) >= 1).all()
+    is_last_only = (some == only_final).all(1)[two].float().mean().item()
+    base = (plain == only_final).all(1)[two].float().mean().item()  # Bernoulli alone, rarely
+    assert 0.36 < is_last_only - 0.6 * base < 0.44
+    changed = ~(some == plain).all(1)
+    assert (some[changed] == only_final[changed]).all()  # a session is either as before or last-only
+
+
 # --- scores -----------------------------------------------------------------------
 
 
