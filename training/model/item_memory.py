@@ -661,7 +661,8 @@ class ItemMemory(nn.Module):
         val = _term_values(view, g, wc, wr, ws)
         z.index_add_(0, sets.term_at, val)  # the count terms
         if not self.head_repeats and head is not None:
-            # the context entries lead with the cells of `_repeat_cells`, in its order: their first positions
+            # term_at's third block is the context entries (`_term_index`); at each item's first position
+            # they are `_repeat_cells`' cells
             first = self._first_positions(view)
             rep_at = sets.term_at[view.cooc_p.shape[0] + view.succ_m.shape[0] :][: view.pm.shape[0]][first]
             j = torch.searchsorted(cols, view.ctx_ids[first])
