@@ -696,12 +696,13 @@ class ItemMemory(nn.Module):
         wc, wr, ws = self._gate_weights(g, view.context)
         m, ids, _ = _term_index(view)
         val = _term_values(view, g, wc, wr, ws)  # one pass, in the order of combine's terms
-        j = self._column_map(cols)[ids].long().clamp_(max=U - 1)
+        col_of = self._column_map(cols)
+        j = col_of[ids].long().clamp_(max=U - 1)
         # out[m, column of ids] += val where the id is a column (flat: serial, in order, on the CPU)
         out.index_add_(0, m * U + j, torch.where(cols[j] == ids, val, 0.0))
         if not self.head_repeats and head is not None:
             rm, rids = self._repeat_cells(view.context)
-            rj = self._column_map(cols)[rids].long().clamp_(max=U - 1)
+            rj = col_of[rids].long().clamp_(max=U - 1)
             out.index_add_(0, rm * U + rj, torch.where(cols[rj] == rids, self._repeat_head(lhs, rhs, rm, rj), 0.0))
         return out.view(M, U)
 
