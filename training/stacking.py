@@ -33,7 +33,7 @@ from torch import nn
 from training.config import TrainConfig
 from training.data.splits import SessionTensors, eval_inputs_targets
 from training.evaluate import count_blend_metrics, evaluate_model
-from training.model import ItemMemory, SessionModel, mask_positions, pack_sessions
+from training.model import ItemMemory, SessionModel, pack_sessions
 
 GUARD_METRICS = ("ndcg@20", "recall@20")
 
@@ -97,11 +97,7 @@ def stack_memory(
                 batches = [batches[int(j)] for j in torch.randperm(len(batches), generator=gen)]
             for st, rows, leave_out in batches:
                 feats, lengths = st.batch(rows)  # (b, width), (b,)
-                masked = (
-                    mask_positions(feats[item], lengths, model.cfg.mask_prob, gen, last=model.cfg.mask_last).masked
-                    if mlm
-                    else None
-                )
+                masked = model.draw_masks(feats[item], lengths, gen).masked if mlm else None
                 packed = pack_sessions(feats, lengths, masked).to(device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss = model.packed_loss(

@@ -78,7 +78,7 @@ from training.evaluate import (
 from training.history import WindowHistory, set_memory, set_sample_counts  # noqa: F401 (set_memory: tests)
 from training.integrity import atomic_write
 from training.item_init import cooc_vectors, init_new_rows
-from training.model import ModelConfig, PackedSessions, SessionModel, mask_positions, pack_sessions
+from training.model import ModelConfig, PackedSessions, SessionModel, pack_sessions
 from training.model.choice import explain
 from training.names import AGE_COL, FIRST_REAL_ID, RANKS_DIR, list_col
 from training.optim import RowSparseAdam, pad_optimizer_state
@@ -544,9 +544,7 @@ class Trainer:
                 feats, lengths = st.batch(idx)  # CPU, (b, max length in the batch)
                 masked = None
                 if mlm:  # drawn on the CPU generator: the same on any device, exact on resume
-                    masked = mask_positions(
-                        feats[item], lengths, model.cfg.mask_prob, mask_gen, last=model.cfg.mask_last
-                    ).masked
+                    masked = model.draw_masks(feats[item], lengths, mask_gen).masked
                 # several sessions per row, no compute on padding
                 packed = pack_sessions(feats, lengths, masked)
                 if device.type != "cpu":

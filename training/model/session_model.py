@@ -568,6 +568,11 @@ class SessionModel(nn.Module):
         `sampled.sample_candidates` with cfg.negatives shared negatives drawn with `generator`."""
         return sampled.sample_candidates(self._sampler_tables(), targets, self.cfg.negatives, generator)
 
+    def draw_masks(self, items: Tensor, lengths: Tensor, generator: torch.Generator | None = None) -> MaskedPositions:
+        """mlm: the positions to predict in (B, L) right-padded sessions, at this model's mask_prob and
+        mask_last (`mask_positions`; training, stacking and `loss` all draw through here)."""
+        return mask_positions(items, lengths, self.cfg.mask_prob, generator, last=self.cfg.mask_last)
+
     def training_loss(
         self,
         feats: dict[str, Tensor],
@@ -594,7 +599,7 @@ class SessionModel(nn.Module):
             m = (
                 masking
                 if masking is not None
-                else mask_positions(items, lengths, self.cfg.mask_prob, generator, last=self.cfg.mask_last)
+                else self.draw_masks(items, lengths, generator)
             )
             masked = m.masked
         return self.packed_loss(PackedSessions(feats, segment, masked), generator=generator)

@@ -153,6 +153,18 @@ def test_masking_the_last_item_only():
     assert (some[changed] == only_final[changed]).all()  # a session is either as before or last-only
 
 
+def test_the_model_draws_its_masks_at_its_mask_prob_and_mask_last():
+    """SessionModel.draw_masks (what training, stacking and `loss` draw) reads cfg.mask_prob and cfg.mask_last."""
+    items = torch.full((300, 10), FIRST_REAL_ID)
+    lengths = torch.full((300,), 10)
+    for last in (0.0, 1.0):
+        m = SessionModel(make_cfg(objective="mlm", mask_prob=0.3, mask_last=last))
+        got = m.draw_masks(items, lengths, torch.Generator().manual_seed(3)).masked
+        want = mask_positions(items, lengths, 0.3, torch.Generator().manual_seed(3), last=last).masked
+        assert torch.equal(got, want)
+    assert got[:, -1].all() and got.sum() == 300  # mask_last 1: each session's last item only
+
+
 # --- scores -----------------------------------------------------------------------
 
 
