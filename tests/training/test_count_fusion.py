@@ -1,0 +1,54 @@
+"""bench.count_fusion (issue 17): the blend it adds terms to is the Trainer's count blend, window by
+window, and a term's weight moves the ranks only through the term."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench.count_fusion import main, parse_term, run
+
+FLAGS = ["--recipe", "real", "--end-window", "3"]
+
+
+def test_the_blend_at_weight_zero_is_the_count_blend_a_training_run_reports(
+    tiny_synthetic_data, tmp_path, repo_root
+):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.train", "--data", str(tiny_synthetic_data), "--out", str(out), *FLAGS,
+         "--epochs", "1", "--no-progress", "--threads", "1", "--eval-split", "valid"],
+        capture_output=True, text=True, cwd=repo_root,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = {
+        w["eval_window"]: w["baselines"]["count_blend"]
+        for w in json.loads((out / "metrics.json").read_text())["windows"]
+        if "baselines" in w
+    }
+    res = run(tiny_synthetic_data, ["vsknn", "recent_1", "recent_99"], (0.0, 0.5, 1.0), recipe_args=FLAGS)
+    rows = {r["eval_window"]: r for r in res["windows"]}
+    assert rows and set(rows) <= set(trained)
+    for w, r in rows.items():
+        for term in ("vsknn", "recent_1", "recent_99"):
+            for m in ("ndcg@20", "recall@20"):
+                assert r[f"{term}@0"][m] == pytest.approx(trained[w][m], abs=1e-12), (w, term, m)
+        # the last 99 windows are every window: blend + a * blend ranks as the blend
+        for a in ("0.5", "1"):
+            assert r[f"recent_99@{a}"] == r["recent_99@0"]
+    # the terms do move the ranks (else the comparison above could not fail for them)
+    assert any(r["vsknn@1"] != r["vsknn@0"] for r in rows.values())
+    assert any(r["recent_1@1"] != r["recent_1@0"] for r in rows.values())
+
+
+def test_a_bad_term_names_itself(tiny_synthetic_data, tmp_path, capsys):
+    with pytest.raises(ValueError, match="'recent_0'.*R >= 1"):
+        parse_term("recent_0")
+    assert (
+        main(["--data", str(tiny_synthetic_data), "--out", str(tmp_path / "f.json"), "--terms", "knn"]) == 2
+    )
+    assert "'knn'" in capsys.readouterr().err
+    assert not (tmp_path / "f.json").exists()
