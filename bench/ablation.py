@@ -106,6 +106,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--train-budget", "20000"],
         "a window trains on up to its newest 20,000 sessions (5,000 in the recipe): more data for the network",
     ),
+    "budget_2k": (
+        ["--train-budget", "2000"],
+        "a window trains on up to its newest 2,000 sessions (5,000 in the recipe): the network nearer the "
+        "evaluation window, in less time",
+    ),
     "cooc_init": (
         ["--item-init", "cooc"],
         "new item rows start from the co-occurrence counts' singular vectors, not noise",

@@ -10,6 +10,9 @@ unknown then is a miss). Terms:
                row maximum, in [0, 1]: what a session-kNN term in the item memory would bring
     recent_R   the blend of the counts of the last R training windows only (windows t-R+1..t):
                recent co-listening and popularity beside the counts of the whole history
+    decay_G    not added but in place of the blend: the blend of counts in which window w's sessions
+               weigh G ** (t - w) (G in (0, 1]; decay_1 is the blend), one score per window, its
+               alphas all equal: recency inside the tables themselves
 
 A gate the model learns per session starts from such a fixed mix; a term that adds little at its best
 fixed weight on held-out sessions is a weak candidate for the memory. Choose on `valid`.
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import Tensor
 
@@ -48,14 +52,37 @@ DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0)
 METRICS = ("ndcg@20", "recall@20")
 
 
-def parse_term(name: str) -> tuple[str, int]:
-    """'vsknn' -> ('vsknn', 0); 'recent_R' -> ('recent', R >= 1); anything else: ValueError."""
+def parse_term(name: str) -> tuple[str, float]:
+    """'vsknn' -> ('vsknn', 0); 'recent_R' -> ('recent', R >= 1); 'decay_G' -> ('decay', G in (0, 1]);
+    anything else: ValueError."""
     if name == "vsknn":
         return name, 0
     kind, _, r = name.partition("_")
     if kind == "recent" and r.isdigit() and int(r) >= 1:
         return kind, int(r)
-    raise ValueError(f"term {name!r}: expected 'vsknn' or 'recent_R' with R >= 1 windows")
+    if kind == "decay":
+        try:
+            g = float(r)
+        except ValueError:
+            g = -1.0
+        if 0 < g <= 1:
+            return kind, g
+    raise ValueError(
+        f"term {name!r}: expected 'vsknn', 'recent_R' with R >= 1 windows or 'decay_G' with 0 < G <= 1"
+    )
+
+
+class _Decayed:
+    """Counts of several windows summed with weights (float): what `memory_tables` reads (pop, cooc, succ)."""
+
+    def __init__(self, parts: list[tuple[float, BaselineCounts]], n_items: int):
+        self.pop = np.zeros(n_items)
+        self.cooc = sp.csr_matrix((n_items, n_items))
+        self.succ = sp.csr_matrix((n_items, n_items))
+        for w, c in parts:
+            self.pop = self.pop + w * c.pop
+            self.cooc = self.cooc + w * c.cooc.astype(np.float64)
+            self.succ = self.succ + w * c.succ.astype(np.float64)
 
 
 def _memory(tables: dict[str, np.ndarray], V: int, cfg: ModelConfig) -> ItemMemory:
@@ -105,6 +132,14 @@ def fuse_window(
         base = blend.next_item_scores(h, it, ln)
         V = base.shape[1]
         for name, src in terms.items():
+            if isinstance(src, tuple):  # ("replace", ItemMemory): in place of the blend, alpha unused
+                s = src[1].next_item_scores(h, it, ln)
+                s[:, :FIRST_REAL_ID] = float("-inf")
+                s[:, known:] = float("-inf")
+                r = pessimistic_ranks(s, tg)
+                for a in alphas:
+                    out.setdefault(f"{name}@{a:g}", []).append(r)
+                continue
             if isinstance(src, ItemMemory):
                 add = src.next_item_scores(h, it, ln)
             else:
@@ -182,9 +217,13 @@ def run(
             kind, r = parse_term(n)
             if kind == "vsknn":
                 terms[n] = vsknn_counts
-            else:
+            elif kind == "recent":
                 recent = _counts(sessions([w for w in upto if w > t - r]), n_all, False)
                 terms[n] = _memory(memory_tables(recent, mcfg.memory_k, mcfg.memory_hop2), V, mcfg)
+            else:
+                parts = [(r ** (t - w), _counts(sessions([w]), n_all, False)) for w in upto]
+                decayed = memory_tables(_Decayed(parts, n_all), mcfg.memory_k, mcfg.memory_hop2)  # type: ignore[arg-type]
+                terms[n] = ("replace", _memory(decayed, V, mcfg))
         st, miss = known_inputs(ev, known, item, age_f)
         feats, lengths, targets = eval_inputs_targets(st, item)
         ranks = fuse_window(blend, terms, feats[item], lengths, targets, known[item], mcfg.d_model, alphas)
@@ -217,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.count_fusion", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="the JSON written")
-    p.add_argument("--terms", nargs="+", default=["vsknn", "recent_3"], help="vsknn, recent_R (R windows)")
+    p.add_argument(
+        "--terms", nargs="+", default=["vsknn", "recent_3"], help="vsknn, recent_R (R windows), decay_G"
+    )
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
     p.add_argument("--split", default="valid", choices=["valid", "test"])
     p.add_argument("--start-window", type=int)

@@ -29,24 +29,31 @@ def test_the_blend_at_weight_zero_is_the_count_blend_a_training_run_reports(
         for w in json.loads((out / "metrics.json").read_text())["windows"]
         if "baselines" in w
     }
-    res = run(tiny_synthetic_data, ["vsknn", "recent_1", "recent_99"], (0.0, 0.5, 1.0), recipe_args=FLAGS)
+    terms = ["vsknn", "recent_1", "recent_99", "decay_1", "decay_0.5"]
+    res = run(tiny_synthetic_data, terms, (0.0, 0.5, 1.0), recipe_args=FLAGS)
     rows = {r["eval_window"]: r for r in res["windows"]}
     assert rows and set(rows) <= set(trained)
     for w, r in rows.items():
-        for term in ("vsknn", "recent_1", "recent_99"):
+        for term in ("vsknn", "recent_1", "recent_99", "decay_1"):
             for m in ("ndcg@20", "recall@20"):
                 assert r[f"{term}@0"][m] == pytest.approx(trained[w][m], abs=1e-12), (w, term, m)
-        # the last 99 windows are every window: blend + a * blend ranks as the blend
+        # the last 99 windows are every window: blend + a * blend ranks as the blend; decay_1 weighs
+        # every window 1 (float counts), decay terms replace the blend whatever the alpha
         for a in ("0.5", "1"):
             assert r[f"recent_99@{a}"] == r["recent_99@0"]
+            assert r[f"decay_1@{a}"] == r["decay_1@0"] and r[f"decay_0.5@{a}"] == r["decay_0.5@0"]
     # the terms do move the ranks (else the comparison above could not fail for them)
     assert any(r["vsknn@1"] != r["vsknn@0"] for r in rows.values())
     assert any(r["recent_1@1"] != r["recent_1@0"] for r in rows.values())
+    assert any(r["decay_0.5@0"] != r["decay_1@0"] for r in rows.values())
 
 
 def test_a_bad_term_names_itself(tiny_synthetic_data, tmp_path, capsys):
     with pytest.raises(ValueError, match="'recent_0'.*R >= 1"):
         parse_term("recent_0")
+    for bad in ("decay_0", "decay_1.5", "decay_x"):
+        with pytest.raises(ValueError, match=f"'{bad}'.*0 < G <= 1"):
+            parse_term(bad)
     assert (
         main(["--data", str(tiny_synthetic_data), "--out", str(tmp_path / "f.json"), "--terms", "knn"]) == 2
     )
