@@ -431,9 +431,11 @@ def two_hop_fill(
         hop = (hop - one - own).tocsr()  # one-hop items and self go negative
         hop.sum_duplicates()
         hr = np.repeat(np.arange(b), np.diff(hop.indptr))
-        keep = (hop.data > 0) & (hop.indices >= FIRST_REAL_ID)
-        # rounded: equal scores summed in another order must tie (then popularity decides)
-        hr, hc, hv = hr[keep], hop.indices[keep].astype(np.int64), np.round(hop.data[keep], 9)
+        # rounded: equal scores summed in another order must tie (then popularity decides); a score that
+        # rounds to 0 (weighted counts far below one: bench.count_fusion's decay) is none
+        rounded = np.round(hop.data, 9)
+        keep = (rounded > 0) & (hop.indices >= FIRST_REAL_ID)
+        hr, hc, hv = hr[keep], hop.indices[keep].astype(np.int64), rounded[keep]
         order = np.lexsort((-tie[hc], -hv, hr))  # by row, then score desc, then popularity desc
         hr, hc, hv = hr[order], hc[order], hv[order]
         rank = np.arange(hr.size) - np.searchsorted(hr, hr)  # place within its row

@@ -300,3 +300,23 @@ def test_memory_hop2_must_be_a_pseudo_count():
 
     with pytest.raises(ValueError, match=r"memory_hop2 must be in \[0, 1\].*got 1.5"):
         ModelConfig(memory_hop2=1.5)
+
+
+def test_two_hop_fill_of_weighted_counts_far_below_one_fills_no_nan():
+    """Weighted counts (bench.count_fusion's decay) can give two-hop scores that round to 0: such an
+    item is not filled in (it was, with a 0 / 0 pseudo-count)."""
+    from training.baselines import two_hop_fill
+
+    # a -> y with count 1e-5, y -> z with count 1e-5: s(z) = log1p(1e-5) ** 2 ~ 1e-10, rounds to 0
+    idx = np.zeros((6, 3), dtype=np.int32)
+    val = np.zeros((6, 3), dtype=np.float32)
+    idx[3, 0], val[3, 0] = 4, 1e-5
+    idx[4, :2], val[4, :2] = [3, 5], [1e-5, 1e-5]
+    tie = np.zeros(6)
+    out_idx, out_val = two_hop_fill(idx, val, 0.6, tie)
+    assert np.isfinite(out_val).all()
+    assert np.array_equal(out_idx, idx) and np.array_equal(out_val, val)
+    # the same shape with counts of 1 fills 5 into row 3
+    val[val > 0] = 1.0
+    out_idx, out_val = two_hop_fill(idx, val, 0.6, tie)
+    assert out_idx[3, 1] == 5 and out_val[3, 1] == pytest.approx(0.6)
