@@ -111,6 +111,14 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "a window trains on up to its newest 2,000 sessions (5,000 in the recipe): the network nearer the "
         "evaluation window, in less time",
     ),
+    "window_decay_0.9": (
+        ["--memory-window-decay", "0.9"],
+        "the item memory's counts of window w weigh 0.9 ** (t - w) after window t (1 in the recipe): recency",
+    ),
+    "window_decay_0.8": (
+        ["--memory-window-decay", "0.8"],
+        "the item memory's counts of window w weigh 0.8 ** (t - w) after window t (1 in the recipe): recency",
+    ),
     "cooc_init": (
         ["--item-init", "cooc"],
         "new item rows start from the co-occurrence counts' singular vectors, not noise",

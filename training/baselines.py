@@ -144,6 +144,14 @@ class BaselineCounts:
         self._session_blocks.append(block)
         self._index = None
 
+    def scale(self, g: float) -> None:
+        """Every count so far times g (the item memory's window decay, ModelConfig.memory_window_decay):
+        pop, cooc and succ become float64 and later sessions add 1 each to them. V-SKNN's session
+        index is not weighted."""
+        self.pop = self.pop.astype(np.float64) * g
+        self.cooc = (self.cooc.astype(np.float64) * g).tocsr()
+        self.succ = (self.succ.astype(np.float64) * g).tocsr()
+
     def _session_index(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:
         """(S, V) session -> items, and (V, S) item -> its sample_size most recent sessions.
 

@@ -10,7 +10,9 @@ and the per-window counts a model is given (`set_memory`, `set_sample_counts`).
     history.close_window(t)                         # the counts now cover windows <= t
 
 Counting is exact integer addition (training/baselines.py), so counts accumulated window by
-window equal a recount of the same sessions and give the same tables (tested). A recount
+window equal a recount of the same sessions and give the same tables (tested). With
+ModelConfig.memory_window_decay G < 1 the counts are float and scaled by G at each new window,
+so window w's sessions weigh G ** (t - w) after window t (tested against the weighted sum). A recount
 only happens when the sessions already counted would read differently now: a value that
 reached --freq-threshold after its window was counted was OOV then and is an id now
 (`known_inputs`); without a threshold ids follow first appearance and that never happens.
@@ -42,8 +44,11 @@ class WindowHistory:
         age_feature: str | None,
         n_items: int,
         keep: bool = True,
+        decay: float = 1.0,
     ):
-        """keep: hold every split read (a run that reads earlier windows: item memory, cumulative)."""
+        """keep: hold every split read (a run that reads earlier windows: item memory, cumulative).
+        decay: window w's counts weigh decay ** (t - w) in the tables after window t
+        (ModelConfig.memory_window_decay; 1: plain counts)."""
         self.data, self.schema, self.keep = data, schema, keep
         self.item, self.age = item_feature, age_feature
         self.n_items = n_items  # the whole vocabulary: tables are sliced to the model's rows
@@ -53,6 +58,8 @@ class WindowHistory:
         self._open: list[SessionTensors] = []  # window t's sessions counted so far
         self._counted_known = 0  # item ids known when _counts was last added to
         self._oov_counted = False  # some counted session held an id that was then OOV
+        self.decay = decay
+        self._at: int | None = None  # the window at which the counts weigh 1 (decay < 1)
 
     def raw(self, w: int) -> SessionTensors:
         """Window w's training split as stored (read once)."""
@@ -102,18 +109,27 @@ class WindowHistory:
         if self._counts is None or set(self._counted) != set(before) or stale:  # (re)count windows < t
             assert not self._open, "a window's sessions are counted with one vocabulary"
             self._counts = BaselineCounts(self.n_items, sessions=False)  # no V-SKNN index needed
-            self._counted, self._oov_counted = list(before), False
-            for w in before:
+            self._counted, self._oov_counted, self._at = list(before), False, None
+            for w in sorted(before):
+                self._age_to(w)
                 self._add(self.known(self.raw(w), known))
                 self._oov_counted |= self._oov(w, known)
         elif not len(new) and self._open:
             return  # nothing new: the tables are those of the last call
         if not self._open:
             self._oov_counted |= self._oov(t, known)
+            self._age_to(t)
         self._counted_known = known[self.item]
         self._open.append(new)
         self._add(new)
         set_memory_counts(model, self._counts)
+
+    def _age_to(self, w: int) -> None:
+        """decay < 1: the counts so far, which weigh 1 at window `_at`, scaled to weigh 1 at window w."""
+        assert self._counts is not None
+        if self.decay < 1.0 and self._at is not None and w > self._at:
+            self._counts.scale(self.decay ** (w - self._at))
+        self._at = w if self._at is None else max(self._at, w)
 
     def close_window(self, t: int) -> None:
         """Window t is done: every one of its training sessions was passed to `fill_memory` (or

@@ -168,8 +168,9 @@ class Trainer:
         # earlier windows' training splits, read once, and the item memory's running counts
         keep = full.memory or cfg.train_on == "cumulative"
         self.history = WindowHistory(
-            self.data, self.schema, full.item_feature, self.age_feature, full.n_items, keep
-        )
+            self.data, self.schema, full.item_feature, self.age_feature, full.n_items, keep,
+            decay=full.memory_window_decay,
+        )  # fmt: skip
         self.writer: Any = None
         torch.manual_seed(cfg.seed)
         self._setup_model(mcfg)

@@ -70,3 +70,52 @@ def test_running_counts_equal_a_recount(late_ids: bool):
                 for k, v in _tables(fresh).items():
                     assert torch.equal(getattr(model.item_memory, k), v), (first, t, "all", k)
             history.close_window(t)
+
+
+@pytest.mark.parametrize("first", [1, 3])
+def test_window_decay_weighs_each_window_by_its_age(first: int):
+    """memory_window_decay G: after window t (its fitted sessions, then every one of them) the tables
+    are those of the weighted sum of each window's own counts, sum_w G ** (t - w) * counts(w), with an
+    empty window on the way and a run that starts late (a recount); G = 0.5 keeps every weight exact."""
+    from training.baselines import BaselineCounts
+    from training.history import set_memory_counts
+
+    G = 0.5
+    raw = {w: _sessions(0 if w == 3 else 25, 60, w) for w in range(1, 6)}
+    known = {ITEM: 60}
+    history = WindowHistory(Path("unused"), {}, ITEM, None, V, decay=G)
+    history._raw.update(raw)
+    model, fresh = _model(), _model()
+
+    def weighted(parts: dict[int, SessionTensors], t: int) -> BaselineCounts:
+        total = BaselineCounts(V, sessions=False)
+        total.scale(1.0)  # float counts
+        for w, st in parts.items():
+            c = BaselineCounts(V, sessions=False)
+            if len(st):
+                c.add_sessions(st.feats[ITEM].numpy(), st.lengths.numpy())
+            total.pop = total.pop + G ** (t - w) * c.pop
+            total.cooc = total.cooc + G ** (t - w) * c.cooc.astype(np.float64)
+            total.succ = total.succ + G ** (t - w) * c.succ.astype(np.float64)
+        return total
+
+    changed = False
+    for t in range(first, 6):
+        train = raw[t]
+        n = len(train)
+        fit, held = train.select(torch.arange(0, n, 2)), train.select(torch.arange(min(1, n), n, 2))
+        earlier = {w: raw[w] for w in range(1, t)}
+        if n:
+            history.fill_memory(model, t, list(range(1, t)), known, fit)
+            set_memory_counts(fresh, weighted({**earlier, t: fit}, t))
+            for k, v in _tables(fresh).items():
+                assert torch.equal(getattr(model.item_memory, k), v), (t, "fit", k)
+            history.fill_memory(model, t, list(range(1, t)), known, held)
+            set_memory_counts(fresh, weighted({**earlier, t: train}, t))
+            for k, v in _tables(fresh).items():
+                assert torch.equal(getattr(model.item_memory, k), v), (t, "all", k)
+            # the decay is not a no-op: plain counts give other values
+            set_memory(fresh, [*earlier.values(), train])
+            changed |= not torch.equal(fresh.item_memory.cooc_val, model.item_memory.cooc_val)
+        history.close_window(t)
+    assert changed, "the weighted tables never differed from the plain ones"

@@ -117,6 +117,14 @@ class ModelConfig:
             "<= 1: below one real co-occurrence; training.baselines.two_hop_fill)"
         },
     )
+    memory_window_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "item memory: after window t the counts of window w's sessions weigh this ** (t - w) in "
+            "its tables (1 = every session alike; recent co-occurrence and popularity count more below 1; "
+            "the classical baselines keep plain counts; bench.count_fusion's decay_G measures it untrained)"
+        },
+    )
     # --- how the network and the counts are combined (item memory; defaults: the network's item
     # logits are added to the gated counts over the whole catalogue) -----------------------------
     rerank: bool = field(
@@ -269,6 +277,8 @@ class ModelConfig:
             raise ValueError(f"memory_k must be >= 1, got {self.memory_k}")
         if not 0.0 <= self.memory_hop2 <= 1.0:
             raise ValueError(f"memory_hop2 must be in [0, 1] (0 = off), got {self.memory_hop2}")
+        if not 0.0 < self.memory_window_decay <= 1.0:
+            raise ValueError(f"memory_window_decay must be in (0, 1] (1 = off), got {self.memory_window_decay}")
         if self.memory_k_large < 1:
             raise ValueError(f"memory_k_large must be >= 1, got {self.memory_k_large}")
         if self.has_schema and self.n_items >= self.memory_k_min_items:
