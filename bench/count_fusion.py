@@ -12,7 +12,8 @@ unknown then is a miss). Terms:
                recent co-listening and popularity beside the counts of the whole history
     decay_G    not added but in place of the blend: the blend of counts in which window w's sessions
                weigh G ** (t - w) (G in (0, 1]; decay_1 is the blend), one score per window, its
-               alphas all equal: recency inside the tables themselves
+               alphas all equal: recency inside the tables themselves, the count blend of a model
+               trained with --memory-window-decay G (tested)
 
 A gate the model learns per session starts from such a fixed mix; a term that adds little at its best
 fixed weight on held-out sessions is a weak candidate for the memory. Choose on `valid`.
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import Tensor
 
@@ -72,19 +72,6 @@ def parse_term(name: str) -> tuple[str, float]:
     )
 
 
-class _Decayed:
-    """Counts of several windows summed with weights (float): what `memory_tables` reads (pop, cooc, succ)."""
-
-    def __init__(self, parts: list[tuple[float, BaselineCounts]], n_items: int):
-        self.pop = np.zeros(n_items)
-        self.cooc = sp.csr_matrix((n_items, n_items))
-        self.succ = sp.csr_matrix((n_items, n_items))
-        for w, c in parts:
-            self.pop = self.pop + w * c.pop
-            self.cooc = self.cooc + w * c.cooc.astype(np.float64)
-            self.succ = self.succ + w * c.succ.astype(np.float64)
-
-
 def _memory(tables: dict[str, np.ndarray], V: int, cfg: ModelConfig) -> ItemMemory:
     """An untrained ItemMemory (the count blend) holding the first V rows of `tables`."""
     mem = ItemMemory(V, int(tables["cooc_idx"].shape[1]), cfg.max_len, cfg.d_model, cfg.memory_decay).eval()
@@ -109,6 +96,22 @@ def _known_sessions(
         st = known_inputs(split, known, item, age_f)[0]
         out.append((st.feats[item].numpy(), st.lengths.numpy()))
     return out
+
+
+def _decayed(sessions: Any, windows: list[int], t: int, g: float, n_items: int) -> BaselineCounts:
+    """The counts of `windows` (<= t), window w's weighing g ** (t - w): scaled and added window by
+    window as the Trainer's item memory does under --memory-window-decay (training/history.py)."""
+    c, at = BaselineCounts(n_items, sessions=False), None
+    for w in sorted(windows):
+        if at is not None and g < 1.0:
+            c.scale(g ** (w - at))
+        for items, lengths in sessions([w]):
+            if len(lengths):
+                c.add_sessions(items, lengths)
+        at = w
+    if at is not None and at < t and g < 1.0:
+        c.scale(g ** (t - at))
+    return c
 
 
 @torch.no_grad()
@@ -221,9 +224,14 @@ def run(
                 recent = _counts(sessions([w for w in upto if w > t - r]), n_all, False)
                 terms[n] = _memory(memory_tables(recent, mcfg.memory_k, mcfg.memory_hop2), V, mcfg)
             else:
-                parts = [(r ** (t - w), _counts(sessions([w]), n_all, False)) for w in upto]
-                decayed = memory_tables(_Decayed(parts, n_all), mcfg.memory_k, mcfg.memory_hop2)  # type: ignore[arg-type]
-                terms[n] = ("replace", _memory(decayed, V, mcfg))
+                terms[n] = (
+                    "replace",
+                    _memory(
+                        memory_tables(_decayed(sessions, upto, t, r, n_all), mcfg.memory_k, mcfg.memory_hop2),
+                        V,
+                        mcfg,
+                    ),
+                )
         st, miss = known_inputs(ev, known, item, age_f)
         feats, lengths, targets = eval_inputs_targets(st, item)
         ranks = fuse_window(blend, terms, feats[item], lengths, targets, known[item], mcfg.d_model, alphas)

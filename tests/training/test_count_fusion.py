@@ -14,21 +14,28 @@ from bench.count_fusion import main, parse_term, run
 FLAGS = ["--recipe", "real", "--end-window", "3"]
 
 
-def test_the_blend_at_weight_zero_is_the_count_blend_a_training_run_reports(
-    tiny_synthetic_data, tmp_path, repo_root
-):
-    out = tmp_path / "run"
+def _count_blend_of_a_run(data, out, repo_root, *extra: str) -> dict[int, dict[str, float]]:
     proc = subprocess.run(
-        [sys.executable, "-m", "training.train", "--data", str(tiny_synthetic_data), "--out", str(out), *FLAGS,
+        [sys.executable, "-m", "training.train", "--data", str(data), "--out", str(out), *FLAGS, *extra,
          "--epochs", "1", "--no-progress", "--threads", "1", "--eval-split", "valid"],
         capture_output=True, text=True, cwd=repo_root,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    trained = {
+    return {
         w["eval_window"]: w["baselines"]["count_blend"]
         for w in json.loads((out / "metrics.json").read_text())["windows"]
         if "baselines" in w
     }
+
+
+def test_the_blend_at_weight_zero_is_the_count_blend_a_training_run_reports(
+    tiny_synthetic_data, tmp_path, repo_root
+):
+    trained = _count_blend_of_a_run(tiny_synthetic_data, tmp_path / "run", repo_root)
+    # a run whose memory weighs window w by 0.5 ** (t - w): its blend is decay_0.5's
+    decayed = _count_blend_of_a_run(
+        tiny_synthetic_data, tmp_path / "decayed", repo_root, "--memory-window-decay", "0.5"
+    )
     terms = ["vsknn", "recent_1", "recent_99", "decay_1", "decay_0.5"]
     res = run(tiny_synthetic_data, terms, (0.0, 0.5, 1.0), recipe_args=FLAGS)
     rows = {r["eval_window"]: r for r in res["windows"]}
@@ -37,6 +44,8 @@ def test_the_blend_at_weight_zero_is_the_count_blend_a_training_run_reports(
         for term in ("vsknn", "recent_1", "recent_99", "decay_1"):
             for m in ("ndcg@20", "recall@20"):
                 assert r[f"{term}@0"][m] == pytest.approx(trained[w][m], abs=1e-12), (w, term, m)
+        for m in ("ndcg@20", "recall@20"):
+            assert r["decay_0.5@0"][m] == pytest.approx(decayed[w][m], abs=1e-12), (w, "decay_0.5", m)
         # the last 99 windows are every window: blend + a * blend ranks as the blend; decay_1 weighs
         # every window 1 (float counts), decay terms replace the blend whatever the alpha
         for a in ("0.5", "1"):
@@ -46,6 +55,7 @@ def test_the_blend_at_weight_zero_is_the_count_blend_a_training_run_reports(
     assert any(r["vsknn@1"] != r["vsknn@0"] for r in rows.values())
     assert any(r["recent_1@1"] != r["recent_1@0"] for r in rows.values())
     assert any(r["decay_0.5@0"] != r["decay_1@0"] for r in rows.values())
+    assert decayed != trained  # the option reaches the run's tables
 
 
 def test_a_bad_term_names_itself(tiny_synthetic_data, tmp_path, capsys):
