@@ -11,8 +11,8 @@ unknown then is a miss). Terms:
     recent_R   the blend of the counts of the last R training windows only (windows t-R+1..t):
                recent co-listening and popularity beside the counts of the whole history
     decay_G    not added but in place of the blend: the blend of counts in which window w's sessions
-               weigh G ** (t - w) (G in (0, 1]; decay_1 is the blend), one score per window, its
-               alphas all equal: recency inside the tables themselves, the count blend of a model
+               weigh G ** (t - w) (G in (0, 1]; decay_1 is the blend), reported once, as decay_G@0:
+               recency inside the tables themselves, the count blend of a model
                trained with --memory-window-decay G (tested)
 
 A gate the model learns per session starts from such a fixed mix; a term that adds little at its best
@@ -139,9 +139,7 @@ def fuse_window(
                 s = src[1].next_item_scores(h, it, ln)
                 s[:, :FIRST_REAL_ID] = float("-inf")
                 s[:, known:] = float("-inf")
-                r = pessimistic_ranks(s, tg)
-                for a in alphas:
-                    out.setdefault(f"{name}@{a:g}", []).append(r)
+                out.setdefault(f"{name}@0", []).append(pessimistic_ranks(s, tg))  # once: no alpha
                 continue
             if isinstance(src, ItemMemory):
                 add = src.next_item_scores(h, it, ln)
