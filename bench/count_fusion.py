@@ -49,6 +49,7 @@ from training.names import AGE_COL, FIRST_REAL_ID, list_col
 from training.schema import Schema
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0)
+BLEND = "blend"  # the count blend alone: every ratio's reference
 METRICS = ("ndcg@20", "recall@20")
 
 
@@ -124,9 +125,11 @@ def fuse_window(
     known: int,
     d_model: int,
     alphas: tuple[float, ...],
+    *,
     batch: int = 256,
 ) -> dict[str, Tensor]:
-    """Ranks of the targets under blend + alpha * term, for every term and alpha: {'term@alpha': (N,)}.
+    """Ranks of the targets under blend + alpha * term, for every term and alpha: {'term@alpha': (N,)},
+    and under the blend alone ({BLEND: (N,)}).
     terms: name -> an ItemMemory (recent_R) or a BaselineCounts (vsknn)."""
     out: dict[str, list[Tensor]] = {}
     for i in range(0, len(targets), batch):
@@ -134,6 +137,10 @@ def fuse_window(
         h = torch.zeros(len(ln), d_model)  # the untrained gates do not read h
         base = blend.next_item_scores(h, it, ln)
         V = base.shape[1]
+        plain = base.clone()
+        plain[:, :FIRST_REAL_ID] = float("-inf")
+        plain[:, known:] = float("-inf")
+        out.setdefault(BLEND, []).append(pessimistic_ranks(plain, tg))
         for name, src in terms.items():
             if isinstance(src, tuple):  # ("replace", ItemMemory): in place of the blend, alpha unused
                 s = src[1].next_item_scores(h, it, ln)
@@ -167,6 +174,8 @@ def run(
     """Every evaluated window's metrics for every term and alpha, and their mean over windows."""
     for n in term_names:
         parse_term(n)
+    if any(a < 0 for a in alphas):
+        raise ValueError(f"alphas {list(alphas)}: expected weights >= 0")
     cfg = config.parse_args(["--data", str(data), "--out", "-", *(recipe_args or [])], "count_fusion", "")
     schema = load_schema(data)
     vocab = Schema.of(schema)
@@ -238,7 +247,7 @@ def run(
             m = metrics_from_ranks(r.masked_fill(miss, float("inf")))
             row[k] = {x: m[x] for x in METRICS}
         rows.append(row)
-        base = row[f"{term_names[0]}@0"]
+        base = row[BLEND]
         best = max((k for k in ranks), key=lambda k: row[k]["ndcg@20"])
         print(
             f"[count_fusion] window {t + 1}: {len(targets)} sessions, blend NDCG@20 {base['ndcg@20']:.4f}, "
@@ -250,9 +259,9 @@ def run(
         raise ValueError(
             f"count_fusion: no window in [{first}, {end}) has a non-empty {split} split after it"
         )
-    keys = [k for k in rows[0] if "@" in k]
+    keys = [k for k in rows[0] if k == BLEND or "@" in k]
     mean = {k: {x: float(np.mean([r[k][x] for r in rows])) for x in METRICS} for k in keys}
-    ref = mean[f"{term_names[0]}@0"]
+    ref = mean[BLEND]
     ratio = {k: {x: v[x] / ref[x] if ref[x] > 0 else None for x in METRICS} for k, v in mean.items()}
     return {"data": str(data), "split": split, "alphas": list(alphas), "terms": term_names,
             "windows": rows, "mean": mean, "ratio_to_blend": ratio}  # fmt: skip

@@ -41,9 +41,10 @@ def test_the_blend_at_weight_zero_is_the_count_blend_a_training_run_reports(
     rows = {r["eval_window"]: r for r in res["windows"]}
     assert rows and set(rows) <= set(trained)
     for w, r in rows.items():
-        for term in ("vsknn", "recent_1", "recent_99", "decay_1"):
+        for term in ("blend", "vsknn", "recent_1", "recent_99", "decay_1"):
             for m in ("ndcg@20", "recall@20"):
-                assert r[f"{term}@0"][m] == pytest.approx(trained[w][m], abs=1e-12), (w, term, m)
+                key = term if term == "blend" else f"{term}@0"
+                assert r[key][m] == pytest.approx(trained[w][m], abs=1e-12), (w, term, m)
         for m in ("ndcg@20", "recall@20"):
             assert r["decay_0.5@0"][m] == pytest.approx(decayed[w][m], abs=1e-12), (w, "decay_0.5", m)
         # the last 99 windows are every window: blend + a * blend ranks as the blend; decay_1 weighs
@@ -56,6 +57,10 @@ def test_the_blend_at_weight_zero_is_the_count_blend_a_training_run_reports(
     assert any(r["recent_1@1"] != r["recent_1@0"] for r in rows.values())
     assert any(r["decay_0.5@0"] != r["decay_1@0"] for r in rows.values())
     assert decayed != trained  # the option reaches the run's tables
+    # ratios are to the blend, also when a decay term comes first
+    first_decay = run(tiny_synthetic_data, ["decay_0.5"], (0.0,), recipe_args=FLAGS)
+    assert first_decay["mean"]["blend"] == res["mean"]["blend"]
+    assert first_decay["ratio_to_blend"]["blend"] == {"ndcg@20": 1.0, "recall@20": 1.0}
 
 
 def test_a_bad_term_names_itself(tiny_synthetic_data, tmp_path, capsys):
@@ -68,4 +73,9 @@ def test_a_bad_term_names_itself(tiny_synthetic_data, tmp_path, capsys):
         main(["--data", str(tiny_synthetic_data), "--out", str(tmp_path / "f.json"), "--terms", "knn"]) == 2
     )
     assert "'knn'" in capsys.readouterr().err
+    assert (
+        main(["--data", str(tiny_synthetic_data), "--out", str(tmp_path / "f.json"), "--alphas", "0", "-1"])
+        == 2
+    )
+    assert "alphas [0.0, -1.0]: expected weights >= 0" in capsys.readouterr().err
     assert not (tmp_path / "f.json").exists()
