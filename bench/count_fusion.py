@@ -41,7 +41,7 @@ from torch import Tensor
 from training import config
 from training.baselines import BaselineCounts, memory_tables
 from training.data.splits import available_windows, eval_inputs_targets, load_schema, load_split, split_path
-from training.evaluate import known_inputs
+from training.evaluate import blend_memory, known_inputs
 from training.integrity import atomic_write
 from training.metrics import metrics_from_ranks, pessimistic_ranks
 from training.model import ItemMemory, ModelConfig
@@ -74,10 +74,8 @@ def parse_term(name: str) -> tuple[str, float]:
 
 
 def _memory(tables: dict[str, np.ndarray], V: int, cfg: ModelConfig) -> ItemMemory:
-    """An untrained ItemMemory (the count blend) holding the first V rows of `tables`."""
-    mem = ItemMemory(V, int(tables["cooc_idx"].shape[1]), cfg.max_len, cfg.d_model, cfg.memory_decay).eval()
-    mem.set_tables(**{k: torch.from_numpy(v[:V]) for k, v in tables.items()})
-    return mem
+    """The count blend (`blend_memory`) holding the first V rows of `tables`."""
+    return blend_memory({k: torch.from_numpy(v[:V]) for k, v in tables.items()}, cfg)
 
 
 def _counts(sessions: list[tuple[np.ndarray, np.ndarray]], n_items: int, vsknn: bool) -> BaselineCounts:

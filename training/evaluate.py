@@ -8,6 +8,7 @@ inputs and a target unknown then is a miss for every method); pessimistic ties
 
     evaluate_model(model, st, device, batch_size, miss)   the model's metrics
     count_blend_metrics(tables, cfg, st, ...)             the item memory untrained
+    blend_memory(tables, cfg)                             its scorer (bench.count_fusion adds terms to it)
     evaluate_sessions(model, st, known, counts, ...)      all of them: a metrics row's entries
     split_holdout(st, fraction, seed)                     early stopping's held-back sessions
     holdout_indices(n, fraction, seed)                    the same rows as indices
@@ -216,6 +217,16 @@ def count_blend_metrics(*args: Any, **kwargs: Any) -> dict[str, float]:
     return metrics_from_ranks(count_blend_ranks(*args, **kwargs))
 
 
+def blend_memory(tables: dict[str, Tensor], cfg: ModelConfig, device: torch.device | None = None) -> ItemMemory:
+    """The count blend's scorer: a fresh ItemMemory (gates at their initial values, no network logits)
+    in eval mode holding count `tables` ((V, K) and (V,) tensors, `ItemMemory.TABLES`)."""
+    V = int(tables["pop"].shape[0])
+    mem = ItemMemory(V, int(tables["cooc_idx"].shape[1]), cfg.max_len, cfg.d_model, cfg.memory_decay)
+    mem = mem.to(device).eval()
+    mem.set_tables(**{k: tables[k].to(device) for k in ItemMemory.TABLES})
+    return mem
+
+
 @torch.no_grad()
 def count_blend_ranks(
     tables: dict[str, Tensor],
@@ -230,10 +241,7 @@ def count_blend_ranks(
     holding count `tables` (the model's item memory buffers, or `memory_tables` of the same
     counts): what the counts alone give, on the model's sessions. Ids >= `known` are not ranked.
     -> (N,) target ranks, inf for a miss."""
-    V = int(tables["pop"].shape[0])
-    mem = ItemMemory(V, int(tables["cooc_idx"].shape[1]), cfg.max_len, cfg.d_model, cfg.memory_decay)
-    mem = mem.to(device).eval()
-    mem.set_tables(**{k: tables[k].to(device) for k in ItemMemory.TABLES})
+    mem = blend_memory(tables, cfg, device)
     feats, lengths, targets = eval_inputs_targets(st, cfg.item_feature)
     ranks = []
     for i in range(0, len(targets), batch_size):
