@@ -42,6 +42,7 @@ from training import config
 from training.baselines import BaselineCounts, memory_tables
 from training.data.splits import available_windows, eval_inputs_targets, load_schema, load_split, split_path
 from training.evaluate import blend_memory, known_inputs
+from training.history import WindowHistory
 from training.integrity import atomic_write
 from training.metrics import metrics_from_ranks, pessimistic_ranks
 from training.model import ItemMemory, ModelConfig
@@ -76,41 +77,6 @@ def parse_term(name: str) -> tuple[str, float]:
 def _memory(tables: dict[str, np.ndarray], V: int, cfg: ModelConfig) -> ItemMemory:
     """The count blend (`blend_memory`) holding the first V rows of `tables`."""
     return blend_memory({k: torch.from_numpy(v[:V]) for k, v in tables.items()}, cfg)
-
-
-def _counts(sessions: list[tuple[np.ndarray, np.ndarray]], n_items: int, vsknn: bool) -> BaselineCounts:
-    c = BaselineCounts(n_items, sessions=vsknn)
-    for items, lengths in sessions:
-        if len(lengths):
-            c.add_sessions(items, lengths)
-    return c
-
-
-def _known_sessions(
-    splits: list[Any], known: dict[str, int], item: str, age_f: str | None
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Training splits as the model after a window with `known` ids sees them: (items, lengths) each."""
-    out = []
-    for split in splits:
-        st = known_inputs(split, known, item, age_f)[0]
-        out.append((st.feats[item].numpy(), st.lengths.numpy()))
-    return out
-
-
-def _decayed(sessions: Any, windows: list[int], t: int, g: float, n_items: int) -> BaselineCounts:
-    """The counts of `windows` (<= t), window w's weighing g ** (t - w): scaled and added window by
-    window as the Trainer's item memory does under --memory-window-decay (training/history.py)."""
-    c, at = BaselineCounts(n_items, sessions=False), None
-    for w in sorted(windows):
-        if at is not None and g < 1.0:
-            c.scale(g ** (w - at))
-        for items, lengths in sessions([w]):
-            if len(lengths):
-                c.add_sessions(items, lengths)
-        at = w
-    if at is not None and at < t and g < 1.0:
-        c.scale(g ** (t - at))
-    return c
 
 
 @torch.no_grad()
@@ -186,57 +152,45 @@ def run(
     windows = available_windows(data, schema)
     first = cfg.start_window if start_window is None else start_window
     end = cfg.end_window if end_window is None else end_window
-    raw: dict[int, Any] = {}
+    history = WindowHistory(data, schema, item, age_f, n_all)  # the Trainer's counting (decay per call)
     vsknn_counts = BaselineCounts(n_all)  # as the Trainer's baselines: each window added as known then
     for w in windows:
         if w < first:
-            raw[w] = st = load_split(
-                split_path(data, w, "train"), schema
-            )  # as stored, as the Trainer counts them
+            st = history.raw(w)  # as stored, as the Trainer counts them
             if len(st):
                 vsknn_counts.add_sessions(st.feats[item].numpy(), st.lengths.numpy())
     rows = []
     for t in [w for w in windows if first <= w < end]:
         t0 = time.perf_counter()
         known = vocab.known_sizes(t)
-        raw[t] = load_split(split_path(data, t, "train"), schema)
-
-        def sessions(ws: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-            return _known_sessions([raw[w] for w in ws], known, item, age_f)  # noqa: B023 (used at once)
-
-        now = sessions([t])[0]
-        if len(now[1]):
-            vsknn_counts.add_sessions(*now)
+        now = history.known(history.raw(t), known)
+        if len(now):
+            vsknn_counts.add_sessions(now.feats[item].numpy(), now.lengths.numpy())
         eval_path = split_path(data, t + 1, split)
         if not eval_path.exists():
             continue
         ev = load_split(eval_path, schema)
         if len(ev) == 0:
             continue
-        upto = [w for w in raw if w <= t]
-        if not any(len(raw[w]) for w in upto):  # nothing counted yet: no blend to add to
+        upto = [w for w in windows if w <= t]
+        if not any(len(history.raw(w)) for w in upto):  # nothing counted yet: no blend to add to
             continue
         V = max(known[item], FIRST_REAL_ID + 1)
-        blend = _memory(
-            memory_tables(_counts(sessions(upto), n_all, False), mcfg.memory_k, mcfg.memory_hop2), V, mcfg
-        )
+
+        def memory(ws: list[int], decay: float = 1.0) -> ItemMemory:
+            counts = history.counts_of(ws, t, known, decay)  # noqa: B023 (used at once)
+            return _memory(memory_tables(counts, mcfg.memory_k, mcfg.memory_hop2), V, mcfg)  # noqa: B023
+
+        blend = memory(upto)
         terms: dict[str, Any] = {}
         for n in term_names:
             kind, r = parse_term(n)
             if kind == "vsknn":
                 terms[n] = vsknn_counts
             elif kind == "recent":
-                recent = _counts(sessions([w for w in upto if w > t - r]), n_all, False)
-                terms[n] = _memory(memory_tables(recent, mcfg.memory_k, mcfg.memory_hop2), V, mcfg)
+                terms[n] = memory([w for w in upto if w > t - r])
             else:
-                terms[n] = (
-                    "replace",
-                    _memory(
-                        memory_tables(_decayed(sessions, upto, t, r, n_all), mcfg.memory_k, mcfg.memory_hop2),
-                        V,
-                        mcfg,
-                    ),
-                )
+                terms[n] = ("replace", memory(upto, r))
         st, miss = known_inputs(ev, known, item, age_f)
         feats, lengths, targets = eval_inputs_targets(st, item)
         ranks = fuse_window(blend, terms, feats[item], lengths, targets, known[item], mcfg.d_model, alphas)

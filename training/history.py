@@ -90,10 +90,12 @@ class WindowHistory:
             helds.append(st.select(held))
         return fits, helds
 
-    def _add(self, st: SessionTensors) -> None:
-        assert self._counts is not None
+    def _add(self, st: SessionTensors, counts: BaselineCounts | None = None) -> None:
+        """`st`'s sessions added to `counts` (default: the running counts)."""
+        counts = self._counts if counts is None else counts
+        assert counts is not None
         if len(st):
-            self._counts.add_sessions(st.feats[self.item].numpy(), st.lengths.numpy())
+            counts.add_sessions(st.feats[self.item].numpy(), st.lengths.numpy())
 
     def _oov(self, w: int, known: dict[str, int]) -> bool:
         """Whether window w's stored sessions hold ids that are OOV with `known` ids."""
@@ -108,12 +110,9 @@ class WindowHistory:
         stale = self._oov_counted and known[self.item] != self._counted_known
         if self._counts is None or set(self._counted) != set(before) or stale:  # (re)count windows < t
             assert not self._open, "a window's sessions are counted with one vocabulary"
-            self._counts = BaselineCounts(self.n_items, sessions=False)  # no V-SKNN index needed
-            self._counted, self._oov_counted, self._at = list(before), False, None
-            for w in sorted(before):
-                self._age_to(w)
-                self._add(self.known(self.raw(w), known))
-                self._oov_counted |= self._oov(w, known)
+            self._counts = self.counts_of(before, t, known)
+            self._counted, self._at = list(before), t
+            self._oov_counted = any(self._oov(w, known) for w in before)
         elif not len(new) and self._open:
             return  # nothing new: the tables are those of the last call
         if not self._open:
@@ -124,11 +123,33 @@ class WindowHistory:
         self._add(new)
         set_memory_counts(model, self._counts)
 
+    def counts_of(
+        self, windows: list[int], t: int, known: dict[str, int], decay: float | None = None
+    ) -> BaselineCounts:
+        """A fresh count of `windows`' training sessions (<= t) as the item memory holds them after
+        window t: ids as `known`, window w weighing decay ** (t - w) (default: this history's decay).
+        fill_memory's recount; bench.count_fusion counts its blends here."""
+        decay = self.decay if decay is None else decay
+        counts = BaselineCounts(self.n_items, sessions=False)  # no V-SKNN index needed
+        at = None
+        for w in sorted(windows):
+            self._age(counts, at, w, decay)
+            self._add(self.known(self.raw(w), known), counts)
+            at = w
+        self._age(counts, at, t, decay)
+        return counts
+
+    @staticmethod
+    def _age(counts: BaselineCounts, at: int | None, w: int, decay: float) -> None:
+        """decay < 1: `counts`, which weigh 1 at window `at` (None: nothing counted yet), scaled to
+        weigh 1 at window w."""
+        if decay < 1.0 and at is not None and w > at:
+            counts.scale(decay ** (w - at))
+
     def _age_to(self, w: int) -> None:
-        """decay < 1: the counts so far, which weigh 1 at window `_at`, scaled to weigh 1 at window w."""
+        """The running counts (`_age`), which weigh 1 at window `_at`, scaled to weigh 1 at window w."""
         assert self._counts is not None
-        if self.decay < 1.0 and self._at is not None and w > self._at:
-            self._counts.scale(self.decay ** (w - self._at))
+        self._age(self._counts, self._at, w, self.decay)
         self._at = w if self._at is None else max(self._at, w)
 
     def close_window(self, t: int) -> None:
