@@ -119,6 +119,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--memory-window-decay", "0.8"],
         "the item memory's counts of window w weigh 0.8 ** (t - w) after window t (1 in the recipe): recency",
     ),
+    "repeat_feature": (
+        ["--repeat-feature"],
+        "an input per position: how often its item occurs elsewhere in the session (0-3+)",
+    ),
     "cooc_init": (
         ["--item-init", "cooc"],
         "new item rows start from the co-occurrence counts' singular vectors, not noise",

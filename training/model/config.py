@@ -178,6 +178,15 @@ class ModelConfig:
             "would otherwise swamp the item embedding; Transformers4Rec's example log-transforms its recency)"
         },
     )
+    repeat_feature: bool = field(
+        default=False,
+        metadata={
+            "help": "an input per position: how often its item occurs at the other positions the position "
+            "may attend to (0, 1, 2, 3 or more; masked positions and unknown ids never count), an embedding "
+            "added after masking (zero at the start). Without it the network cannot tell that a session "
+            "re-visits its items while their vectors are still near zero (most items of a real log)"
+        },
+    )
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
     # --- training loss over the catalogue (see `SessionModel.sample_candidates`) ----------------
     # "full": softmax over every item ((positions, V) logits, the reference); "sampled": softmax over

@@ -89,6 +89,8 @@ from training.model.ranking import take
 from training.model.xlnet import _use_fast_dropout, _XLNet
 from training.names import FIRST_REAL_ID, OOV_ID, PAD_ID
 
+REPEAT_BUCKETS = 4  # ModelConfig.repeat_feature: an item seen 0, 1, 2, or 3+ times elsewhere in its session
+
 
 class SessionModel(nn.Module):
     """The network of the module docstring; `cfg` must hold the data's schema (`ModelConfig.with_schema`)."""
@@ -141,6 +143,11 @@ class SessionModel(nn.Module):
         )
         self.input_proj = nn.Linear(in_dim, cfg.d_output)  # + ReLU
         self.mask_emb = nn.Parameter(torch.randn(cfg.d_output) * cfg.mask_init_std)  # replaces masked inputs
+        # cfg.repeat_feature: occurrences of a position's item elsewhere in what it may attend to
+        # (`_add_repeats`), 0..REPEAT_BUCKETS-1, added after masking; zero rows: the model starts as without
+        self.repeat_emb = nn.Embedding(REPEAT_BUCKETS, cfg.d_output) if cfg.repeat_feature else None
+        if self.repeat_emb is not None:
+            nn.init.zeros_(self.repeat_emb.weight)
         self.mlp = nn.Linear(cfg.d_output, cfg.d_model)  # + ReLU (T4Rec's MLPBlock([64]))
         # --- body ---------------------------------------------------------------
         xcfg = XLNetConfig(
@@ -295,6 +302,23 @@ class SessionModel(nn.Module):
             parts = [norm(x) for norm, x in zip(self.feature_norms, parts)]
         return F.relu(self.input_proj(torch.cat(parts, dim=-1)))  # (B, L, d_output)
 
+    def _add_repeats(self, x: Tensor, items: Tensor, segment: Tensor, visible: Tensor) -> Tensor:
+        """cfg.repeat_feature: (B, L, d_output) inputs after masking, (B, L) item ids, segment ids and
+        which positions show their item (real and not masked) -> x + the embedding of how often each
+        visible position's item occurs at the other visible positions of its session that it may
+        attend to (clm: the earlier ones), capped at REPEAT_BUCKETS - 1. A masked position gets
+        nothing and is never counted, so its target does not leak; pad, null and OOV ids never match."""
+        if self.repeat_emb is None:
+            return x
+        shown = visible & (items >= FIRST_REAL_ID)  # (B, L)
+        pos = torch.arange(items.shape[1], device=items.device)
+        same = (items[:, :, None] == items[:, None, :]) & (segment[:, :, None] == segment[:, None, :])
+        same &= shown[:, :, None] & shown[:, None, :] & (pos[:, None] != pos[None, :])  # (B, Lq, Lk)
+        if self.cfg.objective == "clm":
+            same &= pos[None, :] < pos[:, None]  # keys before the query
+        count = same.sum(-1).clamp(max=REPEAT_BUCKETS - 1)  # (B, L)
+        return x + self.repeat_emb(count).to(x.dtype) * shown[:, :, None].to(x.dtype)
+
     def encode(self, x: Tensor, segment: Tensor) -> Tensor:
         """(B, L, d_output) inputs, (B, L) segment ids -> (B, L, d_model) hidden states.
 
@@ -365,6 +389,9 @@ class SessionModel(nn.Module):
         else:
             read = (lengths - 1).clamp(min=0)  # clm: the last real item predicts the next one
         segment = (pos[None, :] <= lengths[:, None]).long()  # (B, L+1) 1 = real items + the slot, 0 = pad
+        if self.repeat_emb is not None:
+            items = F.pad(feats[self.cfg.item_feature], (0, 1))  # (B, L+1)
+            x = self._add_repeats(x, items, segment, pos[None, :] < lengths[:, None])
         h = self.encode(x, segment)  # (B, L+1, d_model)
         idx = read.view(-1, 1, 1).expand(-1, 1, self.cfg.d_model)  # (B, 1, d_model)
         return h.gather(1, idx).squeeze(1)  # (B, d_model)
@@ -647,6 +674,9 @@ class SessionModel(nn.Module):
             assert p.masked is not None, "mlm needs masked positions"
             x = torch.where(p.masked[:, :, None], self.mask_emb.to(x.dtype), x)
         seg = p.segment
+        if self.repeat_emb is not None:
+            shown = seg > 0 if p.masked is None else (seg > 0) & ~p.masked
+            x = self._add_repeats(x, items, seg, shown)
         h = self.encode(x, seg)  # (R, W, d_model)
         if self.cfg.objective == "mlm":
             h_sel, targets = h[p.masked], items[p.masked]  # (M, d_model), (M,)
