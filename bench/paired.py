@@ -11,7 +11,8 @@ intervals of model / baseline and model - baseline are percentiles of the resamp
     python -m bench.paired RUN [RUN ...] [--against count_blend] [--out X.json] [--by-repeat DATA]
 
 --by-repeat DATA also splits the sessions by whether the target repeats an item of its session
-(repeat consumption), pooled: where model and baseline differ.
+(repeat consumption), pooled: where model and baseline differ. --by-frequency DATA splits them by
+how often the target occurs in the training sessions before its window: where the network pays.
 
 --reach K [K ...] also gives every saved method's Recall@K at each cutoff, pooled over windows and
 runs, and the share of targets it ranks at all (a finite rank): how far down each method's list
@@ -81,29 +82,63 @@ def repeat_targets(data: Path, split: str, window: int, session_id: np.ndarray) 
     return ((items == last[:, None]) & before).any(1)
 
 
-def by_repeat(
+def target_frequency(data: Path, split: str, window: int, session_id: np.ndarray) -> np.ndarray:
+    """(N,) int, in `session_id`'s order: how often the session's target (its last item) occurs in
+    the training sessions of windows <= window - 1, the sessions the counts and the network had."""
+    from training.data.splits import available_windows, load_schema, load_split, split_path
+
+    schema = load_schema(data)
+    item = schema["item_list"]
+    st = load_split(split_path(data, window, split), schema)
+    if not np.array_equal(st.session_id.numpy(), session_id):
+        raise PairedError(f"{split_path(data, window, split)} holds other sessions than the saved ranks")
+    lengths = st.lengths.numpy()
+    target = st.feats[item].numpy()[np.arange(len(lengths)), lengths - 1]
+    counts = np.zeros(int(target.max()) + 1, dtype=np.int64)
+    for w in available_windows(data, schema):
+        if w >= window:
+            continue
+        tr = load_split(split_path(data, w, "train"), schema)
+        ids = tr.feats[item].numpy()[np.arange(tr.feats[item].shape[1])[None, :] < tr.lengths.numpy()[:, None]]
+        ids = ids[ids < len(counts)]
+        counts += np.bincount(ids, minlength=len(counts))
+    return counts[target]
+
+
+FREQUENCY_GROUPS = ((0, 0), (1, 4), (5, 19), (20, 99), (100, None))  # occurrences in training, inclusive
+
+
+def _frequency_group(n: np.ndarray) -> dict[str, np.ndarray]:
+    """(N,) occurrences -> {"0": mask, "1-4": mask, ..., "100+": mask} (`FREQUENCY_GROUPS`)."""
+    out = {}
+    for lo, hi in FREQUENCY_GROUPS:
+        name = f"{lo}+" if hi is None else str(lo) if lo == hi else f"{lo}-{hi}"
+        out[name] = (n >= lo) & (n <= (np.inf if hi is None else hi))
+    return out
+
+
+def by_group(
     runs: list[Path],
-    data: Path,
-    split: str,
+    groups_of,
     against: str = "count_blend",
     metrics: tuple[str, ...] = DEFAULT_METRICS,
     windows: list[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per metric, model and baseline pooled over the sessions whose target repeats an item of
-    the session and over the others (the runs' common windows, or `windows`): where they differ."""
+    """Per metric, model and baseline pooled over each group of sessions (the runs' common windows,
+    or `windows`): groups_of(window, session_id) -> {group: (N,) bool}, the groups in order."""
     loaded = [load_windows(Path(r)) for r in runs]
     common = _common(loaded, runs, windows)
-    zero = {g: {"sessions": 0, "model": 0.0, against: 0.0} for g in ("repeat", "new")}
-    sums = {m: {g: dict(v) for g, v in zero.items()} for m in metrics}
+    sums: dict[str, dict[str, dict[str, float]]] = {m: {} for m in metrics}
     for w in common:
-        rep = repeat_targets(data, split, w, loaded[0][w]["session_id"])
+        groups = groups_of(w, loaded[0][w]["session_id"])
         for wins in loaded:
             for m in metrics:
                 vals = {k: per_session(wins[w][k], m) for k in ("model", against)}
-                for g, mask in (("repeat", rep), ("new", ~rep)):
-                    sums[m][g]["sessions"] += int(mask.sum())
+                for g, mask in groups.items():
+                    acc = sums[m].setdefault(g, {"sessions": 0, "model": 0.0, against: 0.0})
+                    acc["sessions"] += int(mask.sum())
                     for k, v in vals.items():
-                        sums[m][g][k] += float(v[mask].sum())
+                        acc[k] += float(v[mask].sum())
     out = {}
     for m in metrics:
         total = max(1, sum(x["sessions"] for x in sums[m].values()))
@@ -118,6 +153,40 @@ def by_repeat(
             }
         out[m] = res
     return out
+
+
+def by_repeat(
+    runs: list[Path],
+    data: Path,
+    split: str,
+    against: str = "count_blend",
+    metrics: tuple[str, ...] = DEFAULT_METRICS,
+    windows: list[int] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per metric, model and baseline pooled over the sessions whose target repeats an item of
+    the session and over the others (the runs' common windows, or `windows`): where they differ."""
+
+    def groups(w: int, sid: np.ndarray) -> dict[str, np.ndarray]:
+        rep = repeat_targets(data, split, w, sid)
+        return {"repeat": rep, "new": ~rep}
+
+    return by_group(runs, groups, against, metrics, windows)
+
+
+def by_frequency(
+    runs: list[Path],
+    data: Path,
+    split: str,
+    against: str = "count_blend",
+    metrics: tuple[str, ...] = DEFAULT_METRICS,
+    windows: list[int] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per metric, model and baseline pooled over the sessions grouped by how often their target
+    occurs in the training sessions before the evaluation window (`FREQUENCY_GROUPS`): whether the
+    network's lead grows with the evidence it had about the item."""
+    return by_group(
+        runs, lambda w, sid: _frequency_group(target_frequency(data, split, w, sid)), against, metrics, windows
+    )
 
 
 def reach(runs: list[Path], cutoffs: list[int], windows: list[int]) -> dict[str, dict[str, float]]:
@@ -224,6 +293,24 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def group_table(split: dict[str, dict[str, Any]], against: str, what: str) -> str:
+    """A markdown table of `by_group`'s result: one row per group, model / baseline per metric."""
+    metrics = list(split)
+    groups = [g for g in split[metrics[0]] if isinstance(split[metrics[0]][g], dict)]
+    head = f"| {what} | share of sessions | " + " | ".join(
+        f"model {m} | {against} {m} | ratio" for m in metrics
+    ) + " |"
+    lines = [head, "|---" * (2 + 3 * len(metrics)) + "|"]
+    for g in groups:
+        cells = []
+        for m in metrics:
+            r = split[m][g]
+            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}x"
+            cells += [f"{r['model']:.4f}", f"{r[against]:.4f}", ratio]
+        lines.append(f"| {g} | {split[metrics[0]][g]['share']:.1%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.paired", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run folders trained with --save-ranks, one per seed")
@@ -244,6 +331,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DATA",
         help="also split each metric by whether the target repeats an item of its session, pooled "
         "(DATA: the runs' prepared data; the runs' eval split is read)",
+    )
+    p.add_argument(
+        "--by-frequency",
+        type=Path,
+        default=None,
+        metavar="DATA",
+        help="also split each metric by how often the target occurs in the training sessions before "
+        "its window (0, 1-4, 5-19, 20-99, 100+ times), pooled (DATA: the runs' prepared data)",
     )
     p.add_argument(
         "--reach",
@@ -281,6 +376,16 @@ def main(argv: list[str] | None = None) -> int:
             for g in ("repeat", "new")
             if rep[g]["ratio"] is not None
         )
+    if a.by_frequency is not None:
+        try:
+            split = json.loads((a.runs[0] / "metrics.json").read_text())["train_config"]["eval_split"]
+            result["by_frequency"] = by_frequency(
+                a.runs, a.by_frequency, split, a.against, tuple(a.metrics), result["windows"]
+            )
+        except (PairedError, OSError, ValueError, KeyError) as e:
+            print(f"bench.paired: --by-frequency: {e}", file=sys.stderr)
+            return 2
+        result["markdown"] += "\n\n" + group_table(result["by_frequency"], a.against, "target seen in training")
     if a.reach is not None:
         result["reach"] = reach(a.runs, sorted(set(a.reach)), result["windows"])
         cols = [f"recall@{c}" for c in sorted(set(a.reach))] + ["ranked"]

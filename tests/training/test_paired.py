@@ -194,6 +194,48 @@ def test_by_repeat_splits_the_sessions_by_their_target(ranked_runs, tiny_synthet
     assert hits[False][2] > 0
 
 
+def test_by_frequency_groups_the_sessions_by_their_targets_training_count(ranked_runs, tiny_synthetic_data, repo_root):
+    """--by-frequency: pooled metrics per group of how often the target occurs in the training splits
+    of the windows before its own, each equal to a direct count over the parquet files and the ranks."""
+    proc, out = _paired(
+        ranked_runs, "--metrics", "recall@20", "--by-frequency", str(tiny_synthetic_data), cwd=repo_root
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = out["by_frequency"]["recall@20"]
+    assert "| target seen in training |" in out["markdown"]
+    schema = load_schema(tiny_synthetic_data)
+    item = schema["item_list"]
+    groups = {"0": (0, 0), "1-4": (1, 4), "5-19": (5, 19), "20-99": (20, 99), "100+": (100, 10**9)}
+    hits = {g: [0.0, 0.0, 0] for g in groups}  # model hits, blend hits, sessions
+    for w in got["windows"]:
+        seen: dict[int, int] = {}
+        for earlier in range(w):
+            path = split_path(tiny_synthetic_data, earlier, "train")
+            if not path.exists():
+                continue
+            tr = load_split(path, schema)
+            for row, n in zip(tr.feats[item].tolist(), tr.lengths.tolist()):
+                for x in row[:n]:
+                    seen[x] = seen.get(x, 0) + 1
+        st = load_split(split_path(tiny_synthetic_data, w, "valid"), schema)
+        targets = [row[n - 1] for row, n in zip(st.feats[item].tolist(), st.lengths.tolist())]
+        for run in ranked_runs:
+            with np.load(run / "ranks" / f"window_{w}.npz") as z:
+                model, blend = z["model"], z["count_blend"]
+            for i, x in enumerate(targets):
+                g = next(g for g, (lo, hi) in groups.items() if lo <= seen.get(x, 0) <= hi)
+                hits[g][0] += model[i] <= 20
+                hits[g][1] += blend[i] <= 20
+                hits[g][2] += 1
+    total = sum(h[2] for h in hits.values())
+    assert sum(h[2] > 0 for h in hits.values()) >= 2  # the split separates something
+    for g, (m, b, n) in hits.items():
+        assert got[g]["share"] == pytest.approx(n / total)
+        if n:
+            assert got[g]["model"] == pytest.approx(m / n)
+            assert got[g]["count_blend"] == pytest.approx(b / n)
+
+
 def test_reach_is_recall_at_each_cutoff_and_the_ranked_share(tmp_path, repo_root):
     inf = float("inf")
     model = [np.array([1.0, 5.0, inf, 30.0]), np.array([2.0, inf])]
