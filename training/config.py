@@ -92,8 +92,9 @@ class TrainConfig:
     stack_last: bool = field(
         default=False,
         metadata=help_meta(
-            "clm: stacking fits each held-back session's last item only (the evaluation's target) "
-            "instead of every next item"
+            "stacking fits each held-back session's last item only (the evaluation's target): clm, "
+            "instead of every next item; mlm, each session masked at its last item only instead of "
+            "at random positions"
         ),
     )
     guard_split: str = field(
@@ -275,16 +276,10 @@ class TrainConfig:
         return out
 
 
-def check_model(model: ModelConfig, label_smoothing: float, stack_last: bool = False) -> None:
+def check_model(model: ModelConfig, label_smoothing: float) -> None:
     """The checks of the settings that need the model's final config (`with_schema`: the
     loss "auto" resolves by the catalogue size): label smoothing needs the full softmax, or
-    re-ranking's softmax over each target's candidates (its uniform part spans them);
-    stack_last (the last item as the only target) needs clm."""
-    if stack_last and model.objective != "clm":
-        raise RunError(
-            f"--stack-last fits each session's last item, a causal notion; the objective is {model.objective!r}: "
-            "pass --objective clm or drop --stack-last"
-        )
+    re-ranking's softmax over each target's candidates (its uniform part spans them)."""
     if label_smoothing > 0.0 and model.loss == "sampled" and not (model.rerank and model.memory):
         raise RunError(
             f"label_smoothing={label_smoothing} needs the full softmax (its uniform part spans the whole "

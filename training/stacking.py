@@ -33,7 +33,7 @@ from torch import nn
 from training.config import TrainConfig
 from training.data.splits import SessionTensors, eval_inputs_targets
 from training.evaluate import count_blend_metrics, evaluate_model
-from training.model import ItemMemory, SessionModel, pack_sessions
+from training.model import ItemMemory, SessionModel, mask_positions, pack_sessions
 
 GUARD_METRICS = ("ndcg@20", "recall@20")
 
@@ -97,11 +97,11 @@ def stack_memory(
                 batches = [batches[int(j)] for j in torch.randperm(len(batches), generator=gen)]
             for st, rows, leave_out in batches:
                 feats, lengths = st.batch(rows)  # (b, width), (b,)
-                masked = model.draw_masks(feats[item], lengths, gen).masked if mlm else None
+                masked = stack_masks(model, feats[item], lengths, gen, cfg.stack_last) if mlm else None
                 packed = pack_sessions(feats, lengths, masked).to(device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss = model.packed_loss(
-                        packed, cfg.label_smoothing, gen, leave_out=leave_out, last_only=cfg.stack_last
+                        packed, cfg.label_smoothing, gen, leave_out=leave_out, last_only=cfg.stack_last and not mlm
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -118,6 +118,18 @@ def stack_memory(
     if model.item_memory is not None and model.item_memory.head_gate is not None:
         out["holdout_head_gate"] = mean_head_weight(model, held, device, cfg.eval_batch_size)
     return out
+
+
+def stack_masks(
+    model: SessionModel, items: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator, last: bool
+) -> torch.Tensor:
+    """mlm stacking's masked positions of (B, L) sessions: the model's own masking, or with `last`
+    (TrainConfig.stack_last) each session of two or more items masked at its last item only, the
+    evaluation's task (its context the whole session before it, which re-visits an item more often
+    than the context of a random position with 30 % of it masked)."""
+    if not last:
+        return model.draw_masks(items, lengths, gen).masked
+    return mask_positions(items, lengths, model.cfg.mask_prob, gen, last=1.0).masked
 
 
 @torch.no_grad()

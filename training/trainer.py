@@ -145,7 +145,7 @@ class Trainer:
         self.schema = load_schema(self.data)
         self.vocab = Schema.of(self.schema)  # typed view: vocabulary sizes per window
         full = cfg.model.with_schema(self.schema)  # resolves loss="auto" on the whole vocabulary
-        check_model(full, cfg.label_smoothing, cfg.stack_last)
+        check_model(full, cfg.label_smoothing)
         self.choices = explain(cfg.model, full)  # loss / rank "auto": what was picked and why (meta.json)
         self.n_items_all = full.n_items  # the baselines' count tables span every id
         age = list_col(AGE_COL)

@@ -120,9 +120,6 @@ def test_label_smoothing_check_needs_the_final_loss():
         check_model(full, 0.1)
     check_model(full, 0.0)
     check_model(ModelConfig(categorical={"item_id-list": 300}), 0.1)  # full softmax: fine
-    with pytest.raises(RunError, match="--stack-last fits each session's last item"):
-        check_model(ModelConfig(categorical={"item_id-list": 300}, objective="mlm"), 0.0, stack_last=True)
-    check_model(ModelConfig(categorical={"item_id-list": 300}, objective="clm"), 0.0, stack_last=True)
 
 
 def test_train_config_records_the_model_settings():

@@ -222,3 +222,30 @@ def test_blend_guard_can_score_the_training_windows_valid_split(tiny_synthetic_d
         assert r["guard_sessions"] == len(valid)
     with pytest.raises(ValueError, match="guard_split must be 'held' or 'valid', got 'test'"):
         TrainConfig(data="-", out="-", guard_split="test")
+
+
+@pytest.mark.parametrize("stack_last", [False, True])
+def test_mlm_stacking_with_stack_last_masks_each_sessions_last_item_only(monkeypatch, stack_last):
+    """TrainConfig.stack_last under masked LM: every held-back session of two or more items is masked
+    at its last item and nowhere else (the evaluation's task); without it, the model's own masks."""
+    m = make_model(head_gate=True, rerank=True, rank_popular=8, objective="mlm", mask_prob=0.3)
+    seen = []
+    real = m.packed_loss
+
+    def spy(p, *args, **kw):
+        seen.append((p.masked.clone(), p.segment.clone(), kw.get("last_only")))
+        return real(p, *args, **kw)
+
+    monkeypatch.setattr(m, "packed_loss", spy)
+    held = held_sessions(40, seed=11)
+    stack_memory(m, held, stack_cfg(stack=2, stack_last=stack_last), seed=3, device=torch.device("cpu"))
+    assert seen
+    for masked, segment, last_only in seen:
+        assert last_only is False  # packed_loss's last_only is the causal notion
+        ends = torch.nn.functional.pad(segment[:, 1:] != segment[:, :-1], (0, 1), value=True) & (segment > 0)
+        sizes = torch.bincount(segment[segment > 0])
+        multi = ends & (sizes[segment] >= 2)  # the last item of each session of two or more items
+        if stack_last:
+            assert torch.equal(masked, multi)
+        else:
+            assert int(masked.sum()) > int(multi.sum())  # random positions, several per long session
