@@ -123,6 +123,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--repeat-feature"],
         "an input per position: how often its item occurs elsewhere in the session (0-3+)",
     ),
+    "memory_masked_context": (
+        ["--memory-masked-context"],
+        "mlm: a masked target's count terms read every earlier item of its session, masked or not (as served)",
+    ),
     "cooc_init": (
         ["--item-init", "cooc"],
         "new item rows start from the co-occurrence counts' singular vectors, not noise",

@@ -187,6 +187,14 @@ class ModelConfig:
             "re-visits its items while their vectors are still near zero (most items of a real log)"
         },
     )
+    memory_masked_context: bool = field(
+        default=False,
+        metadata={
+            "help": "item memory, mlm (no-op otherwise): a masked target's count terms read every earlier item "
+            "of its session, masked or not, as at serving time (the network still sees the unmasked ones "
+            "only); off: the unmasked earlier items only, so training sees fewer re-visits than serving"
+        },
+    )
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
     # --- training loss over the catalogue (see `SessionModel.sample_candidates`) ----------------
     # "full": softmax over every item ((positions, V) logits, the reference); "sampled": softmax over

@@ -72,7 +72,7 @@ class PackedTargets:
 
     row: Tensor  # (M,) the row of each target
     pos: Tensor  # (M,) its position in that row
-    ctx_ok: Tensor  # (R, W) bool, positions that may be context (clm: every real one; mlm: unmasked)
+    ctx_ok: Tensor  # (R, W) bool, positions that may be context (clm: every real one; mlm: unmasked, or all)
 
 
 def _inv_softplus(y: Tensor) -> Tensor:

@@ -681,7 +681,9 @@ class SessionModel(nn.Module):
         if self.cfg.objective == "mlm":
             h_sel, targets = h[p.masked], items[p.masked]  # (M, d_model), (M,)
             where = p.masked
-            ctx_ok = ~p.masked
+            # the memory's context of a target: its session's earlier items that are not masked, or
+            # (memory_masked_context) all of them, as serving reads them; never the target itself
+            ctx_ok = seg > 0 if self.cfg.memory_masked_context else ~p.masked
         else:  # causal: position t predicts t+1 of the same session
             nxt = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & (items[:, 1:] >= FIRST_REAL_ID)  # (R, W-1)
             if last_only:  # t+1 ends its session: the next position is another session's, or none

@@ -22,7 +22,15 @@ import torch.nn.functional as F
 
 from tests.sessions_util import random_sessions
 from training.baselines import BaselineCounts, memory_tables
-from training.model import HeadFactors, ModelConfig, PackedTargets, SessionModel, pack_sessions, take
+from training.model import (
+    HeadFactors,
+    ModelConfig,
+    PackedTargets,
+    SessionModel,
+    mask_positions,
+    pack_sessions,
+    take,
+)
 from training.model.losses import gbce_loss
 from training.names import FIRST_REAL_ID, ITEM_LIST
 from training.recipes import RECIPES
@@ -292,3 +300,31 @@ def test_flags_recipes_and_old_configs():
     assert ModelConfig.from_dict(old) == ModelConfig()  # a checkpoint from before: today's behaviour
     with pytest.raises(ValueError, match="loss_fn"):
         ModelConfig(loss_fn="bpr")
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+@pytest.mark.parametrize("full", [False, True])
+def test_memory_masked_context_reads_every_earlier_item_of_a_masked_target(monkeypatch, rerank, full):
+    """ModelConfig.memory_masked_context under mlm: a masked target's count terms read every earlier
+    item of its session, masked or not (serving's context); off: the unmasked ones only. The network's
+    inputs are the same either way, and the target itself is never its own context."""
+    m = make_model(objective="mlm", mask_prob=0.4, rerank=rerank, rank_popular=8, memory_masked_context=full)
+    seen = []
+    real = m.item_memory._targets
+
+    def spy(items, segment, targets):
+        out = real(items, segment, targets)
+        seen.append((out[0].ctx.clone(), out[1].clone(), targets.pos.clone(), targets.row.clone()))
+        return out
+
+    monkeypatch.setattr(m.item_memory, "_targets", spy)
+    feats, lengths = batch(24, seed=5)
+    masking = mask_positions(feats[ITEM], lengths, 0.4, torch.Generator().manual_seed(1))
+    p = pack_sessions(feats, lengths, masking.masked)
+    m.packed_loss(p)
+    (ctx, in_own, pos, row), = seen
+    W = p.segment.shape[1]
+    earlier = in_own & (torch.arange(W)[None, :] < pos[:, None])  # (M, W) the target's earlier positions
+    want = earlier if full else earlier & ~p.masked[row]
+    assert torch.equal(ctx, want)
+    assert bool((p.masked[row] & earlier).any())  # some target has a masked item before it
