@@ -51,6 +51,18 @@ def comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def comma_floats(text: str) -> tuple[float, ...]:
+    """ "0.5, 1" -> (0.5, 1.0): a "parse" for a tuple-of-numbers field; a word that is not a number
+    raises ValueError naming it."""
+    out = []
+    for part in comma_list(text):
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise ValueError(f"{part!r} in {text!r}: expected numbers separated by commas") from None
+    return tuple(out)
+
+
 def _plain_type(typ: Any) -> Any:
     """X for `X | None` / Optional[X]; the type itself otherwise."""
     if typing.get_origin(typ) in (typing.Union, types.UnionType):

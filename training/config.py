@@ -23,7 +23,7 @@ from typing import Any
 
 from training import cli
 from training.checkpoint import RunError
-from training.cli import ConfigFileError, help_meta
+from training.cli import ConfigFileError, comma_floats, help_meta
 from training.data.splits import DataError, load_schema
 from training.model.config import MODEL_FLAGS, MODEL_SETTINGS, ModelConfig
 from training.recipes import RECIPE_FIELDS, RECIPES, resolve_settings
@@ -95,6 +95,17 @@ class TrainConfig:
             "stacking fits each held-back session's last item only (the evaluation's target): clm, "
             "instead of every next item; mlm, each session masked at its last item only instead of "
             "at random positions"
+        ),
+    )
+    fuse_blend: tuple[float, ...] = field(
+        default=(),
+        metadata=help_meta(
+            "item memory (diagnostic, no-op without): each window's evaluation also scores the model with "
+            "the count blend's weights added to its combiner's at each weight B (scores = the model's + B x "
+            "the blend's count scores), reported beside the baselines as fused_B; training never uses it. "
+            "Comma-separated, e.g. 0.25,0.5,1 (left out: none)",
+            parse=comma_floats,
+            metavar="B[,B...]",
         ),
     )
     guard_split: str = field(
@@ -256,6 +267,9 @@ class TrainConfig:
             raise ValueError(f"guard_split must be 'held' or 'valid', got {self.guard_split!r}")
         if self.stack_pool < 0:
             raise ValueError(f"stack_pool must be >= 0, got {self.stack_pool}")
+        self.fuse_blend = tuple(float(b) for b in self.fuse_blend)  # a JSON list from a --config file
+        if any(b <= 0 for b in self.fuse_blend):
+            raise ValueError(f"fuse_blend weights must be > 0, got {list(self.fuse_blend)}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.patience < 0:
@@ -272,6 +286,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON (metrics.json, meta.json "train_config"); "model": the model's settings."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["fuse_blend"] = list(self.fuse_blend)  # JSON has lists, not tuples
         out["model"] = self.model.settings()
         return out
 

@@ -267,6 +267,7 @@ def evaluate_sessions(
     exact_max_items: int = 0,
     *,
     ranks_out: dict[str, np.ndarray] | None = None,
+    fuse_blend: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     """Model, baselines (with `counts`) and count blend on evaluation sessions `st`, with only
     what was known (`known` sizes after the training window): a metrics row's entries
@@ -274,7 +275,8 @@ def evaluate_sessions(
     stages reports its served metrics, and up to `exact_max_items` item ids also the exact
     ones and their agreement (`evaluate_both`). ranks_out: filled with every method's (N,)
     target ranks (float64, inf = a miss; "model", the baselines, "count_blend"), the metrics'
-    per-session source (TrainConfig.save_ranks, `bench.paired`)."""
+    per-session source (TrainConfig.save_ranks, `bench.paired`). fuse_blend (TrainConfig.fuse_blend):
+    the model also with its item memory's `blend_weight` at each weight, as baselines "fused_B"."""
     item = model.cfg.item_feature
     st, miss = known_inputs(st, known, item, age_feature)
     row: dict[str, Any] = {"unseen_targets": float(miss.float().mean())}
@@ -301,6 +303,15 @@ def evaluate_sessions(
         row["baselines"][COUNT_BLEND] = metrics_from_ranks(blend)
         if ranks_out is not None:
             ranks_out[COUNT_BLEND] = blend.double().numpy()
+        for b in fuse_blend if mem is not None else ():  # TrainConfig.fuse_blend: model + b x blend
+            mem.blend_weight = b
+            try:
+                ranks = _missed(_ranks(model, st, device, batch_size), miss)
+            finally:
+                mem.blend_weight = 0.0
+            row["baselines"][f"fused_{b:g}"] = metrics_from_ranks(ranks)
+            if ranks_out is not None:
+                ranks_out[f"fused_{b:g}"] = ranks.double().numpy()
     return row
 
 

@@ -690,6 +690,7 @@ class Trainer:
                 self.age_feature,
                 self.cfg.exact_eval_max_items,
                 ranks_out=ranks,
+                fuse_blend=self.cfg.fuse_blend,
             )
         )
         if ranks:  # per-session ranks beside the metrics (bench.paired); written whole or not at all

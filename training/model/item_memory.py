@@ -121,6 +121,7 @@ class ItemMemory(nn.Module):
     """
 
     N_FEATURES = 4  # cooc, succ, repeat, pop
+    BLEND_GATES = (1.0, 1.0, 1.0, 0.1)  # the gates' initial values: the count blend's weights
 
     def __init__(
         self,
@@ -158,6 +159,10 @@ class ItemMemory(nn.Module):
         self.gate = nn.Linear(d_model, self.N_FEATURES)
         # ModelConfig.head_gate: how much the network's own item logits count, per session (>= 0)
         self.head_gate: nn.Linear | None = nn.Linear(d_model, 1) if head_gate else None
+        # the count blend's weights added to the combiner's at this weight (0 = off): scores = the
+        # model's + blend_weight x the blend's count scores. A Python float (a traced model bakes it
+        # in); evaluation sets it for `TrainConfig.fuse_blend`, training never does.
+        self.blend_weight = 0.0
         self._init_combiner()
 
     @torch.no_grad()
@@ -169,7 +174,7 @@ class ItemMemory(nn.Module):
         self.w_cooc.copy_(dist)
         self.w_rep.copy_(dist)
         self.gate.weight.zero_()
-        self.gate.bias.copy_(_inv_softplus(torch.tensor([1.0, 1.0, 1.0, 0.1])))
+        self.gate.bias.copy_(_inv_softplus(torch.tensor(self.BLEND_GATES)))
         if self.head_gate is not None:
             self.head_gate.weight.zero_()
             self.head_gate.bias.copy_(_inv_softplus(torch.tensor([1.0])))
@@ -285,7 +290,7 @@ class ItemMemory(nn.Module):
             base_h, base_w = h.new_zeros(h.shape[0], 1), self.pop.new_zeros(n_cols, 1)
         else:
             base_h, base_w = head.h, head.w
-        lhs = torch.cat([self._head_lhs(h, base_h), g[:, 3:4]], 1)
+        lhs = torch.cat([self._head_lhs(h, base_h), self._pop_gate(g)], 1)
         pop = self.pop if cols is None else self.pop[cols]
         return g, lhs, torch.cat([base_w.float(), torch.log1p(pop)[:, None]], 1)
 
@@ -323,13 +328,23 @@ class ItemMemory(nn.Module):
 
     def _gate_weights(self, g: Tensor, context: TargetContext) -> tuple[Tensor, Tensor, Tensor]:
         """(M, 4) gates -> weights of the cooc and repeat terms per context position (M, W) and of
-        the successor term (M, 1): learned position weights w[distance] times the gates."""
+        the successor term (M, 1): learned position weights w[distance] times the gates (+ the
+        count blend's, decay ** distance and 1, times `blend_weight`)."""
         d = context.dist.clamp(0, self.w_cooc.shape[0] - 1)
         zero = torch.zeros((), device=g.device)
         wc = torch.where(context.ctx, self.w_cooc[d], zero) * g[:, 0:1]  # (M, W)
         wr = torch.where(context.ctx, self.w_rep[d], zero) * g[:, 2:3]  # (M, W)
         ws = torch.where(context.has_last, g[:, 1], zero)[:, None]  # (M, 1)
+        if self.blend_weight:
+            b, (gc, gs, gr, _) = self.blend_weight, self.BLEND_GATES
+            prior = torch.where(context.ctx, self.decay ** d.float(), zero)  # (M, W) the blend's w
+            wc, wr = wc + (b * gc) * prior, wr + (b * gr) * prior
+            ws = ws + (b * gs) * context.has_last.float()[:, None]
         return wc, wr, ws
+
+    def _pop_gate(self, g: Tensor) -> Tensor:
+        """(M, 4) gates -> (M, 1) the popularity term's weight (+ the blend's x `blend_weight`)."""
+        return g[:, 3:4] + self.BLEND_GATES[3] * self.blend_weight if self.blend_weight else g[:, 3:4]
 
     def _session_view(self, items: Tensor, lengths: Tensor) -> tuple[TargetContext, CountLists]:
         """Inference: (B, L) right-padded sessions, (B,) lengths -> the context of the item after
@@ -430,7 +445,7 @@ class ItemMemory(nn.Module):
         context, lists = self._session_view(items, lengths)
         with torch.autocast(h.device.type, enabled=False):
             g = F.softplus(self.gate(h.float()))  # (B, 4)
-            out = torch.log1p(take(self.pop, cand)) * g[:, 3:4]  # (B, C) g_pop * log1p(pop)
+            out = torch.log1p(take(self.pop, cand)) * self._pop_gate(g)  # (B, C) g_pop * log1p(pop)
             if head is not None:  # + the network's logits; (B, C, E) is large: no concatenation to it
                 lhs = self._head_lhs(h, head.h)  # (B, E)
                 if head.w.dim() == 2:  # (V, E) the whole table: one (B, V) product, read at cand

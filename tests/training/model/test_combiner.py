@@ -328,3 +328,32 @@ def test_memory_masked_context_reads_every_earlier_item_of_a_masked_target(monke
     want = earlier if full else earlier & ~p.masked[row]
     assert torch.equal(ctx, want)
     assert bool((p.masked[row] & earlier).any())  # some target has a masked item before it
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+def test_blend_weight_adds_the_count_blends_scores(rerank):
+    """ItemMemory.blend_weight b (TrainConfig.fuse_blend's evaluation): every scoring path gives the
+    model's scores + b x the count blend's (`training.evaluate.blend_memory`, the same tables)."""
+    from training.evaluate import blend_memory
+
+    m = make_model(head_gate=True, rerank=rerank, rank_popular=8).eval()
+    with torch.no_grad():  # a combiner away from the blend's weights
+        for p in m.item_memory.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.3)
+    feats, lengths = batch(12, seed=7)
+    blend = blend_memory(m.item_memory.tables(), m.cfg)
+    with torch.no_grad():
+        base = m.next_item_scores(feats, lengths)
+        prior = blend.next_item_scores(torch.zeros(len(lengths), m.cfg.d_model), feats[ITEM], lengths)
+        m.item_memory.blend_weight = 0.5
+        fused = m.next_item_scores(feats, lengths)
+        cand_scores, cand = m.candidate_scores(feats, lengths) if rerank else (fused, None)
+        m.item_memory.blend_weight = 0.0
+        again = m.next_item_scores(feats, lengths)
+    fin = torch.isfinite(base)
+    assert torch.equal(torch.isfinite(fused), fin) and torch.equal(again, base)
+    assert torch.allclose(fused[fin], (base + 0.5 * prior)[fin], atol=1e-5)
+    assert not torch.allclose(fused[fin], base[fin])
+    if rerank:  # the served path: the session's candidates
+        ok = torch.isfinite(cand_scores)
+        assert torch.allclose(cand_scores[ok], fused.gather(1, cand)[ok], atol=1e-5)
