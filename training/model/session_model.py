@@ -30,14 +30,10 @@ The optional "clm" objective trains a causal model (causal attention mask):
 the hidden state at position t predicts the item at t+1; `next_item_scores`
 then reads the hidden state of the last real item.
 
-Speed (CPU training is ~3x the reference's sessions/s: `make bench-train`, bench/train.py):
-* training packs several sessions into each row (`pack_sessions`): XLNet only
-  uses relative positions, so with attention restricted to each session the
-  result equals the padded computation (tested) on ~2.5x fewer positions;
-* `_XLNet` computes the relative position encodings once per batch instead of
-  once per row (identical in eval mode);
-* `FastDropout` replaces XLNet's nn.Dropout on the CPU (torch's CPU Bernoulli
-  sampling cost more than all the matmuls).
+Speed (CPU training ~3x the reference's sessions/s, `make bench-train`): training packs several
+sessions into each row (`pack_sessions`: with attention kept inside each session, XLNet's relative
+positions give the padded computation's result, tested, on ~2.5x fewer positions); `_XLNet` computes
+the relative position encodings once per batch; `FastDropout` replaces XLNet's dropout on the CPU.
 
 Item memory (`ItemMemory`, off by default, on in the real-data recipe of
 training/recipes.py): count tables of the training sessions (co-occurrence,
@@ -51,13 +47,10 @@ network's own item logits; `rerank`, the network re-ranks only the memory's
 candidates (training: softmax over each target's candidates, `_rerank_loss`;
 serving: exact top-k over the same candidates); `head_logits` off, the gates only.
 
-Large catalogues (`ModelConfig.loss`, "auto" picks "sampled" from 200k ids): the
-full softmax builds (positions, V) logits, ~5 GB per step at 1M items. The sampled
-loss scores only U = unique(batch targets + `negatives` items drawn per batch from
-(count + 1)^alpha), subtracts log P(j in U) from every column (sampled.py),
-asks the item memory for those columns only, and reads the item table through
-sparse lookups (`param_groups`: SparseAdam/Adagrad for the table, AdamW for the rest).
-Its step cost does not depend on V (tests/training/model/test_sampled.py); evaluation and the
+Large catalogues (`ModelConfig.loss`; "auto" picks "sampled" where it costs clearly less, choice.py):
+the sampled loss scores only the batch's targets + `negatives` items drawn from (count + 1)^alpha with
+the logQ correction (sampled.py), asks the item memory for those columns only and reads the item table
+through sparse lookups (`param_groups`), so its step cost does not depend on V; evaluation and the
 exported model still rank the full catalogue.
 
 Serving top-k (`next_item_topk`): "exact" scores every item; "two_stage" scores a
@@ -86,10 +79,9 @@ from training.model.config import ModelConfig
 from training.model.item_memory import HeadFactors, ItemMemory, PackedTargets
 from training.model.packing import MaskedPositions, PackedSessions, mask_positions
 from training.model.ranking import take
+from training.model.repeats import RepeatInput
 from training.model.xlnet import _use_fast_dropout, _XLNet
 from training.names import FIRST_REAL_ID, OOV_ID, PAD_ID
-
-REPEAT_BUCKETS = 4  # ModelConfig.repeat_feature: an item seen 0, 1, 2, or 3+ times elsewhere in its session
 
 
 class SessionModel(nn.Module):
@@ -143,11 +135,8 @@ class SessionModel(nn.Module):
         )
         self.input_proj = nn.Linear(in_dim, cfg.d_output)  # + ReLU
         self.mask_emb = nn.Parameter(torch.randn(cfg.d_output) * cfg.mask_init_std)  # replaces masked inputs
-        # cfg.repeat_feature: occurrences of a position's item elsewhere in what it may attend to
-        # (`_add_repeats`), 0..REPEAT_BUCKETS-1, added after masking; zero rows: the model starts as without
-        self.repeat_emb = nn.Embedding(REPEAT_BUCKETS, cfg.d_output) if cfg.repeat_feature else None
-        if self.repeat_emb is not None:
-            nn.init.zeros_(self.repeat_emb.weight)
+        # cfg.repeat_feature: how often a position's item occurs elsewhere in its session (repeats.py)
+        self.repeats = RepeatInput(cfg.d_output, cfg.objective == "clm") if cfg.repeat_feature else None
         self.mlp = nn.Linear(cfg.d_output, cfg.d_model)  # + ReLU (T4Rec's MLPBlock([64]))
         # --- body ---------------------------------------------------------------
         xcfg = XLNetConfig(
@@ -302,23 +291,6 @@ class SessionModel(nn.Module):
             parts = [norm(x) for norm, x in zip(self.feature_norms, parts)]
         return F.relu(self.input_proj(torch.cat(parts, dim=-1)))  # (B, L, d_output)
 
-    def _add_repeats(self, x: Tensor, items: Tensor, segment: Tensor, visible: Tensor) -> Tensor:
-        """cfg.repeat_feature: (B, L, d_output) inputs after masking, (B, L) item ids, segment ids and
-        which positions show their item (real and not masked) -> x + the embedding of how often each
-        visible position's item occurs at the other visible positions of its session that it may
-        attend to (clm: the earlier ones), capped at REPEAT_BUCKETS - 1. A masked position gets
-        nothing and is never counted, so its target does not leak; pad, null and OOV ids never match."""
-        if self.repeat_emb is None:
-            return x
-        shown = visible & (items >= FIRST_REAL_ID)  # (B, L)
-        pos = torch.arange(items.shape[1], device=items.device)
-        same = (items[:, :, None] == items[:, None, :]) & (segment[:, :, None] == segment[:, None, :])
-        same &= shown[:, :, None] & shown[:, None, :] & (pos[:, None] != pos[None, :])  # (B, Lq, Lk)
-        if self.cfg.objective == "clm":
-            same &= pos[None, :] < pos[:, None]  # keys before the query
-        count = same.sum(-1).clamp(max=REPEAT_BUCKETS - 1)  # (B, L)
-        return x + self.repeat_emb(count).to(x.dtype) * shown[:, :, None].to(x.dtype)
-
     def encode(self, x: Tensor, segment: Tensor) -> Tensor:
         """(B, L, d_output) inputs, (B, L) segment ids -> (B, L, d_model) hidden states.
 
@@ -389,9 +361,9 @@ class SessionModel(nn.Module):
         else:
             read = (lengths - 1).clamp(min=0)  # clm: the last real item predicts the next one
         segment = (pos[None, :] <= lengths[:, None]).long()  # (B, L+1) 1 = real items + the slot, 0 = pad
-        if self.repeat_emb is not None:
-            items = F.pad(feats[self.cfg.item_feature], (0, 1))  # (B, L+1)
-            x = self._add_repeats(x, items, segment, pos[None, :] < lengths[:, None])
+        if self.repeats is not None:  # the items (B, L+1): the slot shows none
+            items = F.pad(feats[self.cfg.item_feature], (0, 1))
+            x = self.repeats(x, items, segment, pos[None, :] < lengths[:, None])
         h = self.encode(x, segment)  # (B, L+1, d_model)
         idx = read.view(-1, 1, 1).expand(-1, 1, self.cfg.d_model)  # (B, 1, d_model)
         return h.gather(1, idx).squeeze(1)  # (B, d_model)
@@ -674,15 +646,13 @@ class SessionModel(nn.Module):
             assert p.masked is not None, "mlm needs masked positions"
             x = torch.where(p.masked[:, :, None], self.mask_emb.to(x.dtype), x)
         seg = p.segment
-        if self.repeat_emb is not None:
-            shown = seg > 0 if p.masked is None else (seg > 0) & ~p.masked
-            x = self._add_repeats(x, items, seg, shown)
+        if self.repeats is not None:
+            x = self.repeats(x, items, seg, (seg > 0) if p.masked is None else (seg > 0) & ~p.masked)
         h = self.encode(x, seg)  # (R, W, d_model)
         if self.cfg.objective == "mlm":
             h_sel, targets = h[p.masked], items[p.masked]  # (M, d_model), (M,)
             where = p.masked
-            # the memory's context of a target: its session's earlier items that are not masked, or
-            # (memory_masked_context) all of them, as serving reads them; never the target itself
+            # the memory's context: the earlier unmasked items, or all of them (memory_masked_context)
             ctx_ok = seg > 0 if self.cfg.memory_masked_context else ~p.masked
         else:  # causal: position t predicts t+1 of the same session
             nxt = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & (items[:, 1:] >= FIRST_REAL_ID)  # (R, W-1)

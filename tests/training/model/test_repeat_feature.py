@@ -11,22 +11,22 @@ import torch
 from tests.training.model.test_model import make_batch, make_cfg, pad_to
 from training.model import SessionModel, mask_positions, pack_sessions
 from training.model.packing import PackedSessions
-from training.model.session_model import REPEAT_BUCKETS
+from training.model.repeats import BUCKETS
 
 
 def counting_model(objective: str) -> SessionModel:
     """A model whose repeat embedding adds the count itself to every input dimension."""
     torch.manual_seed(0)
     m = SessionModel(make_cfg(objective=objective, repeat_feature=True)).eval()
-    assert m.repeat_emb is not None
+    assert m.repeats is not None
     with torch.no_grad():
-        m.repeat_emb.weight.copy_(torch.arange(REPEAT_BUCKETS, dtype=torch.float32)[:, None])
+        m.repeats.emb.weight.copy_(torch.arange(BUCKETS, dtype=torch.float32)[:, None])
     return m
 
 
 def counts_of(m: SessionModel, items, segment, visible) -> torch.Tensor:
     x = torch.zeros(*items.shape, m.cfg.d_output)
-    return m._add_repeats(x, items, segment, visible)[..., 0]
+    return m.repeats(x, items, segment, visible)[..., 0]
 
 
 def test_counts_per_session_in_a_packed_row_capped_and_unknown_ids_never_match():
@@ -67,7 +67,7 @@ def test_a_masked_item_never_reaches_the_hidden_states():
     no hidden state of the loss moves, so the feature cannot tell the network what the target is."""
     torch.manual_seed(0)
     m = SessionModel(make_cfg(repeat_feature=True)).eval()
-    torch.nn.init.normal_(m.repeat_emb.weight)
+    torch.nn.init.normal_(m.repeats.emb.weight)
     feats, lengths = make_batch([6, 8, 5], L=8, seed=1)
     feats["item_id-list"][:, :4] = torch.tensor([7, 8, 7, 9])  # repeats in every session
     masking = mask_positions(feats["item_id-list"], lengths, 0.4, torch.Generator().manual_seed(2))
@@ -87,13 +87,13 @@ def test_zero_rows_at_the_start_score_as_the_model_without_it():
     off = SessionModel(make_cfg()).eval()
     on = SessionModel(make_cfg(repeat_feature=True)).eval()
     missing, unexpected = on.load_state_dict(off.state_dict(), strict=False)
-    assert missing == ["repeat_emb.weight"] and unexpected == []
+    assert missing == ["repeats.emb.weight"] and unexpected == []
     feats, lengths = make_batch([3, 8, 1, 6], L=8)
     feats["item_id-list"][:, 1] = feats["item_id-list"][:, 0]  # a repeat in every session longer than one
     with torch.no_grad():
         a, b = off.next_item_scores(feats, lengths), on.next_item_scores(feats, lengths)
         assert torch.equal(a, b)
-        torch.nn.init.normal_(on.repeat_emb.weight)
+        torch.nn.init.normal_(on.repeats.emb.weight)
         assert not torch.allclose(on.next_item_scores(feats, lengths)[:, 3:], a[:, 3:])
 
 
@@ -103,7 +103,7 @@ def test_inference_reads_the_counts_training_reads(objective):
     mlm, the session with its last item masked; clm, the session without its last item."""
     torch.manual_seed(0)
     m = SessionModel(make_cfg(objective=objective, repeat_feature=True)).eval()
-    torch.nn.init.normal_(m.repeat_emb.weight)
+    torch.nn.init.normal_(m.repeats.emb.weight)
     feats, lengths = make_batch([5, 7, 3], L=8, seed=4)
     feats["item_id-list"][:, :3] = torch.tensor([9, 10, 9])
     with torch.no_grad():
@@ -135,7 +135,7 @@ class Scores(torch.nn.Module):
 def test_padding_and_tracing_with_the_feature():
     torch.manual_seed(0)
     m = SessionModel(make_cfg(repeat_feature=True)).eval()
-    torch.nn.init.normal_(m.repeat_emb.weight)
+    torch.nn.init.normal_(m.repeats.emb.weight)
     feats, lengths = make_batch([3, 8, 1, 6], L=8)
     feats["item_id-list"][:, 1] = feats["item_id-list"][:, 0]
     names = m.cfg.feature_names
@@ -156,7 +156,7 @@ def test_the_loss_trains_the_feature():
     feats["item_id-list"][:, 1] = feats["item_id-list"][:, 0]
     loss = m.training_loss(feats, lengths, generator=torch.Generator().manual_seed(0))
     loss.backward()
-    assert m.repeat_emb.weight.grad is not None and float(m.repeat_emb.weight.grad.abs().sum()) > 0
+    assert m.repeats.emb.weight.grad is not None and float(m.repeats.emb.weight.grad.abs().sum()) > 0
 
 
 def test_clm_a_later_item_never_reaches_an_earlier_hidden_state():
@@ -164,7 +164,7 @@ def test_clm_a_later_item_never_reaches_an_earlier_hidden_state():
     which predict it, do not move."""
     torch.manual_seed(0)
     m = SessionModel(make_cfg(objective="clm", repeat_feature=True)).eval()
-    torch.nn.init.normal_(m.repeat_emb.weight)
+    torch.nn.init.normal_(m.repeats.emb.weight)
     feats, lengths = make_batch([6, 8, 5], L=8, seed=1)
     p = pack_sessions(feats, lengths)
     last = torch.nn.functional.pad(p.segment[:, 1:] != p.segment[:, :-1], (0, 1), value=True) & (p.segment > 0)
