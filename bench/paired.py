@@ -359,32 +359,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.paired: {e}", file=sys.stderr)
         return 2
     result["markdown"] = markdown(result)
-    if a.by_repeat is not None:
+    split_by = (("by_repeat", a.by_repeat, by_repeat), ("by_frequency", a.by_frequency, by_frequency))
+    for key, data, split_sessions in split_by:  # --by-repeat DATA, --by-frequency DATA
+        if data is None:
+            continue
         try:
             split = json.loads((a.runs[0] / "metrics.json").read_text())["train_config"]["eval_split"]
-            result["by_repeat"] = by_repeat(
-                a.runs, a.by_repeat, split, a.against, tuple(a.metrics), result["windows"]
-            )
+            result[key] = split_sessions(a.runs, data, split, a.against, tuple(a.metrics), result["windows"])
         except (PairedError, OSError, ValueError, KeyError) as e:
-            print(f"bench.paired: --by-repeat: {e}", file=sys.stderr)
+            print(f"bench.paired: --{key.replace('_', '-')}: {e}", file=sys.stderr)
             return 2
-        reps = list(result["by_repeat"].values())
+    if "by_repeat" in result:
         result["markdown"] += "\n\n" + "\n".join(
             f"{g} targets ({rep[g]['share']:.1%} of sessions): model {rep['metric']} {rep[g]['model']:.4f}, "
             f"{a.against} {rep[g][a.against]:.4f} ({rep[g]['ratio']:.3f}x)"
-            for rep in reps
+            for rep in result["by_repeat"].values()
             for g in ("repeat", "new")
             if rep[g]["ratio"] is not None
         )
-    if a.by_frequency is not None:
-        try:
-            split = json.loads((a.runs[0] / "metrics.json").read_text())["train_config"]["eval_split"]
-            result["by_frequency"] = by_frequency(
-                a.runs, a.by_frequency, split, a.against, tuple(a.metrics), result["windows"]
-            )
-        except (PairedError, OSError, ValueError, KeyError) as e:
-            print(f"bench.paired: --by-frequency: {e}", file=sys.stderr)
-            return 2
+    if "by_frequency" in result:
         result["markdown"] += "\n\n" + group_table(result["by_frequency"], a.against, "target seen in training")
     if a.reach is not None:
         result["reach"] = reach(a.runs, sorted(set(a.reach)), result["windows"])
