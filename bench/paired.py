@@ -155,7 +155,23 @@ def by_group(
     return out
 
 
-def by_repeat(
+def _repeat_groups(data: Path, split: str, window: int, session_id: np.ndarray) -> dict[str, np.ndarray]:
+    rep = repeat_targets(data, split, window, session_id)
+    return {"repeat": rep, "new": ~rep}
+
+
+def _frequency_groups(data: Path, split: str, window: int, session_id: np.ndarray) -> dict[str, np.ndarray]:
+    return _frequency_group(target_frequency(data, split, window, session_id))
+
+
+# --by-repeat: the sessions whose target repeats an item of the session, and the others (where model
+# and baseline differ); --by-frequency: grouped by how often the target occurs in the training sessions
+# before its window (`FREQUENCY_GROUPS`: whether the lead grows with the evidence about the item)
+SPLITS = {"by_repeat": _repeat_groups, "by_frequency": _frequency_groups}
+
+
+def split_sessions(
+    kind: str,
     runs: list[Path],
     data: Path,
     split: str,
@@ -163,30 +179,10 @@ def by_repeat(
     metrics: tuple[str, ...] = DEFAULT_METRICS,
     windows: list[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per metric, model and baseline pooled over the sessions whose target repeats an item of
-    the session and over the others (the runs' common windows, or `windows`): where they differ."""
-
-    def groups(w: int, sid: np.ndarray) -> dict[str, np.ndarray]:
-        rep = repeat_targets(data, split, w, sid)
-        return {"repeat": rep, "new": ~rep}
-
-    return by_group(runs, groups, against, metrics, windows)
-
-
-def by_frequency(
-    runs: list[Path],
-    data: Path,
-    split: str,
-    against: str = "count_blend",
-    metrics: tuple[str, ...] = DEFAULT_METRICS,
-    windows: list[int] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Per metric, model and baseline pooled over the sessions grouped by how often their target
-    occurs in the training sessions before the evaluation window (`FREQUENCY_GROUPS`): whether the
-    network's lead grows with the evidence it had about the item."""
-    return by_group(
-        runs, lambda w, sid: _frequency_group(target_frequency(data, split, w, sid)), against, metrics, windows
-    )
+    """Per metric, model and baseline pooled over each group of sessions of `SPLITS[kind]`, read
+    from DATA's `split` of each of the runs' common windows (or `windows`)."""
+    groups = SPLITS[kind]
+    return by_group(runs, lambda w, sid: groups(data, split, w, sid), against, metrics, windows)
 
 
 def reach(runs: list[Path], cutoffs: list[int], windows: list[int]) -> dict[str, dict[str, float]]:
@@ -359,13 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.paired: {e}", file=sys.stderr)
         return 2
     result["markdown"] = markdown(result)
-    split_by = (("by_repeat", a.by_repeat, by_repeat), ("by_frequency", a.by_frequency, by_frequency))
-    for key, data, split_sessions in split_by:  # --by-repeat DATA, --by-frequency DATA
+    for key, data in (("by_repeat", a.by_repeat), ("by_frequency", a.by_frequency)):
         if data is None:
             continue
         try:
             split = json.loads((a.runs[0] / "metrics.json").read_text())["train_config"]["eval_split"]
-            result[key] = split_sessions(a.runs, data, split, a.against, tuple(a.metrics), result["windows"])
+            result[key] = split_sessions(key, a.runs, data, split, a.against, tuple(a.metrics), result["windows"])
         except (PairedError, OSError, ValueError, KeyError) as e:
             print(f"bench.paired: --{key.replace('_', '-')}: {e}", file=sys.stderr)
             return 2
