@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tests.sessions_util import random_sessions
 from training.baselines import BaselineCounts, memory_tables
 from training.model import HeadFactors, ModelConfig, PackedTargets, SessionModel, pack_sessions, take
-from training.model.packing import mask_positions
 from training.model.losses import gbce_loss
+from training.model.packing import mask_positions
 from training.names import FIRST_REAL_ID, ITEM_LIST
 from training.recipes import RECIPES
 
