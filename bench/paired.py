@@ -292,7 +292,8 @@ def markdown(result: dict[str, Any]) -> str:
 def group_table(split: dict[str, dict[str, Any]], against: str, what: str) -> str:
     """A markdown table of `by_group`'s result: one row per group, model / baseline per metric."""
     metrics = list(split)
-    groups = [g for g in split[metrics[0]] if isinstance(split[metrics[0]][g], dict)]
+    # the groups that hold sessions (a small log may have no target seen 100 times)
+    groups = [g for g, r in split[metrics[0]].items() if isinstance(r, dict) and r["share"] > 0]
     head = f"| {what} | share of sessions | " + " | ".join(
         f"model {m} | {against} {m} | ratio" for m in metrics
     ) + " |"

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import PROJECT_ROOT
-from bench.paired import PairedError, paired
+from bench.paired import SPLITS, PairedError, group_table, paired, split_sessions
 from bench.paired import markdown as paired_markdown
 from training.baselines import BASELINES
 from training.checkpoint import RunError
@@ -248,11 +248,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:  # model against the count blend and against V-SKNN, session by session (bench/paired.py)
         scored = [w["eval_window"] for w in windows]  # the protocol's windows (something trained before)
         summary["paired"] = {b: paired(runs, b, windows=scored) for b in (COUNT_BLEND, "vsknn")}
+        # where the model's lead over its blend sits: re-visits or new items, and by how often the
+        # target was seen in training (`bench.paired --by-repeat / --by-frequency`)
+        for kind in SPLITS:
+            summary[kind] = split_sessions(kind, runs, data, args.eval_split, COUNT_BLEND, windows=scored)
     except PairedError as e:  # reused runs trained before --save-ranks
         summary["paired"] = {"skipped": str(e)}
     summary["markdown"] = markdown(summary)
     if "skipped" not in summary["paired"]:
         summary["markdown"] += "\n\n" + "\n\n".join(paired_markdown(r) for r in summary["paired"].values())
+        summary["markdown"] += "\n\n" + "\n\n".join(
+            [
+                group_table(summary["by_repeat"], COUNT_BLEND, "target"),
+                group_table(summary["by_frequency"], COUNT_BLEND, "target seen in training"),
+            ]
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(summary, indent=2).encode())

@@ -245,6 +245,15 @@ def test_bench_quality_end_to_end(tmp_path, repo_root):
             assert res["ratio"] == pytest.approx(ratio)
     assert q["paired"]["count_blend"]["windows"] == [w["eval_window"] for w in q["windows"]]
     assert "Paired bootstrap, model against count_blend" in q["markdown"]
+    # where the lead sits: the groups of each split cover every session, and pooled back together
+    # they give the pooled figures of the paired bootstrap
+    pooled = q["paired"]["count_blend"]["metrics"]["ndcg@20"]["pooled"]
+    for kind in ("by_repeat", "by_frequency"):
+        groups = [g for g in q[kind]["ndcg@20"].values() if isinstance(g, dict)]
+        assert sum(g["share"] for g in groups) == pytest.approx(1.0)
+        for k in ("model", "count_blend"):
+            assert sum(g["share"] * g[k] for g in groups) == pytest.approx(pooled[k])
+    assert "| target seen in training |" in q["markdown"] and "| new |" in q["markdown"]
     # the pattern (item + 3 follows item) is in the counts: kNN and the blend find it
     assert q["mean"]["successor_knn"]["recall@20"] > 0.5 and q["mean"]["count_blend"]["recall@20"] > 0.5
 
