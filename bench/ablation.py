@@ -127,6 +127,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--memory-masked-context"],
         "mlm: a masked target's count terms read every earlier item of its session, masked or not (as served)",
     ),
+    "repeat_reweight": (
+        ["--repeat-reweight"],
+        "training targets weighted so that their re-visit share is the last item's (label shift)",
+    ),
     "fuse_blend": (
         ["--fuse-blend", "0.25,0.5,1,2"],
         "the recipe, also scored with the count blend's weights added at 0.25, 0.5, 1, 2 (baselines fused_B)",

@@ -97,6 +97,16 @@ class TrainConfig:
             "at random positions"
         ),
     )
+    repeat_reweight: bool = field(
+        default=False,
+        metadata=help_meta(
+            "item memory + re-ranking, cross-entropy (no-op without): each window's training targets that "
+            "re-visit an item of their context weigh r_last / r_train, the others (1 - r_last) / (1 - r_train), "
+            "where r_last is the share of the window's fitted sessions whose last item re-visits the session "
+            "and r_train the share of training targets that do (masked LM sees fewer re-visits than the "
+            "last item: a label-shift correction, measured from training sessions only)"
+        ),
+    )
     fuse_blend: tuple[float, ...] = field(
         default=(),
         metadata=help_meta(
@@ -291,10 +301,17 @@ class TrainConfig:
         return out
 
 
-def check_model(model: ModelConfig, label_smoothing: float) -> None:
+def check_model(model: ModelConfig, label_smoothing: float, repeat_reweight: bool = False) -> None:
     """The checks of the settings that need the model's final config (`with_schema`: the
     loss "auto" resolves by the catalogue size): label smoothing needs the full softmax, or
-    re-ranking's softmax over each target's candidates (its uniform part spans them)."""
+    re-ranking's softmax over each target's candidates (its uniform part spans them);
+    repeat_reweight weighs re-ranking's cross-entropy (`ItemMemory.rerank_ce`) only."""
+    if repeat_reweight and not (model.memory and model.rerank and model.loss_fn == "ce" and label_smoothing == 0):
+        raise RunError(
+            "--repeat-reweight weighs the re-ranking cross-entropy's targets: it needs --memory, --rerank, "
+            f"--loss-fn ce and --label-smoothing 0 (got memory={model.memory}, rerank={model.rerank}, "
+            f"loss_fn={model.loss_fn!r}, label_smoothing={label_smoothing})"
+        )
     if label_smoothing > 0.0 and model.loss == "sampled" and not (model.rerank and model.memory):
         raise RunError(
             f"label_smoothing={label_smoothing} needs the full softmax (its uniform part spans the whole "

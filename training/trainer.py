@@ -80,6 +80,7 @@ from training.integrity import atomic_write
 from training.item_init import cooc_vectors, init_new_rows
 from training.model import ModelConfig, PackedSessions, SessionModel, pack_sessions
 from training.model.choice import explain
+from training.model.repeats import set_revisit_prior
 from training.names import AGE_COL, FIRST_REAL_ID, RANKS_DIR, list_col
 from training.optim import RowSparseAdam, pad_optimizer_state
 from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise, window_line
@@ -145,7 +146,7 @@ class Trainer:
         self.schema = load_schema(self.data)
         self.vocab = Schema.of(self.schema)  # typed view: vocabulary sizes per window
         full = cfg.model.with_schema(self.schema)  # resolves loss="auto" on the whole vocabulary
-        check_model(full, cfg.label_smoothing)
+        check_model(full, cfg.label_smoothing, cfg.repeat_reweight)
         self.choices = explain(cfg.model, full)  # loss / rank "auto": what was picked and why (meta.json)
         self.n_items_all = full.n_items  # the baselines' count tables span every id
         age = list_col(AGE_COL)
@@ -403,6 +404,8 @@ class Trainer:
             fit_st = concat_sessions(newest([*earlier, fit_st], cfg.train_budget))
         row.update(fit_sessions=len(fit_st), holdout_sessions=len(held_st))
         set_sample_counts(model, fit_st)
+        if cfg.repeat_reweight and len(fit_st):  # the fit's target weights (training.model.repeats)
+            row.update(set_revisit_prior(model, fit_st, torch.Generator().manual_seed(_seed(cfg.seed, t, 9))))
 
         if len(train_st) == 0:
             warnings.warn(

@@ -658,10 +658,11 @@ class ItemMemory(nn.Module):
         cols: Tensor,
         sets: RerankSets,
         targets: Tensor,
+        weights: Tensor | None = None,
     ) -> Tensor:
         """Training under re-ranking, cross-entropy: the mean over the targets that are among
         their own candidates of -log softmax(target) over those candidates (0, still connected
-        to the graph, where none is). The values of `rerank_scores` over the
+        to the graph, where none is); weights (M,): a weighted mean instead. The values of `rerank_scores` over the
         candidates only: the P popular columns as an (M, P) block, every other candidate as a
         (target, column) pair, its score a dot product; no (M, U) tensor (tested against it)."""
         M, P = h.shape[0], sets.pop_cols.shape[0]
@@ -690,6 +691,9 @@ class ItemMemory(nn.Module):
         total = torch.exp(block - top[:, None]).sum(1).index_add(0, pm, torch.exp(pair - top[pm]))
         lse = top + torch.log(torch.where(total > 0, total, 1.0))  # (M,); 0 for a row without candidates
         nll = torch.where(sets.target_ok, lse - z[sets.target_at], 0.0)
+        if weights is not None:
+            w = torch.where(sets.target_ok, weights, 0.0)
+            return (nll * w).sum() / w.sum().clamp(min=1e-12)
         return nll.sum() / max(int(sets.target_ok.sum()), 1)
 
 

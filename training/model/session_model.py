@@ -79,7 +79,7 @@ from training.model.config import ModelConfig
 from training.model.item_memory import HeadFactors, ItemMemory, PackedTargets
 from training.model.packing import MaskedPositions, PackedSessions, mask_positions
 from training.model.ranking import take
-from training.model.repeats import RepeatInput
+from training.model.repeats import RepeatInput, revisit_weights
 from training.model.xlnet import _use_fast_dropout, _XLNet
 from training.names import FIRST_REAL_ID, OOV_ID, PAD_ID
 
@@ -137,6 +137,7 @@ class SessionModel(nn.Module):
         self.mask_emb = nn.Parameter(torch.randn(cfg.d_output) * cfg.mask_init_std)  # replaces masked inputs
         # cfg.repeat_feature: how often a position's item occurs elsewhere in its session (repeats.py)
         self.repeats = RepeatInput(cfg.d_output, cfg.objective == "clm") if cfg.repeat_feature else None
+        self.target_weights: tuple[float, float] | None = None  # TrainConfig.repeat_reweight, repeats.py
         self.mlp = nn.Linear(cfg.d_output, cfg.d_model)  # + ReLU (T4Rec's MLPBlock([64]))
         # --- body ---------------------------------------------------------------
         xcfg = XLNetConfig(
@@ -652,8 +653,7 @@ class SessionModel(nn.Module):
         if self.cfg.objective == "mlm":
             h_sel, targets = h[p.masked], items[p.masked]  # (M, d_model), (M,)
             where = p.masked
-            # the memory's context: the earlier unmasked items, or all of them (memory_masked_context)
-            ctx_ok = seg > 0 if self.cfg.memory_masked_context else ~p.masked
+            ctx_ok = seg > 0 if self.cfg.memory_masked_context else ~p.masked  # the memory's context
         else:  # causal: position t predicts t+1 of the same session
             nxt = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & (items[:, 1:] >= FIRST_REAL_ID)  # (R, W-1)
             if last_only:  # t+1 ends its session: the next position is another session's, or none
@@ -741,7 +741,8 @@ class SessionModel(nn.Module):
         cols, sets = mem.rerank_columns(view, targets)  # (U,), each target's candidates among them
         head = self._head_factors(h_sel, cols)
         if self.cfg.loss_fn == "ce" and label_smoothing <= 0.0:  # over the candidates only
-            return mem.rerank_ce(h_sel, view, head, cols, sets, targets)
+            w = revisit_weights(view.context.items, view.context.ctx, targets, self.target_weights)
+            return mem.rerank_ce(h_sel, view, head, cols, sets, targets, w)
         member = mem.member(sets, targets.shape[0], cols.shape[0])  # (M, U)
         logits = mem.rerank_scores(h_sel, view, head, cols, member)  # (M, U), -inf off the candidates
         tgt_col = torch.searchsorted(cols, targets)  # (M,) every target is a column

@@ -177,3 +177,78 @@ def test_clm_a_later_item_never_reaches_an_earlier_hidden_state():
         a, b = hidden_states_of_the_loss(m, p), hidden_states_of_the_loss(m, other)
     assert torch.allclose(a[~last], b[~last], atol=1e-6)
     assert not torch.allclose(a[last], b[last])
+
+
+# --- TrainConfig.repeat_reweight: the re-visit prior of the training targets ------------------------
+
+
+def test_revisit_rates_count_last_items_and_visible_training_targets():
+    from training.model.repeats import prior_weights, revisit_rates
+
+    items = torch.tensor([[5, 6, 5, 7], [8, 9, 8, 0], [3, 4, 0, 0], [7, 0, 0, 0]])
+    lengths = torch.tensor([4, 3, 2, 1])
+    # last items: 7 (new), 8 (re-visit), 4 (new); the one-item session has none
+    masked = torch.tensor(
+        [[False, False, True, True], [True, False, True, False], [False, True, False, False], [False] * 4]
+    )
+    r_last, r_train = revisit_rates(items, lengths, masked)
+    assert r_last == pytest.approx(1 / 3)
+    # masked targets: 5 at 2 (5 visible at 0: re-visit), 7 at 3 (new), 8 at 0 (nothing before), 8 at 2
+    # (its earlier 8 is masked: not visible), 4 at 1 (new) -> 1 of 5
+    assert r_train == pytest.approx(1 / 5)
+    r_last, r_train = revisit_rates(items, lengths, None)  # clm: every next item
+    # positions >= 1: 6 n, 5 r, 7 n | 9 n, 8 r | 4 n -> 2 of 6
+    assert r_train == pytest.approx(2 / 6)
+    assert prior_weights(1 / 3, 1 / 5) == pytest.approx((5 / 3, (2 / 3) / (4 / 5)))
+    assert prior_weights(0.2, 0.0) == (1.0, 1.0)
+
+
+def test_weighted_rerank_loss_weighs_each_target():
+    """SessionModel.target_weights: re-ranking's cross-entropy is the weighted mean of each target's
+    loss, re-visits of the memory's context at the first weight, the others at the second; (1, 1) is
+    the plain loss."""
+    from tests.training.model.test_combiner import batch, make_model
+    from training.model.repeats import revisit_weights
+
+    m = make_model(objective="mlm", mask_prob=0.4, rerank=True, rank_popular=8).eval()
+    feats, lengths = batch(24, seed=5)
+    feats["item_id-list"][:, 2] = feats["item_id-list"][:, 0] * (lengths > 2)  # re-visits
+    masking = mask_positions(feats["item_id-list"], lengths, 0.4, torch.Generator().manual_seed(1))
+    p = pack_sessions(feats, lengths, masking.masked)
+    seen = {}
+    real_ce = m.item_memory.rerank_ce
+
+    def spy(h, view, head, cols, sets, targets, weights=None):
+        per = []  # each target's own loss: the weighted mean with a one-hot weight
+        for i in range(targets.shape[0]):
+            one = torch.zeros(targets.shape[0])
+            one[i] = 1.0
+            per.append(real_ce(h, view, head, cols, sets, targets, one) if sets.target_ok[i] else torch.tensor(0.0))
+        seen["per"], seen["ok"] = torch.stack(per), sets.target_ok
+        seen["rep"] = revisit_weights(view.context.items, view.context.ctx, targets, (1.0, 0.0))
+        return real_ce(h, view, head, cols, sets, targets, weights)
+
+    m.item_memory.rerank_ce = spy
+    with torch.no_grad():
+        plain = m.packed_loss(p)
+        m.target_weights = (1.0, 1.0)
+        assert float(m.packed_loss(p)) == pytest.approx(float(plain), rel=1e-6)
+        m.target_weights = (3.0, 0.5)
+        got = float(m.packed_loss(p))
+    per, ok, rep = seen["per"], seen["ok"], seen["rep"].bool()
+    assert bool((rep & ok).any()) and bool((~rep & ok).any())
+    w = torch.where(rep, 3.0, 0.5) * ok
+    assert got == pytest.approx(float((per * w).sum() / w.sum()), rel=1e-5)
+    assert got != pytest.approx(float(plain), rel=1e-3)
+
+
+def test_repeat_reweight_needs_the_rerank_cross_entropy():
+    from training.checkpoint import RunError
+    from training.config import check_model
+    from training.model import ModelConfig
+
+    ok = ModelConfig(categorical={"item_id-list": 300}, memory=True, rerank=True)
+    check_model(ok, 0.0, repeat_reweight=True)
+    for bad, ls in ((ModelConfig(categorical={"item_id-list": 300}, memory=True), 0.0), (ok, 0.1)):
+        with pytest.raises(RunError, match="--repeat-reweight weighs the re-ranking cross-entropy"):
+            check_model(bad, ls, repeat_reweight=True)
