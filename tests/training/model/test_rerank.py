@@ -306,9 +306,9 @@ def test_union_column_loss_equals_the_dense_masked_loss(objective, kw, smoothing
         seen["h"], seen["cols"] = h, cols
         return real_scores(h, view, head, cols, member)
 
-    def spy_ce(h, view, head, cols, sets, targets):  # cross-entropy over the candidates only
+    def spy_ce(h, view, head, cols, sets, targets, weights=None):  # cross-entropy over the candidates only
         seen["h"], seen["cols"] = h, cols
-        return real_ce(h, view, head, cols, sets, targets)
+        return real_ce(h, view, head, cols, sets, targets, weights)
 
     monkeypatch.setattr(mem, "rerank_scores", spy_scores)
     monkeypatch.setattr(mem, "rerank_ce", spy_ce)
