@@ -252,3 +252,21 @@ def test_repeat_reweight_needs_the_rerank_cross_entropy():
     for bad, ls in ((ModelConfig(categorical={"item_id-list": 300}, memory=True), 0.0), (ok, 0.1)):
         with pytest.raises(RunError, match="--repeat-reweight weighs the re-ranking cross-entropy"):
             check_model(bad, ls, repeat_reweight=True)
+
+
+def test_the_trainer_sets_the_revisit_prior_of_each_window(tiny_synthetic_data, tmp_path):
+    """--repeat-reweight through the trainer: every trained window's row records the shares of its
+    fitted sessions and the weights they give (`prior_weights`); off, nothing is recorded."""
+    from tests.training.train_util import tiny_cfg
+    from training.model.repeats import prior_weights
+    from training.train import train
+
+    model = {"memory": True, "rerank": True, "rank_popular": 8, "memory_k": 8}
+    on = train(tiny_cfg(tiny_synthetic_data, tmp_path / "on", repeat_reweight=True, model=model))
+    rows = [r for r in on["windows"] if r.get("fit_sessions")]
+    assert rows
+    for r in rows:
+        assert 0.0 <= r["revisit_train"] <= 1.0 and 0.0 <= r["revisit_last"] <= 1.0
+        assert r["revisit_weights"] == pytest.approx(list(prior_weights(r["revisit_last"], r["revisit_train"])))
+    off = train(tiny_cfg(tiny_synthetic_data, tmp_path / "off", model=model))
+    assert not any("revisit_weights" in r for r in off["windows"])
