@@ -131,6 +131,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--repeat-reweight"],
         "training targets weighted so that their re-visit share is the last item's (label shift)",
     ),
+    "pop_prior": (
+        ["--pop-prior", "10"],
+        "the item memory's popularity term gets a learned function of log1p(pop), any sign, 10 knots",
+    ),
     "fuse_blend": (
         ["--fuse-blend", "0.25,0.5,1,2"],
         "the recipe, also scored with the count blend's weights added at 0.25, 0.5, 1, 2 (baselines fused_B)",

@@ -195,6 +195,14 @@ class ModelConfig:
             "only); off: the unmasked earlier items only, so training sees fewer re-visits than serving"
         },
     )
+    pop_prior: int = field(
+        default=0,
+        metadata={
+            "help": "item memory: a learned score per candidate from its popularity alone, piecewise linear in "
+            "log1p(pop) over this many knots (one per unit), of any sign, zero at the start; 0: off (the "
+            "linear term g_pop * log1p(pop), g_pop >= 0, only)"
+        },
+    )
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
     # --- training loss over the catalogue (see `SessionModel.sample_candidates`) ----------------
     # "full": softmax over every item ((positions, V) logits, the reference); "sampled": softmax over
@@ -290,6 +298,8 @@ class ModelConfig:
             raise ValueError(f"mask_last must be in [0, 1], got {self.mask_last}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
+        if self.pop_prior < 0 or self.pop_prior == 1:
+            raise ValueError(f"pop_prior must be 0 (off) or >= 2 knots, got {self.pop_prior}")
         if self.memory and self.memory_k < 1:
             raise ValueError(f"memory_k must be >= 1, got {self.memory_k}")
         if not 0.0 <= self.memory_hop2 <= 1.0:

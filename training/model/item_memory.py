@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import training.model.ranking as ranking
+from training.model.pop_prior import PopPrior
 from training.model.ranking import take
 from training.model.rerank import RerankEntries, RerankSets, _find, _pair_dots, _term_index, _term_values
 from training.names import FIRST_REAL_ID
@@ -64,6 +65,7 @@ class CountLists:
     succ_val: Tensor  # (M, K) its counts
     # training only: (M, W) corrections added to log1p(pop) at the context items (own session left out)
     pop_delta: Tensor | None = None
+    prior_delta: Tensor | None = None  # (M, W) the same for the popularity prior (ModelConfig.pop_prior)
 
 
 @dataclass
@@ -134,6 +136,7 @@ class ItemMemory(nn.Module):
         head_gate: bool = False,
         rerank_popular: int = 0,
         head_repeats: bool = True,
+        pop_prior: int = 0,
     ):
         super().__init__()
         # ModelConfig.head_repeats: False = the network's own logit is left out of the score of every
@@ -159,6 +162,8 @@ class ItemMemory(nn.Module):
         self.gate = nn.Linear(d_model, self.N_FEATURES)
         # ModelConfig.head_gate: how much the network's own item logits count, per session (>= 0)
         self.head_gate: nn.Linear | None = nn.Linear(d_model, 1) if head_gate else None
+        # ModelConfig.pop_prior: a learned function of each candidate's log1p(pop), of any sign (0 = off)
+        self.pop_prior: PopPrior | None = PopPrior(pop_prior) if pop_prior else None
         # the count blend's weights added to the combiner's at this weight (0 = off): scores = the
         # model's + blend_weight x the blend's count scores. A Python float (a traced model bakes it
         # in); evaluation sets it for `TrainConfig.fuse_blend`, training never does.
@@ -178,6 +183,8 @@ class ItemMemory(nn.Module):
         if self.head_gate is not None:
             self.head_gate.weight.zero_()
             self.head_gate.bias.copy_(_inv_softplus(torch.tensor([1.0])))
+        if self.pop_prior is not None:
+            self.pop_prior.values.zero_()
 
     @torch.no_grad()
     def reset_to_blend(self) -> None:
@@ -271,28 +278,32 @@ class ItemMemory(nn.Module):
         m, w = (context.ctx & ~_seen_before(context)).nonzero(as_tuple=True)
         return m, context.items[m, w].long()
 
-    @staticmethod
-    def _repeat_head(lhs: Tensor, rhs: Tensor, m: Tensor, col: Tensor) -> Tensor:
-        """(N,) minus the network's logit at the cells (m, col) of `_factors`' (M, E+1) and
-        (cols, E+1) factors (their last column is the popularity term, not the network's)."""
-        return -(lhs[m, :-1] * rhs[col, :-1]).sum(1)
+    def _repeat_head(self, lhs: Tensor, rhs: Tensor, m: Tensor, col: Tensor) -> Tensor:
+        """(N,) minus the network's logit at the cells (m, col) of `_factors`' (M, E+x) and
+        (cols, E+x) factors (their last x columns are the popularity terms, not the network's)."""
+        e = lhs.shape[1] - (1 if self.pop_prior is None else 2)
+        return -(lhs[m, :e] * rhs[col, :e]).sum(1)
 
     def _factors(
         self, h: Tensor, head: HeadFactors | None, cols: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(M, d) hidden states -> the (M, 4) gates and the two float32 factors whose product is the
-        network's item logits + g_pop * log1p(pop): lhs (M, E+1) and rhs (V, E+1), or (U, E+1) for
-        the columns `cols` (head: the network's logits as factors, None: none). Call it with
-        autocast off."""
+        network's item logits + g_pop * log1p(pop) (+ the popularity prior, ModelConfig.pop_prior):
+        lhs (M, E+1) and rhs (V, E+1), or (U, E+1) for the columns `cols` (E+2 with the prior; head:
+        the network's logits as factors, None: none). Call it with autocast off."""
         g = F.softplus(self.gate(h.float()))  # (M, 4)
         n_cols = self.pop.shape[0] if cols is None else cols.shape[0]
         if head is None:
             base_h, base_w = h.new_zeros(h.shape[0], 1), self.pop.new_zeros(n_cols, 1)
         else:
             base_h, base_w = head.h, head.w
-        lhs = torch.cat([self._head_lhs(h, base_h), self._pop_gate(g)], 1)
-        pop = self.pop if cols is None else self.pop[cols]
-        return g, lhs, torch.cat([base_w.float(), torch.log1p(pop)[:, None]], 1)
+        lhs = [self._head_lhs(h, base_h), self._pop_gate(g)]
+        log_pop = torch.log1p(self.pop if cols is None else self.pop[cols])
+        rhs = [base_w.float(), log_pop[:, None]]
+        if self.pop_prior is not None:  # one more column: 1 x prior(c)
+            lhs.append(g.new_ones(g.shape[0], 1))
+            rhs.append(self.pop_prior(log_pop)[:, None])
+        return g, torch.cat(lhs, 1), torch.cat(rhs, 1)
 
     def _head_lhs(self, h: Tensor, base_h: Tensor) -> Tensor:
         """(M, E) head inputs -> the left factor of the network's item logits in float32: times
@@ -323,7 +334,8 @@ class ItemMemory(nn.Module):
             (context.items, wr),
         ]
         if lists.pop_delta is not None:
-            terms.append((context.items, g[:, 3:4] * lists.pop_delta))
+            own = g[:, 3:4] * lists.pop_delta
+            terms.append((context.items, own if lists.prior_delta is None else own + lists.prior_delta))
         return terms
 
     def _gate_weights(self, g: Tensor, context: TargetContext) -> tuple[Tensor, Tensor, Tensor]:
@@ -445,7 +457,10 @@ class ItemMemory(nn.Module):
         context, lists = self._session_view(items, lengths)
         with torch.autocast(h.device.type, enabled=False):
             g = F.softplus(self.gate(h.float()))  # (B, 4)
-            out = torch.log1p(take(self.pop, cand)) * self._pop_gate(g)  # (B, C) g_pop * log1p(pop)
+            log_pop = torch.log1p(take(self.pop, cand))
+            out = log_pop * self._pop_gate(g)  # (B, C) g_pop * log1p(pop)
+            if self.pop_prior is not None:
+                out = out + self.pop_prior(log_pop)
             if head is not None:  # + the network's logits; (B, C, E) is large: no concatenation to it
                 lhs = self._head_lhs(h, head.h)  # (B, E)
                 if head.w.dim() == 2:  # (V, E) the whole table: one (B, V) product, read at cand
@@ -495,7 +510,7 @@ class ItemMemory(nn.Module):
         subtracted from its lists and popularity (tested against tables rebuilt without it);
         False for sessions that are not in the counts.
         """
-        c_idx, c_val, s_idx, s_val, pop_delta = self._packed_lists(items, segment, leave_out)
+        c_idx, c_val, s_idx, s_val, pop_delta, prior_delta = self._packed_lists(items, segment, leave_out)
         context, in_own, lq = self._targets(items, segment, targets)
         tgt_r = targets.row
         lists = CountLists(
@@ -504,19 +519,21 @@ class ItemMemory(nn.Module):
             s_idx[tgt_r, lq],
             s_val[tgt_r, lq],
             pop_delta=None if pop_delta is None else torch.where(in_own, pop_delta[tgt_r], 0.0),
+            prior_delta=None if prior_delta is None else torch.where(in_own, prior_delta[tgt_r], 0.0),
         )
         return context, lists
 
     def _packed_lists(
         self, items: Tensor, segment: Tensor, leave_out: bool
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """(R, W) packed rows -> the count lists of every position: co-occurrence ids and counts,
         successor ids and counts (R, W, K; ids int64), and with leave_out each session's own
-        contribution subtracted, plus the popularity corrections pop_delta (R, W) (else None)."""
+        contribution subtracted, plus the popularity corrections pop_delta (R, W) and prior_delta
+        (R, W) (the popularity prior's; None without it), else None and None."""
         R, W = items.shape
         c_idx = take(self.cooc_idx, items).long()  # (R, W, K)
         s_idx = take(self.succ_idx, items).long()  # (R, W, K)
-        c_val, s_val, pop_delta = take(self.cooc_val, items), take(self.succ_val, items), None
+        c_val, s_val, pop_delta, prior_delta = take(self.cooc_val, items), take(self.succ_val, items), None, None
         if leave_out:
             real = segment > 0
             same = (segment[:, :, None] == segment[:, None, :]) & real[:, :, None]  # (R, W, W) same session
@@ -547,7 +564,9 @@ class ItemMemory(nn.Module):
             pop_delta = torch.where(
                 real, (torch.log1p((p - cnt).clamp(min=0.0)) - torch.log1p(p)) / cnt.clamp(min=1), 0.0
             )  # (R, W)
-        return c_idx, c_val, s_idx, s_val, pop_delta
+            if self.pop_prior is not None:
+                prior_delta = self.pop_prior.delta(p, cnt.float(), real)
+        return c_idx, c_val, s_idx, s_val, pop_delta, prior_delta
 
     def _targets(
         self, items: Tensor, segment: Tensor, targets: PackedTargets
@@ -571,7 +590,7 @@ class ItemMemory(nn.Module):
         """Training under re-ranking: the candidates and count terms of M targets in packed rows
         as flat entries (`RerankEntries`): the same terms as `packed_view`'s lists, without
         their zeros (a zero count adds nothing and proposes no candidate)."""
-        c_idx, c_val, s_idx, s_val, pop_delta = self._packed_lists(items, segment, leave_out)
+        c_idx, c_val, s_idx, s_val, pop_delta, prior_delta = self._packed_lists(items, segment, leave_out)
         context, in_own, lq = self._targets(items, segment, targets)
         tgt_r = targets.row
         pm, pw = context.ctx.nonzero(as_tuple=True)  # (P,) row-major
@@ -584,7 +603,8 @@ class ItemMemory(nn.Module):
         if pop_delta is not None:
             om, ow = in_own.nonzero(as_tuple=True)
             orow = tgt_r[om]
-            own = (om, items[orow, ow].long(), pop_delta[orow, ow])
+            prior = None if prior_delta is None else prior_delta[orow, ow]
+            own = (om, items[orow, ow].long(), pop_delta[orow, ow], prior)
         return RerankEntries(
             context,
             pm,
@@ -662,9 +682,9 @@ class ItemMemory(nn.Module):
     ) -> Tensor:
         """Training under re-ranking, cross-entropy: the mean over the targets that are among
         their own candidates of -log softmax(target) over those candidates (0, still connected
-        to the graph, where none is); weights (M,): a weighted mean instead. The values of `rerank_scores` over the
-        candidates only: the P popular columns as an (M, P) block, every other candidate as a
-        (target, column) pair, its score a dot product; no (M, U) tensor (tested against it)."""
+        to the graph, where none is); weights (M,): a weighted mean instead. The values of
+        `rerank_scores` over the candidates only: the P popular columns as an (M, P) block, every
+        other candidate a (target, column) pair, its score a dot product; no (M, U) tensor (tested)."""
         M, P = h.shape[0], sets.pop_cols.shape[0]
         pm = sets.pair_m
         with torch.autocast(h.device.type, enabled=False):
@@ -695,7 +715,6 @@ class ItemMemory(nn.Module):
             w = torch.where(sets.target_ok, weights, 0.0)
             return (nll * w).sum() / w.sum().clamp(min=1e-12)
         return nll.sum() / max(int(sets.target_ok.sum()), 1)
-
 
     def rerank_scores(
         self, h: Tensor, view: RerankEntries, head: HeadFactors | None, cols: Tensor, member: Tensor

@@ -34,8 +34,9 @@ class RerankEntries:
     succ_m: Tensor  # (Ns,) the target of each successor entry (last context item) with a count > 0
     succ_ids: Tensor  # (Ns,)
     succ_log: Tensor  # (Ns,) log1p(count)
-    # training with leave_out: the popularity corrections at the items of the target's session
-    own: tuple[Tensor, Tensor, Tensor] | None = None  # (No,) target, id, correction
+    # training with leave_out: the popularity corrections at the items of the target's session,
+    # (No,) target, id, correction of log1p(pop), correction of the popularity prior (None: no prior)
+    own: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
 
 
 @dataclass
@@ -77,7 +78,8 @@ def _term_values(view: RerankEntries, g: Tensor, wc: Tensor, wr: Tensor, ws: Ten
         wr[view.pm, view.pw],
     ]
     if view.own is not None:
-        val.append(g[view.own[0], 3] * view.own[2])
+        own = g[view.own[0], 3] * view.own[2]
+        val.append(own if view.own[3] is None else own + view.own[3])
     return torch.cat(val)
 
 

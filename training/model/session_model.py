@@ -2,10 +2,9 @@
 
 nanoGPT style: this file says what the network is; its pieces live next door in
 training/model/ (config: ModelConfig; packing: masking and packed rows; xlnet: the
-transformer body; item_memory: the count scores; ranking: serving top-k; sampled:
-the sampled softmax). The architecture follows the Transformers4Rec
-getting-started example (notebook 02, see docs/contracts.md and
-the Transformers4Rec reference notes, sections 1.2, 1.5, 2.2):
+transformer body; item_memory: the count scores; ranking: serving top-k; sampled: the sampled
+softmax). The architecture follows the Transformers4Rec getting-started example (notebook 02, see
+docs/contracts.md and the Transformers4Rec reference notes, sections 1.2, 1.5, 2.2):
 
     item_id-list   [B, L] -> Embedding(V_item, 64)  \
     category-list  [B, L] -> Embedding(V_cat, 64)    > concat [B, L, 192]
@@ -186,6 +185,7 @@ class SessionModel(nn.Module):
                 head_gate=cfg.head_gate,
                 rerank_popular=cfg.rank_popular if cfg.rerank else 0,
                 head_repeats=cfg.head_repeats,
+                pop_prior=cfg.pop_prior,
             )
             if cfg.memory
             else None

@@ -35,13 +35,17 @@ def random_sessions(n: int, seed: int, max_len: int = 7) -> tuple[np.ndarray, np
     return items, lengths
 
 
-def memory_with(items: np.ndarray, lengths: np.ndarray, k: int = V, seed: int = 0) -> ItemMemory:
+def memory_with(
+    items: np.ndarray, lengths: np.ndarray, k: int = V, seed: int = 0, pop_prior: int = 0
+) -> ItemMemory:
     torch.manual_seed(seed)
-    mem = ItemMemory(V, k, max_len=items.shape[1], d_model=D, decay=0.7)
+    mem = ItemMemory(V, k, max_len=items.shape[1], d_model=D, decay=0.7, pop_prior=pop_prior)
     with torch.no_grad():  # non-trivial gates: they depend on h
         mem.gate.weight.normal_(0, 0.5)
         mem.w_cooc.uniform_(0.2, 1.0)
         mem.w_rep.uniform_(0.2, 1.0)
+        if mem.pop_prior is not None:  # a popularity prior of both signs, bent at every knot
+            mem.pop_prior.values.normal_(0, 1.0)
     counts = BaselineCounts(V)
     counts.add_sessions(items, lengths)
     mem.set_tables(**{k_: torch.from_numpy(v) for k_, v in memory_tables(counts, k).items()})
@@ -96,11 +100,15 @@ def test_inference_scores_hand_computed():
 
 
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
-def test_training_scores_leave_the_session_out(objective):
+@pytest.mark.parametrize("pop_prior", [0, 3])
+def test_training_scores_leave_the_session_out(objective, pop_prior):
     """packed_scores (session in the counts, own contribution subtracted) == inference scores
-    with tables built from all the other sessions, for every target of every session."""
+    with tables built from all the other sessions, for every target of every session (also with
+    the popularity prior, ModelConfig.pop_prior: its value moves with the count left out)."""
     items, lengths = random_sessions(12, seed=1)
-    full = memory_with(items, lengths)
+    full = memory_with(items, lengths, pop_prior=pop_prior)
+    if pop_prior:  # pops of 1 to 9: every segment is read, and the flat end past the last knot
+        assert torch.log1p(full.pop[FIRST_REAL_ID:]).max() > pop_prior - 1
     feats = {"item_id-list": torch.from_numpy(items)}
     lens = torch.from_numpy(lengths)
     masked = None
@@ -121,9 +129,9 @@ def test_training_scores_leave_the_session_out(objective):
     for m in range(len(tgt_r)):
         s = int(seg[tgt_r[m], tgt_p[m]]) - 1  # the batch's session index
         others = np.delete(np.arange(len(lengths)), s)
-        loo = memory_with(items[others], lengths[others])
+        loo = memory_with(items[others], lengths[others], pop_prior=pop_prior)
         with torch.no_grad():  # same parameters as `full`, only the tables differ
-            for name in ("gate", "w_cooc", "w_rep"):
+            for name in ("gate", "w_cooc", "w_rep", "pop_prior"):
                 loo.load_state_dict(
                     {k: v for k, v in full.state_dict().items() if k.startswith(name)}, strict=False
                 )
@@ -253,6 +261,29 @@ def test_memory_config_validation():
         ModelConfig(categorical={"item_id-list": V}, memory=True, memory_k=0)
     with pytest.raises(ValueError, match="memory_decay"):
         ModelConfig(categorical={"item_id-list": V}, memory=True, memory_decay=0.0)
+    for bad in (-1, 1):
+        with pytest.raises(ValueError, match=f"pop_prior must be 0 \\(off\\) or >= 2 knots, got {bad}"):
+            ModelConfig(categorical={"item_id-list": V}, memory=True, pop_prior=bad)
+
+
+def test_pop_prior_at_zero_scores_as_the_model_without_it():
+    """ModelConfig.pop_prior starts at zero: the same scores as without it (training and serving)."""
+    items, lengths = random_sessions(12, seed=1)
+    fresh = ItemMemory(V, 4, max_len=7, d_model=D, decay=0.7, pop_prior=5)
+    assert fresh.pop_prior is not None and fresh.pop_prior.values.tolist() == [0.0] * 5
+    plain, prior = memory_with(items, lengths), memory_with(items, lengths, pop_prior=5)  # the same gates
+    with torch.no_grad():
+        prior.pop_prior.values.normal_()
+    prior.reset_to_blend(), plain.reset_to_blend()  # the combiner's start, the prior at zero again
+    assert prior.pop_prior.values.tolist() == [0.0] * 5
+    h = torch.randn(len(items), D)
+    it, lens = torch.from_numpy(items), torch.from_numpy(lengths)
+    assert torch.equal(plain.next_item_scores(h, it, lens), prior.next_item_scores(h, it, lens))
+    cand = torch.arange(V).expand(len(items), V)
+    assert torch.equal(plain.candidate_scores(h, it, lens, cand, None), prior.candidate_scores(h, it, lens, cand, None))
+    with torch.no_grad():
+        prior.pop_prior.values[1:] = 1.0  # every item counted at least once gains 1 where it is 1 unit past
+    assert not torch.equal(plain.next_item_scores(h, it, lens), prior.next_item_scores(h, it, lens))
 
 
 def test_memory_under_autocast_is_float32():

@@ -60,6 +60,8 @@ def make_model(**kw) -> SessionModel:
         m.item_memory.gate.weight.normal_(0, 0.3)
         if m.item_memory.head_gate is not None:
             m.item_memory.head_gate.weight.normal_(0, 0.3)
+        if m.item_memory.pop_prior is not None:  # ModelConfig.pop_prior: of both signs, bent at every knot
+            m.item_memory.pop_prior.values.normal_(0, 1.0)
     return m.eval()
 
 
@@ -183,14 +185,18 @@ def test_training_candidates_leave_the_session_out_and_match_a_loop(objective):
         assert found.crow.tolist() == [0, *torch.bincount(found.pair_m, minlength=len(targets)).cumsum(0).tolist()]
 
 
+PRIOR_CASES = [(True, 0), (False, 0), (True, 3)]  # (head_repeats, pop_prior)
+
+
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 @pytest.mark.parametrize("leave_out", [True, False])
-@pytest.mark.parametrize("head_repeats", [True, False])
-def test_flat_entry_scores_equal_the_list_scores_and_their_gradients(objective, leave_out, head_repeats):
+@pytest.mark.parametrize("head_repeats,pop_prior", PRIOR_CASES)
+def test_flat_entry_scores_equal_the_list_scores_and_their_gradients(objective, leave_out, head_repeats, pop_prior):
     """rerank_scores (flat entries, training) = combine over packed_view's (M, W, K) lists at every
     candidate, -inf elsewhere; the gradients of the gates, the position weights and h agree (also
-    with the head's logit left out at the context items, head_repeats off)."""
-    m = make_model(objective=objective, head_repeats=head_repeats)
+    with the head's logit left out at the context items, head_repeats off, and with the popularity
+    prior, whose knots get the same gradients too)."""
+    m = make_model(objective=objective, head_repeats=head_repeats, pop_prior=pop_prior)
     mem = m.item_memory
     items, lengths = random_sessions(60, V, seed=2, max_len=L, min_len=2)
     p, tgt = packed(items, lengths, objective)
@@ -202,13 +208,16 @@ def test_flat_entry_scores_equal_the_list_scores_and_their_gradients(objective, 
     h = torch.randn(len(tgt.row), 16, requires_grad=True)
     w = torch.randn(len(cols), 16, requires_grad=True)
     weights = torch.randn(len(tgt.row), len(cols))
+    params = [h, w, mem.w_cooc, mem.w_rep, mem.gate.weight]
+    if pop_prior:
+        params.append(mem.pop_prior.values)
 
     def run(scores_fn):
-        for t in (h, w, mem.w_cooc, mem.w_rep, mem.gate.weight):
+        for t in params:
             t.grad = None
         out = scores_fn()
         torch.where(member, out, 0.0).mul(weights).sum().backward()
-        return out.detach(), [t.grad.clone() for t in (h, w, mem.w_cooc, mem.w_rep, mem.gate.weight)]
+        return out.detach(), [t.grad.clone() for t in params]
 
     got, got_g = run(lambda: mem.rerank_scores(h, view, HeadFactors(h, w), cols, member))
     want, want_g = run(
@@ -222,12 +231,13 @@ def test_flat_entry_scores_equal_the_list_scores_and_their_gradients(objective, 
 
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 @pytest.mark.parametrize("leave_out", [True, False])
-@pytest.mark.parametrize("head_repeats", [True, False])
-def test_candidate_only_cross_entropy_equals_the_masked_dense_one(objective, leave_out, head_repeats):
+@pytest.mark.parametrize("head_repeats,pop_prior", PRIOR_CASES)
+def test_candidate_only_cross_entropy_equals_the_masked_dense_one(objective, leave_out, head_repeats, pop_prior):
     """rerank_ce (the popular block + one dot product per other candidate pair, no (M, U) tensor)
     = cross-entropy of rerank_scores' (M, U) masked scores over the targets among their
-    candidates; and the same gradients for h, the item vectors, the gates and position weights."""
-    m = make_model(objective=objective, head_repeats=head_repeats)
+    candidates; and the same gradients for h, the item vectors, the gates and position weights
+    (and the popularity prior's knots)."""
+    m = make_model(objective=objective, head_repeats=head_repeats, pop_prior=pop_prior)
     mem = m.item_memory
     items, lengths = random_sessions(60, V, seed=1, max_len=L, min_len=2)  # the sessions in the counts
     p, tgt = packed(items, lengths, objective)
@@ -243,6 +253,7 @@ def test_candidate_only_cross_entropy_equals_the_masked_dense_one(objective, lea
     h = torch.randn(len(targets), 16, requires_grad=True)
     w = torch.randn(len(cols), 16, requires_grad=True)
     params = (h, w, mem.w_cooc, mem.w_rep, mem.gate.weight, mem.gate.bias)
+    params += (mem.pop_prior.values,) if pop_prior else ()
 
     def run(loss_fn):
         for t in params:
@@ -251,11 +262,14 @@ def test_candidate_only_cross_entropy_equals_the_masked_dense_one(objective, lea
         loss.backward()
         return loss.detach(), [t.grad.clone() for t in params]
 
+    def fresh_view():  # the prior's leave-one-out corrections are in a view's graph: one per backward
+        return mem.rerank_view(it, p.segment, tgt, leave_out=leave_out)
+
     def dense():
-        logits = mem.rerank_scores(h, view, HeadFactors(h, w), cols, member)
+        logits = mem.rerank_scores(h, fresh_view(), HeadFactors(h, w), cols, member)
         return F.cross_entropy(logits[keep], torch.searchsorted(cols, targets)[keep])
 
-    got, got_g = run(lambda: mem.rerank_ce(h, view, HeadFactors(h, w), cols, found, targets))
+    got, got_g = run(lambda: mem.rerank_ce(h, fresh_view(), HeadFactors(h, w), cols, found, targets))
     want, want_g = run(dense)
     assert torch.allclose(got, want, rtol=1e-5), (got.item(), want.item())
     for a, b in zip(got_g, want_g):
@@ -368,9 +382,9 @@ def assert_same_top_k(
     assert torch.equal(gi[clear], wi[clear].long())
 
 
-@pytest.mark.parametrize("head_repeats", [True, False])
-def test_served_top_k_is_the_exact_masked_top_k(monkeypatch, head_repeats):
-    m = make_model(head_repeats=head_repeats)
+@pytest.mark.parametrize("head_repeats,pop_prior", PRIOR_CASES)
+def test_served_top_k_is_the_exact_masked_top_k(monkeypatch, head_repeats, pop_prior):
+    m = make_model(head_repeats=head_repeats, pop_prior=pop_prior)
     assert m.cfg.rank == "two_stage"  # "auto" under rerank: the memory's candidates at any catalogue size
     items, lengths = random_sessions(64, V, seed=3, max_len=L, min_len=1)
     feats, lens = {ITEM: torch.from_numpy(items)}, torch.from_numpy(lengths)
@@ -399,9 +413,9 @@ def test_candidate_count_does_not_grow_with_the_catalogue():
     )
 
 
-@pytest.mark.parametrize("head_repeats", [True, False])
-def test_traced_ranker_equals_eager_under_rerank(head_repeats):
-    m = make_model(head_repeats=head_repeats)
+@pytest.mark.parametrize("head_repeats,pop_prior", PRIOR_CASES)
+def test_traced_ranker_equals_eager_under_rerank(head_repeats, pop_prior):
+    m = make_model(head_repeats=head_repeats, pop_prior=pop_prior)
     ranker = TopKRanker(m, [ITEM], POP, V, {ITEM: V}, L)
     schema = {"categorical": {ITEM: V}, "max_sequence_length": L}
     traced = trace_ranker(ranker, example_inputs(schema, batch=8))  # checks two batch sizes itself
