@@ -135,6 +135,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--pop-prior", "10"],
         "the item memory's popularity term gets a learned function of log1p(pop), any sign, 10 knots",
     ),
+    "cooc_curve": (
+        ["--cooc-curve", "8"],
+        "the co-occurrence term reads a learned curve of log1p(count), 8 knots, not log1p(count)",
+    ),
     "fuse_blend": (
         ["--fuse-blend", "0.25,0.5,1,2"],
         "the recipe, also scored with the count blend's weights added at 0.25, 0.5, 1, 2 (baselines fused_B)",

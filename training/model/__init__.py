@@ -5,6 +5,8 @@
     packing.py        masked-LM masking, several sessions per training row
     xlnet.py          the transformer body (position encodings once per batch, cheap CPU dropout)
     item_memory.py    ItemMemory: count scores added to the logits through learned gates
+    memory_inputs.py  its grouped inputs (TargetContext, CountLists, HeadFactors, PackedTargets)
+    curves.py         its learned curves of the counts (popularity prior, co-occurrence curve)
     ranking.py        serving top-k: exact, IVF index, two-stage and re-ranking candidates (functions)
     sampled.py        the sampled softmax of large catalogues (functions over tensors)
     losses.py         softmax cross-entropy and gSASRec's gBCE over a set of columns (functions)
@@ -24,7 +26,8 @@ from training.model.config import (
     SCHEMA_FIELDS,
     ModelConfig,
 )
-from training.model.item_memory import CountLists, HeadFactors, ItemMemory, PackedTargets, TargetContext
+from training.model.item_memory import ItemMemory
+from training.model.memory_inputs import CountLists, HeadFactors, PackedTargets, TargetContext
 from training.model.packing import MaskedPositions, PackedSessions, mask_positions, pack_sessions
 from training.model.ranking import RankIndex, ivf_index, take
 from training.model.sampled import SamplerTables, correct_logits, sample_candidates, sampler_tables

@@ -203,6 +203,14 @@ class ModelConfig:
             "linear term g_pop * log1p(pop), g_pop >= 0, only)"
         },
     )
+    cooc_curve: int = field(
+        default=0,
+        metadata={
+            "help": "item memory: the co-occurrence term reads a learned curve of log1p(count) instead of "
+            "log1p(count): piecewise linear over this many knots (one per unit), extended along its last "
+            "segment, 0 at 0, the identity at the start; 0: off"
+        },
+    )
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
     # --- training loss over the catalogue (see `SessionModel.sample_candidates`) ----------------
     # "full": softmax over every item ((positions, V) logits, the reference); "sampled": softmax over
@@ -298,8 +306,9 @@ class ModelConfig:
             raise ValueError(f"mask_last must be in [0, 1], got {self.mask_last}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
-        if self.pop_prior < 0 or self.pop_prior == 1:
-            raise ValueError(f"pop_prior must be 0 (off) or >= 2 knots, got {self.pop_prior}")
+        for name in ("pop_prior", "cooc_curve"):
+            if getattr(self, name) < 0 or getattr(self, name) == 1:
+                raise ValueError(f"{name} must be 0 (off) or >= 2 knots, got {getattr(self, name)}")
         if self.memory and self.memory_k < 1:
             raise ValueError(f"memory_k must be >= 1, got {self.memory_k}")
         if not 0.0 <= self.memory_hop2 <= 1.0:

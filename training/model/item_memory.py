@@ -22,59 +22,16 @@ of `packed_view` + `combine(cols=...)` without their zeros), serving on each ses
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import training.model.ranking as ranking
-from training.model.pop_prior import PopPrior
+from training.model.curves import CountCurve, PopPrior
+from training.model.memory_inputs import CountLists, HeadFactors, PackedTargets, TargetContext
 from training.model.ranking import take
 from training.model.rerank import RerankEntries, RerankSets, _find, _pair_dots, _term_index, _term_values
 from training.names import FIRST_REAL_ID
-
-
-@dataclass
-class HeadFactors:
-    """The network's item logits as factors, logits = h @ w^T: they ride in one matmul with the
-    popularity term (see `ItemMemory._combine`)."""
-
-    h: Tensor  # (M, E) head inputs
-    w: Tensor  # (V, E) item vectors; (U, E) the candidate columns' rows; (B, C, E) per-session candidates
-    # (candidate_scores also takes the (V, E) table: a (B, V) product read at the candidates)
-
-
-@dataclass
-class TargetContext:
-    """What precedes each of M targets: the session so far (W positions per target)."""
-
-    items: Tensor  # (M, W) item ids
-    ctx: Tensor  # (M, W) bool, which positions are the target's context
-    dist: Tensor  # (M, W) distance to the last context position (0 = the last one)
-    has_last: Tensor  # (M,) bool, the target has a context item at all
-
-
-@dataclass
-class CountLists:
-    """The count-table rows that score M targets (gathered from ItemMemory's buffers)."""
-
-    cooc_idx: Tensor  # (M, W, K) co-occurrence lists of the context items, int64 ids
-    cooc_val: Tensor  # (M, W, K) their counts
-    succ_idx: Tensor  # (M, K) successor list of the last context item, int64 ids
-    succ_val: Tensor  # (M, K) its counts
-    # training only: (M, W) corrections added to log1p(pop) at the context items (own session left out)
-    pop_delta: Tensor | None = None
-    prior_delta: Tensor | None = None  # (M, W) the same for the popularity prior (ModelConfig.pop_prior)
-
-
-@dataclass
-class PackedTargets:
-    """M training targets in packed rows (`training.model.packing.pack_sessions`), row-major."""
-
-    row: Tensor  # (M,) the row of each target
-    pos: Tensor  # (M,) its position in that row
-    ctx_ok: Tensor  # (R, W) bool, positions that may be context (clm: every real one; mlm: unmasked, or all)
 
 
 def _inv_softplus(y: Tensor) -> Tensor:
@@ -137,6 +94,7 @@ class ItemMemory(nn.Module):
         rerank_popular: int = 0,
         head_repeats: bool = True,
         pop_prior: int = 0,
+        cooc_curve: int = 0,
     ):
         super().__init__()
         # ModelConfig.head_repeats: False = the network's own logit is left out of the score of every
@@ -164,6 +122,8 @@ class ItemMemory(nn.Module):
         self.head_gate: nn.Linear | None = nn.Linear(d_model, 1) if head_gate else None
         # ModelConfig.pop_prior: a learned function of each candidate's log1p(pop), of any sign (0 = off)
         self.pop_prior: PopPrior | None = PopPrior(pop_prior) if pop_prior else None
+        # ModelConfig.cooc_curve: the co-occurrence term reads a learned curve of log1p(count) (0 = off)
+        self.cooc_curve: CountCurve | None = CountCurve(cooc_curve) if cooc_curve else None
         # the count blend's weights added to the combiner's at this weight (0 = off): scores = the
         # model's + blend_weight x the blend's count scores. A Python float (a traced model bakes it
         # in); evaluation sets it for `TrainConfig.fuse_blend`, training never does.
@@ -185,6 +145,8 @@ class ItemMemory(nn.Module):
             self.head_gate.bias.copy_(_inv_softplus(torch.tensor([1.0])))
         if self.pop_prior is not None:
             self.pop_prior.values.zero_()
+        if self.cooc_curve is not None:
+            self.cooc_curve.values.copy_(torch.arange(1, self.cooc_curve.values.shape[0] + 1))
 
     @torch.no_grad()
     def reset_to_blend(self) -> None:
@@ -329,7 +291,7 @@ class ItemMemory(nn.Module):
         M = g.shape[0]
         wc, wr, ws = self._gate_weights(g, context)  # (M, W), (M, W), (M, 1)
         terms = [
-            (lists.cooc_idx.reshape(M, -1), (wc[:, :, None] * torch.log1p(lists.cooc_val)).reshape(M, -1)),
+            (lists.cooc_idx.reshape(M, -1), (wc[:, :, None] * self._cooc_log(lists.cooc_val)).reshape(M, -1)),
             (lists.succ_idx, ws * torch.log1p(lists.succ_val)),
             (context.items, wr),
         ]
@@ -337,6 +299,11 @@ class ItemMemory(nn.Module):
             own = g[:, 3:4] * lists.pop_delta
             terms.append((context.items, own if lists.prior_delta is None else own + lists.prior_delta))
         return terms
+
+    def _cooc_log(self, count: Tensor) -> Tensor:
+        """log1p(count) of the co-occurrence term, through the learned curve (cooc_curve) if any."""
+        x = torch.log1p(count)
+        return x if self.cooc_curve is None else self.cooc_curve(x)
 
     def _gate_weights(self, g: Tensor, context: TargetContext) -> tuple[Tensor, Tensor, Tensor]:
         """(M, 4) gates -> weights of the cooc and repeat terms per context position (M, W) and of
@@ -612,7 +579,7 @@ class ItemMemory(nn.Module):
             items[pr, pw].long(),
             pi,
             c_idx[pr[pi], pw[pi], ki],
-            torch.log1p(cv[pi, ki]),
+            self._cooc_log(cv[pi, ki]),
             sm,
             s_idx[tgt_r[sm], lq[sm], sk],
             torch.log1p(sv[sm, sk]),

@@ -26,8 +26,8 @@ from torch import Tensor
 from training.model.config import ModelConfig
 from training.names import FIRST_REAL_ID, PAD_ID
 
-if TYPE_CHECKING:  # item_memory imports this module
-    from training.model.item_memory import CountLists, TargetContext
+if TYPE_CHECKING:
+    from training.model.memory_inputs import CountLists, TargetContext
 
 
 def take(table: Tensor, idx: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from training.model.item_memory import TargetContext
+    from training.model.memory_inputs import TargetContext
 
 
 @dataclass

@@ -34,13 +34,12 @@ sessions into each row (`pack_sessions`: with attention kept inside each session
 positions give the padded computation's result, tested, on ~2.5x fewer positions); `_XLNet` computes
 the relative position encodings once per batch; `FastDropout` replaces XLNet's dropout on the CPU.
 
-Item memory (`ItemMemory`, off by default, on in the real-data recipe of
-training/recipes.py): count tables of the training sessions (co-occurrence,
-successor, popularity, top-k per item) and the session's own items (repeats)
-give per-candidate scores that are added to the logits above, weighted by
-gates computed from XLNet's hidden state (item_memory.py). Filled per window by
-`training.trainer.set_memory`; buffers, so they travel in the checkpoint and in
-the traced model. During training each session's own counts are left out.
+Item memory (`ItemMemory`, off by default, on in the real-data recipe of training/recipes.py): count
+tables of the training sessions (co-occurrence, successor, popularity, top-k per item) and the
+session's own items (repeats) give per-candidate scores that are added to the logits above, weighted
+by gates computed from XLNet's hidden state (item_memory.py). Filled per window by
+`training.trainer.set_memory`; buffers, so they travel in the checkpoint and in the traced model.
+During training each session's own counts are left out.
 Options (docs/quality.md measures them): `head_gate`, a per-session weight on the
 network's own item logits; `rerank`, the network re-ranks only the memory's
 candidates (training: softmax over each target's candidates, `_rerank_loss`;
@@ -52,9 +51,8 @@ the logQ correction (sampled.py), asks the item memory for those columns only an
 through sparse lookups (`param_groups`), so its step cost does not depend on V; evaluation and the
 exported model still rank the full catalogue.
 
-Serving top-k (`next_item_topk`): "exact" scores every item; "two_stage" scores a
-fixed number of candidates per session (ranking.py), the index built by
-`prepare_ranking` before tracing.
+Serving top-k (`next_item_topk`): "exact" scores every item; "two_stage" scores a fixed number of
+candidates per session (ranking.py), the index built by `prepare_ranking` before tracing.
 
 Checkpoint I/O (`save_checkpoint`, `load_run`) lives in `training.checkpoint`.
 Imports only torch, transformers and the standard library (no numpy inside
@@ -75,7 +73,8 @@ import training.model.losses as losses  # modules of functions over tensors, use
 import training.model.ranking as ranking
 import training.model.sampled as sampled
 from training.model.config import ModelConfig
-from training.model.item_memory import HeadFactors, ItemMemory, PackedTargets
+from training.model.item_memory import ItemMemory
+from training.model.memory_inputs import HeadFactors, PackedTargets
 from training.model.packing import MaskedPositions, PackedSessions, mask_positions
 from training.model.ranking import take
 from training.model.repeats import RepeatInput, revisit_weights
@@ -186,6 +185,7 @@ class SessionModel(nn.Module):
                 rerank_popular=cfg.rank_popular if cfg.rerank else 0,
                 head_repeats=cfg.head_repeats,
                 pop_prior=cfg.pop_prior,
+                cooc_curve=cfg.cooc_curve,
             )
             if cfg.memory
             else None

@@ -36,16 +36,18 @@ def random_sessions(n: int, seed: int, max_len: int = 7) -> tuple[np.ndarray, np
 
 
 def memory_with(
-    items: np.ndarray, lengths: np.ndarray, k: int = V, seed: int = 0, pop_prior: int = 0
+    items: np.ndarray, lengths: np.ndarray, k: int = V, seed: int = 0, pop_prior: int = 0, cooc_curve: int = 0
 ) -> ItemMemory:
     torch.manual_seed(seed)
-    mem = ItemMemory(V, k, max_len=items.shape[1], d_model=D, decay=0.7, pop_prior=pop_prior)
+    mem = ItemMemory(V, k, max_len=items.shape[1], d_model=D, decay=0.7, pop_prior=pop_prior, cooc_curve=cooc_curve)
     with torch.no_grad():  # non-trivial gates: they depend on h
         mem.gate.weight.normal_(0, 0.5)
         mem.w_cooc.uniform_(0.2, 1.0)
         mem.w_rep.uniform_(0.2, 1.0)
         if mem.pop_prior is not None:  # a popularity prior of both signs, bent at every knot
             mem.pop_prior.values.normal_(0, 1.0)
+        if mem.cooc_curve is not None:  # a co-occurrence curve far from the logarithm, of both signs
+            mem.cooc_curve.values.normal_(0, 1.0)
     counts = BaselineCounts(V)
     counts.add_sessions(items, lengths)
     mem.set_tables(**{k_: torch.from_numpy(v) for k_, v in memory_tables(counts, k).items()})
@@ -100,13 +102,14 @@ def test_inference_scores_hand_computed():
 
 
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
-@pytest.mark.parametrize("pop_prior", [0, 3])
-def test_training_scores_leave_the_session_out(objective, pop_prior):
+@pytest.mark.parametrize("pop_prior,cooc_curve", [(0, 0), (3, 0), (0, 3)])
+def test_training_scores_leave_the_session_out(objective, pop_prior, cooc_curve):
     """packed_scores (session in the counts, own contribution subtracted) == inference scores
     with tables built from all the other sessions, for every target of every session (also with
-    the popularity prior, ModelConfig.pop_prior: its value moves with the count left out)."""
+    the popularity prior, ModelConfig.pop_prior: its value moves with the count left out, and with
+    the co-occurrence curve, ModelConfig.cooc_curve: it reads the counts left)."""
     items, lengths = random_sessions(12, seed=1)
-    full = memory_with(items, lengths, pop_prior=pop_prior)
+    full = memory_with(items, lengths, pop_prior=pop_prior, cooc_curve=cooc_curve)
     if pop_prior:  # pops of 1 to 9: every segment is read, and the flat end past the last knot
         assert torch.log1p(full.pop[FIRST_REAL_ID:]).max() > pop_prior - 1
     feats = {"item_id-list": torch.from_numpy(items)}
@@ -129,9 +132,9 @@ def test_training_scores_leave_the_session_out(objective, pop_prior):
     for m in range(len(tgt_r)):
         s = int(seg[tgt_r[m], tgt_p[m]]) - 1  # the batch's session index
         others = np.delete(np.arange(len(lengths)), s)
-        loo = memory_with(items[others], lengths[others], pop_prior=pop_prior)
+        loo = memory_with(items[others], lengths[others], pop_prior=pop_prior, cooc_curve=cooc_curve)
         with torch.no_grad():  # same parameters as `full`, only the tables differ
-            for name in ("gate", "w_cooc", "w_rep", "pop_prior"):
+            for name in ("gate", "w_cooc", "w_rep", "pop_prior", "cooc_curve"):
                 loo.load_state_dict(
                     {k: v for k, v in full.state_dict().items() if k.startswith(name)}, strict=False
                 )
@@ -261,9 +264,33 @@ def test_memory_config_validation():
         ModelConfig(categorical={"item_id-list": V}, memory=True, memory_k=0)
     with pytest.raises(ValueError, match="memory_decay"):
         ModelConfig(categorical={"item_id-list": V}, memory=True, memory_decay=0.0)
-    for bad in (-1, 1):
-        with pytest.raises(ValueError, match=f"pop_prior must be 0 \\(off\\) or >= 2 knots, got {bad}"):
-            ModelConfig(categorical={"item_id-list": V}, memory=True, pop_prior=bad)
+    for name in ("pop_prior", "cooc_curve"):
+        for bad in (-1, 1):
+            with pytest.raises(ValueError, match=f"{name} must be 0 \\(off\\) or >= 2 knots, got {bad}"):
+                ModelConfig(categorical={"item_id-list": V}, memory=True, **{name: bad})
+
+
+def test_cooc_curve_starts_as_the_logarithm_and_keeps_zero_at_zero():
+    """ModelConfig.cooc_curve: the identity on log1p(count) at the start (past its last knot too),
+    0 at a count of 0 whatever its values, and the scores of the model without it."""
+    from training.model.curves import CountCurve
+
+    curve = CountCurve(4)
+    x = torch.tensor([0.0, 0.3, 1.0, 2.5, 3.0, 7.25])
+    assert torch.allclose(curve(x), x)
+    with torch.no_grad():
+        curve.values.copy_(torch.tensor([-2.0, 5.0, 1.0]))
+    assert curve(torch.zeros(3)).tolist() == [0.0] * 3
+    assert torch.allclose(curve(torch.tensor([0.5, 1.5, 3.0, 4.0])), torch.tensor([-1.0, 1.5, 1.0, -3.0]))
+    items, lengths = random_sessions(12, seed=1)
+    plain, curved = memory_with(items, lengths), memory_with(items, lengths, cooc_curve=4)
+    curved.cooc_curve.values.data = torch.arange(1.0, 4.0)  # as at the start (memory_with draws them)
+    h = torch.randn(len(items), D)
+    it, lens = torch.from_numpy(items), torch.from_numpy(lengths)
+    a, b = plain.next_item_scores(h, it, lens), curved.next_item_scores(h, it, lens)
+    assert torch.allclose(a, b, atol=1e-5)
+    curved.reset_to_blend()
+    assert curved.cooc_curve.values.tolist() == [1.0, 2.0, 3.0]
 
 
 def test_pop_prior_at_zero_scores_as_the_model_without_it():

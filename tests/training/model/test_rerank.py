@@ -62,6 +62,8 @@ def make_model(**kw) -> SessionModel:
             m.item_memory.head_gate.weight.normal_(0, 0.3)
         if m.item_memory.pop_prior is not None:  # ModelConfig.pop_prior: of both signs, bent at every knot
             m.item_memory.pop_prior.values.normal_(0, 1.0)
+        if m.item_memory.cooc_curve is not None:  # ModelConfig.cooc_curve: far from the logarithm
+            m.item_memory.cooc_curve.values.normal_(0, 1.0)
     return m.eval()
 
 
@@ -185,7 +187,12 @@ def test_training_candidates_leave_the_session_out_and_match_a_loop(objective):
         assert found.crow.tolist() == [0, *torch.bincount(found.pair_m, minlength=len(targets)).cumsum(0).tolist()]
 
 
-PRIOR_CASES = [(True, 0), (False, 0), (True, 3)]  # (head_repeats, pop_prior)
+# (head_repeats, pop_prior); the popularity prior's case also has the co-occurrence curve (cooc_curve 3)
+PRIOR_CASES = [(True, 0), (False, 0), (True, 3)]
+
+
+def curves(pop_prior: int) -> dict:
+    return dict(pop_prior=pop_prior, cooc_curve=pop_prior)
 
 
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
@@ -196,7 +203,7 @@ def test_flat_entry_scores_equal_the_list_scores_and_their_gradients(objective, 
     candidate, -inf elsewhere; the gradients of the gates, the position weights and h agree (also
     with the head's logit left out at the context items, head_repeats off, and with the popularity
     prior, whose knots get the same gradients too)."""
-    m = make_model(objective=objective, head_repeats=head_repeats, pop_prior=pop_prior)
+    m = make_model(objective=objective, head_repeats=head_repeats, **curves(pop_prior))
     mem = m.item_memory
     items, lengths = random_sessions(60, V, seed=2, max_len=L, min_len=2)
     p, tgt = packed(items, lengths, objective)
@@ -210,7 +217,7 @@ def test_flat_entry_scores_equal_the_list_scores_and_their_gradients(objective, 
     weights = torch.randn(len(tgt.row), len(cols))
     params = [h, w, mem.w_cooc, mem.w_rep, mem.gate.weight]
     if pop_prior:
-        params.append(mem.pop_prior.values)
+        params += [mem.pop_prior.values, mem.cooc_curve.values]
 
     def run(scores_fn):
         for t in params:
@@ -237,7 +244,7 @@ def test_candidate_only_cross_entropy_equals_the_masked_dense_one(objective, lea
     = cross-entropy of rerank_scores' (M, U) masked scores over the targets among their
     candidates; and the same gradients for h, the item vectors, the gates and position weights
     (and the popularity prior's knots)."""
-    m = make_model(objective=objective, head_repeats=head_repeats, pop_prior=pop_prior)
+    m = make_model(objective=objective, head_repeats=head_repeats, **curves(pop_prior))
     mem = m.item_memory
     items, lengths = random_sessions(60, V, seed=1, max_len=L, min_len=2)  # the sessions in the counts
     p, tgt = packed(items, lengths, objective)
@@ -253,7 +260,7 @@ def test_candidate_only_cross_entropy_equals_the_masked_dense_one(objective, lea
     h = torch.randn(len(targets), 16, requires_grad=True)
     w = torch.randn(len(cols), 16, requires_grad=True)
     params = (h, w, mem.w_cooc, mem.w_rep, mem.gate.weight, mem.gate.bias)
-    params += (mem.pop_prior.values,) if pop_prior else ()
+    params += (mem.pop_prior.values, mem.cooc_curve.values) if pop_prior else ()
 
     def run(loss_fn):
         for t in params:
@@ -384,7 +391,7 @@ def assert_same_top_k(
 
 @pytest.mark.parametrize("head_repeats,pop_prior", PRIOR_CASES)
 def test_served_top_k_is_the_exact_masked_top_k(monkeypatch, head_repeats, pop_prior):
-    m = make_model(head_repeats=head_repeats, pop_prior=pop_prior)
+    m = make_model(head_repeats=head_repeats, **curves(pop_prior))
     assert m.cfg.rank == "two_stage"  # "auto" under rerank: the memory's candidates at any catalogue size
     items, lengths = random_sessions(64, V, seed=3, max_len=L, min_len=1)
     feats, lens = {ITEM: torch.from_numpy(items)}, torch.from_numpy(lengths)
@@ -415,7 +422,7 @@ def test_candidate_count_does_not_grow_with_the_catalogue():
 
 @pytest.mark.parametrize("head_repeats,pop_prior", PRIOR_CASES)
 def test_traced_ranker_equals_eager_under_rerank(head_repeats, pop_prior):
-    m = make_model(head_repeats=head_repeats, pop_prior=pop_prior)
+    m = make_model(head_repeats=head_repeats, **curves(pop_prior))
     ranker = TopKRanker(m, [ITEM], POP, V, {ITEM: V}, L)
     schema = {"categorical": {ITEM: V}, "max_sequence_length": L}
     traced = trace_ranker(ranker, example_inputs(schema, batch=8))  # checks two batch sizes itself

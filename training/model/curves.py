@@ -1,4 +1,7 @@
-"""PopPrior (ModelConfig.pop_prior): a learned score per candidate from its popularity alone.
+"""Learned curves of the item memory's counts: PopPrior (ModelConfig.pop_prior), CountCurve
+(ModelConfig.cooc_curve).
+
+PopPrior: a learned score per candidate from its popularity alone.
 
 The item memory's popularity term is g_pop * log1p(pop[c]) with a gate g_pop >= 0: linear in the
 log-count and never negative. On NowPlaying1M the gate learns ~0 (so the term is off) while the
@@ -12,7 +15,13 @@ correct them in one band of popularity and not in another. This term is
 learned with the combiner, of any sign, zero at the start (a model starts as it would without it).
 It rides in the memory's matrix product as one more column (`ItemMemory._factors`). In training,
 where every session is in the counts, each session's own occurrences are left out of pop first
-(`delta`), as for the linear term. Pure tensor code, traceable.
+(`delta`), as for the linear term.
+
+CountCurve: the co-occurrence term reads f(log1p(count)) instead of log1p(count), f piecewise linear
+over the knots x = 0, 1, ..., n - 1 and extended along its last segment, f(0) = 0 (a count of zero,
+as left by leave-one-out, still adds nothing), the identity at the start. It lets the combiner weigh
+one strong pair against several weak ones (a session-kNN counts the weak ones as much) otherwise than
+the logarithm does. Both: pure tensor code, traceable.
 """
 
 from __future__ import annotations
@@ -43,3 +52,20 @@ class PopPrior(nn.Module):
         the session is left out of pop, spread over its occurrences (a scatter adds them up)."""
         out = (self(torch.log1p((pop - cnt).clamp(min=0.0))) - self(torch.log1p(pop))) / cnt.clamp(min=1)
         return torch.where(real, out, 0.0)
+
+
+class CountCurve(nn.Module):
+    def __init__(self, knots: int):
+        super().__init__()
+        if knots < 2:
+            raise ValueError(f"cooc_curve needs at least 2 knots, got {knots}")
+        self.values = nn.Parameter(torch.arange(1, knots, dtype=torch.float32))  # f at x = 1 .. n-1; f(0) = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        """log1p(count) >= 0, any shape -> f(x), the same shape (float32)."""
+        n = self.values.shape[0] + 1
+        x = x.float()
+        i = x.floor().long().clamp_(0, n - 2)
+        t = x - i.float()  # > 1 past the last knot: the last segment extended
+        v = torch.cat([self.values.new_zeros(1), self.values])
+        return v[i] * (1.0 - t) + v[i + 1] * t
