@@ -139,6 +139,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--cooc-curve", "8"],
         "the co-occurrence term reads a learned curve of log1p(count), 8 knots, not log1p(count)",
     ),
+    "stack_lag": (
+        ["--stack-lag"],
+        "stacking scores window t's held-back sessions with the counts of the windows before t (a window later)",
+    ),
     "fuse_blend": (
         ["--fuse-blend", "0.25,0.5,1,2"],
         "the recipe, also scored with the count blend's weights added at 0.25, 0.5, 1, 2 (baselines fused_B)",

@@ -97,6 +97,16 @@ class TrainConfig:
             "at random positions"
         ),
     )
+    stack_lag: bool = field(
+        default=False,
+        metadata=help_meta(
+            "stacking (no-op without --stack): the combiner is fitted on window t's held-back sessions "
+            "scored with the counts of the windows before t only, as the evaluation scores window t+1 with "
+            "those of the windows up to t (a window later than the counts, not of their own time); the "
+            "window's full counts are back afterwards. The first window (no earlier counts) stacks as "
+            "without it"
+        ),
+    )
     repeat_reweight: bool = field(
         default=False,
         metadata=help_meta(

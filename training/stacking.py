@@ -30,9 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.baselines import BaselineCounts
 from training.config import TrainConfig
 from training.data.splits import SessionTensors, eval_inputs_targets
 from training.evaluate import count_blend_metrics, evaluate_model
+from training.history import set_memory_counts
 from training.model import ItemMemory, SessionModel, mask_positions, pack_sessions
 
 GUARD_METRICS = ("ndcg@20", "recall@20")
@@ -53,6 +55,8 @@ def stack_memory(
     amp: torch.dtype | None = None,
     pool: SessionTensors | None = None,
     before: float | None = None,
+    *,
+    lag: BaselineCounts | None = None,
 ) -> dict[str, Any]:
     """Train the combiner for cfg.stack epochs on `held` (Adam at memory_lr, or lr; batches of
     cfg.batch_size shuffled, and masked for mlm, by a generator seeded with `seed`); the rest of
@@ -65,10 +69,23 @@ def stack_memory(
     before: the model's held-back NDCG@20 as it stands (early stopping's best score, which
     scored these weights on `held`); None: scored here.
 
+    lag (TrainConfig.stack_lag): counts of the windows before the held-back sessions' own; the
+    memory holds their tables while stacking (both scores included) and its own tables afterwards.
+
     Returns the metrics row's entries: the held-back NDCG@20 before and after stacking and,
     with the head gate, its mean weight on the held-back sessions after it (how much the
     network's own logits are used; recorded per window, so it shows how that grows with the data).
     """
+    if lag is not None:
+        mem = model.item_memory
+        assert mem is not None, "stacking needs the item memory"
+        own = {name: v.clone() for name, v in mem.tables().items()}
+        set_memory_counts(model, lag)
+        try:
+            return stack_memory(model, held, cfg, seed, device, amp, pool, None)
+        finally:
+            for name, v in own.items():
+                mem.set_table(name, v)
     params = combiner_parameters(model)
     mine = {id(p) for p in params}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]

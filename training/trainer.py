@@ -413,7 +413,8 @@ class Trainer:
             )
             row.update(sessions_trained=0, train_seconds=0.0, skipped=f"no sessions in {train_path}")
         else:
-            row.update(self.fit(t, fit_st, held_st, pool))
+            lagged = cfg.stack_lag and cfg.stack > 0 and before and model.item_memory is not None
+            row.update(self.fit(t, fit_st, held_st, pool, history.counts_of(before, t, known) if lagged else None))
         if self.counts is not None and len(train_st):
             self.counts.add_sessions(train_st.feats[item].numpy(), train_st.lengths.numpy())
         if model.item_memory is not None and len(train_st):
@@ -474,8 +475,10 @@ class Trainer:
         st: SessionTensors,
         held: SessionTensors | None = None,
         pool: SessionTensors | None = None,
+        lag: BaselineCounts | None = None,
     ) -> dict[str, Any]:
-        """Train on `st` for cfg.epochs epochs, or fewer with early stopping on `held`.
+        """Train on `st` for cfg.epochs epochs, or fewer with early stopping on `held`; `lag`: the
+        counts stacking reads (TrainConfig.stack_lag).
 
         With cfg.patience > 0 and a non-empty `held` (sessions of the training window
         that are not in `st`), the model is scored after every epoch on `held` with
@@ -591,7 +594,7 @@ class Trainer:
             assert held is not None
             # early stopping's best score is these weights' score unless a two-stage index changed since
             before = best_score if best_state is not None and not differs_from_exact(model) else None
-            stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool, before)
+            stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool, before, lag=lag)
         if early and cfg.blend_guard and model.item_memory is not None:  # the count blend as a floor
             assert held is not None
             guard_st, miss, known = self._guard_sessions(t, held)

@@ -171,9 +171,9 @@ def test_trainer_keeps_earlier_held_back_sessions_out_of_the_network_for_stackin
     calls = []
     real = trainer_mod.Trainer.fit
 
-    def spy(self, t, st, held=None, pool=None):
+    def spy(self, t, st, held=None, pool=None, lag=None):
         calls.append((t, set(st.session_id.tolist()), set(held.session_id.tolist()), pool))
-        return real(self, t, st, held, pool)
+        return real(self, t, st, held, pool, lag)
 
     monkeypatch.setattr(trainer_mod.Trainer, "fit", spy)
     cfg = tiny_cfg(
@@ -249,3 +249,73 @@ def test_mlm_stacking_with_stack_last_masks_each_sessions_last_item_only(monkeyp
             assert torch.equal(masked, multi)
         else:
             assert int(masked.sum()) > int(multi.sum())  # random positions, several per long session
+
+
+# --- stacking on the earlier windows' counts (TrainConfig.stack_lag) ---------------------------------
+
+
+def test_stacking_with_lag_reads_the_earlier_counts_and_gives_the_tables_back(monkeypatch):
+    """stack_memory(lag=counts): every stacking step and both held-back scores read the tables of
+    `counts`; afterwards the memory holds its own tables again, and only the combiner moved."""
+    import copy
+
+    from tests.sessions_util import random_sessions
+    from training.baselines import BaselineCounts
+    from training.evaluate import evaluate_model
+    from training.history import set_memory_counts
+
+    m = make_model(head_gate=True)
+    mem = m.item_memory
+    own = {k: v.clone() for k, v in mem.tables().items()}
+    items, lengths = random_sessions(30, mem.pop.shape[0], seed=9, max_len=6, min_len=2)
+    lag = BaselineCounts(mem.pop.shape[0], sessions=False)
+    lag.add_sessions(items, lengths)
+    lagged = copy.deepcopy(m)
+    set_memory_counts(lagged, lag)
+    want = {k: v.clone() for k, v in lagged.item_memory.tables().items()}
+    assert not torch.equal(want["cooc_val"], own["cooc_val"])
+    held, dev = held_sessions(40, seed=11), torch.device("cpu")
+    want_before = evaluate_model(lagged, held, dev, 7)["ndcg@20"]
+    seen = []
+    real = m.packed_loss
+
+    def spy(*a, **kw):
+        seen.append(all(torch.equal(getattr(mem, k), v) for k, v in want.items()))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(m, "packed_loss", spy)
+    out = stack_memory(m, held, stack_cfg(stack=2), seed=3, device=dev, before=0.123, lag=lag)
+    assert seen and all(seen)  # every step on the earlier counts
+    assert out["holdout_ndcg20_before_stack"] == pytest.approx(want_before)  # re-scored, not the 0.123 given
+    assert all(torch.equal(getattr(mem, k), v) for k, v in own.items())  # its own tables back
+    with torch.no_grad():  # the score after: the stacked combiner on the earlier counts
+        for k in want:
+            lagged.item_memory.set_table(k, want[k])
+        lagged.load_state_dict({k: v for k, v in m.state_dict().items() if k.split(".")[-1] not in want}, strict=False)
+    assert out["holdout_ndcg20_after_stack"] == pytest.approx(evaluate_model(lagged, held, dev, 7)["ndcg@20"])
+
+
+def test_trainer_stacks_on_the_windows_before_with_stack_lag(tiny_synthetic_data, tmp_path, monkeypatch):
+    """--stack-lag: the first trained window stacks as without it (no earlier counts); each later
+    one on the counts of the windows before it, fewer than the memory then holds."""
+    import training.trainer as trainer_mod
+    from tests.training.train_util import tiny_cfg
+    from training.train import train
+
+    calls = []
+    real = trainer_mod.stack_memory
+
+    def spy(model, *a, lag=None, **kw):
+        calls.append((None if lag is None else int(lag.pop.sum()), float(model.item_memory.pop.sum())))
+        return real(model, *a, lag=lag, **kw)
+
+    monkeypatch.setattr(trainer_mod, "stack_memory", spy)
+    cfg = tiny_cfg(
+        tiny_synthetic_data, tmp_path / "run", epochs=1, holdout=0.2, patience=1, stack=1, stack_lag=True,
+        model={"memory": True}, evaluate=False, baselines=False,
+    )  # fmt: skip
+    rows = [r for r in train(cfg)["windows"] if r.get("sessions_trained")]
+    assert len(calls) == len(rows) >= 2
+    assert calls[0][0] is None
+    for lag_clicks, memory_clicks in calls[1:]:
+        assert lag_clicks is not None and 0 < lag_clicks < memory_clicks

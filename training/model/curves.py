@@ -19,7 +19,9 @@ where every session is in the counts, each session's own occurrences are left ou
 
 CountCurve: the co-occurrence term reads f(log1p(count)) instead of log1p(count), f piecewise linear
 over the knots x = 0, 1, ..., n - 1 and extended along its last segment, f(0) = 0 (a count of zero,
-as left by leave-one-out, still adds nothing), the identity at the start. It lets the combiner weigh
+as left by leave-one-out, still adds nothing), the identity at the start. Its parameters are the
+slopes of the segments, so a segment no count reaches (larger counts than the log holds) keeps slope 1
+from wherever the learned part ends, and f stays increasing as long as the slopes stay positive. It lets the combiner weigh
 one strong pair against several weak ones (a session-kNN counts the weak ones as much) otherwise than
 the logarithm does. Both: pure tensor code, traceable.
 """
@@ -59,13 +61,13 @@ class CountCurve(nn.Module):
         super().__init__()
         if knots < 2:
             raise ValueError(f"cooc_curve needs at least 2 knots, got {knots}")
-        self.values = nn.Parameter(torch.arange(1, knots, dtype=torch.float32))  # f at x = 1 .. n-1; f(0) = 0
+        self.slopes = nn.Parameter(torch.ones(knots - 1))  # of the segments [0, 1], [1, 2], ...; f(0) = 0
 
     def forward(self, x: Tensor) -> Tensor:
         """log1p(count) >= 0, any shape -> f(x), the same shape (float32)."""
-        n = self.values.shape[0] + 1
+        n = self.slopes.shape[0] + 1
         x = x.float()
         i = x.floor().long().clamp_(0, n - 2)
         t = x - i.float()  # > 1 past the last knot: the last segment extended
-        v = torch.cat([self.values.new_zeros(1), self.values])
-        return v[i] * (1.0 - t) + v[i + 1] * t
+        v = torch.cat([self.slopes.new_zeros(1), self.slopes.cumsum(0)])  # f at the knots
+        return v[i] + self.slopes[i] * t

@@ -146,7 +146,7 @@ class ItemMemory(nn.Module):
         if self.pop_prior is not None:
             self.pop_prior.values.zero_()
         if self.cooc_curve is not None:
-            self.cooc_curve.values.copy_(torch.arange(1, self.cooc_curve.values.shape[0] + 1))
+            self.cooc_curve.slopes.fill_(1.0)
 
     @torch.no_grad()
     def reset_to_blend(self) -> None:

@@ -47,7 +47,7 @@ def memory_with(
         if mem.pop_prior is not None:  # a popularity prior of both signs, bent at every knot
             mem.pop_prior.values.normal_(0, 1.0)
         if mem.cooc_curve is not None:  # a co-occurrence curve far from the logarithm, of both signs
-            mem.cooc_curve.values.normal_(0, 1.0)
+            mem.cooc_curve.slopes.normal_(0, 1.0)
     counts = BaselineCounts(V)
     counts.add_sessions(items, lengths)
     mem.set_tables(**{k_: torch.from_numpy(v) for k_, v in memory_tables(counts, k).items()})
@@ -279,18 +279,20 @@ def test_cooc_curve_starts_as_the_logarithm_and_keeps_zero_at_zero():
     x = torch.tensor([0.0, 0.3, 1.0, 2.5, 3.0, 7.25])
     assert torch.allclose(curve(x), x)
     with torch.no_grad():
-        curve.values.copy_(torch.tensor([-2.0, 5.0, 1.0]))
+        curve.slopes.copy_(torch.tensor([-2.0, 7.0, -4.0]))  # f at the knots 0, 1, 2, 3: 0, -2, 5, 1
     assert curve(torch.zeros(3)).tolist() == [0.0] * 3
     assert torch.allclose(curve(torch.tensor([0.5, 1.5, 3.0, 4.0])), torch.tensor([-1.0, 1.5, 1.0, -3.0]))
     items, lengths = random_sessions(12, seed=1)
     plain, curved = memory_with(items, lengths), memory_with(items, lengths, cooc_curve=4)
-    curved.cooc_curve.values.data = torch.arange(1.0, 4.0)  # as at the start (memory_with draws them)
+    curved.cooc_curve.slopes.data = torch.ones(3)  # as at the start (memory_with draws them)
     h = torch.randn(len(items), D)
     it, lens = torch.from_numpy(items), torch.from_numpy(lengths)
     a, b = plain.next_item_scores(h, it, lens), curved.next_item_scores(h, it, lens)
     assert torch.allclose(a, b, atol=1e-5)
+    with torch.no_grad():
+        curved.cooc_curve.slopes.normal_()
     curved.reset_to_blend()
-    assert curved.cooc_curve.values.tolist() == [1.0, 2.0, 3.0]
+    assert curved.cooc_curve.slopes.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_pop_prior_at_zero_scores_as_the_model_without_it():

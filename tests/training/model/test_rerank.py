@@ -63,7 +63,7 @@ def make_model(**kw) -> SessionModel:
         if m.item_memory.pop_prior is not None:  # ModelConfig.pop_prior: of both signs, bent at every knot
             m.item_memory.pop_prior.values.normal_(0, 1.0)
         if m.item_memory.cooc_curve is not None:  # ModelConfig.cooc_curve: far from the logarithm
-            m.item_memory.cooc_curve.values.normal_(0, 1.0)
+            m.item_memory.cooc_curve.slopes.normal_(0, 1.0)
     return m.eval()
 
 
@@ -217,7 +217,7 @@ def test_flat_entry_scores_equal_the_list_scores_and_their_gradients(objective, 
     weights = torch.randn(len(tgt.row), len(cols))
     params = [h, w, mem.w_cooc, mem.w_rep, mem.gate.weight]
     if pop_prior:
-        params += [mem.pop_prior.values, mem.cooc_curve.values]
+        params += [mem.pop_prior.values, mem.cooc_curve.slopes]
 
     def run(scores_fn):
         for t in params:
@@ -260,7 +260,7 @@ def test_candidate_only_cross_entropy_equals_the_masked_dense_one(objective, lea
     h = torch.randn(len(targets), 16, requires_grad=True)
     w = torch.randn(len(cols), 16, requires_grad=True)
     params = (h, w, mem.w_cooc, mem.w_rep, mem.gate.weight, mem.gate.bias)
-    params += (mem.pop_prior.values, mem.cooc_curve.values) if pop_prior else ()
+    params += (mem.pop_prior.values, mem.cooc_curve.slopes) if pop_prior else ()
 
     def run(loss_fn):
         for t in params:
