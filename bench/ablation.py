@@ -139,6 +139,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--cooc-curve", "8"],
         "the co-occurrence term reads a learned curve of log1p(count), 8 knots, not log1p(count)",
     ),
+    "cooc_curve_3": (
+        ["--cooc-curve", "3"],
+        "the co-occurrence curve with 3 knots: two slopes, one up to a single co-occurrence (log1p 1) and one beyond",
+    ),
     "stack_lag": (
         ["--stack-lag"],
         "stacking scores window t's held-back sessions with the counts of the windows before t (a window later)",
