@@ -124,10 +124,20 @@ def test_blend_guard_falls_back_only_where_the_blend_scores_better():
     assert again["holdout_guard_model"] == pytest.approx(again["holdout_guard_blend"], abs=1e-12)
 
 
-def test_trainer_runs_the_blend_guard_after_stacking(tiny_synthetic_data, tmp_path, monkeypatch):
+def stacked_run(monkeypatch, name: str, spy, data, out, **kw) -> list[dict]:
+    """The trained windows' rows of a tiny stacking run (memory, 20 % held back, patience 1, 1 stacking
+    epoch; `kw` wins) with training.trainer's `name` replaced by `spy`."""
     import training.trainer as trainer_mod
     from tests.training.train_util import tiny_cfg
     from training.train import train
+
+    monkeypatch.setattr(trainer_mod, name, spy)
+    base = dict(holdout=0.2, patience=1, stack=1, model={"memory": True}, evaluate=False, baselines=False)
+    return [r for r in train(tiny_cfg(data, out, **{**base, **kw}))["windows"] if r.get("sessions_trained")]
+
+
+def test_trainer_runs_the_blend_guard_after_stacking(tiny_synthetic_data, tmp_path, monkeypatch):
+    import training.trainer as trainer_mod
 
     calls = []
     real = trainer_mod.blend_guard
@@ -136,12 +146,7 @@ def test_trainer_runs_the_blend_guard_after_stacking(tiny_synthetic_data, tmp_pa
         calls.append(len(held))
         return real(model, held, device, batch_size, *rest)
 
-    monkeypatch.setattr(trainer_mod, "blend_guard", spy)
-    cfg = tiny_cfg(
-        tiny_synthetic_data, tmp_path / "run", epochs=2, holdout=0.2, patience=1, stack=1, blend_guard=True,
-        model={"memory": True}, evaluate=False, baselines=False,
-    )  # fmt: skip
-    rows = [r for r in train(cfg)["windows"] if r.get("sessions_trained")]
+    rows = stacked_run(monkeypatch, "blend_guard", spy, tiny_synthetic_data, tmp_path / "run", epochs=2, blend_guard=True)
     assert rows and len(calls) == len(rows) and all(n == r["holdout_sessions"] for n, r in zip(calls, rows))
     for r in rows:
         assert isinstance(r["blend_fallback"], bool) and "holdout_ndcg20_after_stack" in r
@@ -299,8 +304,6 @@ def test_trainer_stacks_on_the_windows_before_with_stack_lag(tiny_synthetic_data
     """--stack-lag: the first trained window stacks as without it (no earlier counts); each later
     one on the counts of the windows before it, fewer than the memory then holds."""
     import training.trainer as trainer_mod
-    from tests.training.train_util import tiny_cfg
-    from training.train import train
 
     calls = []
     real = trainer_mod.stack_memory
@@ -309,12 +312,7 @@ def test_trainer_stacks_on_the_windows_before_with_stack_lag(tiny_synthetic_data
         calls.append((None if lag is None else int(lag.pop.sum()), float(model.item_memory.pop.sum())))
         return real(model, *a, lag=lag, **kw)
 
-    monkeypatch.setattr(trainer_mod, "stack_memory", spy)
-    cfg = tiny_cfg(
-        tiny_synthetic_data, tmp_path / "run", epochs=1, holdout=0.2, patience=1, stack=1, stack_lag=True,
-        model={"memory": True}, evaluate=False, baselines=False,
-    )  # fmt: skip
-    rows = [r for r in train(cfg)["windows"] if r.get("sessions_trained")]
+    rows = stacked_run(monkeypatch, "stack_memory", spy, tiny_synthetic_data, tmp_path / "run", epochs=1, stack_lag=True)
     assert len(calls) == len(rows) >= 2
     assert calls[0][0] is None
     for lag_clicks, memory_clicks in calls[1:]:
