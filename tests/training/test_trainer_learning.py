@@ -128,7 +128,7 @@ def run_trainer(data: Path, out: Path, variant: str, train: bool = True) -> dict
     assert cfg.stack == 5 and cfg.model.rerank and cfg.model.head_gate and cfg.holdout == 0.1
     trainer = Trainer(cfg, Dist())
     if not train:
-        trainer.fit = lambda t, st, held=None, pool=None: {}  # evaluate the model as built (tables filled)
+        trainer.fit = lambda t, st, held=None, pool=None, lag=None: {}  # evaluate the model as built (tables filled)
     return trainer.run()["windows"][0]
 
 
