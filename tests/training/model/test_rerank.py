@@ -187,8 +187,8 @@ def test_training_candidates_leave_the_session_out_and_match_a_loop(objective):
         assert found.crow.tolist() == [0, *torch.bincount(found.pair_m, minlength=len(targets)).cumsum(0).tolist()]
 
 
-# (head_repeats, pop_prior); the popularity prior's case also has the co-occurrence curve (cooc_curve 3)
-PRIOR_CASES = [(True, 0), (False, 0), (True, 3)]
+# (head_repeats, pop_prior); the popularity prior's cases also have the co-occurrence curve (cooc_curve 3)
+PRIOR_CASES = [(True, 0), (False, 0), (True, 3), (False, 3)]
 
 
 def curves(pop_prior: int) -> dict:
