@@ -259,13 +259,13 @@ class ItemMemory(nn.Module):
             base_h, base_w = h.new_zeros(h.shape[0], 1), self.pop.new_zeros(n_cols, 1)
         else:
             base_h, base_w = head.h, head.w
-        lhs = [self._head_lhs(h, base_h), self._pop_gate(g)]
-        log_pop = torch.log1p(self.pop if cols is None else self.pop[cols])
-        rhs = [base_w.float(), log_pop[:, None]]
+        lhs = torch.cat([self._head_lhs(h, base_h), self._pop_gate(g)], 1)
+        pop = self.pop if cols is None else self.pop[cols]
+        rhs = torch.cat([base_w.float(), torch.log1p(pop)[:, None]], 1)
         if self.pop_prior is not None:  # one more column: 1 x prior(c)
-            lhs.append(g.new_ones(g.shape[0], 1))
-            rhs.append(self.pop_prior(log_pop)[:, None])
-        return g, torch.cat(lhs, 1), torch.cat(rhs, 1)
+            lhs = torch.cat([lhs, g.new_ones(g.shape[0], 1)], 1)
+            rhs = torch.cat([rhs, self.pop_prior(torch.log1p(pop))[:, None]], 1)
+        return g, lhs, rhs
 
     def _head_lhs(self, h: Tensor, base_h: Tensor) -> Tensor:
         """(M, E) head inputs -> the left factor of the network's item logits in float32: times
@@ -291,7 +291,7 @@ class ItemMemory(nn.Module):
         M = g.shape[0]
         wc, wr, ws = self._gate_weights(g, context)  # (M, W), (M, W), (M, 1)
         terms = [
-            (lists.cooc_idx.reshape(M, -1), (wc[:, :, None] * self._cooc_log(lists.cooc_val)).reshape(M, -1)),
+            (lists.cooc_idx.reshape(M, -1), (wc[:, :, None] * self._curve(torch.log1p(lists.cooc_val))).reshape(M, -1)),
             (lists.succ_idx, ws * torch.log1p(lists.succ_val)),
             (context.items, wr),
         ]
@@ -300,10 +300,10 @@ class ItemMemory(nn.Module):
             terms.append((context.items, own if lists.prior_delta is None else own + lists.prior_delta))
         return terms
 
-    def _cooc_log(self, count: Tensor) -> Tensor:
-        """log1p(count) of the co-occurrence term, through the learned curve (cooc_curve) if any."""
-        x = torch.log1p(count)
-        return x if self.cooc_curve is None else self.cooc_curve(x)
+    def _curve(self, log_count: Tensor) -> Tensor:
+        """log1p(count) of the co-occurrence term -> through the learned curve (cooc_curve) if any;
+        itself without (no op on it here: a trace names the values an op reads by this frame's names)."""
+        return log_count if self.cooc_curve is None else self.cooc_curve(log_count)
 
     def _gate_weights(self, g: Tensor, context: TargetContext) -> tuple[Tensor, Tensor, Tensor]:
         """(M, 4) gates -> weights of the cooc and repeat terms per context position (M, W) and of
@@ -424,10 +424,9 @@ class ItemMemory(nn.Module):
         context, lists = self._session_view(items, lengths)
         with torch.autocast(h.device.type, enabled=False):
             g = F.softplus(self.gate(h.float()))  # (B, 4)
-            log_pop = torch.log1p(take(self.pop, cand))
-            out = log_pop * self._pop_gate(g)  # (B, C) g_pop * log1p(pop)
+            out = torch.log1p(take(self.pop, cand)) * self._pop_gate(g)  # (B, C) g_pop * log1p(pop)
             if self.pop_prior is not None:
-                out = out + self.pop_prior(log_pop)
+                out = out + self.pop_prior(torch.log1p(take(self.pop, cand)))
             if head is not None:  # + the network's logits; (B, C, E) is large: no concatenation to it
                 lhs = self._head_lhs(h, head.h)  # (B, E)
                 if head.w.dim() == 2:  # (V, E) the whole table: one (B, V) product, read at cand
@@ -579,7 +578,7 @@ class ItemMemory(nn.Module):
             items[pr, pw].long(),
             pi,
             c_idx[pr[pi], pw[pi], ki],
-            self._cooc_log(cv[pi, ki]),
+            self._curve(torch.log1p(cv[pi, ki])),
             sm,
             s_idx[tgt_r[sm], lq[sm], sk],
             torch.log1p(sv[sm, sk]),
