@@ -38,6 +38,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -413,8 +414,9 @@ class Trainer:
             )
             row.update(sessions_trained=0, train_seconds=0.0, skipped=f"no sessions in {train_path}")
         else:
-            lagged = cfg.stack_lag and cfg.stack > 0 and before and model.item_memory is not None
-            row.update(self.fit(t, fit_st, held_st, pool, history.counts_of(before, t, known) if lagged else None))
+            # TrainConfig.stack_lag: the earlier windows' counts, counted when stacking starts
+            lag = (lambda: history.counts_of(before, t, known)) if cfg.stack_lag and before else None
+            row.update(self.fit(t, fit_st, held_st, pool, lag))
         if self.counts is not None and len(train_st):
             self.counts.add_sessions(train_st.feats[item].numpy(), train_st.lengths.numpy())
         if model.item_memory is not None and len(train_st):
@@ -475,10 +477,10 @@ class Trainer:
         st: SessionTensors,
         held: SessionTensors | None = None,
         pool: SessionTensors | None = None,
-        lag: BaselineCounts | None = None,
+        lag: Callable[[], BaselineCounts] | None = None,
     ) -> dict[str, Any]:
-        """Train on `st` for cfg.epochs epochs, or fewer with early stopping on `held`; `lag`: the
-        counts stacking reads (TrainConfig.stack_lag).
+        """Train on `st` for cfg.epochs epochs, or fewer with early stopping on `held`; `lag`: builds
+        the counts stacking reads (TrainConfig.stack_lag), called only if stacking runs.
 
         With cfg.patience > 0 and a non-empty `held` (sessions of the training window
         that are not in `st`), the model is scored after every epoch on `held` with
@@ -594,7 +596,8 @@ class Trainer:
             assert held is not None
             # early stopping's best score is these weights' score unless a two-stage index changed since
             before = best_score if best_state is not None and not differs_from_exact(model) else None
-            stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool, before, lag=lag)
+            counts = None if lag is None else lag()
+            stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool, before, lag=counts)
         if early and cfg.blend_guard and model.item_memory is not None:  # the count blend as a floor
             assert held is not None
             guard_st, miss, known = self._guard_sessions(t, held)
