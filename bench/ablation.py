@@ -143,6 +143,15 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--cooc-curve", "3"],
         "the co-occurrence curve with 3 knots: two slopes, one up to a single co-occurrence (log1p 1) and one beyond",
     ),
+    "cooc_curve_stack": (
+        ["--cooc-curve", "3", "--cooc-curve-fit", "stack"],
+        "the co-occurrence curve (3 knots) learned in stacking only, the fit reads it as it stands",
+    ),
+    "curve_choice": (
+        ["--cooc-curve", "3", "--cooc-curve-fit", "choose"],
+        "stacking with and without the curve (3 knots); a forward check on the next window's training "
+        "sessions picks which serves (z > 1.645)",
+    ),
     "stack_lag": (
         ["--stack-lag"],
         "stacking scores window t's held-back sessions with the counts of the windows before t (a window later)",

@@ -31,6 +31,7 @@ from training.recipes import RECIPE_FIELDS, RECIPES, resolve_settings
 TRAIN_ON = ("window", "cumulative")
 EVAL_SPLITS = ("valid", "test")
 ITEM_INITS = ("random", "cooc")
+CURVE_FITS = ("joint", "stack", "choose")
 MODEL_PREFIX = "model."  # argparse destinations of the model flags (cli.given(ns, MODEL_PREFIX))
 
 
@@ -105,6 +106,26 @@ class TrainConfig:
             "those of the windows up to t (a window later than the counts, not of their own time); the "
             "window's full counts are back afterwards. The first window (no earlier counts) stacks as "
             "without it"
+        ),
+    )
+    cooc_curve_fit: str = field(
+        default="joint",
+        metadata=help_meta(
+            "with --cooc-curve (no-op without): where its curve is learned. joint: with the rest of the "
+            "combiner, in the fit and in stacking; stack: in stacking only (the fit reads it as it stands); "
+            "choose: stacking fits the combiner twice, with the curve and with the identity (plain "
+            "log1p counts), and a forward check picks one: after window t, window t+1's training sessions "
+            "are scored by both with the counts of windows <= t (as the evaluation and serving meet the "
+            "next window), and the curve is used from the next window on once their cumulative paired "
+            "NDCG@20 gain is positive at z > 1.645 (training/forward_check.py)",
+            choices=CURVE_FITS,
+        ),
+    )
+    forward_check_sessions: int = field(
+        default=5_000,
+        metadata=help_meta(
+            "--cooc-curve-fit choose: the forward check scores at most the newest N of the next window's "
+            "training sessions"
         ),
     )
     repeat_reweight: bool = field(
@@ -285,6 +306,20 @@ class TrainConfig:
             raise ValueError(f"item_init must be one of {ITEM_INITS}, got {self.item_init!r}")
         if self.guard_split not in ("held", "valid"):
             raise ValueError(f"guard_split must be 'held' or 'valid', got {self.guard_split!r}")
+        if self.cooc_curve_fit not in CURVE_FITS:
+            raise ValueError(f"cooc_curve_fit must be one of {CURVE_FITS}, got {self.cooc_curve_fit!r}")
+        if self.cooc_curve_fit != "joint" and not (self.model.memory and self.model.cooc_curve):
+            raise ValueError(
+                f"cooc_curve_fit {self.cooc_curve_fit!r} needs the item memory's curve (--memory and "
+                f"--cooc-curve N), got memory={self.model.memory}, cooc_curve={self.model.cooc_curve}"
+            )
+        if self.cooc_curve_fit == "choose" and not (self.stack > 0 and self.patience > 0):
+            raise ValueError(
+                "cooc_curve_fit 'choose' picks between two stackings: it needs --stack N > 0 and early "
+                f"stopping (patience > 0, holdout > 0), got stack={self.stack}, patience={self.patience}"
+            )
+        if self.forward_check_sessions < 1:
+            raise ValueError(f"forward_check_sessions must be >= 1, got {self.forward_check_sessions}")
         if self.stack_pool < 0:
             raise ValueError(f"stack_pool must be >= 0, got {self.stack_pool}")
         self.fuse_blend = tuple(float(b) for b in self.fuse_blend)  # a JSON list from a --config file

@@ -21,10 +21,15 @@ that window added; trained rows are never touched. Deterministic (its own seeded
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from training.names import FIRST_REAL_ID
+
+if TYPE_CHECKING:
+    from training.model import SessionModel
 
 
 @torch.no_grad()
@@ -78,3 +83,13 @@ def init_new_rows(weight: Tensor, x: Tensor, old_v: int, init_std: float) -> int
         rows = x[new] * (init_std / x[new].std().clamp(min=1e-12))
     weight[new.to(weight.device)] = rows.to(weight.device, weight.dtype)
     return int(len(new))
+
+
+def init_item_rows(model: SessionModel, old_items: int, seed: int) -> int:
+    """The item rows the window added (from `old_items` on) start from the item memory's
+    co-occurrence counts (`cooc_vectors`, `init_new_rows`); how many rows were set."""
+    mem = model.item_memory
+    assert mem is not None, "item_init cooc needs the item memory"
+    emb = model.embeddings[model.cfg.item_feature]
+    x = cooc_vectors(mem.cooc_idx.cpu(), mem.cooc_val.cpu(), emb.weight.shape[1], seed)
+    return init_new_rows(emb.weight.data, x, old_items, model.cfg.embedding_init_std)

@@ -13,6 +13,7 @@ not in the counts, so no leave-one-out correction (`packed_loss(leave_out=False)
 
     row.update(stack_memory(model, held, cfg, seed, device, pool=pool))   # per window, after the fit
     row.update(blend_guard(model, held, device, batch_size))  # --blend-guard, after stacking
+    row.update(stack_choice(...)[0])   # --cooc-curve-fit choose: stacked with and without the curve
 
 Then the held-back sessions go into the counts with the rest of the window (trainer).
 
@@ -34,6 +35,7 @@ from training.baselines import BaselineCounts
 from training.config import TrainConfig
 from training.data.splits import SessionTensors, eval_inputs_targets
 from training.evaluate import count_blend_metrics, evaluate_model
+from training.forward_check import ForwardCheck, combiner_state, load_combiner
 from training.history import set_memory_counts
 from training.model import ItemMemory, SessionModel, mask_positions, pack_sessions
 
@@ -135,6 +137,61 @@ def stack_memory(
     if model.item_memory is not None and model.item_memory.head_gate is not None:
         out["holdout_head_gate"] = mean_head_weight(model, held, device, cfg.eval_batch_size)
     return out
+
+
+def stack_choice(
+    model: SessionModel,
+    held: SessionTensors,
+    cfg: TrainConfig,
+    seed: int,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+    pool: SessionTensors | None = None,
+    before: float | None = None,
+    *,
+    check: ForwardCheck,
+    lag: BaselineCounts | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """TrainConfig.cooc_curve_fit "choose": stack the combiner twice from the fitted model, once with
+    the co-occurrence curve reset to the identity and held there (plain log1p counts: the stacking
+    of a model without the curve) and once with the curve learned from `check.slopes` (the curve's
+    stacking of the window before, so that it goes on learning whichever serves; None: as the model
+    holds it), both with the same seed; load the curve's result if `check.use_curve` (the forward
+    check's choice so far, training.forward_check), the identity's otherwise; `check.slopes` becomes
+    the new curve. Returns (the metrics row's entries: the loaded stacking's, both held-back scores,
+    the curve's slopes; the other stacking's combiner state, for the forward check)."""
+    slopes, use_curve = check.slopes, check.use_curve
+
+    mem = model.item_memory
+    assert mem is not None and mem.cooc_curve is not None, "stack_choice needs the item memory's curve"
+    curve_at = mem.cooc_curve.slopes
+    start = combiner_state(mem)
+    at_identity = bool((curve_at == 1.0).all())
+    with torch.no_grad():
+        curve_at.fill_(1.0)
+    curve_at.requires_grad_(False)
+    try:
+        plain = stack_memory(model, held, cfg, seed, device, amp, pool, before if at_identity else None, lag=lag)
+    finally:
+        curve_at.requires_grad_(True)
+    identity = combiner_state(mem)
+    load_combiner(mem, start)
+    if slopes is not None and not torch.equal(curve_at, torch.tensor(slopes, device=curve_at.device)):
+        with torch.no_grad():
+            curve_at.copy_(torch.tensor(slopes))
+        before = None  # early stopping scored the curve the model held
+    curved = stack_memory(model, held, cfg, seed, device, amp, pool, before, lag=lag)
+    curve = combiner_state(mem)
+    load_combiner(mem, curve if use_curve else identity)
+    out = {
+        **(curved if use_curve else plain),
+        "cooc_curve_used": use_curve,
+        "holdout_ndcg20_identity": plain["holdout_ndcg20_after_stack"],
+        "holdout_ndcg20_curve": curved["holdout_ndcg20_after_stack"],
+        "cooc_curve_slopes": [float(v) for v in curve["cooc_curve.slopes"]],
+    }
+    check.slopes = out["cooc_curve_slopes"]
+    return out, identity if use_curve else curve
 
 
 def stack_masks(

@@ -76,9 +76,10 @@ from training.evaluate import (
     score_held,
     split_holdout,
 )
+from training.forward_check import ForwardCheck, check_next_window, hold_curve
 from training.history import WindowHistory, set_memory, set_sample_counts  # noqa: F401 (set_memory: tests)
 from training.integrity import atomic_write
-from training.item_init import cooc_vectors, init_new_rows
+from training.item_init import init_item_rows
 from training.model import ModelConfig, PackedSessions, SessionModel, pack_sessions
 from training.model.choice import explain
 from training.model.repeats import set_revisit_prior
@@ -87,7 +88,7 @@ from training.optim import RowSparseAdam, pad_optimizer_state
 from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise, window_line
 from training.runtime import Dist, amp_dtype, barrier, check_replicas_in_sync, resolve_device, set_threads
 from training.schema import Schema
-from training.stacking import blend_guard, stack_memory
+from training.stacking import blend_guard, stack_choice, stack_memory
 
 # -----------------------------------------------------------------------------
 # Training pieces
@@ -174,6 +175,8 @@ class Trainer:
             decay=full.memory_window_decay,
         )  # fmt: skip
         self.writer: Any = None
+        # --cooc-curve-fit choose: the forward checks so far, and the stacking not loaded in the last fit
+        self.check, self.other_combiner = ForwardCheck(), None
         torch.manual_seed(cfg.seed)
         self._setup_model(mcfg)
         self._setup_optimizers()
@@ -266,6 +269,7 @@ class Trainer:
         if "scaler" in ostate and self.scaler.is_enabled():
             self.scaler.load_state_dict(ostate["scaler"])
         self.rows = list(meta["metrics"]["windows"])
+        self.check = ForwardCheck.from_rows(self.rows)
         self.first = int(meta["window"]) + 1
         if main:
             print(f"[train] resuming {out} after window {meta['window']}", file=sys.stderr)
@@ -394,7 +398,7 @@ class Trainer:
             # held-back ones are counted too (below)
             history.fill_memory(model, t, before, known, fit_st)
             if cfg.item_init == "cooc":
-                row["item_rows_from_counts"] = self._init_item_rows(t, old_items)
+                row["item_rows_from_counts"] = init_item_rows(model, old_items, _seed(cfg.seed, t, 7))
         windows = [w for w in before if w >= cfg.start_window]
         pool, pooled = None, cfg.stack_pool > 0 and cfg.stack > 0 and cfg.holdout > 0
         if pooled:  # earlier windows' held-back slices stay out of the network
@@ -425,18 +429,9 @@ class Trainer:
 
         if self.dist.main and cfg.evaluate:
             self.evaluate(t, row)
+        if cfg.cooc_curve_fit == "choose" and self.other_combiner is not None:  # after the evaluation
+            row.update(check_next_window(self, t))
         return row
-
-    def _init_item_rows(self, t: int, old_items: int) -> int:
-        """TrainConfig.item_init "cooc": the item rows window t added start from the memory's
-        co-occurrence counts (`training.item_init`); how many rows were set."""
-        model, item = self.model, self.model.cfg.item_feature
-        mem = model.item_memory
-        assert mem is not None
-        emb = model.embeddings[item]
-        dim, seed = emb.weight.shape[1], _seed(self.cfg.seed, t, 7)
-        x = cooc_vectors(mem.cooc_idx.cpu(), mem.cooc_val.cpu(), dim, seed)
-        return init_new_rows(emb.weight.data, x, old_items, model.cfg.embedding_init_std)
 
     def _guard_sessions(
         self, t: int, held: SessionTensors
@@ -542,6 +537,7 @@ class Trainer:
         epochs_run = steps_run = sessions_run = 0
         t0 = time.perf_counter()
         model.hold_ranking_index(True)  # a two-stage index: built once per window by early stopping
+        hold_curve(model, cfg.cooc_curve_fit != "joint")  # the curve learned in stacking only
         for epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=shuffle_gen)
             loss_sum.zero_()
@@ -586,6 +582,7 @@ class Trainer:
             if cfg.max_steps > 0 and steps_run >= cfg.max_steps:
                 break
         model.hold_ranking_index(False)
+        hold_curve(model, False)
         if early and best_state is not None:
             model.load_state_dict(best_state)
             if select_head:
@@ -597,7 +594,11 @@ class Trainer:
             # early stopping's best score is these weights' score unless a two-stage index changed since
             before = best_score if best_state is not None and not differs_from_exact(model) else None
             counts = None if lag is None else lag()
-            stacked = stack_memory(model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool, before, lag=counts)
+            args = (model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool, before)
+            if cfg.cooc_curve_fit == "choose":  # stacked with and without the curve (forward_check.py)
+                stacked, self.other_combiner = stack_choice(*args, check=self.check, lag=counts)
+            else:
+                stacked = stack_memory(*args, lag=counts)
         if early and cfg.blend_guard and model.item_memory is not None:  # the count blend as a floor
             assert held is not None
             guard_st, miss, known = self._guard_sessions(t, held)

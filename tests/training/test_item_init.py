@@ -82,12 +82,12 @@ def test_trainer_starts_each_windows_new_rows_from_the_counts(
 ):
     """The trainer calls it once per trained window, after the vocabulary grew and the memory holds the
     fitted sessions' counts, on the rows that window added (old_v = the rows before it); "random" never."""
-    import training.trainer as trainer_mod
+    import training.item_init as init_mod
     from tests.training.train_util import tiny_cfg
     from training.train import train
 
     calls = []
-    real = trainer_mod.init_new_rows
+    real = init_mod.init_new_rows
 
     def spy(weight, x, old_v, init_std):
         before = weight.clone()
@@ -95,7 +95,7 @@ def test_trainer_starts_each_windows_new_rows_from_the_counts(
         calls.append((old_v, weight.shape[0], n, torch.equal(weight[:old_v], before[:old_v]), x))
         return n
 
-    monkeypatch.setattr(trainer_mod, "init_new_rows", spy)
+    monkeypatch.setattr(init_mod, "init_new_rows", spy)
     cfg = tiny_cfg(
         tiny_synthetic_data, tmp_path / "run", epochs=1, item_init=item_init, train_on="cumulative",
         model={"memory": True}, evaluate=False, baselines=False,
