@@ -111,13 +111,14 @@ class TrainConfig:
     cooc_curve_fit: str = field(
         default="joint",
         metadata=help_meta(
-            "with --cooc-curve (no-op without): where its curve is learned. joint: with the rest of the "
-            "combiner, in the fit and in stacking; stack: in stacking only (the fit reads it as it stands); "
-            "choose: stacking fits the combiner twice, with the curve and with the identity (plain "
-            "log1p counts), and a forward check picks one: after window t, window t+1's training sessions "
-            "are scored by both with the counts of windows <= t (as the evaluation and serving meet the "
-            "next window), and the curve is used from the next window on once their cumulative paired "
-            "NDCG@20 gain is positive at z > 1.645 (training/forward_check.py)",
+            "item memory + --cooc-curve (no-op without): where its curve is learned. joint: with the "
+            "rest of the combiner, in the fit and in stacking; stack: in stacking only (the fit reads it "
+            "as it stands); choose: stacking fits the combiner twice, with the curve and with the "
+            "identity (plain log1p counts), and a forward check picks one: after window t, window t+1's "
+            "training sessions are scored by both with the counts of windows <= t (as the evaluation and "
+            "serving meet the next window), and the curve serves from the next window on once their "
+            "pooled paired NDCG@20 gain is positive at z > 1.645 (training/forward_check.py). Without "
+            "--stack, stack and choose leave the curve at the identity",
             choices=CURVE_FITS,
         ),
     )
@@ -308,16 +309,6 @@ class TrainConfig:
             raise ValueError(f"guard_split must be 'held' or 'valid', got {self.guard_split!r}")
         if self.cooc_curve_fit not in CURVE_FITS:
             raise ValueError(f"cooc_curve_fit must be one of {CURVE_FITS}, got {self.cooc_curve_fit!r}")
-        if self.cooc_curve_fit != "joint" and not (self.model.memory and self.model.cooc_curve):
-            raise ValueError(
-                f"cooc_curve_fit {self.cooc_curve_fit!r} needs the item memory's curve (--memory and "
-                f"--cooc-curve N), got memory={self.model.memory}, cooc_curve={self.model.cooc_curve}"
-            )
-        if self.cooc_curve_fit == "choose" and not (self.stack > 0 and self.patience > 0):
-            raise ValueError(
-                "cooc_curve_fit 'choose' picks between two stackings: it needs --stack N > 0 and early "
-                f"stopping (patience > 0, holdout > 0), got stack={self.stack}, patience={self.patience}"
-            )
         if self.forward_check_sessions < 1:
             raise ValueError(f"forward_check_sessions must be >= 1, got {self.forward_check_sessions}")
         if self.stack_pool < 0:

@@ -595,7 +595,7 @@ class Trainer:
             before = best_score if best_state is not None and not differs_from_exact(model) else None
             counts = None if lag is None else lag()
             args = (model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool, before)
-            if cfg.cooc_curve_fit == "choose":  # stacked with and without the curve (forward_check.py)
+            if cfg.cooc_curve_fit == "choose" and model.item_memory.cooc_curve is not None:  # forward_check.py
                 stacked, self.other_combiner = stack_choice(*args, check=self.check, lag=counts)
             else:
                 stacked = stack_memory(*args, lag=counts)

@@ -246,9 +246,6 @@ def test_resume_carries_the_check(tiny_synthetic_data, tmp_path, monkeypatch):
     "kw, match",
     [
         (dict(cooc_curve_fit="sometimes", model={"memory": True, "cooc_curve": 3}), "cooc_curve_fit must be one of"),
-        (dict(cooc_curve_fit="choose", model={"memory": True}), "needs the item memory's curve"),
-        (dict(cooc_curve_fit="stack", model={"cooc_curve": 3}), "memory=False"),
-        (dict(cooc_curve_fit="choose", stack=0, model={"memory": True, "cooc_curve": 3}), "stack=0"),
         (dict(forward_check_sessions=0), "forward_check_sessions must be >= 1"),
     ],
 )
@@ -258,3 +255,14 @@ def test_bad_settings_name_the_field(kw, match):
         from training.config import TrainConfig
 
         TrainConfig(**{**base, **kw})
+
+
+def test_choose_without_stacking_keeps_the_identity_and_checks_nothing(tiny_synthetic_data, tmp_path):
+    """A recipe's "choose" stays valid when a flag turns stacking or the memory off: a no-op there."""
+    from training.config import TrainConfig
+
+    rows = choose_run(tiny_synthetic_data, tmp_path / "run", stack=0)["windows"]
+    assert rows and all("curve_check" not in r and "cooc_curve_used" not in r for r in rows)
+    slopes = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["item_memory.cooc_curve.slopes"]
+    assert torch.equal(slopes, torch.ones(2))
+    assert TrainConfig(data="-", out="-", cooc_curve_fit="choose").model.memory is False  # accepted

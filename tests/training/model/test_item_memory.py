@@ -179,10 +179,10 @@ def test_set_tables_rejects_wrong_shapes():
         )
 
 
-def make_model(objective: str = "clm") -> tuple[SessionModel, np.ndarray, np.ndarray]:
+def make_model(objective: str = "clm", **kw) -> tuple[SessionModel, np.ndarray, np.ndarray]:
     items, lengths = random_sessions(40, seed=5, max_len=8)
     cfg = ModelConfig(
-        categorical={"item_id-list": V}, memory=True, memory_k=5, objective=objective, max_len=8
+        categorical={"item_id-list": V}, memory=True, memory_k=5, objective=objective, max_len=8, **kw
     )
     torch.manual_seed(0)
     m = SessionModel(cfg).eval()
@@ -201,9 +201,12 @@ class Ranker(torch.nn.Module):
         return self.m.next_item_scores({"item_id-list": items}, lengths)
 
 
-@pytest.mark.parametrize("objective", ["clm", "mlm"])
-def test_model_with_memory_padding_invariance_and_trace(objective):
-    m, items, lengths = make_model(objective)
+@pytest.mark.parametrize("objective,cooc_curve", [("clm", 0), ("mlm", 0), ("clm", 3)])
+def test_model_with_memory_padding_invariance_and_trace(objective, cooc_curve):
+    m, items, lengths = make_model(objective, cooc_curve=cooc_curve)
+    if cooc_curve:  # a learned curve far from the logarithm (the forward check may serve one)
+        with torch.no_grad():
+            m.item_memory.cooc_curve.slopes.copy_(torch.tensor([1.4, 0.1]))
     feats = {"item_id-list": torch.from_numpy(items[:6])}
     lens = torch.from_numpy(lengths[:6]) - 1
     with torch.no_grad():
