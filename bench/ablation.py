@@ -136,16 +136,20 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "the item memory's popularity term gets a learned function of log1p(pop), any sign, 10 knots",
     ),
     "cooc_curve": (
-        ["--cooc-curve", "8"],
-        "the co-occurrence term reads a learned curve of log1p(count), 8 knots, not log1p(count)",
+        ["--cooc-curve", "8", "--cooc-curve-fit", "joint"],
+        "the co-occurrence term reads a learned curve of log1p(count), 8 knots, not log1p(count), always",
     ),
     "cooc_curve_3": (
-        ["--cooc-curve", "3"],
-        "the co-occurrence curve with 3 knots: two slopes, one up to a single co-occurrence (log1p 1) and one beyond",
+        ["--cooc-curve", "3", "--cooc-curve-fit", "joint"],
+        "the co-occurrence curve with 3 knots (two slopes, one up to a single co-occurrence and one beyond), always",
     ),
     "cooc_curve_stack": (
         ["--cooc-curve", "3", "--cooc-curve-fit", "stack"],
         "the co-occurrence curve (3 knots) learned in stacking only, the fit reads it as it stands",
+    ),
+    "no_curve_choice": (
+        ["--cooc-curve", "0", "--cooc-curve-fit", "joint"],
+        "no co-occurrence curve and no forward check (the recipe before 2026-12-06, seventh session)",
     ),
     "curve_choice": (
         ["--cooc-curve", "3", "--cooc-curve-fit", "choose"],

@@ -23,6 +23,7 @@ model cannot know (first seen in window t+1) are left out: both variants miss th
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,7 @@ def check_next_window(trainer: Trainer, t: int) -> dict[str, Any]:
     cfg = trainer.cfg
     if other is None or t + 1 not in available_windows(trainer.data, trainer.schema):
         return {}
+    t0 = time.perf_counter()
     st = trainer.history.raw(t + 1)
     if len(st) > cfg.forward_check_sessions:  # the newest (a split's rows follow time)
         st = st.select(torch.arange(len(st) - cfg.forward_check_sessions, len(st)))
@@ -85,6 +87,7 @@ def check_next_window(trainer: Trainer, t: int) -> dict[str, Any]:
         flag = torch.tensor([int(check.use_curve)], device=trainer.device)
         torch.distributed.broadcast(flag, 0)  # every rank scored the same; rank 0's decision rules
         check.use_curve = entry["use_curve_next"] = bool(flag.item())
+    entry["seconds"] = time.perf_counter() - t0  # reading the split and scoring it twice
     return {"curve_check": entry}
 
 

@@ -236,8 +236,11 @@ def test_resume_carries_the_check(tiny_synthetic_data, tmp_path, monkeypatch):
         choose_run(tiny_synthetic_data, tmp_path / "crashed")
     monkeypatch.setattr(evaluate_mod, "evaluate_model", real_eval)
     resumed = choose_run(tiny_synthetic_data, tmp_path / "crashed", resume=True)["windows"]
-    keys = ("cooc_curve_used", "cooc_curve_slopes", "curve_check")
-    assert [[r.get(k) for k in keys] for r in resumed] == [[r.get(k) for k in keys] for r in full]
+    def state(r):  # the check's timing aside
+        check = {k: v for k, v in (r.get("curve_check") or {}).items() if k != "seconds"}
+        return r.get("cooc_curve_used"), r.get("cooc_curve_slopes"), check
+
+    assert [state(r) for r in resumed] == [state(r) for r in full]
     assert [model_metrics(r) for r in resumed] == [model_metrics(r) for r in full]
     assert any(r.get("cooc_curve_used") for r in full)
 
