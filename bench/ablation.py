@@ -156,6 +156,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "stacking with and without the curve (3 knots); a forward check on the next window's training "
         "sessions picks which serves (z > 1.645)",
     ),
+    "forward_guard": (
+        ["--blend-guard", "--guard-split", "next"],
+        "the count blend serves from the window after a forward check finds it better on NDCG@20 or "
+        "Recall@20 (z > 1.645, next window's training sessions); the model trains on",
+    ),
     "stack_lag": (
         ["--stack-lag"],
         "stacking scores window t's held-back sessions with the counts of the windows before t (a window later)",

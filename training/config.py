@@ -32,6 +32,7 @@ TRAIN_ON = ("window", "cumulative")
 EVAL_SPLITS = ("valid", "test")
 ITEM_INITS = ("random", "cooc")
 CURVE_FITS = ("joint", "stack", "choose")
+GUARD_SPLITS = ("held", "valid", "next")
 MODEL_PREFIX = "model."  # argparse destinations of the model flags (cli.given(ns, MODEL_PREFIX))
 
 
@@ -125,8 +126,8 @@ class TrainConfig:
     forward_check_sessions: int = field(
         default=5_000,
         metadata=help_meta(
-            "--cooc-curve-fit choose: the forward check scores at most the newest N of the next window's "
-            "training sessions"
+            "the forward checks (--cooc-curve-fit choose, --guard-split next) score at most the newest N "
+            "of the next window's training sessions"
         ),
     )
     repeat_reweight: bool = field(
@@ -155,7 +156,13 @@ class TrainConfig:
         metadata=help_meta(
             "the sessions the blend guard scores: held = the held-back training sessions (the ones early "
             "stopping chose on and stacking fitted on); valid = window t's own valid split (never trained, "
-            "fitted or counted; sessions of the training window's time, not of the evaluation window)"
+            "fitted or counted; sessions of the training window's time, not of the evaluation window); "
+            "next = a forward check: after window t, the model and its count blend score the newest "
+            "--forward-check-sessions of window t+1's training split (counts of windows <= t), the "
+            "per-session differences are pooled over every check so far, and from the next window on the "
+            "model serves as the blend while the blend is better on NDCG@20 or Recall@20 at z > 1.645 "
+            "(its network and stacked combiner train on as before: training/forward_check.py)",
+            choices=GUARD_SPLITS,
         ),
     )
     stack_pool: int = field(
@@ -305,8 +312,8 @@ class TrainConfig:
             raise ValueError(f"train_budget must be >= 0 (0 = no cap), got {self.train_budget}")
         if self.item_init not in ITEM_INITS:
             raise ValueError(f"item_init must be one of {ITEM_INITS}, got {self.item_init!r}")
-        if self.guard_split not in ("held", "valid"):
-            raise ValueError(f"guard_split must be 'held' or 'valid', got {self.guard_split!r}")
+        if self.guard_split not in GUARD_SPLITS:
+            raise ValueError(f"guard_split must be one of {GUARD_SPLITS}, got {self.guard_split!r}")
         if self.cooc_curve_fit not in CURVE_FITS:
             raise ValueError(f"cooc_curve_fit must be one of {CURVE_FITS}, got {self.cooc_curve_fit!r}")
         if self.forward_check_sessions < 1:

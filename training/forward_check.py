@@ -1,5 +1,7 @@
-"""The forward check (TrainConfig.cooc_curve_fit "choose"): which of two stackings of the item
-memory's combiner serves, chosen on the next window's training sessions.
+"""The forward checks: choices made on the next window's training sessions. TrainConfig.cooc_curve_fit
+"choose": which of two stackings of the item memory's combiner serves (with or without the learned
+curve of the co-occurrence counts). TrainConfig.blend_guard with guard_split "next": whether the
+model or its count blend serves (the floor under the model on a log too small for the network).
 
 Why: the co-occurrence curve (ModelConfig.cooc_curve) lifts one log and costs another
 (docs/quality.md, "Session of 2026-12-06 (sixth)"), and the held-back slice of window t cannot tell
@@ -18,13 +20,23 @@ Decision: the paired per-session NDCG@20 differences (curve minus identity) of e
 are pooled; the curve serves once their mean is positive at z > Z_SWITCH (one-sided 95 %), and the
 identity (plain log1p counts, the recipe without the curve) otherwise. Sessions whose target the
 model cannot know (first seen in window t+1) are left out: both variants miss them.
+
+The guard (`GuardCheck`) pools the model's per-session NDCG@20 and Recall@20 minus its count blend's
+(the same tables, the combiner at its start, no network logits: `count_blend_ranks`) on the same
+sessions; from the window after the blend is better on either at z > Z_SWITCH, each window's model
+serves as the blend (`serve_blend`: `ItemMemory.reset_to_blend`) while its stacked combiner is set
+aside, scored by the next check, and put back before the next fit (`resume_stacked`): the network
+keeps training as if nothing had happened, and serves again once the pooled evidence turns.
+
+    row.update(serve_blend(trainer))   # fit, after stacking: {"blend_fallback": ...}
+    resume_stacked(trainer)            # the next window, before anything else
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,7 +44,7 @@ import torch
 from torch import Tensor
 
 from training.data.splits import SessionTensors, available_windows
-from training.evaluate import evaluate_model, known_inputs
+from training.evaluate import count_blend_ranks, evaluate_model, known_inputs
 from training.metrics import per_session
 from training.model import ItemMemory, SessionModel
 
@@ -41,6 +53,7 @@ if TYPE_CHECKING:
 
 Z_SWITCH = 1.645  # one-sided 95 %: the curve must show its gain, the identity is the default
 METRIC = "ndcg@20"
+GUARD_METRICS = ("ndcg@20", "recall@20")  # the blend serves where it is better on either
 
 
 def combiner_state(mem: ItemMemory) -> dict[str, Tensor]:
@@ -63,32 +76,123 @@ def hold_curve(model: SessionModel, held: bool) -> None:
         mem.cooc_curve.slopes.requires_grad_(not held)
 
 
-def check_next_window(trainer: Trainer, t: int) -> dict[str, Any]:
-    """After window t (its evaluation made): the check on window t+1's training split, at most the
+def check_next_window(trainer: Trainer, t: int, row: dict[str, Any]) -> dict[str, Any]:
+    """After window t (its evaluation made): the checks on window t+1's training split, at most the
     newest TrainConfig.forward_check_sessions of it, scored with the counts of windows <= t (the
-    memory as the evaluation left it), between the model's stacking and the one the fit set aside
-    (`Trainer.other_combiner`, used up here); the choice is pooled into `trainer.check` and the
-    returned metrics row entry. {} where the data has no window t+1."""
+    memory as the evaluation left it). The curve's: between the model's stacking and the one the fit
+    set aside (`Trainer.other_combiner`, used up here), pooled into `trainer.check`. The guard's
+    (where the fit ran `serve_blend`: "blend_fallback" in `row`): the stacked model (the one set aside
+    if the blend serves) against its count blend, pooled into `trainer.guard`. Returns the metrics
+    row's entries; {} where there is nothing to check or the data has no window t+1."""
     other, trainer.other_combiner = trainer.other_combiner, None
-    cfg = trainer.cfg
-    if other is None or t + 1 not in available_windows(trainer.data, trainer.schema):
+    cfg, model = trainer.cfg, trainer.model
+    mem, guard = model.item_memory, "blend_fallback" in row
+    if mem is None or (other is None and not guard) or t + 1 not in available_windows(trainer.data, trainer.schema):
         return {}
     t0 = time.perf_counter()
     st = trainer.history.raw(t + 1)
     if len(st) > cfg.forward_check_sessions:  # the newest (a split's rows follow time)
         st = st.select(torch.arange(len(st) - cfg.forward_check_sessions, len(st)))
-    check = trainer.check
-    diffs, identity, curve = curve_gain(
-        trainer.model, other, check.use_curve, st, trainer.known_sizes(t), trainer.device,
-        cfg.eval_batch_size, trainer.age_feature,
-    )  # fmt: skip
-    entry = check.add(diffs, t + 1, identity, curve)
+    known, dev, bs = trainer.known_sizes(t), trainer.device, cfg.eval_batch_size
+    out: dict[str, Any] = {}
+    served = served_state(mem)
+    if trainer.guard_combiner is not None:  # the blend serves: check the model that was stacked
+        load_served(mem, trainer.guard_combiner)
+    try:
+        if other is not None:
+            check = trainer.check
+            diffs, identity, curve = curve_gain(model, other, check.use_curve, st, known, dev, bs, trainer.age_feature)
+            out["curve_check"] = check.add(diffs, t + 1, identity, curve)
+            check.use_curve = out["curve_check"]["use_curve_next"] = _rank0(check.use_curve, dev)
+        if guard:
+            diffs_m, ours, blend = blend_gain(model, st, known, dev, bs, trainer.age_feature)
+            out["guard_check"] = trainer.guard.add(diffs_m, t + 1, ours, blend)
+            trainer.guard.use_blend = out["guard_check"]["use_blend_next"] = _rank0(trainer.guard.use_blend, dev)
+    finally:
+        load_served(mem, served)
+    for entry in out.values():
+        entry["seconds"] = time.perf_counter() - t0  # reading the split and scoring it
+    return out
+
+
+def _rank0(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision on every rank (each scored the same sessions; GPU round-off may differ)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        flag = torch.tensor([int(check.use_curve)], device=trainer.device)
-        torch.distributed.broadcast(flag, 0)  # every rank scored the same; rank 0's decision rules
-        check.use_curve = entry["use_curve_next"] = bool(flag.item())
-    entry["seconds"] = time.perf_counter() - t0  # reading the split and scoring it twice
-    return {"curve_check": entry}
+        f = torch.tensor([int(flag)], device=device)
+        torch.distributed.broadcast(f, 0)
+        return bool(f.item())
+    return flag
+
+
+def served_state(mem: ItemMemory) -> dict[str, Tensor]:
+    """The item memory's combiner (`combiner_state`) and head scale: what `reset_to_blend` changes."""
+    return {**combiner_state(mem), "head_scale": mem.head_scale.detach().clone()}
+
+
+@torch.no_grad()
+def load_served(mem: ItemMemory, state: dict[str, Tensor]) -> None:
+    """Put a `served_state` back."""
+    load_combiner(mem, state)
+    mem.head_scale.copy_(state["head_scale"])
+
+
+def serve_blend(trainer: Trainer) -> dict[str, Any]:
+    """The fit, after stacking (blend_guard, guard_split "next"): where the guard's checks so far
+    chose the count blend, set the stacked combiner aside (`Trainer.guard_combiner`) and let the
+    model serve as the blend. Returns the metrics row's entry."""
+    mem = trainer.model.item_memory
+    assert mem is not None, "the blend guard needs the item memory"
+    if trainer.guard.use_blend:
+        trainer.guard_combiner = served_state(mem)
+        mem.reset_to_blend()
+    return {"blend_fallback": trainer.guard.use_blend}
+
+
+def resume_stacked(trainer: Trainer) -> None:
+    """Before a window: the stacked combiner set aside by `serve_blend` back into the model, whose
+    training goes on from it (the blend served the window before, the network was not reset)."""
+    if trainer.guard_combiner is not None:
+        mem = trainer.model.item_memory
+        assert mem is not None
+        load_served(mem, trainer.guard_combiner)
+        trainer.guard_combiner = None
+
+
+def next_sessions(
+    st: SessionTensors, known: dict[str, int], item_feature: str, age_feature: str | None = None
+) -> SessionTensors:
+    """Sessions of the next window as known after this one (`known_inputs`), those whose target is
+    unknown (every method misses it) or which have no input left out."""
+    seen, miss = known_inputs(st, known, item_feature, age_feature)
+    return seen.select(torch.nonzero(~miss & (seen.lengths >= 2)).flatten())
+
+
+def blend_gain(
+    model: SessionModel,
+    st: SessionTensors,
+    known: dict[str, int],
+    device: torch.device,
+    batch_size: int,
+    age_feature: str | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
+    """Score `st` (`next_sessions`) with the model as it stands and with its count blend (the same
+    tables, ids known after this window only). Returns ({metric: per-session model minus blend}, the
+    model's means, the blend's means) for NDCG@20 and Recall@20."""
+    mem = model.item_memory
+    assert mem is not None, "the blend guard needs the item memory"
+    item = model.cfg.item_feature
+    seen = next_sessions(st, known, item, age_feature)
+    if len(seen) == 0:
+        zero = {m: 0.0 for m in GUARD_METRICS}
+        return {m: np.zeros(0) for m in GUARD_METRICS}, zero, dict(zero)
+    ranks: dict[str, np.ndarray] = {}
+    evaluate_model(model, seen, device, batch_size, ranks_out=ranks)
+    tables = {k: getattr(mem, k) for k in ItemMemory.TABLES}
+    blend = count_blend_ranks(tables, model.cfg, seen, device, batch_size, known[item]).double().numpy()
+    ours = {m: per_session(ranks["model"], m) for m in GUARD_METRICS}
+    theirs = {m: per_session(blend, m) for m in GUARD_METRICS}
+    diffs = {m: ours[m] - theirs[m] for m in GUARD_METRICS}
+    return diffs, {m: float(v.mean()) for m, v in ours.items()}, {m: float(v.mean()) for m, v in theirs.items()}
 
 
 def curve_gain(
@@ -109,9 +213,7 @@ def curve_gain(
     is known; the mean NDCG@20 with the identity and with the curve over the same sessions)."""
     mem = model.item_memory
     assert mem is not None, "the forward check needs the item memory"
-    seen, miss = known_inputs(st, known, model.cfg.item_feature, age_feature)
-    ok = torch.nonzero(~miss & (seen.lengths >= 2)).flatten()
-    seen = seen.select(ok)
+    seen = next_sessions(st, known, model.cfg.item_feature, age_feature)
     mine = _per_session(model, seen, device, batch_size)
     own = combiner_state(mem)
     load_combiner(mem, other)
@@ -122,8 +224,8 @@ def curve_gain(
     curve, identity = (mine, theirs) if use_curve else (theirs, mine)
     return (
         curve - identity,
-        float(identity.mean()) if len(ok) else 0.0,
-        float(curve.mean()) if len(ok) else 0.0,
+        float(identity.mean()) if len(seen) else 0.0,
+        float(curve.mean()) if len(seen) else 0.0,
     )
 
 
@@ -135,6 +237,16 @@ def _per_session(
     ranks: dict[str, np.ndarray] = {}
     evaluate_model(model, st, device, batch_size, ranks_out=ranks)
     return per_session(ranks["model"], METRIC)
+
+
+def pooled_z(n: int, total: float, squares: float) -> float:
+    """The mean of n pooled differences (their sum, sum of squares) over its standard error; 0 with
+    fewer than 2 or no spread."""
+    if n < 2:
+        return 0.0
+    mean = total / n
+    var = max(0.0, (squares - n * mean * mean) / (n - 1))
+    return mean / math.sqrt(var / n) if var > 0 else 0.0
 
 
 @dataclass
@@ -149,12 +261,7 @@ class ForwardCheck:
 
     @property
     def z(self) -> float:
-        """The pooled mean difference over its standard error (0 with fewer than 2 sessions or no spread)."""
-        if self.n < 2:
-            return 0.0
-        mean = self.total / self.n
-        var = max(0.0, (self.squares - self.n * mean * mean) / (self.n - 1))
-        return mean / math.sqrt(var / self.n) if var > 0 else 0.0
+        return pooled_z(self.n, self.total, self.squares)
 
     def add(self, diffs: np.ndarray, window: int, identity: float, curve: float) -> dict[str, Any]:
         """Pool one window's differences and choose again; returns the metrics row's entry."""
@@ -192,4 +299,43 @@ class ForwardCheck:
                 out.use_curve = bool(c["use_curve_next"])
             if row.get("cooc_curve_slopes"):
                 out.slopes = list(row["cooc_curve_slopes"])
+        return out
+
+
+@dataclass
+class GuardCheck:
+    """The guard's pooled differences (model minus count blend) per metric, and its choice."""
+
+    pooled: dict[str, list[float]] = field(default_factory=lambda: {m: [0, 0.0, 0.0] for m in GUARD_METRICS})
+    use_blend: bool = False
+
+    def add(
+        self, diffs: dict[str, np.ndarray], window: int, model: dict[str, float], blend: dict[str, float]
+    ) -> dict[str, Any]:
+        """Pool one window's differences and choose again; returns the metrics row's entry."""
+        zs = {}
+        for m in GUARD_METRICS:
+            d, p = np.asarray(diffs[m], dtype=np.float64), self.pooled[m]
+            p[0], p[1], p[2] = int(p[0]) + len(d), p[1] + float(d.sum()), p[2] + float((d * d).sum())
+            zs[m] = pooled_z(int(p[0]), p[1], p[2])
+        self.use_blend = any(z < -Z_SWITCH for z in zs.values())
+        return {
+            "window": window,
+            "sessions": len(diffs[GUARD_METRICS[0]]),
+            "model": model,
+            "blend": blend,
+            "pooled": {m: list(self.pooled[m]) for m in GUARD_METRICS},
+            "z": zs,
+            "use_blend_next": self.use_blend,
+        }
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]]) -> GuardCheck:
+        """The state after the metrics rows of a run (--resume): the newest guard check."""
+        out = cls()
+        for row in rows:
+            if row.get("guard_check"):
+                c = row["guard_check"]
+                out.pooled = {m: list(c["pooled"][m]) for m in GUARD_METRICS}
+                out.use_blend = bool(c["use_blend_next"])
         return out

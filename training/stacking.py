@@ -26,18 +26,21 @@ fitted the combiner on (a few hundred weights), so it leans slightly towards the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from training.baselines import BaselineCounts
 from training.config import TrainConfig
-from training.data.splits import SessionTensors, eval_inputs_targets
-from training.evaluate import count_blend_metrics, evaluate_model
+from training.data.splits import SessionTensors, eval_inputs_targets, load_split, split_path
+from training.evaluate import count_blend_metrics, evaluate_model, known_inputs
 from training.forward_check import ForwardCheck, combiner_state, load_combiner
 from training.history import set_memory_counts
 from training.model import ItemMemory, SessionModel, mask_positions, pack_sessions
+
+if TYPE_CHECKING:
+    from training.trainer import Trainer
 
 GUARD_METRICS = ("ndcg@20", "recall@20")
 
@@ -254,3 +257,22 @@ def blend_guard(
         "blend_fallback": fallback,
         "guard_sessions": len(held),
     }
+
+
+def guard_sessions(
+    trainer: Trainer, t: int, held: SessionTensors
+) -> tuple[SessionTensors, torch.Tensor | None, int | None]:
+    """The blend guard's sessions, which of their targets are unknown, the ids known
+    (`blend_guard`): the held-back ones, or window t's valid split (TrainConfig.guard_split;
+    the held-back ones where that split is empty)."""
+    valid = (
+        load_split(split_path(trainer.data, t, "valid"), trainer.schema)
+        if trainer.cfg.guard_split == "valid"
+        else None
+    )
+    if valid is None or len(valid) == 0:
+        return held, None, None
+    known = trainer.known_sizes(t)
+    item = trainer.model.cfg.item_feature
+    st, miss = known_inputs(valid, known, item, trainer.age_feature)
+    return st, miss, known[item]

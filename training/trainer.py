@@ -72,11 +72,17 @@ from training.data.splits import (
 from training.evaluate import (
     differs_from_exact,
     evaluate_sessions,
-    known_inputs,
     score_held,
     split_holdout,
 )
-from training.forward_check import ForwardCheck, check_next_window, hold_curve
+from training.forward_check import (
+    ForwardCheck,
+    GuardCheck,
+    check_next_window,
+    hold_curve,
+    resume_stacked,
+    serve_blend,
+)
 from training.history import WindowHistory, set_memory, set_sample_counts  # noqa: F401 (set_memory: tests)
 from training.integrity import atomic_write
 from training.item_init import init_item_rows
@@ -88,7 +94,7 @@ from training.optim import RowSparseAdam, pad_optimizer_state
 from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise, window_line
 from training.runtime import Dist, amp_dtype, barrier, check_replicas_in_sync, resolve_device, set_threads
 from training.schema import Schema
-from training.stacking import blend_guard, stack_choice, stack_memory
+from training.stacking import blend_guard, guard_sessions, stack_choice, stack_memory
 
 # -----------------------------------------------------------------------------
 # Training pieces
@@ -175,8 +181,9 @@ class Trainer:
             decay=full.memory_window_decay,
         )  # fmt: skip
         self.writer: Any = None
-        # --cooc-curve-fit choose: the forward checks so far, and the stacking not loaded in the last fit
-        self.check, self.other_combiner = ForwardCheck(), None
+        # forward checks (forward_check.py): the curve's and the guard's so far, the stacking not loaded in
+        # the last fit, and the stacked combiner set aside while the count blend serves (a fallback)
+        self.check, self.other_combiner, self.guard, self.guard_combiner = ForwardCheck(), None, GuardCheck(), None
         torch.manual_seed(cfg.seed)
         self._setup_model(mcfg)
         self._setup_optimizers()
@@ -269,7 +276,8 @@ class Trainer:
         if "scaler" in ostate and self.scaler.is_enabled():
             self.scaler.load_state_dict(ostate["scaler"])
         self.rows = list(meta["metrics"]["windows"])
-        self.check = ForwardCheck.from_rows(self.rows)
+        self.check, self.guard = ForwardCheck.from_rows(self.rows), GuardCheck.from_rows(self.rows)
+        self.guard_combiner = ostate.get("guard_combiner")
         self.first = int(meta["window"]) + 1
         if main:
             print(f"[train] resuming {out} after window {meta['window']}", file=sys.stderr)
@@ -372,6 +380,7 @@ class Trainer:
         # the item rows trained before this window (cfg.item_init starts the others); none before the first
         trained = any(r.get("sessions_trained") for r in self.rows)
         old_items = self.mcfg.n_items if trained else FIRST_REAL_ID
+        resume_stacked(self)  # a window whose model served as the count blend: training goes on from its own
         self.grow(t)  # the tables hold the vocabulary known after window t
         cfg, data, schema, model = self.cfg, self.data, self.schema, self.model
         self.scheduler_state = {}
@@ -429,27 +438,8 @@ class Trainer:
 
         if self.dist.main and cfg.evaluate:
             self.evaluate(t, row)
-        if cfg.cooc_curve_fit == "choose" and self.other_combiner is not None:  # after the evaluation
-            row.update(check_next_window(self, t))
+        row.update(check_next_window(self, t, row))  # after the evaluation; {} where nothing to check
         return row
-
-    def _guard_sessions(
-        self, t: int, held: SessionTensors
-    ) -> tuple[SessionTensors, Tensor | None, int | None]:
-        """The blend guard's sessions, which of their targets are unknown, the ids known
-        (`blend_guard`): the held-back ones, or window t's valid split (TrainConfig.guard_split;
-        the held-back ones where that split is empty)."""
-        valid = (
-            load_split(split_path(self.data, t, "valid"), self.schema)
-            if self.cfg.guard_split == "valid"
-            else None
-        )
-        if valid is None or len(valid) == 0:
-            return held, None, None
-        known = self.known_sizes(t)
-        item = self.model.cfg.item_feature
-        st, miss = known_inputs(valid, known, item, self.age_feature)
-        return st, miss, known[item]
 
     def _split_earlier(
         self, windows: list[int], known: dict[str, int]
@@ -601,8 +591,11 @@ class Trainer:
                 stacked = stack_memory(*args, lag=counts)
         if early and cfg.blend_guard and model.item_memory is not None:  # the count blend as a floor
             assert held is not None
-            guard_st, miss, known = self._guard_sessions(t, held)
-            stacked.update(blend_guard(model, guard_st, device, cfg.eval_batch_size, miss, known))
+            if cfg.guard_split == "next":  # the forward check's choice (forward_check.py)
+                stacked.update(serve_blend(self))
+            else:
+                guard_st, miss, known = guard_sessions(self, t, held)
+                stacked.update(blend_guard(model, guard_st, device, cfg.eval_batch_size, miss, known))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
@@ -733,6 +726,7 @@ class Trainer:
             ),
             "scheduler": self.scheduler_state,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            **({"guard_combiner": self.guard_combiner} if self.guard_combiner is not None else {}),
             # shuffling/masking/dropout are reseeded from (seed, window) every window,
             # which is what makes --resume exact; the global states are kept for the record
             "rng": {"torch": torch.get_rng_state()}

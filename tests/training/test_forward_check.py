@@ -269,3 +269,132 @@ def test_choose_without_stacking_keeps_the_identity_and_checks_nothing(tiny_synt
     slopes = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["item_memory.cooc_curve.slopes"]
     assert torch.equal(slopes, torch.ones(2))
     assert TrainConfig(data="-", out="-", cooc_curve_fit="choose").model.memory is False  # accepted
+
+
+# --- the guard (blend_guard, guard_split "next") -------------------------------------------------
+
+
+def test_guard_pools_each_metric_and_falls_back_when_the_blend_leads_on_either():
+    from training.forward_check import GuardCheck
+
+    g, rng = GuardCheck(), np.random.default_rng(1)
+    nd, rc = rng.normal(0, 0.05, 500), rng.normal(0, 0.05, 500)
+    nd, rc = nd - nd.mean() + 0.01, rc - rc.mean() - 0.001  # ahead on NDCG, a little behind on recall
+    e1 = g.add({"ndcg@20": nd, "recall@20": rc}, 3, {"ndcg@20": 0.2, "recall@20": 0.3}, {"ndcg@20": 0.19, "recall@20": 0.3})
+    z = {m: d.mean() / (d.std(ddof=1) / math.sqrt(len(d))) for m, d in (("ndcg@20", nd), ("recall@20", rc))}
+    assert e1["z"] == pytest.approx(z) and z["recall@20"] > -fc.Z_SWITCH and e1["use_blend_next"] is False
+    rc2 = rng.normal(0, 0.05, 500)
+    rc2 = rc2 - rc2.mean() - 0.02  # now clearly behind on recall
+    e2 = g.add({"ndcg@20": nd, "recall@20": rc2}, 4, {}, {})
+    both = np.concatenate([rc, rc2])
+    assert e2["z"]["recall@20"] == pytest.approx(both.mean() / (both.std(ddof=1) / math.sqrt(1000)))
+    assert e2["z"]["ndcg@20"] > fc.Z_SWITCH and e2["z"]["recall@20"] < -fc.Z_SWITCH  # either metric decides
+    assert g.use_blend and e2["use_blend_next"] and e2["sessions"] == 500
+    again = GuardCheck.from_rows([{"guard_check": e1}, {"guard_check": e2}, {}])
+    assert again == g and GuardCheck.from_rows([]) == GuardCheck()
+
+
+def test_blend_gain_is_the_model_minus_its_count_blend_per_session():
+    from training.evaluate import count_blend_ranks
+    from training.forward_check import blend_gain, next_sessions
+    from training.model import ItemMemory
+
+    m = make_model(head_gate=True)
+    st, known = held_sessions(60, seed=21), {ITEM: V - 6, CAT: 7}
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    diffs, ours, blend = blend_gain(m, st, known, CPU, 16)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    seen = next_sessions(st, known, ITEM)
+    ranks = {}
+    evaluate_model(m, seen, CPU, 16, ranks_out=ranks)
+    tables = {k: getattr(m.item_memory, k) for k in ItemMemory.TABLES}
+    b = count_blend_ranks(tables, m.cfg, seen, CPU, 16, V - 6).double().numpy()
+    for metric in ("ndcg@20", "recall@20"):
+        want = per_session(ranks["model"], metric) - per_session(b, metric)
+        assert np.allclose(diffs[metric], want) and len(want) == len(seen) < len(st)
+        assert ours[metric] == pytest.approx(per_session(ranks["model"], metric).mean())
+        assert blend[metric] == pytest.approx(per_session(b, metric).mean())
+    assert any(np.abs(d).sum() > 0 for d in diffs.values())  # the model is not its blend
+
+
+GUARD = dict(CHOOSE, blend_guard=True, guard_split="next", baselines=True)
+
+
+def guard_run(data, out, **kw):
+    from tests.training.train_util import tiny_cfg
+    from training.train import train
+
+    return train(tiny_cfg(data, out, **{**GUARD, **kw}))["windows"]
+
+
+def test_a_guard_that_never_falls_back_changes_nothing(tiny_synthetic_data, tmp_path, monkeypatch):
+    from tests.training.train_util import tiny_cfg
+    from training.train import train
+
+    monkeypatch.setattr(fc, "Z_SWITCH", math.inf)
+    plain = train(tiny_cfg(tiny_synthetic_data, tmp_path / "plain", **{**GUARD, "blend_guard": False}))["windows"]
+    ours = guard_run(tiny_synthetic_data, tmp_path / "guard")
+    assert [model_metrics(r) for r in ours] == [model_metrics(r) for r in plain] and any(model_metrics(r) for r in ours)
+    trained = [r for r in ours if r.get("sessions_trained")]
+    assert trained and all(r["blend_fallback"] is False and r["guard_check"]["use_blend_next"] is False for r in trained)
+    for r in trained:
+        g = r["guard_check"]
+        assert g["window"] == r["train_window"] + 1 and g["sessions"] > 0 and set(g["z"]) == {"ndcg@20", "recall@20"}
+
+
+def test_the_blend_serves_after_the_guard_picks_it_and_the_model_trains_on(tiny_synthetic_data, tmp_path, monkeypatch):
+    import training.trainer as trainer_mod
+
+    monkeypatch.setattr(fc, "Z_SWITCH", -math.inf)  # any check picks the blend
+    stacked, at_fit = [], []
+    real_serve, real_fit = trainer_mod.serve_blend, trainer_mod.Trainer.fit
+
+    def spy_serve(trainer):
+        stacked.append(fc.served_state(trainer.model.item_memory))  # as stacking left it
+        return real_serve(trainer)
+
+    def spy_fit(self, t, *a, **k):
+        at_fit.append(fc.served_state(self.model.item_memory))
+        return real_fit(self, t, *a, **k)
+
+    monkeypatch.setattr(trainer_mod, "serve_blend", spy_serve)
+    monkeypatch.setattr(trainer_mod.Trainer, "fit", spy_fit)
+    rows = [r for r in guard_run(tiny_synthetic_data, tmp_path / "run") if r.get("sessions_trained")]
+    assert len(rows) >= 3 and rows[0]["blend_fallback"] is False  # no check before the first window
+    for prev, row in zip(rows, rows[1:]):
+        assert row["blend_fallback"] is prev["guard_check"]["use_blend_next"] is True
+        # the window's model ranks as its count blend (the same tables)
+        assert model_metrics(row) == pytest.approx({k: row["baselines"]["count_blend"][k] for k in model_metrics(row)})
+        assert row["guard_check"]["model"] != row["guard_check"]["blend"]  # the check scored the stacked model
+    # each fit after a fallback starts from the stacked combiner, not from the blend it served as
+    for i in range(1, len(rows)):
+        assert all(torch.equal(at_fit[i][k], v) for k, v in stacked[i - 1].items())
+    assert any(not torch.equal(stacked[0][k], v) for k, v in stacked[1].items())  # and stacking moved it on
+
+
+def test_resume_carries_the_guard_and_its_set_aside_combiner(tiny_synthetic_data, tmp_path, monkeypatch):
+    import training.evaluate as evaluate_mod
+
+    monkeypatch.setattr(fc, "Z_SWITCH", -math.inf)
+    full = guard_run(tiny_synthetic_data, tmp_path / "full")
+    real_eval = evaluate_mod.evaluate_model
+
+    def crash(model, st, *a, **k):
+        if st.source.endswith("4/valid.parquet"):
+            raise KeyboardInterrupt("simulated kill")
+        return real_eval(model, st, *a, **k)
+
+    monkeypatch.setattr(evaluate_mod, "evaluate_model", crash)
+    with pytest.raises(KeyboardInterrupt):
+        guard_run(tiny_synthetic_data, tmp_path / "crashed")
+    monkeypatch.setattr(evaluate_mod, "evaluate_model", real_eval)
+    resumed = guard_run(tiny_synthetic_data, tmp_path / "crashed", resume=True)
+
+    def state(r):
+        g = {k: v for k, v in (r.get("guard_check") or {}).items() if k != "seconds"}
+        return r.get("blend_fallback"), g, model_metrics(r)
+
+    assert [state(r) for r in resumed] == [state(r) for r in full] and any(r.get("blend_fallback") for r in full)
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "crashed" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -225,7 +225,7 @@ def test_blend_guard_can_score_the_training_windows_valid_split(tiny_synthetic_d
         assert ids == set(valid.session_id.tolist())  # window t's valid split, not its held-back slice
         assert miss is not None and miss.shape == (len(valid),) and known == r["items_known"]
         assert r["guard_sessions"] == len(valid)
-    with pytest.raises(ValueError, match="guard_split must be 'held' or 'valid', got 'test'"):
+    with pytest.raises(ValueError, match="guard_split must be one of \\('held', 'valid', 'next'\\), got 'test'"):
         TrainConfig(data="-", out="-", guard_split="test")
 
 
