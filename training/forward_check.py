@@ -99,13 +99,17 @@ def check_next_window(trainer: Trainer, t: int, row: dict[str, Any]) -> dict[str
     if trainer.guard_combiner is not None:  # the blend serves: check the model that was stacked
         load_served(mem, trainer.guard_combiner)
     try:
+        # the model as it stands, scored once for both checks
+        mine = model_ranks(model, next_sessions(st, known, model.cfg.item_feature, trainer.age_feature), dev, bs)
         if other is not None:
             check = trainer.check
-            diffs, identity, curve = curve_gain(model, other, check.use_curve, st, known, dev, bs, trainer.age_feature)
+            diffs, identity, curve = curve_gain(
+                model, other, check.use_curve, st, known, dev, bs, trainer.age_feature, mine=mine
+            )
             out["curve_check"] = check.add(diffs, t + 1, identity, curve)
             check.use_curve = out["curve_check"]["use_curve_next"] = _rank0(check.use_curve, dev)
         if guard:
-            diffs_m, ours, blend = blend_gain(model, st, known, dev, bs, trainer.age_feature)
+            diffs_m, ours, blend = blend_gain(model, st, known, dev, bs, trainer.age_feature, mine=mine)
             out["guard_check"] = trainer.guard.add(diffs_m, t + 1, ours, blend)
             trainer.guard.use_blend = out["guard_check"]["use_blend_next"] = _rank0(trainer.guard.use_blend, dev)
     finally:
@@ -174,10 +178,13 @@ def blend_gain(
     device: torch.device,
     batch_size: int,
     age_feature: str | None = None,
+    *,
+    mine: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
-    """Score `st` (`next_sessions`) with the model as it stands and with its count blend (the same
-    tables, ids known after this window only). Returns ({metric: per-session model minus blend}, the
-    model's means, the blend's means) for NDCG@20 and Recall@20."""
+    """Score `st` (`next_sessions`) with the model as it stands (`mine`: its ranks there, if already
+    scored) and with its count blend (the same tables, ids known after this window only). Returns
+    ({metric: per-session model minus blend}, the model's means, the blend's means) for NDCG@20 and
+    Recall@20."""
     mem = model.item_memory
     assert mem is not None, "the blend guard needs the item memory"
     item = model.cfg.item_feature
@@ -185,11 +192,10 @@ def blend_gain(
     if len(seen) == 0:
         zero = {m: 0.0 for m in GUARD_METRICS}
         return {m: np.zeros(0) for m in GUARD_METRICS}, zero, dict(zero)
-    ranks: dict[str, np.ndarray] = {}
-    evaluate_model(model, seen, device, batch_size, ranks_out=ranks)
+    ranks = model_ranks(model, seen, device, batch_size) if mine is None else mine
     tables = {k: getattr(mem, k) for k in ItemMemory.TABLES}
     blend = count_blend_ranks(tables, model.cfg, seen, device, batch_size, known[item]).double().numpy()
-    ours = {m: per_session(ranks["model"], m) for m in GUARD_METRICS}
+    ours = {m: per_session(ranks, m) for m in GUARD_METRICS}
     theirs = {m: per_session(blend, m) for m in GUARD_METRICS}
     diffs = {m: ours[m] - theirs[m] for m in GUARD_METRICS}
     return diffs, {m: float(v.mean()) for m, v in ours.items()}, {m: float(v.mean()) for m, v in theirs.items()}
@@ -204,24 +210,26 @@ def curve_gain(
     device: torch.device,
     batch_size: int,
     age_feature: str | None = None,
+    *,
+    mine: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, float]:
-    """Score `st` (sessions of the next window, as known after this one: `known_inputs`) with the
-    model as it stands (the curve's stacking if `use_curve`, the identity's otherwise) and with the
-    `other` combiner; the model is left as it was.
+    """Score `st` (sessions of the next window, as known after this one: `next_sessions`) with the
+    model as it stands (the curve's stacking if `use_curve`, the identity's otherwise; `mine`: its
+    ranks there, if already scored) and with the `other` combiner; the model is left as it was.
 
     Returns (per-session NDCG@20 of the curve minus the identity's, over the sessions whose target
     is known; the mean NDCG@20 with the identity and with the curve over the same sessions)."""
     mem = model.item_memory
     assert mem is not None, "the forward check needs the item memory"
     seen = next_sessions(st, known, model.cfg.item_feature, age_feature)
-    mine = _per_session(model, seen, device, batch_size)
+    ours = per_session(model_ranks(model, seen, device, batch_size) if mine is None else mine, METRIC)
     own = combiner_state(mem)
     load_combiner(mem, other)
     try:
-        theirs = _per_session(model, seen, device, batch_size)
+        theirs = per_session(model_ranks(model, seen, device, batch_size), METRIC)
     finally:
         load_combiner(mem, own)
-    curve, identity = (mine, theirs) if use_curve else (theirs, mine)
+    curve, identity = (ours, theirs) if use_curve else (theirs, ours)
     return (
         curve - identity,
         float(identity.mean()) if len(seen) else 0.0,
@@ -229,14 +237,13 @@ def curve_gain(
     )
 
 
-def _per_session(
-    model: SessionModel, st: SessionTensors, device: torch.device, batch_size: int
-) -> np.ndarray:
+def model_ranks(model: SessionModel, st: SessionTensors, device: torch.device, batch_size: int) -> np.ndarray:
+    """(N,) target ranks of the model as it stands on `st` (the evaluation's served ranking)."""
     if len(st) == 0:
         return np.zeros(0)
     ranks: dict[str, np.ndarray] = {}
     evaluate_model(model, st, device, batch_size, ranks_out=ranks)
-    return per_session(ranks["model"], METRIC)
+    return ranks["model"]
 
 
 def pooled_z(n: int, total: float, squares: float) -> float:

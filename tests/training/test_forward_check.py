@@ -178,9 +178,9 @@ def test_the_check_reads_the_newest_sessions_of_the_next_windows_training_split(
     calls = []
     real = fc.curve_gain
 
-    def spy(model, other, use_curve, st, known, *rest):
+    def spy(model, other, use_curve, st, known, *rest, **kw):
         calls.append((st.source, len(st), st.session_id.clone(), dict(known)))
-        return real(model, other, use_curve, st, known, *rest)
+        return real(model, other, use_curve, st, known, *rest, **kw)
 
     monkeypatch.setattr(fc, "curve_gain", spy)
     rows = choose_run(tiny_synthetic_data, tmp_path / "run", forward_check_sessions=25)["windows"]
