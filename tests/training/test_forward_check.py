@@ -219,23 +219,31 @@ def test_the_fit_leaves_the_curve_to_stacking(tiny_synthetic_data, tmp_path, mon
     assert seen and not all(seen)
 
 
-def test_resume_carries_the_check(tiny_synthetic_data, tmp_path, monkeypatch):
+def full_and_resumed(run, data, tmp_path, monkeypatch) -> tuple[list[dict], list[dict]]:
+    """The rows of `run` (data, out, **kw) -> rows uninterrupted, and killed in window 3's evaluation
+    (before its checkpoint) then resumed."""
     import training.evaluate as evaluate_mod
 
-    monkeypatch.setattr(fc, "Z_SWITCH", -math.inf)
-    full = choose_run(tiny_synthetic_data, tmp_path / "full")["windows"]
+    full = run(data, tmp_path / "full")
     real_eval = evaluate_mod.evaluate_model
 
     def crash(model, st, *a, **k):
-        if st.source.endswith("4/valid.parquet"):  # window 3's evaluation, before its checkpoint
+        if st.source.endswith("4/valid.parquet"):
             raise KeyboardInterrupt("simulated kill")
         return real_eval(model, st, *a, **k)
 
     monkeypatch.setattr(evaluate_mod, "evaluate_model", crash)
     with pytest.raises(KeyboardInterrupt):
-        choose_run(tiny_synthetic_data, tmp_path / "crashed")
+        run(data, tmp_path / "crashed")
     monkeypatch.setattr(evaluate_mod, "evaluate_model", real_eval)
-    resumed = choose_run(tiny_synthetic_data, tmp_path / "crashed", resume=True)["windows"]
+    return full, run(data, tmp_path / "crashed", resume=True)
+
+
+def test_resume_carries_the_check(tiny_synthetic_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(fc, "Z_SWITCH", -math.inf)
+    full, resumed = full_and_resumed(
+        lambda data, out, **kw: choose_run(data, out, **kw)["windows"], tiny_synthetic_data, tmp_path, monkeypatch
+    )
     def state(r):  # the check's timing aside
         check = {k: v for k, v in (r.get("curve_check") or {}).items() if k != "seconds"}
         return r.get("cooc_curve_used"), r.get("cooc_curve_slopes"), check
@@ -373,22 +381,8 @@ def test_the_blend_serves_after_the_guard_picks_it_and_the_model_trains_on(tiny_
 
 
 def test_resume_carries_the_guard_and_its_set_aside_combiner(tiny_synthetic_data, tmp_path, monkeypatch):
-    import training.evaluate as evaluate_mod
-
     monkeypatch.setattr(fc, "Z_SWITCH", -math.inf)
-    full = guard_run(tiny_synthetic_data, tmp_path / "full")
-    real_eval = evaluate_mod.evaluate_model
-
-    def crash(model, st, *a, **k):
-        if st.source.endswith("4/valid.parquet"):
-            raise KeyboardInterrupt("simulated kill")
-        return real_eval(model, st, *a, **k)
-
-    monkeypatch.setattr(evaluate_mod, "evaluate_model", crash)
-    with pytest.raises(KeyboardInterrupt):
-        guard_run(tiny_synthetic_data, tmp_path / "crashed")
-    monkeypatch.setattr(evaluate_mod, "evaluate_model", real_eval)
-    resumed = guard_run(tiny_synthetic_data, tmp_path / "crashed", resume=True)
+    full, resumed = full_and_resumed(guard_run, tiny_synthetic_data, tmp_path, monkeypatch)
 
     def state(r):
         g = {k: v for k, v in (r.get("guard_check") or {}).items() if k != "seconds"}
