@@ -16,7 +16,9 @@ recipe's `train_on: cumulative`), so the per-window rows of the `recipe` row giv
 its count blend and V-SKNN against the number of training sessions seen so far
 (`learning_curve` in the JSON, and a PNG next to it).
 
-Runs are kept under --work (default: next to --out) and reused when finished (same flags).
+Runs are kept under --work (default: next to --out) and reused when finished (same flags), unless
+the settings this code resolves for their command differ from the ones they ran with (a recipe
+default changed since): then the ablation stops and names them (`changed_settings`).
 """
 
 from __future__ import annotations
@@ -207,14 +209,31 @@ ROWS: dict[str, tuple[list[str], str]] = {
 }
 
 
+def train_args(data: Path, run: Path, flags: list[str], seed: int) -> list[str]:
+    """`python -m training.train`'s arguments for one row's seed."""
+    return [
+        "--data", str(data), "--out", str(run), "--no-progress", "--threads", "1", "--seed", str(seed),
+        "--eval-split", "valid", *flags,
+    ]  # fmt: skip
+
+
+def changed_settings(data: Path, run: Path, flags: list[str], seed: int) -> list[str]:
+    """The settings in which a finished run differs from what this code resolves for the same command
+    (a recipe default changed since it ran: its flags alone no longer say what it is); [] for none."""
+    from training.config import parse_args
+
+    old = json.loads((run / "metrics.json").read_text()).get("train_config", {})
+    now = json.loads(json.dumps(parse_args(train_args(data, run, flags, seed), "ablation", "").to_dict()))
+    out = [k for k in sorted(set(old) | set(now)) if k not in ("model", "resume") and old.get(k) != now.get(k)]
+    om, nm = old.get("model", {}), now["model"]
+    return out + [f"model.{k}" for k in sorted(set(om) | set(nm)) if om.get(k) != nm.get(k)]
+
+
 def run_seed(data: Path, run: Path, flags: list[str], seed: int, log: Path) -> subprocess.Popen:
     """Start one row's seed; a run an earlier, interrupted ablation left behind is resumed after its
     last finished window (`--resume`: the same metrics as an uninterrupted run)."""
     resume = ["--resume"] if (run / "meta.json").is_file() else []
-    cmd = [
-        sys.executable, "-m", "training.train", "--data", str(data), "--out", str(run), "--no-progress",
-        "--threads", "1", "--seed", str(seed), "--eval-split", "valid", *flags, *resume,
-    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "training.train", *train_args(data, run, flags, seed), *resume]
     return subprocess.Popen(
         cmd, cwd=PROJECT_ROOT, stdout=log.open("a" if resume else "w"), stderr=subprocess.STDOUT
     )
@@ -342,13 +361,21 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     work = a.work or a.out.with_suffix("")
     rows = [REFERENCE_ROW] + [r for r in a.rows if r != REFERENCE_ROW]
-    jobs = []
+    jobs, stale = [], []
     for name in rows:
         flags = ROWS[name][0] + a.extra.split()
         for seed in a.seeds:
             run = work / name / f"s{seed}"
             if not finished(run, flags):
                 jobs.append((name, seed, run, flags))
+            elif changed := changed_settings(a.data, run, flags, seed):
+                stale.append(f"{run} ({', '.join(changed)})")
+    if stale:  # reused, they would compare rows of another recipe; nothing is deleted here
+        raise SystemExit(
+            "[ablation] finished runs whose settings differ from what this code gives their command "
+            f"(a default changed since they ran): {'; '.join(stale)}. Delete them (or use another --work) "
+            "to run them again"
+        )
     t0, running, ok = time.time(), [], True
     for name, seed, run, flags in jobs:
         while True:

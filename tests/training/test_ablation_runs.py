@@ -44,3 +44,20 @@ def test_finished_runs_are_reused_and_unmarked_ones_resumed(tiny_synthetic_data,
     again = json.loads((run / "metrics.json").read_text())
     assert [w["ndcg@20"] for w in again["windows"]] == [w["ndcg@20"] for w in first["windows"]]
     assert json.loads(out.read_text())["rows"]["recipe"]["mean"]["model"] == summary
+
+
+def test_a_finished_run_with_other_settings_than_the_code_gives_is_refused(tiny_synthetic_data, tmp_path, repo_root):
+    """Its flags alone no longer say what it is once a recipe default changed: reused, it would put
+    another recipe's scores in the table. The ablation stops, names the run and the settings, deletes
+    nothing."""
+    out = tmp_path / "abl.json"
+    assert _ablation(tiny_synthetic_data, out, repo_root).returncode == 0
+    metrics = tmp_path / "abl" / "recipe" / "s0" / "metrics.json"
+    result = json.loads(metrics.read_text())
+    result["train_config"]["lr"] = 0.123  # as if the recipe's lr had changed since it ran
+    result["train_config"]["model"]["dropout"] = 0.9
+    metrics.write_text(json.dumps(result))
+    proc = _ablation(tiny_synthetic_data, out, repo_root)
+    assert proc.returncode != 0 and "[ablation] recipe seed 0" not in proc.stderr
+    assert str(metrics.parent) in proc.stderr and "(lr, model.dropout)" in proc.stderr, proc.stderr[-2000:]
+    assert metrics.is_file() and (metrics.parent / "DONE").is_file()  # nothing deleted
