@@ -13,7 +13,7 @@ evaluation and applies from window t+1's model on, so no model is chosen on sess
 it is evaluated on.
 
     row.update(stack_choice(model, held, ..., use_curve=check.use_curve))   # fit: both stackings
-    row["curve_check"] = check.add(curve_gain(model, other, next_sessions, ...))  # after window t
+    row["curve_check"] = check.add_window(curve_gain(model, other, next_sessions(...), ...))  # after t
     check = ForwardCheck.from_rows(rows)                                      # --resume
 
 Decision: the paired per-session NDCG@20 differences (curve minus identity) of every check so far
@@ -87,7 +87,11 @@ def check_next_window(trainer: Trainer, t: int, row: dict[str, Any]) -> dict[str
     other, trainer.other_combiner = trainer.other_combiner, None
     cfg, model = trainer.cfg, trainer.model
     mem, guard = model.item_memory, "blend_fallback" in row
-    if mem is None or (other is None and not guard) or t + 1 not in available_windows(trainer.data, trainer.schema):
+    if (
+        mem is None
+        or (other is None and not guard)
+        or t + 1 not in available_windows(trainer.data, trainer.schema)
+    ):
         return {}
     t0 = time.perf_counter()
     st = trainer.history.raw(t + 1)
@@ -99,19 +103,19 @@ def check_next_window(trainer: Trainer, t: int, row: dict[str, Any]) -> dict[str
     if trainer.guard_combiner is not None:  # the blend serves: check the model that was stacked
         load_served(mem, trainer.guard_combiner)
     try:
-        # the model as it stands, scored once for both checks
-        mine = model_ranks(model, next_sessions(st, known, model.cfg.item_feature, trainer.age_feature), dev, bs)
+        seen = next_sessions(st, known, model.cfg.item_feature, trainer.age_feature)
+        mine = model_ranks(model, seen, dev, bs)  # the model as it stands, scored once for both checks
         if other is not None:
             check = trainer.check
-            diffs, identity, curve = curve_gain(
-                model, other, check.use_curve, st, known, dev, bs, trainer.age_feature, mine=mine
-            )
-            out["curve_check"] = check.add(diffs, t + 1, identity, curve)
+            diffs, identity, curve = curve_gain(model, other, check.use_curve, seen, dev, bs, mine=mine)
+            out["curve_check"] = check.add_window(diffs, t + 1, identity, curve)
             check.use_curve = out["curve_check"]["use_curve_next"] = _rank0(check.use_curve, dev)
         if guard:
-            diffs_m, ours, blend = blend_gain(model, st, known, dev, bs, trainer.age_feature, mine=mine)
-            out["guard_check"] = trainer.guard.add(diffs_m, t + 1, ours, blend)
-            trainer.guard.use_blend = out["guard_check"]["use_blend_next"] = _rank0(trainer.guard.use_blend, dev)
+            diffs_m, ours, blend = blend_gain(model, seen, known[model.cfg.item_feature], dev, bs, mine=mine)
+            out["guard_check"] = trainer.guard.add_window(diffs_m, t + 1, ours, blend)
+            trainer.guard.use_blend = out["guard_check"]["use_blend_next"] = _rank0(
+                trainer.guard.use_blend, dev
+            )
     finally:
         load_served(mem, served)
     for entry in out.values():
@@ -173,47 +177,46 @@ def next_sessions(
 
 def blend_gain(
     model: SessionModel,
-    st: SessionTensors,
-    known: dict[str, int],
+    seen: SessionTensors,
+    known_items: int,
     device: torch.device,
     batch_size: int,
-    age_feature: str | None = None,
     *,
     mine: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
-    """Score `st` (`next_sessions`) with the model as it stands (`mine`: its ranks there, if already
-    scored) and with its count blend (the same tables, ids known after this window only). Returns
+    """Score `seen` (`next_sessions`) with the model as it stands (`mine`: its ranks there, if already
+    scored) and with its count blend (the same tables, only the `known_items` ids ranked). Returns
     ({metric: per-session model minus blend}, the model's means, the blend's means) for NDCG@20 and
     Recall@20."""
     mem = model.item_memory
     assert mem is not None, "the blend guard needs the item memory"
-    item = model.cfg.item_feature
-    seen = next_sessions(st, known, item, age_feature)
     if len(seen) == 0:
         zero = {m: 0.0 for m in GUARD_METRICS}
         return {m: np.zeros(0) for m in GUARD_METRICS}, zero, dict(zero)
     ranks = model_ranks(model, seen, device, batch_size) if mine is None else mine
     tables = {k: getattr(mem, k) for k in ItemMemory.TABLES}
-    blend = count_blend_ranks(tables, model.cfg, seen, device, batch_size, known[item]).double().numpy()
+    blend = count_blend_ranks(tables, model.cfg, seen, device, batch_size, known_items).double().numpy()
     ours = {m: per_session(ranks, m) for m in GUARD_METRICS}
     theirs = {m: per_session(blend, m) for m in GUARD_METRICS}
     diffs = {m: ours[m] - theirs[m] for m in GUARD_METRICS}
-    return diffs, {m: float(v.mean()) for m, v in ours.items()}, {m: float(v.mean()) for m, v in theirs.items()}
+    return (
+        diffs,
+        {m: float(v.mean()) for m, v in ours.items()},
+        {m: float(v.mean()) for m, v in theirs.items()},
+    )
 
 
 def curve_gain(
     model: SessionModel,
     other: dict[str, Tensor],
     use_curve: bool,
-    st: SessionTensors,
-    known: dict[str, int],
+    seen: SessionTensors,
     device: torch.device,
     batch_size: int,
-    age_feature: str | None = None,
     *,
     mine: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, float]:
-    """Score `st` (sessions of the next window, as known after this one: `next_sessions`) with the
+    """Score `seen` (sessions of the next window, as known after this one: `next_sessions`) with the
     model as it stands (the curve's stacking if `use_curve`, the identity's otherwise; `mine`: its
     ranks there, if already scored) and with the `other` combiner; the model is left as it was.
 
@@ -221,7 +224,6 @@ def curve_gain(
     is known; the mean NDCG@20 with the identity and with the curve over the same sessions)."""
     mem = model.item_memory
     assert mem is not None, "the forward check needs the item memory"
-    seen = next_sessions(st, known, model.cfg.item_feature, age_feature)
     ours = per_session(model_ranks(model, seen, device, batch_size) if mine is None else mine, METRIC)
     own = combiner_state(mem)
     load_combiner(mem, other)
@@ -246,41 +248,51 @@ def model_ranks(model: SessionModel, st: SessionTensors, device: torch.device, b
     return ranks["model"]
 
 
-def pooled_z(n: int, total: float, squares: float) -> float:
-    """The mean of n pooled differences (their sum, sum of squares) over its standard error; 0 with
-    fewer than 2 or no spread."""
-    if n < 2:
-        return 0.0
-    mean = total / n
-    var = max(0.0, (squares - n * mean * mean) / (n - 1))
-    return mean / math.sqrt(var / n) if var > 0 else 0.0
-
-
 @dataclass
-class ForwardCheck:
-    """The pooled paired differences of every check so far, and the choice they make."""
+class Pooled:
+    """Paired differences pooled over every check so far: how many, their sum and sum of squares."""
 
     n: int = 0
     total: float = 0.0
     squares: float = 0.0
-    use_curve: bool = False
-    slopes: list[float] | None = None  # the curve's stacking of the newest window (stack_choice)
+
+    def add(self, diffs: np.ndarray) -> None:
+        d = np.asarray(diffs, dtype=np.float64)
+        self.n, self.total, self.squares = (
+            self.n + len(d),
+            self.total + float(d.sum()),
+            self.squares + float((d * d).sum()),
+        )
 
     @property
     def z(self) -> float:
-        return pooled_z(self.n, self.total, self.squares)
+        """The pooled mean over its standard error; 0 with fewer than 2 or no spread."""
+        if self.n < 2:
+            return 0.0
+        mean = self.total / self.n
+        var = max(0.0, (self.squares - self.n * mean * mean) / (self.n - 1))
+        return mean / math.sqrt(var / self.n) if var > 0 else 0.0
 
-    def add(self, diffs: np.ndarray, window: int, identity: float, curve: float) -> dict[str, Any]:
+    def entry(self) -> list[float]:
+        """As a metrics row holds it: [n, total, squares]."""
+        return [self.n, self.total, self.squares]
+
+
+@dataclass
+class ForwardCheck(Pooled):
+    """The curve's pooled differences (curve minus identity), and the choice they make."""
+
+    use_curve: bool = False
+    slopes: list[float] | None = None  # the curve's stacking of the newest window (stack_choice)
+
+    def add_window(self, diffs: np.ndarray, window: int, identity: float, curve: float) -> dict[str, Any]:
         """Pool one window's differences and choose again; returns the metrics row's entry."""
-        d = np.asarray(diffs, dtype=np.float64)
-        self.n += len(d)
-        self.total += float(d.sum())
-        self.squares += float((d * d).sum())
+        self.add(diffs)
         z = self.z
         self.use_curve = z > Z_SWITCH
         return {
             "window": window,
-            "sessions": len(d),
+            "sessions": len(diffs),
             f"{METRIC}_identity": identity,
             f"{METRIC}_curve": curve,
             "pooled_sessions": self.n,
@@ -296,8 +308,7 @@ class ForwardCheck:
         """The state after the metrics rows of a run (--resume): the newest check and curve."""
         out = cls()
         for row in rows:
-            if row.get("curve_check"):
-                c = row["curve_check"]
+            if c := row.get("curve_check"):
                 out.n, out.total, out.squares = (
                     int(c["pooled_sessions"]),
                     c["pooled_total"],
@@ -313,25 +324,23 @@ class ForwardCheck:
 class GuardCheck:
     """The guard's pooled differences (model minus count blend) per metric, and its choice."""
 
-    pooled: dict[str, list[float]] = field(default_factory=lambda: {m: [0, 0.0, 0.0] for m in GUARD_METRICS})
+    pooled: dict[str, Pooled] = field(default_factory=lambda: {m: Pooled() for m in GUARD_METRICS})
     use_blend: bool = False
 
-    def add(
+    def add_window(
         self, diffs: dict[str, np.ndarray], window: int, model: dict[str, float], blend: dict[str, float]
     ) -> dict[str, Any]:
         """Pool one window's differences and choose again; returns the metrics row's entry."""
-        zs = {}
         for m in GUARD_METRICS:
-            d, p = np.asarray(diffs[m], dtype=np.float64), self.pooled[m]
-            p[0], p[1], p[2] = int(p[0]) + len(d), p[1] + float(d.sum()), p[2] + float((d * d).sum())
-            zs[m] = pooled_z(int(p[0]), p[1], p[2])
+            self.pooled[m].add(diffs[m])
+        zs = {m: self.pooled[m].z for m in GUARD_METRICS}
         self.use_blend = any(z < -Z_SWITCH for z in zs.values())
         return {
             "window": window,
             "sessions": len(diffs[GUARD_METRICS[0]]),
             "model": model,
             "blend": blend,
-            "pooled": {m: list(self.pooled[m]) for m in GUARD_METRICS},
+            "pooled": {m: self.pooled[m].entry() for m in GUARD_METRICS},
             "z": zs,
             "use_blend_next": self.use_blend,
         }
@@ -341,8 +350,7 @@ class GuardCheck:
         """The state after the metrics rows of a run (--resume): the newest guard check."""
         out = cls()
         for row in rows:
-            if row.get("guard_check"):
-                c = row["guard_check"]
-                out.pooled = {m: list(c["pooled"][m]) for m in GUARD_METRICS}
+            if c := row.get("guard_check"):
+                out.pooled = {m: Pooled(int(c["pooled"][m][0]), *c["pooled"][m][1:]) for m in GUARD_METRICS}
                 out.use_blend = bool(c["use_blend_next"])
         return out

@@ -13,7 +13,7 @@ not in the counts, so no leave-one-out correction (`packed_loss(leave_out=False)
 
     row.update(stack_memory(model, held, cfg, seed, device, pool=pool))   # per window, after the fit
     row.update(blend_guard(model, held, device, batch_size))  # --blend-guard, after stacking
-    row.update(stack_choice(...)[0])   # --cooc-curve-fit choose: stacked with and without the curve
+    row.update(stack_choice(model, check, lambda b: stack_memory(..., b))[0])  # --cooc-curve-fit choose
 
 Then the held-back sessions go into the counts with the rest of the window (trainer).
 
@@ -26,6 +26,7 @@ fitted the combiner on (a few hundred weights), so it leans slightly towards the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -144,27 +145,21 @@ def stack_memory(
 
 def stack_choice(
     model: SessionModel,
-    held: SessionTensors,
-    cfg: TrainConfig,
-    seed: int,
-    device: torch.device,
-    amp: torch.dtype | None = None,
-    pool: SessionTensors | None = None,
-    before: float | None = None,
-    *,
     check: ForwardCheck,
-    lag: BaselineCounts | None = None,
+    stack: Callable[[float | None], dict[str, Any]],
+    before: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """TrainConfig.cooc_curve_fit "choose": stack the combiner twice from the fitted model, once with
-    the co-occurrence curve reset to the identity and held there (plain log1p counts: the stacking
-    of a model without the curve) and once with the curve learned from `check.slopes` (the curve's
-    stacking of the window before, so that it goes on learning whichever serves; None: as the model
-    holds it), both with the same seed; load the curve's result if `check.use_curve` (the forward
-    check's choice so far, training.forward_check), the identity's otherwise; `check.slopes` becomes
-    the new curve. Returns (the metrics row's entries: the loaded stacking's, both held-back scores,
-    the curve's slopes; the other stacking's combiner state, for the forward check)."""
+    """TrainConfig.cooc_curve_fit "choose": stack the combiner twice from the fitted model with
+    `stack(before)` (`stack_memory` on the window's held-back sessions, its seed fixed, `before` the
+    model's held-back score as early stopping left it or None), once with the co-occurrence curve
+    reset to the identity and held there (plain log1p counts: the stacking of a model without the
+    curve) and once with the curve learned from `check.slopes` (the curve's stacking of the window
+    before, so that it goes on learning whichever serves; None: as the model holds it); load the
+    curve's result if `check.use_curve` (the forward check's choice so far, training.forward_check),
+    the identity's otherwise; `check.slopes` becomes the new curve. Returns (the metrics row's
+    entries: the loaded stacking's, both held-back scores, the curve's slopes; the other stacking's
+    combiner state, for the forward check)."""
     slopes, use_curve = check.slopes, check.use_curve
-
     mem = model.item_memory
     assert mem is not None and mem.cooc_curve is not None, "stack_choice needs the item memory's curve"
     curve_at = mem.cooc_curve.slopes
@@ -174,7 +169,7 @@ def stack_choice(
         curve_at.fill_(1.0)
     curve_at.requires_grad_(False)
     try:
-        plain = stack_memory(model, held, cfg, seed, device, amp, pool, before if at_identity else None, lag=lag)
+        plain = stack(before if at_identity else None)
     finally:
         curve_at.requires_grad_(True)
     identity = combiner_state(mem)
@@ -183,7 +178,7 @@ def stack_choice(
         with torch.no_grad():
             curve_at.copy_(torch.tensor(slopes))
         before = None  # early stopping scored the curve the model held
-    curved = stack_memory(model, held, cfg, seed, device, amp, pool, before, lag=lag)
+    curved = stack(before)
     curve = combiner_state(mem)
     load_combiner(mem, curve if use_curve else identity)
     out = {

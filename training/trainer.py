@@ -40,6 +40,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -584,11 +585,12 @@ class Trainer:
             # early stopping's best score is these weights' score unless a two-stage index changed since
             before = best_score if best_state is not None and not differs_from_exact(model) else None
             counts = None if lag is None else lag()
-            args = (model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool, before)
+            # stack(before): stacking on the held-back sessions, the window's seed
+            stack = partial(stack_memory, model, held, cfg, _seed(cfg.seed, t, 6), device, amp, pool, lag=counts)
             if cfg.cooc_curve_fit == "choose" and model.item_memory.cooc_curve is not None:  # forward_check.py
-                stacked, self.other_combiner = stack_choice(*args, check=self.check, lag=counts)
+                stacked, self.other_combiner = stack_choice(model, self.check, stack, before)
             else:
-                stacked = stack_memory(*args, lag=counts)
+                stacked = stack(before)
         if early and cfg.blend_guard and model.item_memory is not None:  # the count blend as a floor
             assert held is not None
             if cfg.guard_split == "next":  # the forward check's choice (forward_check.py)

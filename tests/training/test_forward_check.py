@@ -21,7 +21,7 @@ import training.forward_check as fc
 from tests.training.model.test_combiner import CAT, ITEM, V, make_model
 from tests.training.test_stacking import held_sessions, stack_cfg
 from training.evaluate import evaluate_model, known_inputs
-from training.forward_check import ForwardCheck, combiner_state, curve_gain, load_combiner
+from training.forward_check import ForwardCheck, combiner_state, curve_gain, load_combiner, next_sessions
 from training.metrics import per_session
 from training.stacking import stack_choice, stack_memory
 
@@ -31,11 +31,11 @@ CPU = torch.device("cpu")
 def test_pooled_gain_z_and_choice_and_their_resume():
     check, rng = ForwardCheck(), np.random.default_rng(0)
     first = rng.normal(0.001, 0.05, 400)  # a small gain in much noise: not enough
-    e1 = check.add(first, window=3, identity=0.2, curve=0.201)
+    e1 = check.add_window(first, window=3, identity=0.2, curve=0.201)
     z1 = first.mean() / (first.std(ddof=1) / math.sqrt(len(first)))
     assert e1["z"] == pytest.approx(z1) and e1["use_curve_next"] is False and z1 < fc.Z_SWITCH
     second = rng.normal(0.02, 0.05, 600)
-    e2 = check.add(second, window=4, identity=0.2, curve=0.22)
+    e2 = check.add_window(second, window=4, identity=0.2, curve=0.22)
     both = np.concatenate([first, second])
     z2 = both.mean() / (both.std(ddof=1) / math.sqrt(len(both)))
     assert e2["z"] == pytest.approx(z2) and z2 > fc.Z_SWITCH and check.use_curve and e2["use_curve_next"]
@@ -62,7 +62,7 @@ def test_curve_gain_is_the_paired_difference_over_known_targets_and_leaves_the_m
     st = held_sessions(60, seed=21)
     known = {ITEM: V - 6, CAT: 7}  # the targets among the last 6 ids are unknown
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    diffs, ident, curve = curve_gain(m, other, False, st, known, CPU, 16)
+    diffs, ident, curve = curve_gain(m, other, False, next_sessions(st, known, ITEM), CPU, 16)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # left as it was
     targets = st.feats[ITEM][torch.arange(len(st)), st.lengths - 1]
     keep = torch.nonzero(targets < V - 6).flatten()
@@ -85,7 +85,7 @@ def test_curve_gain_is_the_paired_difference_over_known_targets_and_leaves_the_m
     # the model holding the curve (use_curve): the same differences, the same sign
     mc = copy.deepcopy(m)
     load_combiner(mc.item_memory, other)
-    again, ident2, curve2 = curve_gain(mc, combiner_state(m.item_memory), True, st, known, CPU, 16)
+    again, ident2, curve2 = curve_gain(mc, combiner_state(m.item_memory), True, next_sessions(st, known, ITEM), CPU, 16)
     assert np.allclose(again, diffs) and (ident2, curve2) == pytest.approx((ident, curve))
 
 
@@ -109,7 +109,7 @@ def test_stack_choice_stacks_both_from_the_fitted_model_and_loads_the_chosen(use
 
     check = ForwardCheck(use_curve=use_curve, slopes=[1.2, 0.6])
     net = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("item_memory.")}
-    out, other = stack_choice(m, held, cfg, 3, CPU, check=check)
+    out, other = stack_choice(m, check, lambda b: stack_memory(m, held, cfg, seed=3, device=CPU, before=b))
     loaded, rest = (want_b, want_a) if use_curve else (want_a, want_b)
     assert all(torch.equal(v, loaded[k]) for k, v in combiner_state(m.item_memory).items())
     assert all(torch.equal(v, rest[k]) for k, v in other.items()) and set(other) == set(rest)
@@ -176,13 +176,13 @@ def test_the_check_reads_the_newest_sessions_of_the_next_windows_training_split(
     tiny_synthetic_data, tmp_path, monkeypatch
 ):
     calls = []
-    real = fc.curve_gain
+    real = fc.next_sessions
 
-    def spy(model, other, use_curve, st, known, *rest, **kw):
+    def spy(st, known, *rest):
         calls.append((st.source, len(st), st.session_id.clone(), dict(known)))
-        return real(model, other, use_curve, st, known, *rest, **kw)
+        return real(st, known, *rest)
 
-    monkeypatch.setattr(fc, "curve_gain", spy)
+    monkeypatch.setattr(fc, "next_sessions", spy)
     rows = choose_run(tiny_synthetic_data, tmp_path / "run", forward_check_sessions=25)["windows"]
     checked = [r for r in rows if "curve_check" in r]
     assert checked and len(calls) == len(checked)
@@ -288,12 +288,12 @@ def test_guard_pools_each_metric_and_falls_back_when_the_blend_leads_on_either()
     g, rng = GuardCheck(), np.random.default_rng(1)
     nd, rc = rng.normal(0, 0.05, 500), rng.normal(0, 0.05, 500)
     nd, rc = nd - nd.mean() + 0.01, rc - rc.mean() - 0.001  # ahead on NDCG, a little behind on recall
-    e1 = g.add({"ndcg@20": nd, "recall@20": rc}, 3, {"ndcg@20": 0.2, "recall@20": 0.3}, {"ndcg@20": 0.19, "recall@20": 0.3})
+    e1 = g.add_window({"ndcg@20": nd, "recall@20": rc}, 3, {"ndcg@20": 0.2, "recall@20": 0.3}, {"ndcg@20": 0.19, "recall@20": 0.3})
     z = {m: d.mean() / (d.std(ddof=1) / math.sqrt(len(d))) for m, d in (("ndcg@20", nd), ("recall@20", rc))}
     assert e1["z"] == pytest.approx(z) and z["recall@20"] > -fc.Z_SWITCH and e1["use_blend_next"] is False
     rc2 = rng.normal(0, 0.05, 500)
     rc2 = rc2 - rc2.mean() - 0.02  # now clearly behind on recall
-    e2 = g.add({"ndcg@20": nd, "recall@20": rc2}, 4, {}, {})
+    e2 = g.add_window({"ndcg@20": nd, "recall@20": rc2}, 4, {}, {})
     both = np.concatenate([rc, rc2])
     assert e2["z"]["recall@20"] == pytest.approx(both.mean() / (both.std(ddof=1) / math.sqrt(1000)))
     assert e2["z"]["ndcg@20"] > fc.Z_SWITCH and e2["z"]["recall@20"] < -fc.Z_SWITCH  # either metric decides
@@ -310,7 +310,7 @@ def test_blend_gain_is_the_model_minus_its_count_blend_per_session():
     m = make_model(head_gate=True)
     st, known = held_sessions(60, seed=21), {ITEM: V - 6, CAT: 7}
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    diffs, ours, blend = blend_gain(m, st, known, CPU, 16)
+    diffs, ours, blend = blend_gain(m, next_sessions(st, known, ITEM), V - 6, CPU, 16)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     seen = next_sessions(st, known, ITEM)
     ranks = {}
@@ -392,3 +392,30 @@ def test_resume_carries_the_guard_and_its_set_aside_combiner(tiny_synthetic_data
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "crashed" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_both_checks_read_one_scoring_of_the_model_as_it_stands(tiny_synthetic_data, tmp_path, monkeypatch):
+    """check_next_window scores the model once and hands its ranks to both checks: they must be the
+    ranks each check would compute itself."""
+    calls = []
+
+    def same(a, b) -> bool:
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, tuple):
+            return all(same(x, y) for x, y in zip(a, b, strict=True))
+        return np.array_equal(np.asarray(a), np.asarray(b))
+
+    for name in ("curve_gain", "blend_gain"):
+        real = getattr(fc, name)
+
+        def spy(*a, real=real, name=name, mine=None, **k):
+            got = real(*a, mine=mine, **k)
+            calls.append((name, mine is not None, same(got, real(*a, **k))))
+            return got
+
+        monkeypatch.setattr(fc, name, spy)
+    model = {**CHOOSE["model"], "cooc_curve": 3}
+    guard_run(tiny_synthetic_data, tmp_path / "run", model=model, cooc_curve_fit="choose")
+    assert {c[0] for c in calls} == {"curve_gain", "blend_gain"}
+    assert all(shared and equal for _, shared, equal in calls), calls
