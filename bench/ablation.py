@@ -206,6 +206,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--stack-last"],
         "stacking fits the held-back sessions' last items only (the evaluation's task)",
     ),
+    "stack_prefixes": (
+        ["--stack-prefixes"],
+        "stacking fits every prefix of the held-back sessions, masked at its last item (the evaluation's task "
+        "at every position)",
+    ),
 }
 
 

@@ -99,6 +99,15 @@ class TrainConfig:
             "at random positions"
         ),
     )
+    stack_prefixes: bool = field(
+        default=False,
+        metadata=help_meta(
+            "mlm stacking (no-op without --stack; clm already fits every next item): the combiner is fitted on "
+            "every prefix of two or more items of each held-back session, masked at its last item (the "
+            "evaluation's task, the whole context before the target, at every position), instead of the "
+            "sessions masked at random positions"
+        ),
+    )
     stack_lag: bool = field(
         default=False,
         metadata=help_meta(

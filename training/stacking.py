@@ -101,16 +101,22 @@ def stack_memory(
     opt = torch.optim.Adam(params, lr=cfg.memory_lr or cfg.lr)
     gen = torch.Generator().manual_seed(seed)  # shuffling, masking, sampled negatives: on the CPU
     item, mlm = model.cfg.item_feature, model.cfg.objective == "mlm"
+    last = cfg.stack_last or (mlm and cfg.stack_prefixes)
+    if mlm and cfg.stack_prefixes:  # every prefix, masked at its last item (the evaluation's task)
+        held_fit = held.prefixes()
+        pool = None if pool is None else pool.prefixes()
+    else:
+        held_fit = held
     was_training = model.training
     model.eval()  # the network is fixed: no dropout
     for p in frozen:
         p.requires_grad_(False)
     try:
         for _ in range(cfg.stack):
-            perm = torch.randperm(len(held), generator=gen)
+            perm = torch.randperm(len(held_fit), generator=gen)
             # (sessions, rows, leave_out): window t's held-back sessions are not in the counts
             batches = [
-                (held, perm[i : i + cfg.batch_size], False) for i in range(0, len(held), cfg.batch_size)
+                (held_fit, perm[i : i + cfg.batch_size], False) for i in range(0, len(held_fit), cfg.batch_size)
             ]
             if pool is not None and len(pool):
                 pperm = torch.randperm(len(pool), generator=gen)
@@ -120,7 +126,7 @@ def stack_memory(
                 batches = [batches[int(j)] for j in torch.randperm(len(batches), generator=gen)]
             for st, rows, leave_out in batches:
                 feats, lengths = st.batch(rows)  # (b, width), (b,)
-                masked = stack_masks(model, feats[item], lengths, gen, cfg.stack_last) if mlm else None
+                masked = stack_masks(model, feats[item], lengths, gen, last) if mlm else None
                 packed = pack_sessions(feats, lengths, masked).to(device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss = model.packed_loss(
