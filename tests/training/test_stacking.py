@@ -317,3 +317,63 @@ def test_trainer_stacks_on_the_windows_before_with_stack_lag(tiny_synthetic_data
     assert calls[0][0] is None
     for lag_clicks, memory_clicks in calls[1:]:
         assert lag_clicks is not None and 0 < lag_clicks < memory_clicks
+
+
+# --- stacking on every prefix (TrainConfig.stack_prefixes) -------------------------------------------
+
+
+def test_prefixes_are_every_prefix_of_two_or_more_items_with_the_rest_zeroed():
+    feats = {
+        "item": torch.tensor([[5, 6, 7, 0, 0], [8, 0, 0, 0, 0], [3, 4, 0, 0, 0]]),
+        "x": torch.tensor([[0.5, 0.25, 2.0, 0.0, 0.0], [1.0, 0, 0, 0, 0], [3.0, 4.0, 0, 0, 0]]),
+    }
+    st = SessionTensors(feats, torch.tensor([3, 1, 2]), torch.tensor([10, 11, 12]))
+    p = st.prefixes()
+    assert p.lengths.tolist() == [2, 3, 2]
+    assert p.session_id.tolist() == [10, 10, 12]
+    assert p.feats["item"].tolist() == [[5, 6, 0, 0, 0], [5, 6, 7, 0, 0], [3, 4, 0, 0, 0]]
+    assert p.feats["x"].tolist() == [[0.5, 0.25, 0, 0, 0], [0.5, 0.25, 2.0, 0, 0], [3.0, 4.0, 0, 0, 0]]
+    assert p.feats["x"].dtype == torch.float32
+    empty = SessionTensors({"item": torch.tensor([[4, 0]])}, torch.tensor([1]), torch.tensor([0])).prefixes()
+    assert len(empty) == 0
+
+
+def test_mlm_stacking_with_prefixes_fits_every_prefix_masked_at_its_last_item(monkeypatch):
+    """TrainConfig.stack_prefixes under masked LM: each epoch reads every prefix of two or more items
+    of every held-back session once, masked at its last item and nowhere else."""
+    m = make_model(head_gate=True, rerank=True, rank_popular=8, objective="mlm", mask_prob=0.3)
+    item = m.cfg.item_feature
+    seen: list[tuple[int, ...]] = []
+    real = m.packed_loss
+
+    def spy(p, *args, **kw):
+        seg, items = p.segment, p.feats[item]
+        for s in seg.unique():
+            if s == 0:
+                continue
+            at = seg == s
+            masked = p.masked[at]
+            assert masked[-1] and int(masked.sum()) == 1  # the last item only
+            seen.append(tuple(items[at].tolist()))
+        return real(p, *args, **kw)
+
+    monkeypatch.setattr(m, "packed_loss", spy)
+    held = held_sessions(30, seed=5)
+    stack_memory(m, held, stack_cfg(stack=2, stack_prefixes=True), seed=3, device=torch.device("cpu"))
+    want = []
+    for row, n in zip(held.feats[item].tolist(), held.lengths.tolist(), strict=True):
+        want += [tuple(row[:k]) for k in range(2, n + 1)]
+    assert sorted(seen) == sorted(want * 2)  # two epochs
+
+
+def test_clm_stacking_ignores_prefixes_it_already_fits_every_next_item():
+    """Under clm the plain stacking's loss is already every prefix's next item: --stack-prefixes
+    changes nothing, bit for bit."""
+    held = held_sessions(30, seed=5)
+    out = []
+    for prefixes in (False, True):
+        m = make_model(head_gate=True, rerank=True, rank_popular=8, objective="clm")
+        stack_memory(m, held, stack_cfg(stack=2, stack_prefixes=prefixes), seed=3, device=torch.device("cpu"))
+        out.append({k: v.clone() for k, v in m.item_memory.state_dict().items()})
+    assert out[0].keys() == out[1].keys()
+    assert all(torch.equal(out[0][k], out[1][k]) for k in out[0])
