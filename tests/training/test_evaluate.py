@@ -127,3 +127,43 @@ def test_evaluate_both_on_a_catalogue_smaller_than_the_top(memory):
     both = evaluate_both(m, st, torch.device("cpu"), 16)
     assert {k: both[k] for k in both["exact"]} == both["exact"]
     assert both["served_agreement"] == {"top20_overlap": 1.0, "same_rank": 1.0}
+
+
+# --- the count blend ranked without scoring the catalogue (SparseBlendRanker) -------------------------
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("known_less", [0, 9])
+def test_sparse_count_blend_ranks_equal_the_dense_ranks(ties, known_less):
+    """count_blend_ranks ranks each target among the session's sparse entries and a sorted popularity
+    score: the same ranks as scoring every item, ties against the target included (integer counts
+    make many), with targets inside and outside the entries, unknown ids (OOV inputs, targets >=
+    known, which rank last as the dense path ranks them) and misses."""
+    from tests.training.model.test_combiner import ITEM, V, batch
+    from tests.training.model.test_combiner import make_model as memory_model
+    from training.evaluate import count_blend_ranks, known_inputs
+    from training.model import ItemMemory
+
+    m = memory_model()
+    mem = m.item_memory
+    if ties:  # every count the same: ties between entries and with the popularity-only items
+        with torch.no_grad():
+            mem.cooc_val.copy_((mem.cooc_val > 0).float() * 2.0)
+            mem.succ_val.copy_((mem.succ_val > 0).float())
+            mem.pop.copy_(torch.where(mem.pop > 0, 3.0, 0.0))
+    feats, lengths = batch(120, seed=17)
+    feats[ITEM][::7, 0] = 1  # OOV inputs
+    st = SessionTensors(feats, lengths, torch.arange(120))
+    known = V - known_less
+    seen, miss = known_inputs(st, {ITEM: known}, ITEM)
+    tables = {k: getattr(mem, k) for k in ItemMemory.TABLES}
+    cpu = torch.device("cpu")
+    for kn, ms in ((known, miss), (None, None)):
+        dense = count_blend_ranks(tables, m.cfg, seen, cpu, 16, kn, ms, dense=True)
+        sparse = count_blend_ranks(tables, m.cfg, seen, cpu, 16, kn, ms)
+        assert torch.equal(sparse, dense)
+    finite = dense[torch.isfinite(dense)]
+    assert (finite <= 10).any() and finite.max() > 20  # hits, and targets ranked by popularity alone
+    if known_less:
+        assert bool(miss.any())  # targets >= known
+        assert int((count_blend_ranks(tables, m.cfg, seen, cpu, 16, known) == V).sum()) == int(miss.sum())
