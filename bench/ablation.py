@@ -206,6 +206,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["--stack-last"],
         "stacking fits the held-back sessions' last items only (the evaluation's task)",
     ),
+    "memory_k_200": (
+        ["--memory-k", "200"],
+        "200 co-occurrence and successor entries per item instead of 100 (more reach, more candidates)",
+    ),
+    "memory_k_50": (["--memory-k", "50"], "50 co-occurrence and successor entries per item instead of 100"),
     "stack_prefixes": (
         ["--stack-prefixes"],
         "stacking fits every prefix of the held-back sessions, masked at its last item (the evaluation's task "
