@@ -176,6 +176,7 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "new item rows start from the co-occurrence counts' singular vectors, not noise",
     ),
     "stack_10": (["--stack", "10"], "10 epochs of the combiner on the held-back sessions (5 in the recipe)"),
+    "stack_2": (["--stack", "2"], "2 epochs of the combiner on the held-back sessions (5 in the recipe)"),
     "batch_256": (["--batch-size", "256"], "batch 256 instead of 128 (fewer, larger steps)"),
     "batch_384": (["--batch-size", "384"], "batch 384 instead of 128 (T4Rec's best on YOOCHOOSE)"),
     "mlm_0.15": (["--objective", "mlm", "--mask-prob", "0.15"], "masked LM, masking 0.15"),
