@@ -329,6 +329,13 @@ class TrainConfig:
             raise ValueError(f"forward_check_sessions must be >= 1, got {self.forward_check_sessions}")
         if self.stack_pool < 0:
             raise ValueError(f"stack_pool must be >= 0, got {self.stack_pool}")
+        if self.stack_prefixes and self.stack_pool > 0:
+            # a pooled session is in the counts whole; leaving out a prefix's own pairs would leave its
+            # target's co-occurrences with the session's later items in
+            raise ValueError(
+                f"stack_prefixes cannot be combined with stack_pool (got stack_pool={self.stack_pool}): the "
+                "pooled sessions are counted whole, and a prefix cannot leave out the rest of its session"
+            )
         self.fuse_blend = tuple(float(b) for b in self.fuse_blend)  # a JSON list from a --config file
         if any(b <= 0 for b in self.fuse_blend):
             raise ValueError(f"fuse_blend weights must be > 0, got {list(self.fuse_blend)}")

@@ -101,12 +101,9 @@ def stack_memory(
     opt = torch.optim.Adam(params, lr=cfg.memory_lr or cfg.lr)
     gen = torch.Generator().manual_seed(seed)  # shuffling, masking, sampled negatives: on the CPU
     item, mlm = model.cfg.item_feature, model.cfg.objective == "mlm"
-    last = cfg.stack_last or (mlm and cfg.stack_prefixes)
-    if mlm and cfg.stack_prefixes:  # every prefix, masked at its last item (the evaluation's task)
-        held_fit = held.prefixes()
-        pool = None if pool is None else pool.prefixes()
-    else:
-        held_fit = held
+    prefixes = mlm and cfg.stack_prefixes  # every prefix, masked at its last item (the evaluation's task)
+    last = cfg.stack_last or prefixes
+    held_fit = held.prefixes() if prefixes else held  # (TrainConfig refuses it with stack_pool)
     was_training = model.training
     model.eval()  # the network is fixed: no dropout
     for p in frozen:

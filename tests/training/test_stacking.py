@@ -377,3 +377,11 @@ def test_clm_stacking_ignores_prefixes_it_already_fits_every_next_item():
         out.append({k: v.clone() for k, v in m.item_memory.state_dict().items()})
     assert out[0].keys() == out[1].keys()
     assert all(torch.equal(out[0][k], out[1][k]) for k in out[0])
+
+
+def test_prefixes_refuse_the_pool_whose_sessions_are_counted_whole():
+    """A pooled session is in the counts whole: a prefix of it could not leave out the pairs of its
+    target with the session's later items, so the two options are refused together, by name."""
+    with pytest.raises(ValueError, match="stack_prefixes cannot be combined with stack_pool \\(got stack_pool=2\\)"):
+        stack_cfg(stack_prefixes=True, stack_pool=2)
+    assert stack_cfg(stack_prefixes=True).stack_prefixes and stack_cfg(stack_pool=2).stack_pool == 2
