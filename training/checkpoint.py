@@ -28,9 +28,13 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.pt"
 OPTIM_FILE = "optim.pt"
 META_FILE = "meta.json"
+MEMBERS_DIR = "members"  # RUN/members/<k>/: an ensemble run's members (training/members.py)
+MEMBERS_KEY = "members"  # meta.json of an ensemble run: the members' folders, relative to it
 WINDOWS_DIR = "windows"  # RUN/windows/<t>/: model.pt + meta.json after window t (--keep-windows)
 __all__ = [
     "META_FILE",
+    "MEMBERS_DIR",
+    "MEMBERS_KEY",
     "MODEL_FILE",
     "OPTIM_FILE",
     "TMP_SUFFIX",
@@ -148,6 +152,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[S
 
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
+    if MEMBERS_KEY in meta:  # an ensemble run (TrainConfig.members): its members, tables shared
+        from training.members import load_members
+
+        return load_members(run_dir, meta, device), meta
     model = SessionModel(ModelConfig.from_dict(meta["model_config"]))
     state = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)

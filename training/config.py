@@ -99,6 +99,15 @@ class TrainConfig:
             "at random positions"
         ),
     )
+    members: int = field(
+        default=1,
+        metadata=help_meta(
+            "train this many models side by side (an ensemble: each its own seed, held-back slice, early "
+            "stopping, stacking and checks, the same count tables) and rank by the mean of their "
+            "log-softmax over the shared candidates; needs the item memory with re-ranking. Member 0 is "
+            "the run of --seed alone; RUN/members/<k>/ holds each member's checkpoint"
+        ),
+    )
     stack_prefixes: bool = field(
         default=False,
         metadata=help_meta(
@@ -327,6 +336,8 @@ class TrainConfig:
             raise ValueError(f"cooc_curve_fit must be one of {CURVE_FITS}, got {self.cooc_curve_fit!r}")
         if self.forward_check_sessions < 1:
             raise ValueError(f"forward_check_sessions must be >= 1, got {self.forward_check_sessions}")
+        if self.members < 1:
+            raise ValueError(f"members must be >= 1 (1 = one model, no ensemble), got {self.members}")
         if self.stack_pool < 0:
             raise ValueError(f"stack_pool must be >= 0, got {self.stack_pool}")
         if self.stack_prefixes and self.stack_pool > 0:

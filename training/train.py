@@ -60,6 +60,10 @@ __all__ = ["TrainConfig", "load_run", "main", "parse_args", "train"]
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the protocol of the module docstring; returns the metrics.json content."""
     with training.runtime.distributed(cfg.device) as d:
+        if cfg.members > 1:  # an ensemble (training/members.py)
+            from training.members import MembersTrainer
+
+            return MembersTrainer(cfg, d).run()
         return Trainer(cfg, d).run()
 
 

@@ -666,12 +666,18 @@ class Trainer:
         for sch in schedulers:
             sch.step()
 
-    def evaluate(self, t: int, row: dict[str, Any]) -> None:
+    def evaluate(
+        self, t: int, row: dict[str, Any], model: nn.Module | None = None, out: Path | None = None
+    ) -> None:
         """Model, baselines and count blend on window t+1's --eval-split, into `row`.
 
         Only what was known after window t: unknown ids in the inputs are OOV
         (`known_inputs`) and a target unknown at t is a miss for every method.
+        model, out: another model to evaluate than this run's (an ensemble of members,
+        training/members.py) and the run folder its ranks go to (--save-ranks).
         """
+        model = self.model if model is None else model
+        out = self.out if out is None else out
         split = self.cfg.eval_split
         eval_path = split_path(self.data, t + 1, split)
         eval_st = load_split(eval_path, self.schema)
@@ -686,7 +692,7 @@ class Trainer:
         ranks: dict[str, np.ndarray] | None = {} if self.cfg.save_ranks else None
         row.update(
             evaluate_sessions(
-                self.model,
+                model,
                 eval_st,
                 known,
                 self.counts,
@@ -699,10 +705,10 @@ class Trainer:
             )
         )
         if ranks:  # per-session ranks beside the metrics (bench.paired); written whole or not at all
-            (self.out / RANKS_DIR).mkdir(parents=True, exist_ok=True)
+            (out / RANKS_DIR).mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
             np.savez(buf, session_id=eval_st.session_id.numpy(), **ranks)
-            atomic_write(self.out / RANKS_DIR / f"window_{t + 1}.npz", buf.getvalue())
+            atomic_write(out / RANKS_DIR / f"window_{t + 1}.npz", buf.getvalue())
         print(window_line(row), file=sys.stderr)
 
     def save(self, t: int, row: dict[str, Any]) -> None:
