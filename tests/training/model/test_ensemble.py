@@ -102,7 +102,9 @@ def test_ensemble_refuses_members_that_would_rank_other_candidates():
     with pytest.raises(ValueError, match="count table 'cooc_val' differs"):
         ens.shared_tables()
     mem0, mem1 = ms[0].item_memory, ms[1].item_memory
-    assert not any(getattr(mem0, n).data_ptr() == getattr(mem1, n).data_ptr() for n in mem0.TABLES)  # none shared
+    assert not any(
+        getattr(mem0, n).data_ptr() == getattr(mem1, n).data_ptr() for n in mem0.TABLES
+    )  # none shared
     with torch.no_grad():  # other neighbour lists: other candidates for the same sessions
         mem1.cooc_idx.copy_(mem1.cooc_idx.roll(1, dims=0))
     feats, lengths = batch(6, seed=4)
