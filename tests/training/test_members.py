@@ -101,3 +101,29 @@ def test_members_need_re_ranking_and_at_least_one(tiny_synthetic_data, tmp_path)
         train(ens_cfg(tiny_synthetic_data, tmp_path / "a", model={"memory": True}))
     with pytest.raises(ValueError, match="members must be >= 1"):
         ens_cfg(tiny_synthetic_data, tmp_path / "b", members=0)
+
+
+def test_the_exported_repository_serves_the_ensemble(ensemble_run, tiny_synthetic_data, tmp_path):
+    from export.inference import TopKRanker, feature_order
+    from export.pbtxt import TORCH_MODEL
+    from export.repository import ExportConfig, export_repository
+    from training.data.splits import eval_inputs_targets
+
+    run, _ = ensemble_run
+    out = export_repository(ExportConfig(run=run, data=tiny_synthetic_data, out=tmp_path / "repo", top_k=5))
+    traced = torch.jit.load(str(out / TORCH_MODEL / "1" / "model.pt"))
+    ens, meta = load_run(run)
+    schema = Schema.load(tiny_synthetic_data)
+    names = feature_order(schema)
+    st = load_split(split_path(tiny_synthetic_data, meta["window"], "train"), schema)  # inputs only
+    feats, lengths, _ = eval_inputs_targets(st, ens.cfg.item_feature)
+    inputs = (*[feats[n] for n in names], lengths)
+    with torch.no_grad():
+        want_scores, want_ids = TopKRanker(ens, names, 5, ens.cfg.n_items)(*inputs)
+        got_scores, got_ids = traced(*inputs)
+    assert len(lengths) > 10 and torch.equal(got_ids, want_ids)
+    assert torch.allclose(got_scores, want_scores)
+    # and not member 0 alone
+    with torch.no_grad():
+        _, alone = TopKRanker(ens.members[0], names, 5, ens.cfg.n_items)(*inputs)
+    assert not torch.equal(alone, got_ids)
