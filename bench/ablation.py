@@ -217,6 +217,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "stacking fits every prefix of the held-back sessions, masked at its last item (the evaluation's task "
         "at every position)",
     ),
+    "members_3": (
+        ["--members", "3"],
+        "an ensemble of 3 models (each its own seed, held-back slice, stacking and checks) ranking by the mean "
+        "of their log-softmax over the shared candidates",
+    ),
 }
 
 
