@@ -28,6 +28,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -236,13 +237,26 @@ def train_args(data: Path, run: Path, flags: list[str], seed: int) -> list[str]:
 def changed_settings(data: Path, run: Path, flags: list[str], seed: int) -> list[str]:
     """The settings in which a finished run differs from what this code resolves for the same command
     (a recipe default changed since it ran: its flags alone no longer say what it is); [] for none."""
-    from training.config import parse_args
+    from training.config import TrainConfig, parse_args
+    from training.model import ModelConfig
 
     old = json.loads((run / "metrics.json").read_text()).get("train_config", {})
     now = json.loads(json.dumps(parse_args(train_args(data, run, flags, seed), "ablation", "").to_dict()))
-    out = [k for k in sorted(set(old) | set(now)) if k not in ("model", "resume") and old.get(k) != now.get(k)]
-    om, nm = old.get("model", {}), now["model"]
-    return out + [f"model.{k}" for k in sorted(set(om) | set(nm)) if om.get(k) != nm.get(k)]
+
+    def differ(o: dict, n: dict, cls: type, skip: tuple[str, ...]) -> list[str]:
+        # a setting added since the run, at its default, is what the run did (new options default off)
+        new_at_default = {k for k, v in _defaults(cls).items() if k not in o and n.get(k) == v}
+        keys = sorted((set(o) | set(n)) - set(skip) - new_at_default)
+        return [k for k in keys if o.get(k) != n.get(k)]
+
+    # where the run is kept and whether it was resumed are not what it computes
+    out = differ(old, now, TrainConfig, ("model", "resume", "out"))
+    return out + [f"model.{k}" for k in differ(old.get("model", {}), now["model"], ModelConfig, ())]
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The dataclass's field defaults, as JSON gives them back."""
+    return json.loads(json.dumps({f.name: f.default for f in fields(cls) if f.default is not MISSING}))
 
 
 def run_seed(data: Path, run: Path, flags: list[str], seed: int, log: Path) -> subprocess.Popen:

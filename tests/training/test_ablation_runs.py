@@ -61,3 +61,31 @@ def test_a_finished_run_with_other_settings_than_the_code_gives_is_refused(tiny_
     assert proc.returncode != 0 and "[ablation] recipe seed 0" not in proc.stderr
     assert str(metrics.parent) in proc.stderr and "(lr, model.dropout)" in proc.stderr, proc.stderr[-2000:]
     assert metrics.is_file() and (metrics.parent / "DONE").is_file()  # nothing deleted
+
+
+def test_a_setting_added_since_at_its_default_and_a_moved_run_are_not_changes(tiny_synthetic_data, tmp_path):
+    """A run from before an option existed did what the option's default does (new options default off),
+    and a run folder moved elsewhere computed the same: both are reused. The option at another value,
+    or a setting the run recorded differently, still is a change."""
+    from bench.ablation import changed_settings
+    from bench.common import PROJECT_ROOT
+
+    out = tmp_path / "abl.json"
+    assert _ablation(tiny_synthetic_data, out, PROJECT_ROOT).returncode == 0
+    run = tmp_path / "abl" / "recipe" / "s0"
+    moved = tmp_path / "elsewhere" / "s0"
+    moved.parent.mkdir()
+    run.rename(moved)
+    flags = ARGS[-1].split()
+    assert changed_settings(tiny_synthetic_data, moved, flags, 0) == []
+    metrics = moved / "metrics.json"
+    result = json.loads(metrics.read_text())
+    del result["train_config"]["members"]  # as before it existed
+    del result["train_config"]["model"]["cooc_curve"]
+    metrics.write_text(json.dumps(result))
+    assert changed_settings(tiny_synthetic_data, moved, flags, 0) == []  # both at their defaults now
+    other = [*flags, "--members", "3", "--cooc-curve", "3"]  # not at their defaults
+    assert changed_settings(tiny_synthetic_data, moved, other, 0) == ["members", "model.cooc_curve"]
+    result["train_config"]["seed"] = 5
+    metrics.write_text(json.dumps(result))
+    assert changed_settings(tiny_synthetic_data, moved, flags, 0) == ["seed"]
