@@ -444,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             row["effect"] = paired_effect(per_seed, ref, a.seeds, METRICS)
         else:
             row["learning_curve"] = learning_curve(results)
+            a.out.parent.mkdir(parents=True, exist_ok=True)  # the curve's PNG goes beside OUT
             plot_curve(row["learning_curve"], a.out.with_suffix(".png"), f"{a.data.name}: learning curve")
         summary["rows"][name] = row
     summary["wall_s"] = time.time() - t0
