@@ -12,6 +12,7 @@ from tests.training.train_util import tiny_cfg
 from training.checkpoint import RunError, load_run
 from training.data.splits import load_split, split_path
 from training.evaluate import evaluate_sessions
+from training.members import load_members
 from training.model.ensemble import Ensemble
 from training.schema import Schema
 from training.train import train
@@ -40,7 +41,7 @@ def trained_rows(run) -> list[dict]:
 @pytest.fixture(scope="module")
 def ensemble_run(tiny_synthetic_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("members") / "run"
-    result = train(ens_cfg(tiny_synthetic_data, run))
+    result = train(ens_cfg(tiny_synthetic_data, run, keep_windows=True))
     return run, result
 
 
@@ -127,3 +128,24 @@ def test_the_exported_repository_serves_the_ensemble(ensemble_run, tiny_syntheti
     with torch.no_grad():
         _, alone = TopKRanker(ens.members[0], names, 5, ens.cfg.n_items)(*inputs)
     assert not torch.equal(alone, got_ids)
+
+
+def test_every_windows_ensemble_is_kept_and_loads(ensemble_run):
+    run, result = ensemble_run
+    trained = [r["train_window"] for r in result["windows"] if r.get("sessions_trained")]
+    last, _ = load_run(run)
+    for t in trained:
+        ens, meta = load_run(run / "windows" / str(t))
+        assert isinstance(ens, Ensemble) and meta["window"] == t
+        assert (
+            ens.cfg.n_items
+            == json.loads((run / "members" / "1" / "windows" / str(t) / "meta.json").read_text())[
+                "model_config"
+            ]["categorical"]["item_id-list"]
+        )
+    sa, sb = ens.state_dict(), last.state_dict()  # the last window's is the run's
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # members that hold another window than the ensemble's meta.json (a save interrupted between them)
+    meta = json.loads((run / "meta.json").read_text())
+    with pytest.raises(RunError, match=f"holds window {trained[-1]}, the ensemble in .* window {trained[0]}"):
+        load_members(run, {**meta, "window": trained[0]})
