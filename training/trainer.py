@@ -673,11 +673,9 @@ class Trainer:
 
         Only what was known after window t: unknown ids in the inputs are OOV
         (`known_inputs`) and a target unknown at t is a miss for every method.
-        model, out: another model to evaluate than this run's (an ensemble of members,
-        training/members.py) and the run folder its ranks go to (--save-ranks).
+        model, out: another model than this run's and the run its ranks go to (training/members.py).
         """
-        model = self.model if model is None else model
-        out = self.out if out is None else out
+        model, out = self.model if model is None else model, self.out if out is None else out
         split = self.cfg.eval_split
         eval_path = split_path(self.data, t + 1, split)
         eval_st = load_split(eval_path, self.schema)
