@@ -193,6 +193,22 @@ def score(windows: list[Window], fn) -> dict[int, dict[str, float]]:
     return out
 
 
+def feature_norm(batches: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The features' mean and standard deviation over every candidate of `batches` ((B, C, F) each),
+    summed batch by batch in float64 (one float32 copy of them all would be ~4 GB on NowPlaying1M)."""
+    n, s1, s2 = (
+        0,
+        torch.zeros(len(FEATURES), dtype=torch.float64),
+        torch.zeros(len(FEATURES), dtype=torch.float64),
+    )
+    for x in batches:
+        x = x.reshape(-1, len(FEATURES)).double()
+        n, s1, s2 = n + x.shape[0], s1 + x.sum(0), s2 + (x * x).sum(0)
+    mean = s1 / n
+    sd = ((s2 - n * mean * mean) / max(n - 1, 1)).clamp(min=0).sqrt()
+    return mean.float(), sd.float() + 1e-6
+
+
 def run(data: Path, model_config: Path, fit_last: int, seeds: list[int], epochs: int) -> dict[str, Any]:
     from training.model import ModelConfig
 
@@ -206,8 +222,7 @@ def run(data: Path, model_config: Path, fit_last: int, seeds: list[int], epochs:
             f"error: --fit-last {fit_last} must leave windows on both sides (forward windows "
             f"{[w.w for w in windows]})"
         )
-    x = torch.cat([x.float().reshape(-1, len(FEATURES)) for w in train for x in w.x])
-    norm = (x.mean(0), x.std(0) + 1e-6)
+    norm = feature_norm([x for w in train for x in w.x])
     result: dict[str, Any] = {
         "data": str(data), "features": FEATURES, "fit_windows": [w.w for w in train],
         "scored_windows": [w.w for w in held], "sessions": {w.w: w.sessions for w in windows},

@@ -110,3 +110,16 @@ def test_a_candidate_counts_once_and_only_when_known():
     at = ((cand[0] == 7) & ~bad[0]).nonzero().squeeze(1)
     rep = [FEATURES.index(f) for f in ("repeats_d1", "repeats_d3-5")]
     assert len(at) == 1 and x[0, at[0], rep].tolist() == [1.0, 1.0]
+
+
+def test_the_features_mean_and_deviation_are_those_of_every_candidate():
+    from bench.count_scorer import feature_norm
+
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        torch.rand(3, 7, len(FEATURES), generator=g).half(),
+        torch.rand(5, 7, len(FEATURES), generator=g).half(),
+    ]
+    mean, sd = feature_norm(batches)
+    flat = torch.cat([b.float().reshape(-1, len(FEATURES)) for b in batches])
+    assert torch.allclose(mean, flat.mean(0), atol=1e-6) and torch.allclose(sd, flat.std(0) + 1e-6, atol=1e-5)
