@@ -149,3 +149,20 @@ def test_every_windows_ensemble_is_kept_and_loads(ensemble_run):
     meta = json.loads((run / "meta.json").read_text())
     with pytest.raises(RunError, match=f"holds window {trained[-1]}, the ensemble in .* window {trained[0]}"):
         load_members(run, {**meta, "window": trained[0]})
+
+
+def test_members_saved_after_another_window_than_the_ensemble_are_refused_on_resume(
+    ensemble_run, tiny_synthetic_data, tmp_path
+):
+    """A save interrupted after the members wrote window t but before the ensemble's meta.json did."""
+    import shutil
+
+    run, _ = ensemble_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    earlier = [r for r in meta["metrics"]["windows"] if r["train_window"] < meta["window"]]
+    meta.update(window=meta["window"] - 1, metrics={"windows": earlier})
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(RunError, match="stopped after different windows"):
+        train(ens_cfg(tiny_synthetic_data, copy, resume=True, keep_windows=True))
