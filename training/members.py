@@ -32,7 +32,7 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig
 from training.integrity import atomic_write
-from training.model.ensemble import Ensemble
+from training.model.ensemble import Ensemble, unfit_member
 from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise
 from training.runtime import Dist
 from training.trainer import Trainer, _seed
@@ -66,13 +66,8 @@ class MembersTrainer:
             )
         self.trainers = [Trainer(self._member_config(k), d) for k in range(cfg.members)]
         for k, tr in enumerate(self.trainers):
-            m = tr.model
-            if m.item_memory is None or not m.cfg.rerank or m.cfg.rank != "two_stage":
-                raise RunError(
-                    f"--members {cfg.members} needs the item memory with re-ranking served in two stages "
-                    f"(--memory --rerank, rank two_stage; member {k} has memory {m.item_memory is not None}, "
-                    f"rerank {m.cfg.rerank}, rank {m.cfg.rank!r}): the members must rank the same candidates"
-                )
+            if problem := unfit_member(tr.model):
+                raise RunError(f"--members {cfg.members} {problem} (member {k})")
         self.rows: list[dict[str, Any]] = []
         self.resume_meta = _read_json(self.out / META_FILE) if has_meta else None
 

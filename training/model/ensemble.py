@@ -39,6 +39,18 @@ def mean_log_softmax(scores: Sequence[Tensor]) -> Tensor:
     return torch.where(finite, mean, torch.full_like(mean, float("-inf")))
 
 
+def unfit_member(m: SessionModel) -> str | None:
+    """Why `m` cannot be an ensemble member (None: it can): the members must rank the same candidates,
+    the item memory's under re-ranking, served in two stages."""
+    if m.item_memory is None or not m.cfg.rerank or m.cfg.rank != "two_stage":
+        return (
+            "needs the item memory with re-ranking served in two stages (memory and rerank on, rank "
+            f"two_stage; got memory {m.item_memory is not None}, rerank {m.cfg.rerank}, rank {m.cfg.rank!r}), "
+            "so that every member ranks the same candidates"
+        )
+    return None
+
+
 class Ensemble(nn.Module):
     """Members that rank the same candidates: scores = `mean_log_softmax` of theirs."""
 
@@ -47,12 +59,8 @@ class Ensemble(nn.Module):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
         for k, m in enumerate(members):
-            if m.item_memory is None or not m.cfg.rerank or m.cfg.rank != "two_stage":
-                raise ValueError(
-                    f"ensemble member {k}: needs the item memory with re-ranking served in two stages (memory "
-                    f"and rerank on, rank two_stage; got memory {m.item_memory is not None}, rerank "
-                    f"{m.cfg.rerank}, rank {m.cfg.rank!r}), so that every member ranks the same candidates"
-                )
+            if problem := unfit_member(m):
+                raise ValueError(f"ensemble member {k}: {problem}")
             if m.cfg.item_feature != members[0].cfg.item_feature or m.cfg.n_items != members[0].cfg.n_items:
                 raise ValueError(
                     f"ensemble member {k}: item feature {m.cfg.item_feature!r} with {m.cfg.n_items} ids, "
