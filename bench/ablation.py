@@ -223,6 +223,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "an ensemble of 3 models (each its own seed, held-back slice, stacking and checks) ranking by the mean "
         "of their log-softmax over the shared candidates",
     ),
+    "scorer_64": (
+        ["--scorer-hidden", "64"],
+        "an MLP (2 x 64) over the count features and the combiner's score re-ranks the 128 best candidates, "
+        "fitted on forward sessions, served once the forward check finds it better (training/scorer_fit.py)",
+    ),
 }
 
 

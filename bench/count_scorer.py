@@ -38,23 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BINS = ((0, 0), (1, 1), (2, 2), (3, 5), (6, 10**6))  # distance of a context position to the last one
-BIN_NAMES = ("d0", "d1", "d2", "d3-5", "d6+")
-FEATURES = [
-    "log1p_pop",
-    *(f"{name}_{b}" for b in BIN_NAMES for name in ("cooc_log", "cooc_items", "repeats")),
-    "succ_log",
-    "log1p_length",
-]
+from training.model.scorer import COUNT_FEATURES, count_features, not_candidates
+
+FEATURES = COUNT_FEATURES  # the served scorer's count features (training/model/scorer.py)
 METHODS = ("linear", "mlp")
-
-
-def _scatter(cand: Tensor, idx: Tensor, val: Tensor) -> Tensor:
-    """(B, C) sorted candidates; (B, N) ids with (B, N) values -> (B, C) the values summed per candidate
-    (ids that are not candidates dropped; a repeated candidate gets them at its first position)."""
-    j = torch.searchsorted(cand, idx).clamp_(max=cand.shape[1] - 1)
-    out = torch.zeros(cand.shape)
-    return out.scatter_add_(1, j, torch.where(cand.gather(1, j) == idx, val.float(), 0.0))
 
 
 @torch.no_grad()
@@ -62,24 +49,9 @@ def candidate_features(mem: Any, items: Tensor, lengths: Tensor, known: int) -> 
     """(B, L) sessions -> (features (B, C, len(FEATURES)), not-a-candidate (B, C) bool, candidates (B, C))
     with `mem` (an ItemMemory holding the tables of the whole vocabulary); ids >= `known` (not known yet:
     the served model's tables do not hold them) are not candidates."""
-    from training.names import FIRST_REAL_ID
-
     cand = mem.session_candidates(items, lengths)
     context, lists = mem._session_view(items, lengths)
-    B, C = cand.shape
-    cooc_log, cooc_any = torch.log1p(lists.cooc_val.float()), (lists.cooc_val > 0).float()
-    f = [torch.log1p(mem.pop[cand].float())]
-    flat = lists.cooc_idx.reshape(B, -1)
-    for lo, hi in BINS:
-        inb = context.ctx & (context.dist >= lo) & (context.dist <= hi)  # (B, W)
-        f.append(_scatter(cand, flat, (cooc_log * inb[:, :, None]).reshape(B, -1)))
-        f.append(_scatter(cand, flat, (cooc_any * inb[:, :, None]).reshape(B, -1)))
-        f.append(_scatter(cand, context.items.long(), inb.float()))
-    f.append(_scatter(cand, lists.succ_idx, torch.log1p(lists.succ_val.float()) * context.has_last[:, None]))
-    f.append(torch.log1p(lengths.float())[:, None].expand(B, C))
-    bad = (cand < FIRST_REAL_ID) | (cand >= known)
-    bad[:, 1:] |= cand[:, 1:] == cand[:, :-1]
-    return torch.stack(f, 2), bad, cand
+    return count_features(mem.pop, context, lists, cand, lengths), not_candidates(cand) | (cand >= known), cand
 
 
 class Window:
@@ -143,12 +115,12 @@ def forward_windows(data: Path, cfg: Any, batch: int = 256) -> list[Window]:
 
 
 def metrics(scores: Tensor, bad: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Per session NDCG@20 and Recall@20 of the target column y (-1: a miss), pessimistic ties."""
-    s = scores.masked_fill(bad, float("-inf"))
-    target = s.gather(1, y.clamp(min=0)[:, None])
-    rank = (s >= target).sum(1).float()
-    hit = (y >= 0) & (rank <= 20) & torch.isfinite(target.squeeze(1))
-    return torch.where(hit, 1.0 / torch.log2(rank + 1), 0.0), hit.float()
+    """Per session NDCG@20 and Recall@20 of the target column y (-1: a miss), pessimistic ties (the
+    served scorer's forward check, `training.scorer_fit.ndcg_at`: a hit is a positive NDCG)."""
+    from training.scorer_fit import ndcg_at
+
+    nd = ndcg_at(scores, ~bad, y)
+    return nd, (nd > 0).float()
 
 
 def scorer(method: str, n_features: int, seed: int) -> nn.Module:

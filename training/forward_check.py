@@ -87,9 +87,10 @@ def check_next_window(trainer: Trainer, t: int, row: dict[str, Any]) -> dict[str
     other, trainer.other_combiner = trainer.other_combiner, None
     cfg, model = trainer.cfg, trainer.model
     mem, guard = model.item_memory, "blend_fallback" in row
+    scorer = mem is not None and mem.scorer is not None  # its pool and check (training/scorer_fit.py)
     if (
         mem is None
-        or (other is None and not guard)
+        or (other is None and not guard and not scorer)
         or t + 1 not in available_windows(trainer.data, trainer.schema)
     ):
         return {}
@@ -116,6 +117,11 @@ def check_next_window(trainer: Trainer, t: int, row: dict[str, Any]) -> dict[str
             trainer.guard.use_blend = out["guard_check"]["use_blend_next"] = _rank0(
                 trainer.guard.use_blend, dev
             )
+        if scorer:
+            out["scorer_check"] = trainer.scorer.add_window(
+                model, seen, t + 1, dev, bs, trainer.out if trainer.dist.main else None
+            )
+            trainer.scorer.use = out["scorer_check"]["use_scorer_next"] = _rank0(trainer.scorer.use, dev)
     finally:
         load_served(mem, served)
     for entry in out.values():
@@ -133,8 +139,10 @@ def _rank0(flag: bool, device: torch.device) -> bool:
 
 
 def served_state(mem: ItemMemory) -> dict[str, Tensor]:
-    """The item memory's combiner (`combiner_state`) and head scale: what `reset_to_blend` changes."""
-    return {**combiner_state(mem), "head_scale": mem.head_scale.detach().clone()}
+    """The item memory's combiner (`combiner_state`), head scale and whether the candidate scorer
+    re-ranks: what `reset_to_blend` changes."""
+    scorer = {} if mem.scorer is None else {"scorer_on": mem.scorer.on.detach().clone()}
+    return {**combiner_state(mem), "head_scale": mem.head_scale.detach().clone(), **scorer}
 
 
 @torch.no_grad()
@@ -142,6 +150,8 @@ def load_served(mem: ItemMemory, state: dict[str, Tensor]) -> None:
     """Put a `served_state` back."""
     load_combiner(mem, state)
     mem.head_scale.copy_(state["head_scale"])
+    if mem.scorer is not None and "scorer_on" in state:
+        mem.scorer.on.copy_(state["scorer_on"])
 
 
 def serve_blend(trainer: Trainer) -> dict[str, Any]:

@@ -95,6 +95,7 @@ from training.optim import RowSparseAdam, pad_optimizer_state
 from training.report import METRICS_FILE, PLOT_FILE, plot_metrics, print_table, summarise, window_line
 from training.runtime import Dist, amp_dtype, barrier, check_replicas_in_sync, resolve_device, set_threads
 from training.schema import Schema
+from training.scorer_fit import ScorerState, fit_scorer
 from training.stacking import blend_guard, guard_sessions, stack_choice, stack_memory
 
 # -----------------------------------------------------------------------------
@@ -183,8 +184,10 @@ class Trainer:
         )  # fmt: skip
         self.writer: Any = None
         # forward checks (forward_check.py): the curve's and the guard's so far, the stacking not loaded in
-        # the last fit, and the stacked combiner set aside while the count blend serves (a fallback)
+        # the last fit, and the stacked combiner set aside while the count blend serves (a fallback); the
+        # candidate scorer's pool of forward sessions and check (scorer_fit.py)
         self.check, self.other_combiner, self.guard, self.guard_combiner = ForwardCheck(), None, GuardCheck(), None
+        self.scorer = ScorerState()
         torch.manual_seed(cfg.seed)
         self._setup_model(mcfg)
         self._setup_optimizers()
@@ -278,6 +281,7 @@ class Trainer:
             self.scaler.load_state_dict(ostate["scaler"])
         self.rows = list(meta["metrics"]["windows"])
         self.check, self.guard = ForwardCheck.from_rows(self.rows), GuardCheck.from_rows(self.rows)
+        self.scorer = ScorerState.restore(out, self.rows)
         self.guard_combiner = ostate.get("guard_combiner")
         self.first = int(meta["window"]) + 1
         if main:
@@ -436,6 +440,7 @@ class Trainer:
         if model.item_memory is not None and len(train_st):
             history.fill_memory(model, t, before, known, held_st)  # every training session of windows <= t
         history.close_window(t)
+        row.update(fit_scorer(self, t))  # the candidate scorer on the forward sessions so far ({} without)
 
         if self.dist.main and cfg.evaluate:
             self.evaluate(t, row)
@@ -607,13 +612,9 @@ class Trainer:
         if len(schedulers) > 1:
             self.scheduler_state = {**self.scheduler_state, "sparse": schedulers[1].state_dict()}
         out = {
-            "sessions_trained": sessions_run,
-            "train_seconds": seconds,
-            "train_sessions_per_second": sessions_run / seconds,
-            "train_loss_last_epoch": float(loss_sum) / max(1, epoch_steps),
-            "steps": steps_run,
-            "epochs_run": epochs_run,
-        }
+            "sessions_trained": sessions_run, "train_seconds": seconds, "train_sessions_per_second": sessions_run / seconds,
+            "train_loss_last_epoch": float(loss_sum) / max(1, epoch_steps), "steps": steps_run, "epochs_run": epochs_run,
+        }  # fmt: skip
         if early:
             out.update(best_epoch=best_epoch + 1, holdout_ndcg20_per_epoch=held_scores)
         if held_exact:

@@ -211,6 +211,19 @@ class ModelConfig:
             "segment, 0 at 0, the identity at the start; 0: off"
         },
     )
+    scorer_hidden: int = field(
+        default=0,
+        metadata={
+            "help": "item memory + re-ranking (no-op without): an MLP with two hidden layers of this width "
+            "re-ranks each session's --scorer-top best candidates from their count features and the "
+            "combiner's score, fitted between windows on forward sessions (each window's training sessions "
+            "scored by the model of the window before) and served once a forward check finds it better "
+            "(training/scorer_fit.py); 0: off"
+        },
+    )
+    scorer_top: int = field(
+        default=128, metadata={"help": "--scorer-hidden: how many of the combiner's best candidates it re-ranks"}
+    )
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
     # --- training loss over the catalogue (see `SessionModel.sample_candidates`) ----------------
     # "full": softmax over every item ((positions, V) logits, the reference); "sampled": softmax over
@@ -309,6 +322,11 @@ class ModelConfig:
         for name in ("pop_prior", "cooc_curve"):
             if getattr(self, name) < 0 or getattr(self, name) == 1:
                 raise ValueError(f"{name} must be 0 (off) or >= 2 knots, got {getattr(self, name)}")
+        if self.scorer_hidden < 0 or self.scorer_top < 1:
+            raise ValueError(
+                f"scorer_hidden must be >= 0 (0 = off) and scorer_top >= 1, got {self.scorer_hidden} and "
+                f"{self.scorer_top}"
+            )
         if self.memory and self.memory_k < 1:
             raise ValueError(f"memory_k must be >= 1, got {self.memory_k}")
         if not 0.0 <= self.memory_hop2 <= 1.0:

@@ -31,6 +31,7 @@ from training.model.curves import CountCurve, PopPrior
 from training.model.memory_inputs import CountLists, HeadFactors, PackedTargets, TargetContext
 from training.model.ranking import take
 from training.model.rerank import RerankEntries, RerankSets, _find, _pair_dots, _term_index, _term_values
+from training.model.scorer import CandidateScorer, count_features, not_candidates
 from training.names import FIRST_REAL_ID
 
 
@@ -95,6 +96,7 @@ class ItemMemory(nn.Module):
         head_repeats: bool = True,
         pop_prior: int = 0,
         cooc_curve: int = 0,
+        scorer: tuple[int, int] = (0, 0),
     ):
         super().__init__()
         # ModelConfig.head_repeats: False = the network's own logit is left out of the score of every
@@ -128,6 +130,11 @@ class ItemMemory(nn.Module):
         # model's + blend_weight x the blend's count scores. A Python float (a traced model bakes it
         # in); evaluation sets it for `TrainConfig.fuse_blend`, training never does.
         self.blend_weight = 0.0
+        # ModelConfig.scorer_hidden, scorer_top: the MLP that re-ranks the best candidates (re-ranking only)
+        hidden, top = scorer
+        self.scorer: CandidateScorer | None = CandidateScorer(hidden, top) if hidden and rerank_popular else None
+        # training.scorer_fit: a list = candidate_scores appends the scorer's inputs to it and returns z
+        self.scorer_tap: list | None = None
         self._init_combiner()
 
     @torch.no_grad()
@@ -155,6 +162,8 @@ class ItemMemory(nn.Module):
         held-back sessions score the blend better; the next window's fit sets head_scale to 1."""
         self._init_combiner()
         self.head_scale.fill_(0.0)
+        if self.scorer is not None:
+            self.scorer.on.fill_(0.0)
 
     TABLES = ("cooc_idx", "cooc_val", "succ_idx", "succ_val", "pop")  # the count buffers
 
@@ -398,6 +407,11 @@ class ItemMemory(nn.Module):
         head: the network's logits as factors (None: none). Re-ranking: every item that is not
         one of the session's candidates (`candidates`) scores -inf, as do the special ids."""
         context, lists = self._session_view(items, lengths)
+        if self.scorer is not None:  # the candidates' scores (re-ranked), -inf everywhere else
+            cand = self.candidates(context, lists).sort(1).values
+            s = self.candidate_scores(h, items, lengths, cand, head).masked_fill(not_candidates(cand), float("-inf"))
+            out = torch.full((cand.shape[0], self.pop.shape[0]), float("-inf"), device=h.device)
+            return out.scatter_reduce_(1, cand, s, "amax")
         out = self.combine(h, context, lists, head)  # (B, V)
         if self.rerank_popular > 0:
             keep = torch.zeros_like(out, dtype=torch.bool).scatter_(1, self.candidates(context, lists), True)
@@ -441,7 +455,13 @@ class ItemMemory(nn.Module):
         for idx, val in self._count_terms(g, context, lists):  # out[b, column of idx[b, j]] += val[b, j]
             j = torch.searchsorted(cand, idx).clamp_(max=C - 1)  # (B, N) first position of idx, if present
             out.scatter_add_(1, j, torch.where(cand.gather(1, j) == idx, val, 0.0))
-        return out
+        if self.scorer is None:
+            return out
+        bad, feats = not_candidates(cand), count_features(self.pop, context, lists, cand, lengths)
+        if self.scorer_tap is not None:  # training.scorer_fit: the inputs of the combiner's best, unscored
+            self.scorer_tap.append((*self.scorer.inputs(out, bad, feats), cand))
+            return out
+        return self.scorer(out, bad, feats)
 
     def packed_scores(
         self,

@@ -176,17 +176,11 @@ class SessionModel(nn.Module):
             self.head_proj.requires_grad_(False)  # never read: DDP wants no unused trainable parameter
         self.item_memory = (
             ItemMemory(
-                cfg.n_items,
-                cfg.memory_k,
-                cfg.max_len,
-                cfg.d_model,
-                cfg.memory_decay,
-                head_gate=cfg.head_gate,
-                rerank_popular=cfg.rank_popular if cfg.rerank else 0,
-                head_repeats=cfg.head_repeats,
-                pop_prior=cfg.pop_prior,
-                cooc_curve=cfg.cooc_curve,
-            )
+                cfg.n_items, cfg.memory_k, cfg.max_len, cfg.d_model, cfg.memory_decay,
+                head_gate=cfg.head_gate, rerank_popular=cfg.rank_popular if cfg.rerank else 0,
+                head_repeats=cfg.head_repeats, pop_prior=cfg.pop_prior, cooc_curve=cfg.cooc_curve,
+                scorer=(cfg.scorer_hidden, cfg.scorer_top),
+            )  # fmt: skip
             if cfg.memory
             else None
         )

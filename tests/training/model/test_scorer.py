@@ -1,0 +1,175 @@
+"""The candidate scorer (ModelConfig.scorer_hidden, training/model/scorer.py): off, the scores are the
+combiner's bit for bit; on, the MLP re-ranks the combiner's best candidates and every other one ranks
+below them in the combiner's order, in every scoring path and in the traced model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from export.inference import TopKRanker, trace_ranker
+from tests.training.model.test_combiner import CAT, CONT, ITEM, V, batch, make_model
+from training.forward_check import load_served, served_state
+from training.model.scorer import COUNT_FEATURES, FEATURES, CandidateScorer, count_features, not_candidates
+
+INF = float("inf")
+TOP = 12
+RERANK = dict(rerank=True, rank_popular=8, head_gate=True)
+
+
+def scored_model(on: bool = True, seed: int = 3):
+    """A re-ranking model whose scorer holds random weights (and a normalisation), switched `on`."""
+    m = make_model(**RERANK, scorer_hidden=16, scorer_top=TOP)
+    sc = m.item_memory.scorer
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k in CandidateScorer.PARAMS:
+            getattr(sc, k).copy_(torch.randn(getattr(sc, k).shape, generator=g))
+        sc.mu.copy_(torch.randn(len(FEATURES), generator=g))
+        sc.sd.copy_(torch.rand(len(FEATURES), generator=g) + 0.5)
+        sc.on.fill_(float(on))
+    return m
+
+
+def plain_scores(m, feats, lengths):
+    """The combiner's scores z of the model's candidates, the scorer switched off."""
+    sc = m.item_memory.scorer
+    on = sc.on.clone()
+    sc.on.zero_()
+    try:
+        return m.candidate_scores(feats, lengths)
+    finally:
+        sc.on.copy_(on)
+
+
+def test_an_unfitted_scorer_changes_no_score_and_draws_no_random_number():
+    feats, lengths = batch(7, seed=2)
+    plain = make_model(**RERANK)
+    off = make_model(**RERANK, scorer_hidden=16, scorer_top=TOP)
+    assert off.item_memory.scorer is not None and plain.item_memory.scorer is None
+    p, o = plain.state_dict(), off.state_dict()
+    assert all(torch.equal(p[k], o[k]) for k in p)  # the same weights: the scorer's buffers are constants
+    assert {k for k in o if k not in p} == {f"item_memory.scorer.{n}" for n in ("mu", "sd", *CandidateScorer.PARAMS, "on")}
+    with torch.no_grad():
+        (s1, c1), (s2, c2) = plain.candidate_scores(feats, lengths), off.candidate_scores(feats, lengths)
+        assert torch.equal(c1, c2) and torch.equal(s1, s2)  # bit for bit
+        e1, e2 = plain.next_item_scores(feats, lengths), off.next_item_scores(feats, lengths)
+    assert torch.equal(torch.isinf(e1), torch.isinf(e2))
+    assert torch.allclose(e1[torch.isfinite(e1)], e2[torch.isfinite(e2)], atol=1e-5)
+
+
+def test_scorer_without_re_ranking_is_not_built():
+    m = make_model(scorer_hidden=16)
+    assert m.item_memory.scorer is None
+
+
+def test_the_mlp_re_ranks_the_combiners_best_and_the_rest_stays_below_in_its_order():
+    m = scored_model()
+    sc = m.item_memory.scorer
+    feats, lengths = batch(9, seed=4)
+    with torch.no_grad():
+        got, cand = m.candidate_scores(feats, lengths)
+        z, cand_z = plain_scores(m, feats, lengths)
+        items = m.unknown_to_oov(feats)[ITEM]
+        context, lists = m.item_memory._session_view(items, lengths)
+        f = count_features(m.item_memory.pop, context, lists, cand, lengths)
+    assert torch.equal(cand, cand_z)
+    bad = not_candidates(cand)
+    assert torch.equal(torch.isinf(got) & (got < 0), bad)  # -inf exactly where z is (specials, repeats)
+    for b in range(cand.shape[0]):
+        ok = (~bad[b]).nonzero().flatten()
+        zb = z[b, ok]
+        order = zb.argsort(descending=True, stable=True)
+        top, rest = ok[order[:TOP]], ok[order[TOP:]]
+        # the top slots' scores are the MLP's, from the features by hand
+        ls = zb[order[:TOP]] - torch.logsumexp(zb, 0)
+        rank = torch.log1p(torch.arange(len(top), dtype=torch.float32))
+        x = torch.cat([f[b, top], ls[:, None], rank[:, None]], 1)
+        want = CandidateScorer.mlp((x - sc.mu) / sc.sd, {k: getattr(sc, k) for k in CandidateScorer.PARAMS})
+        assert torch.allclose(got[b, top], want, atol=1e-5)
+        assert len(rest) > 0 and float(got[b, rest].max()) < float(got[b, top].min())
+        # the rest in z's order, spaced as z is
+        assert torch.allclose(got[b, rest] - got[b, rest].max(), z[b, rest] - z[b, rest].max(), atol=1e-4)
+    # not the combiner's ranking
+    assert not torch.equal(got.argsort(1, descending=True)[:, :5], z.argsort(1, descending=True)[:, :5])
+
+
+def test_count_features_by_hand():
+    m = make_model(**RERANK, scorer_hidden=16, scorer_top=TOP)
+    mem = m.item_memory
+    items = torch.tensor([[5, 9, 5, 0, 0, 0]])
+    lengths = torch.tensor([3])
+    cand = mem.session_candidates(items, lengths)
+    context, lists = mem._session_view(items, lengths)
+    f = count_features(mem.pop, context, lists, cand, lengths)
+    col = {name: i for i, name in enumerate(COUNT_FEATURES)}
+    j5 = int((cand[0] == 5).nonzero()[0])
+    j9 = int((cand[0] == 9).nonzero()[0])
+    # repeats per distance bin: item 5 at distances 0 and 2, item 9 at distance 1
+    assert f[0, j5, col["repeats_d0"]] == 1 and f[0, j5, col["repeats_d2"]] == 1 and f[0, j5, col["repeats_d1"]] == 0
+    assert f[0, j9, col["repeats_d1"]] == 1
+    assert torch.allclose(f[0, :, col["log1p_length"]], torch.log1p(torch.tensor(3.0)))
+    assert torch.allclose(f[0, j9, col["log1p_pop"]], torch.log1p(mem.pop[9]))
+    # the last item's successors: log1p of the successor counts of item 5
+    succ = dict(zip(mem.succ_idx[5].tolist(), mem.succ_val[5].tolist()))
+    for j, c in enumerate(cand[0].tolist()):
+        if j and cand[0, j - 1] == c:
+            continue  # a repeat holds nothing
+        want = torch.log1p(torch.tensor(succ.get(c, 0.0))) if c in succ else torch.tensor(0.0)
+        assert torch.allclose(f[0, j, col["succ_log"]], want), c
+    # co-occurrence at distance 1 = item 9's row
+    cooc9 = dict(zip(mem.cooc_idx[9].tolist(), mem.cooc_val[9].tolist()))
+    c = next(c for c, v in cooc9.items() if v > 0 and c >= 3)
+    j = int((cand[0] == c).nonzero()[0])
+    assert torch.allclose(f[0, j, col["cooc_log_d1"]], torch.log1p(torch.tensor(cooc9[c])))
+    assert f[0, j, col["cooc_items_d1"]] == 1
+
+
+def test_exact_scores_are_the_candidates_scores_with_the_scorer_on():
+    m = scored_model()
+    feats, lengths = batch(6, seed=6)
+    with torch.no_grad():
+        s, cand = m.candidate_scores(feats, lengths)
+        exact = m.next_item_scores(feats, lengths)
+    keep = torch.isfinite(s)
+    assert torch.allclose(exact.gather(1, cand)[keep], s[keep], atol=1e-5)
+    n_finite = torch.isfinite(exact).sum(1)
+    assert torch.equal(n_finite, keep.sum(1))  # -inf everywhere else
+
+
+def test_blend_turns_the_scorer_off_and_the_served_state_brings_it_back():
+    m = scored_model()
+    mem = m.item_memory
+    state = served_state(mem)
+    mem.reset_to_blend()
+    assert float(mem.scorer.on) == 0.0
+    load_served(mem, state)
+    assert float(mem.scorer.on) == 1.0
+
+
+def test_traced_with_the_scorer_on_equals_eager():
+    m = scored_model()
+    names = [ITEM, CAT, CONT]
+    ranker = TopKRanker(m, names, 5, V)
+    feats, lengths = batch(6, seed=8)
+    inputs = (*[feats[n] for n in names], lengths)
+    traced = trace_ranker(ranker, inputs)
+    other = batch(4, seed=9)
+    with torch.no_grad():
+        for x in (inputs, (*[other[0][n] for n in names], other[1])):
+            want, got = ranker(*x), traced(*x)
+            assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0])
+        on = traced(*inputs)[1]
+        # and it re-ranks: switched off (the trace reads the same buffer), the top-5 differ
+        m.item_memory.scorer.on.zero_()
+        plain = ranker(*inputs)[1]
+        assert torch.equal(traced(*inputs)[1], plain) and not torch.equal(plain, on)
+
+
+def test_config_rejects_bad_scorer_settings():
+    from training.model import ModelConfig
+
+    with pytest.raises(ValueError, match="scorer_hidden must be >= 0"):
+        ModelConfig(scorer_hidden=-1)
+    with pytest.raises(ValueError, match="scorer_top >= 1, got 0 and 0"):
+        ModelConfig(scorer_top=0)

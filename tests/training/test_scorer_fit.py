@@ -1,0 +1,160 @@
+"""The candidate scorer's fit and forward check (training/scorer_fit.py): fitted on forward sessions of
+the training splits only, served from the window after a check finds it better, resumed exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import training.forward_check as fc
+import training.scorer_fit as sf
+from tests.training.test_forward_check import GUARD, full_and_resumed, model_metrics
+from tests.training.train_util import tiny_cfg
+from training.data.splits import load_schema, load_split, split_path
+from training.model.scorer import FEATURES, CandidateScorer
+from training.train import train
+
+SCORER = dict(GUARD, model={**GUARD["model"], "rerank": True, "head_gate": True, "scorer_hidden": 8, "scorer_top": 16})
+Z_COL = FEATURES.index("z_log_softmax")
+
+
+def planted(n: int, slots: int = 16, seed: int = 0):
+    """n sessions whose target slot has feature 3 raised by 2.5; z (the combiner's log-softmax) is noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, slots, len(FEATURES), generator=g)
+    ok = torch.ones(n, slots, dtype=torch.bool)
+    ok[:, -2:] = False  # the last two slots hold no candidate
+    y = torch.randint(slots - 2, (n,), generator=g)
+    x[torch.arange(n), y, 3] += 2.5
+    return x, ok, y
+
+
+def test_fit_mlp_learns_a_planted_feature_that_the_combiners_score_misses():
+    x, ok, y = planted(3000)
+    fit = sf.fit_mlp(x[:2500], ok[:2500], y[:2500], hidden=16, seed=1)
+    scores = CandidateScorer.mlp((x[2500:] - fit["mu"]) / fit["sd"], fit["weights"])
+    learned = sf.ndcg_at(scores, ok[2500:], y[2500:]).mean()
+    plain = sf.ndcg_at(x[2500:, :, Z_COL], ok[2500:], y[2500:]).mean()
+    oracle = sf.ndcg_at(x[2500:, :, 3], ok[2500:], y[2500:]).mean()
+    assert plain < 0.45 and learned > 0.9 * oracle, (float(plain), float(learned), float(oracle))
+    # seeded: the same fit twice
+    again = sf.fit_mlp(x[:2500], ok[:2500], y[:2500], hidden=16, seed=1)
+    assert all(torch.equal(fit["weights"][k], again["weights"][k]) for k in fit["weights"])
+
+
+def test_ndcg_at_counts_ties_against_the_target_and_misses_as_zero():
+    s = torch.tensor([[3.0, 3.0, 1.0], [0.0, 1.0, 2.0], [5.0, 0.0, 0.0]])
+    ok = torch.tensor([[True, True, True], [True, True, True], [True, False, True]])
+    y = torch.tensor([0, 0, -1])
+    got = sf.ndcg_at(s, ok, y)
+    assert got.tolist() == pytest.approx([1 / math.log2(3), 1 / math.log2(4), 0.0])
+    # a slot that holds no candidate never outranks the target
+    assert sf.ndcg_at(torch.tensor([[1.0, 9.0]]), torch.tensor([[True, False]]), torch.tensor([0])).item() == 1.0
+
+
+def test_the_pool_reads_the_newest_sessions_of_windows_up_to_t_and_keeps_what_a_redo_needs(monkeypatch):
+    monkeypatch.setattr(sf, "POOL_SESSIONS", 5)
+    state = sf.ScorerState()
+
+    def entry(w, n):
+        y = torch.arange(n) % 3 - 1  # every third session: target not among the slots
+        x = torch.full((n, 2, len(FEATURES)), float(w)).half()
+        x[:, 0, 0] = torch.arange(n).half()
+        return x, torch.ones(n, 2, dtype=torch.bool), y
+
+    for w in (2, 3, 4, 5):
+        state.pool[w] = entry(w, 6)  # 4 sessions with the target among the slots each
+        state._trim(w)
+    x, ok, y = state.sessions(4)
+    assert len(y) == 5 and bool((y >= 0).all())
+    # window 4's four, then window 3's newest one: the oldest first
+    assert x[:, 1, 1].tolist() == [3, 4, 4, 4, 4] and x[0, 0, 0] == 5
+    # window 2 is read by no fit at t >= 4 and was dropped; 3 is kept for a redo of window 4
+    assert sorted(state.pool) == [3, 4, 5]
+
+
+def scorer_run(data, out, **kw):
+    return train(tiny_cfg(data, out, **{**SCORER, **kw}))["windows"]
+
+
+def test_the_check_pools_the_next_windows_training_sessions_and_the_scorer_serves_after_it(
+    tiny_synthetic_data, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(sf, "MIN_SESSIONS", 5)
+    monkeypatch.setattr(sf, "Z_SWITCH", -math.inf)  # any check picks the scorer
+    monkeypatch.setattr(fc, "Z_SWITCH", math.inf)  # the guard never falls back
+    seen_windows = []
+    real = sf.collect
+
+    def spy(model, st, *a):
+        seen_windows.append(st.source)
+        return real(model, st, *a)
+
+    monkeypatch.setattr(sf, "collect", spy)
+    rows = [r for r in scorer_run(tiny_synthetic_data, tmp_path / "run", forward_check_sessions=40) if r.get("sessions_trained")]
+    assert len(rows) >= 3
+    schema = load_schema(tiny_synthetic_data)
+    for r, source in zip(rows, seen_windows, strict=True):
+        c = r["scorer_check"]
+        nxt = r["train_window"] + 1
+        assert c["window"] == nxt and source == str(split_path(tiny_synthetic_data, nxt, "train"))
+        whole = load_split(split_path(tiny_synthetic_data, nxt, "train"), schema)
+        assert 0 < c["sessions"] <= min(40, len(whole))
+    # the first fit has only the first check's sessions; each check before the scorer is fitted compares nothing
+    assert rows[0]["scorer"]["fitted"] is False and "ndcg@20_scorer" not in rows[0]["scorer_check"]
+    fitted = [r for r in rows if r["scorer"]["fitted"]]
+    assert len(fitted) >= 2
+    # the first fit has had no check yet: off; every later one serves once the check before it picked it
+    assert fitted[0]["scorer"]["on"] is False
+    for prev, r in zip(fitted, fitted[1:]):
+        assert "ndcg@20_scorer" in prev["scorer_check"] and prev["scorer_check"]["use_scorer_next"] is True
+        assert r["scorer"]["on"] is True
+    pool = torch.load(tmp_path / "run" / sf.POOL_FILE, weights_only=True)
+    assert sorted(pool) == [r["train_window"] + 1 for r in rows]
+    final = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert float(final["item_memory.scorer.on"]) == 1.0 and bool(final["item_memory.scorer.w1"].any())
+
+
+def test_a_scorer_the_check_never_picks_changes_no_metric(tiny_synthetic_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(sf, "MIN_SESSIONS", 5)
+    monkeypatch.setattr(sf, "Z_SWITCH", math.inf)
+    monkeypatch.setattr(fc, "Z_SWITCH", math.inf)
+    plain = train(tiny_cfg(tiny_synthetic_data, tmp_path / "plain", **{**SCORER, "model": {**SCORER["model"], "scorer_hidden": 0}}))
+    ours = scorer_run(tiny_synthetic_data, tmp_path / "ours")
+    assert [model_metrics(r) for r in ours] == [model_metrics(r) for r in plain["windows"]]
+    assert any(model_metrics(r) for r in ours) and any((r.get("scorer") or {}).get("fitted") for r in ours)
+    assert not any((r.get("scorer") or {}).get("on") for r in ours)
+
+
+def test_while_the_blend_serves_the_scorer_is_off_and_comes_back_with_the_stack(tiny_synthetic_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(sf, "MIN_SESSIONS", 5)
+    monkeypatch.setattr(sf, "Z_SWITCH", -math.inf)
+    monkeypatch.setattr(fc, "Z_SWITCH", -math.inf)  # the guard always falls back to the blend
+    rows = [r for r in scorer_run(tiny_synthetic_data, tmp_path / "run") if r.get("sessions_trained")]
+    fitted = [r for r in rows if r["scorer"]["fitted"]]
+    assert fitted and all(r["blend_fallback"] and r["scorer"]["on"] is False for r in fitted)
+    for r in fitted:  # the blend is what the window's model served
+        assert model_metrics(r) == pytest.approx({k: r["baselines"]["count_blend"][k] for k in model_metrics(r)})
+    # the set-aside stack holds the scorer switched on: resume_stacked brings it back
+    ostate = torch.load(tmp_path / "run" / "optim.pt", weights_only=True)
+    assert float(ostate["guard_combiner"]["scorer_on"]) == 1.0
+
+
+def test_resume_carries_the_pool_the_check_and_the_scorer(tiny_synthetic_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(sf, "MIN_SESSIONS", 5)
+    monkeypatch.setattr(sf, "Z_SWITCH", -math.inf)
+    monkeypatch.setattr(fc, "Z_SWITCH", math.inf)
+    full, resumed = full_and_resumed(scorer_run, tiny_synthetic_data, tmp_path, monkeypatch)
+
+    def state(r):
+        untimed = {k: v for k, v in (r.get("scorer_check") or {}).items() if k != "seconds"}
+        fit = {k: v for k, v in (r.get("scorer") or {}).items() if k != "seconds"}
+        return untimed, fit, model_metrics(r)
+
+    assert [state(r) for r in resumed] == [state(r) for r in full]
+    assert any((r.get("scorer") or {}).get("on") for r in full)
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "crashed" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,125 @@
+"""CandidateScorer: a small MLP that re-ranks the item memory's best candidates (ModelConfig.scorer_hidden).
+
+The combiner (`ItemMemory.candidate_scores`) adds the count terms to the network's logits linearly,
+through per-session gates. A learned function of the same counts ranks better than that sum on both
+logs of docs/quality.md (`python -m bench.count_scorer`: an MLP over these features, fitted on forward
+sessions, 1.15x the count blend on NowPlaying1M against the model's 1.08x). So the served score of a
+session's top `top` candidates by the combiner's score z is
+
+    s = MLP(count features of the candidate, z's log-softmax over the candidates, log1p(z's rank))
+
+and every other candidate ranks below them, in z's order. The count features (`count_features`),
+per distance bin of the context position (0, 1, 2, 3-5, 6+): the summed log1p co-occurrence counts,
+how many context items co-occur with the candidate, how often it is in the context; then the last
+item's log1p successor count, log1p popularity and the session's log1p length.
+
+The MLP's weights are buffers, not parameters: the network's optimizer never sees them. They are
+fitted between windows on forward sessions (`training.scorer_fit`: each window's training sessions
+scored by the model of the window before, with the counts of the windows before) and travel in the
+checkpoint and the traced model. `on` (a buffer, 0 or 1) says whether the scores are re-ranked; at 0
+(unfitted, not chosen by the forward check, or the count blend serving) they are z, bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training.model.memory_inputs import CountLists, TargetContext
+from training.names import FIRST_REAL_ID
+
+BINS = ((0, 0), (1, 1), (2, 2), (3, 5), (6, 10**6))  # distance of a context position to the last one
+BIN_NAMES = ("d0", "d1", "d2", "d3-5", "d6+")
+COUNT_FEATURES = [
+    "log1p_pop",
+    *(f"{name}_{b}" for b in BIN_NAMES for name in ("cooc_log", "cooc_items", "repeats")),
+    "succ_log",
+    "log1p_length",
+]
+FEATURES = [*COUNT_FEATURES, "z_log_softmax", "log1p_z_rank"]
+NO_SCORE = -50.0  # the log-softmax feature of a slot that holds no candidate (its score is -inf anyway)
+
+
+def _scatter(cand: Tensor, idx: Tensor, val: Tensor) -> Tensor:
+    """(B, C) sorted candidates; (B, N) ids with (B, N) values -> (B, C) the values summed per candidate
+    (ids that are not candidates dropped; a repeated candidate gets them at its first position)."""
+    C = cand.shape[1]
+    j = torch.searchsorted(cand, idx).clamp_(max=C - 1)
+    out = torch.zeros(cand.shape, device=cand.device)
+    return out.scatter_add_(1, j, torch.where(cand.gather(1, j) == idx, val.float(), 0.0))
+
+
+def count_features(pop: Tensor, context: TargetContext, lists: CountLists, cand: Tensor, lengths: Tensor) -> Tensor:
+    """(B, C) sorted candidates of B sessions (their context and count lists: `ItemMemory._session_view`)
+    -> (B, C, len(COUNT_FEATURES)) float32 (`COUNT_FEATURES`; pop: the (V,) popularity table)."""
+    B, C = cand.shape
+    cooc_log, cooc_any = torch.log1p(lists.cooc_val.float()), (lists.cooc_val > 0).float()
+    f = [torch.log1p(pop[cand].float())]
+    flat = lists.cooc_idx.reshape(B, -1)
+    for lo, hi in BINS:
+        inb = (context.ctx & (context.dist >= lo) & (context.dist <= hi)).float()  # (B, W)
+        f.append(_scatter(cand, flat, (cooc_log * inb[:, :, None]).reshape(B, -1)))
+        f.append(_scatter(cand, flat, (cooc_any * inb[:, :, None]).reshape(B, -1)))
+        f.append(_scatter(cand, context.items.long(), inb))
+    f.append(_scatter(cand, lists.succ_idx, torch.log1p(lists.succ_val.float()) * context.has_last[:, None]))
+    f.append(torch.log1p(lengths.float())[:, None].expand(B, C))
+    return torch.stack(f, 2)
+
+
+def not_candidates(cand: Tensor) -> Tensor:
+    """(B, C) sorted candidates -> (B, C) bool: a special id or a repeat of the id before it (the
+    entries `ranking.mask_candidates` sets to -inf)."""
+    bad = cand < FIRST_REAL_ID
+    return bad | F.pad(cand[:, 1:] == cand[:, :-1], (1, 0))
+
+
+class CandidateScorer(nn.Module):
+    """The MLP over `FEATURES` (two hidden layers of `hidden` ReLUs), as buffers, applied to the `top`
+    best candidates by z (module docstring)."""
+
+    def __init__(self, hidden: int, top: int):
+        super().__init__()
+        n = len(FEATURES)
+        self.top = top
+        for name, shape in dict(mu=(n,), sd=(n,), w1=(n, hidden), b1=(hidden,), w2=(hidden, hidden), b2=(hidden,)).items():
+            self.register_buffer(name, torch.ones(shape) if name == "sd" else torch.zeros(shape))
+        self.register_buffer("w3", torch.zeros(hidden))
+        self.register_buffer("b3", torch.zeros(()))
+        self.register_buffer("on", torch.zeros(()))  # 1: re-rank; 0: the scores are z
+
+    PARAMS = ("w1", "b1", "w2", "b2", "w3", "b3")  # the MLP's weights (`training.scorer_fit` fits them)
+
+    @staticmethod
+    def mlp(x: Tensor, w: dict[str, Tensor]) -> Tensor:
+        """(..., F) normalised features -> (...) scores with the weights `w` (PARAMS by name)."""
+        a = F.relu(x @ w["w1"] + w["b1"])
+        a = F.relu(a @ w["w2"] + w["b2"])
+        return a @ w["w3"] + w["b3"]
+
+    def inputs(self, z: Tensor, bad: Tensor, feats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, C) combiner scores, (B, C) not-a-candidate mask, (B, C, len(COUNT_FEATURES)) count
+        features -> the `top` best candidates by z: their features (B, top, len(FEATURES)), not
+        normalised; their columns (B, top), best first; and which of them are candidates (B, top)."""
+        # `top` empty columns appended: a session with fewer candidates than slots needs no branch (a trace
+        # keeps none); a slot there is not ok
+        zm = F.pad(z.masked_fill(bad, float("-inf")), (0, self.top), value=float("-inf"))
+        zt, at = zm.topk(self.top, dim=1)
+        ok = torch.isfinite(zt)
+        ls = torch.where(ok, zt - torch.logsumexp(zm, 1, keepdim=True), NO_SCORE)
+        rank = torch.log1p(torch.arange(self.top, device=z.device, dtype=torch.float32)).expand_as(ls)
+        f = F.pad(feats, (0, 0, 0, self.top)).gather(1, at[:, :, None].expand(-1, -1, feats.shape[2]))
+        return torch.cat([f, ls[..., None], rank[..., None]], 2), at, ok
+
+    def forward(self, z: Tensor, bad: Tensor, feats: Tensor) -> Tensor:
+        """(B, C) -> (B, C) scores: the MLP's at the `top` best candidates by z, the others below all of
+        them in z's order, -inf where `bad`; z itself while `on` is 0."""
+        x, at, ok = self.inputs(z, bad, feats)
+        s = self.mlp((x - self.mu) / self.sd, {k: getattr(self, k) for k in self.PARAMS})  # (B, top)
+        s = s.masked_fill(~ok, float("-inf"))
+        floor = torch.where(ok, s, float("inf")).min(1, keepdim=True).values - 1.0  # below every re-ranked one
+        zm = z.masked_fill(bad, float("-inf"))
+        last = F.pad(zm, (0, self.top), value=float("-inf")).gather(1, at[:, -1:])  # z of the last slot
+        rest = torch.where(bad | ~torch.isfinite(last), float("-inf"), floor - (last - z))
+        out = F.pad(rest, (0, self.top)).scatter(1, at, s)[:, : z.shape[1]]
+        return torch.where(self.on > 0, out, z)

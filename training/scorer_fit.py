@@ -1,0 +1,233 @@
+"""The candidate scorer's fit and its forward check (ModelConfig.scorer_hidden, training/model/scorer.py).
+
+The scorer re-ranks the combiner's best candidates with an MLP over their count features. It is
+fitted on *forward* sessions only, as serving meets them: after window t (its evaluation made), the
+newest TrainConfig.forward_check_sessions of window t+1's training split are scored by the model as it
+stands, with the counts of windows <= t (`training.forward_check.check_next_window`), and the scorer's
+inputs there (the combiner's best candidates, their features, where the target is among them) join a
+pool kept per window in RUN/scorer_pool.pt. Before window t's evaluation, the MLP is fitted afresh
+(seeded by the run's seed and t) on the newest POOL_SESSIONS of the pool's windows <= t: sessions of
+windows the model has trained on, but each scored by a model and counts that had not seen it.
+
+    out["scorer_check"] = trainer.scorer.add_window(model, seen, t + 1, ...)   # check_next_window
+    row.update(fit_scorer(trainer, t))                                          # run_window
+
+The forward check: before a window's sessions join the pool, the scorer fitted so far and the plain
+combiner rank them; the per-session NDCG@20 differences are pooled over every check, and the scorer
+serves (`CandidateScorer.on`) from the next fit on once their mean is positive at z > 1.645, as the
+co-occurrence curve's check decides (forward_check.py). Where the count blend serves (the blend guard),
+the scorer is off with it and comes back with the stacked combiner.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from training.data.splits import SessionTensors, eval_inputs_targets
+from training.evaluate import EVAL_PRODUCT_ITEMS
+from training.forward_check import Z_SWITCH, Pooled
+from training.integrity import atomic_write
+from training.model import SessionModel
+from training.model.scorer import FEATURES, CandidateScorer
+
+if TYPE_CHECKING:
+    from training.trainer import Trainer
+
+POOL_FILE = "scorer_pool.pt"
+POOL_SESSIONS = 40_000  # the newest forward sessions (with the target among the candidates) a fit reads
+MIN_SESSIONS = 200  # fewer in the pool: no fit yet
+STEPS, BATCH, LR = 400, 256, 3e-3  # Adam steps of BATCH sessions drawn from the pool
+EPOCHS = 8  # at most this many passes over a small pool (more overfit it: the forward check saw it)
+TOP_K = 20  # the check's metric: NDCG@20
+
+
+def ndcg_at(scores: Tensor, ok: Tensor, y: Tensor) -> Tensor:
+    """(S, N) scores of the re-ranked slots, which hold candidates, target slot y (-1: not among them)
+    -> (S,) NDCG@20 per session, ties counted against the target (as the evaluation ranks)."""
+    s = scores.masked_fill(~ok, float("-inf"))
+    target = s.gather(1, y.clamp(min=0)[:, None])
+    rank = (s >= target).sum(1).float()
+    hit = (y >= 0) & (rank <= TOP_K) & torch.isfinite(target.squeeze(1))
+    return torch.where(hit, 1.0 / torch.log2(rank + 1), 0.0)
+
+
+@torch.no_grad()
+def collect(model: SessionModel, st: SessionTensors, device: torch.device, batch: int) -> tuple[Tensor, ...]:
+    """Score `st` with the model as it stands, the scorer left out -> (x (S, N, F) float32 features of
+    the combiner's N best candidates, ok (S, N) which are candidates, y (S,) the target's slot, -1 if
+    it is not among them)."""
+    mem = model.item_memory
+    assert mem is not None and mem.scorer is not None, "the candidate scorer needs the item memory"
+    feats, lengths, targets = eval_inputs_targets(st, model.cfg.item_feature)
+    product = device.type == "cpu" and model.cfg.n_items <= EVAL_PRODUCT_ITEMS  # as the evaluation
+    was_training, tap = model.training, []
+    model.eval()
+    mem.scorer_tap = tap
+    try:
+        for i in range(0, len(targets), batch):
+            model.candidate_scores({k: v[i : i + batch].to(device) for k, v in feats.items()}, lengths[i : i + batch].to(device), product)
+    finally:
+        mem.scorer_tap = None
+        model.train(was_training)
+    xs, oks, ys = [], [], []
+    for (x, at, ok, cand), i in zip(tap, range(0, len(targets), batch)):
+        hit = (cand.gather(1, at) == targets[i : i + batch, None].to(cand.device)) & ok
+        ys.append(torch.where(hit.any(1), hit.float().argmax(1), -1).cpu())
+        pad = mem.scorer.top - x.shape[1]  # fewer candidates than slots (a tiny catalogue): empty slots
+        xs.append(F.pad(x.cpu(), (0, 0, 0, pad))), oks.append(F.pad(ok.cpu(), (0, pad)))
+    if not xs:
+        return empty(mem.scorer.top)
+    return torch.cat(xs), torch.cat(oks), torch.cat(ys)
+
+
+def empty(slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    """No sessions: x (0, slots, F), ok (0, slots), y (0,)."""
+    return torch.zeros(0, slots, len(FEATURES)), torch.zeros(0, slots, dtype=torch.bool), torch.zeros(0, dtype=torch.int64)
+
+
+def weights_of(scorer: CandidateScorer) -> dict[str, Tensor]:
+    return {k: getattr(scorer, k) for k in CandidateScorer.PARAMS}
+
+
+def fit_mlp(x: Tensor, ok: Tensor, y: Tensor, hidden: int, seed: int, steps: int = STEPS) -> dict[str, Any]:
+    """The MLP fitted by softmax cross-entropy over each session's re-ranked slots (Adam, `steps` batches
+    of BATCH sessions drawn with a generator seeded by `seed`); x (S, N, F) any float dtype, every y >= 0.
+    -> {"weights": PARAMS by name, "mu", "sd": the features' normalisation, "loss": the last 50 steps'}"""
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[2]
+    rows = x[ok].double()
+    mu = rows.mean(0).float()
+    sd = rows.std(0).float().nan_to_num(0.0) + 1e-6
+    w = {
+        "w1": torch.randn(n, hidden, generator=g) * math.sqrt(2.0 / n),
+        "b1": torch.zeros(hidden),
+        "w2": torch.randn(hidden, hidden, generator=g) * math.sqrt(2.0 / hidden),
+        "b2": torch.zeros(hidden),
+        "w3": torch.randn(hidden, generator=g) * math.sqrt(1.0 / hidden),
+        "b3": torch.zeros(()),
+    }
+    for v in w.values():
+        v.requires_grad_(True)
+    opt = torch.optim.Adam(list(w.values()), lr=LR)
+    losses = []
+    for _ in range(min(steps, math.ceil(EPOCHS * x.shape[0] / BATCH))):
+        idx = torch.randint(x.shape[0], (min(BATCH, x.shape[0]),), generator=g)
+        s = CandidateScorer.mlp((x[idx].float() - mu) / sd, w).masked_fill(~ok[idx], float("-inf"))
+        loss = F.cross_entropy(s, y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"weights": {k: v.detach() for k, v in w.items()}, "mu": mu, "sd": sd, "loss": float(np.mean(losses[-50:]))}
+
+
+@dataclass
+class ScorerState:
+    """A run's pool of forward sessions per window (x half, ok, y) and the pooled forward check."""
+
+    pool: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    check: Pooled = field(default_factory=Pooled)
+    use: bool = False
+
+    @classmethod
+    def restore(cls, out: Path, rows: list[dict[str, Any]]) -> ScorerState:
+        """--resume: the pool saved in `out` and the newest check of the metrics rows."""
+        state = cls()
+        if (out / POOL_FILE).exists():
+            state.pool = torch.load(out / POOL_FILE, weights_only=True)
+        for row in rows:
+            if c := row.get("scorer_check"):
+                state.check = Pooled(int(c["pooled_sessions"]), c["pooled_total"], c["pooled_squares"])
+                state.use = bool(c["use_scorer_next"])
+        return state
+
+    def sessions(self, t: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The newest POOL_SESSIONS pooled sessions of windows <= t whose target is among the slots."""
+        xs, oks, ys, n = [], [], [], 0
+        for w in sorted((w for w in self.pool if w <= t), reverse=True):
+            x, ok, y = self.pool[w]
+            keep = (y >= 0).nonzero().flatten()[-(POOL_SESSIONS - n) :]
+            xs.append(x[keep]), oks.append(ok[keep]), ys.append(y[keep])
+            n += len(keep)
+            if n >= POOL_SESSIONS:
+                break
+        if not xs:
+            return empty(1)
+        return torch.cat(xs[::-1]), torch.cat(oks[::-1]), torch.cat(ys[::-1])
+
+    def add_window(
+        self, model: SessionModel, st: SessionTensors, window: int, device: torch.device, batch: int, out: Path | None
+    ) -> dict[str, Any]:
+        """`st` (window `window`'s forward sessions, `forward_check.next_sessions`): checked with the scorer
+        as fitted so far (if it is), then pooled and saved to out/POOL_FILE (None: not saved). Returns
+        the metrics row's entry."""
+        mem = model.item_memory
+        assert mem is not None and mem.scorer is not None
+        t0 = time.perf_counter()
+        x, ok, y = collect(model, st, device, batch)
+        entry: dict[str, Any] = {"window": window, "sessions": len(y), "target_in_top": float((y >= 0).float().mean()) if len(y) else 0.0}
+        sc = mem.scorer
+        if bool(sc.w1.any()) and len(y):  # fitted: the check
+            with torch.no_grad():
+                mine = ndcg_at(CandidateScorer.mlp((x - sc.mu.cpu()) / sc.sd.cpu(), {k: v.cpu() for k, v in weights_of(sc).items()}), ok, y)
+            plain = ndcg_at(x[:, :, FEATURES.index("z_log_softmax")], ok, y)
+            diffs = (mine - plain).double().numpy()
+            self.check.add(diffs)
+            newest = Pooled()
+            newest.add(diffs)
+            self.use = newest.z > Z_SWITCH
+            entry.update({"ndcg@20_scorer": float(mine.mean()), "ndcg@20_plain": float(plain.mean()), "z_newest": newest.z})
+        entry.update(pooled_sessions=self.check.n, pooled_total=self.check.total, pooled_squares=self.check.squares, z=self.check.z, use_scorer_next=self.use)  # fmt: skip
+        self.pool[window] = (x.half(), ok, y)
+        self._trim(window)
+        if out is not None:
+            buf = __import__("io").BytesIO()
+            torch.save(self.pool, buf)
+            atomic_write(out / POOL_FILE, buf.getvalue())
+        entry["seconds"] = time.perf_counter() - t0
+        return entry
+
+    def _trim(self, newest: int) -> None:
+        """Drop the windows that neither the next fit nor a redo of the last one reads (--resume)."""
+        n = 0
+        for w in sorted((w for w in self.pool if w < newest), reverse=True):
+            if n >= POOL_SESSIONS:
+                del self.pool[w]
+            else:
+                n += int((self.pool[w][2] >= 0).sum())
+
+
+def fit_scorer(trainer: Trainer, t: int) -> dict[str, Any]:
+    """Before window t's evaluation: the scorer fitted on the pool of windows <= t and served if the
+    forward check says so (off while the count blend serves; back with the stacked combiner). Returns
+    the metrics row's entry ({} without a scorer)."""
+    from training.trainer import _seed
+
+    mem = trainer.model.item_memory
+    if mem is None or mem.scorer is None:
+        return {}
+    t0 = time.perf_counter()
+    x, ok, y = trainer.scorer.sessions(t)
+    entry: dict[str, Any] = {"fit_sessions": len(y), "fitted": False, "on": False}
+    if len(y) >= MIN_SESSIONS:
+        fit = fit_mlp(x, ok, y, mem.scorer.w1.shape[1], _seed(trainer.cfg.seed, t, 12))
+        with torch.no_grad():
+            for k, v in {**fit["weights"], "mu": fit["mu"], "sd": fit["sd"]}.items():
+                getattr(mem.scorer, k).copy_(v)
+        on = trainer.scorer.use
+        if trainer.guard_combiner is not None:  # the count blend serves: the scorer comes back with the stack
+            trainer.guard_combiner["scorer_on"] = torch.tensor(float(on))
+            on = False
+        mem.scorer.on.fill_(float(on))
+        entry.update(fitted=True, on=on, loss=fit["loss"])
+    entry["seconds"] = time.perf_counter() - t0
+    return {"scorer": entry}
