@@ -158,3 +158,76 @@ def test_resume_carries_the_pool_the_check_and_the_scorer(tiny_synthetic_data, t
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "crashed" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_collect_labels_the_targets_slot_among_the_combiners_best(tiny_synthetic_data, tmp_path, monkeypatch):
+    from training.data.splits import eval_inputs_targets
+
+    monkeypatch.setattr(sf, "MIN_SESSIONS", 5)
+    monkeypatch.setattr(sf, "Z_SWITCH", -math.inf)
+    monkeypatch.setattr(fc, "Z_SWITCH", math.inf)
+    checked = []
+    real = sf.collect
+
+    def spy(model, st, *a):
+        x, ok, y = real(model, st, *a)
+        sc = model.item_memory.scorer
+        on = sc.on.clone()
+        sc.on.zero_()  # the combiner's scores z, as collect read them (in eval mode)
+        feats, lengths, targets = eval_inputs_targets(st, model.cfg.item_feature)
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            z, cand = model.candidate_scores(feats, lengths)
+        sc.on.copy_(on)
+        model.train(was)
+        best = z.sort(1, descending=True).values[:, : sc.top]
+        for s in range(len(y)):
+            at = ((cand[s] == targets[s]) & torch.isfinite(z[s])).nonzero().flatten()
+            if y[s] >= 0:  # the slot holds the target: its z is the slot's, and the slot is a candidate
+                assert len(at) == 1 and z[s, at[0]] == best[s, y[s]] and ok[s, y[s]]
+                checked.append(s)
+            else:  # not a candidate, or below the last slot
+                assert len(at) == 0 or z[s, at[0]] <= best[s, -1]
+        return x, ok, y
+
+    monkeypatch.setattr(sf, "collect", spy)
+    scorer_run(tiny_synthetic_data, tmp_path / "run")
+    assert len(checked) > 20
+
+
+class _Model:
+    """What ScorerState.add_window reads of a model: its item memory's scorer."""
+
+    def __init__(self, scorer):
+        self.item_memory = type("Mem", (), {"scorer": scorer})()
+
+
+def test_the_scorer_serves_on_the_newest_check_not_on_the_pooled_history(monkeypatch):
+    """A scorer refitted each window is judged on its latest check: early fits on a small pool were
+    worse, and pooling them would keep a scorer that now wins switched off."""
+    sc = CandidateScorer(4, 3)
+    with torch.no_grad():  # the MLP scores relu(feature 3)
+        sc.w1[3, 0], sc.w2[0, 0], sc.w3[0] = 1.0, 1.0, 1.0
+    plain_col = FEATURES.index("z_log_softmax")
+
+    def window(n, scorer_right: bool, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(n, 3, len(FEATURES), generator=g)
+        y = torch.zeros(n, dtype=torch.int64)
+        x[:, 0, plain_col] = 1.0  # z ranks the target (slot 0) second
+        x[:, 1, plain_col] = 2.0
+        right = torch.rand(n, generator=g) < (0.95 if scorer_right else 0.05)
+        x[:, 0, 3] = torch.where(right, 5.0, 0.0)  # the MLP ranks it first where `right`, else last
+        x[:, 1, 3] = 1.0
+        x[:, 2, 3] = 0.5
+        return x, torch.ones(n, 3, dtype=torch.bool), y
+
+    state, data = sf.ScorerState(), iter([window(400, False, 1), window(100, True, 2)])
+    monkeypatch.setattr(sf, "collect", lambda *a: next(data))
+    first = state.add_window(_Model(sc), None, 5, torch.device("cpu"), 8, None)
+    assert first["use_scorer_next"] is False and first["z"] == first["z_newest"] < 0
+    second = state.add_window(_Model(sc), None, 6, torch.device("cpu"), 8, None)
+    # the pooled differences are still negative; the newest window's are positive (ties against the target)
+    assert second["z"] < 0 < second["z_newest"]
+    assert second["use_scorer_next"] is True
