@@ -13,9 +13,12 @@ windows the model has trained on, but each scored by a model and counts that had
     row.update(fit_scorer(trainer, t))                                          # run_window
 
 The forward check: before a window's sessions join the pool, the scorer fitted so far and the plain
-combiner rank them; the per-session NDCG@20 differences are pooled over every check, and the scorer
-serves (`CandidateScorer.on`) from the next fit on once their mean is positive at z > 1.645, as the
-co-occurrence curve's check decides (forward_check.py). Where the count blend serves (the blend guard),
+combiner rank them; the per-session NDCG@20 differences of the newest RECENT checks are pooled, and
+the scorer serves (`CandidateScorer.on`) from the next fit on while their mean is positive at
+z > 1.645, the co-occurrence curve's bar (forward_check.py). Only the newest checks: each window's
+scorer is a new fit on a larger pool, and on DIGINETICA the first fits, on a few hundred sessions,
+lost to the plain combiner where the later ones won (every check's differences are pooled too, in
+the metrics row, for the record). Where the count blend serves (the blend guard),
 the scorer is off with it and comes back with the stacked combiner.
 """
 
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from training.data.splits import SessionTensors, eval_inputs_targets
-from training.evaluate import EVAL_PRODUCT_ITEMS
+from training.evaluate import EVAL_PRODUCT_ITEMS, eval_rows
 from training.forward_check import Z_SWITCH, Pooled
 from training.integrity import atomic_write
 from training.model import SessionModel
@@ -48,6 +51,7 @@ MIN_SESSIONS = 200  # fewer in the pool: no fit yet
 STEPS, BATCH, LR = 400, 256, 3e-3  # Adam steps of BATCH sessions drawn from the pool
 EPOCHS = 8  # at most this many passes over a small pool (more overfit it: the forward check saw it)
 TOP_K = 20  # the check's metric: NDCG@20
+RECENT = 3  # the scorer serves while its newest checks, pooled, find it better (each fit is a new scorer)
 
 
 def ndcg_at(scores: Tensor, ok: Tensor, y: Tensor) -> Tensor:
@@ -69,6 +73,8 @@ def collect(model: SessionModel, st: SessionTensors, device: torch.device, batch
     assert mem is not None and mem.scorer is not None, "the candidate scorer needs the item memory"
     feats, lengths, targets = eval_inputs_targets(st, model.cfg.item_feature)
     product = device.type == "cpu" and model.cfg.n_items <= EVAL_PRODUCT_ITEMS  # as the evaluation
+    if product:  # a (B, V) product per batch: as many sessions as the evaluation scores at once
+        batch = eval_rows(model.cfg.n_items, batch)
     was_training, tap = model.training, []
     model.eval()
     mem.scorer_tap = tap
@@ -136,6 +142,7 @@ class ScorerState:
 
     pool: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
     check: Pooled = field(default_factory=Pooled)
+    recent: list[list[float]] = field(default_factory=list)  # the newest RECENT checks' [n, total, squares]
     use: bool = False
 
     @classmethod
@@ -148,6 +155,7 @@ class ScorerState:
             if c := row.get("scorer_check"):
                 state.check = Pooled(int(c["pooled_sessions"]), c["pooled_total"], c["pooled_squares"])
                 state.use = bool(c["use_scorer_next"])
+                state.recent = [list(e) for e in c.get("recent", [])]
         return state
 
     def sessions(self, t: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,8 +192,10 @@ class ScorerState:
             self.check.add(diffs)
             newest = Pooled()
             newest.add(diffs)
-            self.use = newest.z > Z_SWITCH
-            entry.update({"ndcg@20_scorer": float(mine.mean()), "ndcg@20_plain": float(plain.mean()), "z_newest": newest.z})
+            self.recent = [*self.recent, newest.entry()][-RECENT:]
+            recent = Pooled(*(sum(e[i] for e in self.recent) for i in range(3)))
+            self.use = recent.z > Z_SWITCH
+            entry.update({"ndcg@20_scorer": float(mine.mean()), "ndcg@20_plain": float(plain.mean()), "z_newest": newest.z, "z_recent": recent.z, "recent": self.recent})  # fmt: skip
         entry.update(pooled_sessions=self.check.n, pooled_total=self.check.total, pooled_squares=self.check.squares, z=self.check.z, use_scorer_next=self.use)  # fmt: skip
         self.pool[window] = (x.half(), ok, y)
         self._trim(window)

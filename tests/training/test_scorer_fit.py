@@ -4,6 +4,7 @@ the training splits only, served from the window after a check finds it better, 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,9 +204,9 @@ class _Model:
         self.item_memory = type("Mem", (), {"scorer": scorer})()
 
 
-def test_the_scorer_serves_on_the_newest_check_not_on_the_pooled_history(monkeypatch):
-    """A scorer refitted each window is judged on its latest check: early fits on a small pool were
-    worse, and pooling them would keep a scorer that now wins switched off."""
+def test_the_scorer_serves_on_its_recent_checks_not_on_the_pooled_history(monkeypatch):
+    """A scorer refitted each window is judged on its RECENT latest checks: early fits on a small pool
+    were worse, and pooling them all would keep a scorer that now wins switched off."""
     sc = CandidateScorer(4, 3)
     with torch.no_grad():  # the MLP scores relu(feature 3)
         sc.w1[3, 0], sc.w2[0, 0], sc.w3[0] = 1.0, 1.0, 1.0
@@ -223,11 +224,14 @@ def test_the_scorer_serves_on_the_newest_check_not_on_the_pooled_history(monkeyp
         x[:, 2, 3] = 0.5
         return x, torch.ones(n, 3, dtype=torch.bool), y
 
-    state, data = sf.ScorerState(), iter([window(400, False, 1), window(100, True, 2)])
+    assert sf.RECENT == 3
+    windows = [window(3000, False, 1), *(window(100, True, s) for s in (2, 3, 4))]
+    state, data = sf.ScorerState(), iter(windows)
     monkeypatch.setattr(sf, "collect", lambda *a: next(data))
-    first = state.add_window(_Model(sc), None, 5, torch.device("cpu"), 8, None)
-    assert first["use_scorer_next"] is False and first["z"] == first["z_newest"] < 0
-    second = state.add_window(_Model(sc), None, 6, torch.device("cpu"), 8, None)
-    # the pooled differences are still negative; the newest window's are positive (ties against the target)
-    assert second["z"] < 0 < second["z_newest"]
-    assert second["use_scorer_next"] is True
+    rows = [state.add_window(_Model(sc), None, w, torch.device("cpu"), 8, None) for w in range(5, 9)]
+    assert rows[0]["z_recent"] == rows[0]["z"] < 0 and rows[0]["use_scorer_next"] is False
+    # the bad check is among the recent ones until three good ones follow it
+    assert [r["use_scorer_next"] for r in rows] == [False, False, False, True]
+    assert rows[-1]["z"] < 0 < rows[-1]["z_recent"]  # all checks pooled: still negative
+    restored = sf.ScorerState.restore(Path("/nonexistent"), [{"scorer_check": rows[-1]}])
+    assert restored.recent == state.recent and restored.use is True and restored.check.n == state.check.n
