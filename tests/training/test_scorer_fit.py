@@ -235,3 +235,35 @@ def test_the_scorer_serves_on_its_recent_checks_not_on_the_pooled_history(monkey
     assert rows[-1]["z"] < 0 < rows[-1]["z_recent"]  # all checks pooled: still negative
     restored = sf.ScorerState.restore(Path("/nonexistent"), [{"scorer_check": rows[-1]}])
     assert restored.recent == state.recent and restored.use is True and restored.check.n == state.check.n
+
+
+def test_the_exported_repository_serves_the_scorer(tiny_synthetic_data, tmp_path, monkeypatch):
+    from export.inference import TopKRanker, feature_order
+    from export.pbtxt import TORCH_MODEL
+    from export.repository import ExportConfig, export_repository
+    from training.checkpoint import load_run
+    from training.data.splits import eval_inputs_targets
+    from training.schema import Schema
+
+    monkeypatch.setattr(sf, "MIN_SESSIONS", 5)
+    monkeypatch.setattr(sf, "Z_SWITCH", -math.inf)
+    monkeypatch.setattr(fc, "Z_SWITCH", math.inf)
+    run = tmp_path / "run"
+    scorer_run(tiny_synthetic_data, run)
+    out = export_repository(ExportConfig(run=run, data=tiny_synthetic_data, out=tmp_path / "repo", top_k=5))
+    traced = torch.jit.load(str(out / TORCH_MODEL / "1" / "model.pt"))
+    model, meta = load_run(run)
+    assert float(model.item_memory.scorer.on) == 1.0
+    schema = Schema.load(tiny_synthetic_data)
+    names = feature_order(schema)
+    st = load_split(split_path(tiny_synthetic_data, meta["window"], "train"), schema)  # inputs only
+    feats, lengths, _ = eval_inputs_targets(st, model.cfg.item_feature)
+    inputs = (*[feats[n] for n in names], lengths)
+    ranker = TopKRanker(model, names, 5, model.cfg.n_items)
+    with torch.no_grad():
+        want_scores, want_ids = ranker(*inputs)
+        got_scores, got_ids = traced(*inputs)
+        model.item_memory.scorer.on.zero_()
+        _, plain_ids = ranker(*inputs)
+    assert len(lengths) > 10 and torch.equal(got_ids, want_ids) and torch.allclose(got_scores, want_scores)
+    assert not torch.equal(plain_ids, got_ids)  # the served ranking is the scorer's
