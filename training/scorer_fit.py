@@ -86,7 +86,8 @@ def collect(model: SessionModel, st: SessionTensors, device: torch.device, batch
         model.train(was_training)
     xs, oks, ys = [], [], []
     for (x, at, ok, cand), i in zip(tap, range(0, len(targets), batch)):
-        hit = (cand.gather(1, at) == targets[i : i + batch, None].to(cand.device)) & ok
+        ids = F.pad(cand, (0, mem.scorer.top), value=-1).gather(1, at)  # `inputs` appended `top` empty slots
+        hit = (ids == targets[i : i + batch, None].to(cand.device)) & ok
         ys.append(torch.where(hit.any(1), hit.float().argmax(1), -1).cpu())
         pad = mem.scorer.top - x.shape[1]  # fewer candidates than slots (a tiny catalogue): empty slots
         xs.append(F.pad(x.cpu(), (0, 0, 0, pad))), oks.append(F.pad(ok.cpu(), (0, pad)))

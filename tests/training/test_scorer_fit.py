@@ -161,7 +161,8 @@ def test_resume_carries_the_pool_the_check_and_the_scorer(tiny_synthetic_data, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_collect_labels_the_targets_slot_among_the_combiners_best(tiny_synthetic_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("top", [16, 5000])  # 5000: more slots than candidates, the empty ones among the best
+def test_collect_labels_the_targets_slot_among_the_combiners_best(tiny_synthetic_data, tmp_path, monkeypatch, top):
     from training.data.splits import eval_inputs_targets
 
     monkeypatch.setattr(sf, "MIN_SESSIONS", 5)
@@ -193,7 +194,7 @@ def test_collect_labels_the_targets_slot_among_the_combiners_best(tiny_synthetic
         return x, ok, y
 
     monkeypatch.setattr(sf, "collect", spy)
-    scorer_run(tiny_synthetic_data, tmp_path / "run")
+    scorer_run(tiny_synthetic_data, tmp_path / "run", model={**SCORER["model"], "scorer_top": top})
     assert len(checked) > 20
 
 
