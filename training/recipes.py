@@ -186,7 +186,7 @@ _RECIPES: dict[str, dict[str, Any]] = {
                 "scored by the model before it) and served while its newest three forward checks find it "
                 "better (training/scorer_fit.py). Valid, 3 seeds: NowPlaying1M +0.6% +/- 1.2 NDCG@20 over the "
                 "windows' mean, +3.0% pooled over sessions, +4.0 to +6.1% on the forward sessions (the "
-                "networks alone -0.7 to +0.1%); DIGINETICA +1.6% +/- 1.2 / +1.1% +/- 1.1 (docs/quality.md)",
+                "networks alone -0.7 to +0.1%); DIGINETICA +2.4% +/- 0.7 / +0.9% +/- 1.2 (docs/quality.md)",
             ),
             "feature_norm": (
                 True,
