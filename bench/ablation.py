@@ -233,6 +233,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "scorer_64 re-ranking the 512 best candidates (NowPlaying1M: 39 % of the known targets are among the "
         "128 best by the combiner's score, 52 % among the 512 best, 53 % among all)",
     ),
+    "scorer_64_network": (
+        ["--scorer-hidden", "64", "--scorer-network"],
+        "scorer_64 with the network's own signals among its inputs: each candidate's item logit from the "
+        "network (ungated) and the session's gates",
+    ),
 }
 
 

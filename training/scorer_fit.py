@@ -92,13 +92,13 @@ def collect(model: SessionModel, st: SessionTensors, device: torch.device, batch
         pad = mem.scorer.top - x.shape[1]  # fewer candidates than slots (a tiny catalogue): empty slots
         xs.append(F.pad(x.cpu(), (0, 0, 0, pad))), oks.append(F.pad(ok.cpu(), (0, pad)))
     if not xs:
-        return empty(mem.scorer.top)
+        return empty(mem.scorer.top, mem.scorer.mu.shape[0])
     return torch.cat(xs), torch.cat(oks), torch.cat(ys)
 
 
-def empty(slots: int) -> tuple[Tensor, Tensor, Tensor]:
-    """No sessions: x (0, slots, F), ok (0, slots), y (0,)."""
-    return torch.zeros(0, slots, len(FEATURES)), torch.zeros(0, slots, dtype=torch.bool), torch.zeros(0, dtype=torch.int64)
+def empty(slots: int, width: int = len(FEATURES)) -> tuple[Tensor, Tensor, Tensor]:
+    """No sessions: x (0, slots, width), ok (0, slots), y (0,)."""
+    return torch.zeros(0, slots, width), torch.zeros(0, slots, dtype=torch.bool), torch.zeros(0, dtype=torch.int64)
 
 
 def weights_of(scorer: CandidateScorer) -> dict[str, Tensor]:

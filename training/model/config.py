@@ -224,6 +224,14 @@ class ModelConfig:
     scorer_top: int = field(
         default=128, metadata={"help": "--scorer-hidden: how many of the combiner's best candidates it re-ranks"}
     )
+    scorer_network: bool = field(
+        default=False,
+        metadata={
+            "help": "--scorer-hidden: the network's own signals among the scorer's inputs too: each candidate's "
+            "item logit from the network (its log-softmax over the candidates, before the head gate) and the "
+            "session's gates (the four count gates, the head gate)"
+        },
+    )
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
     # --- training loss over the catalogue (see `SessionModel.sample_candidates`) ----------------
     # "full": softmax over every item ((positions, V) logits, the reference); "sampled": softmax over

@@ -96,7 +96,7 @@ class ItemMemory(nn.Module):
         head_repeats: bool = True,
         pop_prior: int = 0,
         cooc_curve: int = 0,
-        scorer: tuple[int, int] = (0, 0),
+        scorer: tuple[int, int, bool] = (0, 0, False),
     ):
         super().__init__()
         # ModelConfig.head_repeats: False = the network's own logit is left out of the score of every
@@ -130,9 +130,12 @@ class ItemMemory(nn.Module):
         # model's + blend_weight x the blend's count scores. A Python float (a traced model bakes it
         # in); evaluation sets it for `TrainConfig.fuse_blend`, training never does.
         self.blend_weight = 0.0
-        # ModelConfig.scorer_hidden, scorer_top: the MLP that re-ranks the best candidates (re-ranking only)
-        hidden, top = scorer
-        self.scorer: CandidateScorer | None = CandidateScorer(hidden, top) if hidden and rerank_popular else None
+        # ModelConfig.scorer_hidden, scorer_top, scorer_network: the MLP that re-ranks the best candidates
+        # (re-ranking only)
+        hidden, top, network = scorer
+        self.scorer: CandidateScorer | None = (
+            CandidateScorer(hidden, top, network) if hidden and rerank_popular else None
+        )
         # training.scorer_fit: a list = candidate_scores appends the scorer's inputs to it and returns z
         self.scorer_tap: list | None = None
         self._init_combiner()
@@ -442,11 +445,7 @@ class ItemMemory(nn.Module):
             if self.pop_prior is not None:
                 out = out + self.pop_prior(torch.log1p(take(self.pop, cand)))
             if head is not None:  # + the network's logits; (B, C, E) is large: no concatenation to it
-                lhs = self._head_lhs(h, head.h)  # (B, E)
-                if head.w.dim() == 2:  # (V, E) the whole table: one (B, V) product, read at cand
-                    hl = (lhs @ head.w.float().T).gather(1, cand)
-                else:
-                    hl = torch.bmm(head.w.float(), lhs[:, :, None]).squeeze(2)  # (B, C)
+                hl = self._head_at(self._head_lhs(h, head.h), head, cand)  # (B, C)
                 if not self.head_repeats:  # no network logit at the session's own items
                     own = torch.where(context.ctx, context.items, -1)  # (B, L)
                     hl = hl.masked_fill((cand[:, :, None] == own[:, None, :]).any(2), 0.0)
@@ -458,10 +457,22 @@ class ItemMemory(nn.Module):
         if self.scorer is None:
             return out
         bad, feats = not_candidates(cand), count_features(self.pop, context, lists, cand, lengths)
+        net = None
+        if self.scorer.network:  # the network's own logit of each candidate (ungated) and the session's gates
+            raw = out.new_zeros(B, C) if head is None else self._head_at(head.h.float(), head, cand)
+            net = (raw, torch.cat([g, self.head_weight(h)], 1))
         if self.scorer_tap is not None:  # training.scorer_fit: the inputs of the combiner's best, unscored
-            self.scorer_tap.append((*self.scorer.inputs(out, bad, feats), cand))
+            self.scorer_tap.append((*self.scorer.inputs(out, bad, feats, net), cand))
             return out
-        return self.scorer(out, bad, feats)
+        return self.scorer(out, bad, feats, net)
+
+    @staticmethod
+    def _head_at(lhs: Tensor, head: HeadFactors, cand: Tensor) -> Tensor:
+        """(B, E) float32 left factors -> (B, C) their dot products with the candidates' item vectors
+        (head.w (B, C, E), or (V, E): one (B, V) product read at cand)."""
+        if head.w.dim() == 2:
+            return (lhs @ head.w.float().T).gather(1, cand)
+        return torch.bmm(head.w.float(), lhs[:, :, None]).squeeze(2)
 
     def packed_scores(
         self,

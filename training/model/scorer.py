@@ -38,6 +38,9 @@ COUNT_FEATURES = [
     "log1p_length",
 ]
 FEATURES = [*COUNT_FEATURES, "z_log_softmax", "log1p_z_rank"]
+# ModelConfig.scorer_network: appended to FEATURES (the network's logit of the candidate, ungated, as a
+# log-softmax over the candidates; the session's gates g_cooc, g_succ, g_repeat, g_pop and head weight)
+NETWORK_FEATURES = ["head_log_softmax", "gate_cooc", "gate_succ", "gate_repeat", "gate_pop", "head_weight"]
 NO_SCORE = -50.0  # the log-softmax feature of a slot that holds no candidate (its score is -inf anyway)
 
 
@@ -78,9 +81,10 @@ class CandidateScorer(nn.Module):
     """The MLP over `FEATURES` (two hidden layers of `hidden` ReLUs), as buffers, applied to the `top`
     best candidates by z (module docstring)."""
 
-    def __init__(self, hidden: int, top: int):
+    def __init__(self, hidden: int, top: int, network: bool = False):
         super().__init__()
-        n = len(FEATURES)
+        self.network = network
+        n = len(FEATURES) + (len(NETWORK_FEATURES) if network else 0)
         self.top = top
         for name, shape in dict(mu=(n,), sd=(n,), w1=(n, hidden), b1=(hidden,), w2=(hidden, hidden), b2=(hidden,)).items():
             self.register_buffer(name, torch.ones(shape) if name == "sd" else torch.zeros(shape))
@@ -97,10 +101,13 @@ class CandidateScorer(nn.Module):
         a = F.relu(a @ w["w2"] + w["b2"])
         return a @ w["w3"] + w["b3"]
 
-    def inputs(self, z: Tensor, bad: Tensor, feats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def inputs(
+        self, z: Tensor, bad: Tensor, feats: Tensor, net: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(B, C) combiner scores, (B, C) not-a-candidate mask, (B, C, len(COUNT_FEATURES)) count
-        features -> the `top` best candidates by z: their features (B, top, len(FEATURES)), not
-        normalised; their columns (B, top), best first; and which of them are candidates (B, top)."""
+        features (and with `network`, net: the network's (B, C) item logits and (B, 5) session gates)
+        -> the `top` best candidates by z: their features (B, top, F), not normalised (F: FEATURES, then
+        NETWORK_FEATURES); their columns (B, top), best first; and which of them are candidates (B, top)."""
         # `top` empty columns appended: a session with fewer candidates than slots needs no branch (a trace
         # keeps none); a slot there is not ok
         zm = F.pad(z.masked_fill(bad, float("-inf")), (0, self.top), value=float("-inf"))
@@ -109,12 +116,19 @@ class CandidateScorer(nn.Module):
         ls = torch.where(ok, zt - torch.logsumexp(zm, 1, keepdim=True), NO_SCORE)
         rank = torch.log1p(torch.arange(self.top, device=z.device, dtype=torch.float32)).expand_as(ls)
         f = F.pad(feats, (0, 0, 0, self.top)).gather(1, at[:, :, None].expand(-1, -1, feats.shape[2]))
-        return torch.cat([f, ls[..., None], rank[..., None]], 2), at, ok
+        x = [f, ls[..., None], rank[..., None]]
+        if self.network:
+            assert net is not None, "a scorer with the network's inputs needs them"
+            raw, gates = net
+            hm = F.pad(raw.masked_fill(bad, float("-inf")), (0, self.top), value=float("-inf"))
+            hls = torch.where(ok, hm.gather(1, at) - torch.logsumexp(hm, 1, keepdim=True), NO_SCORE)
+            x += [hls[..., None], gates[:, None, :].expand(-1, self.top, -1)]
+        return torch.cat(x, 2), at, ok
 
-    def forward(self, z: Tensor, bad: Tensor, feats: Tensor) -> Tensor:
+    def forward(self, z: Tensor, bad: Tensor, feats: Tensor, net: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(B, C) -> (B, C) scores: the MLP's at the `top` best candidates by z, the others below all of
         them in z's order, -inf where `bad`; z itself while `on` is 0."""
-        x, at, ok = self.inputs(z, bad, feats)
+        x, at, ok = self.inputs(z, bad, feats, net)
         s = self.mlp((x - self.mu) / self.sd, {k: getattr(self, k) for k in self.PARAMS})  # (B, top)
         s = s.masked_fill(~ok, float("-inf"))
         floor = torch.where(ok, s, float("inf")).min(1, keepdim=True).values - 1.0  # below every re-ranked one

@@ -10,23 +10,30 @@ import torch
 from export.inference import TopKRanker, trace_ranker
 from tests.training.model.test_combiner import CAT, CONT, ITEM, V, batch, make_model
 from training.forward_check import load_served, served_state
-from training.model.scorer import COUNT_FEATURES, FEATURES, CandidateScorer, count_features, not_candidates
+from training.model.scorer import (
+    COUNT_FEATURES,
+    FEATURES,
+    NETWORK_FEATURES,
+    CandidateScorer,
+    count_features,
+    not_candidates,
+)
 
 INF = float("inf")
 TOP = 12
 RERANK = dict(rerank=True, rank_popular=8, head_gate=True)
 
 
-def scored_model(on: bool = True, seed: int = 3):
+def scored_model(on: bool = True, seed: int = 3, network: bool = False):
     """A re-ranking model whose scorer holds random weights (and a normalisation), switched `on`."""
-    m = make_model(**RERANK, scorer_hidden=16, scorer_top=TOP)
+    m = make_model(**RERANK, scorer_hidden=16, scorer_top=TOP, scorer_network=network)
     sc = m.item_memory.scorer
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for k in CandidateScorer.PARAMS:
             getattr(sc, k).copy_(torch.randn(getattr(sc, k).shape, generator=g))
-        sc.mu.copy_(torch.randn(len(FEATURES), generator=g))
-        sc.sd.copy_(torch.rand(len(FEATURES), generator=g) + 0.5)
+        sc.mu.copy_(torch.randn(sc.mu.shape, generator=g))
+        sc.sd.copy_(torch.rand(sc.sd.shape, generator=g) + 0.5)
         sc.on.fill_(float(on))
     return m
 
@@ -63,16 +70,21 @@ def test_scorer_without_re_ranking_is_not_built():
     assert m.item_memory.scorer is None
 
 
-def test_the_mlp_re_ranks_the_combiners_best_and_the_rest_stays_below_in_its_order():
-    m = scored_model()
-    sc = m.item_memory.scorer
+@pytest.mark.parametrize("network", [False, True])
+def test_the_mlp_re_ranks_the_combiners_best_and_the_rest_stays_below_in_its_order(network):
+    m = scored_model(network=network)
+    sc, mem = m.item_memory.scorer, m.item_memory
     feats, lengths = batch(9, seed=4)
     with torch.no_grad():
         got, cand = m.candidate_scores(feats, lengths)
         z, cand_z = plain_scores(m, feats, lengths)
-        items = m.unknown_to_oov(feats)[ITEM]
-        context, lists = m.item_memory._session_view(items, lengths)
-        f = count_features(m.item_memory.pop, context, lists, cand, lengths)
+        fo = m.unknown_to_oov(feats)
+        items = fo[ITEM]
+        context, lists = mem._session_view(items, lengths)
+        f = count_features(mem.pop, context, lists, cand, lengths)
+        h = m.next_hidden(fo, lengths)
+        raw = m.item_logits(h).gather(1, cand)  # the network's own logits, ungated
+        gates = torch.cat([torch.nn.functional.softplus(mem.gate(h)), mem.head_weight(h)], 1)
     assert torch.equal(cand, cand_z)
     bad = not_candidates(cand)
     assert torch.equal(torch.isinf(got) & (got < 0), bad)  # -inf exactly where z is (specials, repeats)
@@ -85,6 +97,11 @@ def test_the_mlp_re_ranks_the_combiners_best_and_the_rest_stays_below_in_its_ord
         ls = zb[order[:TOP]] - torch.logsumexp(zb, 0)
         rank = torch.log1p(torch.arange(len(top), dtype=torch.float32))
         x = torch.cat([f[b, top], ls[:, None], rank[:, None]], 1)
+        if network:
+            rb = raw[b, ok]
+            hls = rb[order[:TOP]] - torch.logsumexp(rb, 0)
+            x = torch.cat([x, hls[:, None], gates[b].expand(len(top), -1)], 1)
+            assert x.shape[1] == len(FEATURES) + len(NETWORK_FEATURES)
         want = CandidateScorer.mlp((x - sc.mu) / sc.sd, {k: getattr(sc, k) for k in CandidateScorer.PARAMS})
         assert torch.allclose(got[b, top], want, atol=1e-5)
         assert len(rest) > 0 and float(got[b, rest].max()) < float(got[b, top].min())
@@ -147,8 +164,9 @@ def test_blend_turns_the_scorer_off_and_the_served_state_brings_it_back():
     assert float(mem.scorer.on) == 1.0
 
 
-def test_traced_with_the_scorer_on_equals_eager():
-    m = scored_model()
+@pytest.mark.parametrize("network", [False, True])
+def test_traced_with_the_scorer_on_equals_eager(network):
+    m = scored_model(network=network)
     names = [ITEM, CAT, CONT]
     ranker = TopKRanker(m, names, 5, V)
     feats, lengths = batch(6, seed=8)
