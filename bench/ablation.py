@@ -233,6 +233,7 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "scorer_64 re-ranking the 512 best candidates (NowPlaying1M: 39 % of the known targets are among the "
         "128 best by the combiner's score, 52 % among the 512 best, 53 % among all)",
     ),
+    "no_scorer": (["--scorer-hidden", "0"], "without the candidate scorer (the recipe before 2026-12-06's tenth session)"),
     "scorer_64_network": (
         ["--scorer-hidden", "64", "--scorer-network"],
         "scorer_64 with the network's own signals among its inputs: each candidate's item logit from the "
