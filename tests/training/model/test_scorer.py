@@ -35,6 +35,7 @@ def scored_model(on: bool = True, seed: int = 3, network: bool = False):
         sc.mu.copy_(torch.randn(sc.mu.shape, generator=g))
         sc.sd.copy_(torch.rand(sc.sd.shape, generator=g) + 0.5)
         sc.on.fill_(float(on))
+        m.item_memory.head_gate.weight.normal_(0, 0.5, generator=g)  # a head weight other than 1 per session
     return m
 
 
