@@ -45,12 +45,14 @@ NO_SCORE = -50.0  # the log-softmax feature of a slot that holds no candidate (i
 
 
 def _scatter(cand: Tensor, idx: Tensor, val: Tensor) -> Tensor:
-    """(B, C) sorted candidates; (B, N) ids with (B, N) values -> (B, C) the values summed per candidate
-    (ids that are not candidates dropped; a repeated candidate gets them at its first position)."""
+    """(B, C) sorted candidates; (B, N) ids with (B, N, F) values -> (B, C, F) the values summed per
+    candidate (ids that are not candidates dropped; a repeated candidate gets them at its first position).
+    One search and one scatter for every feature that the same ids carry."""
     C = cand.shape[1]
     j = torch.searchsorted(cand, idx).clamp_(max=C - 1)
-    out = torch.zeros(cand.shape, device=cand.device)
-    return out.scatter_add_(1, j, torch.where(cand.gather(1, j) == idx, val.float(), 0.0))
+    val = torch.where((cand.gather(1, j) == idx)[..., None], val.float(), 0.0)
+    out = torch.zeros(*cand.shape, val.shape[2], device=cand.device)
+    return out.scatter_add_(1, j[..., None].expand(-1, -1, val.shape[2]), val)
 
 
 def count_features(pop: Tensor, context: TargetContext, lists: CountLists, cand: Tensor, lengths: Tensor) -> Tensor:
@@ -58,16 +60,20 @@ def count_features(pop: Tensor, context: TargetContext, lists: CountLists, cand:
     -> (B, C, len(COUNT_FEATURES)) float32 (`COUNT_FEATURES`; pop: the (V,) popularity table)."""
     B, C = cand.shape
     cooc_log, cooc_any = torch.log1p(lists.cooc_val.float()), (lists.cooc_val > 0).float()
-    f = [torch.log1p(pop[cand].float())]
-    flat = lists.cooc_idx.reshape(B, -1)
-    for lo, hi in BINS:
-        inb = (context.ctx & (context.dist >= lo) & (context.dist <= hi)).float()  # (B, W)
-        f.append(_scatter(cand, flat, (cooc_log * inb[:, :, None]).reshape(B, -1)))
-        f.append(_scatter(cand, flat, (cooc_any * inb[:, :, None]).reshape(B, -1)))
-        f.append(_scatter(cand, context.items.long(), inb))
-    f.append(_scatter(cand, lists.succ_idx, torch.log1p(lists.succ_val.float()) * context.has_last[:, None]))
-    f.append(torch.log1p(lengths.float())[:, None].expand(B, C))
-    return torch.stack(f, 2)
+    inb = torch.stack(
+        [(context.ctx & (context.dist >= lo) & (context.dist <= hi)).float() for lo, hi in BINS], 2
+    )  # (B, W, bins)
+    # per bin: summed log1p co-occurrence, co-occurring context items (B, W*K, 2 x bins); repeats (B, W, bins)
+    cooc = torch.stack([cooc_log[..., None] * inb[:, :, None, :], cooc_any[..., None] * inb[:, :, None, :]], 4)
+    cooc = _scatter(cand, lists.cooc_idx.reshape(B, -1), cooc.reshape(B, -1, 2 * len(BINS)))  # (B, C, bins x 2)
+    rep = _scatter(cand, context.items.long(), inb)  # (B, C, bins)
+    f = [torch.log1p(pop[cand].float())[..., None]]
+    for b in range(len(BINS)):  # the order of COUNT_FEATURES: per bin cooc_log, cooc_items, repeats
+        f += [cooc[..., 2 * b : 2 * b + 2], rep[..., b : b + 1]]
+    succ = torch.log1p(lists.succ_val.float()) * context.has_last[:, None]
+    f.append(_scatter(cand, lists.succ_idx, succ[..., None]))
+    f.append(torch.log1p(lengths.float())[:, None, None].expand(B, C, 1))
+    return torch.cat(f, 2)
 
 
 def not_candidates(cand: Tensor) -> Tensor:
