@@ -192,3 +192,17 @@ def test_config_rejects_bad_scorer_settings():
         ModelConfig(scorer_hidden=-1)
     with pytest.raises(ValueError, match="scorer_top >= 1, got 0 and 0"):
         ModelConfig(scorer_top=0)
+
+
+def test_an_ensemble_ranks_by_its_members_re_ranked_scores():
+    from training.model.ensemble import Ensemble, mean_log_softmax
+
+    ms = [scored_model(seed=s) for s in (3, 4)]
+    ens = Ensemble(ms).eval()
+    feats, lengths = batch(7, seed=2)
+    with torch.no_grad():
+        scores, cand = ens.candidate_scores(feats, lengths)
+        each = [m.candidate_scores(feats, lengths) for m in ms]
+        plain = [plain_scores(m, feats, lengths)[0] for m in ms]
+    assert torch.equal(scores, mean_log_softmax([s for s, _ in each]))
+    assert not torch.equal(scores, mean_log_softmax(plain))  # the members' scorers took part
