@@ -24,6 +24,7 @@ the scorer is off with it and comes back with the stacked combiner.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -201,7 +202,7 @@ class ScorerState:
         self.pool[window] = (x.half(), ok, y)
         self._trim(window)
         if out is not None:
-            buf = __import__("io").BytesIO()
+            buf = io.BytesIO()
             torch.save(self.pool, buf)
             atomic_write(out / POOL_FILE, buf.getvalue())
         entry["seconds"] = time.perf_counter() - t0
