@@ -47,6 +47,7 @@ from training.data.splits import SessionTensors, available_windows
 from training.evaluate import count_blend_ranks, evaluate_model, known_inputs
 from training.metrics import per_session
 from training.model import ItemMemory, SessionModel
+from training.model.scorer import tapping
 
 if TYPE_CHECKING:
     from training.trainer import Trainer
@@ -105,7 +106,9 @@ def check_next_window(trainer: Trainer, t: int, row: dict[str, Any]) -> dict[str
         load_served(mem, trainer.guard_combiner)
     try:
         seen = next_sessions(st, known, model.cfg.item_feature, trainer.age_feature)
-        mine = model_ranks(model, seen, dev, bs)  # the model as it stands, scored once for both checks
+        tap: list | None = [] if scorer else None  # the scorer's inputs, kept while the pass scores them
+        with tapping(mem, tap):
+            mine = model_ranks(model, seen, dev, bs)  # the model as it stands, scored once for every check
         if other is not None:
             check = trainer.check
             diffs, identity, curve = curve_gain(model, other, check.use_curve, seen, dev, bs, mine=mine)
@@ -119,7 +122,7 @@ def check_next_window(trainer: Trainer, t: int, row: dict[str, Any]) -> dict[str
             )
         if scorer:
             out["scorer_check"] = trainer.scorer.add_window(
-                model, seen, t + 1, dev, bs, trainer.out if trainer.dist.main else None
+                model, seen, t + 1, dev, bs, trainer.out if trainer.dist.main else None, tap
             )
             trainer.scorer.use = out["scorer_check"]["use_scorer_next"] = _rank0(trainer.scorer.use, dev)
     finally:

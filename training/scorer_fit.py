@@ -41,7 +41,7 @@ from training.evaluate import EVAL_PRODUCT_ITEMS, eval_rows
 from training.forward_check import Z_SWITCH, Pooled
 from training.integrity import atomic_write
 from training.model import SessionModel
-from training.model.scorer import FEATURES, CandidateScorer
+from training.model.scorer import FEATURES, CandidateScorer, tapping
 
 if TYPE_CHECKING:
     from training.trainer import Trainer
@@ -66,35 +66,44 @@ def ndcg_at(scores: Tensor, ok: Tensor, y: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def collect(model: SessionModel, st: SessionTensors, device: torch.device, batch: int) -> tuple[Tensor, ...]:
-    """Score `st` with the model as it stands, the scorer left out -> (x (S, N, F) float32 features of
+def collect(
+    model: SessionModel, st: SessionTensors, device: torch.device, batch: int, tap: list | None = None
+) -> tuple[Tensor, ...]:
+    """`st` scored by the model as it stands -> the scorer's inputs there: (x (S, N, F) float32 features of
     the combiner's N best candidates, ok (S, N) which are candidates, y (S,) the target's slot, -1 if
-    it is not among them)."""
+    it is not among them). tap: what `tapping` kept while the evaluation's pass scored `st` (the forward
+    check's, `check_next_window`), read instead of scoring the sessions a second time; None: scored here,
+    in the evaluation's batches."""
     mem = model.item_memory
     assert mem is not None and mem.scorer is not None, "the candidate scorer needs the item memory"
     feats, lengths, targets = eval_inputs_targets(st, model.cfg.item_feature)
-    product = device.type == "cpu" and model.cfg.n_items <= EVAL_PRODUCT_ITEMS  # as the evaluation
-    if product:  # a (B, V) product per batch: as many sessions as the evaluation scores at once
-        batch = eval_rows(model.cfg.n_items, batch)
-    was_training, tap = model.training, []
-    model.eval()
-    mem.scorer_tap = tap
-    try:
-        for i in range(0, len(targets), batch):
-            model.candidate_scores({k: v[i : i + batch].to(device) for k, v in feats.items()}, lengths[i : i + batch].to(device), product)
-    finally:
-        mem.scorer_tap = None
-        model.train(was_training)
-    xs, oks, ys = [], [], []
-    for (x, at, ok, cand), i in zip(tap, range(0, len(targets), batch)):
-        ids = F.pad(cand, (0, mem.scorer.top), value=-1).gather(1, at)  # `inputs` appended `top` empty slots
-        hit = (ids == targets[i : i + batch, None].to(cand.device)) & ok
-        ys.append(torch.where(hit.any(1), hit.float().argmax(1), -1).cpu())
+    if tap is None:
+        tap = []
+        product = device.type == "cpu" and model.cfg.n_items <= EVAL_PRODUCT_ITEMS  # as the evaluation
+        if product:  # a (B, V) product per batch: as many sessions as the evaluation scores at once
+            batch = eval_rows(model.cfg.n_items, batch)
+        was_training = model.training
+        model.eval()
+        try:
+            with tapping(mem, tap):
+                for i in range(0, len(targets), batch):
+                    f = {k: v[i : i + batch].to(device) for k, v in feats.items()}
+                    model.candidate_scores(f, lengths[i : i + batch].to(device), product)
+        finally:
+            model.train(was_training)
+    xs, oks, ids = [], [], []
+    for x, at, ok, cand in tap:  # the batches in the order of st
+        ids.append(F.pad(cand, (0, mem.scorer.top), value=-1).gather(1, at).cpu())  # `inputs`' empty slots
         pad = mem.scorer.top - x.shape[1]  # fewer candidates than slots (a tiny catalogue): empty slots
         xs.append(F.pad(x.cpu(), (0, 0, 0, pad))), oks.append(F.pad(ok.cpu(), (0, pad)))
+        ids[-1] = F.pad(ids[-1], (0, pad), value=-1)
     if not xs:
         return empty(mem.scorer.top, mem.scorer.mu.shape[0])
-    return torch.cat(xs), torch.cat(oks), torch.cat(ys)
+    x, ok, slot_ids = torch.cat(xs), torch.cat(oks), torch.cat(ids)
+    if len(slot_ids) != len(targets):
+        raise ValueError(f"scorer tap: {len(slot_ids)} sessions scored, expected {len(targets)} (the sessions of st)")
+    hit = (slot_ids == targets[:, None]) & ok
+    return x, ok, torch.where(hit.any(1), hit.float().argmax(1), -1)
 
 
 def empty(slots: int, width: int = len(FEATURES)) -> tuple[Tensor, Tensor, Tensor]:
@@ -175,15 +184,22 @@ class ScorerState:
         return torch.cat(xs[::-1]), torch.cat(oks[::-1]), torch.cat(ys[::-1])
 
     def add_window(
-        self, model: SessionModel, st: SessionTensors, window: int, device: torch.device, batch: int, out: Path | None
+        self,
+        model: SessionModel,
+        st: SessionTensors,
+        window: int,
+        device: torch.device,
+        batch: int,
+        out: Path | None,
+        tap: list | None = None,
     ) -> dict[str, Any]:
-        """`st` (window `window`'s forward sessions, `forward_check.next_sessions`): checked with the scorer
-        as fitted so far (if it is), then pooled and saved to out/POOL_FILE (None: not saved). Returns
-        the metrics row's entry."""
+        """`st` (window `window`'s forward sessions, `forward_check.next_sessions`; tap: the scorer's inputs
+        kept while they were scored, see `collect`): checked with the scorer as fitted so far (if it is),
+        then pooled and saved to out/POOL_FILE (None: not saved). Returns the metrics row's entry."""
         mem = model.item_memory
         assert mem is not None and mem.scorer is not None
         t0 = time.perf_counter()
-        x, ok, y = collect(model, st, device, batch)
+        x, ok, y = collect(model, st, device, batch, tap)
         entry: dict[str, Any] = {"window": window, "sessions": len(y), "target_in_top": float((y >= 0).float().mean()) if len(y) else 0.0}
         sc = mem.scorer
         if bool(sc.w1.any()) and len(y):  # fitted: the check

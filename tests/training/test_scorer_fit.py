@@ -91,10 +91,14 @@ def test_the_check_pools_the_next_windows_training_sessions_and_the_scorer_serve
 
     def spy(model, st, *a):
         seen_windows.append(st.source)
+        taps.append(a[-1])
         return real(model, st, *a)
 
+    taps: list = []
     monkeypatch.setattr(sf, "collect", spy)
     rows = [r for r in scorer_run(tiny_synthetic_data, tmp_path / "run", forward_check_sessions=40) if r.get("sessions_trained")]
+    # the pool reads what the check's one pass kept (no second scoring of the sessions)
+    assert all(isinstance(tap, list) for tap in taps) and any(taps)
     assert len(rows) >= 3
     schema = load_schema(tiny_synthetic_data)
     for r, source in zip(rows, seen_windows, strict=True):

@@ -136,7 +136,7 @@ class ItemMemory(nn.Module):
         self.scorer: CandidateScorer | None = (
             CandidateScorer(hidden, top, network) if hidden and rerank_popular else None
         )
-        # training.scorer_fit: a list = candidate_scores appends the scorer's inputs to it and returns z
+        # training.scorer_fit: a list = candidate_scores appends the scorer's inputs to it (`scorer.tapping`)
         self.scorer_tap: list | None = None
         self._init_combiner()
 
@@ -461,10 +461,10 @@ class ItemMemory(nn.Module):
         if self.scorer.network:  # the network's own logit of each candidate (ungated) and the session's gates
             raw = out.new_zeros(B, C) if head is None else self._head_at(head.h.float(), head, cand)
             net = (raw, torch.cat([g, self.head_weight(h)], 1))
-        if self.scorer_tap is not None:  # training.scorer_fit: the inputs of the combiner's best, unscored
-            self.scorer_tap.append((*self.scorer.inputs(out, bad, feats, net), cand))
-            return out
-        return self.scorer(out, bad, feats, net)
+        x, at, ok = self.scorer.inputs(out, bad, feats, net)
+        if self.scorer_tap is not None:  # training.scorer_fit: the scorer's inputs, kept as they are scored
+            self.scorer_tap.append((x, at, ok, cand))
+        return self.scorer.rescore(out, bad, x, at, ok)
 
     @staticmethod
     def _head_at(lhs: Tensor, head: HeadFactors, cand: Tensor) -> Tensor:

@@ -22,6 +22,9 @@ checkpoint and the traced model. `on` (a buffer, 0 or 1) says whether the scores
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -83,6 +86,20 @@ def not_candidates(cand: Tensor) -> Tensor:
     return bad | F.pad(cand[:, 1:] == cand[:, :-1], (1, 0))
 
 
+@contextmanager
+def tapping(mem: nn.Module, tap: list | None) -> Iterator[None]:
+    """While in it, the item memory's `candidate_scores` appends the scorer's inputs of every batch it
+    scores to `tap` ((x, at, ok, cand) each: `CandidateScorer.inputs` and the candidates); None: no-op."""
+    if tap is None:
+        yield
+        return
+    mem.scorer_tap = tap
+    try:
+        yield
+    finally:
+        mem.scorer_tap = None
+
+
 class CandidateScorer(nn.Module):
     """The MLP over `FEATURES` (two hidden layers of `hidden` ReLUs), as buffers, applied to the `top`
     best candidates by z (module docstring)."""
@@ -134,7 +151,10 @@ class CandidateScorer(nn.Module):
     def forward(self, z: Tensor, bad: Tensor, feats: Tensor, net: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(B, C) -> (B, C) scores: the MLP's at the `top` best candidates by z, the others below all of
         them in z's order, -inf where `bad`; z itself while `on` is 0."""
-        x, at, ok = self.inputs(z, bad, feats, net)
+        return self.rescore(z, bad, *self.inputs(z, bad, feats, net))
+
+    def rescore(self, z: Tensor, bad: Tensor, x: Tensor, at: Tensor, ok: Tensor) -> Tensor:
+        """`forward` from its `inputs` (x, at, ok), computed once."""
         s = self.mlp((x - self.mu) / self.sd, {k: getattr(self, k) for k in self.PARAMS})  # (B, top)
         s = s.masked_fill(~ok, float("-inf"))
         floor = torch.where(ok, s, float("inf")).min(1, keepdim=True).values - 1.0  # below every re-ranked one

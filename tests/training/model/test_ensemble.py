@@ -60,31 +60,36 @@ def test_ensemble_ranks_by_the_mean_of_its_members_log_softmax():
         ens.next_item_topk(feats, lengths, 9)
 
 
+def traced_equals_eager(model) -> tuple:
+    """`model` served as traced (TopKRanker, top 5): the traced ranker gives the eager one's ids and scores on
+    the batch it was traced with and on another. -> (ranker, traced, the tracing batch's inputs)."""
+    names = [ITEM, CAT, CONT]
+    ranker = TopKRanker(model, names, 5, V)
+    feats, lengths = batch(6, seed=8)
+    inputs = (*[feats[n] for n in names], lengths)
+    traced = trace_ranker(ranker, inputs)
+    other = batch(4, seed=9)
+    with torch.no_grad():
+        for x in (inputs, (*[other[0][n] for n in names], other[1])):
+            want, got = ranker(*x), traced(*x)
+            assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0])
+    return ranker, traced, inputs
+
+
 def test_ensemble_traced_as_served_equals_eager_and_holds_the_tables_once():
     ms = members(2)
     ens = Ensemble(ms)
     ens.shared_tables()
     mem0, mem1 = ms[0].item_memory, ms[1].item_memory
     assert all(getattr(mem0, n).data_ptr() == getattr(mem1, n).data_ptr() for n in mem0.TABLES)
-    names = [ITEM, CAT, CONT]
-    ranker = TopKRanker(ens, names, 5, V)
-    feats, lengths = batch(6, seed=8)
-    inputs = (*[feats[n] for n in names], lengths)
-    traced = trace_ranker(ranker, inputs)
-    other = batch(4, seed=9)
-    other_inputs = (*[other[0][n] for n in names], other[1])
-    with torch.no_grad():
-        for x in (inputs, other_inputs):
-            want = ranker(*x)
-            got = traced(*x)
-            assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0])
+    ranker, traced, inputs = traced_equals_eager(ens)
 
     def saved_bytes(module) -> int:
         buf = io.BytesIO()
         torch.jit.save(module, buf)
         return len(buf.getvalue())
 
-    single = trace_ranker(TopKRanker(ms[0], names, 5, V), inputs)
+    single = trace_ranker(TopKRanker(ms[0], ranker.feature_names, 5, V), inputs)
     table_bytes = sum(t.numel() * t.element_size() for t in mem0.tables().values())
     # the second member adds its network, not a second copy of the tables
     assert saved_bytes(traced) - saved_bytes(single) < saved_bytes(single) - table_bytes + 4096

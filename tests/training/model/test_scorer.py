@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.inference import TopKRanker, trace_ranker
-from tests.training.model.test_combiner import CAT, CONT, ITEM, V, batch, make_model
+from tests.training.model.test_combiner import ITEM, batch, make_model
+from tests.training.model.test_ensemble import traced_equals_eager
 from training.forward_check import load_served, served_state
 from training.model.scorer import (
     COUNT_FEATURES,
@@ -168,16 +168,8 @@ def test_blend_turns_the_scorer_off_and_the_served_state_brings_it_back():
 @pytest.mark.parametrize("network", [False, True])
 def test_traced_with_the_scorer_on_equals_eager(network):
     m = scored_model(network=network)
-    names = [ITEM, CAT, CONT]
-    ranker = TopKRanker(m, names, 5, V)
-    feats, lengths = batch(6, seed=8)
-    inputs = (*[feats[n] for n in names], lengths)
-    traced = trace_ranker(ranker, inputs)
-    other = batch(4, seed=9)
+    ranker, traced, inputs = traced_equals_eager(m)
     with torch.no_grad():
-        for x in (inputs, (*[other[0][n] for n in names], other[1])):
-            want, got = ranker(*x), traced(*x)
-            assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0])
         on = traced(*inputs)[1]
         # and it re-ranks: switched off (the trace reads the same buffer), the top-5 differ
         m.item_memory.scorer.on.zero_()
