@@ -8,6 +8,8 @@ inputs there (the combiner's best candidates, their features, where the target i
 pool kept per window in RUN/scorer_pool.pt. Before window t's evaluation, the MLP is fitted afresh
 (seeded by the run's seed and t) on the newest POOL_SESSIONS of the pool's windows <= t: sessions of
 windows the model has trained on, but each scored by a model and counts that had not seen it.
+TrainConfig.scorer_prefix_sessions adds, per check, some of the checked sessions' shorter prefixes
+(`shorter_prefixes`, scored apart from the check) to the pool: more rows where windows are small.
 
     out["scorer_check"] = trainer.scorer.add_window(model, seen, t + 1, ...)   # check_next_window
     row.update(fit_scorer(trainer, t))                                          # run_window
@@ -42,6 +44,7 @@ from training.forward_check import Z_SWITCH, Pooled
 from training.integrity import atomic_write
 from training.model import SessionModel
 from training.model.scorer import FEATURES, CandidateScorer, tapping
+from training.names import OOV_ID
 
 if TYPE_CHECKING:
     from training.trainer import Trainer
@@ -104,6 +107,26 @@ def collect(
         raise ValueError(f"scorer tap: {len(slot_ids)} sessions scored, expected {len(targets)} (the sessions of st)")
     hit = (slot_ids == targets[:, None]) & ok
     return x, ok, torch.where(hit.any(1), hit.float().argmax(1), -1)
+
+
+def shorter_prefixes(st: SessionTensors, n: int, seed: int, item_feature: str) -> SessionTensors:
+    """At most n of the sessions' shorter prefixes: 2 items or more, the whole session left out (it is
+    a pool row of its own), the prefix's last item (its target) not OOV; drawn at random with a
+    generator seeded by `seed`, in session order, shortest first; positions past a prefix are zeroed."""
+    cuts = (st.lengths - 2).clamp(min=0)  # (N,) prefixes of lengths 2 .. length - 1
+    rows = torch.repeat_interleave(torch.arange(len(st)), cuts)  # (P,)
+    lengths = torch.arange(len(rows)) - (torch.cumsum(cuts, 0) - cuts)[rows] + 2  # (P,)
+    items = st.feats[item_feature]
+    pick = (items[rows, lengths - 1] != OOV_ID).nonzero().flatten()
+    if len(pick) > n:
+        g = torch.Generator().manual_seed(seed)
+        pick = pick[torch.randperm(len(pick), generator=g)[:n]].sort().values
+    rows, lengths = rows[pick], lengths[pick]
+    feats = {}
+    for k, v in st.feats.items():
+        keep = torch.arange(v.shape[1])[None, :] < lengths[:, None]
+        feats[k] = torch.where(keep, v[rows], torch.zeros((), dtype=v.dtype))
+    return SessionTensors(feats, lengths, st.session_id[rows], st.source)
 
 
 def empty(slots: int, width: int = len(FEATURES)) -> tuple[Tensor, Tensor, Tensor]:
@@ -192,10 +215,14 @@ class ScorerState:
         batch: int,
         out: Path | None,
         tap: list | None = None,
+        *,
+        prefixes: int = 0,
+        seed: int = 0,
     ) -> dict[str, Any]:
         """`st` (window `window`'s forward sessions, `forward_check.next_sessions`; tap: the scorer's inputs
         kept while they were scored, see `collect`): checked with the scorer as fitted so far (if it is),
-        then pooled and saved to out/POOL_FILE (None: not saved). Returns the metrics row's entry."""
+        then pooled, with at most `prefixes` of their `shorter_prefixes` (drawn by `seed`; scored here, as
+        the model stands), and saved to out/POOL_FILE (None: not saved). Returns the metrics row's entry."""
         mem = model.item_memory
         assert mem is not None and mem.scorer is not None
         t0 = time.perf_counter()
@@ -215,6 +242,11 @@ class ScorerState:
             self.use = recent.z > Z_SWITCH
             entry.update({"ndcg@20_scorer": float(mine.mean()), "ndcg@20_plain": float(plain.mean()), "z_newest": newest.z, "z_recent": recent.z, "recent": self.recent})  # fmt: skip
         entry.update(pooled_sessions=self.check.n, pooled_total=self.check.total, pooled_squares=self.check.squares, z=self.check.z, use_scorer_next=self.use)  # fmt: skip
+        if prefixes > 0 and len(y):  # before the sessions: a fit short of room drops them first
+            pre = shorter_prefixes(st, prefixes, seed, model.cfg.item_feature)
+            xp, okp, yp = collect(model, pre, device, batch)
+            entry.update(prefix_sessions=len(yp), prefix_target_in_top=float((yp >= 0).float().mean()) if len(yp) else 0.0)  # fmt: skip
+            x, ok, y = torch.cat([xp, x]), torch.cat([okp, ok]), torch.cat([yp, y])
         self.pool[window] = (x.half(), ok, y)
         self._trim(window)
         if out is not None:

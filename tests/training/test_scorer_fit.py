@@ -122,6 +122,66 @@ def test_the_check_pools_the_next_windows_training_sessions_and_the_scorer_serve
     assert float(final["item_memory.scorer.on"]) == 1.0 and bool(final["item_memory.scorer.w1"].any())
 
 
+def test_shorter_prefixes_are_the_sessions_heads_without_the_whole_session_or_an_oov_target():
+    from training.data.splits import SessionTensors
+    from training.names import OOV_ID
+
+    items = torch.tensor([[5, 0, 0, 0, 0], [5, 6, 0, 0, 0], [7, 8, 9, 0, 0], [3, 4, OOV_ID, 6, 7]])
+    side = torch.arange(20, dtype=torch.float32).reshape(4, 5) + 1
+    st = SessionTensors({"item": items, "side": side}, torch.tensor([1, 2, 3, 5]), torch.tensor([10, 11, 12, 13]), "w")
+    every = sf.shorter_prefixes(st, 100, seed=0, item_feature="item")
+    # session 12 gives its 2-item head; 13 its heads of 2 and 4 items (3 ends on OOV); 5 and 11 none
+    assert every.session_id.tolist() == [12, 13, 13] and every.lengths.tolist() == [2, 2, 4]
+    assert every.feats["item"].tolist() == [[7, 8, 0, 0, 0], [3, 4, 0, 0, 0], [3, 4, OOV_ID, 6, 0]]
+    assert every.feats["side"][2].tolist() == [16.0, 17.0, 18.0, 19.0, 0.0] and every.source == "w"
+    many = SessionTensors({"item": torch.arange(3, 63).reshape(6, 10)}, torch.full((6,), 10), torch.arange(6))
+    drawn = sf.shorter_prefixes(many, 7, seed=1, item_feature="item")
+    assert len(drawn) == 7 and bool((drawn.lengths >= 2).all() and (drawn.lengths <= 9).all())
+    again = sf.shorter_prefixes(many, 7, seed=1, item_feature="item")
+    other = sf.shorter_prefixes(many, 7, seed=2, item_feature="item")
+    assert torch.equal(drawn.feats["item"], again.feats["item"]) and not torch.equal(drawn.feats["item"], other.feats["item"])
+    rows = drawn.session_id
+    assert rows.tolist() == sorted(rows.tolist())  # in session order
+    for r, n, f in zip(rows.tolist(), drawn.lengths.tolist(), drawn.feats["item"], strict=True):
+        assert f[:n].tolist() == many.feats["item"][r, :n].tolist() and not f[n:].any()
+
+
+def test_the_prefixes_join_the_pool_before_the_sessions_and_the_check_reads_the_sessions_only(
+    tiny_synthetic_data, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(sf, "MIN_SESSIONS", 5)
+    monkeypatch.setattr(fc, "Z_SWITCH", math.inf)  # the guard never falls back
+    calls: list = []
+    real = sf.collect
+
+    def spy(model, st, *a):
+        got = real(model, st, *a)
+        calls.append((st, isinstance(a[-1], list), got))
+        return got
+
+    monkeypatch.setattr(sf, "collect", spy)
+    rows = [
+        r
+        for r in scorer_run(tiny_synthetic_data, tmp_path / "run", forward_check_sessions=40, scorer_prefix_sessions=30)
+        if r.get("sessions_trained")
+    ]
+    pool = torch.load(tmp_path / "run" / sf.POOL_FILE, weights_only=True)
+    assert len(calls) == 2 * len(rows) >= 6
+    for r, (whole, tapped, _), (pre, pre_tapped, (xp, _okp, yp)) in zip(rows, calls[::2], calls[1::2], strict=True):
+        c = r["scorer_check"]
+        assert tapped and not pre_tapped and c["sessions"] == len(whole) and 0 < c["prefix_sessions"] == len(pre) <= 30
+        # each prefix is the head of one of the checked sessions, shorter than it
+        by_id = {int(s): i for i, s in enumerate(whole.session_id)}
+        for s, n, f in zip(pre.session_id.tolist(), pre.lengths.tolist(), pre.feats["item_id-list"], strict=True):
+            i = by_id[s]
+            assert 2 <= n < int(whole.lengths[i]) and f[:n].tolist() == whole.feats["item_id-list"][i, :n].tolist()
+        x, ok, y = pool[c["window"]]
+        assert len(y) == len(pre) + len(whole) and torch.equal(y[: len(pre)], yp) and torch.equal(x[: len(pre)], xp.half())
+    # the check pools the whole sessions' differences only
+    checked = [r["scorer_check"] for r in rows if "ndcg@20_scorer" in r["scorer_check"]]
+    assert checked and rows[-1]["scorer_check"]["pooled_sessions"] == sum(c["sessions"] for c in checked)
+
+
 def test_a_scorer_the_check_never_picks_changes_no_metric(tiny_synthetic_data, tmp_path, monkeypatch):
     monkeypatch.setattr(sf, "MIN_SESSIONS", 5)
     monkeypatch.setattr(sf, "Z_SWITCH", math.inf)
