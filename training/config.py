@@ -148,13 +148,13 @@ class TrainConfig:
             "of the next window's training sessions"
         ),
     )
-    scorer_prefix_sessions: int = field(
-        default=0,
+    scorer_prefixes: float = field(
+        default=0.0,
         metadata=help_meta(
-            "candidate scorer (--scorer-hidden): besides each forward check's sessions, at most N of their "
-            "shorter prefixes (2 items or more; the prefix's last item is its target) join the scorer's pool, "
-            "drawn at random (seeded): more rows to fit on where windows are small. The check itself reads "
-            "the whole sessions only (0 = none)"
+            "candidate scorer (--scorer-hidden): besides each forward check's sessions, at most F per "
+            "checked session of their shorter prefixes (2 items or more; the prefix's last item is its "
+            "target) join the scorer's pool, drawn at random (seeded): more rows to fit on where windows "
+            "are small. The check itself reads the whole sessions only (0 = none)"
         ),
     )
     repeat_reweight: bool = field(
@@ -345,8 +345,8 @@ class TrainConfig:
             raise ValueError(f"cooc_curve_fit must be one of {CURVE_FITS}, got {self.cooc_curve_fit!r}")
         if self.forward_check_sessions < 1:
             raise ValueError(f"forward_check_sessions must be >= 1, got {self.forward_check_sessions}")
-        if self.scorer_prefix_sessions < 0:
-            raise ValueError(f"scorer_prefix_sessions must be >= 0 (0 = none), got {self.scorer_prefix_sessions}")
+        if not self.scorer_prefixes >= 0:
+            raise ValueError(f"scorer_prefixes must be >= 0 (0 = none), got {self.scorer_prefixes}")
         if self.members < 1:
             raise ValueError(f"members must be >= 1 (1 = one model, no ensemble), got {self.members}")
         if self.stack_pool < 0:

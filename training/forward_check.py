@@ -125,7 +125,7 @@ def check_next_window(trainer: Trainer, t: int, row: dict[str, Any]) -> dict[str
 
             out["scorer_check"] = trainer.scorer.add_window(
                 model, seen, t + 1, dev, bs, trainer.out if trainer.dist.main else None, tap,
-                prefixes=cfg.scorer_prefix_sessions, seed=_seed(cfg.seed, t, 13),
+                prefixes=round(cfg.scorer_prefixes * len(seen)), seed=_seed(cfg.seed, t, 13),
             )  # fmt: skip
             trainer.scorer.use = out["scorer_check"]["use_scorer_next"] = _rank0(trainer.scorer.use, dev)
     finally:

@@ -8,7 +8,7 @@ inputs there (the combiner's best candidates, their features, where the target i
 pool kept per window in RUN/scorer_pool.pt. Before window t's evaluation, the MLP is fitted afresh
 (seeded by the run's seed and t) on the newest POOL_SESSIONS of the pool's windows <= t: sessions of
 windows the model has trained on, but each scored by a model and counts that had not seen it.
-TrainConfig.scorer_prefix_sessions adds, per check, some of the checked sessions' shorter prefixes
+TrainConfig.scorer_prefixes adds, per check, some of the checked sessions' shorter prefixes
 (`shorter_prefixes`, scored apart from the check) to the pool: more rows where windows are small.
 
     out["scorer_check"] = trainer.scorer.add_window(model, seen, t + 1, ...)   # check_next_window

@@ -162,14 +162,14 @@ def test_the_prefixes_join_the_pool_before_the_sessions_and_the_check_reads_the_
     monkeypatch.setattr(sf, "collect", spy)
     rows = [
         r
-        for r in scorer_run(tiny_synthetic_data, tmp_path / "run", forward_check_sessions=40, scorer_prefix_sessions=30)
+        for r in scorer_run(tiny_synthetic_data, tmp_path / "run", forward_check_sessions=40, scorer_prefixes=0.5)
         if r.get("sessions_trained")
     ]
     pool = torch.load(tmp_path / "run" / sf.POOL_FILE, weights_only=True)
     assert len(calls) == 2 * len(rows) >= 6
     for r, (whole, tapped, _), (pre, pre_tapped, (xp, _okp, yp)) in zip(rows, calls[::2], calls[1::2], strict=True):
         c = r["scorer_check"]
-        assert tapped and not pre_tapped and c["sessions"] == len(whole) and 0 < c["prefix_sessions"] == len(pre) <= 30
+        assert tapped and not pre_tapped and c["sessions"] == len(whole) and 0 < c["prefix_sessions"] == len(pre) <= round(0.5 * len(whole))
         # each prefix is the head of one of the checked sessions, shorter than it
         by_id = {int(s): i for i, s in enumerate(whole.session_id)}
         for s, n, f in zip(pre.session_id.tolist(), pre.lengths.tolist(), pre.feats["item_id-list"], strict=True):
