@@ -5,7 +5,7 @@ fitted on *forward* sessions only, as serving meets them: after window t (its ev
 newest TrainConfig.forward_check_sessions of window t+1's training split are scored by the model as it
 stands, with the counts of windows <= t (`training.forward_check.check_next_window`), and the scorer's
 inputs there (the combiner's best candidates, their features, where the target is among them) join a
-pool kept per window in RUN/scorer_pool.pt. Before window t's evaluation, the MLP is fitted afresh
+pool kept per window in RUN/scorer_pool/w<window>.pt. Before window t's evaluation, the MLP is fitted afresh
 (seeded by the run's seed and t) on the newest POOL_SESSIONS of the pool's windows <= t: sessions of
 windows the model has trained on, but each scored by a model and counts that had not seen it.
 TrainConfig.scorer_prefixes adds, per check, some of the checked sessions' shorter prefixes
@@ -49,7 +49,8 @@ from training.names import OOV_ID
 if TYPE_CHECKING:
     from training.trainer import Trainer
 
-POOL_FILE = "scorer_pool.pt"
+POOL_DIR = "scorer_pool"  # RUN/scorer_pool/w<window>.pt: one file per pooled window, written once
+LEGACY_POOL_FILE = "scorer_pool.pt"  # the whole pool in one file, rewritten each window (before 2026-12-07)
 POOL_SESSIONS = 40_000  # the newest forward sessions (with the target among the candidates) a fit reads
 MIN_SESSIONS = 200  # fewer in the pool: no fit yet
 STEPS, BATCH, LR = 400, 256, 3e-3  # Adam steps of BATCH sessions drawn from the pool
@@ -182,9 +183,7 @@ class ScorerState:
     @classmethod
     def restore(cls, out: Path, rows: list[dict[str, Any]]) -> ScorerState:
         """--resume: the pool saved in `out` and the newest check of the metrics rows."""
-        state = cls()
-        if (out / POOL_FILE).exists():
-            state.pool = torch.load(out / POOL_FILE, weights_only=True)
+        state = cls(pool=load_pool(out))
         for row in rows:
             if c := row.get("scorer_check"):
                 state.check = Pooled(int(c["pooled_sessions"]), c["pooled_total"], c["pooled_squares"])
@@ -222,7 +221,7 @@ class ScorerState:
         """`st` (window `window`'s forward sessions, `forward_check.next_sessions`; tap: the scorer's inputs
         kept while they were scored, see `collect`): checked with the scorer as fitted so far (if it is),
         then pooled, with at most `prefixes` of their `shorter_prefixes` (drawn by `seed`; scored here, as
-        the model stands), and saved to out/POOL_FILE (None: not saved). Returns the metrics row's entry."""
+        the model stands), and saved to out/POOL_DIR (None: not saved). Returns the metrics row's entry."""
         mem = model.item_memory
         assert mem is not None and mem.scorer is not None
         t0 = time.perf_counter()
@@ -250,9 +249,7 @@ class ScorerState:
         self.pool[window] = (x.half(), ok, y)
         self._trim(window)
         if out is not None:
-            buf = io.BytesIO()
-            torch.save(self.pool, buf)
-            atomic_write(out / POOL_FILE, buf.getvalue())
+            save_pool_window(out, window, self.pool)
         entry["seconds"] = time.perf_counter() - t0
         return entry
 
@@ -264,6 +261,33 @@ class ScorerState:
                 del self.pool[w]
             else:
                 n += int((self.pool[w][2] >= 0).sum())
+
+
+def load_pool(out: Path) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
+    """The pool a run saved in `out` ({} if none): its window files (a run of the code before them: the
+    one file it rewrote each window)."""
+    pool = torch.load(out / LEGACY_POOL_FILE, weights_only=True) if (out / LEGACY_POOL_FILE).exists() else {}
+    for path in (out / POOL_DIR).glob("w*.pt"):
+        if path.stem[1:].isdigit():
+            pool[int(path.stem[1:])] = torch.load(path, weights_only=True)
+    return pool
+
+
+def save_pool_window(out: Path, window: int, pool: dict[int, tuple[Tensor, Tensor, Tensor]]) -> None:
+    """Write `window`'s entry of the pool to out/POOL_DIR (atomically) and remove the files of the
+    windows the pool no longer holds: a window's rows are written once, not the whole pool each window
+    (a pool resumed from the legacy one file: every window it holds written, then that file removed)."""
+    folder = out / POOL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    legacy = out / LEGACY_POOL_FILE
+    for w in pool if legacy.exists() else [window]:
+        buf = io.BytesIO()
+        torch.save(pool[w], buf)
+        atomic_write(folder / f"w{w}.pt", buf.getvalue())
+    legacy.unlink(missing_ok=True)
+    for path in folder.glob("w*.pt"):
+        if path.stem[1:].isdigit() and int(path.stem[1:]) not in pool:
+            path.unlink()
 
 
 def fit_scorer(trainer: Trainer, t: int) -> dict[str, Any]:

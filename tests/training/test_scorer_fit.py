@@ -76,6 +76,35 @@ def test_the_pool_reads_the_newest_sessions_of_windows_up_to_t_and_keeps_what_a_
     assert sorted(state.pool) == [3, 4, 5]
 
 
+def test_the_pool_is_saved_a_window_a_file_and_a_legacy_one_file_pool_is_carried_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(sf, "POOL_SESSIONS", 5)
+    writes: list = []
+    real_write = sf.atomic_write
+    monkeypatch.setattr(sf, "atomic_write", lambda path, data: (writes.append(path.name), real_write(path, data)))
+
+    def entry(w, n=4):
+        return torch.full((n, 3, len(FEATURES)), float(w)), torch.ones(n, 3, dtype=torch.bool), torch.zeros(n, dtype=torch.int64)
+
+    legacy = {3: entry(3), 4: entry(4)}
+    torch.save({w: (x.half(), ok, y) for w, (x, ok, y) in legacy.items()}, tmp_path / sf.LEGACY_POOL_FILE)
+    state = sf.ScorerState.restore(tmp_path, [])
+    assert sorted(state.pool) == [3, 4] and torch.equal(state.pool[4][0].float(), legacy[4][0])
+    data = iter(entry(w) for w in (5, 6, 7))
+    monkeypatch.setattr(sf, "collect", lambda *a, **k: next(data))
+    state.add_window(_Model(CandidateScorer(4, 3)), None, 5, torch.device("cpu"), 8, tmp_path)
+    # the legacy file's windows go to files of their own, then it is removed
+    files = lambda: sorted(p.name for p in (tmp_path / sf.POOL_DIR).iterdir())  # noqa: E731
+    assert not (tmp_path / sf.LEGACY_POOL_FILE).exists() and files() == ["w3.pt", "w4.pt", "w5.pt"]
+    for w in (6, 7):
+        writes.clear()
+        state.add_window(_Model(CandidateScorer(4, 3)), None, w, torch.device("cpu"), 8, tmp_path)
+        assert writes == [f"w{w}.pt"]  # only the new window is written
+    # windows 3 and 4 are read by no fit from 7 on (and not by a redo of 7): their files are removed
+    assert sorted(state.pool) == [5, 6, 7] and files() == ["w5.pt", "w6.pt", "w7.pt"]
+    back = sf.load_pool(tmp_path)
+    assert sorted(back) == [5, 6, 7] and all(torch.equal(back[w][0], state.pool[w][0]) for w in back)
+
+
 def scorer_run(data, out, **kw):
     return train(tiny_cfg(data, out, **{**SCORER, **kw}))["windows"]
 
@@ -116,7 +145,7 @@ def test_the_check_pools_the_next_windows_training_sessions_and_the_scorer_serve
     for prev, r in zip(fitted, fitted[1:]):
         assert "ndcg@20_scorer" in prev["scorer_check"] and prev["scorer_check"]["use_scorer_next"] is True
         assert r["scorer"]["on"] is True
-    pool = torch.load(tmp_path / "run" / sf.POOL_FILE, weights_only=True)
+    pool = sf.load_pool(tmp_path / "run")
     assert sorted(pool) == [r["train_window"] + 1 for r in rows]
     final = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert float(final["item_memory.scorer.on"]) == 1.0 and bool(final["item_memory.scorer.w1"].any())
@@ -165,7 +194,7 @@ def test_the_prefixes_join_the_pool_before_the_sessions_and_the_check_reads_the_
         for r in scorer_run(tiny_synthetic_data, tmp_path / "run", forward_check_sessions=40, scorer_prefixes=0.5)
         if r.get("sessions_trained")
     ]
-    pool = torch.load(tmp_path / "run" / sf.POOL_FILE, weights_only=True)
+    pool = sf.load_pool(tmp_path / "run")
     assert len(calls) == 2 * len(rows) >= 6
     for r, (whole, tapped, _), (pre, pre_tapped, (xp, _okp, yp)) in zip(rows, calls[::2], calls[1::2], strict=True):
         c = r["scorer_check"]
