@@ -246,6 +246,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "as it checks (each prefix's last item its target): more rows to fit on where windows are small "
         "(up to 5,000 per check instead, at 29e4e74: DIGINETICA +0.6 % +/- 0.7, NowPlaying1M -0.8 % +/- 0.7)",
     ),
+    "scorer_members_3": (
+        ["--scorer-members", "3"],
+        "the scorer is the mean of three MLPs fitted with different seeds on the same pool (one MLP of 192 "
+        "units at serving, its second layer block-diagonal): a fit on a small pool varies with its seed",
+    ),
     "scorer_64_network": (
         ["--scorer-hidden", "64", "--scorer-network"],
         "scorer_64 with the network's own signals among its inputs: each candidate's item logit from the "

@@ -171,6 +171,23 @@ def fit_mlp(x: Tensor, ok: Tensor, y: Tensor, hidden: int, seed: int, steps: int
     return {"weights": {k: v.detach() for k, v in w.items()}, "mu": mu, "sd": sd, "loss": float(np.mean(losses[-50:]))}
 
 
+def fold(fits: list[dict[str, Any]]) -> dict[str, Any]:
+    """`fit_mlp` results on the same pool (the same mu, sd) -> one fit whose MLP scores their mean: the
+    hidden units side by side, the second layer block-diagonal (one fit: itself)."""
+    if len(fits) == 1:
+        return fits[0]
+    w = [f["weights"] for f in fits]
+    weights = {
+        "w1": torch.cat([v["w1"] for v in w], 1),
+        "b1": torch.cat([v["b1"] for v in w]),
+        "w2": torch.block_diag(*[v["w2"] for v in w]),
+        "b2": torch.cat([v["b2"] for v in w]),
+        "w3": torch.cat([v["w3"] for v in w]) / len(w),
+        "b3": torch.stack([v["b3"] for v in w]).mean(),
+    }
+    return {"weights": weights, "mu": fits[0]["mu"], "sd": fits[0]["sd"], "loss": float(np.mean([f["loss"] for f in fits]))}
+
+
 @dataclass
 class ScorerState:
     """A run's pool of forward sessions per window (x half, ok, y) and the pooled forward check."""
@@ -303,7 +320,9 @@ def fit_scorer(trainer: Trainer, t: int) -> dict[str, Any]:
     x, ok, y = trainer.scorer.sessions(t)
     entry: dict[str, Any] = {"fit_sessions": len(y), "fitted": False, "on": False}
     if len(y) >= MIN_SESSIONS:
-        fit = fit_mlp(x, ok, y, mem.scorer.w1.shape[1], _seed(trainer.cfg.seed, t, 12))
+        cfg = trainer.model.cfg
+        seeds = [_seed(trainer.cfg.seed, t, 12, *([k] if k else [])) for k in range(cfg.scorer_members)]
+        fit = fold([fit_mlp(x, ok, y, cfg.scorer_hidden, seed) for seed in seeds])
         with torch.no_grad():
             for k, v in {**fit["weights"], "mu": fit["mu"], "sd": fit["sd"]}.items():
                 getattr(mem.scorer, k).copy_(v)

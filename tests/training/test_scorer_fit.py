@@ -45,6 +45,38 @@ def test_fit_mlp_learns_a_planted_feature_that_the_combiners_score_misses():
     assert all(torch.equal(fit["weights"][k], again["weights"][k]) for k in fit["weights"])
 
 
+def test_fold_serves_the_mean_of_its_members_as_one_mlp():
+    x, ok, y = planted(600)
+    fits = [sf.fit_mlp(x, ok, y, hidden=8, seed=s, steps=30) for s in (1, 2, 3)]
+    folded = sf.fold(fits)
+    assert folded["weights"]["w1"].shape == (len(FEATURES), 24) and folded["weights"]["w2"].shape == (24, 24)
+    norm = (x - fits[0]["mu"]) / fits[0]["sd"]
+    mean = torch.stack([CandidateScorer.mlp(norm, f["weights"]) for f in fits]).mean(0)
+    torch.testing.assert_close(CandidateScorer.mlp(norm, folded["weights"]), mean, rtol=1e-5, atol=1e-5)
+    assert sf.fold(fits[:1]) is fits[0]
+
+
+def test_a_scorer_of_three_members_starts_from_the_one_member_fit(tiny_synthetic_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(sf, "MIN_SESSIONS", 5)
+    monkeypatch.setattr(fc, "Z_SWITCH", math.inf)
+    fitted = {}
+    real = sf.fold
+
+    def spy(fits):
+        fitted.setdefault(len(fits), fits)  # each run's first fit
+        return real(fits)
+
+    monkeypatch.setattr(sf, "fold", spy)
+    scorer_run(tiny_synthetic_data, tmp_path / "one")
+    rows = scorer_run(tiny_synthetic_data, tmp_path / "three", model={**SCORER["model"], "scorer_members": 3})
+    assert sorted(fitted) == [1, 3] and any((r.get("scorer") or {}).get("fitted") for r in rows)
+    # member 0 is the one-member run's fit (same pool, same seed); the others are other fits
+    one, three = fitted[1][0]["weights"], fitted[3]
+    assert torch.equal(three[0]["weights"]["w1"], one["w1"]) and not torch.equal(three[1]["weights"]["w1"], one["w1"])
+    final = torch.load(tmp_path / "three" / "model.pt", weights_only=True)
+    assert final["item_memory.scorer.w2"].shape == (24, 24)
+
+
 def test_ndcg_at_counts_ties_against_the_target_and_misses_as_zero():
     s = torch.tensor([[3.0, 3.0, 1.0], [0.0, 1.0, 2.0], [5.0, 0.0, 0.0]])
     ok = torch.tensor([[True, True, True], [True, True, True], [True, False, True]])

@@ -221,6 +221,13 @@ class ModelConfig:
             "(training/scorer_fit.py); 0: off"
         },
     )
+    scorer_members: int = field(
+        default=1,
+        metadata={
+            "help": "--scorer-hidden: the scorer is the mean of this many MLPs fitted with different seeds on the "
+            "same pool, served as one MLP of members x --scorer-hidden units (the second layer block-diagonal)"
+        },
+    )
     scorer_top: int = field(
         default=128, metadata={"help": "--scorer-hidden: how many of the combiner's best candidates it re-ranks"}
     )
@@ -330,6 +337,8 @@ class ModelConfig:
         for name in ("pop_prior", "cooc_curve"):
             if getattr(self, name) < 0 or getattr(self, name) == 1:
                 raise ValueError(f"{name} must be 0 (off) or >= 2 knots, got {getattr(self, name)}")
+        if self.scorer_members < 1:
+            raise ValueError(f"scorer_members must be >= 1 (1 = one MLP), got {self.scorer_members}")
         if self.scorer_hidden < 0 or self.scorer_top < 1:
             raise ValueError(
                 f"scorer_hidden must be >= 0 (0 = off) and scorer_top >= 1, got {self.scorer_hidden} and "
