@@ -125,6 +125,11 @@ def trace_run(run: Path, data: Path, schema: Schema, cfg: ExportConfig):
         )
     check_same_workflow(run, data, schema)
     model, _meta = load_run(run)
+    mem = model.item_memory
+    if mem is not None and mem.scorer is not None and not float(mem.scorer.on):
+        # a candidate scorer that does not serve (on = 0: the scores are the combiner's) would still compute
+        # its inputs in the trace; without it the model ranks the same candidates by the same scores
+        mem.scorer = None
     if cfg.window is None:  # the whole vocabulary: ids the tables do not hold yet are OOV inside the model
         cards = dict(schema.categorical)
     else:  # the vocabulary known after the window: the model's own tables

@@ -393,3 +393,34 @@ def test_the_exported_repository_serves_the_scorer(tiny_synthetic_data, tmp_path
         _, plain_ids = ranker(*inputs)
     assert len(lengths) > 10 and torch.equal(got_ids, want_ids) and torch.allclose(got_scores, want_scores)
     assert not torch.equal(plain_ids, got_ids)  # the served ranking is the scorer's
+
+
+def test_an_export_leaves_out_a_scorer_that_does_not_serve(tiny_synthetic_data, tmp_path, monkeypatch):
+    from export.inference import TopKRanker, feature_order
+    from export.pbtxt import TORCH_MODEL
+    from export.repository import ExportConfig, export_repository
+    from training.checkpoint import load_run
+    from training.data.splits import eval_inputs_targets
+    from training.schema import Schema
+
+    monkeypatch.setattr(sf, "MIN_SESSIONS", 5)
+    monkeypatch.setattr(sf, "Z_SWITCH", math.inf)  # fitted, never served
+    monkeypatch.setattr(fc, "Z_SWITCH", math.inf)
+    run = tmp_path / "run"
+    rows = scorer_run(tiny_synthetic_data, run)
+    assert any((r.get("scorer") or {}).get("fitted") for r in rows)
+    out = export_repository(ExportConfig(run=run, data=tiny_synthetic_data, out=tmp_path / "repo", top_k=5))
+    traced = torch.jit.load(str(out / TORCH_MODEL / "1" / "model.pt"))
+    assert not [k for k in traced.state_dict() if "scorer" in k]
+    model, meta = load_run(run)
+    assert model.item_memory.scorer is not None and float(model.item_memory.scorer.on) == 0.0
+    assert bool(model.item_memory.scorer.w1.any())
+    schema = Schema.load(tiny_synthetic_data)
+    names = feature_order(schema)
+    st = load_split(split_path(tiny_synthetic_data, meta["window"], "train"), schema)
+    feats, lengths, _ = eval_inputs_targets(st, model.cfg.item_feature)
+    inputs = (*[feats[n] for n in names], lengths)
+    with torch.no_grad():
+        want_scores, want_ids = TopKRanker(model, names, 5, model.cfg.n_items)(*inputs)
+        got_scores, got_ids = traced(*inputs)
+    assert len(lengths) > 10 and torch.equal(got_ids, want_ids) and torch.allclose(got_scores, want_scores)
