@@ -114,20 +114,12 @@ def shorter_prefixes(st: SessionTensors, n: int, seed: int, item_feature: str) -
     """At most n of the sessions' shorter prefixes: 2 items or more, the whole session left out (it is
     a pool row of its own), the prefix's last item (its target) not OOV; drawn at random with a
     generator seeded by `seed`, in session order, shortest first; positions past a prefix are zeroed."""
-    cuts = (st.lengths - 2).clamp(min=0)  # (N,) prefixes of lengths 2 .. length - 1
-    rows = torch.repeat_interleave(torch.arange(len(st)), cuts)  # (P,)
-    lengths = torch.arange(len(rows)) - (torch.cumsum(cuts, 0) - cuts)[rows] + 2  # (P,)
-    items = st.feats[item_feature]
-    pick = (items[rows, lengths - 1] != OOV_ID).nonzero().flatten()
+    rows, lengths = st.prefix_rows(whole=False)
+    pick = (st.feats[item_feature][rows, lengths - 1] != OOV_ID).nonzero().flatten()
     if len(pick) > n:
         g = torch.Generator().manual_seed(seed)
         pick = pick[torch.randperm(len(pick), generator=g)[:n]].sort().values
-    rows, lengths = rows[pick], lengths[pick]
-    feats = {}
-    for k, v in st.feats.items():
-        keep = torch.arange(v.shape[1])[None, :] < lengths[:, None]
-        feats[k] = torch.where(keep, v[rows], torch.zeros((), dtype=v.dtype))
-    return SessionTensors(feats, lengths, st.session_id[rows], st.source)
+    return st.heads(rows[pick], lengths[pick])  # only the drawn ones materialised
 
 
 def empty(slots: int, width: int = len(FEATURES)) -> tuple[Tensor, Tensor, Tensor]:

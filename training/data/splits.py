@@ -85,20 +85,28 @@ class SessionTensors:
         width = int(lengths.max())
         return {k: v[idx, :width] for k, v in self.feats.items()}, lengths
 
-    def prefixes(self) -> SessionTensors:
-        """Every prefix of two or more items of every session (a session of n items gives n - 1),
-        in session order, shortest first; positions past a prefix's length are zeroed (padding).
-        Stacking masks each at its last item (TrainConfig.stack_prefixes): the evaluation's task,
-        the whole context before the target, at every position of the session."""
-        n = (self.lengths - 1).clamp(min=0)  # (N,) prefixes per session
+    def prefixes(self, whole: bool = True) -> SessionTensors:
+        """Every prefix of two or more items of every session (a session of n items gives n - 1; with
+        whole=False the session itself left out: n - 2), in session order, shortest first; positions
+        past a prefix's length are zeroed (padding). Stacking masks each at its last item
+        (TrainConfig.stack_prefixes): the evaluation's task, the whole context before the target, at
+        every position of the session."""
+        return self.heads(*self.prefix_rows(whole))
+
+    def prefix_rows(self, whole: bool = True) -> tuple[Tensor, Tensor]:
+        """`prefixes`' (P,) rows and (P,) lengths, for `heads`."""
+        n = (self.lengths - (1 if whole else 2)).clamp(min=0)  # (N,) prefixes per session
         idx = torch.repeat_interleave(torch.arange(len(self)), n)  # (P,)
         first = torch.cumsum(n, 0) - n  # (N,) where each session's prefixes start
-        lengths = torch.arange(len(idx)) - first[idx] + 2  # (P,) 2 .. n_i + 1
+        return idx, torch.arange(len(idx)) - first[idx] + 2  # lengths 2 ..
+
+    def heads(self, rows: Tensor, lengths: Tensor) -> SessionTensors:
+        """(P,) rows, (P,) lengths -> row rows[i]'s first lengths[i] positions, the others zeroed (padding)."""
         feats = {}
         for k, v in self.feats.items():
             keep = torch.arange(v.shape[1])[None, :] < lengths[:, None]  # (P, L)
-            feats[k] = torch.where(keep, v[idx], torch.zeros((), dtype=v.dtype))
-        return SessionTensors(feats, lengths, self.session_id[idx], self.source)
+            feats[k] = torch.where(keep, v[rows], torch.zeros((), dtype=v.dtype))
+        return SessionTensors(feats, lengths, self.session_id[rows], self.source)
 
 
 def _list_column(table: pa.Table, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
