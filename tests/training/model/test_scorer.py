@@ -184,6 +184,16 @@ def test_config_rejects_bad_scorer_settings():
         ModelConfig(scorer_hidden=-1)
     with pytest.raises(ValueError, match="scorer_top >= 1, got 0 and 0"):
         ModelConfig(scorer_top=0)
+    with pytest.raises(ValueError, match="scorer_members must be >= 1 .*, got 0"):
+        ModelConfig(scorer_members=0)
+
+
+def test_train_config_rejects_a_negative_or_missing_prefix_share(tmp_path):
+    from training.config import TrainConfig
+
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match=f"scorer_prefixes must be >= 0 \\(0 = none\\), got {bad}"):
+            TrainConfig(data=tmp_path, out=tmp_path / "run", scorer_prefixes=bad)
 
 
 def test_an_ensemble_ranks_by_its_members_re_ranked_scores():
