@@ -251,6 +251,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "the scorer is the mean of three MLPs fitted with different seeds on the same pool (one MLP of 192 "
         "units at serving, its second layer block-diagonal): a fit on a small pool varies with its seed",
     ),
+    "scorer_recent_5k": (
+        ["--scorer-recent", "5000"],
+        "one more input of the scorer: each candidate's log1p count in the newest 5,000 training sessions "
+        "(the network's train_budget), how popular it is now beside its count over every window",
+    ),
     "scorer_64_network": (
         ["--scorer-hidden", "64", "--scorer-network"],
         "scorer_64 with the network's own signals among its inputs: each candidate's item logit from the "

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from training.baselines import BaselineCounts, iter_memory_tables
-from training.data.splits import SessionTensors, load_split, split_path
+from training.data.splits import SessionTensors, load_split, newest, split_path
 from training.evaluate import holdout_indices, known_inputs
 from training.model import SessionModel
 
@@ -152,6 +152,17 @@ class WindowHistory:
         self._age(self._counts, self._at, w, self.decay)
         self._at = w if self._at is None else max(self._at, w)
 
+    def recent(self, windows: list[int], known: dict[str, int], last: SessionTensors, n: int) -> list[SessionTensors]:
+        """The newest `n` training sessions of `windows` (oldest first, read newest first only as far as
+        needed) and then `last` (the newest window's, kept whole even beyond n), as known after it."""
+        parts, left = [last], n - len(last)
+        for w in reversed(windows):
+            if left <= 0:
+                break
+            parts.insert(0, self.known(self.raw(w), known))
+            left -= len(parts[0])
+        return newest(parts, n)
+
     def close_window(self, t: int) -> None:
         """Window t is done: every one of its training sessions was passed to `fill_memory` (or
         it has none), so the counts now cover windows <= t."""
@@ -172,6 +183,18 @@ def set_memory_counts(model: SessionModel, counts: BaselineCounts, release: bool
     ):
         mem.set_table(name, torch.from_numpy(table[:V]))
         del table  # before the next table is built
+
+
+def set_recent_counts(model: SessionModel, sessions: list[SessionTensors]) -> None:
+    """ModelConfig.scorer_recent: the item memory's recent counts (the scorer's log1p_pop_recent input)
+    = how often each item occurs in `sessions` (`WindowHistory.recent`)."""
+    mem, V = model.item_memory, model.cfg.n_items
+    assert mem is not None
+    counts = torch.zeros(V)
+    for st in sessions:
+        if len(st):
+            counts += item_counts(st, model.cfg.item_feature, V)[:V]
+    mem.set_recent(counts)
 
 
 def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:

@@ -240,7 +240,7 @@ class ScorerState:
         if bool(sc.w1.any()) and len(y):  # fitted: the check
             with torch.no_grad():
                 mine = ndcg_at(CandidateScorer.mlp((x - sc.mu.cpu()) / sc.sd.cpu(), {k: v.cpu() for k, v in weights_of(sc).items()}), ok, y)
-            plain = ndcg_at(x[:, :, FEATURES.index("z_log_softmax")], ok, y)
+            plain = ndcg_at(x[:, :, sc.names.index("z_log_softmax")], ok, y)
             diffs = (mine - plain).double().numpy()
             self.check.add(diffs)
             newest = Pooled()

@@ -363,7 +363,8 @@ def test_the_scorer_serves_on_its_recent_checks_not_on_the_pooled_history(monkey
     assert restored.recent == state.recent and restored.use is True and restored.check.n == state.check.n
 
 
-def test_the_exported_repository_serves_the_scorer(tiny_synthetic_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recent", [0, 40])  # 40: with the recent counts' input (ModelConfig.scorer_recent)
+def test_the_exported_repository_serves_the_scorer(tiny_synthetic_data, tmp_path, monkeypatch, recent):
     from export.inference import TopKRanker, feature_order
     from export.pbtxt import TORCH_MODEL
     from export.repository import ExportConfig, export_repository
@@ -375,11 +376,14 @@ def test_the_exported_repository_serves_the_scorer(tiny_synthetic_data, tmp_path
     monkeypatch.setattr(sf, "Z_SWITCH", -math.inf)
     monkeypatch.setattr(fc, "Z_SWITCH", math.inf)
     run = tmp_path / "run"
-    scorer_run(tiny_synthetic_data, run)
+    scorer_run(tiny_synthetic_data, run, model={**SCORER["model"], "scorer_recent": recent})
     out = export_repository(ExportConfig(run=run, data=tiny_synthetic_data, out=tmp_path / "repo", top_k=5))
     traced = torch.jit.load(str(out / TORCH_MODEL / "1" / "model.pt"))
     model, meta = load_run(run)
     assert float(model.item_memory.scorer.on) == 1.0
+    if recent:  # the traced model holds the recent counts as trained
+        assert torch.equal(traced.state_dict()["model.item_memory.pop_recent"], model.item_memory.pop_recent)
+        assert bool(model.item_memory.pop_recent.any())
     schema = Schema.load(tiny_synthetic_data)
     names = feature_order(schema)
     st = load_split(split_path(tiny_synthetic_data, meta["window"], "train"), schema)  # inputs only
@@ -407,11 +411,11 @@ def test_an_export_leaves_out_a_scorer_that_does_not_serve(tiny_synthetic_data, 
     monkeypatch.setattr(sf, "Z_SWITCH", math.inf)  # fitted, never served
     monkeypatch.setattr(fc, "Z_SWITCH", math.inf)
     run = tmp_path / "run"
-    rows = scorer_run(tiny_synthetic_data, run)
+    rows = scorer_run(tiny_synthetic_data, run, model={**SCORER["model"], "scorer_recent": 40})
     assert any((r.get("scorer") or {}).get("fitted") for r in rows)
     out = export_repository(ExportConfig(run=run, data=tiny_synthetic_data, out=tmp_path / "repo", top_k=5))
     traced = torch.jit.load(str(out / TORCH_MODEL / "1" / "model.pt"))
-    assert not [k for k in traced.state_dict() if "scorer" in k]
+    assert not [k for k in traced.state_dict() if "scorer" in k or "pop_recent" in k]
     model, meta = load_run(run)
     assert model.item_memory.scorer is not None and float(model.item_memory.scorer.on) == 0.0
     assert bool(model.item_memory.scorer.w1.any())
@@ -424,3 +428,28 @@ def test_an_export_leaves_out_a_scorer_that_does_not_serve(tiny_synthetic_data, 
         want_scores, want_ids = TopKRanker(model, names, 5, model.cfg.n_items)(*inputs)
         got_scores, got_ids = traced(*inputs)
     assert len(lengths) > 10 and torch.equal(got_ids, want_ids) and torch.allclose(got_scores, want_scores)
+
+
+def test_the_recent_counts_are_the_newest_training_sessions_counted(tiny_synthetic_data, tmp_path):
+    """ModelConfig.scorer_recent: after each window the item memory's recent counts are how often each
+    item occurs in the newest N training sessions of the windows counted (the last window whole)."""
+    n = 70
+    cfg = {**SCORER, "model": {**SCORER["model"], "scorer_recent": n}}
+    rows = [r for r in scorer_run(tiny_synthetic_data, tmp_path / "run", **cfg) if r.get("sessions_trained")]
+    last = rows[-1]["train_window"]
+    schema = load_schema(tiny_synthetic_data)
+    splits = [load_split(split_path(tiny_synthetic_data, w, "train"), schema) for w in range(1, last + 1)]
+    splits = [s for s in splits if len(s)]
+    item = "item_id-list"
+    final = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    got = final["item_memory.pop_recent"]
+    # by hand: the last window's sessions, then the earlier ones newest first up to n in all
+    sessions = [(s.feats[item][i, : s.lengths[i]]) for s in splits for i in range(len(s))]
+    newest = sessions[-max(n, len(splits[-1])) :]
+    assert len(splits[-1]) < n < len(sessions)  # the budget reaches back into an earlier window, not all
+    want = torch.bincount(torch.cat(newest).long(), minlength=got.shape[0]).float()
+    assert torch.equal(got, want)
+    # and it is among the scorer's inputs: the pooled rows have one more column than the plain scorer's
+    pool = sf.load_pool(tmp_path / "run")
+    x = next(iter(pool.values()))[0]
+    assert x.shape[2] == len(FEATURES) + 1

@@ -239,6 +239,14 @@ class ModelConfig:
             "session's gates (the four count gates, the head gate)"
         },
     )
+    scorer_recent: int = field(
+        default=0,
+        metadata={
+            "help": "--scorer-hidden: one more input of the scorer, each candidate's log1p count in the newest "
+            "this many training sessions of the windows counted (the last window whole, at least): how popular "
+            "it is now beside log1p(pop), its count over every window; 0: off"
+        },
+    )
     memory_decay: float = 0.8  # initial weight of a context item `d` positions before the last: decay**d
     # --- training loss over the catalogue (see `SessionModel.sample_candidates`) ----------------
     # "full": softmax over every item ((positions, V) logits, the reference); "sampled": softmax over
@@ -337,6 +345,10 @@ class ModelConfig:
         for name in ("pop_prior", "cooc_curve"):
             if getattr(self, name) < 0 or getattr(self, name) == 1:
                 raise ValueError(f"{name} must be 0 (off) or >= 2 knots, got {getattr(self, name)}")
+        if not self.scorer_recent >= 0:
+            raise ValueError(
+                f"scorer_recent must be >= 0 sessions (0 = off), got {self.scorer_recent}"
+            )
         if self.scorer_members < 1:
             raise ValueError(f"scorer_members must be >= 1 (1 = one MLP), got {self.scorer_members}")
         if self.scorer_hidden < 0 or self.scorer_top < 1:

@@ -44,6 +44,8 @@ FEATURES = [*COUNT_FEATURES, "z_log_softmax", "log1p_z_rank"]
 # ModelConfig.scorer_network: appended to FEATURES (the network's logit of the candidate, ungated, as a
 # log-softmax over the candidates; the session's gates g_cooc, g_succ, g_repeat, g_pop and head weight)
 NETWORK_FEATURES = ["head_log_softmax", "gate_cooc", "gate_succ", "gate_repeat", "gate_pop", "head_weight"]
+# ModelConfig.scorer_recent: after COUNT_FEATURES (each candidate's log1p count in the newest training sessions)
+RECENT_FEATURES = ["log1p_pop_recent"]
 NO_SCORE = -50.0  # the log-softmax feature of a slot that holds no candidate (its score is -inf anyway)
 
 
@@ -104,10 +106,15 @@ class CandidateScorer(nn.Module):
     """The MLP over `FEATURES` (two hidden layers of `hidden` ReLUs), as buffers, applied to the `top`
     best candidates by z (module docstring)."""
 
-    def __init__(self, hidden: int, top: int, network: bool = False):
+    def __init__(self, hidden: int, top: int, network: bool = False, recent: bool = False):
         super().__init__()
-        self.network = network
-        n = len(FEATURES) + (len(NETWORK_FEATURES) if network else 0)
+        self.network, self.recent = network, recent
+        # the inputs in their order: the count features (and the recent count), z's two, the network's
+        self.names = [
+            *COUNT_FEATURES, *(RECENT_FEATURES if recent else []), *FEATURES[len(COUNT_FEATURES) :],
+            *(NETWORK_FEATURES if network else []),
+        ]  # fmt: skip
+        n = len(self.names)
         self.top = top
         for name, shape in dict(mu=(n,), sd=(n,), w1=(n, hidden), b1=(hidden,), w2=(hidden, hidden), b2=(hidden,)).items():
             self.register_buffer(name, torch.ones(shape) if name == "sd" else torch.zeros(shape))
@@ -128,9 +135,10 @@ class CandidateScorer(nn.Module):
         self, z: Tensor, bad: Tensor, feats: Tensor, net: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(B, C) combiner scores, (B, C) not-a-candidate mask, (B, C, len(COUNT_FEATURES)) count
-        features (and with `network`, net: the network's (B, C) item logits and (B, 5) session gates)
-        -> the `top` best candidates by z: their features (B, top, F), not normalised (F: FEATURES, then
-        NETWORK_FEATURES); their columns (B, top), best first; and which of them are candidates (B, top)."""
+        features (with `recent`, RECENT_FEATURES after them; with `network`, net: the network's (B, C)
+        item logits and (B, 5) session gates) -> the `top` best candidates by z: their features
+        (B, top, F), not normalised (F: `names`); their columns (B, top), best first; and which of them
+        are candidates (B, top)."""
         # `top` empty columns appended: a session with fewer candidates than slots needs no branch (a trace
         # keeps none); a slot there is not ok
         zm = F.pad(z.masked_fill(bad, float("-inf")), (0, self.top), value=float("-inf"))

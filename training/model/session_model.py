@@ -179,7 +179,7 @@ class SessionModel(nn.Module):
                 cfg.n_items, cfg.memory_k, cfg.max_len, cfg.d_model, cfg.memory_decay,
                 head_gate=cfg.head_gate, rerank_popular=cfg.rank_popular if cfg.rerank else 0,
                 head_repeats=cfg.head_repeats, pop_prior=cfg.pop_prior, cooc_curve=cfg.cooc_curve,
-                scorer=(cfg.scorer_hidden * cfg.scorer_members, cfg.scorer_top, cfg.scorer_network),
+                scorer=(cfg.scorer_hidden * cfg.scorer_members, cfg.scorer_top, cfg.scorer_network, cfg.scorer_recent > 0),
             )  # fmt: skip
             if cfg.memory
             else None

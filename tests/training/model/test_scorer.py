@@ -24,12 +24,15 @@ TOP = 12
 RERANK = dict(rerank=True, rank_popular=8, head_gate=True)
 
 
-def scored_model(on: bool = True, seed: int = 3, network: bool = False):
-    """A re-ranking model whose scorer holds random weights (and a normalisation), switched `on`."""
-    m = make_model(**RERANK, scorer_hidden=16, scorer_top=TOP, scorer_network=network)
+def scored_model(on: bool = True, seed: int = 3, network: bool = False, recent: bool = False):
+    """A re-ranking model whose scorer holds random weights (and a normalisation), switched `on`;
+    `recent`: with the recent counts' input (ModelConfig.scorer_recent), random counts."""
+    m = make_model(**RERANK, scorer_hidden=16, scorer_top=TOP, scorer_network=network, scorer_recent=50 if recent else 0)
     sc = m.item_memory.scorer
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        if recent:
+            m.item_memory.set_recent(torch.randint(0, 30, m.item_memory.pop.shape, generator=g).float())
         for k in CandidateScorer.PARAMS:
             getattr(sc, k).copy_(torch.randn(getattr(sc, k).shape, generator=g))
         sc.mu.copy_(torch.randn(sc.mu.shape, generator=g))
@@ -71,9 +74,9 @@ def test_scorer_without_re_ranking_is_not_built():
     assert m.item_memory.scorer is None
 
 
-@pytest.mark.parametrize("network", [False, True])
-def test_the_mlp_re_ranks_the_combiners_best_and_the_rest_stays_below_in_its_order(network):
-    m = scored_model(network=network)
+@pytest.mark.parametrize("network, recent", [(False, False), (True, False), (False, True), (True, True)])
+def test_the_mlp_re_ranks_the_combiners_best_and_the_rest_stays_below_in_its_order(network, recent):
+    m = scored_model(network=network, recent=recent)
     sc, mem = m.item_memory.scorer, m.item_memory
     feats, lengths = batch(9, seed=4)
     with torch.no_grad():
@@ -98,11 +101,14 @@ def test_the_mlp_re_ranks_the_combiners_best_and_the_rest_stays_below_in_its_ord
         ls = zb[order[:TOP]] - torch.logsumexp(zb, 0)
         rank = torch.log1p(torch.arange(len(top), dtype=torch.float32))
         x = torch.cat([f[b, top], ls[:, None], rank[:, None]], 1)
+        if recent:  # after the count features: log1p of the candidate's recent count
+            x = torch.cat([f[b, top], torch.log1p(mem.pop_recent[cand[b, top]])[:, None], x[:, f.shape[2] :]], 1)
+            assert sc.names[f.shape[2]] == "log1p_pop_recent" and sc.names.index("z_log_softmax") == f.shape[2] + 1
         if network:
             rb = raw[b, ok]
             hls = rb[order[:TOP]] - torch.logsumexp(rb, 0)
             x = torch.cat([x, hls[:, None], gates[b].expand(len(top), -1)], 1)
-            assert x.shape[1] == len(FEATURES) + len(NETWORK_FEATURES)
+            assert x.shape[1] == len(FEATURES) + recent + len(NETWORK_FEATURES)
         want = CandidateScorer.mlp((x - sc.mu) / sc.sd, {k: getattr(sc, k) for k in CandidateScorer.PARAMS})
         assert torch.allclose(got[b, top], want, atol=1e-5)
         assert len(rest) > 0 and float(got[b, rest].max()) < float(got[b, top].min())
@@ -165,9 +171,9 @@ def test_blend_turns_the_scorer_off_and_the_served_state_brings_it_back():
     assert float(mem.scorer.on) == 1.0
 
 
-@pytest.mark.parametrize("network", [False, True])
-def test_traced_with_the_scorer_on_equals_eager(network):
-    m = scored_model(network=network)
+@pytest.mark.parametrize("network, recent", [(False, False), (True, False), (False, True)])
+def test_traced_with_the_scorer_on_equals_eager(network, recent):
+    m = scored_model(network=network, recent=recent)
     ranker, traced, inputs = traced_equals_eager(m)
     with torch.no_grad():
         on = traced(*inputs)[1]
@@ -186,6 +192,26 @@ def test_config_rejects_bad_scorer_settings():
         ModelConfig(scorer_top=0)
     with pytest.raises(ValueError, match="scorer_members must be >= 1 .*, got 0"):
         ModelConfig(scorer_members=0)
+    with pytest.raises(ValueError, match=r"scorer_recent must be >= 0 sessions \(0 = off\), got -5"):
+        ModelConfig(scorer_recent=-5)
+
+
+def test_the_recent_counts_grow_with_the_vocabulary_and_refuse_a_wrong_shape():
+    m = scored_model(recent=True)
+    mem = m.item_memory
+    V = mem.pop.shape[0]
+    before = mem.pop_recent.clone()
+    mem.grow(V + 7)
+    assert mem.pop_recent.shape == (V + 7,) and torch.equal(mem.pop_recent[:V], before)
+    assert not mem.pop_recent[V:].any()
+    with pytest.raises(ValueError, match=rf"recent counts: shape \({V},\), expected \({V + 7},\)"):
+        mem.set_recent(torch.zeros(V))
+    # without the setting there is no table to set, and the state holds none
+    plain = scored_model()
+    assert plain.item_memory.pop_recent is None
+    assert not any("pop_recent" in k for k in plain.state_dict())
+    with pytest.raises(ValueError, match="no recent counts"):
+        plain.item_memory.set_recent(torch.zeros(V))
 
 
 def test_train_config_rejects_a_negative_or_missing_prefix_share(tmp_path):
