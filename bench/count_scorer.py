@@ -130,11 +130,20 @@ def scorer(method: str, n_features: int, seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(n_features, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
 
 
-def fit(method: str, windows: list[Window], norm: tuple[Tensor, Tensor], seed: int, epochs: int) -> nn.Module:
+def fit(
+    method: str,
+    windows: list[Window],
+    norm: tuple[Tensor, Tensor],
+    seed: int,
+    epochs: int,
+    cols: list[int] | None = None,
+) -> nn.Module:
     """The scorer fitted by softmax cross-entropy over each session's candidates (targets outside them
-    left out), Adam 3e-3, batches in a seeded random order."""
-    mu, sd = norm
-    m = scorer(method, len(FEATURES), seed)
+    left out), Adam 3e-3, batches in a seeded random order; cols: the features it reads (default: all,
+    `FEATURES`; `norm` covers every column of x)."""
+    cols = list(range(len(FEATURES))) if cols is None else cols
+    mu, sd = norm[0][cols], norm[1][cols]
+    m = scorer(method, len(cols), seed)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     batches = [(x, b, y) for win in windows for x, b, y in zip(win.x, win.bad, win.y)]
     g = torch.Generator().manual_seed(seed)
@@ -144,7 +153,7 @@ def fit(method: str, windows: list[Window], norm: tuple[Tensor, Tensor], seed: i
             ok = y >= 0
             if not ok.any():
                 continue
-            s = m((x[ok].float() - mu) / sd).squeeze(2).masked_fill(bad[ok], float("-inf"))
+            s = m((x[ok][..., cols].float() - mu) / sd).squeeze(2).masked_fill(bad[ok], float("-inf"))
             loss = F.cross_entropy(s, y[ok])
             opt.zero_grad()
             loss.backward()
@@ -168,13 +177,10 @@ def score(windows: list[Window], fn) -> dict[int, dict[str, float]]:
 def feature_norm(batches: list[Tensor]) -> tuple[Tensor, Tensor]:
     """The features' mean and standard deviation over every candidate of `batches` ((B, C, F) each),
     summed batch by batch in float64 (one float32 copy of them all would be ~4 GB on NowPlaying1M)."""
-    n, s1, s2 = (
-        0,
-        torch.zeros(len(FEATURES), dtype=torch.float64),
-        torch.zeros(len(FEATURES), dtype=torch.float64),
-    )
+    width = batches[0].shape[-1]
+    n, s1, s2 = 0, torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
     for x in batches:
-        x = x.reshape(-1, len(FEATURES)).double()
+        x = x.reshape(-1, width).double()
         n, s1, s2 = n + x.shape[0], s1 + x.sum(0), s2 + (x * x).sum(0)
     mean = s1 / n
     sd = ((s2 - n * mean * mean) / max(n - 1, 1)).clamp(min=0).sqrt()
