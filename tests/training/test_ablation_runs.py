@@ -89,3 +89,26 @@ def test_a_setting_added_since_at_its_default_and_a_moved_run_are_not_changes(ti
     result["train_config"]["seed"] = 5
     metrics.write_text(json.dumps(result))
     assert changed_settings(tiny_synthetic_data, moved, flags, 0) == ["seed"]
+
+
+def test_the_forward_sessions_effect_is_pooled_over_the_checks_sessions_and_paired_by_seed():
+    from bench.ablation import forward_scores, markdown, paired_effect
+
+    def result(scores):  # one forward check per window: (sessions, ndcg@20, recall@20); None = no check
+        return {"windows": [
+            {"eval_window": w, **({"guard_check": {"sessions": n, "model": {"ndcg@20": nd, "recall@20": rc}}} if n else {})}
+            for w, (n, nd, rc) in enumerate(scores, start=2)
+        ]}  # fmt: skip
+
+    ref = result([(100, 0.1, 0.2), (0, 0, 0), (300, 0.2, 0.4)])
+    got = forward_scores(ref)
+    assert got == {"sessions": 400, "ndcg@20": (100 * 0.1 + 300 * 0.2) / 400, "recall@20": (100 * 0.2 + 300 * 0.4) / 400}
+    assert forward_scores(result([(0, 0, 0)])) is None  # no check ran: nothing to pool
+    row = {0: {"forward": forward_scores(result([(100, 0.11, 0.2), (300, 0.22, 0.4)]))}, 1: {"forward": got}}
+    refs = {0: {"forward": got}, 1: {"forward": got}}
+    eff = paired_effect(row, refs, [0, 1], ("ndcg@20", "recall@20"), key="forward")
+    assert abs(eff["ndcg@20"][0] - 0.05) < 1e-9 and abs(eff["ndcg@20"][1] - 0.05) < 1e-9  # +10 % and 0
+    assert eff["recall@20"] == (0.0, 0.0)
+    model = {"ndcg@20": (0.1, 0.0), "recall@20": (0.2, 0.0), "mrr@20": (0.05, 0.0)}
+    table = markdown({"rows": {"x": {"what": "w", "mean": {"model": model, "count_blend": model}, "forward_effect": eff}}})
+    assert table.splitlines()[-1].endswith("| +5.0% ± 5.0 / +0.0% ± 0.0 |")
