@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,33 +67,46 @@ class Window:
         self.blend: list[Tensor] = []
 
 
+def forward_splits(data: Path, schema: Any, item: str) -> Iterator[tuple[Any, int, Any, int, dict[str, int]]]:
+    """For each window w after the first, in order: (window w-1's training split as stored, w, w's
+    training sessions whose target is known after w-1 or None where w < 3 or w has none, how many
+    were left out, the known sizes after w-1). Every earlier split comes before a window's sessions."""
+    from training.data.splits import load_split, split_path
+    from training.evaluate import known_inputs
+
+    for prev, w in zip(schema.windows, schema.windows[1:]):
+        st_prev = load_split(split_path(data, prev, "train"), schema)
+        st = load_split(split_path(data, w, "train"), schema)
+        if w < 3 or not len(st):
+            yield st_prev, w, None, 0, {}
+            continue
+        known = schema.known_sizes(prev)
+        st, unknown = known_inputs(st, known, item)
+        yield st_prev, w, st.select((~unknown).nonzero().squeeze(1)), int(unknown.sum()), known
+
+
 def forward_windows(data: Path, cfg: Any, batch: int = 256) -> list[Window]:
     """Every window w >= 3 with training sessions, featurised with the tables of the windows before it."""
     from training.baselines import BaselineCounts, memory_tables
-    from training.data.splits import eval_inputs_targets, load_split, split_path
-    from training.evaluate import blend_memory, known_inputs
+    from training.data.splits import eval_inputs_targets
+    from training.evaluate import blend_memory
     from training.schema import Schema
 
     schema = Schema.load(data)
     item = cfg.item_feature
     counts = BaselineCounts(schema.categorical[item])
     out = []
-    for prev, w in zip(schema.windows, schema.windows[1:]):
-        st_prev = load_split(split_path(data, prev, "train"), schema)
+    for st_prev, w, st, unknown, known in forward_splits(data, schema, item):
         if len(st_prev):
             counts.add_sessions(st_prev.feats[item].numpy(), st_prev.lengths.numpy())
-        st = load_split(split_path(data, w, "train"), schema)
-        if w < 3 or not len(st):
+        if st is None:
             continue
-        known = schema.known_sizes(prev)
-        st, unknown = known_inputs(st, known, item)
-        st = st.select((~unknown).nonzero().squeeze(1))
         tables = {
             k: torch.from_numpy(v) for k, v in memory_tables(counts, cfg.memory_k, cfg.memory_hop2).items()
         }
         mem = blend_memory(tables, cfg)
         feats, lengths, targets = eval_inputs_targets(st, item)
-        win = Window(w, len(targets) + int(unknown.sum()))
+        win = Window(w, len(targets) + unknown)
         for i in range(0, len(targets), batch):
             items, n, t = feats[item][i : i + batch], lengths[i : i + batch], targets[i : i + batch]
             x, bad, cand = candidate_features(mem, items, n, known[item])

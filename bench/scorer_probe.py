@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.count_scorer import Window, feature_norm, fit, score
+from bench.count_scorer import Window, feature_norm, fit, forward_splits, score
 from training.model.scorer import COUNT_FEATURES, count_features, not_candidates
 
 NB = len(COUNT_FEATURES)
@@ -85,8 +85,8 @@ def forward_windows(data: Path, cfg: Any, recent: int, top: int, batch: int = 25
     """Every window w >= 3 with training sessions, as `window_rows`, with the tables of the windows
     before it and of their newest `recent` sessions."""
     from training.baselines import BaselineCounts, memory_tables
-    from training.data.splits import eval_inputs_targets, load_split, split_path
-    from training.evaluate import blend_memory, known_inputs
+    from training.data.splits import eval_inputs_targets
+    from training.evaluate import blend_memory
     from training.schema import Schema
 
     schema = Schema.load(data)
@@ -99,23 +99,18 @@ def forward_windows(data: Path, cfg: Any, recent: int, top: int, batch: int = 25
     def memory(c: BaselineCounts) -> Any:
         return blend_memory({k: torch.from_numpy(v) for k, v in memory_tables(c, cfg.memory_k, cfg.memory_hop2).items()}, cfg)
 
-    for prev, w in zip(schema.windows, schema.windows[1:]):
-        st_prev = load_split(split_path(data, prev, "train"), schema)
+    for st_prev, w, st, unknown, known in forward_splits(data, schema, item):
         if len(st_prev):
             parts.append((st_prev.feats[item].numpy(), st_prev.lengths.numpy()))
             counts.add_sessions(*parts[-1])
-        st = load_split(split_path(data, w, "train"), schema)
-        if w < 3 or not len(st):
+        if st is None:
             continue
-        known = schema.known_sizes(prev)
-        st, unknown = known_inputs(st, known, item)
-        st = st.select((~unknown).nonzero().squeeze(1))
         rc = BaselineCounts(V)
         for items, lengths in newest_sessions(parts, recent):
             rc.add_sessions(items, lengths)
         mem, rmem = memory(counts), memory(rc)
         feats, lengths, targets = eval_inputs_targets(st, item)
-        win = Window(w, len(targets) + int(unknown.sum()))
+        win = Window(w, len(targets) + unknown)
         win.cand = []  # type: ignore[attr-defined]  # the slots' ids, for the tests
         for i in range(0, len(targets), batch):
             x, bad, y, blend, cand = window_rows(

@@ -130,7 +130,6 @@ def trace_run(run: Path, data: Path, schema: Schema, cfg: ExportConfig):
         # a candidate scorer that does not serve (on = 0: the scores are the combiner's) would still compute
         # its inputs in the trace; without it the model ranks the same candidates by the same scores
         mem.scorer = None
-        mem.pop_recent = None  # its input table (ModelConfig.scorer_recent), read by nothing else
     if cfg.window is None:  # the whole vocabulary: ids the tables do not hold yet are OOV inside the model
         cards = dict(schema.categorical)
     else:  # the vocabulary known after the window: the model's own tables

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from training.baselines import BaselineCounts, iter_memory_tables
-from training.data.splits import SessionTensors, load_split, newest, split_path
+from training.data.splits import SessionTensors, available_windows, load_split, newest, split_path
 from training.evaluate import holdout_indices, known_inputs
 from training.model import SessionModel
 
@@ -163,6 +163,21 @@ class WindowHistory:
             left -= len(parts[0])
         return newest(parts, n)
 
+    def set_recent(self, model: SessionModel, t: int, known: dict[str, int]) -> None:
+        """ModelConfig.scorer_recent, once window t is counted: the candidate scorer's recent counts (its
+        log1p_pop_recent input) = how often each item occurs in the newest scorer_recent training sessions
+        of windows <= t (`recent`, with `known` ids); no-op without them or where window t has none."""
+        mem, last = model.item_memory, self.known(self.raw(t), known)
+        if mem is None or mem.scorer is None or mem.scorer.pop_recent is None or not len(last):
+            return
+        windows = [w for w in available_windows(self.data, self.schema) if w < t]
+        V = model.cfg.n_items
+        counts = torch.zeros(V)
+        for st in self.recent(windows, known, last, model.cfg.scorer_recent):
+            if len(st):
+                counts += item_counts(st, self.item, V)[:V]
+        mem.scorer.set_recent(counts)
+
     def close_window(self, t: int) -> None:
         """Window t is done: every one of its training sessions was passed to `fill_memory` (or
         it has none), so the counts now cover windows <= t."""
@@ -183,18 +198,6 @@ def set_memory_counts(model: SessionModel, counts: BaselineCounts, release: bool
     ):
         mem.set_table(name, torch.from_numpy(table[:V]))
         del table  # before the next table is built
-
-
-def set_recent_counts(model: SessionModel, sessions: list[SessionTensors]) -> None:
-    """ModelConfig.scorer_recent: the item memory's recent counts (the scorer's log1p_pop_recent input)
-    = how often each item occurs in `sessions` (`WindowHistory.recent`)."""
-    mem, V = model.item_memory, model.cfg.n_items
-    assert mem is not None
-    counts = torch.zeros(V)
-    for st in sessions:
-        if len(st):
-            counts += item_counts(st, model.cfg.item_feature, V)[:V]
-    mem.set_recent(counts)
 
 
 def set_memory(model: SessionModel, sessions: list[SessionTensors]) -> None:

@@ -309,6 +309,7 @@ def fit_scorer(trainer: Trainer, t: int) -> dict[str, Any]:
     if mem is None or mem.scorer is None:
         return {}
     t0 = time.perf_counter()
+    trainer.history.set_recent(trainer.model, t, trainer.known_sizes(t))  # ModelConfig.scorer_recent
     x, ok, y = trainer.scorer.sessions(t)
     entry: dict[str, Any] = {"fit_sessions": len(y), "fitted": False, "on": False}
     if len(y) >= MIN_SESSIONS:

@@ -84,7 +84,7 @@ from training.forward_check import (
     resume_stacked,
     serve_blend,
 )
-from training.history import WindowHistory, set_memory, set_recent_counts, set_sample_counts  # noqa: F401 (set_memory: tests)
+from training.history import WindowHistory, set_memory, set_sample_counts  # noqa: F401 (set_memory: tests)
 from training.integrity import atomic_write
 from training.item_init import init_item_rows
 from training.model import ModelConfig, PackedSessions, SessionModel, pack_sessions
@@ -440,9 +440,6 @@ class Trainer:
         if model.item_memory is not None and len(train_st):
             history.fill_memory(model, t, before, known, held_st)  # every training session of windows <= t
         history.close_window(t)
-        if model.item_memory is not None and model.item_memory.pop_recent is not None and len(train_st):
-            # ModelConfig.scorer_recent: the newest sessions counted, the scorer's recent-popularity input
-            set_recent_counts(model, history.recent(before, known, train_st, model.cfg.scorer_recent))
         row.update(fit_scorer(self, t))  # the candidate scorer on the forward sessions so far ({} without)
 
         if self.dist.main and cfg.evaluate:

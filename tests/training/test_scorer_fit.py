@@ -382,8 +382,8 @@ def test_the_exported_repository_serves_the_scorer(tiny_synthetic_data, tmp_path
     model, meta = load_run(run)
     assert float(model.item_memory.scorer.on) == 1.0
     if recent:  # the traced model holds the recent counts as trained
-        assert torch.equal(traced.state_dict()["model.item_memory.pop_recent"], model.item_memory.pop_recent)
-        assert bool(model.item_memory.pop_recent.any())
+        recent = model.item_memory.scorer.pop_recent
+        assert torch.equal(traced.state_dict()["model.item_memory.scorer.pop_recent"], recent) and bool(recent.any())
     schema = Schema.load(tiny_synthetic_data)
     names = feature_order(schema)
     st = load_split(split_path(tiny_synthetic_data, meta["window"], "train"), schema)  # inputs only
@@ -415,7 +415,7 @@ def test_an_export_leaves_out_a_scorer_that_does_not_serve(tiny_synthetic_data, 
     assert any((r.get("scorer") or {}).get("fitted") for r in rows)
     out = export_repository(ExportConfig(run=run, data=tiny_synthetic_data, out=tmp_path / "repo", top_k=5))
     traced = torch.jit.load(str(out / TORCH_MODEL / "1" / "model.pt"))
-    assert not [k for k in traced.state_dict() if "scorer" in k or "pop_recent" in k]
+    assert not [k for k in traced.state_dict() if "scorer" in k]  # its weights and its recent counts
     model, meta = load_run(run)
     assert model.item_memory.scorer is not None and float(model.item_memory.scorer.on) == 0.0
     assert bool(model.item_memory.scorer.w1.any())
@@ -442,7 +442,7 @@ def test_the_recent_counts_are_the_newest_training_sessions_counted(tiny_synthet
     splits = [s for s in splits if len(s)]
     item = "item_id-list"
     final = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    got = final["item_memory.pop_recent"]
+    got = final["item_memory.scorer.pop_recent"]
     # by hand: the last window's sessions, then the earlier ones newest first up to n in all
     sessions = [(s.feats[item][i, : s.lengths[i]]) for s in splits for i in range(len(s))]
     newest = sessions[-max(n, len(splits[-1])) :]

@@ -132,14 +132,9 @@ class ItemMemory(nn.Module):
         self.blend_weight = 0.0
         # ModelConfig.scorer_hidden, scorer_top, scorer_network: the MLP that re-ranks the best candidates
         # (re-ranking only)
-        hidden, top, network, recent = scorer
+        hidden, top, network, recent = scorer  # recent: ModelConfig.scorer_recent > 0
         self.scorer: CandidateScorer | None = (
-            CandidateScorer(hidden, top, network, recent) if hidden and rerank_popular else None
-        )
-        # ModelConfig.scorer_recent: each item's count in the newest training sessions (`set_recent`), the
-        # scorer's "log1p_pop_recent" input; None without
-        self.register_buffer(
-            "pop_recent", torch.zeros(n_items) if self.scorer is not None and recent else None
+            CandidateScorer(hidden, top, network, n_items if recent else 0) if hidden and rerank_popular else None
         )
         # training.scorer_fit: a list = candidate_scores appends the scorer's inputs to it (`scorer.tapping`)
         self.scorer_tap: list | None = None
@@ -201,19 +196,10 @@ class ItemMemory(nn.Module):
         for name in self.TABLES:
             t = getattr(self, name)
             setattr(self, name, torch.cat([t, t.new_zeros((n_items - t.shape[0], *t.shape[1:]))]))
-        if self.pop_recent is not None:
-            self.pop_recent = torch.cat([self.pop_recent, self.pop_recent.new_zeros(n_items - self.pop_recent.shape[0])])
+        if self.scorer is not None:
+            self.scorer.grow(n_items)
         self._col_of = None  # sized for the old vocabulary
         self._popular_key = None
-
-    @torch.no_grad()
-    def set_recent(self, counts: Tensor) -> None:
-        """ModelConfig.scorer_recent: (V,) each item's count in the newest training sessions."""
-        if self.pop_recent is None:
-            raise ValueError("set_recent: this item memory has no recent counts (ModelConfig.scorer_recent is 0)")
-        if tuple(counts.shape) != tuple(self.pop_recent.shape):
-            raise ValueError(f"recent counts: shape {tuple(counts.shape)}, expected {tuple(self.pop_recent.shape)}")
-        self.pop_recent.copy_(counts.to(self.pop_recent.dtype))
 
     def tables(self) -> dict[str, Tensor]:
         """The count buffers by name (`TABLES`)."""
@@ -472,9 +458,7 @@ class ItemMemory(nn.Module):
             out.scatter_add_(1, j, torch.where(cand.gather(1, j) == idx, val, 0.0))
         if self.scorer is None:
             return out
-        bad, feats = not_candidates(cand), count_features(self.pop, context, lists, cand, lengths)
-        if self.pop_recent is not None:  # ModelConfig.scorer_recent: after the count features
-            feats = torch.cat([feats, torch.log1p(take(self.pop_recent, cand).float())[..., None]], 2)
+        bad, feats = not_candidates(cand), self.scorer.with_recent(count_features(self.pop, context, lists, cand, lengths), cand)
         net = None
         if self.scorer.network:  # the network's own logit of each candidate (ungated) and the session's gates
             raw = out.new_zeros(B, C) if head is None else self._head_at(head.h.float(), head, cand)

@@ -106,8 +106,9 @@ class CandidateScorer(nn.Module):
     """The MLP over `FEATURES` (two hidden layers of `hidden` ReLUs), as buffers, applied to the `top`
     best candidates by z (module docstring)."""
 
-    def __init__(self, hidden: int, top: int, network: bool = False, recent: bool = False):
+    def __init__(self, hidden: int, top: int, network: bool = False, recent_items: int = 0):
         super().__init__()
+        recent = recent_items > 0
         self.network, self.recent = network, recent
         # the inputs in their order: the count features (and the recent count), z's two, the network's
         self.names = [
@@ -121,8 +122,34 @@ class CandidateScorer(nn.Module):
         self.register_buffer("w3", torch.zeros(hidden))
         self.register_buffer("b3", torch.zeros(()))
         self.register_buffer("on", torch.zeros(()))  # 1: re-rank; 0: the scores are z
+        # ModelConfig.scorer_recent: each item's count in the newest training sessions (`set_recent`), over
+        # the item memory's `recent_items` ids (grown with them); None without
+        self.register_buffer("pop_recent", torch.zeros(recent_items) if recent else None)
 
     PARAMS = ("w1", "b1", "w2", "b2", "w3", "b3")  # the MLP's weights (`training.scorer_fit` fits them)
+
+    @torch.no_grad()
+    def set_recent(self, counts: Tensor) -> None:
+        """ModelConfig.scorer_recent: (V,) each item's count in the newest training sessions."""
+        if self.pop_recent is None:
+            raise ValueError("set_recent: this scorer has no recent counts (ModelConfig.scorer_recent is 0)")
+        if tuple(counts.shape) != tuple(self.pop_recent.shape):
+            raise ValueError(f"recent counts: shape {tuple(counts.shape)}, expected {tuple(self.pop_recent.shape)}")
+        self.pop_recent.copy_(counts.to(self.pop_recent.dtype))
+
+    @torch.no_grad()
+    def grow(self, n_items: int) -> None:
+        """Zero recent counts appended up to `n_items` (the item memory's vocabulary grows); no-op without."""
+        if self.pop_recent is not None:
+            self.pop_recent = torch.cat([self.pop_recent, self.pop_recent.new_zeros(n_items - len(self.pop_recent))])
+
+    def with_recent(self, feats: Tensor, cand: Tensor) -> Tensor:
+        """(B, C, len(COUNT_FEATURES)) count features of the (B, C) candidates -> with their log1p recent
+        count after them (RECENT_FEATURES) where the scorer reads it, else `feats` itself."""
+        if self.pop_recent is None:
+            return feats
+        recent = self.pop_recent.index_select(0, cand.reshape(-1)).view(cand.shape).float()
+        return torch.cat([feats, torch.log1p(recent)[..., None]], 2)
 
     @staticmethod
     def mlp(x: Tensor, w: dict[str, Tensor]) -> Tensor:

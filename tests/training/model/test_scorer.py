@@ -32,7 +32,7 @@ def scored_model(on: bool = True, seed: int = 3, network: bool = False, recent: 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         if recent:
-            m.item_memory.set_recent(torch.randint(0, 30, m.item_memory.pop.shape, generator=g).float())
+            m.item_memory.scorer.set_recent(torch.randint(0, 30, m.item_memory.pop.shape, generator=g).float())
         for k in CandidateScorer.PARAMS:
             getattr(sc, k).copy_(torch.randn(getattr(sc, k).shape, generator=g))
         sc.mu.copy_(torch.randn(sc.mu.shape, generator=g))
@@ -102,7 +102,7 @@ def test_the_mlp_re_ranks_the_combiners_best_and_the_rest_stays_below_in_its_ord
         rank = torch.log1p(torch.arange(len(top), dtype=torch.float32))
         x = torch.cat([f[b, top], ls[:, None], rank[:, None]], 1)
         if recent:  # after the count features: log1p of the candidate's recent count
-            x = torch.cat([f[b, top], torch.log1p(mem.pop_recent[cand[b, top]])[:, None], x[:, f.shape[2] :]], 1)
+            x = torch.cat([f[b, top], torch.log1p(sc.pop_recent[cand[b, top]])[:, None], x[:, f.shape[2] :]], 1)
             assert sc.names[f.shape[2]] == "log1p_pop_recent" and sc.names.index("z_log_softmax") == f.shape[2] + 1
         if network:
             rb = raw[b, ok]
@@ -200,18 +200,18 @@ def test_the_recent_counts_grow_with_the_vocabulary_and_refuse_a_wrong_shape():
     m = scored_model(recent=True)
     mem = m.item_memory
     V = mem.pop.shape[0]
-    before = mem.pop_recent.clone()
+    before = mem.scorer.pop_recent.clone()
     mem.grow(V + 7)
-    assert mem.pop_recent.shape == (V + 7,) and torch.equal(mem.pop_recent[:V], before)
-    assert not mem.pop_recent[V:].any()
+    assert mem.scorer.pop_recent.shape == (V + 7,) and torch.equal(mem.scorer.pop_recent[:V], before)
+    assert not mem.scorer.pop_recent[V:].any() and mem.pop.shape == (V + 7,)
     with pytest.raises(ValueError, match=rf"recent counts: shape \({V},\), expected \({V + 7},\)"):
-        mem.set_recent(torch.zeros(V))
+        mem.scorer.set_recent(torch.zeros(V))
     # without the setting there is no table to set, and the state holds none
     plain = scored_model()
-    assert plain.item_memory.pop_recent is None
+    assert plain.item_memory.scorer.pop_recent is None
     assert not any("pop_recent" in k for k in plain.state_dict())
     with pytest.raises(ValueError, match="no recent counts"):
-        plain.item_memory.set_recent(torch.zeros(V))
+        plain.item_memory.scorer.set_recent(torch.zeros(V))
 
 
 def test_train_config_rejects_a_negative_or_missing_prefix_share(tmp_path):
