@@ -167,8 +167,11 @@ class WindowHistory:
         """ModelConfig.scorer_recent, once window t is counted: the candidate scorer's recent counts (its
         log1p_pop_recent input) = how often each item occurs in the newest scorer_recent training sessions
         of windows <= t (`recent`, with `known` ids); no-op without them or where window t has none."""
-        mem, last = model.item_memory, self.known(self.raw(t), known)
-        if mem is None or mem.scorer is None or mem.scorer.pop_recent is None or not len(last):
+        mem = model.item_memory
+        if mem is None or mem.scorer is None or mem.scorer.pop_recent is None:
+            return
+        last = self.known(self.raw(t), known)
+        if not len(last):
             return
         windows = [w for w in available_windows(self.data, self.schema) if w < t]
         V = model.cfg.n_items
