@@ -249,10 +249,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "as it checks (each prefix's last item its target): more rows to fit on where windows are small "
         "(up to 5,000 per check instead, at 29e4e74: DIGINETICA +0.6 % +/- 0.7, NowPlaying1M -0.8 % +/- 0.7)",
     ),
-    "scorer_members_3": (
-        ["--scorer-members", "3"],
-        "the scorer is the mean of three MLPs fitted with different seeds on the same pool (one MLP of 192 "
-        "units at serving, its second layer block-diagonal): a fit on a small pool varies with its seed",
+    "scorer_members_1": (
+        ["--scorer-members", "1"],
+        "the scorer is one MLP instead of the mean of three fitted with different seeds on the same pool (the "
+        "recipe before 2026-12-07's thirteenth session; docs/results/*_scorer_members3_* ran it the other way "
+        "round, as the row scorer_members_3 on top of that recipe)",
     ),
     "scorer_recent_5k": (
         ["--scorer-recent", "5000"],
