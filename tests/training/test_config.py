@@ -43,7 +43,8 @@ def parse(data, tmp_path, argv=(), file=None):
         (["--dropout", "0.2"], {"model": {"dropout": 0.1}}, dict(model=dict(dropout=0.2))),
         (["--no-memory"], {"memory": True}, dict(model=dict(memory=False))),
         # the recipe under the file under the flags
-        (["--recipe", "real"], None, dict(epochs=20, train_on="cumulative", model=dict(objective="mlm", memory=True, memory_hop2=0.6, feature_norm=True))),
+        (["--recipe", "real"], None, dict(epochs=20, train_on="cumulative", model=dict(objective="mlm", memory=True, memory_hop2=0.6, feature_norm=True, scorer_hidden=64, scorer_members=3))),
+        (["--recipe", "real", "--scorer-members", "1"], None, dict(model=dict(scorer_hidden=64, scorer_members=1))),
         (["--recipe", "real", "--train-on", "window"], {"train_on": "cumulative"}, dict(train_on="window")),
         (["--recipe", "real"], {"model": {"memory": False}}, dict(model=dict(memory=False, objective="mlm"))),
     ],
