@@ -395,6 +395,44 @@ def learning_curve(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return curve
 
 
+def leads_from(curve: list[dict[str, Any]], against: str, metric: str) -> int | None:
+    """The fewest training sessions from which the model leads `against` on `metric` at every later
+    point of `learning_curve` (None: it does not lead at the last point). Each point is one window's
+    evaluation slice: on small slices read it with the paired bootstrap's intervals beside it."""
+    since = None
+    for p in reversed(curve):
+        if p[f"model {metric}"] <= p[f"{against} {metric}"]:
+            break
+        since = p["trained_sessions"]
+    return since
+
+
+def curve_markdown(curve: list[dict[str, Any]]) -> str:
+    """The learning curve as a table: per evaluation window, training sessions so far, each method's
+    NDCG@20 / Recall@20 and the model's ratio to the count blend and V-SKNN, then where the leads start."""
+    lines = [
+        "| eval window | training sessions so far | model NDCG@20 / Recall@20 | count blend | V-SKNN "
+        "| model / blend | model / V-SKNN |",
+        "|---|---:|---|---|---|---|---|",
+    ]
+    for p in curve:
+        cells = [f"{p[f'{k} ndcg@20']:.4f} / {p[f'{k} recall@20']:.4f}" for k in ("model", "count_blend", "vsknn")]
+        ratios = [
+            " / ".join(f"{p[f'model {m}'] / p[f'{k} {m}']:.3f}x" if p[f"{k} {m}"] > 0 else "-" for m in ("ndcg@20", "recall@20"))
+            for k in ("count_blend", "vsknn")
+        ]  # fmt: skip
+        lines.append(f"| {p['eval_window']} | {p['trained_sessions']:,} | " + " | ".join(cells + ratios) + " |")
+    lines.append("")
+    for k in ("count_blend", "vsknn"):
+        since = {m: leads_from(curve, k, m) for m in ("ndcg@20", "recall@20")}
+        said = ", ".join(
+            f"{m} from {v:,} training sessions on" if v is not None else f"{m} not at the last window"
+            for m, v in since.items()
+        )
+        lines.append(f"The model leads {k} in every later window: {said}.")
+    return "\n".join(lines)
+
+
 def plot_curve(curve: list[dict[str, Any]], path: Path, title: str, split: str = "valid") -> None:
     import matplotlib
 

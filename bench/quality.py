@@ -10,7 +10,10 @@ recipe the data selects (real logs: the "real" recipe; override with
 Recall@20 and MRR@20 of the model, of the baselines of training/baselines.py
 (vsknn included) and of the count blend, all evaluated on the same sessions,
 the training time, and the model / best-baseline ratios. Prints the markdown
-table of docs/quality.md.
+table of docs/quality.md. The learning curve (model, count blend and V-SKNN
+per window against the training sessions seen so far, mean over seeds; from
+how many sessions the model leads each in every later window) goes in the JSON
+(`learning_curve`, `leads_from`), the markdown, and a PNG beside OUT.
 
 Honest numbers (issue 12): the table is measured on the TEST split of every
 evaluation window (`--eval-split test`, the default here), which no choice
@@ -38,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.ablation import curve_markdown, leads_from, learning_curve, plot_curve
 from bench.common import PROJECT_ROOT
 from bench.paired import SPLITS, PairedError, group_table, paired, split_sessions
 from bench.paired import markdown as paired_markdown
@@ -171,7 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.end_window = max(schema["windows"])
     # load_params: model fields at the top level or under "model", as training.train --config reads them
     settings = resolve_settings(schema, args.recipe, load_params(args.config) if args.config else None)
-    per_seed, all_rows = [], []
+    per_seed, all_rows, results = [], [], []
     for seed in args.seeds:
         t0 = time.perf_counter()
         run_dir = work / f"run-seed{seed}"
@@ -191,6 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
         )
+        results.append(result)
         rows = per_window(result)
         mean = mean_of(rows)
         best = {m: max(mean[b][m] for b in BASELINES) for m in METRICS}
@@ -244,6 +249,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train_seconds_per_seed": float(np.mean([s["train_seconds"] for s in per_seed])),
         "per_seed": per_seed,
     }
+    # from how many training sessions the network pays: model, blend and V-SKNN per window, mean over seeds
+    curve = learning_curve(results)
+    summary["learning_curve"] = curve
+    summary["leads_from"] = {
+        k: {m: leads_from(curve, k, m) for m in ("ndcg@20", "recall@20")} for k in (COUNT_BLEND, "vsknn")
+    }
     runs = [work / f"run-seed{seed}" for seed in args.seeds]
     try:  # model against the count blend and against V-SKNN, session by session (bench/paired.py)
         scored = [w["eval_window"] for w in windows]  # the protocol's windows (something trained before)
@@ -263,8 +274,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 group_table(summary["by_frequency"], COUNT_BLEND, "target seen in training"),
             ]
         )
+    summary["markdown"] += "\n\nLearning curve (mean over seeds):\n\n" + curve_markdown(curve)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    plot_curve(curve, out.with_suffix(".png"), f"{Path(args.input).parent.name}/{Path(args.input).name}: learning curve", split=args.eval_split)
     atomic_write(out, json.dumps(summary, indent=2).encode())
     print(summary["markdown"])
     return summary

@@ -112,3 +112,24 @@ def test_the_forward_sessions_effect_is_pooled_over_the_checks_sessions_and_pair
     model = {"ndcg@20": (0.1, 0.0), "recall@20": (0.2, 0.0), "mrr@20": (0.05, 0.0)}
     table = markdown({"rows": {"x": {"what": "w", "mean": {"model": model, "count_blend": model}, "forward_effect": eff}}})
     assert table.splitlines()[-1].endswith("| +5.0% ± 5.0 / +0.0% ± 0.0 |")
+
+
+def test_where_the_model_starts_to_lead_reads_the_last_windows_back():
+    from bench.ablation import curve_markdown, leads_from
+
+    def curve(model, blend):  # one point per window, 1,000 more training sessions each; V-SKNN always 0.01
+        return [
+            {"eval_window": w, "trained_sessions": 1000 * w, "model ndcg@20": m, "count_blend ndcg@20": b,
+             "vsknn ndcg@20": 0.01, "model recall@20": m, "count_blend recall@20": b, "vsknn recall@20": 0.01}
+            for w, (m, b) in enumerate(zip(model, blend), start=2)
+        ]  # fmt: skip
+
+    # trails, leads, trails, then leads to the end: from the fourth point (5,000 sessions) on
+    c = curve([0.1, 0.3, 0.1, 0.3, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2])
+    assert leads_from(c, "count_blend", "ndcg@20") == 5000
+    assert leads_from(c, "vsknn", "recall@20") == 2000  # ahead everywhere: from the first point
+    assert leads_from(curve([0.3, 0.3, 0.1], [0.2, 0.2, 0.2]), "count_blend", "ndcg@20") is None  # behind at the end
+    assert leads_from(curve([0.3, 0.2], [0.2, 0.2]), "count_blend", "ndcg@20") is None  # level is not a lead
+    table = curve_markdown(c)
+    assert "| 5 | 5,000 | 0.3000 / 0.3000 | 0.2000 / 0.2000 | 0.0100 / 0.0100 | 1.500x / 1.500x | 30.000x / 30.000x |" in table
+    assert "leads count_blend in every later window: ndcg@20 from 5,000 training sessions on" in table

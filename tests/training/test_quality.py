@@ -254,6 +254,22 @@ def test_bench_quality_end_to_end(tmp_path, repo_root):
         for k in ("model", "count_blend"):
             assert sum(g["share"] * g[k] for g in groups) == pytest.approx(pooled[k])
     assert "| target seen in training |" in q["markdown"] and "| new |" in q["markdown"]
+    # the learning curve: one point per evaluated window, training sessions counted up to it, the
+    # protocol's per-window figures; where the leads start; the PNG beside the JSON
+    curve = q["learning_curve"]
+    assert [p["eval_window"] for p in curve] == [w["eval_window"] for w in q["windows"]]
+    seen = np.cumsum([r["train_sessions"] for r in json.loads((tmp_path / "work" / "run-seed0" / "metrics.json").read_text())["windows"]])
+    assert [p["trained_sessions"] for p in curve] == [int(seen[w - 2]) for w in (2, 3)]
+    for p, w in zip(curve, q["windows"]):
+        assert p["model ndcg@20"] == pytest.approx(w["model"]["ndcg@20"])
+        assert p["count_blend recall@20"] == pytest.approx(w["count_blend"]["recall@20"])
+    for k in ("count_blend", "vsknn"):
+        for m in ("ndcg@20", "recall@20"):
+            leads = [p[f"model {m}"] > p[f"{k} {m}"] for p in curve]
+            want = None if not leads[-1] else curve[0 if all(leads) else 1]["trained_sessions"]
+            assert q["leads_from"][k][m] == want, (k, m)
+    assert "| eval window | training sessions so far |" in q["markdown"]
+    assert out.with_suffix(".png").stat().st_size > 0
     # the pattern (item + 3 follows item) is in the counts: kNN and the blend find it
     assert q["mean"]["successor_knn"]["recall@20"] > 0.5 and q["mean"]["count_blend"]["recall@20"] > 0.5
 
