@@ -131,10 +131,14 @@ def weights_of(scorer: CandidateScorer) -> dict[str, Tensor]:
     return {k: getattr(scorer, k) for k in CandidateScorer.PARAMS}
 
 
-def fit_mlp(x: Tensor, ok: Tensor, y: Tensor, hidden: int, seed: int, steps: int = STEPS) -> dict[str, Any]:
+def fit_mlp(
+    x: Tensor, ok: Tensor, y: Tensor, hidden: int, seed: int, steps: int = STEPS, *, average_tail: float = 0.0, cosine: bool = False
+) -> dict[str, Any]:
     """The MLP fitted by softmax cross-entropy over each session's re-ranked slots (Adam, `steps` batches
     of BATCH sessions drawn with a generator seeded by `seed`); x (S, N, F) any float dtype, every y >= 0.
-    -> {"weights": PARAMS by name, "mu", "sd": the features' normalisation, "loss": the last 50 steps'}"""
+    -> {"weights": PARAMS by name, "mu", "sd": the features' normalisation, "loss": the last 50 steps'}
+    Variants measured offline (`bench.scorer_fits`, not served): average_tail, the weights averaged over
+    that last share of the steps; cosine, the learning rate decayed to 0 along a cosine."""
     g = torch.Generator().manual_seed(seed)
     n = x.shape[2]
     rows = x[ok].double()
@@ -151,8 +155,10 @@ def fit_mlp(x: Tensor, ok: Tensor, y: Tensor, hidden: int, seed: int, steps: int
     for v in w.values():
         v.requires_grad_(True)
     opt = torch.optim.Adam(list(w.values()), lr=LR)
-    losses = []
-    for _ in range(min(steps, math.ceil(EPOCHS * x.shape[0] / BATCH))):
+    total = min(steps, math.ceil(EPOCHS * x.shape[0] / BATCH))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if cosine else None
+    losses, avg, n_avg = [], None, 0
+    for i in range(total):
         idx = torch.randint(x.shape[0], (min(BATCH, x.shape[0]),), generator=g)
         s = CandidateScorer.mlp((x[idx].float() - mu) / sd, w).masked_fill(~ok[idx], float("-inf"))
         loss = F.cross_entropy(s, y[idx])
@@ -160,7 +166,14 @@ def fit_mlp(x: Tensor, ok: Tensor, y: Tensor, hidden: int, seed: int, steps: int
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return {"weights": {k: v.detach() for k, v in w.items()}, "mu": mu, "sd": sd, "loss": float(np.mean(losses[-50:]))}
+        if sched is not None:
+            sched.step()
+        if average_tail > 0 and i >= total * (1 - average_tail):
+            n_avg += 1
+            with torch.no_grad():
+                avg = {k: v.detach().clone() if avg is None else avg[k] + (v.detach() - avg[k]) / n_avg for k, v in w.items()}
+    weights = avg if avg is not None else {k: v.detach() for k, v in w.items()}
+    return {"weights": weights, "mu": mu, "sd": sd, "loss": float(np.mean(losses[-50:]))}
 
 
 def fold(fits: list[dict[str, Any]]) -> dict[str, Any]:
