@@ -194,7 +194,8 @@ _RECIPES: dict[str, dict[str, Any]] = {
                 "one MLP of 192 units): a fit on a small pool varies with its seed. Chosen on the forward "
                 "sessions (training sessions only), 3 seeds, against one MLP: NowPlaying1M +2.1% +/- 0.4 "
                 "NDCG@20, +1.0% +/- 0.3 Recall@20, DIGINETICA +1.4% +/- 0.4 / +0.5% +/- 0.4, every seed "
-                "(the valid window means, -0.1% and -0.8% +/- 1.1, cannot resolve it); then the test split "
+                "(the valid split's window means, NowPlaying1M -0.1% +/- 1.3 and DIGINETICA -0.8% +/- 1.1, are too "
+                "noisy to resolve it); then the test split "
                 "read once: NowPlaying1M 1.126x its blend on NDCG@20, DIGINETICA 1.174x (docs/quality.md)",
             ),
             "feature_norm": (
