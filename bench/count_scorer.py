@@ -74,15 +74,16 @@ def forward_splits(data: Path, schema: Any, item: str) -> Iterator[tuple[Any, in
     from training.data.splits import load_split, split_path
     from training.evaluate import known_inputs
 
+    st = None  # the window read last: the next window's "before" (each split is read once)
     for prev, w in zip(schema.windows, schema.windows[1:]):
-        st_prev = load_split(split_path(data, prev, "train"), schema)
+        st_prev = st if st is not None else load_split(split_path(data, prev, "train"), schema)
         st = load_split(split_path(data, w, "train"), schema)
         if w < 3 or not len(st):
             yield st_prev, w, None, 0, {}
             continue
         known = schema.known_sizes(prev)
-        st, unknown = known_inputs(st, known, item)
-        yield st_prev, w, st.select((~unknown).nonzero().squeeze(1)), int(unknown.sum()), known
+        seen, unknown = known_inputs(st, known, item)
+        yield st_prev, w, seen.select((~unknown).nonzero().squeeze(1)), int(unknown.sum()), known
 
 
 def forward_windows(data: Path, cfg: Any, batch: int = 256) -> list[Window]:
